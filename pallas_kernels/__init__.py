@@ -1,0 +1,1 @@
+"""Pallas GPU kernels, one folder per op. Imports nothing from llmjax."""
