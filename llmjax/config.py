@@ -1,0 +1,363 @@
+"""Experiment configuration: frozen dataclasses, YAML files, dotted command-line overrides.
+
+Resolution order (later wins): dataclass defaults < model preset < YAML < CLI `key=value`.
+The preset is named by the top-level key `preset` (in YAML or on the command line) and
+fills `model.*`; see `llmjax/presets.py`. Every error is a `ConfigError` that names the
+dotted key the user typed, the value, what is allowed and, for typos, the closest key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration key or value; the message names the dotted key."""
+
+    def __init__(self, key: str, value: Any, allowed: str, closest: str | None = None):
+        msg = f"{key}={value!r} is invalid: allowed {allowed}"
+        if closest:
+            msg += f" (did you mean {closest!r}?)"
+        super().__init__(msg)
+        self.key, self.value = key, value
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]):
+    if value not in choices:
+        raise ConfigError(key, value, "one of " + ", ".join(choices))
+
+
+def _check_positive(prefix: str, obj, names: tuple[str, ...], allow_zero=False):
+    for name in names:
+        v = getattr(obj, name)
+        if v < 0 or (v == 0 and not allow_zero):
+            raise ConfigError(f"{prefix}.{name}", v, "a number >= 0" if allow_zero else "a number > 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Decoder-only transformer. Defaults: GPT-2 small (124M).
+
+    `family` picks the block: `gpt2` (LayerNorm, GELU MLP, learned positions, biases) or
+    `llama` (RMSNorm, SwiGLU MLP, RoPE, no biases). Tying and sizes are separate fields.
+    """
+
+    family: str = "gpt2"
+    n_layers: int = 12
+    n_heads: int = 12
+    n_kv_heads: int = 12
+    d_model: int = 768
+    d_mlp: int = 3072
+    vocab_size: int = 50257
+    max_seq_len: int = 1024
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+    dtype: str = "bfloat16"  # compute dtype; params stay in param_dtype
+    param_dtype: str = "float32"
+    attention_impl: str = "auto"  # xla | cudnn | auto
+    norm_impl: str = "xla"
+    remat: str = "none"  # none | full | dots (save matmul outputs, recompute the rest)
+
+    def __post_init__(self):
+        _check_choice("model.family", self.family, ("gpt2", "llama"))
+        _check_choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        _check_choice("model.param_dtype", self.param_dtype, ("float32", "bfloat16"))
+        _check_choice("model.attention_impl", self.attention_impl, ("xla", "cudnn", "auto"))
+        _check_choice("model.norm_impl", self.norm_impl, ("xla",))
+        _check_choice("model.remat", self.remat, ("none", "full", "dots"))
+        _check_positive("model", self, ("n_layers", "n_heads", "n_kv_heads", "d_model", "d_mlp",
+                                        "vocab_size", "max_seq_len", "norm_eps", "init_std"))
+        if self.d_model % self.n_heads:
+            divisors = [h for h in range(1, self.d_model + 1) if self.d_model % h == 0 and h <= 128]
+            raise ConfigError("model.n_heads", self.n_heads,
+                              f"a divisor of model.d_model={self.d_model}, e.g. {divisors[-6:]}")
+        if self.n_heads % self.n_kv_heads:
+            divisors = [k for k in range(1, self.n_heads + 1) if self.n_heads % k == 0]
+            raise ConfigError("model.n_kv_heads", self.n_kv_heads,
+                              f"a divisor of model.n_heads={self.n_heads}: {divisors}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def n_groups(self) -> int:
+        """Query heads per key/value head (1 = multi-head, n_heads = multi-query)."""
+        return self.n_heads // self.n_kv_heads
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Corpus, tokenizer and sequence packing."""
+
+    corpus: str = "shakespeare"  # bundled name, a text file, or a folder of .txt/.md files
+    tokenizer: str = "bundled"  # bundled | bytes | path to an HF tokenizer.json
+    seq_len: int | None = None  # tokens per training sequence; None = model.max_seq_len
+    val_fraction: float = 0.05
+
+    def __post_init__(self):
+        if self.seq_len is not None:
+            _check_positive("data", self, ("seq_len",))
+        if not 0.0 < self.val_fraction < 0.5:
+            raise ConfigError("data.val_fraction", self.val_fraction, "a fraction in (0, 0.5)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay to `min_lr_ratio * lr`."""
+
+    lr: float = 6e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # global-norm clip; 0 turns it off
+
+    def __post_init__(self):
+        _check_positive("optim", self, ("lr",))
+        _check_positive("optim", self, ("warmup_steps", "weight_decay", "grad_clip", "min_lr_ratio"),
+                        allow_zero=True)
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"optim.{name}", getattr(self, name), "a number in [0, 1)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """The training loop: steps, batch, evaluation, checkpoints."""
+
+    steps: int = 1000
+    batch_size: int = 32  # sequences per optimizer step, across all micro-batches
+    grad_accum: int = 1  # micro-batches per step
+    eval_every: int = 100
+    eval_batches: int = 8
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    seed: int = 0
+    sample_tokens: int = 200  # generated after training; 0 skips the sample
+    sample_prompt: str = "\n"
+
+    def __post_init__(self):
+        _check_positive("train", self, ("steps", "batch_size", "grad_accum", "eval_every",
+                                        "eval_batches", "checkpoint_every", "keep_checkpoints"))
+        _check_positive("train", self, ("sample_tokens", "seed"), allow_zero=True)
+        if self.batch_size % self.grad_accum:
+            raise ConfigError("train.grad_accum", self.grad_accum,
+                              f"a divisor of train.batch_size={self.batch_size}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MeshConfig:
+    """Device mesh sizes, axes in the fixed order of `sharding.axes.MESH_AXES`."""
+
+    data: int = 1
+    fsdp: int = 1
+    pipeline: int = 1
+    expert: int = 1
+    sequence: int = 1
+    tensor: int = 1
+    rules: str = "dp"
+
+    def __post_init__(self):
+        _check_positive("mesh", self, ("data", "fsdp", "pipeline", "expert", "sequence", "tensor"))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.data, self.fsdp, self.pipeline, self.expert, self.sequence, self.tensor)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecodeConfig:
+    """Sampling: temperature 0 is greedy; top_k 0 and top_p 1.0 turn those filters off."""
+
+    max_new_tokens: int = 200
+    temperature: float = 0.8
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        _check_positive("decode", self, ("max_new_tokens",))
+        _check_positive("decode", self, ("temperature", "top_k", "seed"), allow_zero=True)
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError("decode.top_p", self.top_p, "a number in (0, 1]")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExperimentConfig:
+    """Everything a run needs; written to runs/<name>/config.yaml."""
+
+    name: str = "run"
+    out_dir: str = "runs"
+    preset: str | None = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+
+    def __post_init__(self):
+        if self.data.seq_len is None:  # resolve once, so the saved config is explicit
+            object.__setattr__(self, "data", dataclasses.replace(self.data, seq_len=self.model.max_seq_len))
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ConfigError("data.seq_len", self.data.seq_len,
+                              f"at most model.max_seq_len={self.model.max_seq_len}")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+
+# ---------------------------------------------------------------------------------------
+# Building from dicts, YAML and overrides.
+
+def _all_keys(cls, prefix="") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(f.type if isinstance(f.type, type) else None):
+            keys += _all_keys(f.type, f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Check (YAML) or parse (CLI strings) `value` as `typ`; raise ConfigError if impossible."""
+    optional = typing.get_origin(typ) in (typing.Union, types.UnionType) and type(None) in typing.get_args(typ)
+    if optional:
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        typ = next(t for t in typing.get_args(typ) if t is not type(None))
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(key, value, "true or false")
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        raise ConfigError(key, value, "an integer")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(key, value, "a number")
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(key, value, "a string")
+    raise TypeError(f"unsupported config field type {typ} for {key}")
+
+
+def _build(cls, raw: dict, prefix: str = ""):
+    if not isinstance(raw, dict):
+        raise ConfigError(prefix.rstrip(".") or "<root>", raw, "a mapping of keys to values")
+    hints = _field_types(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in raw.items():
+        key = prefix + str(name)
+        if name not in names:
+            close = difflib.get_close_matches(key, _all_keys(ExperimentConfig), n=1, cutoff=0.5)
+            raise ConfigError(key, value, f"keys of {cls.__name__}: {', '.join(sorted(names))}",
+                              close[0] if close else None)
+        typ = hints[name]
+        if dataclasses.is_dataclass(typ):
+            kwargs[name] = _build(typ, value, key + ".")
+        else:
+            kwargs[name] = _coerce(key, value, typ)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, key: str, value: Any):
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(key, value, f"a nested key, but {p} is a value")
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """Turn ["model.n_layers=4", "train.steps=10"] into a nested dict of strings."""
+    tree: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(item, None, "overrides of the form key=value, e.g. model.n_layers=4")
+        key, value = item.split("=", 1)
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def config_from_dict(raw: dict) -> ExperimentConfig:
+    """Build a validated ExperimentConfig from a nested dict (YAML-shaped), applying `preset`."""
+    from llmjax.presets import PRESETS
+
+    raw = dict(raw or {})
+    preset = raw.get("preset")
+    if preset is not None:
+        if preset not in PRESETS:
+            close = difflib.get_close_matches(str(preset), PRESETS, n=1)
+            raise ConfigError("preset", preset, "one of " + ", ".join(PRESETS), close[0] if close else None)
+        raw["model"] = _merge(PRESETS[preset], raw.get("model") or {})
+    return _build(ExperimentConfig, raw)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> ExperimentConfig:
+    """Read a YAML file (optional) and apply dotted `key=value` overrides.
+
+    Raises:
+      ConfigError: missing file, unknown key, wrong type, impossible combination.
+    """
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError("--config", str(path), "an existing YAML file")
+        raw = yaml.safe_load(path.read_text()) or {}
+    return config_from_dict(_merge(raw, parse_overrides(list(overrides))))
+
+
+def config_to_dict(cfg) -> dict:
+    """The resolved config as plain data (what runs/<name>/config.yaml holds)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: ExperimentConfig, path: str | Path):
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -1,0 +1,30 @@
+"""Building a model in the right sharding context, and counting its parameters."""
+import contextlib
+
+import jax
+from flax import nnx
+
+from llmjax.config import ModelConfig
+from llmjax.models.transformer import Transformer
+
+
+def init_model(cfg: ModelConfig, seed: int = 0, mesh=None, rules=None) -> Transformer:
+    """A freshly initialized Transformer.
+
+    Without a mesh the parameters are plain (unsharded) arrays; with `mesh` and `rules`
+    ((logical name, mesh axis) pairs) each parameter is created sharded by its logical names.
+    """
+    if mesh is None:
+        ctx = nnx.use_eager_sharding(False)
+    else:
+        ctx = contextlib.ExitStack()
+        ctx.enter_context(jax.set_mesh(mesh))
+        ctx.enter_context(nnx.logical_axis_rules(rules))
+    with ctx:
+        return Transformer(cfg, nnx.Rngs(params=seed))
+
+
+def count_params(model_or_state) -> int:
+    """Number of parameters (every element of every nnx.Param)."""
+    state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state, nnx.Param)
+    return sum(x.size for x in jax.tree.leaves(state))

@@ -1,0 +1,232 @@
+"""Decoder-only transformer for the GPT-2 and Llama families (Flax NNX).
+
+GPT-2 (Radford et al. 2019): LayerNorm, GELU MLP, learned positions, biases, tied head.
+Llama (Touvron et al. 2023): RMSNorm, SwiGLU MLP, rotary positions, grouped-query
+attention, no biases. Layers are created once under `nnx.vmap` (a leading `layers`
+axis) and applied with `lax.scan`, so depth does not grow compile time.
+
+B batch, T length, S cache length, D d_model, N heads, K kv heads, H head dim, F mlp, V vocab.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llmjax import ops
+from llmjax.config import ModelConfig
+from sharding.axes import (ACT_EMBED, BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LAYERS, LENGTH, MLP,
+                           VOCAB)
+from sharding.placement import constrain
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the whole block
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _param(rngs, shape, axes, dtype, std=None, fill=0.0):
+    """A parameter with logical axis names: normal(std) init, or constant `fill` when std is None."""
+    init = nnx.initializers.normal(std) if std is not None else nnx.initializers.constant(fill)
+    return nnx.Param(nnx.with_partitioning(init, axes)(rngs.params(), shape, dtype))
+
+
+class Norm(nnx.Module):
+    """LayerNorm (with bias) for gpt2, RMSNorm for llama; fp32 statistics."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        pd = jnp.dtype(cfg.param_dtype)
+        self.eps = cfg.norm_eps
+        self.scale = _param(rngs, (cfg.d_model,), (EMBED,), pd, fill=1.0)
+        self.bias = _param(rngs, (cfg.d_model,), (EMBED,), pd) if cfg.family == "gpt2" else None
+
+    def __call__(self, x):
+        if self.bias is None:
+            return ops.rms_norm(x, self.scale[...], eps=self.eps)
+        return ops.layer_norm(x, self.scale[...], self.bias[...], eps=self.eps)
+
+
+def rope_tables(positions, head_dim: int, theta: float):
+    """cos, sin of rotary angles: positions [B, T] -> two [B, T, 1, H/2] fp32 arrays."""
+    inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+    return jnp.cos(angles)[:, :, None], jnp.sin(angles)[:, :, None]
+
+
+def apply_rope(x, cos, sin):
+    """Rotate [B, T, N, H] by the angles; halves layout (x1, x2) as in the HF Llama code."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Multi-head / grouped-query self-attention with an optional KV cache."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        pd, std = jnp.dtype(cfg.param_dtype), cfg.init_std
+        out_std = std / (2 * cfg.n_layers) ** 0.5  # GPT-2: scale residual projections by 1/sqrt(2L)
+        self.wq = _param(rngs, (d, n, h), (EMBED, HEADS, HEAD_DIM), pd, std)
+        self.wk = _param(rngs, (d, k, h), (EMBED, KV_HEADS, HEAD_DIM), pd, std)
+        self.wv = _param(rngs, (d, k, h), (EMBED, KV_HEADS, HEAD_DIM), pd, std)
+        self.wo = _param(rngs, (n, h, d), (HEADS, HEAD_DIM, EMBED), pd, out_std)
+        if cfg.family == "gpt2":
+            self.bq = _param(rngs, (n, h), (HEADS, HEAD_DIM), pd)
+            self.bk = _param(rngs, (k, h), (KV_HEADS, HEAD_DIM), pd)
+            self.bv = _param(rngs, (k, h), (KV_HEADS, HEAD_DIM), pd)
+            self.bo = _param(rngs, (d,), (EMBED,), pd)
+        else:
+            self.bq = self.bk = self.bv = self.bo = None
+
+    def __call__(self, x, positions, cache):
+        cfg, dt = self.cfg, x.dtype
+        q = jnp.einsum("btd,dnh->btnh", x, self.wq[...].astype(dt))
+        k = jnp.einsum("btd,dkh->btkh", x, self.wk[...].astype(dt))
+        v = jnp.einsum("btd,dkh->btkh", x, self.wv[...].astype(dt))
+        if self.bq is not None:
+            q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
+        if cfg.family == "llama":
+            cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:
+            out = ops.attention(q, k, v, causal=True, impl=cfg.attention_impl)
+        else:
+            # Write this chunk at its positions, then attend over the whole cache,
+            # masking slots past each query's own position (unwritten or future).
+            start = positions[0, 0]
+            cache_k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), start, axis=1)
+            cache_v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), start, axis=1)
+            cache = {"k": cache_k, "v": cache_v}
+            slots = jnp.arange(cache_k.shape[1])
+            mask = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]
+            out = ops.attention(q, cache_k.astype(dt), cache_v.astype(dt), causal=False, impl="xla", mask=mask)
+        y = jnp.einsum("btnh,nhd->btd", out, self.wo[...].astype(dt))
+        if self.bo is not None:
+            y = y + self.bo[...].astype(dt)
+        return y, cache
+
+
+class MLP(nnx.Module):
+    """GELU MLP (gpt2) or SwiGLU (llama)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.family = cfg.family
+        d, f = cfg.d_model, cfg.d_mlp
+        pd, std = jnp.dtype(cfg.param_dtype), cfg.init_std
+        out_std = std / (2 * cfg.n_layers) ** 0.5
+        self.w_in = _param(rngs, (d, f), (EMBED, MLP), pd, std)
+        self.w_out = _param(rngs, (f, d), (MLP, EMBED), pd, out_std)
+        if cfg.family == "gpt2":
+            self.b_in = _param(rngs, (f,), (MLP,), pd)
+            self.b_out = _param(rngs, (d,), (EMBED,), pd)
+            self.w_gate = None
+        else:
+            self.w_gate = _param(rngs, (d, f), (EMBED, MLP), pd, std)
+            self.b_in = self.b_out = None
+
+    def __call__(self, x):
+        dt = x.dtype
+        hidden = x @ self.w_in[...].astype(dt)  # [B, T, F]
+        if self.w_gate is None:
+            hidden = jax.nn.gelu(hidden + self.b_in[...].astype(dt), approximate=True)
+        else:
+            hidden = jax.nn.silu(x @ self.w_gate[...].astype(dt)) * hidden
+        y = hidden @ self.w_out[...].astype(dt)
+        return y if self.b_out is None else y + self.b_out[...].astype(dt)
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.attn_norm = Norm(cfg, rngs)
+        self.attn = Attention(cfg, rngs)
+        self.mlp_norm = Norm(cfg, rngs)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x, positions, cache):
+        y, cache = self.attn(self.attn_norm(x), positions, cache)
+        x = x + y
+        x = x + self.mlp(self.mlp_norm(x))
+        return constrain(x, (BATCH, LENGTH, ACT_EMBED)), cache
+
+
+class Transformer(nnx.Module):
+    """The decoder-only language model.
+
+    Build with `llmjax.models.init_model` (handles sharding contexts), or directly under
+    `nnx.use_eager_sharding(False)` / a mesh + `nnx.logical_axis_rules` context.
+    """
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        pd, std = jnp.dtype(cfg.param_dtype), cfg.init_std
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), (VOCAB, EMBED), pd, std)
+        self.pos_embed = (_param(rngs, (cfg.max_seq_len, cfg.d_model), (None, EMBED), pd, std)
+                          if cfg.family == "gpt2" else None)
+
+        @nnx.split_rngs(splits=cfg.n_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYERS})
+        def make_blocks(rngs):
+            return Block(cfg, rngs)
+
+        self.blocks = make_blocks(rngs)
+        self.final_norm = Norm(cfg, rngs)
+        self.lm_head = (None if cfg.tie_embeddings
+                        else _param(rngs, (cfg.d_model, cfg.vocab_size), (EMBED, VOCAB), pd, std))
+
+    def hidden_states(self, tokens, positions=None, cache=None):
+        """Final-norm hidden states [B, T, D] and the updated cache.
+
+        Args:
+          tokens: [B, T] int32.
+          positions: [B, T] int32 absolute positions; default 0..T-1.
+          cache: None, or {"k", "v"}: [L, B, S, K, H] (see `init_cache`).
+        Raises:
+          ValueError: T (or the cache length) exceeds model.max_seq_len.
+        """
+        cfg = self.cfg
+        b, t = tokens.shape
+        if t > cfg.max_seq_len or (cache is not None and cache["k"].shape[2] > cfg.max_seq_len):
+            length = t if cache is None else cache["k"].shape[2]
+            raise ValueError(f"sequence length {length} exceeds model.max_seq_len={cfg.max_seq_len}")
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        dt = jnp.dtype(cfg.dtype)
+        x = self.embed[...].astype(dt)[tokens]  # [B, T, D]
+        if self.pos_embed is not None:
+            x = x + self.pos_embed[...].astype(dt)[positions]
+        x = constrain(x, (BATCH, LENGTH, ACT_EMBED))
+
+        # A plain lax.scan over the stacked block state: works under any outer transform
+        # (jit, fori_loop, grad), where nnx.scan rejects modules from another trace level.
+        block_def, block_state = nnx.split(self.blocks)
+
+        def layer(x, per_layer):
+            state, layer_cache = per_layer
+            return nnx.merge(block_def, state)(x, positions, layer_cache)
+
+        if cfg.remat != "none":
+            layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat])
+        x, cache = jax.lax.scan(layer, x, (block_state, cache))
+        return self.final_norm(x), cache
+
+    def logits(self, hidden):
+        """[B, T, D] -> [B, T, V] fp32 logits (tied or untied head)."""
+        w = self.embed[...].T if self.lm_head is None else self.lm_head[...]
+        return jnp.einsum("btd,dv->btv", hidden, w.astype(hidden.dtype), preferred_element_type=jnp.float32)
+
+    def __call__(self, tokens, positions=None, cache=None):
+        """Logits [B, T, V] fp32 and the updated cache (None when no cache was given)."""
+        hidden, cache = self.hidden_states(tokens, positions, cache)
+        return self.logits(hidden), cache
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict:
+    """An empty KV cache {"k", "v"}: [L, B, S, K, H] zeros, S = length slots."""
+    if length > cfg.max_seq_len:
+        raise ValueError(f"cache length {length} exceeds model.max_seq_len={cfg.max_seq_len}")
+    shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}

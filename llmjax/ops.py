@@ -1,0 +1,76 @@
+"""Attention and normalization, dispatched on `ModelConfig.attention_impl` / `norm_impl`.
+
+B batch, T query length, S key length, N heads, K kv heads, G = N // K, H head dim.
+"""
+import jax
+import jax.numpy as jnp
+
+ATTENTION_IMPLS = ("xla", "cudnn", "auto")
+
+
+def _on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
+
+
+def attention_xla(q, k, v, *, causal: bool, mask=None, scale: float | None = None):
+    """Grouped-query attention in plain jnp (softmax in fp32).
+
+    Args:
+      q: [B, T, N, H]; k, v: [B, S, K, H] with K dividing N.
+      causal: query i sees keys j <= i + (S - T) (the last T positions of the keys).
+      mask: optional boolean [B, T, S] (True = attend), combined with `causal`.
+    Returns:
+      [B, T, N, H], dtype of q.
+    """
+    b, t, n, h = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    scale = h ** -0.5 if scale is None else scale
+    qg = q.reshape(b, t, kh, n // kh, h)
+    scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    allowed = jnp.ones((t, s), bool)
+    if causal:
+        allowed = jnp.arange(s)[None, :] <= jnp.arange(t)[:, None] + (s - t)
+    allowed = allowed[None] if mask is None else allowed[None] & mask
+    # A large finite negative (not -inf) keeps fully masked rows NaN-free.
+    scores = jnp.where(allowed[:, None, None], scores, -1e30)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, n, h).astype(q.dtype)
+
+
+def attention(q, k, v, *, causal: bool, impl: str = "auto", mask=None):
+    """Scaled dot-product attention, [B, T, N, H] x [B, S, K, H] -> [B, T, N, H].
+
+    `impl`: `xla` (plain jnp), `cudnn` (`jax.nn.dot_product_attention`, GPU, fp16/bf16),
+    `auto` (cudnn on GPU for half precision without an explicit mask, else xla).
+    An explicit `mask` (decoding with a cache) always takes the xla path.
+
+    Raises:
+      ValueError: unknown impl, or cudnn asked for where it cannot run.
+    """
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention impl={impl!r} unknown; use one of {ATTENTION_IMPLS}")
+    if impl == "auto":
+        half = q.dtype in (jnp.bfloat16, jnp.float16)
+        impl = "cudnn" if _on_gpu() and half and mask is None else "xla"
+    if impl == "cudnn":
+        if mask is not None or not _on_gpu():
+            raise ValueError("attention impl='cudnn' needs a GPU and no explicit mask; use 'xla' or 'auto'")
+        return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
+    return attention_xla(q, k, v, causal=causal, mask=mask)
+
+
+def layer_norm(x, weight, bias, *, eps: float):
+    """LayerNorm over the last axis with fp32 statistics; returns x's dtype."""
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps) * weight + bias
+    return y.astype(x.dtype)
+
+
+def rms_norm(x, weight, *, eps: float):
+    """RMSNorm over the last axis with fp32 statistics; returns x's dtype."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + eps) * weight
+    return y.astype(x.dtype)

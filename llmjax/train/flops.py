@@ -1,0 +1,44 @@
+"""FLOP and MFU accounting (Kaplan et al. 2020; PaLM, Chowdhery et al. 2022, appendix B).
+
+Training FLOPs per token = 6·N + 12·L·d·T: 6·N for the forward and backward matmuls of
+N weights, 12·L·d·T for the attention scores and values (T = sequence length).
+"""
+import jax
+
+from llmjax.config import ModelConfig
+
+# Dense bf16 tensor-core peaks from the vendors' datasheets (FLOP/s), by jax device_kind prefix.
+PEAK_BF16_FLOPS = {
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12,
+    "NVIDIA L4": 121e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5p": 459e12,
+}
+
+
+def matmul_params(cfg: ModelConfig, n_params: int) -> int:
+    """Weights that take part in matmuls: all but position embeddings, and for an untied
+    model also the input embedding (a lookup, not a matmul)."""
+    n = n_params
+    if cfg.family == "gpt2":
+        n -= cfg.max_seq_len * cfg.d_model
+    if not cfg.tie_embeddings:
+        n -= cfg.vocab_size * cfg.d_model
+    return n
+
+
+def flops_per_token(cfg: ModelConfig, n_params: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6·N + 12·L·d·T."""
+    return 6 * matmul_params(cfg, n_params) + 12 * cfg.n_layers * cfg.d_model * seq_len
+
+
+def device_peak_flops(device=None) -> float | None:
+    """The bf16 peak of `device` (default: the first device), or None if not in the table."""
+    kind = (device or jax.devices()[0]).device_kind
+    for prefix, peak in PEAK_BF16_FLOPS.items():
+        if kind.startswith(prefix):
+            return peak
+    return None
