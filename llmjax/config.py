@@ -224,17 +224,14 @@ class ExperimentConfig:
 # Building from dicts, YAML and overrides.
 
 def _all_keys(cls, prefix="") -> list[str]:
+    """Every dotted leaf key of a config class ("model.n_layers", ...)."""
     keys = []
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(f.type if isinstance(f.type, type) else None):
-            keys += _all_keys(f.type, f"{prefix}{f.name}.")
+    for name, typ in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(typ):
+            keys += _all_keys(typ, f"{prefix}{name}.")
         else:
-            keys.append(prefix + f.name)
+            keys.append(prefix + name)
     return keys
-
-
-def _field_types(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
 
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:
@@ -280,13 +277,14 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
 def _build(cls, raw: dict, prefix: str = ""):
     if not isinstance(raw, dict):
         raise ConfigError(prefix.rstrip(".") or "<root>", raw, "a mapping of keys to values")
-    hints = _field_types(cls)
+    hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for name, value in raw.items():
         key = prefix + str(name)
         if name not in names:
-            close = difflib.get_close_matches(key, _all_keys(ExperimentConfig), n=1, cutoff=0.5)
+            candidates = [prefix + n for n in names] + _all_keys(ExperimentConfig)
+            close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
             raise ConfigError(key, value, f"keys of {cls.__name__}: {', '.join(sorted(names))}",
                               close[0] if close else None)
         typ = hints[name]

@@ -14,13 +14,17 @@ from llmjax.decode.sampling import sample_logits
 from llmjax.models.transformer import init_cache
 
 
-@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p"))
-def _generate(graphdef, params, prompt, key, *, max_new_tokens, temperature, top_k, top_p):
+@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p", "vocab_size"))
+def _generate(graphdef, params, prompt, key, *, max_new_tokens, temperature, top_k, top_p, vocab_size):
     model = nnx.merge(graphdef, params)
     cfg = model.cfg
     b, t0 = prompt.shape
     total = t0 + max_new_tokens
-    sample = partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    def sample(logits, key):
+        if vocab_size is not None:  # ids past the tokenizer's vocabulary are never produced
+            logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, -jnp.inf)
+        return sample_logits(logits, key, temperature=temperature, top_k=top_k, top_p=top_p)
+
     cache = init_cache(cfg, b, total)
     positions = jnp.broadcast_to(jnp.arange(t0, dtype=jnp.int32), (b, t0))
     logits, cache = model(prompt, positions, cache)  # prefill: [B, T0, V]
@@ -40,8 +44,11 @@ def _generate(graphdef, params, prompt, key, *, max_new_tokens, temperature, top
     return tokens
 
 
-def generate(model, prompt, cfg: DecodeConfig, key=None):
+def generate(model, prompt, cfg: DecodeConfig, key=None, vocab_size: int | None = None):
     """Continue `prompt` [B, T0] int32 by cfg.max_new_tokens tokens; returns [B, T0 + new].
+
+    `vocab_size` (the tokenizer's) restricts sampling to ids below it when the model's
+    embedding table is larger (padded vocabularies).
 
     Raises:
       ValueError: empty prompt, or T0 + max_new_tokens > model.max_seq_len.
@@ -56,4 +63,5 @@ def generate(model, prompt, cfg: DecodeConfig, key=None):
     graphdef, params = nnx.split(model)
     key = jax.random.key(cfg.seed) if key is None else key
     return _generate(graphdef, params, prompt, key, max_new_tokens=cfg.max_new_tokens,
-                     temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+                     temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                     vocab_size=vocab_size)

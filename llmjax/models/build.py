@@ -25,6 +25,13 @@ def init_model(cfg: ModelConfig, seed: int = 0, mesh=None, rules=None) -> Transf
 
 
 def count_params(model_or_state) -> int:
-    """Number of parameters (every element of every nnx.Param)."""
-    state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state, nnx.Param)
+    """Number of parameters of a module (its nnx.Params) or of a pytree of arrays."""
+    state = nnx.state(model_or_state, nnx.Param) if isinstance(model_or_state, nnx.Module) else model_or_state
     return sum(x.size for x in jax.tree.leaves(state))
+
+
+def split_model(model):
+    """(graphdef, params) with params a plain nested dict of arrays: what pure steps take.
+    `nnx.merge(graphdef, params)` rebuilds the module."""
+    graphdef, state = nnx.split(model)
+    return graphdef, nnx.to_pure_dict(state)

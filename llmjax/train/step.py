@@ -49,7 +49,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule=
         n = batch.shape[0]
         grads = jax.tree.map(lambda g, p: (g / n).astype(p.dtype), grad_sum, params)
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
-        metrics = {"loss": loss_sum / n, "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": loss_sum / n, "grad_norm": optax.tree.norm(grads)}
         if schedule is not None:
             metrics["lr"] = schedule(state["step"])
         new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,

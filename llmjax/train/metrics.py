@@ -1,0 +1,37 @@
+"""Run metrics: one JSON object per line in metrics.jsonl, mirrored to TensorBoard."""
+import json
+import time
+from pathlib import Path
+
+
+class MetricsLogger:
+    """Append-only metrics for a run directory (`metrics.jsonl`, `tb/` event files)."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._file = self.path.open("a")
+        self._tb = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter  # imported lazily: slow to import
+
+            self._tb = SummaryWriter(str(Path(run_dir) / "tb"))
+
+    def log(self, step: int, **values: float):
+        """Write `values` for `step` (floats; None values are dropped)."""
+        values = {k: float(v) for k, v in values.items() if v is not None}
+        self._file.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in values.items():
+                self._tb.add_scalar(k, v, step)
+
+    def close(self):
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(run_dir) -> list[dict]:
+    """All records of a run's metrics.jsonl, in order."""
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,67 @@
+"""Config loading, presets, overrides and the errors users see."""
+import pytest
+
+from llmjax.config import ConfigError, ExperimentConfig, load_config, parse_overrides, save_config
+from llmjax.presets import PRESETS
+
+
+def test_defaults_are_gpt2_small():
+    cfg = ExperimentConfig()
+    assert (cfg.model.n_layers, cfg.model.d_model, cfg.model.vocab_size) == (12, 768, 50257)
+    assert cfg.data.seq_len == cfg.model.max_seq_len  # None resolves to the model's length
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_builds(name):
+    cfg = load_config(overrides=[f"preset={name}"])
+    for key, value in PRESETS[name].items():
+        assert getattr(cfg.model, key) == value
+
+
+def test_order_defaults_preset_yaml_cli(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("preset: llama-tiny\nmodel:\n  n_layers: 3\ntrain:\n  steps: 7\n")
+    cfg = load_config(path, ["train.steps=9", "model.tie_embeddings=true", "optim.lr=1e-3"])
+    assert cfg.model.family == "llama" and cfg.model.n_layers == 3  # preset < YAML
+    assert cfg.train.steps == 9 and cfg.model.tie_embeddings is True and cfg.optim.lr == 1e-3  # < CLI
+
+
+def test_saved_config_loads_back_equal(tmp_path):
+    cfg = load_config(overrides=["preset=llama-tiny", "train.steps=5", "data.seq_len=64"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["model.n_layer=4"], r"model\.n_layer=.*did you mean 'model\.n_layers'"),
+    (["trian.steps=4"], r"trian=.*did you mean 'train'"),
+    (["model.n_layers=four"], r"model\.n_layers='four'.*an integer"),
+    (["optim.lr=fast"], r"optim\.lr='fast'.*a number"),
+    (["model.tie_embeddings=maybe"], r"model\.tie_embeddings='maybe'.*true or false"),
+    (["preset=gpt2-tiny", "model.n_heads=5"], r"model\.n_heads=5.*divisor of model\.d_model=64"),
+    (["preset=llama-tiny", "model.n_kv_heads=3"], r"model\.n_kv_heads=3.*divisor of model\.n_heads=4: \[1, 2, 4\]"),
+    (["preset=gpt2-tiny", "data.seq_len=4096"], r"data\.seq_len=4096.*at most model\.max_seq_len=128"),
+    (["preset=gpt2-smal"], r"preset='gpt2-smal'.*did you mean 'gpt2-small'"),
+    (["model.family=gpt3"], r"model\.family='gpt3'.*gpt2, llama"),
+    (["train.batch_size=10", "train.grad_accum=4"], r"train\.grad_accum=4.*divisor of train\.batch_size=10"),
+    (["decode.top_p=0"], r"decode\.top_p=0\.0"),
+    (["model.n_layers"], r"key=value"),
+])
+def test_bad_configs_name_key_and_value(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(overrides=overrides)
+
+
+def test_missing_yaml_file(tmp_path):
+    with pytest.raises(ConfigError, match="no_such.yaml"):
+        load_config(tmp_path / "no_such.yaml")
+
+
+def test_parse_overrides_nests_dotted_keys():
+    assert parse_overrides(["a.b=1", "a.c=x=y", "d=2"]) == {"a": {"b": "1", "c": "x=y"}, "d": "2"}
+
+
+def test_bundled_experiment_configs_load():
+    from pathlib import Path
+    for path in sorted(Path("experiments/configs").glob("*.yaml")):
+        assert load_config(path).name == path.stem

@@ -1,0 +1,61 @@
+"""KV-cache generation against full recomputation, and the samplers."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llmjax.config import DecodeConfig, load_config
+from llmjax.decode import generate, sample_logits
+from llmjax.models import init_model
+
+
+def greedy_by_recompute(model, prompt, n):
+    """The definition: rerun the whole sequence for every new token, no cache."""
+    seq = prompt
+    for _ in range(n):
+        logits, _ = model(seq)
+        seq = jnp.concatenate([seq, jnp.argmax(logits[:, -1], -1).astype(jnp.int32)[:, None]], axis=1)
+    return seq
+
+
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny"])
+def test_cached_generation_equals_recompute(preset):
+    model = init_model(load_config(overrides=[f"preset={preset}"]).model, seed=1)
+    prompt = jax.random.randint(jax.random.key(0), (2, 5), 0, 512, dtype=jnp.int32)
+    cached = generate(model, prompt, DecodeConfig(max_new_tokens=12, temperature=0.0))
+    np.testing.assert_array_equal(cached, greedy_by_recompute(model, prompt, 12))
+
+
+def test_prompt_plus_new_tokens_past_max_len_is_rejected():
+    model = init_model(load_config(overrides=["preset=gpt2-tiny"]).model)
+    with pytest.raises(ValueError, match=r"prompt length 100 \+ decode.max_new_tokens=50 = 150 exceeds"):
+        generate(model, jnp.zeros((1, 100), jnp.int32), DecodeConfig(max_new_tokens=50))
+
+
+def test_samplers():
+    logits = jax.random.normal(jax.random.key(0), (4, 50)) * 3
+    greedy = jnp.argmax(logits, -1)
+    keys = jax.random.split(jax.random.key(1), 20)
+    np.testing.assert_array_equal(sample_logits(logits, keys[0], temperature=0.0), greedy)
+    for key in keys:  # top_k=1 and a tiny top_p both leave only the argmax
+        np.testing.assert_array_equal(sample_logits(logits, key, top_k=1), greedy)
+        np.testing.assert_array_equal(sample_logits(logits, key, top_p=1e-6), greedy)
+    # top_k=5: every draw is among the 5 largest logits of its row, and more than one occurs.
+    draws = np.stack([sample_logits(logits, k, top_k=5) for k in keys])
+    top5 = np.argsort(-np.asarray(logits), -1)[:, :5]
+    assert all(np.isin(draws[:, r], top5[r]).all() for r in range(4))
+    assert len(np.unique(draws[:, 0])) > 1
+    # top_p=0.9: draws stay inside the smallest set holding 90% of the mass.
+    probs = np.asarray(jax.nn.softmax(logits, -1))
+    draws = np.stack([sample_logits(logits, k, top_p=0.9) for k in keys])
+    for r in range(4):
+        order = np.argsort(-probs[r])
+        nucleus = order[: np.searchsorted(np.cumsum(probs[r][order]), 0.9) + 1]
+        assert np.isin(draws[:, r], nucleus).all()
+
+
+def test_sampling_is_seeded():
+    model = init_model(load_config(overrides=["preset=llama-tiny"]).model)
+    prompt = jnp.ones((1, 3), jnp.int32)
+    cfg = DecodeConfig(max_new_tokens=8, temperature=1.0, seed=7)
+    np.testing.assert_array_equal(generate(model, prompt, cfg), generate(model, prompt, cfg))

@@ -1,0 +1,88 @@
+"""Model shapes, parameter counts, causality and remat equivalence."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from llmjax.config import load_config
+from llmjax.models import count_params, init_model, split_model
+
+
+def model_cfg(preset, *overrides):
+    return load_config(overrides=[f"preset={preset}", *overrides]).model
+
+
+def tokens(shape, seed=0, vocab=512):
+    return jax.random.randint(jax.random.key(seed), shape, 0, vocab, dtype=jnp.int32)
+
+
+@pytest.mark.parametrize("preset, expected", [
+    ("gpt2-small", 124_439_808),  # GPT-2 124M (HF GPT2LMHeadModel count, tied head)
+    ("gpt2-medium", 354_823_168),  # GPT-2 350M
+])
+def test_gpt2_parameter_counts_match_published(preset, expected):
+    abstract = nnx.eval_shape(lambda: init_model(model_cfg(preset)))  # shapes only
+    assert count_params(abstract) == expected
+
+
+def test_llama_1b_parameter_count():
+    cfg = model_cfg("llama-1b")
+    per_layer = 2 * cfg.d_model + cfg.d_model * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) \
+        + 3 * cfg.d_model * cfg.d_mlp
+    expected = cfg.n_layers * per_layer + 2 * cfg.vocab_size * cfg.d_model + cfg.d_model
+    abstract = nnx.eval_shape(lambda: init_model(cfg))
+    assert count_params(abstract) == expected == 1_100_048_384  # TinyLlama-1.1B
+
+
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny"])
+def test_logits_shape_and_partition_names(preset):
+    cfg = model_cfg(preset)
+    model = init_model(cfg)
+    logits, cache = model(tokens((2, 9)))
+    assert logits.shape == (2, 9, cfg.vocab_size) and logits.dtype == jnp.float32 and cache is None
+    specs = nnx.get_partition_spec(nnx.state(model))
+    assert tuple(specs["blocks"]["attn"]["wk"].get_value()) == ("layers", "embed", "kv_heads", "head_dim")
+    assert tuple(specs["embed"].get_value()) == ("vocab", "embed")
+
+
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny"])
+def test_future_tokens_do_not_change_past_logits(preset):
+    model = init_model(model_cfg(preset))
+    a = tokens((2, 16), seed=1)
+    b = a.at[:, 10:].set(tokens((2, 6), seed=2))
+    la, _ = model(a)
+    lb, _ = model(b)
+    np.testing.assert_array_equal(la[:, :10], lb[:, :10])
+    assert not np.allclose(la[:, 10:], lb[:, 10:])
+
+
+def test_sequence_longer_than_max_len_is_rejected():
+    model = init_model(model_cfg("gpt2-tiny"))
+    with pytest.raises(ValueError, match="sequence length 129 exceeds model.max_seq_len=128"):
+        model(tokens((1, 129)))
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_keeps_loss_and_grads(remat):
+    from llmjax.train.step import loss_fn
+
+    batch = tokens((2, 17), seed=3)
+    results = []
+    for policy in ("none", remat):
+        graphdef, params = split_model(init_model(model_cfg("llama-tiny", f"model.remat={policy}")))
+        results.append(jax.value_and_grad(loss_fn)(params, graphdef, batch))
+    (l0, g0), (l1, g1) = results
+    np.testing.assert_allclose(l0, l1, rtol=1e-6)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), g0, g1)
+
+
+def test_bf16_compute_keeps_fp32_params_and_tracks_fp32():
+    cfg32 = model_cfg("gpt2-tiny")
+    model16 = init_model(model_cfg("gpt2-tiny", "model.dtype=bfloat16"))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(model16, nnx.Param)))
+    batch = tokens((2, 16), seed=4)
+    l32, _ = init_model(cfg32)(batch)
+    l16, _ = model16(batch)
+    rel = float(jnp.linalg.norm(l16 - l32) / jnp.linalg.norm(l32))
+    assert rel < 2e-2

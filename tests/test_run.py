@@ -1,0 +1,133 @@
+"""End-to-end runs: resume is bit-identical, signals and NaNs keep checkpoints, bad inputs fail clearly."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import generate as generate_cli
+from experiments import train as train_cli
+from llmjax.checkpoint import CheckpointError
+from llmjax.config import ConfigError, load_config
+from llmjax.data import CorpusError
+from llmjax.runs import load_run
+from llmjax.train.loop import TrainingDiverged, train
+from llmjax.train.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "text.txt"
+    rng = np.random.default_rng(0)
+    words = ["to", "be", "or", "not", "that", "is", "the", "question", "whether", "tis", "nobler"]
+    path.write_text("\n".join(" ".join(rng.choice(words, 12)) for _ in range(400)))
+    return path
+
+
+def tiny(tmp_path, corpus, *extra):
+    return [f"out_dir={tmp_path}", "name=t", "preset=gpt2-tiny", f"data.corpus={corpus}", "data.tokenizer=bytes",
+            "data.seq_len=32", "train.batch_size=4", "train.steps=6", "train.eval_every=3",
+            "train.eval_batches=2", "train.checkpoint_every=3", "train.sample_tokens=0", "optim.warmup_steps=2",
+            *extra]
+
+
+def losses(run_dir):
+    return [(r["step"], r["train_loss"]) for r in read_metrics(run_dir)]
+
+
+def test_resume_is_bit_identical(tmp_path, corpus):
+    cfg = load_config(overrides=tiny(tmp_path / "b", corpus, "train.grad_accum=2"))
+    cfg_whole = load_config(overrides=tiny(tmp_path / "c", corpus, "train.grad_accum=2"))
+    whole = train(cfg_whole, progress=False)
+    first = train(cfg, stop_after=4, progress=False)
+    assert first.step == 4 and first.stopped_by_signal
+    resumed = train(cfg, resume=True, progress=False)
+    assert resumed.step == 6
+    assert losses(cfg.run_dir) == losses(cfg_whole.run_dir)
+    jax.tree.map(np.testing.assert_array_equal, resumed.params, whole.params)
+
+
+def test_default_style_run_learns_and_samples(tmp_path, corpus):
+    cfg = load_config(overrides=tiny(tmp_path, corpus, "train.steps=80", "train.eval_every=40", "optim.lr=3e-3",
+                                     "train.sample_tokens=16", "train.sample_prompt=to be"))
+    result = train(cfg, progress=False)
+    assert result.val_loss < 0.85 * result.unigram_entropy, (result.val_loss, result.unigram_entropy)
+    assert result.sample.startswith("to be") and len(result.sample) > len("to be")
+    assert (cfg.run_dir / "samples.txt").read_text() == result.sample
+    assert load_config(cfg.run_dir / "config.yaml") == cfg
+    records = read_metrics(cfg.run_dir)
+    assert [r["step"] for r in records] == list(range(1, 81))
+    assert "val_loss" in records[39] and "tokens_per_s" in records[39]
+    assert list((cfg.run_dir / "tb").iterdir())  # TensorBoard events
+    # The generate entry point reads the same run back.
+    _, model, _ = load_run(cfg.run_dir)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.leaves(result.params),
+                 [x for x in jax.tree.leaves(__import__("flax").nnx.state(model))])
+    assert generate_cli.main(["--run", str(cfg.run_dir), "--prompt", "to", "--max-new-tokens", "5",
+                              "--temperature", "0"]) == 0
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, corpus):
+    cfg = load_config(overrides=tiny(tmp_path, corpus, "train.steps=40", "train.checkpoint_every=1",
+                                     "optim.lr=1e12", "optim.grad_clip=0", "optim.warmup_steps=0"))
+    with pytest.raises(TrainingDiverged, match=r"loss is (nan|inf) at step (\d+); last good checkpoint: step"):
+        train(cfg, progress=False)
+    steps = sorted(int(p.name) for p in (cfg.run_dir / "checkpoints").iterdir() if p.name.isdigit())
+    finite = [s for s, loss in losses(cfg.run_dir) if np.isfinite(loss)]
+    assert steps and steps[-1] == finite[-1]
+
+
+def test_sigterm_saves_a_checkpoint(tmp_path, corpus):
+    args = tiny(tmp_path, corpus, "train.steps=100000", "train.eval_every=2", "train.checkpoint_every=100000")
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.train", "--no-progress", *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:  # wait until it is training
+        if line.startswith("step"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "signal SIGTERM: saved step" in out
+    saved = [p for p in (tmp_path / "t" / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(saved) == 1 and int(saved[0].name) >= 2
+
+
+def test_bad_inputs_raise_named_errors(tmp_path, corpus):
+    with pytest.raises(CorpusError, match="no_such_file.txt"):
+        train(load_config(overrides=tiny(tmp_path, corpus, f"data.corpus={tmp_path / 'no_such_file.txt'}")))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    with pytest.raises(CorpusError, match="empty"):
+        train(load_config(overrides=tiny(tmp_path, corpus, f"data.corpus={empty}")))
+    with pytest.raises(ConfigError, match=r"model.vocab_size=100 .*at least the tokenizer's vocabulary, 257"):
+        train(load_config(overrides=tiny(tmp_path, corpus, "model.vocab_size=100")))
+    with pytest.raises(CheckpointError, match="no checkpoint found"):
+        train(load_config(overrides=tiny(tmp_path, corpus, "name=fresh")), resume=True)
+
+
+def test_existing_run_needs_resume_and_corrupt_checkpoint_is_named(tmp_path, corpus):
+    cfg = load_config(overrides=tiny(tmp_path, corpus, "train.steps=3"))
+    train(cfg, progress=False)
+    with pytest.raises(ConfigError, match="already has checkpoints"):
+        train(cfg, progress=False)
+    for f in (cfg.run_dir / "checkpoints" / "3" / "state").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match=r"cannot restore step 3 from .*checkpoints"):
+        train(cfg, resume=True, progress=False)
+    assert train_cli.main(["--resume", *tiny(tmp_path, corpus, "train.steps=3")]) == 2
+
+
+def test_cli_reports_config_errors(capsys):
+    assert train_cli.main(["model.n_layer=2"]) == 2
+    assert "did you mean 'model.n_layers'" in capsys.readouterr().err
+    assert generate_cli.main(["--run", "/no/such/run"]) == 2
+    assert "not a run folder" in capsys.readouterr().err
