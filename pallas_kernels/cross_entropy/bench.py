@@ -1,0 +1,86 @@
+"""Cross-entropy benchmarks: ours (chunked, "fused") vs XLA materializing the logits, in one run.
+
+Rows carry the median time, the matmul TFLOP/s (2·T·V·d per matmul: fwd 1, fwd_bwd 3) and the
+compiled program's memory analysis: temp_bytes (intermediates) and peak_bytes = temp + arguments +
+outputs. fwd_bwd is jax.value_and_grad with respect to hidden and vocab_weight. No files written.
+"""
+import datetime
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.cross_entropy import api, cases, reference
+
+CASES = cases.BENCH_CASES
+IMPLS = ("fused", "xla")
+MODES = ("fwd", "fwd_bwd")
+
+
+def _median_seconds(fn, args, reps):
+    """Median wall time of fn(*args) over reps calls after two warm-up calls."""
+    for _ in range(2):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def matmul_flops(case, mode):
+    """2·tokens·vocab·d_model per matmul; the forward has one, loss + gradients three."""
+    per_matmul = 2 * math.prod(case.lead) * case.vocab * case.d_model
+    return per_matmul * (1 if mode == "fwd" else 3)
+
+
+def _loss_fn(impl, chunk_size):
+    if impl == "xla":
+        return lambda h, w, l: reference.cross_entropy(h, w, l)
+    return lambda h, w, l: api.cross_entropy(h, w, l, chunk_size=chunk_size)
+
+
+def _row(case, impl, mode, dtype, chunk_size, reps):
+    tokens = math.prod(case.lead)
+    label = impl if impl == "xla" or chunk_size is None else f"{impl}[chunk={chunk_size}]"
+    row = dict(op="cross_entropy", case=case.name, impl=label, mode=mode, tokens=tokens,
+               vocab=case.vocab, d_model=case.d_model, dtype=jnp.dtype(dtype).name,
+               device=jax.devices()[0].device_kind, jax=jax.__version__,
+               date=datetime.date.today().isoformat())
+    if impl == "fused":
+        n_chunks = (api.default_n_chunks(tokens, case.vocab) if chunk_size is None
+                    else -(-tokens // chunk_size))
+        row.update(n_chunks=n_chunks, chunk_size=-(-tokens // n_chunks))
+    try:
+        kh, kw, kl = jax.random.split(jax.random.key(0), 3)
+        hidden = jax.random.normal(kh, (tokens, case.d_model), jnp.float32).astype(dtype)
+        weight = (jax.random.normal(kw, (case.vocab, case.d_model), jnp.float32)
+                  / case.d_model ** 0.5).astype(dtype)
+        labels = jax.random.randint(kl, (tokens,), 0, case.vocab)
+        f = _loss_fn(impl, chunk_size)
+        fn = jax.jit(f if mode == "fwd" else jax.value_and_grad(f, argnums=(0, 1)))
+        memory = fn.lower(hidden, weight, labels).compile().memory_analysis()
+        seconds = _median_seconds(fn, (hidden, weight, labels), reps)
+    except Exception as e:  # keep the other rows; the error is reported in this one
+        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        return row
+    row.update(time_ms=seconds * 1e3, tflops=matmul_flops(case, mode) / seconds / 1e12,
+               temp_bytes=int(memory.temp_size_in_bytes),
+               peak_bytes=int(memory.temp_size_in_bytes + memory.argument_size_in_bytes
+                              + memory.output_size_in_bytes),
+               logits_bytes=tokens * case.vocab * 4)
+    return row
+
+
+def rows(case_names=None, impls=IMPLS, modes=MODES, dtype=jnp.bfloat16, reps=20, chunk_sizes=(None,)):
+    """One dict per (case, impl, mode) (and per chunk size for "fused"): time_ms, tflops, memory."""
+    chosen = [c for c in CASES if case_names is None or c.name in case_names]
+    out = []
+    for case in chosen:
+        for impl in impls:
+            for chunk_size in (chunk_sizes if impl == "fused" else (None,)):
+                out += [_row(case, impl, mode, dtype, chunk_size, reps) for mode in modes]
+    return out

@@ -1,0 +1,76 @@
+"""Block sizes for the norm kernels: a frozen config and the heuristic that picks it.
+
+No tuning table yet: the numbers below are the Triton layer-norm tutorial's rule of thumb
+(about 16 elements per thread, at most 16 warps), to be replaced by H100 measurements.
+"""
+import dataclasses
+
+import jax
+from jax.experimental import pallas as pl
+
+# One program holds a whole row (next power of two of hidden) in registers; beyond this the
+# Triton backend does not serve the call (api.py falls back to the reference under backend="auto").
+MAX_BLOCK_HIDDEN = 16384
+# Row tiles aim at this many elements per program (8 KiB of bf16).
+_TARGET_BLOCK_ELEMENTS = 4096
+_ELEMENTS_PER_THREAD = 16
+_DEFAULT_SM_COUNT = 132  # H100 SXM; used when the device does not report core_count
+
+
+def _is_power_of_2(n: int) -> bool:
+    return n >= 1 and (n & (n - 1)) == 0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NormConfig:
+    """Launch parameters of the forward and backward norm kernels.
+
+    block_rows: rows per program (power of 2), forward and backward.
+    num_warps, bwd_num_warps: warps per program, forward and backward (powers of 2, <= 32).
+    bwd_programs: programs of the persistent backward; each loops over row tiles p, p + P, ...
+      and writes one row of the [bwd_programs, hidden] dweight/dbias partial sums.
+    """
+    block_rows: int
+    num_warps: int
+    bwd_num_warps: int
+    bwd_programs: int
+
+    def __post_init__(self):
+        for name in ("block_rows", "num_warps", "bwd_num_warps"):
+            value = getattr(self, name)
+            if not _is_power_of_2(value):
+                raise ValueError(f"NormConfig.{name}={value} must be a power of 2")
+        for name in ("num_warps", "bwd_num_warps"):
+            if getattr(self, name) > 32:
+                raise ValueError(f"NormConfig.{name}={getattr(self, name)} must be <= 32")
+        if self.bwd_programs < 1:
+            raise ValueError(f"NormConfig.bwd_programs={self.bwd_programs} must be >= 1")
+
+
+def block_hidden(hidden: int) -> int:
+    """Columns a program loads: hidden rounded up to a power of 2 (Triton tiles are powers of 2)."""
+    return pl.next_power_of_2(hidden)
+
+
+def check_supported(hidden: int) -> None:
+    """Raise NotImplementedError when one row does not fit one Triton tile."""
+    if block_hidden(hidden) > MAX_BLOCK_HIDDEN:
+        raise NotImplementedError(
+            f"hidden={hidden} needs a {block_hidden(hidden)}-wide tile; the Triton norm kernels hold "
+            f"one row per tile and support hidden <= {MAX_BLOCK_HIDDEN}")
+
+
+def default_config(n_rows: int, hidden: int, *, interpret: bool) -> NormConfig:
+    """Heuristic config for an [n_rows, hidden] input (hidden already checked)."""
+    width = block_hidden(hidden)
+    block_rows = max(1, _TARGET_BLOCK_ELEMENTS // width)
+    block_rows = min(block_rows, pl.next_power_of_2(n_rows))
+    num_warps = min(16, max(1, block_rows * width // (32 * _ELEMENTS_PER_THREAD)))
+    n_tiles = pl.cdiv(n_rows, block_rows)
+    if interpret:
+        programs = 4  # interpret mode runs programs one after another; keep the grid short
+    else:
+        sm_count = getattr(jax.devices()[0], "core_count", None) or _DEFAULT_SM_COUNT
+        programs = 4 * sm_count
+    return NormConfig(block_rows=block_rows, num_warps=num_warps, bwd_num_warps=num_warps,
+                      bwd_programs=max(1, min(programs, n_tiles)))

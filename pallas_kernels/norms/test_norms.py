@@ -1,0 +1,164 @@
+"""Contract test for the norm functions: every backend against the fp32 reference, forward and VJP."""
+import functools
+import math
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import _testing
+from pallas_kernels import norms
+from pallas_kernels.norms import cases, reference
+
+ON_GPU = jax.default_backend() == "gpu"
+# (backend, interpret): the reference everywhere; the Triton kernels natively on GPU, interpreted on CPU.
+BACKENDS = [("reference", False), ("triton", not ON_GPU)]
+DTYPES = [jnp.float32, jnp.bfloat16]
+
+
+_POOL_SIZE = 1 << 18
+
+
+@jax.jit
+def _normal_pool(key):
+    """One fixed-shape draw, compiled once: CPU cases slice it instead of compiling a draw per shape."""
+    return jax.random.normal(key, (_POOL_SIZE,), jnp.float32)
+
+
+def _normal(name, shape, scale=1.0, shift=0.0):
+    """Fresh N(shift, scale^2) fp32 numpy draw of this shape, seeded from a name derived from the case id."""
+    key = jax.random.key(zlib.crc32(name.encode()))
+    size = math.prod(shape)
+    if size > _POOL_SIZE:  # GPU-sized cases: draw directly
+        values = np.asarray(jax.random.normal(key, (size,), jnp.float32))
+    else:
+        values = np.asarray(_normal_pool(key))[:size]
+    return shift + scale * values.reshape(shape)
+
+
+def _inputs(case, dtype):
+    """Random inputs by name (x, residual, weight, bias) and cotangents (dy, dsum) for a case."""
+    hidden = case.shape[-1]
+    draw = lambda what, shape, *a: jnp.asarray(_normal(f"{case.name}/{what}", shape, *a), dtype)  # noqa: E731
+    return dict(
+        x=draw("x", case.shape, 2.0, 0.5),  # non-zero mean, so LayerNorm's centering matters
+        residual=draw("residual", case.shape),
+        weight=draw("weight", (hidden,), 0.2, 1.0),
+        bias=draw("bias", (hidden,), 0.5),
+        dy=draw("dy", case.shape),
+        dsum=draw("dsum", case.shape),
+    )
+
+
+# Positional inputs of each function, in order; the residual-fused ones return (normed, new_residual).
+_ARGS = {"rms_norm": ("x", "weight"), "layer_norm": ("x", "weight", "bias"),
+         "rms_norm_residual": ("x", "residual", "weight"),
+         "layer_norm_residual": ("x", "residual", "weight", "bias")}
+
+
+def _forward_and_vjp(fn, primals, cotangents, **kwargs):
+    """(outputs as a tuple, VJP at cotangents), compiled as one program."""
+    def run(primals, cotangents):
+        out, vjp = jax.vjp(lambda *a: fn(*a, **kwargs), *primals)
+        out, cotangents = (out, cotangents) if isinstance(out, tuple) else ((out,), cotangents[0])
+        return out, vjp(cotangents)
+    return jax.jit(run)(primals, cotangents)
+
+
+@functools.cache
+def _reference_result(case, dtype):
+    """fp32 reference outputs and VJP on the case's (rounded) inputs; shared by the backends' tests."""
+    inputs = {k: v.astype(jnp.float32) for k, v in _inputs(case, dtype).items()}
+    primals = [inputs[name] for name in _ARGS[case.fn]]
+    return _forward_and_vjp(getattr(reference, case.fn), primals, (inputs["dy"], inputs["dsum"]))
+
+
+def _check_against_reference(case, dtype, backend, interpret):
+    inputs = _inputs(case, dtype)
+    primals = [inputs[name] for name in _ARGS[case.fn]]
+    out, grads = _forward_and_vjp(getattr(norms, case.fn), primals, (inputs["dy"], inputs["dsum"]),
+                                  backend=backend, interpret=interpret)
+    out_ref, grads_ref = _reference_result(case, dtype)
+    for i, (o, r) in enumerate(zip(out, out_ref, strict=True)):
+        assert o.dtype == dtype and o.shape == case.shape
+        _testing.assert_close(o, r, dtype, f"{case.name} output {i}")
+    for name, g, r in zip(_ARGS[case.fn], grads, grads_ref, strict=True):
+        assert g.shape == inputs[name].shape and g.dtype == dtype
+        _testing.assert_close(g, r, dtype, f"{case.name} d{name}")
+
+
+@pytest.mark.parametrize("backend,interpret", BACKENDS, ids=[b for b, _ in BACKENDS])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("case", cases.CPU_CASES, ids=lambda c: c.name)
+def test_matches_reference(case, dtype, backend, interpret):
+    _check_against_reference(case, dtype, backend, interpret)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("case", cases.GPU_CASES, ids=lambda c: c.name)
+def test_matches_reference_gpu(case, dtype):
+    _check_against_reference(case, dtype, "triton", False)
+
+
+def test_layer_norm_without_bias():
+    case = cases.NormCase("layer_nobias_17x768", "layer_norm", (17, 768))
+    x, weight, dy = (_inputs(case, jnp.float32)[k] for k in ("x", "weight", "dy"))
+    f = jax.jit(lambda x, w: norms.layer_norm(x, w, None, interpret=not ON_GPU, backend="triton"))
+    out, vjp = jax.vjp(f, x, weight)
+    out_ref, vjp_ref = jax.vjp(lambda x, w: reference.layer_norm(x, w, None), x, weight)
+    _testing.assert_close(out, out_ref, jnp.float32, "output")
+    for g, r in zip(vjp(dy), vjp_ref(dy)):
+        _testing.assert_close(g, r, jnp.float32, "gradient")
+
+
+def test_auto_falls_back_to_reference_for_wide_rows(caplog):
+    x = jax.random.normal(jax.random.key(1), (2, 16385))
+    w = jnp.full((16385,), 1.5)
+    with caplog.at_level("WARNING"):
+        out = norms.rms_norm(x, w, interpret=True)
+    _testing.assert_close(out, reference.rms_norm(x, w), jnp.float32)
+    assert "hidden=16385" in caplog.text
+    with pytest.raises(NotImplementedError, match="hidden=16385"):
+        norms.rms_norm(x, w, backend="triton", interpret=True)
+
+
+def _bad(**overrides):
+    args = dict(x=jnp.ones((4, 8)), residual=jnp.ones((4, 8)), weight=jnp.ones((8,)), eps=1e-6,
+                backend="auto")
+    args.update(overrides)
+    return lambda: norms.rms_norm_residual(args["x"], args["residual"], args["weight"], eps=args["eps"],
+                                           backend=args["backend"], interpret=True)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (dict(x=jnp.ones((4, 8), jnp.int32), residual=jnp.ones((4, 8), jnp.int32)), "dtype=int32"),
+    (dict(weight=jnp.ones((5,))), r"weight shape=\(5,\)"),
+    (dict(weight=jnp.ones((8,), jnp.int32)), "weight dtype=int32"),
+    (dict(residual=jnp.ones((4, 7))), r"residual shape=\(4, 7\)"),
+    (dict(residual=jnp.ones((4, 8), jnp.bfloat16)), "dtype=bfloat16"),
+    (dict(eps=0.0), "eps=0.0"),
+    (dict(eps=-1e-5), "eps=-1e-05"),
+    (dict(backend="cuda"), "backend='cuda'"),
+])
+def test_bad_input_raises(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        _bad(**overrides)()
+
+
+def test_layer_norm_bad_bias_raises():
+    with pytest.raises(ValueError, match=r"bias shape=\(3,\)"):
+        norms.layer_norm(jnp.ones((2, 8)), jnp.ones((8,)), jnp.ones((3,)))
+
+
+@pytest.mark.skipif(ON_GPU, reason="checks the error raised without a GPU")
+def test_triton_without_gpu_raises():
+    with pytest.raises(ValueError, match="backend='triton' needs a GPU"):
+        norms.rms_norm(jnp.ones((2, 8)), jnp.ones((8,)), backend="triton")
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="block_rows=3"):
+        norms.NormConfig(block_rows=3, num_warps=4, bwd_num_warps=4, bwd_programs=1)
