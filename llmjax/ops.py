@@ -4,6 +4,10 @@ B batch, T query length, S key length, N heads, K kv heads, G = N // K, H head d
 """
 import jax
 import jax.numpy as jnp
+import optax
+
+import pallas_kernels.cross_entropy as pallas_ce
+import pallas_kernels.norms as pallas_norms
 
 ATTENTION_IMPLS = ("xla", "cudnn", "auto")
 
@@ -60,8 +64,14 @@ def attention(q, k, v, *, causal: bool, impl: str = "auto", mask=None):
     return attention_xla(q, k, v, causal=causal, mask=mask)
 
 
-def layer_norm(x, weight, bias, *, eps: float):
-    """LayerNorm over the last axis with fp32 statistics; returns x's dtype."""
+def layer_norm(x, weight, bias, *, eps: float, impl: str = "xla"):
+    """LayerNorm over the last axis with fp32 statistics; returns x's dtype.
+
+    `impl`: `xla` (jnp, fused by XLA) or `pallas` (pallas_kernels.norms; on a CPU it
+    falls back to its reference with a logged warning).
+    """
+    if impl == "pallas":
+        return pallas_norms.layer_norm(x, weight.astype(x.dtype), bias.astype(x.dtype), eps=eps)
     x32 = x.astype(jnp.float32)
     mean = x32.mean(-1, keepdims=True)
     var = jnp.square(x32 - mean).mean(-1, keepdims=True)
@@ -69,8 +79,25 @@ def layer_norm(x, weight, bias, *, eps: float):
     return y.astype(x.dtype)
 
 
-def rms_norm(x, weight, *, eps: float):
-    """RMSNorm over the last axis with fp32 statistics; returns x's dtype."""
+def rms_norm(x, weight, *, eps: float, impl: str = "xla"):
+    """RMSNorm over the last axis with fp32 statistics; returns x's dtype. `impl` as layer_norm."""
+    if impl == "pallas":
+        return pallas_norms.rms_norm(x, weight.astype(x.dtype), eps=eps)
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + eps) * weight
     return y.astype(x.dtype)
+
+
+def lm_loss(hidden, vocab_weight, targets, *, impl: str = "xla"):
+    """Mean next-token cross-entropy of hidden [B, T, D] against targets [B, T].
+
+    vocab_weight: [V, D]. `xla` materializes fp32 logits [B, T, V]; `fused` is
+    pallas_kernels.cross_entropy, which never holds all the logits at once.
+    """
+    if impl == "fused":
+        d = hidden.shape[-1]
+        return pallas_ce.cross_entropy(hidden.reshape(-1, d), vocab_weight.astype(hidden.dtype),
+                                       targets.reshape(-1))
+    logits = jnp.einsum("btd,vd->btv", hidden, vocab_weight.astype(hidden.dtype),
+                        preferred_element_type=jnp.float32)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()

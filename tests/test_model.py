@@ -86,3 +86,17 @@ def test_bf16_compute_keeps_fp32_params_and_tracks_fp32():
     l16, _ = model16(batch)
     rel = float(jnp.linalg.norm(l16 - l32) / jnp.linalg.norm(l32))
     assert rel < 2e-2
+
+
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny"])
+def test_fused_loss_and_pallas_norms_match_xla(preset):
+    from llmjax.train.step import loss_fn
+
+    batch = tokens((2, 17), seed=5)
+    results = []
+    for impls in (["model.loss_impl=xla", "model.norm_impl=xla"], ["model.loss_impl=fused", "model.norm_impl=pallas"]):
+        graphdef, params = split_model(init_model(model_cfg(preset, *impls)))
+        results.append(jax.value_and_grad(loss_fn)(params, graphdef, batch))
+    (l0, g0), (l1, g1) = results
+    np.testing.assert_allclose(l0, l1, rtol=1e-6)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), g0, g1)

@@ -36,14 +36,14 @@ class Norm(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         pd = jnp.dtype(cfg.param_dtype)
-        self.eps = cfg.norm_eps
+        self.eps, self.impl = cfg.norm_eps, cfg.norm_impl
         self.scale = _param(rngs, (cfg.d_model,), (EMBED,), pd, fill=1.0)
         self.bias = _param(rngs, (cfg.d_model,), (EMBED,), pd) if cfg.family == "gpt2" else None
 
     def __call__(self, x):
         if self.bias is None:
-            return ops.rms_norm(x, self.scale[...], eps=self.eps)
-        return ops.layer_norm(x, self.scale[...], self.bias[...], eps=self.eps)
+            return ops.rms_norm(x, self.scale[...], eps=self.eps, impl=self.impl)
+        return ops.layer_norm(x, self.scale[...], self.bias[...], eps=self.eps, impl=self.impl)
 
 
 def rope_tables(positions, head_dim: int, theta: float):
@@ -212,10 +212,19 @@ class Transformer(nnx.Module):
         x, cache = jax.lax.scan(layer, x, (block_state, cache))
         return self.final_norm(x), cache
 
+    def head_weight(self):
+        """The output projection as [V, D]: the embedding when tied."""
+        return self.embed[...] if self.lm_head is None else self.lm_head[...].T
+
     def logits(self, hidden):
-        """[B, T, D] -> [B, T, V] fp32 logits (tied or untied head)."""
-        w = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-        return jnp.einsum("btd,dv->btv", hidden, w.astype(hidden.dtype), preferred_element_type=jnp.float32)
+        """[B, T, D] -> [B, T, V] fp32 logits."""
+        w = self.head_weight().astype(hidden.dtype)
+        return jnp.einsum("btd,vd->btv", hidden, w, preferred_element_type=jnp.float32)
+
+    def loss(self, tokens):
+        """Mean next-token cross-entropy on tokens [B, T + 1] (model.loss_impl picks how)."""
+        hidden, _ = self.hidden_states(tokens[:, :-1])
+        return ops.lm_loss(hidden, self.head_weight(), tokens[:, 1:], impl=self.cfg.loss_impl)
 
     def __call__(self, tokens, positions=None, cache=None):
         """Logits [B, T, V] fp32 and the updated cache (None when no cache was given)."""

@@ -10,16 +10,9 @@ import optax
 from flax import nnx
 
 
-def cross_entropy(logits, targets):
-    """Mean token cross-entropy in fp32: logits [B, T, V], targets [B, T] -> scalar."""
-    logits = logits.astype(jnp.float32)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
-
-
 def loss_fn(params, graphdef, tokens):
     """Next-token loss of the model (graphdef, params) on tokens [B, T + 1]."""
-    logits, _ = nnx.merge(graphdef, params)(tokens[:, :-1])
-    return cross_entropy(logits, tokens[:, 1:])
+    return nnx.merge(graphdef, params).loss(tokens)
 
 
 def init_train_state(params, optimizer: optax.GradientTransformation) -> dict:
