@@ -1,0 +1,154 @@
+"""Flash-attention benchmark: CASES x IMPLS x {fwd, fwd_bwd} -> rows. No argparse, no files.
+
+`experiments/bench_kernels.py flash_attention` calls `rows()` and writes the results.
+B batch, T query length, S key length, N heads, H head dim.
+"""
+import dataclasses
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.flash_attention import cases, config
+from pallas_kernels.flash_attention.api import flash_attention
+
+MODES = ("fwd", "fwd_bwd")
+CASES = cases.BENCH_CASES
+
+
+def attention_flops(case: cases.Case, mode: str) -> float:
+    """4·B·T·S·N·H for the forward (q k^T and p v, 2 FLOPs per multiply-add), half when causal;
+    the backward counts 2.5x the forward (five matmuls to two), so fwd_bwd is 3.5x."""
+    fwd = 4 * case.batch * case.seq_q * case.seq_kv * case.heads * case.head_dim
+    fwd *= 0.5 if case.causal else 1.0
+    return fwd * (3.5 if mode == "fwd_bwd" else 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Impl:
+    attend: object  # (q, k, v, causal) -> out
+    peer: bool  # True for the implementations we compare against
+    blocks: config.BlockSizes | None = None  # ours only; None: the default heuristic
+
+
+def _ours(backend, blocks=None):
+    def attend(q, k, v, causal):
+        interpret = jax.default_backend() != "gpu"  # smoke runs on CPU
+        return flash_attention(q, k, v, causal=causal, backend=backend, interpret=interpret,
+                               blocks=blocks)
+    return Impl(attend, peer=False, blocks=blocks)
+
+
+def _jax_nn(implementation):
+    def attend(q, k, v, causal):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=implementation)
+    return Impl(attend, peer=True)
+
+
+# Backend names as everywhere (STYLE 2.5); `peer` marks what ours is compared against.
+# "mosaic" is the Mosaic GPU forward with the Triton backward behind it.
+IMPLS = {"triton": _ours("triton"), "mosaic": _ours("mosaic"), "cudnn": _jax_nn("cudnn"),
+         "xla": _jax_nn("xla")}
+
+
+def _tuning_impls():
+    """Tile candidates at H=128 bf16 (preset "tune"), cuDNN beside them: Triton forward and
+    backward tiles, and Mosaic forward tiles (`mosaic[...]` rows time its forward)."""
+    base = config.default_blocks(4096, 4096, 128, jnp.bfloat16)
+    variants = {
+        "default": {},
+        "fwd_kv128_s2": dict(block_kv=128, num_stages=2),
+        "fwd_q64_w4": dict(block_q=64, num_warps=4),
+        "bwd_all64_w8_s3": dict(block_q_dq=64, block_kv_dq=64, block_q_dkv=64, block_kv_dkv=64,
+                                num_warps_bwd=8, num_stages_bwd=3),
+        "bwd_dq128x64_dkv64x128_w8_s2": dict(block_q_dq=128, block_kv_dq=64, block_q_dkv=64,
+                                             block_kv_dkv=128, num_warps_bwd=8, num_stages_bwd=2),
+        "bwd_dq64x32_dkv32x64_w4_s4": dict(block_q_dq=64, block_kv_dq=32, block_q_dkv=32,
+                                           block_kv_dkv=64, num_warps_bwd=4, num_stages_bwd=4),
+    }
+    mosaic_variants = {
+        "kv128_steps2": config.MosaicBlocks(),
+        "kv128_steps3": config.MosaicBlocks(max_concurrent_steps=3),
+        "kv64_steps4": config.MosaicBlocks(block_kv=64, max_concurrent_steps=4),
+    }
+    impls = {f"triton[{name}]": _ours("triton", dataclasses.replace(base, **kw))
+             for name, kw in variants.items()}
+    impls.update({f"mosaic[{name}]": _ours("mosaic", dataclasses.replace(base, mosaic=m))
+                  for name, m in mosaic_variants.items()})
+    return {**impls, "cudnn": IMPLS["cudnn"]}
+
+
+PRESETS = {
+    # preset -> (cases, impls); None: the tuning candidates
+    "default": (cases.BENCH_CASES, IMPLS),
+    "full": (cases.BENCH_CASES_FULL, IMPLS),
+    "tune": (tuple(c for c in cases.BENCH_CASES if c.seq_q == 4096), None),
+    "smoke": (cases.SMOKE_CASES, {"triton": IMPLS["triton"], "xla": IMPLS["xla"]}),  # CPU
+}
+
+
+def _median_seconds(fn, args, reps):
+    """Median seconds per call over `reps` samples after warm-up. A sample is `inner` calls
+    back to back, then block_until_ready, so launch overhead stays out of short kernels."""
+    jax.block_until_ready(fn(*args))  # warm-up
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    inner = max(1, int(2e-3 / max(time.perf_counter() - start, 1e-6)))  # >= ~2 ms per sample
+    samples = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        for _ in range(inner):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - start) / inner)
+    return statistics.median(samples)
+
+
+def _program(attend, causal, mode):
+    if mode == "fwd":
+        return jax.jit(lambda q, k, v, dout: attend(q, k, v, causal))
+
+    def fwd_bwd(q, k, v, dout):
+        _, vjp = jax.vjp(lambda q, k, v: attend(q, k, v, causal), q, k, v)
+        return vjp(dout)
+    return jax.jit(fwd_bwd)
+
+
+def _measure(case, name, impl, mode, args, reps):
+    blocks = impl.blocks or config.default_blocks(case.seq_q, case.seq_kv, case.head_dim,
+                                                  args[0].dtype)
+    row = dict(op="flash_attention", case=case.name, impl=name, mode=mode, peer=impl.peer,
+               batch=case.batch, seq=case.seq_q, heads=case.heads, head_dim=case.head_dim,
+               causal=case.causal, dtype=jnp.dtype(args[0].dtype).name,
+               config=None if impl.peer else repr(blocks))
+    try:
+        compiled = _program(impl.attend, case.causal, mode).lower(*args).compile()
+        memory = compiled.memory_analysis()
+        if memory is not None:  # XLA scratch beyond inputs and outputs: O(S^2) for "xla"
+            row["temp_bytes"] = int(memory.temp_size_in_bytes)
+        seconds = _median_seconds(compiled, args, reps)
+        row.update(time_ms=seconds * 1e3, tflops=attention_flops(case, mode) / seconds / 1e12)
+    except Exception as e:  # a peer that cannot run this shape is a row, not a crash
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    return row
+
+
+def rows(preset: str = "default", reps: int = 20, log=print) -> list[dict]:
+    """One row per (case, impl, mode): time_ms (median of `reps` samples after warm-up), tflops,
+    temp_bytes (XLA scratch), peer (True for cudnn/xla), config (ours), or error."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset={preset!r} unknown; use one of {tuple(PRESETS)}")
+    bench_cases, impls = PRESETS[preset]
+    impls = _tuning_impls() if impls is None else impls
+    out = []
+    for case in bench_cases:
+        q, k, v, dout, _ = case.inputs(jnp.bfloat16)  # 64 MiB each at B*S = 16k: beyond L2
+        for name, impl in impls.items():
+            for mode in MODES:
+                row = _measure(case, name, impl, mode, (q, k, v, dout), reps)
+                out.append(row)
+                if log:
+                    shown = row.get("error") or f"{row['tflops']:.4g} TFLOP/s ({row['time_ms']:.3f} ms)"
+                    log(f"{case.name:>16} {name:>28} {mode:>8}: {shown}")
+    return out

@@ -1,0 +1,89 @@
+"""Named attention shapes shared by the contract test and the benchmark.
+
+B batch, T query length, S key length, N query heads, K kv heads, H head dim.
+"""
+import dataclasses
+import zlib
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.flash_attention.config import BlockSizes, MosaicBlocks
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    batch: int
+    seq_q: int
+    seq_kv: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    causal: bool = False
+    segmented: bool = False  # random packed-sequence segment_ids
+    blocks: BlockSizes | None = None  # None: the default heuristic
+
+    def inputs(self, dtype):
+        """Fresh random q, k, v, a cotangent dout, and segment_ids (or None), seeded by the name."""
+        keys = jax.random.split(jax.random.key(zlib.crc32(self.name.encode())), 5)
+        q_shape = (self.batch, self.seq_q, self.heads, self.head_dim)
+        kv_shape = (self.batch, self.seq_kv, self.kv_heads, self.head_dim)
+        q = jax.random.normal(keys[0], q_shape, dtype)
+        k = jax.random.normal(keys[1], kv_shape, dtype)
+        v = jax.random.normal(keys[2], kv_shape, dtype)
+        dout = jax.random.normal(keys[3], q_shape, dtype)
+        segment_ids = None
+        if self.segmented:  # segments of random length (about 1 in 8 tokens starts a new one)
+            starts = jax.random.bernoulli(keys[4], 0.125, (self.batch, self.seq_q))
+            segment_ids = jnp.cumsum(starts, axis=1).astype(jnp.int32)
+        return q, k, v, dout, segment_ids
+
+
+# Small enough for interpret mode on one CPU core; odd lengths, every GQA ratio, both masks.
+# Tiles forced small and unequal in one case so several blocks, diagonal blocks that are
+# partly masked, and ragged tails all occur at tiny sizes.
+_UNEVEN = BlockSizes(block_q=32, block_kv=16, block_q_dq=16, block_kv_dq=32,
+                     block_q_dkv=32, block_kv_dkv=16)
+CPU_CASES = (
+    Case("t1_causal", 1, 1, 1, 2, 1, 64, causal=True),
+    Case("t17_s72_gqa2_full", 2, 17, 72, 4, 2, 64),
+    Case("t129_mha_causal_d128", 1, 129, 129, 2, 2, 128, causal=True),
+    Case("t77_mqa_causal_uneven_tiles", 2, 77, 77, 4, 1, 64, causal=True, blocks=_UNEVEN),
+    Case("t50_segments_causal", 2, 50, 50, 4, 2, 64, causal=True, segmented=True,
+          blocks=_UNEVEN),
+    Case("t1000_gqa2_full", 1, 1000, 1000, 4, 2, 64),
+)
+
+# The Mosaic forward in GPU interpret mode (a simulator: ~10 s a call on CPU). 64-key steps in
+# the causal case give more steps than K/V slots, and warpgroups with unequal step counts.
+MOSAIC_CPU_CASES = (
+    CPU_CASES[1],
+    Case("t300_gqa2_causal_kv64", 1, 300, 300, 4, 2, 64, causal=True,
+         blocks=BlockSizes(mosaic=MosaicBlocks(block_kv=64))),
+)
+
+# Real sizes for the GPU run of the same contract (H=8 heads, kv_heads 1/2/8).
+GPU_CASES = (
+    Case("gpu_t1_causal", 2, 1, 1, 8, 1, 128, causal=True),
+    Case("gpu_t17_gqa2_full", 2, 17, 17, 8, 2, 64),
+    Case("gpu_t129_mha_causal", 2, 129, 129, 8, 8, 128, causal=True),
+    Case("gpu_t1000_mqa_full", 2, 1000, 1000, 8, 1, 128),
+    Case("gpu_t1000_gqa2_causal_d64", 2, 1000, 1000, 8, 2, 64, causal=True),
+    Case("gpu_t2048_mha_causal", 2, 2048, 2048, 8, 8, 128, causal=True),
+    Case("gpu_t1024_s3000_gqa2_full", 2, 1024, 3000, 8, 2, 128),
+    Case("gpu_t4096_segments_causal", 1, 4096, 4096, 8, 2, 128, causal=True, segmented=True),
+)
+
+
+def bench_cases(seq_lens=(1024, 4096, 16384), head_dims=(128,), tokens=16384, heads=16):
+    """B * S = `tokens`, N = K = `heads`, full and causal (the GPU_FACTS.md table shape)."""
+    return tuple(
+        Case(f"s{s // 1024}k_d{h}_{'causal' if causal else 'full'}", tokens // s, s, s, heads,
+              heads, h, causal=causal)
+        for s in seq_lens for h in head_dims for causal in (False, True))
+
+
+BENCH_CASES = bench_cases()
+BENCH_CASES_FULL = bench_cases(seq_lens=(1024, 2048, 4096, 8192, 16384), head_dims=(64, 128))
+SMOKE_CASES = (Case("smoke_t256_causal", 1, 256, 256, 2, 2, 64, causal=True),)

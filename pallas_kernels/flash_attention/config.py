@@ -1,0 +1,102 @@
+"""Tile sizes of the Pallas Triton flash-attention kernels, and the default heuristic.
+
+T query length, S key length, H head dim. A block is a number of rows (query or key
+positions) that one program holds at a time; Triton wants powers of two, and its
+`dot` wants every dimension >= 16.
+"""
+import dataclasses
+
+import jax.numpy as jnp
+
+MIN_BLOCK = 16  # Triton dot: M, N, K >= 16.
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicBlocks:
+    """Tiles of the Mosaic GPU forward: `block_q` rows per compute warpgroup (a CTA holds two),
+    `block_kv` keys per step, `max_concurrent_steps` K/V shared-memory slots in flight."""
+
+    block_q: int = 64
+    block_kv: int = 128
+    max_concurrent_steps: int = 2
+
+    def __post_init__(self):
+        for name in ("block_q", "block_kv"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value % 64 or not 64 <= value <= 256:
+                raise ValueError(f"{name}={value!r} must be 64, 128, 192 or 256 (wgmma tiles)")
+        if not isinstance(self.max_concurrent_steps, int) or self.max_concurrent_steps < 2:
+            raise ValueError(f"max_concurrent_steps={self.max_concurrent_steps!r} must be >= 2")
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tiles and launch options; frozen and hashable, so it can ride in a custom_vjp's static options.
+
+    Forward: a program owns `block_q` query rows and loops over `block_kv` key rows.
+    dQ kernel: `block_q_dq` query rows, looping over `block_kv_dq` key rows.
+    dK/dV kernel: `block_kv_dkv` key rows, looping over `block_q_dkv` query rows of every
+    query head in the GQA group.
+    mosaic: tiles of the Mosaic forward (backend="mosaic"; its backward uses the Triton tiles).
+    """
+
+    block_q: int = 128
+    block_kv: int = 64
+    block_q_dq: int = 64
+    block_kv_dq: int = 64
+    block_q_dkv: int = 64
+    block_kv_dkv: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+    num_warps_bwd: int = 4
+    num_stages_bwd: int = 3
+    mosaic: MosaicBlocks = MosaicBlocks()
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name == "mosaic":
+                if not isinstance(value, MosaicBlocks):
+                    raise ValueError(f"mosaic={value!r} must be a MosaicBlocks")
+                continue
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{field.name}={value!r} must be a positive int")
+            if field.name.startswith("block_") and (value < MIN_BLOCK or value & (value - 1)):
+                raise ValueError(f"{field.name}={value} must be a power of two >= {MIN_BLOCK}")
+
+
+def _fit(block: int, seq: int) -> int:
+    """Shrink `block` to the smallest power of two covering `seq` (never below MIN_BLOCK)."""
+    return max(MIN_BLOCK, min(block, 1 << max(seq - 1, 0).bit_length()))
+
+
+def fit_to_shape(blocks: BlockSizes, seq_q: int, seq_kv: int) -> BlockSizes:
+    """Clip every block to the sequence it tiles, so short sequences do not waste a big tile."""
+    return dataclasses.replace(
+        blocks,
+        block_q=_fit(blocks.block_q, seq_q),
+        block_kv=_fit(blocks.block_kv, seq_kv),
+        block_q_dq=_fit(blocks.block_q_dq, seq_q),
+        block_kv_dq=_fit(blocks.block_kv_dq, seq_kv),
+        block_q_dkv=_fit(blocks.block_q_dkv, seq_q),
+        block_kv_dkv=_fit(blocks.block_kv_dkv, seq_kv),
+    )
+
+
+def default_blocks(seq_q: int, seq_kv: int, head_dim: int, dtype) -> BlockSizes:
+    """Heuristic tiles, not yet tuned on our H100 (`bench_kernels flash_attention --preset tune`).
+
+    16-bit inputs: forward 128 x 64 (8 warps at H=128); backward as in Triton's fused-attention
+    tutorial: dK/dV holds 128 key rows and streams 32 query rows, dQ holds 128 query rows and
+    streams 32 key rows, 4 warps, 5 stages. fp32 inputs take half the rows (twice the bytes).
+    """
+    if jnp.dtype(dtype) == jnp.float32:
+        blocks = BlockSizes(block_q=64, block_kv=32, block_q_dq=64, block_kv_dq=32,
+                            block_q_dkv=32, block_kv_dkv=64, num_warps=4, num_stages=2,
+                            num_warps_bwd=4, num_stages_bwd=2)
+    else:
+        blocks = BlockSizes(block_q=128, block_kv=64, block_q_dq=128, block_kv_dq=32,
+                            block_q_dkv=32, block_kv_dkv=128,
+                            num_warps=8 if head_dim > 64 else 4, num_stages=3,
+                            num_warps_bwd=4, num_stages_bwd=5)
+    return fit_to_shape(blocks, seq_q, seq_kv)

@@ -1,0 +1,246 @@
+"""Contract test: every backend's output and gradients against the fp32 reference.
+
+CPU: the reference backend, and the Triton kernels in interpret mode, on small odd shapes.
+GPU (`-m gpu` on the device machine): the same body at real sizes, without interpret mode.
+"""
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels._testing import TOLERANCE, assert_close
+from pallas_kernels.flash_attention import api, cases, config, triton_fwd
+from pallas_kernels.flash_attention.api import flash_attention
+from pallas_kernels.flash_attention.reference import attention_reference
+
+# Lowering to Triton warns (attributed to jax._src.pallas.pallas_call, which pyproject's filter
+# for jax._src.pallas.triton does not match); only that deprecation is silenced.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
+ON_GPU = jax.default_backend() == "gpu"
+# Interpret-mode kernels are big XLA programs; on CPU most of a test is their compile time.
+_CPU_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def _jit(fn):
+    return jax.jit(fn, compiler_options=None if ON_GPU else _CPU_COMPILE)
+
+
+@functools.cache
+def _inputs(case, dtype):
+    """The case's random q, k, v, dout, segment_ids, drawn in one compiled program per (case, dtype)."""
+    return _jit(lambda: case.inputs(dtype))()
+
+
+def _out_and_grads(fn, args, dout, dtype=None):
+    """fn(*args) and its vjp with cotangent `dout` (random, never ones), in one jitted program;
+    `dtype` casts the arrays first (inside the program)."""
+    def run(args, dout):
+        if dtype is not None:
+            args, dout = jax.tree.map(lambda x: x.astype(dtype), (args, dout))
+        out, vjp = jax.vjp(fn, *args)
+        return out, vjp(dout)
+    return _jit(run)(args, dout)
+
+
+def _assert_grad_close(grad, ref, dtype, what):
+    if np.linalg.norm(np.asarray(ref, np.float64)) == 0:
+        # e.g. dq and dk when each query sees one key: softmax is constant, the true grad is 0.
+        worst = float(np.max(np.abs(np.asarray(grad, np.float64))))
+        assert worst < TOLERANCE[jnp.dtype(dtype)], f"{what}: max |grad| {worst:.3g} where exactly 0"
+    else:
+        assert_close(grad, ref, dtype, what)
+
+
+@functools.cache
+def _reference_result(case, dtype):
+    """fp32 reference output and grads for the case's inputs drawn in `dtype` (shared by backends)."""
+    q, k, v, dout, segment_ids = _inputs(case, dtype)
+
+    def ref(q, k, v):
+        return attention_reference(q, k, v, causal=case.causal, segment_ids=segment_ids)
+
+    return _out_and_grads(ref, (q, k, v), dout, dtype=jnp.float32)
+
+
+def _check_contract(case, backend, dtype, interpret):
+    q, k, v, dout, segment_ids = _inputs(case, dtype)
+
+    def ours(q, k, v):
+        return flash_attention(q, k, v, causal=case.causal, segment_ids=segment_ids,
+                               backend=backend, interpret=interpret, blocks=case.blocks)
+
+    out, grads = _out_and_grads(ours, (q, k, v), dout)
+    ref_out, ref_grads = _reference_result(case, dtype)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert_close(out, ref_out, dtype, f"{backend} out")
+    for name, grad, ref_grad, x in zip(("dq", "dk", "dv"), grads, ref_grads, (q, k, v)):
+        assert grad.dtype == x.dtype and grad.shape == x.shape
+        _assert_grad_close(grad, ref_grad, dtype, f"{backend} {name}")
+
+
+DTYPES = (jnp.float32, jnp.bfloat16)
+_ids = lambda c: c.name  # noqa: E731
+
+
+@pytest.mark.parametrize("case", cases.CPU_CASES, ids=_ids)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("backend", ("reference", "triton"))
+def test_matches_reference(backend, dtype, case):
+    _check_contract(case, backend, dtype, interpret=backend != "reference" and not ON_GPU)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", cases.MOSAIC_CPU_CASES, ids=_ids)
+def test_mosaic_matches_reference(case):
+    """Mosaic forward (GPU interpret mode on CPU: SMEM, barriers, TMA and wgmma simulated) and the
+    Triton backward behind it."""
+    _check_contract(case, "mosaic", jnp.bfloat16, interpret=not ON_GPU)
+
+
+def _gpu_params():
+    for backend in ("triton", "mosaic"):
+        for dtype in (*DTYPES, jnp.float16):
+            for case in cases.GPU_CASES:
+                mosaic_ok = jnp.dtype(dtype) != jnp.float32 and not case.segmented
+                if backend != "mosaic" or mosaic_ok:
+                    yield pytest.param(backend, dtype, case,
+                                       id=f"{backend}-{jnp.dtype(dtype).name}-{case.name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend, dtype, case", list(_gpu_params()))
+def test_matches_reference_gpu(backend, dtype, case):
+    _check_contract(case, backend, dtype, interpret=False)
+
+
+def test_forward_saves_base2_lse():
+    case = next(c for c in cases.CPU_CASES if c.blocks is not None and not c.segmented)
+    q, k, v, _, _ = _inputs(case, jnp.float32)
+    blocks = config.fit_to_shape(case.blocks, case.seq_q, case.seq_kv)
+    forward = functools.partial(triton_fwd.flash_forward, segment_ids=None,
+                                scale=case.head_dim ** -0.5, causal=case.causal, blocks=blocks,
+                                interpret=not ON_GPU)
+    _, lse2 = _jit(forward)(q, k, v)
+    _, lse = attention_reference(q, k, v, causal=case.causal, return_lse=True)
+    assert lse2.dtype == jnp.float32 and lse2.shape == (case.batch, case.heads, case.seq_q)
+    assert_close(lse2 * np.log(2.0), lse, jnp.float32, "lse")
+
+
+def test_scale_is_applied():
+    q, k, v, _, _ = _inputs(cases.CPU_CASES[1], jnp.float32)
+    out = flash_attention(q, k, v, scale=0.3, backend="reference")
+    assert_close(out, attention_reference(q, k, v, scale=0.3), jnp.float32, "scaled out")
+    assert not np.allclose(out, attention_reference(q, k, v), atol=1e-3)
+
+
+@pytest.mark.skipif(ON_GPU, reason="checks the CPU choice of backend='auto'")
+def test_auto_on_cpu_is_the_reference():
+    q, k, v, _, _ = _inputs(cases.CPU_CASES[0], jnp.float32)
+    out = flash_attention(q, k, v)
+    np.testing.assert_array_equal(out, flash_attention(q, k, v, backend="reference"))
+
+
+def test_auto_falls_back_for_other_head_dims_and_logs_once(caplog):
+    q, k, v = (jax.random.normal(jax.random.key(i), (1, 8, 2, 96)) for i in range(3))
+    api._warned.clear()
+    with caplog.at_level(logging.WARNING, logger=api.__name__):
+        first = flash_attention(q, k, v, interpret=True)
+        flash_attention(q, k, v, interpret=True)
+    assert [r.getMessage() for r in caplog.records if "head_dim=96" in r.getMessage()] == [
+        "flash_attention: head_dim=96 has no kernel (supported: (64, 128)); using the reference backend"]
+    assert_close(first, attention_reference(q, k, v), jnp.float32, "fallback out")
+
+
+def _qkv(q_shape=(1, 8, 4, 64), kv_shape=(1, 8, 2, 64), dtype=jnp.float32):
+    return jnp.zeros(q_shape, dtype), jnp.zeros(kv_shape, dtype), jnp.zeros(kv_shape, dtype)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(q_shape=(8, 4, 64)), r"q must be rank 4 .*q.shape=\(8, 4, 64\)"),
+    (dict(kv_shape=(1, 8, 2, 64, 1)), r"k must be rank 4"),
+    (dict(q_shape=(1, 8, 3, 64), kv_shape=(1, 8, 2, 64)), r"heads=3 is not divisible by kv_heads=2"),
+    (dict(kv_shape=(1, 8, 2, 128)), r"head_dim=64, k and v have head_dim=128"),
+    (dict(kv_shape=(2, 8, 2, 64)), r"q.shape\[0\]=1, k.shape\[0\]=2"),
+    (dict(dtype=jnp.int32), r"k.dtype=int32"),
+    (dict(q_shape=(1, 0, 4, 64)), r"empty dimension: q.shape=\(1, 0, 4, 64\)"),
+])
+def test_bad_shapes_and_dtypes_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        flash_attention(*_qkv(**kwargs))
+
+
+def test_bad_options_raise():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match=r"k.dtype=bfloat16"):
+        flash_attention(q, k.astype(jnp.bfloat16), v)
+    with pytest.raises(ValueError, match=r"k.shape=\(1, 8, 2, 64\), v.shape=\(1, 9, 2, 64\)"):
+        flash_attention(q, k, jnp.zeros((1, 9, 2, 64)))
+    with pytest.raises(ValueError, match=r"causal=True needs seq_q == seq_kv; got seq_q=8, seq_kv=9"):
+        flash_attention(q, *_qkv(kv_shape=(1, 9, 2, 64))[1:], causal=True)
+    with pytest.raises(ValueError, match=r"head_dim=96 unsupported by backend='triton'"):
+        flash_attention(*_qkv((1, 8, 4, 96), (1, 8, 2, 96)), backend="triton", interpret=True)
+    with pytest.raises(ValueError, match=r"backend='flash' unknown"):
+        flash_attention(q, k, v, backend="flash")
+    with pytest.raises(ValueError, match=r"scale=-1.0 must be a positive finite"):
+        flash_attention(q, k, v, scale=-1.0)
+    with pytest.raises(ValueError, match=r"segment_ids must be an int array .*shape=\(1, 7\)"):
+        flash_attention(q, k, v, segment_ids=jnp.zeros((1, 7), jnp.int32))
+    with pytest.raises(ValueError, match=r"dtype=float32 unsupported by backend='mosaic'"):
+        flash_attention(q, k, v, backend="mosaic", interpret=True)
+    with pytest.raises(ValueError, match=r"segment_ids unsupported by backend='mosaic'"):
+        flash_attention(*_qkv(dtype=jnp.bfloat16), backend="mosaic", interpret=True,
+                        segment_ids=jnp.zeros((1, 8), jnp.int32))
+    with pytest.raises(ValueError, match=r"block_q=48 must be a power of two"):
+        config.BlockSizes(block_q=48)
+
+
+def test_traced_scale_raises():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match=r"scale=.*Tracer.* must be a positive finite Python number"):
+        jax.jit(lambda s: flash_attention(q, k, v, scale=s))(0.5)
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU the kernel backends run without interpret mode")
+@pytest.mark.parametrize("backend", ("triton", "mosaic"))
+def test_named_kernel_backend_on_cpu_without_interpret_raises(backend):
+    with pytest.raises(ValueError, match=rf"backend='{backend}' needs a GPU or interpret=True"):
+        flash_attention(*_qkv(dtype=jnp.bfloat16), backend=backend)
+
+
+_H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+
+
+@pytest.mark.parametrize("backend, dtype, causal, segmented, head_dim", [
+    ("triton", jnp.bfloat16, True, False, 128), ("triton", jnp.float32, False, True, 64),
+    ("triton", jnp.float16, True, True, 64), ("mosaic", jnp.bfloat16, True, False, 128),
+    ("mosaic", jnp.float16, False, False, 64)])
+def test_kernels_lower_for_h100(backend, dtype, causal, segmented, head_dim, monkeypatch):
+    """The forward and both backward kernels pass Pallas's lowering for sm_90 on CPU (Triton IR;
+    Mosaic GPU with P in registers, the path interpret mode cannot take). Compiling that to
+    machine code happens only on the GPU."""
+    b, t, s, n, kv_heads = 2, 1000, 1000 if causal or segmented else 1500, 8, 2
+    q = jax.ShapeDtypeStruct((b, t, n, head_dim), dtype)
+    kv = jax.ShapeDtypeStruct((b, s, kv_heads, head_dim), dtype)
+    segment_ids = jax.ShapeDtypeStruct((b, t), jnp.int32) if segmented else None
+
+    def fwd_bwd(q, k, v, dout, segment_ids):
+        out, vjp = jax.vjp(lambda q, k, v: flash_attention(
+            q, k, v, causal=causal, segment_ids=segment_ids, backend=backend), q, k, v)
+        return out, vjp(dout)
+
+    monkeypatch.setattr(api, "_platform", lambda: "gpu")
+    monkeypatch.setattr(api, "_is_hopper", lambda: True)
+    targets = ("__gpu$xla.gpu.triton", "mosaic_gpu_v2")
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=_H100)):
+        exported = jax.export.export(
+            jax.jit(fwd_bwd), platforms=["cuda"],
+            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(c) for c in targets],
+        )(q, kv, kv, q, segment_ids)
+    module = exported.mlir_module()
+    forward_target = targets[backend == "mosaic"]
+    assert module.count(f"@{forward_target}(") == (1 if backend == "mosaic" else 3)
+    assert module.count(f"@{targets[0]}(") == 3 - (backend == "mosaic")  # Triton dQ, dK/dV
