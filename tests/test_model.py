@@ -44,6 +44,7 @@ def test_logits_shape_and_partition_names(preset):
     specs = nnx.get_partition_spec(nnx.state(model))
     assert tuple(specs["blocks"]["attn"]["wk"].get_value()) == ("layers", "embed", "kv_heads", "head_dim")
     assert tuple(specs["embed"].get_value()) == ("vocab", "embed")
+    assert tuple(specs["blocks"]["mlp"]["w_in"].get_value()) == ("layers", "embed", "mlp")
 
 
 @pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny"])

@@ -107,7 +107,7 @@ class Attention(nnx.Module):
         return y, cache
 
 
-class MLP(nnx.Module):
+class FeedForward(nnx.Module):
     """GELU MLP (gpt2) or SwiGLU (llama)."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
@@ -143,7 +143,7 @@ class Block(nnx.Module):
         self.attn_norm = Norm(cfg, rngs)
         self.attn = Attention(cfg, rngs)
         self.mlp_norm = Norm(cfg, rngs)
-        self.mlp = MLP(cfg, rngs)
+        self.mlp = FeedForward(cfg, rngs)
 
     def __call__(self, x, positions, cache):
         y, cache = self.attn(self.attn_norm(x), positions, cache)

@@ -3,11 +3,23 @@
 State is a dict {"params": nested dict of fp32 arrays, "opt_state": optax state,
 "step": int32}. A batch is [grad_accum, micro_batch, T + 1] int32 tokens: inputs are
 [..., :-1], targets [..., 1:].
+
+With a mesh and rules the same step is jitted with explicit in/out shardings derived from
+the params' logical names (`sharding.placement.state_shardings`), and traced under the
+mesh and the rule table so the model's activation constraints apply. Parallelism is
+applied here, not in the model (torchtitan's `parallelize` idea).
 """
+import contextlib
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from sharding.placement import batch_sharding, state_shardings
+from sharding.rules import Rules, resolve_rules
 
 
 def loss_fn(params, graphdef, tokens):
@@ -19,14 +31,13 @@ def init_train_state(params, optimizer: optax.GradientTransformation) -> dict:
     return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
 
 
-def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule=None):
-    """A jitted `train_step(state, batch) -> (state, metrics)` that donates `state`.
-
-    Gradients of the micro-batches (leading axis of `batch`) are summed in fp32 by a scan
-    and divided by their count: equal to one step on the concatenated batch.
-    Metrics: loss, grad_norm (before clipping), lr (when `schedule` is given).
-    """
+def _train_step_fn(graphdef, optimizer, schedule, grad_shardings=None):
+    """The un-jitted step; `grad_shardings` (a params-like tree) pins the gradient
+    accumulator's layout (ZeRO-2/3 keep it split like the params)."""
     grad_fn = jax.value_and_grad(loss_fn)
+
+    def pin(tree):
+        return tree if grad_shardings is None else jax.lax.with_sharding_constraint(tree, grad_shardings)
 
     def train_step(state, batch):
         params = state["params"]
@@ -34,10 +45,10 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule=
         def accumulate(carry, micro):
             loss_sum, grad_sum = carry
             loss, grads = grad_fn(params, graphdef, micro)
-            grad_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads)
+            grad_sum = pin(jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads))
             return (loss_sum + loss, grad_sum), None
 
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        zeros = pin(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
         (loss_sum, grad_sum), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros), batch)
         n = batch.shape[0]
         grads = jax.tree.map(lambda g, p: (g / n).astype(p.dtype), grad_sum, params)
@@ -49,9 +60,112 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule=
                      "step": state["step"] + 1}
         return new_state, metrics
 
-    return jax.jit(train_step, donate_argnums=0)
+    return train_step
 
 
-def make_eval_step(graphdef):
-    """A jitted `eval_step(params, tokens [B, T + 1]) -> mean loss`."""
-    return jax.jit(lambda params, tokens: loss_fn(params, graphdef, tokens))
+class ShardedStep:
+    """A step jitted with explicit in/out shardings, built on the first call from the
+    argument shapes (so only the graphdef is needed up front) and cached per shape.
+
+    Call it like the jitted function; `lower(*args)` gives the lowered program (for
+    `.compile().memory_analysis()`), `shardings(*args)` the (in, out) shardings.
+    """
+
+    def __init__(self, make_fn, make_shardings, mesh, rules: Rules, donate_argnums=()):
+        self._make_fn, self._make_shardings = make_fn, make_shardings
+        self.mesh, self.rules, self._donate = mesh, rules, donate_argnums
+        self._cache = {}
+
+    def _context(self):
+        ctx = contextlib.ExitStack()
+        ctx.enter_context(jax.set_mesh(self.mesh))
+        ctx.enter_context(nnx.logical_axis_rules(self.rules))
+        return ctx
+
+    def shardings(self, *args):
+        """(in_shardings, out_shardings) for these arguments (arrays or ShapeDtypeStructs)."""
+        return self._make_shardings(*args)
+
+    def _jitted(self, args):
+        key = jax.tree.structure(args), tuple((np.shape(x), str(x.dtype)) for x in jax.tree.leaves(args))
+        if key not in self._cache:
+            in_shardings, out_shardings = self._make_shardings(*args)
+            fn = self._make_fn(in_shardings)
+            self._cache[key] = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings,
+                                       donate_argnums=self._donate)
+        return self._cache[key]
+
+    def __call__(self, *args):
+        with self._context():
+            return self._jitted(args)(*args)
+
+    def lower(self, *args):
+        with self._context():
+            return self._jitted(args).lower(*args)
+
+
+def _check_mesh_rules(mesh, rules):
+    if (mesh is None) != (rules is None):
+        raise ValueError("pass mesh and rules together (or neither, for an unsharded step); got "
+                         f"mesh={'set' if mesh is not None else None}, rules={rules!r}")
+
+
+def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule=None, *,
+                    mesh=None, rules: str | Rules | None = None):
+    """A jitted `train_step(state, batch) -> (state, metrics)` that donates `state`.
+
+    Gradients of the micro-batches (leading axis of `batch`) are summed in fp32 by a scan
+    and divided by their count: equal to one step on the concatenated batch.
+    Metrics: loss, grad_norm (before clipping), lr (when `schedule` is given).
+
+    Args:
+      graphdef: the model's graphdef (`split_model`).
+      optimizer: an optax transformation (`make_optimizer`).
+      schedule: optional step -> learning rate, reported as metrics["lr"].
+      mesh: a mesh from `sharding.mesh.make_mesh`; None for the plain jitted step.
+      rules: with `mesh`: a preset name of `sharding.rules.PRESETS` or a rule table. The
+        state is laid out by `sharding.placement.state_shardings`, the batch split on its
+        micro-batch axis by the `batch` rule; metrics are replicated.
+    Returns:
+      The step; with a mesh a `ShardedStep`. Uncommitted arrays (a fresh state, a host
+      batch) are placed by jit; a state committed to another layout raises a ValueError
+      from jit: move it with `sharding.placement.shard_state` first.
+    Raises:
+      ValueError: only one of mesh and rules given, unknown preset or invalid table (at
+        once), or a dim the mesh does not divide (on the first call).
+    """
+    _check_mesh_rules(mesh, rules)
+    if mesh is None:
+        return jax.jit(_train_step_fn(graphdef, optimizer, schedule), donate_argnums=0)
+    param_rules, _ = resolve_rules(rules)
+
+    def make_shardings(state, batch):
+        state_sh = state_shardings(graphdef, state, mesh, rules)
+        replicated = NamedSharding(mesh, PartitionSpec())
+        return (state_sh, batch_sharding(mesh, rules, np.ndim(batch))), (state_sh, replicated)
+
+    def make_fn(in_shardings):
+        return _train_step_fn(graphdef, optimizer, schedule, grad_shardings=in_shardings[0]["params"])
+
+    return ShardedStep(make_fn, make_shardings, mesh, param_rules, donate_argnums=0)
+
+
+def make_eval_step(graphdef, *, mesh=None, rules: str | Rules | None = None):
+    """A jitted `eval_step(params, tokens [B, T + 1]) -> mean loss`.
+
+    With `mesh` and `rules` (as in `make_train_step`) params keep the train layout and
+    tokens are split on their batch axis.
+    """
+    _check_mesh_rules(mesh, rules)
+    if mesh is None:
+        return jax.jit(lambda params, tokens: loss_fn(params, graphdef, tokens))
+    param_rules, _ = resolve_rules(rules)
+
+    def make_shardings(params, tokens):
+        params_sh = state_shardings(graphdef, {"params": params}, mesh, rules)["params"]
+        return (params_sh, batch_sharding(mesh, rules, np.ndim(tokens))), NamedSharding(mesh, PartitionSpec())
+
+    def make_fn(_):
+        return lambda params, tokens: loss_fn(params, graphdef, tokens)
+
+    return ShardedStep(make_fn, make_shardings, mesh, param_rules)

@@ -1,0 +1,167 @@
+"""How many GPUs, hours and bytes to train a model: `python -m experiments.estimate --params 100e9
+--tokens 2e12 --gpu h100 [--gpus 1024] [--mfu 0.4]`.
+
+Pure arithmetic, with every formula printed: training FLOPs 6·Ψ·D + 12·L·d·T·D (Kaplan et
+al. 2020; PaLM appendix B for the attention term), GPU-hours at a given MFU, and bytes per
+device for each ZeRO stage x tensor x pipeline layout (sharding.memory's closed forms),
+ending with the smallest layout that fits.
+
+Ψ params, D tokens, L layers, d d_model, T sequence length, t tensor size, p pipeline size,
+N data-parallel (ZeRO) shards = gpus / (t·p) (the ZeRO paper's letters).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from llmjax.train.flops import PEAK_BF16_FLOPS
+from sharding.memory import ZERO_STAGES, activation_bytes_per_layer, zero_bytes_per_param, zero_formula
+
+# --gpu name -> (device_kind prefix in llmjax.train.flops, memory in bytes from the datasheet).
+GPUS = {"h100": ("NVIDIA H100", 80e9), "h200": ("NVIDIA H200", 141e9),
+        "a100": ("NVIDIA A100", 80e9), "l4": ("NVIDIA L4", 24e9)}
+TENSOR_SIZES = (1, 2, 4, 8)  # within one NVLink node
+PIPELINE_SIZES = (1, 2, 4, 8, 16, 32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """A dense decoder's size: what the FLOP and memory formulas need."""
+
+    n_params: float
+    n_layers: int
+    d_model: int
+    n_heads: int
+
+
+def infer_shape(n_params: float, n_layers: int | None = None, d_model: int | None = None,
+                head_dim: int = 128) -> Shape:
+    """A plausible dense shape for `n_params`: N ≈ 12·L·d² with d/L ≈ 128 (GPT-3 175B:
+    12288/96), d a multiple of `head_dim`; `n_layers` / `d_model` when given win."""
+    if d_model is None:
+        d = (n_params / n_layers / 12) ** 0.5 if n_layers else (n_params * 128 / 12) ** (1 / 3)
+        d_model = max(head_dim, round(d / head_dim) * head_dim)
+    if n_layers is None:  # a multiple of 8 where possible, so pipelines of 2-8 stages divide it
+        layers = n_params / (12 * d_model ** 2)
+        n_layers = max(1, round(layers / 8) * 8 if layers >= 8 else round(layers))
+    return Shape(n_params, n_layers, d_model, max(1, d_model // head_dim))
+
+
+def train_flops(shape: Shape, tokens: float, seq_len: int) -> tuple[float, float]:
+    """(dense, attention) training FLOPs: 6·Ψ·D and 12·L·d·T·D."""
+    return 6 * shape.n_params * tokens, 12 * shape.n_layers * shape.d_model * seq_len * tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """One ZeRO stage x tensor x pipeline x data split and its bytes per device."""
+
+    stage: int
+    tensor: int
+    pipeline: int
+    data: int
+    states: float  # params + grads + optimizer state, bytes per device
+    activations: float  # bytes per device
+
+    @property
+    def total(self) -> float:
+        return self.states + self.activations
+
+
+def layouts(shape: Shape, gpus: int, seq_len: int, micro_batch: int, recompute: bool) -> list[Layout]:
+    """Every ZeRO stage x tensor x pipeline layout of `gpus` devices the shape allows.
+
+    States: Ψ/(t·p) params per device at `zero_bytes_per_param(stage, n)`. Activations:
+    1F1B keeps p micro-batches in flight on the first stage, each through L/p layers, so L
+    layers' worth of one micro-batch on every layout (plus one layer's full set while
+    recomputing); tensor parallel uses sequence parallel (Korthikanti et al. 2022).
+    """
+    rows = []
+    for tp in TENSOR_SIZES:
+        for pp in PIPELINE_SIZES:
+            if gpus % (tp * pp) or shape.n_heads % tp or shape.n_layers % pp:
+                continue
+            per_layer = lambda remat: activation_bytes_per_layer(  # noqa: E731
+                micro_batch, seq_len, shape.d_model, shape.n_heads, tensor=tp,
+                sequence_parallel=tp > 1, flash=True, recompute=remat)
+            acts = shape.n_layers * per_layer(recompute) + (per_layer(False) if recompute else 0)
+            for stage in ZERO_STAGES:
+                dp = gpus // (tp * pp)
+                states = shape.n_params / (tp * pp) * zero_bytes_per_param(stage, dp)
+                rows.append(Layout(stage, tp, pp, dp, states, acts))
+    return rows
+
+
+def smallest_fitting(rows: list[Layout], memory: float) -> Layout | None:
+    """The fitting layout with the fewest model-parallel devices (t·p), then the lowest ZeRO
+    stage, then the smaller t: the least communication per step."""
+    fits = [r for r in rows if r.total <= memory]
+    return min(fits, key=lambda r: (r.tensor * r.pipeline, r.stage, r.tensor), default=None)
+
+
+def report(args) -> str:
+    """The printed estimate (formulas, time, memory table, answer) for parsed arguments."""
+    kind, mem = GPUS[args.gpu]
+    memory = mem * args.headroom
+    shape = infer_shape(args.params, args.layers, args.d_model)
+    dense, attn = train_flops(shape, args.tokens, args.seq_len)
+    hours = (dense + attn) / (PEAK_BF16_FLOPS[kind] * args.mfu) / 3600
+    gb = lambda b: f"{b / 1e9:8.1f}"  # noqa: E731
+    n, psi = args.gpus, args.params
+    lines = [
+        f"model: Ψ={psi:.3g} params, L={shape.n_layers}, d={shape.d_model}, heads={shape.n_heads}, "
+        f"T={args.seq_len}; D={args.tokens:.3g} tokens; {n} x {args.gpu} ({kind}, "
+        f"{PEAK_BF16_FLOPS[kind] / 1e12:.0f} TFLOP/s bf16, {mem / 1e9:.0f} GB, {args.headroom:.0%} usable)",
+        "",
+        f"FLOPs = 6·Ψ·D + 12·L·d·T·D = {dense:.3e} + {attn:.3e} = {dense + attn:.3e}",
+        f"GPU-hours = FLOPs / (peak · MFU) / 3600 = {hours:,.0f} at MFU {args.mfu:.0%}",
+        f"days on {n} GPUs = {hours / n / 24:,.1f}",
+        "",
+        "ZeRO bytes per device for model states (Rajbhandari et al. 2020; mixed-precision "
+        "Adam: bf16 params 2, bf16 grads 2, fp32 master + moments 12), N = data-parallel shards:",
+    ]
+    for stage in ZERO_STAGES:
+        lines.append(f"  stage {stage}: {zero_formula(stage):<20} = "
+                     f"{gb(psi * zero_bytes_per_param(stage, n))} GB at N={n}")
+    lines += ["", f"per device, GB ({'full remat' if args.remat == 'full' else 'no remat'}, "
+              f"micro-batch {args.micro_batch}; * fits in {memory / 1e9:.0f} GB):",
+              f"{'tensor':>6} {'pipe':>4} {'data':>5} {'activ.':>8} " +
+              " ".join(f"{'zero' + str(s):>9}" for s in ZERO_STAGES)]
+    rows = layouts(shape, n, args.seq_len, args.micro_batch, args.remat == "full")
+    for i in range(0, len(rows), len(ZERO_STAGES)):
+        group = rows[i:i + len(ZERO_STAGES)]
+        r = group[0]
+        cells = " ".join(f"{gb(g.total)}{'*' if g.total <= memory else ' '}" for g in group)
+        lines.append(f"{r.tensor:>6} {r.pipeline:>4} {r.data:>5} {gb(r.activations)} {cells}")
+    best = smallest_fitting(rows, memory)
+    lines.append("")
+    lines.append("smallest layout that fits: " + (
+        f"ZeRO-{best.stage}, tensor={best.tensor}, pipeline={best.pipeline}, data={best.data}: "
+        f"{best.total / 1e9:.1f} GB per device" if best else f"none on {n} GPUs; add GPUs"))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m experiments.estimate",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=float, required=True, help="parameter count, e.g. 100e9")
+    parser.add_argument("--tokens", type=float, required=True, help="training tokens, e.g. 2e12")
+    parser.add_argument("--gpu", choices=sorted(GPUS), default="h100")
+    parser.add_argument("--gpus", type=int, default=1024, help="GPU count (default 1024)")
+    parser.add_argument("--mfu", type=float, default=0.4, help="model FLOP utilization (default 0.4)")
+    parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch")
+    parser.add_argument("--layers", type=int, help="default: inferred from --params")
+    parser.add_argument("--d-model", type=int, help="default: inferred from --params")
+    parser.add_argument("--remat", choices=("full", "none"), default="full")
+    parser.add_argument("--headroom", type=float, default=0.9, help="usable fraction of GPU memory")
+    args = parser.parse_args(argv)
+    if not (0 < args.mfu <= 1 and 0 < args.headroom <= 1 and args.gpus > 0):
+        parser.error("--mfu and --headroom must be in (0, 1], --gpus > 0")
+    print(report(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

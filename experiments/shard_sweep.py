@@ -1,0 +1,184 @@
+"""Which layout is fastest here, and how much memory each needs: `python -m experiments.shard_sweep
+[--config x.yaml] --layouts dp,fsdp,tp [key=value ...]`.
+
+For each rule preset: pick a mesh of all local devices for it, compile the train step, run
+`--steps` timed steps on random tokens (train.batch_size x data.seq_len, train.grad_accum
+micro-batches), and report step time, tokens/s, MFU, predicted and compiled memory per
+device, and the collective bytes in the compiled program. Writes runs/<name>/shard_sweep.json,
+shard_sweep.png and config.yaml.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import re
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llmjax.config import ConfigError, MeshConfig, load_config, save_config
+from llmjax.models import count_params, init_model, split_model
+from llmjax.train.flops import device_peak_flops, flops_per_token
+from llmjax.train.optimizer import make_optimizer
+from llmjax.train.step import init_train_state, make_train_step
+from sharding.memory import estimate_train_memory
+from sharding.mesh import check_divisibility, make_mesh
+from sharding.placement import shard_state
+from sharding.rules import PRESETS
+
+# The axis each preset spreads its model-parallel split over; the rest go to its batch axis.
+_SPLIT_AXIS = {"tp": "tensor", "fsdp_tp": "tensor", "sp": "tensor", "cp": "sequence"}
+_BATCH_AXIS = {"dp": "data", "fsdp": "fsdp", "zero1": "fsdp", "tp": "data", "fsdp_tp": "fsdp",
+               "sp": "data", "cp": "fsdp"}
+_HLO_BYTES = {"f64": 8, "s64": 8, "u64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2,
+              "s8": 1, "u8": 1, "pred": 1}
+_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+
+
+def mesh_for(layout: str, n_devices: int, model_cfg, micro_batch: int, seq_len: int) -> MeshConfig:
+    """The mesh of `n_devices` for a preset: the largest model-parallel split (up to 8) the
+    model divides, the rest on the batch axis.
+
+    Raises:
+      ValueError: no mesh of these devices suits the preset (the last check's message).
+    """
+    if layout not in PRESETS:
+        raise ValueError(f"layout {layout!r} unknown; use some of {', '.join(PRESETS)}")
+    error = None
+    for split in (8, 4, 2, 1) if layout in _SPLIT_AXIS else (1,):
+        if n_devices % split:
+            continue
+        sizes = {_BATCH_AXIS[layout]: n_devices // split}
+        if layout in _SPLIT_AXIS:
+            sizes[_SPLIT_AXIS[layout]] = split
+        mesh_cfg = MeshConfig(rules=layout, **sizes)
+        try:
+            check_divisibility(model_cfg, mesh_cfg, micro_batch, seq_len=seq_len)
+            return mesh_cfg
+        except ValueError as e:
+            error = e
+    raise ValueError(f"{layout}: no mesh of {n_devices} devices fits: {error}")
+
+
+def collective_bytes(hlo_text: str) -> int:
+    """Bytes produced by collectives in compiled HLO text, per device; an op inside a loop
+    body (the layer scan, micro-batches) is counted once, so this is a lower bound."""
+    op = re.compile(r"= (.*?) (?:" + "|".join(_COLLECTIVES) + r")(-start)?\(")
+    total = 0
+    for line in hlo_text.splitlines():
+        match = op.search(line)
+        if match is None:
+            continue
+        shapes = re.findall(r"(\w+)\[([\d,]*)\]", match.group(1))  # one per output (tuples: many)
+        if match.group(2):  # an async start returns (operands, results): keep the results
+            shapes = shapes[len(shapes) // 2:]
+        total += sum(math.prod(int(d) for d in dims.split(",") if d) * _HLO_BYTES.get(dtype, 4)
+                     for dtype, dims in shapes)
+    return total
+
+
+def sweep_one(cfg, layout: str, graphdef, params, optimizer, steps: int) -> dict:
+    """Compile and time one layout; a row of the table."""
+    tc, seq_len, n = cfg.train, cfg.data.seq_len, jax.device_count()
+    mesh_cfg = mesh_for(layout, n, cfg.model, tc.batch_size // tc.grad_accum, seq_len)
+    mesh = make_mesh(mesh_cfg)
+    state = shard_state(init_train_state(jax.tree.map(jnp.array, params), optimizer), graphdef, mesh, layout)
+    predicted = estimate_train_memory(graphdef, state, mesh, layout)
+    batch = jax.random.randint(jax.random.key(0), (tc.grad_accum, tc.batch_size // tc.grad_accum, seq_len + 1),
+                               0, cfg.model.vocab_size, dtype=jnp.int32)
+    step = make_train_step(graphdef, optimizer, mesh=mesh, rules=layout)
+    t0 = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(steps + 1):  # the first is a warm-up
+        t0 = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times[1:])
+    tokens_s = tc.batch_size * seq_len / step_s
+    peak = device_peak_flops()
+    flops = flops_per_token(cfg.model, count_params(params), seq_len) * tokens_s
+    mem = compiled.memory_analysis()
+    return {"layout": layout, "mesh": {k: v for k, v in dataclasses.asdict(mesh_cfg).items() if v != 1},
+            "compile_s": compile_s, "step_s": step_s, "tokens_per_s": tokens_s,
+            "mfu": flops / (peak * n) if peak else None, "loss": float(metrics["loss"]),
+            "predicted_params_opt_bytes": predicted.params_and_opt, "predicted_total_bytes": predicted.total,
+            "compiled_argument_bytes": mem.argument_size_in_bytes, "compiled_temp_bytes": mem.temp_size_in_bytes,
+            "collective_bytes": collective_bytes(compiled.as_text())}
+
+
+def format_table(rows: list[dict]) -> str:
+    """The printed table: one line per layout (memory in MiB per device)."""
+    head = (f"{'layout':<8} {'mesh':<22} {'step ms':>8} {'tok/s':>9} {'MFU':>6} {'pred MiB':>9} "
+            f"{'args MiB':>9} {'temp MiB':>9} {'coll MiB':>9}")
+    mib = lambda b: f"{b / 2**20:9.2f}"  # noqa: E731
+    lines = [head]
+    for r in rows:
+        mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items() if k != "rules") or "1 device"
+        mfu = f"{r['mfu']:6.1%}" if r["mfu"] is not None else f"{'-':>6}"
+        lines.append(f"{r['layout']:<8} {mesh:<22} {r['step_s'] * 1e3:8.1f} {r['tokens_per_s']:9.0f} {mfu} "
+                     f"{mib(r['predicted_params_opt_bytes'])} {mib(r['compiled_argument_bytes'])} "
+                     f"{mib(r['compiled_temp_bytes'])} {mib(r['collective_bytes'])}")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path, title: str):
+    """Step time, tokens/s, and predicted vs compiled memory per layout, as one PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["layout"] for r in rows]
+    x = np.arange(len(rows))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    axes[0].bar(x, [r["step_s"] * 1e3 for r in rows])
+    axes[0].set_ylabel("step time (ms)")
+    axes[1].bar(x, [r["tokens_per_s"] for r in rows])
+    axes[1].set_ylabel("tokens/s")
+    for offset, key, label in ((-0.2, "predicted_params_opt_bytes", "predicted params+opt"),
+                               (0.2, "compiled_argument_bytes", "compiled arguments")):
+        axes[2].bar(x + offset, [r[key] / 2**20 for r in rows], width=0.4, label=label)
+    axes[2].set_ylabel("MiB per device")
+    axes[2].legend(fontsize=8)
+    for ax in axes:
+        ax.set_xticks(x, names)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m experiments.shard_sweep", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="YAML experiment file")
+    parser.add_argument("--layouts", default="dp,fsdp,zero1,tp,fsdp_tp,sp,cp", help="comma-separated presets")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per layout (after one warm-up)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        graphdef, params = split_model(init_model(cfg.model, seed=cfg.train.seed))
+        optimizer = make_optimizer(cfg.optim, cfg.train.steps)
+        rows = [sweep_one(cfg, layout, graphdef, params, optimizer, args.steps)
+                for layout in args.layouts.split(",")]
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, cfg.run_dir / "config.yaml")
+    device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
+    (cfg.run_dir / "shard_sweep.json").write_text(json.dumps(
+        {"device": device, "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1))
+    plot(rows, cfg.run_dir / "shard_sweep.png", f"{cfg.name}: {device}")
+    print(f"{cfg.name} on {device}\n{format_table(rows)}\nwrote {cfg.run_dir}/shard_sweep.{{json,png}}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""The shard sweep: mesh choice per preset, collective accounting, one end-to-end layout."""
+import json
+
+import pytest
+
+from experiments.shard_sweep import collective_bytes, main, mesh_for
+from llmjax.config import load_config
+from tests.sharding.conftest import FAMILIES
+
+
+@pytest.mark.parametrize("layout,n,want", [
+    ("dp", 8, {"data": 8}), ("fsdp", 8, {"fsdp": 8}), ("tp", 8, {"data": 2, "tensor": 4}),
+    ("fsdp_tp", 8, {"fsdp": 2, "tensor": 4}), ("cp", 8, {"sequence": 8}), ("tp", 1, {}),
+])
+def test_mesh_for_picks_the_largest_split_the_model_allows(layout, n, want):
+    cfg = load_config(overrides=FAMILIES["llama"]).model  # kv_heads 4: tensor at most 4
+    mesh_cfg = mesh_for(layout, n, cfg, micro_batch=8, seq_len=64)
+    sizes = {a: getattr(mesh_cfg, a) for a in ("data", "fsdp", "pipeline", "expert", "sequence", "tensor")}
+    assert {a: s for a, s in sizes.items() if s != 1} == want and mesh_cfg.rules == layout
+
+
+def test_mesh_for_rejects_unknown_layouts():
+    with pytest.raises(ValueError, match="layout 'zero3' unknown"):
+        mesh_for("zero3", 8, load_config(overrides=FAMILIES["llama"]).model, 8, 64)
+
+
+def test_collective_bytes_counts_every_output():
+    hlo = "\n".join([
+        "  %ar = (f32[4,16]{1,0}, bf16[64]{0}) all-reduce(%a, %b), channel_id=1",
+        "  %ag = f32[8,64]{1,0} all-gather(f32[1,64]{1,0} %c), dimensions={0}",
+        "  %ags = (f32[1,64]{1,0}, f32[8,64]{1,0}) all-gather-start(%c), dimensions={0}",
+        "  %g = f32[4,16]{1,0} get-tuple-element(%ar), index=0",
+    ])
+    assert collective_bytes(hlo) == 4 * 16 * 4 + 64 * 2 + 8 * 64 * 4 + 8 * 64 * 4
+
+
+def test_sweep_writes_table_json_and_plot(tmp_path, capsys):
+    argv = ["--layouts", "fsdp", "--steps", "1", "preset=gpt2-tiny", "name=sweep", f"out_dir={tmp_path}",
+            "train.batch_size=8", "data.seq_len=32"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "fsdp     fsdp=8" in out
+    rows = json.loads((tmp_path / "sweep" / "shard_sweep.json").read_text())["rows"]
+    assert rows[0]["predicted_params_opt_bytes"] > 0 and rows[0]["tokens_per_s"] > 0
+    assert (tmp_path / "sweep" / "shard_sweep.png").stat().st_size > 0
