@@ -3,13 +3,14 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 ARGS ?=
+JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 
 .PHONY: run test clean
 run: $(VENV)/.installed
 	$(PY) -m experiments.train --config experiments/configs/shakespeare.yaml $(ARGS)
 
 test: $(VENV)/.installed
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest -n $(JOBS) $(ARGS)
 
 $(VENV)/.installed: pyproject.toml
 	@set -e; py=""; \

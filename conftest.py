@@ -3,8 +3,15 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
+import tempfile  # noqa: E402
+
 import jax  # noqa: E402  (after XLA_FLAGS: jax reads it on first backend use)
 import pytest  # noqa: E402
+
+# Tests compile the same small programs many times (fresh closures per run); XLA's persistent
+# cache turns the repeats into disk reads.
+jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "llmjax-test-xla-cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -10,11 +10,14 @@ from llmjax.models import init_model
 
 
 def greedy_by_recompute(model, prompt, n):
-    """The definition: rerun the whole sequence for every new token, no cache."""
-    seq = prompt
-    for _ in range(n):
-        logits, _ = model(seq)
-        seq = jnp.concatenate([seq, jnp.argmax(logits[:, -1], -1).astype(jnp.int32)[:, None]], axis=1)
+    """The definition: rerun the whole sequence for every new token, no cache. The sequence is
+    zero-padded to its final length (causal: padding never reaches earlier positions), so one
+    compiled forward serves every step."""
+    b, t0 = prompt.shape
+    forward = jax.jit(lambda seq: model(seq)[0])
+    seq = jnp.zeros((b, t0 + n), jnp.int32).at[:, :t0].set(prompt)
+    for i in range(t0, t0 + n):
+        seq = seq.at[:, i].set(jnp.argmax(forward(seq)[:, i - 1], -1).astype(jnp.int32))
     return seq
 
 

@@ -16,10 +16,6 @@ from pallas_kernels.flash_attention import api, cases, config, triton_fwd
 from pallas_kernels.flash_attention.api import flash_attention
 from pallas_kernels.flash_attention.reference import attention_reference
 
-# Lowering to Triton warns (attributed to jax._src.pallas.pallas_call, which pyproject's filter
-# for jax._src.pallas.triton does not match); only that deprecation is silenced.
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
 ON_GPU = jax.default_backend() == "gpu"
 # Interpret-mode kernels are big XLA programs; on CPU most of a test is their compile time.
 _CPU_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
