@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -172,7 +173,10 @@ class MeshConfig:
     rules: str = "dp"
 
     def __post_init__(self):
+        from sharding.rules import PRESETS as RULE_PRESETS
+
         _check_positive("mesh", self, ("data", "fsdp", "pipeline", "expert", "sequence", "tensor"))
+        _check_choice("mesh.rules", self.rules, tuple(RULE_PRESETS))
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -216,6 +220,14 @@ class ExperimentConfig:
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError("data.seq_len", self.data.seq_len,
                               f"at most model.max_seq_len={self.model.max_seq_len}")
+        if math.prod(self.mesh.shape) > 1:
+            from sharding.mesh import check_divisibility
+
+            try:
+                check_divisibility(self.model, self.mesh, self.train.batch_size // self.train.grad_accum,
+                                   seq_len=self.data.seq_len, rules=self.mesh.rules)
+            except ValueError as e:
+                raise ConfigError("mesh", self.mesh.shape, f"sizes that divide what they shard: {e}") from e
 
     @property
     def run_dir(self) -> Path:

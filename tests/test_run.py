@@ -131,3 +131,23 @@ def test_cli_reports_config_errors(capsys):
     assert "did you mean 'model.n_layers'" in capsys.readouterr().err
     assert generate_cli.main(["--run", "/no/such/run"]) == 2
     assert "not a run folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("layout", [["mesh.fsdp=8", "mesh.rules=fsdp"], ["mesh.data=2", "mesh.tensor=4", "mesh.rules=tp"]])
+def test_sharded_run_equals_unsharded(tmp_path, corpus, layout):
+    common = ["train.batch_size=8", "train.steps=3", "train.eval_every=3", "model.n_heads=4", "model.n_kv_heads=4"]
+    plain = train(load_config(overrides=tiny(tmp_path / "plain", corpus, *common)), progress=False)
+    cfg = load_config(overrides=tiny(tmp_path / "mesh", corpus, *common, *layout))
+    sharded = train(cfg, progress=False)
+    np.testing.assert_allclose([l for _, l in losses(cfg.run_dir)], [l for _, l in losses(tmp_path / "plain" / "t")],
+                               rtol=1e-5)
+    np.testing.assert_allclose(sharded.val_loss, plain.val_loss, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), sharded.params, plain.params)
+    assert len(jax.tree.leaves(sharded.params)[0].sharding.device_set) == 8
+
+
+def test_mesh_that_does_not_divide_is_a_config_error(tmp_path, corpus):
+    with pytest.raises(ConfigError, match=r"mesh="):
+        load_config(overrides=tiny(tmp_path, corpus, "train.batch_size=4", "mesh.fsdp=8", "mesh.rules=fsdp"))
+    with pytest.raises(ConfigError, match=r"mesh.rules='zero9'.*fsdp"):
+        load_config(overrides=["mesh.rules=zero9"])

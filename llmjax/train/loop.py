@@ -7,6 +7,7 @@ stops the run with `TrainingDiverged`, keeping the last good checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import math
 import signal
 import time
 
@@ -25,6 +26,8 @@ from llmjax.train.flops import device_peak_flops, flops_per_token
 from llmjax.train.metrics import MetricsLogger
 from llmjax.train.optimizer import lr_schedule, make_optimizer
 from llmjax.train.step import init_train_state, make_eval_step, make_train_step
+from sharding.mesh import make_mesh
+from sharding.placement import shard_state
 
 
 class TrainingDiverged(RuntimeError):
@@ -99,13 +102,17 @@ def train(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = 
     optimizer = make_optimizer(cfg.optim, tc.steps)
     state = init_train_state(params, optimizer)
     batches = BatchIterator(data.train, tc.batch_size, seed=tc.seed)
+    mesh = rules = None
+    if math.prod(cfg.mesh.shape) > 1:  # sharded: lay the state out by its logical names
+        mesh, rules = make_mesh(cfg.mesh), cfg.mesh.rules
+        state = shard_state(state, graphdef, mesh, rules)
     if resume:
-        state, meta = ckpt.restore(state)
+        state, meta = ckpt.restore(state)  # restores onto the template's shardings
         batches.restore(meta["data"])
     start = int(state["step"])
 
-    train_step = make_train_step(graphdef, optimizer, lr_schedule(cfg.optim, tc.steps))
-    eval_step = make_eval_step(graphdef)
+    train_step = make_train_step(graphdef, optimizer, lr_schedule(cfg.optim, tc.steps), mesh=mesh, rules=rules)
+    eval_step = make_eval_step(graphdef, mesh=mesh, rules=rules)
     val_batches = _eval_batches(data.val, tc.batch_size // tc.grad_accum, tc.eval_batches)
     n_params = count_params(params)
     tokens_per_step = tc.batch_size * cfg.data.seq_len
