@@ -1,9 +1,36 @@
-"""Shared test helpers for kernel contract tests: the tolerance table and error metric."""
+"""Shared test helpers for kernel contract tests: random inputs, the tolerance table and error metric."""
+import math
+import zlib
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 # Relative error ||out - ref|| / ||ref|| against the fp32 reference (DESIGN.md), forward and gradients.
 TOLERANCE = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 1e-2, jnp.dtype(jnp.float16): 1e-2}
+_POOL_SIZE = 1 << 18
+
+
+def seed(name: str) -> int:
+    """A seed derived from a name (a case id, plus what is drawn): the same every run."""
+    return zlib.crc32(name.encode())
+
+
+@jax.jit
+def _normal_pool(key):
+    """One fixed-shape draw, compiled once: CPU cases slice it instead of compiling a draw per shape."""
+    return jax.random.normal(key, (_POOL_SIZE,), jnp.float32)
+
+
+def normal(name, shape, scale=1.0, shift=0.0):
+    """Fresh N(shift, scale^2) fp32 numpy draw of this shape, seeded from a name derived from the case id."""
+    key = jax.random.key(seed(name))
+    size = math.prod(shape)
+    if size > _POOL_SIZE:  # GPU-sized cases: draw directly
+        values = np.asarray(jax.random.normal(key, (size,), jnp.float32))
+    else:
+        values = np.asarray(_normal_pool(key))[:size]
+    return shift + scale * values.reshape(shape)
 
 
 def relative_error(out, ref) -> float:

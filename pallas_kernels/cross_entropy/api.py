@@ -13,11 +13,11 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from pallas_kernels import _api
 from pallas_kernels.cross_entropy import chunked, reference
 
 BACKENDS = ("auto", "chunked", "reference")
 REDUCTIONS = ("mean", "sum", "none")
-_FLOAT_DTYPES = tuple(jnp.dtype(d) for d in (jnp.float32, jnp.bfloat16, jnp.float16))
 # Default chunking keeps one chunk's fp32 logits under this many bytes (8 and 16 chunks at 16k tokens
 # and vocab 50k to 128k). Smaller chunks save memory but re-read the fp32 dW accumulator more often.
 LOGITS_CHUNK_BYTES = 512 << 20
@@ -82,10 +82,8 @@ def default_n_chunks(tokens: int, vocab: int) -> int:
 
 
 def _validate(hidden, vocab_weight, labels, ignore_index, z_loss, chunk_size, reduction, backend):
-    for name, a in (("hidden", hidden), ("vocab_weight", vocab_weight)):
-        if jnp.dtype(a.dtype) not in _FLOAT_DTYPES:
-            raise ValueError(
-                f"{name} dtype={jnp.dtype(a.dtype).name} unsupported; use float32, bfloat16 or float16")
+    _api.check_float_dtype("hidden", hidden)
+    _api.check_float_dtype("vocab_weight", vocab_weight)
     if hidden.ndim < 1 or vocab_weight.ndim != 2 or vocab_weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"vocab_weight shape={vocab_weight.shape} must be [vocab, d_model] with d_model "
                          f"= hidden.shape[-1] (hidden shape={hidden.shape})")
@@ -103,8 +101,7 @@ def _validate(hidden, vocab_weight, labels, ignore_index, z_loss, chunk_size, re
         raise ValueError(f"chunk_size={chunk_size!r} must be a positive int or None")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction={reduction!r} unknown; use one of {REDUCTIONS}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} unknown; use one of {BACKENDS}")
+    _api.check_backend(backend, BACKENDS)
 
 
 def cross_entropy(hidden, vocab_weight, labels, *, ignore_index=-100, z_loss=0.0, chunk_size=None,

@@ -4,31 +4,17 @@ Rows carry the median time, the matmul TFLOP/s (2·T·V·d per matmul: fwd 1, fw
 compiled program's memory analysis: temp_bytes (intermediates) and peak_bytes = temp + arguments +
 outputs. fwd_bwd is jax.value_and_grad with respect to hidden and vocab_weight. No files written.
 """
-import datetime
 import math
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from pallas_kernels import _bench
 from pallas_kernels.cross_entropy import api, cases, reference
 
 CASES = cases.BENCH_CASES
 IMPLS = ("fused", "xla")
 MODES = ("fwd", "fwd_bwd")
-
-
-def _median_seconds(fn, args, reps):
-    """Median wall time of fn(*args) over reps calls after two warm-up calls."""
-    for _ in range(2):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def matmul_flops(case, mode):
@@ -48,8 +34,7 @@ def _row(case, impl, mode, dtype, chunk_size, reps):
     label = impl if impl == "xla" or chunk_size is None else f"{impl}[chunk={chunk_size}]"
     row = dict(op="cross_entropy", case=case.name, impl=label, mode=mode, tokens=tokens,
                vocab=case.vocab, d_model=case.d_model, dtype=jnp.dtype(dtype).name,
-               device=jax.devices()[0].device_kind, jax=jax.__version__,
-               date=datetime.date.today().isoformat())
+               **_bench.environment())
     if impl == "fused":
         n_chunks = (api.default_n_chunks(tokens, case.vocab) if chunk_size is None
                     else -(-tokens // chunk_size))
@@ -63,11 +48,11 @@ def _row(case, impl, mode, dtype, chunk_size, reps):
         f = _loss_fn(impl, chunk_size)
         fn = jax.jit(f if mode == "fwd" else jax.value_and_grad(f, argnums=(0, 1)))
         memory = fn.lower(hidden, weight, labels).compile().memory_analysis()
-        seconds = _median_seconds(fn, (hidden, weight, labels), reps)
+        seconds = _bench.median_seconds(fn, [(hidden, weight, labels)], reps, warmup=2)
     except Exception as e:  # keep the other rows; the error is reported in this one
-        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        row["error"] = _bench.error_text(e)
         return row
-    row.update(time_ms=seconds * 1e3, tflops=matmul_flops(case, mode) / seconds / 1e12,
+    row.update(_bench.throughput(seconds, flops=matmul_flops(case, mode)),
                temp_bytes=int(memory.temp_size_in_bytes),
                peak_bytes=int(memory.temp_size_in_bytes + memory.argument_size_in_bytes
                               + memory.output_size_in_bytes),
@@ -77,9 +62,8 @@ def _row(case, impl, mode, dtype, chunk_size, reps):
 
 def rows(case_names=None, impls=IMPLS, modes=MODES, dtype=jnp.bfloat16, reps=20, chunk_sizes=(None,)):
     """One dict per (case, impl, mode) (and per chunk size for "fused"): time_ms, tflops, memory."""
-    chosen = [c for c in CASES if case_names is None or c.name in case_names]
     out = []
-    for case in chosen:
+    for case in _bench.select(CASES, case_names):
         for impl in impls:
             for chunk_size in (chunk_sizes if impl == "fused" else (None,)):
                 out += [_row(case, impl, mode, dtype, chunk_size, reps) for mode in modes]

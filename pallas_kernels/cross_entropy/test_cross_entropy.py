@@ -1,7 +1,5 @@
 """Contract test for the fused cross-entropy: every backend against the fp32 reference, plus memory."""
 import functools
-import math
-import zlib
 
 import jax
 import jax.numpy as jnp
@@ -13,36 +11,21 @@ from pallas_kernels.cross_entropy import api, cases, reference
 
 BACKENDS = ["reference", "chunked"]
 DTYPES = [jnp.float32, jnp.bfloat16]
-_POOL_SIZE = 1 << 18
-
-
-@jax.jit
-def _normal_pool(key):
-    """One fixed-shape draw, compiled once: CPU cases slice it instead of compiling a draw per shape."""
-    return jax.random.normal(key, (_POOL_SIZE,), jnp.float32)
-
-
-def _normal(name, shape, scale=1.0, shift=0.0):
-    """Fresh N(shift, scale^2) fp32 numpy draw of this shape, seeded from a name derived from the case id."""
-    key = jax.random.key(zlib.crc32(name.encode()))
-    size = math.prod(shape)
-    if size > _POOL_SIZE:  # GPU-sized cases: draw directly
-        values = np.asarray(jax.random.normal(key, (size,), jnp.float32))
-    else:
-        values = np.asarray(_normal_pool(key))[:size]
-    return shift + scale * values.reshape(shape)
 
 
 def _inputs(case, dtype):
-    rng = np.random.default_rng(zlib.crc32(case.name.encode()))
-    hidden = jnp.asarray(_normal(f"{case.name}/hidden", (*case.lead, case.d_model)), dtype)
+    rng = np.random.default_rng(_testing.seed(case.name))
+
+    def draw(what, shape, *scale_shift):
+        return _testing.normal(f"{case.name}/{what}", shape, *scale_shift)
+
+    hidden = jnp.asarray(draw("hidden", (*case.lead, case.d_model)), dtype)
     # Scale so that logits have O(1) spread: softmax neither uniform nor one-hot.
-    weight = jnp.asarray(_normal(f"{case.name}/weight", (case.vocab, case.d_model), 2 / case.d_model ** 0.5),
-                         dtype)
+    weight = jnp.asarray(draw("weight", (case.vocab, case.d_model), 2 / case.d_model ** 0.5), dtype)
     labels = rng.integers(0, case.vocab, case.lead)
     labels[rng.random(case.lead) < case.ignore_fraction] = -100
     shape = case.lead if case.reduction == "none" else ()
-    cotangent = jnp.asarray(_normal(f"{case.name}/cotangent", shape, 1.0, 0.0 if shape else 1.5), jnp.float32)
+    cotangent = jnp.asarray(draw("cotangent", shape, 1.0, 0.0 if shape else 1.5), jnp.float32)
     return hidden, weight, jnp.asarray(labels, jnp.int32), cotangent
 
 
@@ -107,8 +90,8 @@ def test_ignored_tokens_are_excluded_from_the_mean():
 
 
 def test_all_ignored_gives_zero_loss_and_gradients():
-    hidden = jnp.asarray(_normal("all_ignored/h", (6, 32)), jnp.float32)
-    weight = jnp.asarray(_normal("all_ignored/w", (100, 32)), jnp.float32)
+    hidden = jnp.asarray(_testing.normal("all_ignored/h", (6, 32)), jnp.float32)
+    weight = jnp.asarray(_testing.normal("all_ignored/w", (100, 32)), jnp.float32)
     labels = jnp.full((6,), -100)
     loss_fn = lambda h, w: api.cross_entropy(h, w, labels, chunk_size=4)  # noqa: E731
     loss, grads = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1)))(hidden, weight)

@@ -10,20 +10,15 @@ import math
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import _api
 from pallas_kernels.flash_attention import config, mosaic_fwd, reference, triton_bwd, triton_fwd
 
 BACKENDS = ("auto", "reference", "triton", "mosaic")
 KERNEL_HEAD_DIMS = (64, 128)
-DTYPES = tuple(jnp.dtype(d) for d in (jnp.float32, jnp.bfloat16, jnp.float16))
+DTYPES = _api.FLOAT_DTYPES
 
 _log = logging.getLogger(__name__)
 _warned: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        _log.warning(message)
 
 
 def flash_attention(q, k, v, *, causal=False, scale=None, segment_ids=None, backend="auto",
@@ -103,8 +98,7 @@ def _validate(q, k, v, *, causal, scale, segment_ids, backend, interpret, blocks
             ok = False
         if not ok:
             raise ValueError(f"scale={scale!r} must be a positive finite Python number (static)")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} unknown; use one of {BACKENDS}")
+    _api.check_backend(backend, BACKENDS)
     if not isinstance(interpret, bool):
         raise ValueError(f"interpret={interpret!r} must be a bool")
     if blocks is not None and not isinstance(blocks, config.BlockSizes):
@@ -125,8 +119,8 @@ def _choose_backend(backend: str, *, head_dim: int, dtype, segmented: bool, inte
     runnable = platform == "gpu" or interpret
     if backend == "auto":
         if head_dim not in KERNEL_HEAD_DIMS:
-            _warn_once(f"flash_attention: head_dim={head_dim} has no kernel (supported: "
-                       f"{KERNEL_HEAD_DIMS}); using the reference backend")
+            _api.warn_once(_log, _warned, f"flash_attention: head_dim={head_dim} has no kernel "
+                           f"(supported: {KERNEL_HEAD_DIMS}); using the reference backend")
             return "reference"
         # TODO(#5): pick "mosaic" where benchmarks/results show it faster on this device.
         return "triton" if runnable else "reference"

@@ -4,12 +4,11 @@
 B batch, T query length, S key length, N heads, H head dim.
 """
 import dataclasses
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import _bench
 from pallas_kernels.flash_attention import cases, config
 from pallas_kernels.flash_attention.api import flash_attention
 
@@ -88,23 +87,6 @@ PRESETS = {
 }
 
 
-def _median_seconds(fn, args, reps):
-    """Median seconds per call over `reps` samples after warm-up. A sample is `inner` calls
-    back to back, then block_until_ready, so launch overhead stays out of short kernels."""
-    jax.block_until_ready(fn(*args))  # warm-up
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    inner = max(1, int(2e-3 / max(time.perf_counter() - start, 1e-6)))  # >= ~2 ms per sample
-    samples = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        for _ in range(inner):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - start) / inner)
-    return statistics.median(samples)
-
-
 def _program(attend, causal, mode):
     if mode == "fwd":
         return jax.jit(lambda q, k, v, dout: attend(q, k, v, causal))
@@ -127,10 +109,11 @@ def _measure(case, name, impl, mode, args, reps):
         memory = compiled.memory_analysis()
         if memory is not None:  # XLA scratch beyond inputs and outputs: O(S^2) for "xla"
             row["temp_bytes"] = int(memory.temp_size_in_bytes)
-        seconds = _median_seconds(compiled, args, reps)
-        row.update(time_ms=seconds * 1e3, tflops=attention_flops(case, mode) / seconds / 1e12)
+        # A sample is >= ~2 ms of calls back to back: launch overhead stays out of short kernels.
+        seconds = _bench.median_seconds(compiled, [args], reps, min_sample_seconds=2e-3)
+        row.update(_bench.throughput(seconds, flops=attention_flops(case, mode)))
     except Exception as e:  # a peer that cannot run this shape is a row, not a crash
-        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        row["error"] = _bench.error_text(e, limit=200, first_line=True)
     return row
 
 

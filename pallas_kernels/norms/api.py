@@ -13,13 +13,13 @@ import numbers
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import _api
 from pallas_kernels.norms import config as norm_config
 from pallas_kernels.norms import reference, triton_bwd, triton_fwd
 
 _LOG = logging.getLogger(__name__)
 _WARNED: set[str] = set()
 BACKENDS = ("auto", "triton", "reference")
-_FLOAT_DTYPES = tuple(jnp.dtype(d) for d in (jnp.float32, jnp.bfloat16, jnp.float16))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,14 +62,11 @@ _triton_norm.defvjp(_triton_norm_fwd, _triton_norm_bwd)
 
 
 def _warn_once(reason: str) -> None:
-    if reason not in _WARNED:
-        _WARNED.add(reason)
-        _LOG.warning("norms: using the reference implementation: %s", reason)
+    _api.warn_once(_LOG, _WARNED, f"norms: using the reference implementation: {reason}")
 
 
 def _validate(x, residual, weight, bias, eps, backend, config):
-    if jnp.dtype(x.dtype) not in _FLOAT_DTYPES:
-        raise ValueError(f"x dtype={jnp.dtype(x.dtype).name} unsupported; use float32, bfloat16 or float16")
+    _api.check_float_dtype("x", x)
     if x.ndim < 1 or x.shape[-1] == 0:
         raise ValueError(f"x shape={x.shape} needs a non-empty last (hidden) axis")
     hidden = x.shape[-1]
@@ -87,28 +84,20 @@ def _validate(x, residual, weight, bias, eps, backend, config):
             f"x shape={x.shape} dtype={jnp.dtype(x.dtype).name}")
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < math.inf:
         raise ValueError(f"eps={eps} must be a finite Python number > 0")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} unknown; use one of {BACKENDS}")
+    _api.check_backend(backend, BACKENDS)
     if config is not None and not isinstance(config, norm_config.NormConfig):
         raise ValueError(f"config={config!r} must be a NormConfig or None")
 
 
 def _choose_backend(backend, hidden, interpret):
     """Resolve "auto"; an explicitly named backend that cannot serve the call raises."""
-    if backend == "reference":
-        return "reference"
-    on_gpu = interpret or jax.default_backend() == "gpu"
-    if backend == "triton":
-        if not on_gpu:
-            raise ValueError("backend='triton' needs a GPU; pass interpret=True to run it on CPU")
-        norm_config.check_supported(hidden)
-        return "triton"
-    if not on_gpu:
-        _warn_once(f"no GPU (default backend {jax.default_backend()!r}) and interpret=False")
+    if _api.triton_or_reference(backend, interpret, _warn_once) == "reference":
         return "reference"
     try:
         norm_config.check_supported(hidden)
     except NotImplementedError as e:
+        if backend == "triton":
+            raise
         _warn_once(str(e))
         return "reference"
     return "triton"

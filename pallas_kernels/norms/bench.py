@@ -5,14 +5,12 @@ GB/s counts the bytes a fused implementation must move (nominal, the same for ev
   fwd_bwd:  fwd + read the normalized input, dy (+ d new residual), write dx, dweight (+ dbias).
 fwd_bwd times one program returning the outputs and all gradients (jax.vjp with a random cotangent).
 """
-import datetime
 import math
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from pallas_kernels import _bench
 from pallas_kernels.norms import api, cases, config as norm_config, reference
 
 CASES = tuple(
@@ -26,19 +24,6 @@ _HAS_RESIDUAL = {"rms_norm": False, "layer_norm": False, "rms_norm_residual": Tr
                  "layer_norm_residual": True}
 _HAS_BIAS = {"rms_norm": False, "layer_norm": True, "rms_norm_residual": False,
              "layer_norm_residual": True}
-
-
-def _median_seconds(fn, arg_sets, reps):
-    """Median wall time of fn(*args) over reps calls after warm-up, cycling through arg_sets."""
-    for args in arg_sets:
-        jax.block_until_ready(fn(*args))
-    times = []
-    for i in range(reps):
-        args = arg_sets[i % len(arg_sets)]
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def nominal_bytes(case, dtype, mode):
@@ -96,27 +81,20 @@ def _timed_fn(case, impl, mode, cfg):
 
 def _row(case, impl, mode, dtype, cfg, reps, label=None):
     row = dict(op="norms", case=case.name, fn=case.fn, impl=label or impl, mode=mode,
-               shape=list(case.shape), dtype=jnp.dtype(dtype).name, device=jax.devices()[0].device_kind,
-               jax=jax.__version__, date=datetime.date.today().isoformat())
+               shape=list(case.shape), dtype=jnp.dtype(dtype).name, **_bench.environment())
     rows, hidden = math.prod(case.shape[:-1]), case.shape[-1]
     if impl == "triton":
         cfg = cfg or norm_config.default_config(rows, hidden, interpret=False)
         row["config"] = str(cfg)
-    nbytes = nominal_bytes(case, dtype, mode)
-    try:
-        n_sets = 1 if nbytes > (256 << 20) else 4  # rotate inputs that would stay in the 50 MB L2
-        seconds = _median_seconds(_timed_fn(case, impl, mode, cfg), _arg_sets(case, dtype, n_sets), reps)
-    except Exception as e:  # keep the other rows; the error is reported in this one
-        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-        return row
-    row.update(time_ms=seconds * 1e3, bytes=nbytes, gbps=nbytes / seconds / 1e9)
-    return row
+    return _bench.add_bandwidth_timing(row, lambda: _timed_fn(case, impl, mode, cfg),
+                                       lambda n_sets: _arg_sets(case, dtype, n_sets), reps,
+                                       nbytes=nominal_bytes(case, dtype, mode))
 
 
 def rows(case_names=None, impls=IMPLS, modes=MODES, dtype=jnp.bfloat16, reps=50):
     """One dict per (case, impl, mode): time_ms (median of reps runs), bytes, gbps, device, config."""
-    chosen = [c for c in CASES if case_names is None or c.name in case_names]
-    return [_row(c, impl, mode, dtype, None, reps) for c in chosen for impl in impls for mode in modes]
+    return [_row(c, impl, mode, dtype, None, reps) for c in _bench.select(CASES, case_names)
+            for impl in impls for mode in modes]
 
 
 def sweep_rows(fn="rms_norm", shape=(16384, 4096), dtype=jnp.bfloat16, reps=50):
@@ -125,7 +103,7 @@ def sweep_rows(fn="rms_norm", shape=(16384, 4096), dtype=jnp.bfloat16, reps=50):
     Rows are labelled triton[block_rows,num_warps,programs per SM].
     """
     case = cases.NormCase(f"{fn}_{'x'.join(map(str, shape))}", fn, shape)
-    sm_count = getattr(jax.devices()[0], "core_count", None) or 132
+    sm_count = norm_config.sm_count()
     out = []
     for block_rows in (1, 2, 4, 8):
         for num_warps in (4, 8, 16):

@@ -8,6 +8,8 @@ import dataclasses
 import jax
 from jax.experimental import pallas as pl
 
+from pallas_kernels import _api
+
 # One program holds a whole row (next power of two of hidden) in registers; beyond this the
 # Triton backend does not serve the call (api.py falls back to the reference under backend="auto").
 MAX_BLOCK_HIDDEN = 16384
@@ -15,10 +17,6 @@ MAX_BLOCK_HIDDEN = 16384
 _TARGET_BLOCK_ELEMENTS = 4096
 _ELEMENTS_PER_THREAD = 16
 _DEFAULT_SM_COUNT = 132  # H100 SXM; used when the device does not report core_count
-
-
-def _is_power_of_2(n: int) -> bool:
-    return n >= 1 and (n & (n - 1)) == 0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -36,15 +34,15 @@ class NormConfig:
     bwd_programs: int
 
     def __post_init__(self):
-        for name in ("block_rows", "num_warps", "bwd_num_warps"):
-            value = getattr(self, name)
-            if not _is_power_of_2(value):
-                raise ValueError(f"NormConfig.{name}={value} must be a power of 2")
-        for name in ("num_warps", "bwd_num_warps"):
-            if getattr(self, name) > 32:
-                raise ValueError(f"NormConfig.{name}={getattr(self, name)} must be <= 32")
+        _api.check_launch_config(self, powers_of_2=("block_rows", "num_warps", "bwd_num_warps"),
+                                 warps=("num_warps", "bwd_num_warps"))
         if self.bwd_programs < 1:
             raise ValueError(f"NormConfig.bwd_programs={self.bwd_programs} must be >= 1")
+
+
+def sm_count() -> int:
+    """Streaming multiprocessors of the first device (_DEFAULT_SM_COUNT where it reports none)."""
+    return getattr(jax.devices()[0], "core_count", None) or _DEFAULT_SM_COUNT
 
 
 def block_hidden(hidden: int) -> int:
@@ -70,7 +68,6 @@ def default_config(n_rows: int, hidden: int, *, interpret: bool) -> NormConfig:
     if interpret:
         programs = 4  # interpret mode runs programs one after another; keep the grid short
     else:
-        sm_count = getattr(jax.devices()[0], "core_count", None) or _DEFAULT_SM_COUNT
-        programs = 4 * sm_count
+        programs = 4 * sm_count()
     return NormConfig(block_rows=block_rows, num_warps=num_warps, bwd_num_warps=num_warps,
                       bwd_programs=max(1, min(programs, n_tiles)))

@@ -1,11 +1,8 @@
 """Contract test for the norm functions: every backend against the fp32 reference, forward and VJP."""
 import functools
-import math
-import zlib
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from pallas_kernels import _testing
@@ -18,30 +15,13 @@ BACKENDS = [("reference", False), ("triton", not ON_GPU)]
 DTYPES = [jnp.float32, jnp.bfloat16]
 
 
-_POOL_SIZE = 1 << 18
-
-
-@jax.jit
-def _normal_pool(key):
-    """One fixed-shape draw, compiled once: CPU cases slice it instead of compiling a draw per shape."""
-    return jax.random.normal(key, (_POOL_SIZE,), jnp.float32)
-
-
-def _normal(name, shape, scale=1.0, shift=0.0):
-    """Fresh N(shift, scale^2) fp32 numpy draw of this shape, seeded from a name derived from the case id."""
-    key = jax.random.key(zlib.crc32(name.encode()))
-    size = math.prod(shape)
-    if size > _POOL_SIZE:  # GPU-sized cases: draw directly
-        values = np.asarray(jax.random.normal(key, (size,), jnp.float32))
-    else:
-        values = np.asarray(_normal_pool(key))[:size]
-    return shift + scale * values.reshape(shape)
-
-
 def _inputs(case, dtype):
     """Random inputs by name (x, residual, weight, bias) and cotangents (dy, dsum) for a case."""
     hidden = case.shape[-1]
-    draw = lambda what, shape, *a: jnp.asarray(_normal(f"{case.name}/{what}", shape, *a), dtype)  # noqa: E731
+
+    def draw(what, shape, *scale_shift):
+        return jnp.asarray(_testing.normal(f"{case.name}/{what}", shape, *scale_shift), dtype)
+
     return dict(
         x=draw("x", case.shape, 2.0, 0.5),  # non-zero mean, so LayerNorm's centering matters
         residual=draw("residual", case.shape),

@@ -7,13 +7,13 @@ import math
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import _api
 from pallas_kernels.softmax import config as softmax_config
 from pallas_kernels.softmax import reference, triton_bwd, triton_fwd
 
 _LOG = logging.getLogger(__name__)
 _WARNED: set[str] = set()
 BACKENDS = ("auto", "triton", "reference")
-_FLOAT_DTYPES = tuple(jnp.dtype(d) for d in (jnp.float32, jnp.bfloat16, jnp.float16))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,30 +41,18 @@ _triton_softmax.defvjp(_triton_softmax_fwd, _triton_softmax_bwd)
 
 
 def _validate(x, axis, backend, config):
-    if jnp.dtype(x.dtype) not in _FLOAT_DTYPES:
-        raise ValueError(f"x dtype={jnp.dtype(x.dtype).name} unsupported; use float32, bfloat16 or float16")
+    _api.check_float_dtype("x", x)
     if not isinstance(axis, int) or not -x.ndim <= axis < x.ndim:
         raise ValueError(f"axis={axis} out of range for x shape={x.shape}")
     if x.shape[axis] == 0:
         raise ValueError(f"x shape={x.shape} has an empty softmax axis {axis}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} unknown; use one of {BACKENDS}")
+    _api.check_backend(backend, BACKENDS)
     if config is not None and not isinstance(config, softmax_config.SoftmaxConfig):
         raise ValueError(f"config={config!r} must be a SoftmaxConfig or None")
 
 
-def _choose_backend(backend, interpret):
-    """Resolve "auto" (Triton on GPU or in interpret mode); a named backend that cannot run raises."""
-    on_gpu = interpret or jax.default_backend() == "gpu"
-    if backend == "triton" and not on_gpu:
-        raise ValueError("backend='triton' needs a GPU; pass interpret=True to run it on CPU")
-    if backend == "auto" and not on_gpu:
-        reason = f"no GPU (default backend {jax.default_backend()!r}) and interpret=False"
-        if reason not in _WARNED:
-            _WARNED.add(reason)
-            _LOG.warning("softmax: using the reference implementation: %s", reason)
-        return "reference"
-    return "reference" if backend == "reference" else "triton"
+def _warn_once(reason: str) -> None:
+    _api.warn_once(_LOG, _WARNED, f"softmax: using the reference implementation: {reason}")
 
 
 def softmax(x, axis=-1, *, backend="auto", interpret=False, config=None):
@@ -89,7 +77,8 @@ def softmax(x, axis=-1, *, backend="auto", interpret=False, config=None):
         or interpret=True.
     """
     _validate(x, axis, backend, config)
-    if _choose_backend(backend, interpret) == "reference" or x.size == 0:
+    # "auto": Triton on GPU or in interpret mode; a named backend that cannot run raises.
+    if _api.triton_or_reference(backend, interpret, _warn_once) == "reference" or x.size == 0:
         return reference.softmax(x, axis=axis)
     moved = jnp.moveaxis(x, axis, -1)
     n_cols = moved.shape[-1]

@@ -3,16 +3,14 @@ import dataclasses
 
 from jax.experimental import pallas as pl
 
+from pallas_kernels import _api
+
 # Rows up to this many columns are held whole in registers (one read of x); longer rows (vocabularies)
 # take the online path: one pass for the running max and sum, a second to write (Milakov & Gimelshein 2018).
 MAX_SINGLE_TILE_COLS = 16384
 ONLINE_BLOCK_COLS = 4096
 _TARGET_BLOCK_ELEMENTS = 4096
 _ELEMENTS_PER_THREAD = 16
-
-
-def _is_power_of_2(n: int) -> bool:
-    return n >= 1 and (n & (n - 1)) == 0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -24,12 +22,8 @@ class SoftmaxConfig:
     num_warps: int
 
     def __post_init__(self):
-        for name in ("block_rows", "block_cols", "num_warps"):
-            value = getattr(self, name)
-            if not _is_power_of_2(value):
-                raise ValueError(f"SoftmaxConfig.{name}={value} must be a power of 2")
-        if self.num_warps > 32:
-            raise ValueError(f"SoftmaxConfig.num_warps={self.num_warps} must be <= 32")
+        _api.check_launch_config(self, powers_of_2=("block_rows", "block_cols", "num_warps"),
+                                 warps=("num_warps",))
 
 
 def default_config(n_rows: int, n_cols: int) -> SoftmaxConfig:

@@ -1,6 +1,5 @@
 """Contract test for softmax: every backend against the fp32 reference, forward and VJP, plus -inf rows."""
 import math
-import zlib
 
 import jax
 import jax.numpy as jnp
@@ -14,24 +13,6 @@ from pallas_kernels.softmax import cases, config as softmax_config, reference
 ON_GPU = jax.default_backend() == "gpu"
 BACKENDS = [("reference", False), ("triton", not ON_GPU)]
 DTYPES = [jnp.float32, jnp.bfloat16]
-_POOL_SIZE = 1 << 18
-
-
-@jax.jit
-def _normal_pool(key):
-    """One fixed-shape draw, compiled once: CPU cases slice it instead of compiling a draw per shape."""
-    return jax.random.normal(key, (_POOL_SIZE,), jnp.float32)
-
-
-def _normal(name, shape, scale=1.0, shift=0.0):
-    """Fresh N(shift, scale^2) fp32 numpy draw of this shape, seeded from a name derived from the case id."""
-    key = jax.random.key(zlib.crc32(name.encode()))
-    size = math.prod(shape)
-    if size > _POOL_SIZE:  # GPU-sized cases: draw directly
-        values = np.asarray(jax.random.normal(key, (size,), jnp.float32))
-    else:
-        values = np.asarray(_normal_pool(key))[:size]
-    return shift + scale * values.reshape(shape)
 
 
 def _config(case):
@@ -66,8 +47,8 @@ def _check(x, dy, case, dtype, backend, interpret):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("case", cases.CPU_CASES, ids=lambda c: c.name)
 def test_matches_reference(case, dtype, backend, interpret):
-    x = _normal(f"{case.name}/x", case.shape, 3.0)
-    dy = _normal(f"{case.name}/dy", case.shape)
+    x = _testing.normal(f"{case.name}/x", case.shape, 3.0)
+    dy = _testing.normal(f"{case.name}/dy", case.shape)
     _check(x, dy, case, dtype, backend, interpret)
 
 
@@ -75,8 +56,8 @@ def test_matches_reference(case, dtype, backend, interpret):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("case", cases.GPU_CASES, ids=lambda c: c.name)
 def test_matches_reference_gpu(case, dtype):
-    x = _normal(f"{case.name}/x", case.shape, 3.0)
-    dy = _normal(f"{case.name}/dy", case.shape)
+    x = _testing.normal(f"{case.name}/x", case.shape, 3.0)
+    dy = _testing.normal(f"{case.name}/dy", case.shape)
     _check(x, dy, case, dtype, "triton", False)
 
 
@@ -85,13 +66,13 @@ def test_matches_reference_gpu(case, dtype):
 def test_infinite_and_large_negative_rows(block_cols, backend, interpret):
     """Rows: all -inf (-> zeros, zero grad), all -1e30, -inf mixed with finite, -1e30 mixed with finite."""
     case = cases.SoftmaxCase(f"special_{block_cols}", (5, 1000), block_cols=block_cols)
-    x = _normal("special/x", case.shape, 3.0)
+    x = _testing.normal("special/x", case.shape, 3.0)
     x[0] = -np.inf
     x[1] = -1e30
     x[2, ::3] = -np.inf
     x[3, 1::2] = -1e30
     x[4, :-1] = -np.inf  # one finite entry, in the last (partly masked) chunk
-    dy = _normal("special/dy", case.shape)
+    dy = _testing.normal("special/dy", case.shape)
     y, dx = _check(x, dy, case, jnp.float32, backend, interpret)
     assert np.all(np.asarray(y[0]) == 0) and np.all(np.asarray(dx[0]) == 0)
     np.testing.assert_allclose(np.asarray(y[1]), 1 / 1000, rtol=1e-6)

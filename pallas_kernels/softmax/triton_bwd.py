@@ -3,15 +3,12 @@
 Same tiling as triton_fwd.py: a row that fits one tile is read once; a longer row takes one pass for
 sum(dy * y) and a second to write dx. Rows of zeros (all -inf inputs) get dx = 0.
 """
-import functools
-
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.softmax.triton_fwd import row_tile_loader
+from pallas_kernels.softmax.triton_fwd import row_tile_call, row_tile_loader
 
 
 def _backward_kernel(y_ref, dy_ref, dx_ref, *, n_rows, n_cols, block_rows, block_cols):
@@ -47,17 +44,5 @@ def _backward_kernel(y_ref, dy_ref, dx_ref, *, n_rows, n_cols, block_rows, block
 
 def softmax_backward(y, dy, *, config, interpret):
     """y: [rows, n_cols] softmax output; dy: its cotangent. Returns dx [rows, n_cols] in y.dtype."""
-    n_rows, n_cols = y.shape
-    kernel = functools.partial(_backward_kernel, n_rows=n_rows, n_cols=n_cols,
-                               block_rows=config.block_rows, block_cols=config.block_cols)
-    # Grid axis 0: row tiles of block_rows rows.
-    return pl.pallas_call(
-        kernel,
-        grid=(pl.cdiv(n_rows, config.block_rows),),
-        in_specs=[pl.no_block_spec, pl.no_block_spec],
-        out_specs=pl.no_block_spec,
-        out_shape=jax.ShapeDtypeStruct(y.shape, y.dtype),
-        compiler_params=plgpu.CompilerParams(num_warps=config.num_warps),
-        interpret=interpret,
-        name="softmax_bwd",
-    )(y, dy)
+    return row_tile_call(_backward_kernel, y, dy, config=config, interpret=interpret,
+                         name="softmax_bwd")

@@ -69,19 +69,28 @@ def _forward_kernel(x_ref, y_ref, *, n_rows, n_cols, block_rows, block_cols):
     lax.fori_loop(0, n_chunks, write, 0)
 
 
-def softmax_forward(x, *, config, interpret):
-    """x: [rows, n_cols] float. Returns softmax over the last axis, [rows, n_cols] in x.dtype."""
-    n_rows, n_cols = x.shape
-    kernel = functools.partial(_forward_kernel, n_rows=n_rows, n_cols=n_cols,
+def row_tile_call(kernel, *arrays, config, interpret, name):
+    """pallas_call of `kernel` on [rows, n_cols] whole arrays, one program per block_rows rows.
+
+    The kernel gets the refs of `arrays` and of one output of arrays[0]'s shape and dtype, and the
+    keywords n_rows, n_cols, block_rows, block_cols. Returns that output.
+    """
+    n_rows, n_cols = arrays[0].shape
+    kernel = functools.partial(kernel, n_rows=n_rows, n_cols=n_cols,
                                block_rows=config.block_rows, block_cols=config.block_cols)
     # Grid axis 0: row tiles of block_rows rows.
     return pl.pallas_call(
         kernel,
         grid=(pl.cdiv(n_rows, config.block_rows),),
-        in_specs=[pl.no_block_spec],
+        in_specs=[pl.no_block_spec] * len(arrays),
         out_specs=pl.no_block_spec,
-        out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+        out_shape=jax.ShapeDtypeStruct(arrays[0].shape, arrays[0].dtype),
         compiler_params=plgpu.CompilerParams(num_warps=config.num_warps),
         interpret=interpret,
-        name="softmax_fwd",
-    )(x)
+        name=name,
+    )(*arrays)
+
+
+def softmax_forward(x, *, config, interpret):
+    """x: [rows, n_cols] float. Returns softmax over the last axis, [rows, n_cols] in x.dtype."""
+    return row_tile_call(_forward_kernel, x, config=config, interpret=interpret, name="softmax_fwd")

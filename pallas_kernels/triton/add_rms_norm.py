@@ -13,8 +13,9 @@ import numbers
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import _api
+
 MAX_BLOCK = 16384  # one row per program, held in registers
-_FLOAT_DTYPES = tuple(jnp.dtype(d) for d in (jnp.float32, jnp.bfloat16, jnp.float16))
 
 
 def unavailable_reason() -> str | None:
@@ -66,7 +67,7 @@ def rms_norm_residual(x, residual, weight, *, eps=1e-6):
       ValueError: bad dtype or shapes, hidden > 16384, eps <= 0.
       RuntimeError: jax_triton/triton missing or no GPU (the message says which).
     """
-    if jnp.dtype(x.dtype) not in _FLOAT_DTYPES or x.ndim < 1:
+    if jnp.dtype(x.dtype) not in _api.FLOAT_DTYPES or x.ndim < 1:
         raise ValueError(f"x dtype={jnp.dtype(x.dtype).name} shape={x.shape} unsupported; use a float "
                          "array with a hidden axis")
     hidden = x.shape[-1]

@@ -2,11 +2,10 @@
 
 GB/s uses the norms benchmark's nominal bytes (read x, residual, weight; write y, new residual).
 """
-import datetime
-
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import _bench
 from pallas_kernels.norms import api, bench as norms_bench, cases, reference
 from pallas_kernels.triton import add_rms_norm
 
@@ -23,20 +22,16 @@ MODES = ("fwd",)  # triton_call has no autodiff rule
 def rows(case_names=None, impls=tuple(IMPLS), dtype=jnp.bfloat16, reps=50):
     """One dict per (case, impl, "fwd"): time_ms (median of reps runs), bytes, gbps."""
     out = []
-    for case in (c for c in CASES if case_names is None or c.name in case_names):
+    for case in _bench.select(CASES, case_names):
         keys = jax.random.split(jax.random.key(0), 3)
         x, residual = (jax.random.normal(k, case.shape, jnp.float32).astype(dtype) for k in keys[:2])
         weight = (1 + 0.1 * jax.random.normal(keys[2], case.shape[-1:])).astype(dtype)
         nbytes = norms_bench.nominal_bytes(case, dtype, "fwd")
         for impl in impls:
             row = dict(op="rms_norm_residual_triton", case=case.name, impl=impl, mode="fwd",
-                       shape=list(case.shape), dtype=jnp.dtype(dtype).name,
-                       device=jax.devices()[0].device_kind, jax=jax.__version__,
-                       date=datetime.date.today().isoformat())
-            try:
-                seconds = norms_bench._median_seconds(jax.jit(IMPLS[impl]), [(x, residual, weight)], reps)
-                row.update(time_ms=seconds * 1e3, bytes=nbytes, gbps=nbytes / seconds / 1e9)
-            except Exception as e:  # keep the other rows; the error is reported in this one
-                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-            out.append(row)
+                       shape=list(case.shape), dtype=jnp.dtype(dtype).name, **_bench.environment())
+            # The same inputs every call, whatever their size (no rotation).
+            out.append(_bench.add_bandwidth_timing(row, lambda: jax.jit(IMPLS[impl]),
+                                                   lambda n_sets: [(x, residual, weight)], reps,
+                                                   nbytes=nbytes))
     return out

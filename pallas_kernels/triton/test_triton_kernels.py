@@ -1,7 +1,6 @@
 """The jax_triton kernels vs the fp32 jnp reference; skipped, with the reason, without jax_triton or a GPU."""
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from pallas_kernels import _testing
@@ -17,9 +16,10 @@ needs_jax_triton = pytest.mark.skipif(REASON is not None, reason=str(REASON))
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("shape", [(1, 768), (17, 1000), (2, 3, 4096), (4096, 5120)], ids=str)
 def test_rms_norm_residual_matches_reference(shape, dtype):
-    rng = np.random.default_rng(sum(shape))
-    x, residual = (jnp.asarray(rng.normal(size=shape) * s, dtype) for s in (2.0, 1.0))
-    weight = jnp.asarray(1 + 0.2 * rng.normal(size=shape[-1:]), dtype)
+    name = "x".join(map(str, shape))
+    x = jnp.asarray(_testing.normal(f"{name}/x", shape, 2.0), dtype)
+    residual = jnp.asarray(_testing.normal(f"{name}/residual", shape), dtype)
+    weight = jnp.asarray(_testing.normal(f"{name}/weight", shape[-1:], 0.2, 1.0), dtype)
     normed, new_residual = jax.jit(triton_kernels.rms_norm_residual)(x, residual, weight)
     up = lambda a: a.astype(jnp.float32)  # noqa: E731
     normed_ref, new_residual_ref = reference.rms_norm_residual(up(x), up(residual), up(weight))

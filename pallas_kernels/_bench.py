@@ -1,0 +1,91 @@
+"""Shared by the ops' bench.py: wall-clock timing and the fields every row is built from.
+
+Timing (STYLE 2.9): warm up, then the median of `reps` samples, each ended by block_until_ready.
+"""
+import datetime
+import statistics
+import time
+
+import jax
+
+# Inputs over this many bytes are not rotated: they cannot stay in the H100's 50 MB L2 anyway.
+_ROTATE_BELOW_BYTES = 256 << 20
+_ROTATED_SETS = 4
+
+
+def median_seconds(fn, arg_sets, reps, *, warmup=1, min_sample_seconds=0.0):
+    """Median seconds per call of fn(*args) over `reps` samples, after warm-up.
+
+    Args:
+      fn: a jitted or compiled function.
+      arg_sets: argument tuples; sample i calls fn(*arg_sets[i % len(arg_sets)]), so several sets
+        keep a small input from being read out of L2 on every call.
+      reps: number of timed samples.
+      warmup: untimed calls per argument set before the first sample.
+      min_sample_seconds: 0: a sample is one call. Otherwise one more timed call sizes `inner` so
+        that a sample, `inner` calls back to back then one block_until_ready, lasts about this
+        long; launch overhead then stays out of short kernels. A sample counts its time / inner.
+    """
+    for args in arg_sets:
+        for _ in range(warmup):
+            jax.block_until_ready(fn(*args))
+    inner = 1
+    if min_sample_seconds:
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*arg_sets[0]))
+        inner = max(1, int(min_sample_seconds / max(time.perf_counter() - start, 1e-6)))
+    samples = []
+    for i in range(reps):
+        args = arg_sets[i % len(arg_sets)]
+        start = time.perf_counter()
+        for _ in range(inner):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - start) / inner)
+    return statistics.median(samples)
+
+
+def add_bandwidth_timing(row: dict, make_fn, make_arg_sets, reps, *, nbytes) -> dict:
+    """Time make_fn() (median_seconds, one warm-up per set) and add time_ms, bytes, gbps to `row`.
+
+    make_arg_sets(n) gives the argument tuples: n = 4 for a program moving up to 256 MiB, whose
+    inputs would otherwise stay in L2, else 1. An exception while building or timing becomes
+    row["error"] instead, so one failing case keeps the other rows. Returns `row`.
+    """
+    try:
+        arg_sets = make_arg_sets(1 if nbytes > _ROTATE_BELOW_BYTES else _ROTATED_SETS)
+        seconds = median_seconds(make_fn(), arg_sets, reps)
+    except Exception as e:
+        row["error"] = error_text(e)
+        return row
+    row.update(throughput(seconds, nbytes=nbytes))
+    return row
+
+
+def select(cases, names=None) -> list:
+    """The cases whose name is in `names` (all of them for None), in their order."""
+    return [c for c in cases if names is None or c.name in names]
+
+
+def environment() -> dict:
+    """Row fields naming where and when it ran: device, jax version, date."""
+    return dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
+                date=datetime.date.today().isoformat())
+
+
+def throughput(seconds: float, *, nbytes=None, flops=None) -> dict:
+    """Row fields of one timing: time_ms, then bytes and gbps (given nbytes) or tflops (given flops)."""
+    fields = dict(time_ms=seconds * 1e3)
+    if nbytes is not None:
+        fields.update(bytes=nbytes, gbps=nbytes / seconds / 1e9)
+    if flops is not None:
+        fields.update(tflops=flops / seconds / 1e12)
+    return fields
+
+
+def error_text(error: Exception, *, limit=300, first_line=False) -> str:
+    """A row's `error`: the exception type and its message (only the first line if asked), cut."""
+    message = str(error)
+    if first_line:
+        message = message.splitlines()[0] if message else ""
+    return f"{type(error).__name__}: {message[:limit]}"
