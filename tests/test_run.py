@@ -151,3 +151,17 @@ def test_mesh_that_does_not_divide_is_a_config_error(tmp_path, corpus):
         load_config(overrides=tiny(tmp_path, corpus, "train.batch_size=4", "mesh.fsdp=8", "mesh.rules=fsdp"))
     with pytest.raises(ConfigError, match=r"mesh.rules='zero9'.*fsdp"):
         load_config(overrides=["mesh.rules=zero9"])
+
+
+def test_generate_from_a_hugging_face_folder(tmp_path, capsys):
+    from llmjax.convert import save_hf
+    from llmjax.data import load_tokenizer
+    from llmjax.models import init_model, split_model
+
+    cfg = load_config(overrides=["preset=llama-tiny", "model.vocab_size=8192"]).model
+    save_hf(cfg, split_model(init_model(cfg))[1], tmp_path / "hf", tokenizer=load_tokenizer("bundled"))
+    assert generate_cli.main(["--hf", str(tmp_path / "hf"), "--prompt", "ROMEO:", "--max-new-tokens", "4",
+                              "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("ROMEO:")
+    assert generate_cli.main(["--hf", str(tmp_path / "missing")]) == 2
+    assert "missing" in capsys.readouterr().err
