@@ -25,6 +25,7 @@ import jax
 import jaxlib
 
 import pallas_kernels
+from pallas_kernels import _bench
 
 ALIASES = {"attention": "flash_attention"}
 METRICS = {"tflops": "TFLOP/s", "gbps": "GB/s"}
@@ -147,7 +148,8 @@ def main(argv=None):
     stem = f"{args.op}{'-' + str(variant) if variant else ''}_{device_slug}_{date}"
     args.out.mkdir(parents=True, exist_ok=True)
     result = dict(op=args.op, fn=args.fn, options=args.kwargs, device=device, jax=jax.__version__,
-                  jaxlib=jaxlib.__version__, date=date, metric=METRICS[metric], rows=rows)
+                  jaxlib=jaxlib.__version__, date=date, timer=_bench.timer_name(), metric=METRICS[metric],
+                  rows=rows)
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str))
     plot(rows, metric, args.out / f"{stem}.png", f"{args.op} on {device}, jax {jax.__version__}, {date}")
     print(table(rows, metric))
