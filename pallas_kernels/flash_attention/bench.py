@@ -78,13 +78,51 @@ def _tuning_impls():
     return {**impls, "cudnn": IMPLS["cudnn"]}
 
 
-PRESETS = {
-    # preset -> (cases, impls); None: the tuning candidates
-    "default": (cases.BENCH_CASES, IMPLS),
-    "full": (cases.BENCH_CASES_FULL, IMPLS),
-    "tune": (tuple(c for c in cases.BENCH_CASES if c.seq_q == 4096), None),
-    "smoke": (cases.SMOKE_CASES, {"triton": IMPLS["triton"], "xla": IMPLS["xla"]}),  # CPU
+# Backward tiles (preset "tune_bwd"): name -> (dQ block_q x block_kv, dK/dV block_q x block_kv,
+# num_warps_bwd, num_stages_bwd). dK/dV block_kv and dQ block_q are the M of every dot in their
+# kernel (wgmma: a multiple of 64 per warpgroup); the other block is streamed.
+_BWD_VARIANTS = {
+    "dq128x32_dkv32x128_w8_s3": ((128, 32), (32, 128), 8, 3),  # the default at H=128
+    "dq128x32_dkv32x128_w4_s5": ((128, 32), (32, 128), 4, 5),  # Triton tutorial; old default
+    "dq128x32_dkv32x128_w4_s3": ((128, 32), (32, 128), 4, 3),
+    "dq128x32_dkv32x128_w8_s2": ((128, 32), (32, 128), 8, 2),
+    "dq128x32_dkv32x128_w8_s5": ((128, 32), (32, 128), 8, 5),
+    "dq128x64_dkv64x128_w8_s2": ((128, 64), (64, 128), 8, 2),
+    "dq128x64_dkv64x128_w8_s3": ((128, 64), (64, 128), 8, 3),
+    "dq128x64_dkv64x128_w4_s3": ((128, 64), (64, 128), 4, 3),
+    "dq128x32_dkv64x128_w8_s3": ((128, 32), (64, 128), 8, 3),
+    "dq128x64_dkv32x128_w8_s3": ((128, 64), (32, 128), 8, 3),
+    "dq64x64_dkv64x64_w4_s2": ((64, 64), (64, 64), 4, 2),
+    "dq64x64_dkv64x64_w4_s3": ((64, 64), (64, 64), 4, 3),
+    "dq64x32_dkv32x64_w4_s4": ((64, 32), (32, 64), 4, 4),
+    "dq128x128_dkv64x128_w8_s2": ((128, 128), (64, 128), 8, 2),
 }
+
+
+def _tuning_bwd_impls():
+    """Backward tile candidates at H=128 bf16 (preset "tune_bwd"; forward tiles at the default),
+    cuDNN beside them. Timed as fwd_bwd only: subtract the forward of preset "tune" for the
+    backward alone."""
+    base = config.default_blocks(4096, 4096, 128, jnp.bfloat16)
+    impls = {}
+    for name, ((bq_dq, bkv_dq), (bq_dkv, bkv_dkv), warps, stages) in _BWD_VARIANTS.items():
+        blocks = dataclasses.replace(base, block_q_dq=bq_dq, block_kv_dq=bkv_dq,
+                                     block_q_dkv=bq_dkv, block_kv_dkv=bkv_dkv,
+                                     num_warps_bwd=warps, num_stages_bwd=stages)
+        impls[f"triton[{name}]"] = _ours("triton", blocks)
+    return {**impls, "cudnn": IMPLS["cudnn"]}
+
+
+_S4K = tuple(c for c in cases.BENCH_CASES if c.seq_q == 4096)  # D=128, full and causal
+PRESETS = {
+    # preset -> (cases, impls, modes); impls None: the tuning candidates of `_TUNING[preset]`
+    "default": (cases.BENCH_CASES, IMPLS, MODES),
+    "full": (cases.BENCH_CASES_FULL, IMPLS, MODES),
+    "tune": (_S4K, None, MODES),
+    "tune_bwd": (_S4K, None, ("fwd_bwd",)),
+    "smoke": (cases.SMOKE_CASES, {"triton": IMPLS["triton"], "xla": IMPLS["xla"]}, MODES),  # CPU
+}
+_TUNING = {"tune": _tuning_impls, "tune_bwd": _tuning_bwd_impls}
 
 
 def _program(attend, causal, mode):
@@ -122,13 +160,13 @@ def rows(preset: str = "default", reps: int = 20, log=print) -> list[dict]:
     temp_bytes (XLA scratch), peer (True for cudnn/xla), config (ours), or error."""
     if preset not in PRESETS:
         raise ValueError(f"preset={preset!r} unknown; use one of {tuple(PRESETS)}")
-    bench_cases, impls = PRESETS[preset]
-    impls = _tuning_impls() if impls is None else impls
+    bench_cases, impls, modes = PRESETS[preset]
+    impls = _TUNING[preset]() if impls is None else impls
     out = []
     for case in bench_cases:
         q, k, v, dout, _ = case.inputs(jnp.bfloat16)  # 64 MiB each at B*S = 16k: beyond L2
         for name, impl in impls.items():
-            for mode in MODES:
+            for mode in modes:
                 row = _measure(case, name, impl, mode, (q, k, v, dout), reps)
                 out.append(row)
                 if log:

@@ -19,15 +19,45 @@ from pallas_kernels.flash_attention.reference import attention_reference
 ON_GPU = jax.default_backend() == "gpu"
 # Interpret-mode kernels are big XLA programs; on CPU most of a test is their compile time.
 _CPU_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+# On the GPU, XLA autotunes every dot of a program (cuBLAS and Triton GEMM tilings, each compiled
+# and timed) at each compile: seconds per test spent speeding up the fp32 reference and the
+# einsums beside our kernels, which run once. The Pallas kernels are custom calls, not tuned.
+_GPU_COMPILE = {"xla_gpu_autotune_level": 0}
 
 
 def _jit(fn):
-    return jax.jit(fn, compiler_options=None if ON_GPU else _CPU_COMPILE)
+    return jax.jit(fn, compiler_options=_GPU_COMPILE if ON_GPU else _CPU_COMPILE)
+
+
+def _on_shared_grid(x):
+    """Round to multiples of 1/32 in [-255/32, 255/32]: <= 8 significant bits, so bfloat16,
+    float16 and float32 all hold each value exactly."""
+    return jnp.clip(jnp.round(x * 32.0), -255.0, 255.0) / 32.0
+
+
+@functools.cache
+def _grid_inputs(case):
+    """GPU: the case's fp32 draws on the shared grid, so every dtype sees the same values and one
+    fp32 reference per case serves all backends and dtypes."""
+    def draw():
+        q, k, v, dout, segment_ids = case.inputs(jnp.float32)
+        return (*(_on_shared_grid(x) for x in (q, k, v, dout)), segment_ids)
+    return _jit(draw)()
+
+
+def _reference_dtype(dtype):
+    """The input dtype whose fp32 reference serves `dtype`: on the GPU float32 for all (exact
+    casts of the grid inputs), on the CPU `dtype` itself."""
+    return jnp.dtype(jnp.float32 if ON_GPU else dtype)
 
 
 @functools.cache
 def _inputs(case, dtype):
-    """The case's random q, k, v, dout, segment_ids, drawn in one compiled program per (case, dtype)."""
+    """The case's random q, k, v, dout, segment_ids in `dtype`: drawn in one compiled program per
+    (case, dtype) on the CPU; exact casts of the case's grid inputs on the GPU."""
+    if ON_GPU:
+        *floats, segment_ids = _grid_inputs(case)
+        return (*(x.astype(dtype) for x in floats), segment_ids)
     return _jit(lambda: case.inputs(dtype))()
 
 
@@ -51,9 +81,14 @@ def _assert_grad_close(grad, ref, dtype, what):
         assert_close(grad, ref, dtype, what)
 
 
-@functools.cache
 def _reference_result(case, dtype):
-    """fp32 reference output and grads for the case's inputs drawn in `dtype` (shared by backends)."""
+    """fp32 reference output and grads for the case's inputs in `dtype`: one per (case, dtype)
+    on the CPU, one per case on the GPU (see _reference_dtype), shared by the backends."""
+    return _cached_reference(case, _reference_dtype(dtype))
+
+
+@functools.cache
+def _cached_reference(case, dtype):
     q, k, v, dout, segment_ids = _inputs(case, dtype)
 
     def ref(q, k, v):
@@ -97,14 +132,29 @@ def test_mosaic_matches_reference(case):
     _check_contract(case, "mosaic", jnp.bfloat16, interpret=not ON_GPU)
 
 
+# GPU matrix: each (backend, dtype) on the cases listed, not the full product (every test compiles
+# its own forward and backward kernels). Together: ragged T and S, T != S, GQA 1/2/=heads, causal
+# and full, H 64 and 128, segments; Triton in bf16/fp16/fp32, Mosaic in bf16/fp16.
+_GPU_MATRIX = {
+    ("triton", jnp.bfloat16): [c.name for c in cases.GPU_CASES],
+    ("triton", jnp.float16): ["gpu_t17_gqa2_full", "gpu_t1000_mqa_full",
+                              "gpu_t4096_segments_causal"],
+    ("triton", jnp.float32): ["gpu_t129_mha_causal", "gpu_t1000_gqa2_causal_d64",
+                              "gpu_t1024_s3000_gqa2_full"],
+    ("mosaic", jnp.bfloat16): [c.name for c in cases.GPU_CASES if not c.segmented],
+    ("mosaic", jnp.float16): ["gpu_t17_gqa2_full", "gpu_t2048_mha_causal"],
+}
+
+
 def _gpu_params():
-    for backend in ("triton", "mosaic"):
-        for dtype in (*DTYPES, jnp.float16):
-            for case in cases.GPU_CASES:
-                mosaic_ok = jnp.dtype(dtype) != jnp.float32 and not case.segmented
-                if backend != "mosaic" or mosaic_ok:
-                    yield pytest.param(backend, dtype, case,
-                                       id=f"{backend}-{jnp.dtype(dtype).name}-{case.name}")
+    by_name = {c.name: c for c in cases.GPU_CASES}
+    for (backend, dtype), names in _GPU_MATRIX.items():
+        for name in names:
+            # xdist_group: with `-n N --dist loadgroup` a case's tests share one worker, so its
+            # inputs and reference are computed once.
+            yield pytest.param(backend, dtype, by_name[name],
+                               id=f"{backend}-{jnp.dtype(dtype).name}-{name}",
+                               marks=pytest.mark.xdist_group(name))
 
 
 @pytest.mark.gpu

@@ -100,34 +100,42 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_q_ref, seg
 
     q_ref, do_ref [T, G, H]; k_ref, v_ref [block_kv, H]; lse_ref, delta_ref [G, T] fp32;
     seg_q_ref [T] and seg_kv_ref [block_kv] int32, or None; dk_ref, dv_ref [block_kv, H].
+
+    Works on transposed tiles, key rows first (as Triton's fused-attention tutorial): S^T = K Q^T,
+    so every dot has M = block_kv (wgmma wants M a multiple of 64; a 32-row query block as M
+    does not qualify) and P^T, dS^T feed dV += P^T dO and dK += dS^T Q without transposing a
+    register tile (a layout shuffle through shared memory at every step).
     """
     segmented = seg_q_ref is not None
     kv_start = pl.program_id(0) * block_kv
-    cols = kv_start + jnp.arange(block_kv)  # [block_kv]
+    cols = kv_start + jnp.arange(block_kv)  # [block_kv] key positions
     col_valid = (cols < seq_kv) if seq_kv % block_kv else None
     k = load_rows(k_ref, col_valid)  # [block_kv, H]
     v = load_rows(v_ref, col_valid)  # [block_kv, H]
     seg_cols = load_rows(seg_kv_ref, col_valid) if segmented else None
+    qk_scale = scale * LOG2E
 
     def step(i, carry, head, masked):
         dk, dv = carry  # [block_kv, H] each, fp32
         q_start = i * block_q
-        rows = q_start + jnp.arange(block_q)  # [block_q]
+        rows = q_start + jnp.arange(block_q)  # [block_q] query positions
         row_valid = (rows < seq_q) if masked else None
         rows_at = pl.ds(q_start, block_q)
         q = load_rows(q_ref.at[rows_at, head], row_valid)  # [block_q, H]
         do = load_rows(do_ref.at[rows_at, head], row_valid)  # [block_q, H]
         lse2 = load_rows(lse_ref.at[head, rows_at], row_valid)  # [block_q]
         delta = load_rows(delta_ref.at[head, rows_at], row_valid)  # [block_q]
-        mask = None
+        s_t = plgpu.dot(k, q, trans_b=True, precision=precision) * qk_scale  # [block_kv, block_q]
+        p_t = jnp.exp2(s_t - lse2[None, :])
         if masked:
             seg_rows = load_rows(seg_q_ref.at[rows_at], row_valid) if segmented else None
-            mask = tile_mask(rows, cols, seq_q=seq_q, seq_kv=seq_kv, causal=causal,
-                             seg_rows=seg_rows, seg_cols=seg_cols)
-        p, ds = _probs_and_dscores(q, k, v, do, lse2, delta, qk_scale=scale * LOG2E, mask=mask,
-                                   precision=precision)
-        dv = dv + plgpu.dot(p.astype(do.dtype), do, trans_a=True, precision=precision)
-        dk = dk + plgpu.dot(ds.astype(q.dtype), q, trans_a=True, precision=precision)
+            ok = tile_mask(rows, cols, seq_q=seq_q, seq_kv=seq_kv, causal=causal,
+                           seg_rows=seg_rows, seg_cols=seg_cols, kv_major=True)
+            p_t = jnp.where(ok, p_t, 0.0)  # select, not multiply: masked s may be inf or NaN
+        dp_t = plgpu.dot(v, do, trans_b=True, precision=precision)  # [block_kv, block_q]
+        ds_t = p_t * (dp_t - delta[None, :])
+        dv = dv + plgpu.dot(p_t.astype(do.dtype), do, precision=precision)
+        dk = dk + plgpu.dot(ds_t.astype(q.dtype), q, precision=precision)
         return dk, dv
 
     ranges = _q_block_ranges(kv_start, block_q, block_kv, seq_q=seq_q, causal=causal,
@@ -139,7 +147,10 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, seg_q_ref, seg
         return carry
 
     zeros = jnp.zeros((block_kv, k.shape[-1]), jnp.float32)
-    dk, dv = lax.fori_loop(0, group, head_step, (zeros, zeros))
+    if group == 1:  # MHA: no loop over heads around the q-block loops
+        dk, dv = head_step(jnp.asarray(0, jnp.int32), (zeros, zeros))
+    else:
+        dk, dv = lax.fori_loop(0, group, head_step, (zeros, zeros))
     store_rows(dk_ref, (dk * scale).astype(dk_ref.dtype), col_valid)
     store_rows(dv_ref, dv.astype(dv_ref.dtype), col_valid)
 
@@ -151,7 +162,9 @@ def flash_backward(q, k, v, segment_ids, out, lse2, dout, *, scale: float, causa
     s, kv_heads = k.shape[1], k.shape[2]
     group = n // kv_heads
     segmented = segment_ids is not None
-    delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), dout.astype(jnp.float32))
+    # delta = rowsum(dO * O) [B, N, T]: a multiply and a reduction (as an einsum it is a batched
+    # dot with M = N = 1, which XLA may send to a GEMM and autotune).
+    delta = jnp.sum(out.astype(jnp.float32) * dout.astype(jnp.float32), axis=-1).transpose(0, 2, 1)
     common = dict(scale=scale, causal=causal, seq_q=t, seq_kv=s, precision=dot_precision(q.dtype))
     params = plgpu.CompilerParams(num_warps=blocks.num_warps_bwd, num_stages=blocks.num_stages_bwd)
 

@@ -56,13 +56,18 @@ def store_rows(ref, value, valid):
         plgpu.store(ref, value, mask=_row_mask(valid, value.ndim))
 
 
-def tile_mask(rows, cols, *, seq_q, seq_kv, causal, seg_rows=None, seg_cols=None):
-    """[rows, cols] bool, True where query `rows[i]` may attend key `cols[j]`."""
-    ok = (rows[:, None] < seq_q) & (cols[None, :] < seq_kv)
+def tile_mask(rows, cols, *, seq_q, seq_kv, causal, seg_rows=None, seg_cols=None,
+              kv_major=False):
+    """[rows, cols] bool, True where query `rows[i]` may attend key `cols[j]`;
+    `kv_major=True`: the transpose, [cols, rows] (tiles with key rows first)."""
+    r, c = (rows[None, :], cols[:, None]) if kv_major else (rows[:, None], cols[None, :])
+    ok = (r < seq_q) & (c < seq_kv)
     if causal:
-        ok = ok & (rows[:, None] >= cols[None, :])
+        ok = ok & (r >= c)
     if seg_rows is not None:
-        ok = ok & (seg_rows[:, None] == seg_cols[None, :])
+        sr, sc = (seg_rows[None, :], seg_cols[:, None]) if kv_major else (seg_rows[:, None],
+                                                                            seg_cols[None, :])
+        ok = ok & (sr == sc)
     return ok
 
 
