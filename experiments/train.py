@@ -3,11 +3,28 @@
 Writes runs/<name>/ (config.yaml, metrics.jsonl, tb/, checkpoints/, samples.txt).
 """
 import argparse
+import dataclasses
 import sys
 
 from llmjax.checkpoint import CheckpointError
 from llmjax.config import ConfigError, load_config
+from llmjax.convert import ConversionError, load_hf
 from llmjax.train.loop import TrainingDiverged, train
+
+
+_KEPT_MODEL_FIELDS = ("dtype", "attention_impl", "norm_impl", "loss_impl", "remat")
+
+
+def _with_hf_model(cfg, hf_dir, overrides):
+    """cfg with model.* from the checkpoint (keeping the run's compute choices) and its params."""
+    hf_model, params = load_hf(hf_dir, param_dtype=cfg.model.param_dtype)
+    kept = {f: getattr(cfg.model, f) for f in _KEPT_MODEL_FIELDS}
+    data = cfg.data
+    if not any(o.startswith("data.tokenizer=") for o in overrides) and data.tokenizer == "bundled":
+        data = dataclasses.replace(data, tokenizer=str(hf_dir))
+    seq_len = min(data.seq_len, hf_model.max_seq_len)
+    return (dataclasses.replace(cfg, model=dataclasses.replace(hf_model, **kept),
+                                data=dataclasses.replace(data, seq_len=seq_len)), params)
 
 
 def main(argv=None):
@@ -17,13 +34,21 @@ def main(argv=None):
     parser.add_argument("--config", help="YAML experiment file (experiments/configs/*.yaml)")
     parser.add_argument("--resume", action="store_true", help="continue runs/<name> from its newest checkpoint")
     parser.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after this step")
+    parser.add_argument("--init-from-hf", metavar="DIR",
+                        help="start from a Hugging Face checkpoint folder: its architecture replaces model.* "
+                             "(model.dtype and the *_impl/remat choices stay yours), its tokenizer.json "
+                             "is used unless data.tokenizer is set")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (eval lines still print)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        result = train(cfg, resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress)
-    except (ConfigError, CheckpointError, TrainingDiverged, ValueError) as e:
+        init_params = None
+        if args.init_from_hf and not args.resume:
+            cfg, init_params = _with_hf_model(cfg, args.init_from_hf, args.overrides)
+        result = train(cfg, resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress,
+                       init_params=init_params)
+    except (ConfigError, CheckpointError, ConversionError, TrainingDiverged, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if result.val_loss is not None:

@@ -165,3 +165,22 @@ def test_generate_from_a_hugging_face_folder(tmp_path, capsys):
     assert capsys.readouterr().out.startswith("ROMEO:")
     assert generate_cli.main(["--hf", str(tmp_path / "missing")]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_train_starts_from_a_hugging_face_checkpoint(tmp_path, corpus):
+    from llmjax.convert import save_hf
+    from llmjax.models import init_model, split_model
+
+    hf_cfg = load_config(overrides=["preset=llama-tiny", "model.n_layers=3", "model.vocab_size=300"]).model
+    hf_params = split_model(init_model(hf_cfg, seed=5))[1]
+    save_hf(hf_cfg, hf_params, tmp_path / "hf")
+    args = tiny(tmp_path, corpus, "train.steps=2", "train.eval_every=1")
+    assert train_cli.main(["--no-progress", "--init-from-hf", str(tmp_path / "hf"), *args]) == 0
+    run_cfg = load_config(tmp_path / "t" / "config.yaml")
+    assert (run_cfg.model.family, run_cfg.model.n_layers, run_cfg.model.vocab_size) == ("llama", 3, 300)
+    # The first step's loss is the imported model's loss, not a fresh init's.
+    cfg = load_config(overrides=tiny(tmp_path / "fresh", corpus, "preset=llama-tiny", "model.n_layers=3",
+                                     "model.vocab_size=300", "train.steps=1"))
+    imported = train(cfg, init_params=hf_params, progress=False)
+    assert losses(tmp_path / "t")[0][1] == losses(cfg.run_dir)[0][1]
+    assert imported.step == 1

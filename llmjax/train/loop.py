@@ -73,8 +73,9 @@ def _eval_batches(windows: np.ndarray, batch_size: int, n_batches: int) -> list[
 
 
 def train(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = None,
-          progress: bool = True) -> TrainResult:
-    """Train `cfg` from scratch, or from the newest checkpoint of its run when `resume`.
+          progress: bool = True, init_params: dict | None = None) -> TrainResult:
+    """Train `cfg` from scratch (or from `init_params`, e.g. an imported checkpoint), or from
+    the newest checkpoint of its run when `resume`.
 
     `stop_after` ends this call after that step with a checkpoint, as SIGTERM would (for
     time-sliced jobs); the schedule still runs to cfg.train.steps across resumes.
@@ -99,6 +100,8 @@ def train(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = 
     save_config(cfg, run_dir / "config.yaml")
 
     graphdef, params = split_model(init_model(cfg.model, seed=tc.seed))
+    if init_params is not None:
+        params = _checked_like(init_params, params)
     optimizer = make_optimizer(cfg.optim, tc.steps)
     state = init_train_state(params, optimizer)
     batches = BatchIterator(data.train, tc.batch_size, seed=tc.seed)
@@ -175,6 +178,16 @@ def train(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = 
     return TrainResult(step=int(state["step"]), train_loss=train_loss, val_loss=val_loss,
                        unigram_entropy=data.unigram_entropy, stopped_by_signal=stopped, sample=sample,
                        params=state["params"])
+
+
+def _checked_like(given: dict, fresh: dict) -> dict:
+    """`given` as fp32-or-param-dtype jax arrays, after checking it has `fresh`'s structure and shapes."""
+    if jax.tree.structure(given) != jax.tree.structure(fresh):
+        raise ConfigError("init_params", "<tree>", "the parameter tree of model.* (same names and nesting)")
+    for path, g, f in zip(jax.tree_util.tree_leaves_with_path(fresh), jax.tree.leaves(given), jax.tree.leaves(fresh)):
+        if g.shape != f.shape:
+            raise ConfigError("init_params" + jax.tree_util.keystr(path[0]), g.shape, f"shape {f.shape}")
+    return jax.tree.map(lambda g, f: jnp.asarray(g, f.dtype), given, fresh)
 
 
 def sample_text(model, tokenizer, cfg: ExperimentConfig, prompt: str) -> str:
