@@ -23,15 +23,13 @@ def load_run(run_dir, step: int | None = None):
         raise CheckpointError(f"{run_dir} is not a run folder: no config.yaml")
     cfg = load_config(run_dir / "config.yaml")
 
-    def fresh_state():
-        params = split_model(init_model(cfg.model))[1]
-        return init_train_state(params, make_optimizer(cfg.optim, cfg.train.steps))
-
-    template = jax.eval_shape(fresh_state)  # shapes only: nothing is initialized
+    # Shapes only: nothing is initialized.
+    graphdef, params = split_model(nnx.eval_shape(lambda: init_model(cfg.model)))
+    optimizer = make_optimizer(cfg.optim, cfg.train.steps)
+    template = jax.eval_shape(lambda p: init_train_state(p, optimizer), params)
     ckpt = Checkpointer(run_dir / "checkpoints")
     try:
         state, _ = ckpt.restore(template, step)
     finally:
         ckpt.close()
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: init_model(cfg.model)))
     return cfg, nnx.merge(graphdef, state["params"]), load_tokenizer(cfg.data.tokenizer)

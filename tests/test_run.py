@@ -1,5 +1,4 @@
 """End-to-end runs: resume is bit-identical, signals and NaNs keep checkpoints, bad inputs fail clearly."""
-import json
 import os
 import signal
 import subprocess
