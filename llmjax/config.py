@@ -68,6 +68,14 @@ class ModelConfig:
     norm_impl: str = "xla"  # xla | pallas
     loss_impl: str = "xla"  # xla (materialized logits) | fused (chunked, logits never whole)
     remat: str = "none"  # none | full | dots (save matmul outputs, recompute the rest)
+    # Mixture of experts (0 experts = the dense feed-forward block).
+    n_experts: int = 0
+    moe_top_k: int = 2  # experts per token
+    n_shared_experts: int = 0  # always-on experts beside the routed ones
+    moe_capacity_factor: float = 0.0  # 0 = dropless; else slots per expert = factor * tokens * top_k / experts
+    moe_aux_loss_weight: float = 0.01  # load-balancing loss (Switch Transformer)
+    moe_z_loss_weight: float = 0.001  # router z-loss (ST-MoE)
+    moe_impl: str = "ragged"  # ragged (sorted tokens, lax.ragged_dot) | dense (every expert on every token)
 
     def __post_init__(self):
         _check_choice("model.family", self.family, ("gpt2", "llama"))
@@ -77,6 +85,12 @@ class ModelConfig:
         _check_choice("model.norm_impl", self.norm_impl, ("xla", "pallas"))
         _check_choice("model.loss_impl", self.loss_impl, ("xla", "fused"))
         _check_choice("model.remat", self.remat, ("none", "full", "dots"))
+        _check_choice("model.moe_impl", self.moe_impl, ("ragged", "dense"))
+        _check_positive("model", self, ("n_experts", "n_shared_experts", "moe_capacity_factor",
+                                        "moe_aux_loss_weight", "moe_z_loss_weight"), allow_zero=True)
+        if self.n_experts and not 1 <= self.moe_top_k <= self.n_experts:
+            raise ConfigError("model.moe_top_k", self.moe_top_k,
+                              f"an integer in [1, model.n_experts={self.n_experts}]")
         _check_positive("model", self, ("n_layers", "n_heads", "n_kv_heads", "d_model", "d_mlp",
                                         "vocab_size", "max_seq_len", "norm_eps", "init_std"))
         if self.d_model % self.n_heads:
@@ -171,16 +185,56 @@ class MeshConfig:
     sequence: int = 1
     tensor: int = 1
     rules: str = "dp"
+    # Pipeline parallelism (used when pipeline > 1).
+    pp_schedule: str = "gpipe"  # gpipe | 1f1b
+    pp_microbatches: int = 4
+    # Multi-host: None/1 = this process only; else jax.distributed.initialize(coordinator, ...)
+    # (the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment also works).
+    coordinator: str | None = None  # "host:port" of process 0
+    num_processes: int = 1
+    process_id: int | None = None
 
     def __post_init__(self):
         from sharding.rules import PRESETS as RULE_PRESETS
 
-        _check_positive("mesh", self, ("data", "fsdp", "pipeline", "expert", "sequence", "tensor"))
+        _check_positive("mesh", self, ("data", "fsdp", "pipeline", "expert", "sequence", "tensor",
+                                       "pp_microbatches", "num_processes"))
         _check_choice("mesh.rules", self.rules, tuple(RULE_PRESETS))
+        _check_choice("mesh.pp_schedule", self.pp_schedule, ("gpipe", "1f1b"))
+        if self.process_id is not None and not 0 <= self.process_id < self.num_processes:
+            raise ConfigError("mesh.process_id", self.process_id,
+                              f"an integer in [0, mesh.num_processes={self.num_processes})")
 
     @property
     def shape(self) -> tuple[int, ...]:
         return (self.data, self.fsdp, self.pipeline, self.expert, self.sequence, self.tensor)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoraConfig:
+    """Low-rank adapters (Hu et al. 2021): W + (alpha / rank) * A @ B on the target weights.
+
+    rank 0 turns LoRA off. Targets are comma-separated weight names of the blocks:
+    wq, wk, wv, wo (attention), w_in, w_gate, w_out (feed-forward).
+    """
+
+    rank: int = 0
+    alpha: float = 16.0
+    targets: str = "wq,wk,wv,wo"
+
+    def __post_init__(self):
+        _check_positive("lora", self, ("rank",), allow_zero=True)
+        _check_positive("lora", self, ("alpha",))
+        allowed = ("wq", "wk", "wv", "wo", "w_in", "w_gate", "w_out")
+        names = [t.strip() for t in self.targets.split(",") if t.strip()]
+        bad = [t for t in names if t not in allowed]
+        if bad or not names:
+            raise ConfigError("lora.targets", self.targets,
+                              "comma-separated names from " + ", ".join(allowed))
+
+    @property
+    def target_names(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in self.targets.split(",") if t.strip())
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -213,6 +267,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self):
         if self.data.seq_len is None:  # resolve once, so the saved config is explicit

@@ -11,7 +11,7 @@ from flax import nnx
 
 from llmjax.config import DecodeConfig
 from llmjax.decode.sampling import sample_logits
-from llmjax.models.transformer import init_cache
+from llmjax.models.kv_cache import init_cache
 
 
 @partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p", "vocab_size"))

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llmjax import ops
+from llmjax.models import kv_cache
 from llmjax.config import ModelConfig
 from sharding.axes import (ACT_EMBED, BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LAYERS, LENGTH, MLP,
                            VOCAB)
@@ -92,15 +93,7 @@ class Attention(nnx.Module):
         if cache is None:
             out = ops.attention(q, k, v, causal=True, impl=cfg.attention_impl)
         else:
-            # Write this chunk at its positions, then attend over the whole cache,
-            # masking slots past each query's own position (unwritten or future).
-            start = positions[0, 0]
-            cache_k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), start, axis=1)
-            cache_v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), start, axis=1)
-            cache = {"k": cache_k, "v": cache_v}
-            slots = jnp.arange(cache_k.shape[1])
-            mask = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]
-            out = ops.attention(q, cache_k.astype(dt), cache_v.astype(dt), causal=False, impl="xla", mask=mask)
+            out, cache = kv_cache.attend_cached(q, k, v, positions, cache)
         y = jnp.einsum("btnh,nhd->btd", out, self.wo[...].astype(dt))
         if self.bo is not None:
             y = y + self.bo[...].astype(dt)
@@ -146,10 +139,12 @@ class Block(nnx.Module):
         self.mlp = FeedForward(cfg, rngs)
 
     def __call__(self, x, positions, cache):
+        """(x, cache) -> (x, cache, aux): aux is a dict of this block's auxiliary outputs
+        (empty for the dense feed-forward)."""
         y, cache = self.attn(self.attn_norm(x), positions, cache)
         x = x + y
         x = x + self.mlp(self.mlp_norm(x))
-        return constrain(x, (BATCH, LENGTH, ACT_EMBED)), cache
+        return constrain(x, (BATCH, LENGTH, ACT_EMBED)), cache, {}
 
 
 class Transformer(nnx.Module):
@@ -176,41 +171,59 @@ class Transformer(nnx.Module):
         self.lm_head = (None if cfg.tie_embeddings
                         else _param(rngs, (cfg.d_model, cfg.vocab_size), (EMBED, VOCAB), pd, std))
 
+    def embed_tokens(self, tokens, positions):
+        """Token (+ learned position) embeddings [B, T, D] in the compute dtype."""
+        dt = jnp.dtype(self.cfg.dtype)
+        x = self.embed[...].astype(dt)[tokens]
+        if self.pos_embed is not None:
+            x = x + self.pos_embed[...].astype(dt)[positions]
+        return constrain(x, (BATCH, LENGTH, ACT_EMBED))
+
+    def apply_blocks(self, x, positions, cache=None, block_state=None):
+        """Run the stacked blocks over x [B, T, D]: (x, cache, aux).
+
+        `block_state` defaults to all layers; a pipeline stage passes its slice of
+        `nnx.split(model.blocks)[1]` (leading axis = its layers). aux holds each block's
+        auxiliary outputs stacked on a leading layer axis.
+        """
+        block_def, all_state = nnx.split(self.blocks)
+        block_state = all_state if block_state is None else block_state
+
+        # A plain lax.scan over the stacked block state: works under any outer transform
+        # (jit, fori_loop, grad), where nnx.scan rejects modules from another trace level.
+        def layer(x, per_layer):
+            state, layer_cache = per_layer
+            x, layer_cache, aux = nnx.merge(block_def, state)(x, positions, layer_cache)
+            return x, (layer_cache, aux)
+
+        if self.cfg.remat != "none":
+            layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[self.cfg.remat])
+        x, (cache, aux) = jax.lax.scan(layer, x, (block_state, cache))
+        return x, cache, aux
+
     def hidden_states(self, tokens, positions=None, cache=None):
         """Final-norm hidden states [B, T, D] and the updated cache.
 
         Args:
           tokens: [B, T] int32.
           positions: [B, T] int32 absolute positions; default 0..T-1.
-          cache: None, or {"k", "v"}: [L, B, S, K, H] (see `init_cache`).
+          cache: None, or a cache from `init_cache` ({"k", "v"}: [L, B, S, K, H]).
         Raises:
           ValueError: T (or the cache length) exceeds model.max_seq_len.
         """
+        hidden, cache, _ = self._hidden_and_aux(tokens, positions, cache)
+        return hidden, cache
+
+    def _hidden_and_aux(self, tokens, positions=None, cache=None):
         cfg = self.cfg
         b, t = tokens.shape
-        if t > cfg.max_seq_len or (cache is not None and cache["k"].shape[2] > cfg.max_seq_len):
-            length = t if cache is None else cache["k"].shape[2]
-            raise ValueError(f"sequence length {length} exceeds model.max_seq_len={cfg.max_seq_len}")
+        length = t if cache is None else kv_cache.cache_length(cache)
+        if t > cfg.max_seq_len or length > cfg.max_seq_len:
+            raise ValueError(f"sequence length {max(t, length)} exceeds model.max_seq_len={cfg.max_seq_len}")
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        dt = jnp.dtype(cfg.dtype)
-        x = self.embed[...].astype(dt)[tokens]  # [B, T, D]
-        if self.pos_embed is not None:
-            x = x + self.pos_embed[...].astype(dt)[positions]
-        x = constrain(x, (BATCH, LENGTH, ACT_EMBED))
-
-        # A plain lax.scan over the stacked block state: works under any outer transform
-        # (jit, fori_loop, grad), where nnx.scan rejects modules from another trace level.
-        block_def, block_state = nnx.split(self.blocks)
-
-        def layer(x, per_layer):
-            state, layer_cache = per_layer
-            return nnx.merge(block_def, state)(x, positions, layer_cache)
-
-        if cfg.remat != "none":
-            layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat])
-        x, cache = jax.lax.scan(layer, x, (block_state, cache))
-        return self.final_norm(x), cache
+        x, cache, aux = self.apply_blocks(self.embed_tokens(tokens, positions), positions, cache)
+        return self.final_norm(x), cache, aux
 
     def head_weight(self):
         """The output projection as [V, D]: the embedding when tied."""
@@ -222,9 +235,24 @@ class Transformer(nnx.Module):
         return jnp.einsum("btd,vd->btv", hidden, w, preferred_element_type=jnp.float32)
 
     def loss(self, tokens):
-        """Mean next-token cross-entropy on tokens [B, T + 1] (model.loss_impl picks how)."""
-        hidden, _ = self.hidden_states(tokens[:, :-1])
-        return ops.lm_loss(hidden, self.head_weight(), tokens[:, 1:], impl=self.cfg.loss_impl)
+        """The training objective on tokens [B, T + 1]: see `loss_and_metrics`."""
+        return self.loss_and_metrics(tokens)[0]
+
+    def loss_and_metrics(self, tokens):
+        """(loss, metrics) on tokens [B, T + 1]: mean next-token cross-entropy
+        (model.loss_impl picks how) plus any auxiliary losses; metrics is a dict of
+        scalars or small arrays to log (empty for a dense model)."""
+        hidden, _, aux = self._hidden_and_aux(tokens[:, :-1])
+        return self.head_loss(hidden, tokens[:, 1:]) + self.aux_loss(aux), {}
+
+    def head_loss(self, hidden, targets):
+        """Mean cross-entropy of the next-token head on final-norm hidden [B, T, D]."""
+        return ops.lm_loss(hidden, self.head_weight(), targets, impl=self.cfg.loss_impl)
+
+    def aux_loss(self, aux):
+        """The weighted sum of the blocks' auxiliary losses (0 for a dense model)."""
+        del aux
+        return 0.0
 
     def __call__(self, tokens, positions=None, cache=None):
         """Logits [B, T, V] fp32 and the updated cache (None when no cache was given)."""
@@ -232,10 +260,4 @@ class Transformer(nnx.Module):
         return self.logits(hidden), cache
 
 
-def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> dict:
-    """An empty KV cache {"k", "v"}: [L, B, S, K, H] zeros, S = length slots."""
-    if length > cfg.max_seq_len:
-        raise ValueError(f"cache length {length} exceeds model.max_seq_len={cfg.max_seq_len}")
-    shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
-    dtype = jnp.dtype(dtype or cfg.dtype)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+init_cache = kv_cache.init_cache

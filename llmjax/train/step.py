@@ -27,6 +27,11 @@ def loss_fn(params, graphdef, tokens):
     return nnx.merge(graphdef, params).loss(tokens)
 
 
+def loss_and_metrics_fn(params, graphdef, tokens):
+    """(loss, model metrics) of the model on tokens [B, T + 1] (see Transformer.loss_and_metrics)."""
+    return nnx.merge(graphdef, params).loss_and_metrics(tokens)
+
+
 def init_train_state(params, optimizer: optax.GradientTransformation) -> dict:
     return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
 
@@ -34,7 +39,7 @@ def init_train_state(params, optimizer: optax.GradientTransformation) -> dict:
 def _train_step_fn(graphdef, optimizer, schedule, grad_shardings=None):
     """The un-jitted step; `grad_shardings` (a params-like tree) pins the gradient
     accumulator's layout (ZeRO-2/3 keep it split like the params)."""
-    grad_fn = jax.value_and_grad(loss_fn)
+    grad_fn = jax.value_and_grad(loss_and_metrics_fn, has_aux=True)
 
     def pin(tree):
         return tree if grad_shardings is None else jax.lax.with_sharding_constraint(tree, grad_shardings)
@@ -44,16 +49,18 @@ def _train_step_fn(graphdef, optimizer, schedule, grad_shardings=None):
 
         def accumulate(carry, micro):
             loss_sum, grad_sum = carry
-            loss, grads = grad_fn(params, graphdef, micro)
+            (loss, model_metrics), grads = grad_fn(params, graphdef, micro)
             grad_sum = pin(jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads))
-            return (loss_sum + loss, grad_sum), None
+            return (loss_sum + loss, grad_sum), model_metrics
 
         zeros = pin(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
-        (loss_sum, grad_sum), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros), batch)
+        (loss_sum, grad_sum), model_metrics = jax.lax.scan(
+            accumulate, (jnp.zeros((), jnp.float32), zeros), batch)
         n = batch.shape[0]
         grads = jax.tree.map(lambda g, p: (g / n).astype(p.dtype), grad_sum, params)
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
-        metrics = {"loss": loss_sum / n, "grad_norm": optax.tree.norm(grads)}
+        metrics = {"loss": loss_sum / n, "grad_norm": optax.tree.norm(grads),
+                   **jax.tree.map(lambda m: m.mean(0), model_metrics)}
         if schedule is not None:
             metrics["lr"] = schedule(state["step"])
         new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
