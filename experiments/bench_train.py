@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 
 import jax
 import jax.numpy as jnp
@@ -63,7 +64,9 @@ def kernel_breakdown(step, state, batch) -> tuple[dict, object]:
     """Milliseconds of GPU kernel time in one step by class, from CUPTI; returns (ms, new state)."""
     from jax.experimental.mosaic.gpu import profiler
 
-    (state, _), kernels = profiler.measure(step, aggregate=False)(state, batch)
+    # measure calls its function twice (warm-up, then timed) with the same arguments, so it gets
+    # a jit of a call to `step`: the outer jit does not donate, and the state survives.
+    (state, _), kernels = profiler.measure(lambda s, b: step(s, b), aggregate=False)(state, batch)
     ms = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
     for name, t in kernels or ():
         low = name.lower()
@@ -190,6 +193,7 @@ def main(argv=None):
         try:
             row = bench_one(cfg, args.steps, args.warmup, not args.no_breakdown)
         except Exception as e:  # one failing variant (e.g. out of memory) keeps the others
+            traceback.print_exc()
             row = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
         row["variant"] = name
         if "tokens_per_s" in row:
