@@ -1,0 +1,4 @@
+"""Paged decode attention (one query token per sequence, block tables) in Pallas; see api."""
+from pallas_kernels.decode_attention.api import paged_decode_attention
+
+__all__ = ["paged_decode_attention"]

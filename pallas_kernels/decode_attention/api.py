@@ -1,0 +1,119 @@
+"""paged_decode_attention: input checks, backend choice, padding around the Pallas kernel.
+
+B batch, N query heads, K kv heads, G = N // K, H head dim, P pool pages, bs page size,
+M pages per sequence.
+"""
+import logging
+
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels import _api
+from pallas_kernels.decode_attention import config, reference, triton_decode
+
+BACKENDS = ("auto", "reference", "triton")
+
+_log = logging.getLogger(__name__)
+_warned: set[str] = set()
+
+
+def paged_decode_attention(q, k_pages, v_pages, block_tables, lengths, *, scale=None,
+                           backend="auto", interpret=False, blocks=None):
+    """Attention of one new query token per sequence over its keys held in pages.
+
+    Args:
+      q: [B, N, H] (the current token's queries), float32/bfloat16/float16.
+      k_pages, v_pages: [P, bs, K, H], q's dtype; K divides N (query head n reads kv head
+        n // (N // K)). A page holds bs consecutive positions of one sequence.
+      block_tables: [B, M] int: sequence b's position p lives in page block_tables[b, p // bs]
+        at slot p % bs. Entries past a sequence's length are ignored (any value).
+      lengths: [B] int, keys per sequence (0 <= length <= M * bs); a length-0 row gives zeros.
+      scale: logit scale (Python number), default H ** -0.5.
+      backend: "auto" (the Triton kernel on a GPU or with interpret=True, else the reference;
+        head dims or page sizes without a kernel fall back, logged once), "reference" (plain
+        jnp, fp32), "triton" (raises where it cannot run).
+      interpret: run the Pallas kernel in interpret mode (CPU tests).
+      blocks: `config.DecodeBlocks`; default `config.default_blocks`.
+    Returns:
+      [B, N, H] in q's dtype.
+    Raises:
+      ValueError: bad rank, dtype, shapes, backend or blocks; the message names the value.
+    """
+    _validate(q, k_pages, v_pages, block_tables, lengths, backend=backend, blocks=blocks)
+    b, n, h = q.shape
+    pool, page_size, kv_heads, _ = k_pages.shape
+    scale = h ** -0.5 if scale is None else float(scale)
+    chosen = _choose_backend(backend, head_dim=h, page_size=page_size, interpret=interpret)
+    if chosen == "reference":
+        out = reference.paged_decode_attention_reference(q, k_pages, v_pages, block_tables,
+                                                         lengths, scale=scale)
+        return out.astype(q.dtype)
+    m = block_tables.shape[1]
+    blocks = blocks or config.default_blocks(b, kv_heads, m, page_size)
+    splits = pl.cdiv(m, blocks.pages_per_split)
+    # Pad the table to whole splits with page 0 (never read past `lengths`); clip so a stale
+    # entry can never address memory outside the pool.
+    tables = jnp.clip(block_tables.astype(jnp.int32), 0, pool - 1)
+    tables = jnp.pad(tables, ((0, 0), (0, splits * blocks.pages_per_split - m)))
+    tables = tables.reshape(b, splits, blocks.pages_per_split)
+    group = n // kv_heads
+    rows = max(triton_decode.MIN_ROWS, pl.next_power_of_2(group))
+    qg = jnp.pad(q.reshape(b, kv_heads, group, h), ((0, 0), (0, 0), (0, rows - group), (0, 0)))
+    o, m_stat, l_stat = triton_decode.decode_partials(
+        qg, k_pages, v_pages, tables, lengths.astype(jnp.int32).reshape(b, 1), scale=scale,
+        blocks=blocks, interpret=interpret)
+    out = triton_decode.merge_splits(o, m_stat, l_stat)  # [B, K, Gp, H]
+    return out[:, :, :group].reshape(b, n, h).astype(q.dtype)
+
+
+def _validate(q, k_pages, v_pages, block_tables, lengths, *, backend, blocks):
+    """Raise ValueError naming the first bad value."""
+    if getattr(q, "ndim", None) != 3:
+        raise ValueError(f"q must be rank 3 [batch, heads, head_dim]; got q.shape={getattr(q, 'shape', None)}")
+    for name, x in (("k_pages", k_pages), ("v_pages", v_pages)):
+        if getattr(x, "ndim", None) != 4:
+            raise ValueError(f"{name} must be rank 4 [pages, page_size, kv_heads, head_dim]; "
+                             f"got {name}.shape={getattr(x, 'shape', None)}")
+    _api.check_float_dtype("q", q)
+    if not q.dtype == k_pages.dtype == v_pages.dtype:
+        raise ValueError(f"q, k_pages, v_pages must share one dtype; got q.dtype={q.dtype}, "
+                         f"k_pages.dtype={k_pages.dtype}, v_pages.dtype={v_pages.dtype}")
+    if k_pages.shape != v_pages.shape:
+        raise ValueError(f"k_pages.shape={k_pages.shape} differs from v_pages.shape={v_pages.shape}")
+    b, n, h = q.shape
+    kv_heads, hk = k_pages.shape[2:]
+    if h != hk:
+        raise ValueError(f"head_dim differs: q has head_dim={h}, pages have head_dim={hk}")
+    if n % kv_heads:
+        raise ValueError(f"heads={n} is not divisible by kv_heads={kv_heads}; kv_heads must divide heads")
+    for name, x, rank in (("block_tables", block_tables, 2), ("lengths", lengths, 1)):
+        if getattr(x, "ndim", None) != rank or not jnp.issubdtype(x.dtype, jnp.integer):
+            raise ValueError(f"{name} must be an int array of rank {rank}; got shape="
+                             f"{getattr(x, 'shape', None)}, dtype={getattr(x, 'dtype', None)}")
+        if x.shape[0] != b:
+            raise ValueError(f"{name}.shape[0]={x.shape[0]} differs from batch={b} (q.shape[0])")
+    _api.check_backend(backend, BACKENDS)
+    if blocks is not None and not isinstance(blocks, config.DecodeBlocks):
+        raise ValueError(f"blocks={blocks!r} must be a config.DecodeBlocks or None")
+
+
+def _kernel_gap(head_dim: int, page_size: int) -> str | None:
+    """Why the kernel cannot take these shapes (Triton tiles are powers of 2, dots >= 16 wide)."""
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        return f"head_dim={head_dim} is not a power of 2 >= 16"
+    if page_size & (page_size - 1):
+        return f"page_size={page_size} is not a power of 2"
+    return None
+
+
+def _choose_backend(backend: str, *, head_dim: int, page_size: int, interpret: bool) -> str:
+    """Resolve "auto"; raise if "triton" was named and cannot serve the call."""
+    warn = lambda reason: _api.warn_once(  # noqa: E731
+        _log, _warned, f"paged_decode_attention: {reason}; using the reference backend")
+    gap = _kernel_gap(head_dim, page_size)
+    if gap and backend == "triton":
+        raise ValueError(f"backend='triton' cannot run: {gap}; use backend='reference'")
+    if gap and backend == "auto":
+        warn(gap)
+        return "reference"
+    return _api.triton_or_reference(backend, interpret, warn)

@@ -1,0 +1,53 @@
+"""Paged decode attention in plain jnp (fp32): the definition of correct.
+
+B batch, N query heads, K kv heads, G = N // K, H head dim, P pages in the pool, bs page size,
+M pages per sequence (block table width), S = M * bs.
+"""
+import jax
+import jax.numpy as jnp
+
+# Finite, not -inf: a sequence of length 0 (an idle slot) gives a uniform softmax over masked
+# keys instead of NaN; its output is then zeroed explicitly.
+MASK_VALUE = -1e30
+
+
+def contiguous_decode_attention(q, k, v, lengths, *, scale=None):
+    """One query per sequence over its first `lengths[b]` keys.
+
+    Args:
+      q: [B, N, H]; k, v: [B, S, K, H], K dividing N; lengths: [B] int, 0 <= length <= S.
+    Returns:
+      [B, N, H] fp32; rows with length 0 are zeros.
+    """
+    b, n, h = q.shape
+    kv_heads = k.shape[2]
+    scale = h ** -0.5 if scale is None else scale
+    qg = q.astype(jnp.float32).reshape(b, kv_heads, n // kv_heads, h)
+    scores = jnp.einsum("bkgh,bskh->bkgs", qg, k.astype(jnp.float32),
+                        precision=jax.lax.Precision.HIGHEST) * scale
+    valid = jnp.arange(k.shape[1])[None, :] < lengths[:, None]  # [B, S]
+    scores = jnp.where(valid[:, None, None], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgs,bskh->bkgh", probs, v.astype(jnp.float32),
+                     precision=jax.lax.Precision.HIGHEST).reshape(b, n, h)
+    return jnp.where((lengths > 0)[:, None, None], out, 0.0)
+
+
+def gather_pages(pages, block_tables):
+    """Pages [P, bs, K, H] read through block tables [B, M] -> contiguous [B, M * bs, K, H]."""
+    b, m = block_tables.shape
+    gathered = pages[block_tables]  # [B, M, bs, K, H]
+    return gathered.reshape(b, m * pages.shape[1], *pages.shape[2:])
+
+
+def paged_decode_attention_reference(q, k_pages, v_pages, block_tables, lengths, *, scale=None):
+    """Paged decode attention: gather each sequence's pages, then `contiguous_decode_attention`.
+
+    Args:
+      q: [B, N, H]; k_pages, v_pages: [P, bs, K, H]; block_tables: [B, M] int page ids;
+      lengths: [B] int, keys of sequence b are its first lengths[b] slots (<= M * bs).
+    Returns:
+      [B, N, H] fp32.
+    """
+    return contiguous_decode_attention(q, gather_pages(k_pages, block_tables),
+                                       gather_pages(v_pages, block_tables), lengths, scale=scale)

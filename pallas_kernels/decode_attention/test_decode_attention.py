@@ -1,0 +1,94 @@
+"""Contract test for paged decode attention: kernel and reference against contiguous attention."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import _testing
+from pallas_kernels.decode_attention import cases, config, paged_decode_attention, reference
+
+ON_GPU = jax.default_backend() == "gpu"
+BACKENDS = [("reference", False), ("triton", not ON_GPU)]
+DTYPES = [jnp.float32, jnp.bfloat16]
+
+
+def make_inputs(case, dtype):
+    """Contiguous k, v [B, S, K, H] and the same values scattered into pages through a random
+    permutation of the pool; returns q, k, v, k_pages, v_pages, block_tables, lengths."""
+    b, m, bs = case.batch, case.pages_per_seq, case.page_size
+    s = m * bs
+    q = jnp.asarray(_testing.normal(f"{case.name}/q", (b, case.heads, case.head_dim)), dtype)
+    k = jnp.asarray(_testing.normal(f"{case.name}/k", (b, s, case.kv_heads, case.head_dim)), dtype)
+    v = jnp.asarray(_testing.normal(f"{case.name}/v", (b, s, case.kv_heads, case.head_dim)), dtype)
+    rng = np.random.default_rng(_testing.seed(case.name))
+    tables = rng.permutation(case.pool)[: b * m].reshape(b, m)
+    lengths = case.lengths or tuple(rng.integers(1, s + 1, size=b))
+    k_pages = jnp.zeros((case.pool, bs, case.kv_heads, case.head_dim), dtype)
+    k_pages = k_pages.at[tables.reshape(-1)].set(k.reshape(b * m, bs, *k.shape[2:]))
+    v_pages = jnp.zeros_like(k_pages).at[tables.reshape(-1)].set(v.reshape(b * m, bs, *v.shape[2:]))
+    return q, k, v, k_pages, v_pages, jnp.asarray(tables, jnp.int32), jnp.asarray(lengths, jnp.int32)
+
+
+def _check(case, dtype, backend, interpret, blocks=None):
+    q, k, v, k_pages, v_pages, tables, lengths = make_inputs(case, dtype)
+    out = paged_decode_attention(q, k_pages, v_pages, tables, lengths, backend=backend,
+                                 interpret=interpret, blocks=blocks)
+    assert out.shape == q.shape and out.dtype == dtype
+    # The twin: contiguous attention on the un-paged keys (fp32, from the same rounded values).
+    expected = reference.contiguous_decode_attention(q, k, v, lengths)
+    _testing.assert_close(out, expected, dtype, f"{case.name} {backend}")
+    idle = np.asarray(lengths) == 0
+    assert np.all(np.asarray(out, np.float32)[idle] == 0), "length-0 rows must be zeros"
+
+
+@pytest.mark.parametrize("backend,interpret", BACKENDS, ids=[b for b, _ in BACKENDS])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("case", cases.CPU_CASES, ids=lambda c: c.name)
+def test_matches_contiguous(case, dtype, backend, interpret):
+    _check(case, dtype, backend, interpret)
+
+
+def test_split_merge_matches_contiguous():
+    """Several splits of two-page steps (the flash-decoding merge) on the ragged GQA case."""
+    blocks = config.DecodeBlocks(pages_per_step=2, pages_per_split=2)
+    _check(cases.CPU_CASES[0], jnp.float32, "triton", not ON_GPU, blocks)
+
+
+def test_reference_matches_jax_attention():
+    """The contiguous reference against jax.nn.dot_product_attention with key lengths."""
+    case = cases.CPU_CASES[1]
+    q, k, v, *_, lengths = make_inputs(case, jnp.float32)
+    ours = reference.contiguous_decode_attention(q, k, v, lengths)
+    theirs = jax.nn.dot_product_attention(q[:, None], k, v, key_value_seq_lengths=lengths)[:, 0]
+    _testing.assert_close(ours, theirs, jnp.float32)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(q=jnp.zeros((2, 4, 16, 1))), "q must be rank 3"),
+    (dict(q=jnp.zeros((2, 3, 16))), "heads=3 is not divisible by kv_heads=2"),
+    (dict(lengths=jnp.zeros((2,), jnp.float32)), "lengths must be an int array"),
+    (dict(block_tables=jnp.zeros((3, 2), jnp.int32)), r"block_tables.shape\[0\]=3"),
+    (dict(backend="cuda"), "backend='cuda' unknown"),
+])
+def test_bad_input_is_rejected(bad, match):
+    args = dict(q=jnp.zeros((2, 4, 16)), k_pages=jnp.zeros((5, 8, 2, 16)),
+                v_pages=jnp.zeros((5, 8, 2, 16)), block_tables=jnp.zeros((2, 2), jnp.int32),
+                lengths=jnp.ones((2,), jnp.int32), backend="reference")
+    args.update(bad)
+    with pytest.raises(ValueError, match=match):
+        paged_decode_attention(args.pop("q"), args.pop("k_pages"), args.pop("v_pages"),
+                               args.pop("block_tables"), args.pop("lengths"), **args)
+
+
+def test_named_triton_backend_rejects_unsupported_head_dim():
+    q, k_pages = jnp.zeros((1, 4, 24)), jnp.zeros((3, 8, 2, 24))
+    with pytest.raises(ValueError, match="head_dim=24 is not a power of 2"):
+        paged_decode_attention(q, k_pages, k_pages, jnp.zeros((1, 2), jnp.int32),
+                               jnp.ones((1,), jnp.int32), backend="triton", interpret=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("case", cases.GPU_CASES, ids=lambda c: c.name)
+def test_matches_contiguous_gpu(case, dtype):
+    _check(case, dtype, "triton", False)
