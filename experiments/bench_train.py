@@ -60,19 +60,25 @@ def matmul_ceiling(n: int = 8192, reps: int = 10) -> float | None:
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
-def kernel_breakdown(step, state, batch) -> tuple[dict, object]:
-    """Milliseconds of GPU kernel time in one step by class, from CUPTI; returns (ms, new state)."""
+def kernel_breakdown(step, state, batch) -> tuple[dict, list, object]:
+    """GPU kernel time of one step from CUPTI: (ms by class, the 25 costliest kernel names with
+    their ms and launch count, new state). Names lose their numeric suffixes (fusion.12 -> fusion)."""
     from jax.experimental.mosaic.gpu import profiler
 
     # measure calls its function twice (warm-up, then timed) with the same arguments, so it gets
     # a jit of a call to `step`: the outer jit does not donate, and the state survives.
     (state, _), kernels = profiler.measure(lambda s, b: step(s, b), aggregate=False)(state, batch)
     ms = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+    by_name = {}
     for name, t in kernels or ():
         low = name.lower()
         kind = next((k for k, keys in KERNEL_CLASSES if any(s in low for s in keys)), "other")
         ms[kind] += t
-    return ms, state
+        base = re.sub(r"[._]\d+$", "", name)[:120]
+        total, count = by_name.get(base, (0.0, 0))
+        by_name[base] = (total + t, count + 1)
+    top = sorted(((n, round(t, 3), c) for n, (t, c) in by_name.items()), key=lambda x: -x[1])[:25]
+    return ms, top, state
 
 
 def bench_one(cfg, steps: int, warmup: int, breakdown: bool) -> dict:
@@ -114,9 +120,9 @@ def bench_one(cfg, steps: int, warmup: int, breakdown: bool) -> dict:
                compiled_bytes=dict(arguments=mem.argument_size_in_bytes, outputs=mem.output_size_in_bytes,
                                    temp=mem.temp_size_in_bytes, aliased=mem.alias_size_in_bytes))
     if breakdown and jax.default_backend() == "gpu":
-        ms, state = kernel_breakdown(step, state, batch)
+        ms, top, state = kernel_breakdown(step, state, batch)
         ms["idle"] = max(0.0, row["step_ms"] - sum(ms.values()))
-        row["kernel_ms"] = ms
+        row["kernel_ms"], row["top_kernels"] = ms, top
     stats = jax.devices()[0].memory_stats() or {}
     row["peak_bytes_in_use"] = stats.get("peak_bytes_in_use")
     return row
@@ -143,6 +149,7 @@ def parse_args(argv):
     p.add_argument("--torch-peer", default=None, help="path of the torch peer script to run first")
     p.add_argument("--peer-name", default=None, help="name of the peer's row to compare with (e.g. gpt2-124M)")
     p.add_argument("--no-breakdown", action="store_true", help="skip the CUPTI kernel breakdown")
+    p.add_argument("--show-kernels", action="store_true", help="print each variant's costliest kernels")
     p.add_argument("--out", type=pathlib.Path, default=RESULTS)
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
@@ -202,6 +209,9 @@ def main(argv=None):
             row["mfu_measured_peak"] = flops / ceiling if ceiling else None
         rows.append(row)
         print(_line(row), flush=True)
+        if args.show_kernels:
+            for kname, ms, count in row.get("top_kernels", []):
+                print(f"    {ms:8.2f} ms {count:5d}x  {kname}")
 
     peer = None
     if peer_rows:
