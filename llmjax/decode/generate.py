@@ -2,7 +2,10 @@
 
 The prompt is prefilled in one forward pass; the remaining tokens come from a
 `lax.fori_loop` of single-token steps, so there is no Python round-trip per token.
+Decoding reads every weight once per step, so the weights are cast to the compute dtype
+once (`prepare_decode`), not inside the loop, where each step would read fp32 and convert.
 """
+import dataclasses
 from functools import partial
 
 import jax
@@ -14,23 +17,52 @@ from llmjax.decode.sampling import sample_logits
 from llmjax.models.kv_cache import init_cache
 
 
+@dataclasses.dataclass(frozen=True)
+class DecodeModel:
+    """A model ready to decode: `nnx.merge(graphdef, params)` rebuilds it inside jit.
+
+    params hold floating weights in the compute dtype (model.dtype), or int8 weights
+    (llmjax.decode.quantize.Int8Weight) that dequantize where the model reads them.
+    """
+
+    graphdef: nnx.GraphDef
+    params: nnx.State
+    cfg: object  # the ModelConfig
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes the parameters occupy on the device."""
+        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.params))
+
+
+def prepare_decode(model, *, int8: bool = False) -> DecodeModel:
+    """Split a Transformer for decoding, casting floating weights to model.dtype once
+    (int8=True: weight-only int8 quantization of the matmul weights, see quantize.py).
+    A DecodeModel passes through unchanged."""
+    if isinstance(model, DecodeModel):
+        return model
+    graphdef, params = nnx.split(model)
+    dtype = jnp.dtype(model.cfg.dtype)
+    if int8:
+        from llmjax.decode.quantize import quantize_params
+        params = quantize_params(params, dtype)
+    params = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+    return DecodeModel(graphdef, params, model.cfg)
+
+
 @partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p", "vocab_size"))
 def _generate(graphdef, params, prompt, key, *, max_new_tokens, temperature, top_k, top_p, vocab_size):
     model = nnx.merge(graphdef, params)
-    cfg = model.cfg
     b, t0 = prompt.shape
     total = t0 + max_new_tokens
-    def sample(logits, key):
-        if vocab_size is not None:  # ids past the tokenizer's vocabulary are never produced
-            logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, -jnp.inf)
-        return sample_logits(logits, key, temperature=temperature, top_k=top_k, top_p=top_p)
+    sample = partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p, vocab_size=vocab_size)
 
-    cache = init_cache(cfg, b, total)
+    cache = init_cache(model.cfg, b, total)
     positions = jnp.broadcast_to(jnp.arange(t0, dtype=jnp.int32), (b, t0))
-    logits, cache = model(prompt, positions, cache)  # prefill: [B, T0, V]
+    hidden, cache = model.hidden_states(prompt, positions, cache)  # prefill
     keys = jax.random.split(key, max_new_tokens)
     tokens = jnp.zeros((b, total), jnp.int32).at[:, :t0].set(prompt)
-    tokens = tokens.at[:, t0].set(sample(logits[:, -1], keys[0]))
+    tokens = tokens.at[:, t0].set(sample(model.logits(hidden[:, -1:])[:, 0], keys[0]))
 
     def step(i, carry):  # token at position t0 + i is known; predict t0 + i + 1
         tokens, cache = carry
@@ -44,24 +76,35 @@ def _generate(graphdef, params, prompt, key, *, max_new_tokens, temperature, top
     return tokens
 
 
-def generate(model, prompt, cfg: DecodeConfig, key=None, vocab_size: int | None = None):
-    """Continue `prompt` [B, T0] int32 by cfg.max_new_tokens tokens; returns [B, T0 + new].
-
-    `vocab_size` (the tokenizer's) restricts sampling to ids below it when the model's
-    embedding table is larger (padded vocabularies).
+def check_prompt(prompt, new_tokens: int, max_seq_len: int, what: str = "decode.max_new_tokens"):
+    """The prompt as a [B, T0] int32 array, checked to fit the context with `new_tokens` more.
 
     Raises:
-      ValueError: empty prompt, or T0 + max_new_tokens > model.max_seq_len.
+      ValueError: not [batch, length >= 1], or T0 + new_tokens > max_seq_len.
     """
     prompt = jnp.asarray(prompt, jnp.int32)
     if prompt.ndim != 2 or prompt.shape[1] == 0:
         raise ValueError(f"prompt must be [batch, length>=1] token ids, got shape {prompt.shape}")
-    total = prompt.shape[1] + cfg.max_new_tokens
-    if total > model.cfg.max_seq_len:
-        raise ValueError(f"prompt length {prompt.shape[1]} + decode.max_new_tokens={cfg.max_new_tokens} "
-                         f"= {total} exceeds model.max_seq_len={model.cfg.max_seq_len}")
-    graphdef, params = nnx.split(model)
+    total = prompt.shape[1] + new_tokens
+    if total > max_seq_len:
+        raise ValueError(f"prompt length {prompt.shape[1]} + {what}={new_tokens} "
+                         f"= {total} exceeds model.max_seq_len={max_seq_len}")
+    return prompt
+
+
+def generate(model, prompt, cfg: DecodeConfig, key=None, vocab_size: int | None = None):
+    """Continue `prompt` [B, T0] int32 by cfg.max_new_tokens tokens; returns [B, T0 + new].
+
+    `model`: a Transformer or a `prepare_decode` result (prepare once to decode many times
+    without recasting the weights). `vocab_size` (the tokenizer's) restricts sampling to ids
+    below it when the model's embedding table is larger (padded vocabularies).
+
+    Raises:
+      ValueError: empty prompt, or T0 + max_new_tokens > model.max_seq_len.
+    """
+    model = prepare_decode(model)
+    prompt = check_prompt(prompt, cfg.max_new_tokens, model.cfg.max_seq_len)
     key = jax.random.key(cfg.seed) if key is None else key
-    return _generate(graphdef, params, prompt, key, max_new_tokens=cfg.max_new_tokens,
+    return _generate(model.graphdef, model.params, prompt, key, max_new_tokens=cfg.max_new_tokens,
                      temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                      vocab_size=vocab_size)
