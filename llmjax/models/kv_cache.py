@@ -1,13 +1,19 @@
 """KV caches for decoding: how a layer's attention writes new keys/values and reads them back.
 
-The contiguous cache is {"k", "v"}: [L, B, S, K, H], one slot per position. `Attention`
-calls `attend_cached` with the layer's slice (the leading L axis is scanned away), so a
-different cache layout (e.g. paged) plugs in here without touching the model.
+Two layouts, told apart by their keys; `Attention` calls `attend_cached` with one layer's
+slice of either (the model scans the leading L axis of every leaf away):
+- contiguous {"k", "v"}: [L, B, S, K, H], one slot per position, rows share a start position;
+- paged {"k_pages", "v_pages": [L, P, bs, K, H], "block_tables": [L, B, M] int32,
+  "seq_lens": [L, B] int32}: a pool of P pages of bs positions (PagedAttention, Kwon et al.
+  2023); sequence b's position p lives in page block_tables[b, p // bs], slot p % bs, and
+  seq_lens[b] counts its positions once this call's tokens are written. The small int leaves
+  are repeated over L so the scan slices every leaf alike. `llmjax.decode.paged` builds it.
 """
 import jax
 import jax.numpy as jnp
 
 from llmjax import ops
+from pallas_kernels.decode_attention import paged_decode_attention
 
 
 def init_cache(cfg, batch: int, length: int, dtype=None) -> dict:
@@ -19,17 +25,28 @@ def init_cache(cfg, batch: int, length: int, dtype=None) -> dict:
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
+def is_paged(cache: dict) -> bool:
+    """True for the paged layout (a whole-model cache or one layer's slice)."""
+    return "block_tables" in cache
+
+
 def cache_length(cache: dict) -> int:
-    """Positions the (whole-model) cache can hold."""
+    """Positions the (whole-model) cache can hold per sequence."""
+    if is_paged(cache):
+        return cache["block_tables"].shape[-1] * cache["k_pages"].shape[-3]
     return cache["k"].shape[2]
 
 
 def attend_cached(q, k, v, positions, cache: dict):
-    """Write k, v [B, T, K, H] at `positions` [B, T] into one layer's cache [B, S, K, H] and
-    attend q [B, T, N, H] over every slot at or before each query's position.
+    """Write k, v [B, T, K, H] at `positions` [B, T] into one layer's cache and attend q
+    [B, T, N, H] over every cached position at or before each query's position.
 
-    Returns (out [B, T, N, H], updated layer cache). Rows of one call share a start position.
+    Returns (out [B, T, N, H], updated layer cache). Contiguous: rows of one call share a start
+    position. Paged: any positions; a token is written only if its position is in
+    [0, seq_lens[b]) (padding tokens carry a position past it, or -1).
     """
+    if is_paged(cache):
+        return _attend_paged(q, k, v, positions, cache)
     start = positions[0, 0]
     cache_k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), start, axis=1)
     cache_v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), start, axis=1)
@@ -38,3 +55,37 @@ def attend_cached(q, k, v, positions, cache: dict):
     dt = q.dtype
     out = ops.attention(q, cache_k.astype(dt), cache_v.astype(dt), causal=False, impl="xla", mask=mask)
     return out, {"k": cache_k, "v": cache_v}
+
+
+def write_pages(pages, new, positions, block_tables, seq_lens):
+    """Scatter new [B, T, K, H] into pages [P, bs, K, H] at `positions` [B, T]; tokens outside
+    [0, seq_lens[b]) are dropped (their page index is pushed past the pool)."""
+    pool, page_size = pages.shape[:2]
+    valid = (positions >= 0) & (positions < seq_lens[:, None])  # [B, T]
+    safe = jnp.clip(positions, 0, block_tables.shape[1] * page_size - 1)
+    page = jnp.take_along_axis(block_tables, safe // page_size, axis=1)  # [B, T]
+    page = jnp.where(valid, page, pool)
+    return pages.at[page, safe % page_size].set(new.astype(pages.dtype), mode="drop")
+
+
+def _attend_paged(q, k, v, positions, cache):
+    tables, seq_lens = cache["block_tables"], cache["seq_lens"]
+    k_pages = write_pages(cache["k_pages"], k, positions, tables, seq_lens)
+    v_pages = write_pages(cache["v_pages"], v, positions, tables, seq_lens)
+    new_cache = dict(cache, k_pages=k_pages, v_pages=v_pages)
+    dt = q.dtype
+    if q.shape[1] == 1:  # decoding: one query per sequence over its seq_lens keys
+        lengths = jnp.minimum(positions[:, 0] + 1, seq_lens) * (positions[:, 0] >= 0)
+        # The Pallas kernel on a GPU; elsewhere its jnp reference, chosen here without a warning.
+        backend = "auto" if jax.default_backend() == "gpu" else "reference"
+        out = paged_decode_attention(q[:, 0], k_pages.astype(dt), v_pages.astype(dt), tables,
+                                     lengths, backend=backend)
+        return out[:, None], new_cache
+    # Chunked prefill: gather each sequence's pages into a contiguous view and mask causally.
+    b, m = tables.shape
+    keys = k_pages[tables].reshape(b, m * k_pages.shape[1], *k_pages.shape[2:])  # [B, S, K, H]
+    values = v_pages[tables].reshape(keys.shape)
+    slots = jnp.arange(keys.shape[1])
+    mask = (slots[None, None, :] <= positions[:, :, None]) & (slots[None, None, :] < seq_lens[:, None, None])
+    out = ops.attention(q, keys.astype(dt), values.astype(dt), causal=False, impl="xla", mask=mask)
+    return out, new_cache
