@@ -68,6 +68,9 @@ class ModelConfig:
     norm_impl: str = "xla"  # xla | pallas
     loss_impl: str = "xla"  # xla (materialized logits) | fused (chunked, logits never whole)
     remat: str = "none"  # none | full | dots (save matmul outputs, recompute the rest)
+    # lax.scan over the stacked layers (compile time independent of depth) or a Python loop
+    # (unrolled: no stacked-residual copies between layers; faster on a GPU, slower to compile).
+    scan_layers: bool = True
     # Mixture of experts (0 experts = the dense feed-forward block).
     n_experts: int = 0
     moe_top_k: int = 2  # experts per token
