@@ -2,11 +2,13 @@
 
 A run lives in `runs/<name>/`: config.yaml, metrics.jsonl, tb/, checkpoints/, samples.txt.
 SIGTERM/SIGINT finish the current step, save a checkpoint and return; a non-finite loss
-stops the run with `TrainingDiverged`, keeping the last good checkpoint.
+stops the run with `TrainingDiverged`, keeping the last good checkpoint (losses are
+checked before every save). The host never waits on a step except at log points.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import signal
 import time
@@ -17,7 +19,8 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from llmjax.checkpoint import Checkpointer
+from llmjax import lora
+from llmjax.checkpoint import Checkpointer, CheckpointError
 from llmjax.config import ConfigError, ExperimentConfig, save_config
 from llmjax.data import BatchIterator, load_dataset
 from llmjax.decode import generate
@@ -25,9 +28,9 @@ from llmjax.models import count_params, init_model, split_model
 from llmjax.train.flops import device_peak_flops, flops_per_token
 from llmjax.train.metrics import MetricsLogger
 from llmjax.train.optimizer import lr_schedule, make_optimizer
-from llmjax.train.step import init_train_state, make_eval_step, make_train_step
+from llmjax.train.step import init_train_state, lora_shardings, make_eval_step, make_train_step
 from sharding.mesh import make_mesh
-from sharding.placement import shard_state
+from sharding.placement import shard_batch, shard_state
 
 
 class TrainingDiverged(RuntimeError):
@@ -44,7 +47,9 @@ class TrainResult:
     unigram_entropy: float
     stopped_by_signal: bool
     sample: str | None
-    params: dict
+    params: dict  # the model's params (for a LoRA run: merged with the adapters)
+    trainable_params: int
+    adapters: dict | None = None  # a LoRA run's trained adapters
 
 
 class _StopFlag:
@@ -77,14 +82,22 @@ def train(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = 
     """Train `cfg` from scratch (or from `init_params`, e.g. an imported checkpoint), or from
     the newest checkpoint of its run when `resume`.
 
-    `stop_after` ends this call after that step with a checkpoint, as SIGTERM would (for
-    time-sliced jobs); the schedule still runs to cfg.train.steps across resumes.
+    With `cfg.lora.rank` >= 1 the model's params (fresh or `init_params`) are the frozen base
+    and only LoRA adapters train: checkpoints hold the adapters and their optimizer state,
+    and a resume needs the same base (same `init_params`, or same model.* and train.seed).
+
+    Metrics stay on the device between log points (eval, checkpoint, stop): there the
+    losses since the last point are fetched in one transfer, checked, and written one
+    line per step. `stop_after` ends this call after that step with a checkpoint, as
+    SIGTERM would (for time-sliced jobs); the schedule still runs to cfg.train.steps.
 
     Raises:
       ConfigError: the tokenizer's vocabulary exceeds model.vocab_size, or the run folder
         already has checkpoints and `resume` is False.
-      CheckpointError: `resume` without a readable checkpoint.
+      CheckpointError: `resume` without a readable checkpoint, or a LoRA checkpoint made
+        on another base.
       TrainingDiverged: the loss became NaN or infinite.
+      ValueError: a LoRA target the model does not have, or a rank above a target's size.
     """
     tc = cfg.train
     run_dir = cfg.run_dir
@@ -96,70 +109,118 @@ def train(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = 
     if not resume and ckpt.latest_step() is not None:
         raise ConfigError("name", cfg.name, f"a new run name: {run_dir} already has checkpoints "
                           "(pass --resume to continue it)")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
 
     graphdef, params = split_model(init_model(cfg.model, seed=tc.seed))
     if init_params is not None:
         params = _checked_like(init_params, params)
+    lora_cfg = cfg.lora if cfg.lora.rank > 0 else None
+    base = None  # the frozen params of a LoRA run
+    if lora_cfg is not None:
+        base, params = params, lora.init_adapters(params, lora_cfg, jax.random.key(tc.seed))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
     optimizer = make_optimizer(cfg.optim, tc.steps)
     state = init_train_state(params, optimizer)
     batches = BatchIterator(data.train, tc.batch_size, seed=tc.seed)
     mesh = rules = None
     if math.prod(cfg.mesh.shape) > 1:  # sharded: lay the state out by its logical names
         mesh, rules = make_mesh(cfg.mesh), cfg.mesh.rules
-        state = shard_state(state, graphdef, mesh, rules)
+        if lora_cfg is None:
+            state = shard_state(state, graphdef, mesh, rules)
+        else:
+            state_sh, base_sh = lora_shardings(graphdef, lora_cfg, state, base, mesh, rules)
+            state, base = jax.device_put(state, state_sh), jax.device_put(base, base_sh)
+    base_print = None if base is None else _fingerprint(base)
     if resume:
         state, meta = ckpt.restore(state)  # restores onto the template's shardings
         batches.restore(meta["data"])
+        _check_same_base(meta.get("lora_base"), base_print, ckpt.directory)
     start = int(state["step"])
 
-    train_step = make_train_step(graphdef, optimizer, lr_schedule(cfg.optim, tc.steps), mesh=mesh, rules=rules)
+    train_step = make_train_step(graphdef, optimizer, lr_schedule(cfg.optim, tc.steps), mesh=mesh, rules=rules,
+                                 lora=lora_cfg)
     eval_step = make_eval_step(graphdef, mesh=mesh, rules=rules)
+    frozen = () if base is None else (base,)  # the step's extra argument: never a closure constant
+    if base is None:
+        model_params = lambda: state["params"]  # noqa: E731
+    else:
+        merge = jax.jit(functools.partial(lora.merge, cfg=lora_cfg),
+                        out_shardings=None if mesh is None else base_sh)
+        model_params = lambda: merge(base, state["params"])  # noqa: E731
     val_batches = _eval_batches(data.val, tc.batch_size // tc.grad_accum, tc.eval_batches)
-    n_params = count_params(params)
+    n_params = count_params(base if base is not None else params)
     tokens_per_step = tc.batch_size * cfg.data.seq_len
     flops_per_step = flops_per_token(cfg.model, n_params, cfg.data.seq_len) * tokens_per_step
     peak = device_peak_flops()
     print(f"{cfg.name}: {n_params / 1e6:.2f}M params, {len(data.train)} train / {len(data.val)} val "
           f"sequences of {cfg.data.seq_len} tokens, unigram entropy {data.unigram_entropy:.3f} nats/token")
+    n_trainable = count_params(state["params"])
+    if lora_cfg is not None:
+        print(f"LoRA rank {lora_cfg.rank}, alpha {lora_cfg.alpha:g} on {','.join(lora_cfg.target_names)}: "
+              f"{n_trainable:,} trainable params ({100 * n_trainable / n_params:.2f}% of the base)")
 
-    def save(step):
-        ckpt.save(step, state, {"data": batches.state(), "step": step})
+    def put(host_batch):
+        host_batch = host_batch.reshape(tc.grad_accum, -1, cfg.data.seq_len + 1)
+        return jax.device_put(host_batch) if mesh is None else shard_batch(host_batch, mesh, rules)
+
+    def save(step, data_position):
+        meta = {"data": data_position, "step": step}
+        if base_print is not None:
+            meta["lora_base"] = base_print
+        ckpt.save(step, state, meta)
 
     logger = MetricsLogger(run_dir)
+    pending = []  # (step, metrics on device) since the last log point
+
+    def fetch() -> list[tuple[int, dict]]:
+        """The pending steps' metrics on the host (one transfer); raises TrainingDiverged at
+        the first non-finite loss, after logging the steps before it."""
+        records = list(zip([s for s, _ in pending], jax.device_get([m for _, m in pending])))
+        pending.clear()
+        for i, (step, metrics) in enumerate(records):
+            if not np.isfinite(metrics["loss"]):
+                _log(logger, records[:i])
+                raise TrainingDiverged(f"loss is {float(metrics['loss'])} at step {step}; last good checkpoint: "
+                                       f"step {ckpt.latest_step()} in {ckpt.directory}")
+        return records
+
     train_loss = val_loss = None
     stopped = False
     bar = tqdm(total=tc.steps, initial=start, disable=not progress, desc="train", unit="step", dynamic_ncols=True)
     t_last, step_last = time.perf_counter(), start
     try:
         with _StopFlag() as stop:
+            batch = put(next(batches)) if start < tc.steps else None
             for step in range(start + 1, tc.steps + 1):
-                batch = next(batches).reshape(tc.grad_accum, -1, cfg.data.seq_len + 1)
-                state, metrics = train_step(state, jnp.asarray(batch))
-                train_loss = float(metrics["loss"])
-                if not np.isfinite(train_loss):
-                    raise TrainingDiverged(f"loss is {train_loss} at step {step}; last good checkpoint: "
-                                           f"step {ckpt.latest_step()} in {ckpt.directory}")
+                data_position = batches.state()  # after this step's batch: what a checkpoint saves
+                state, metrics = train_step(state, batch, *frozen)  # dispatched; runs while we go on
+                pending.append((step, metrics))
+                stopping = stop.signum is not None or step == stop_after
+                if step < tc.steps and not stopping:
+                    batch = put(next(batches))  # the next batch travels while this step computes
                 bar.update(1)
+                evaluating = step % tc.eval_every == 0 or step == tc.steps
+                saving = step % tc.checkpoint_every == 0 or step == tc.steps or stopping
+                if not (evaluating or saving):
+                    continue
+                records = fetch()  # checks the losses before any checkpoint is written
+                train_loss = float(records[-1][1]["loss"])
                 bar.set_postfix(loss=f"{train_loss:.3f}")
-                if step % tc.eval_every == 0 or step == tc.steps:
-                    val_loss = float(np.mean([eval_step(state["params"], jnp.asarray(b)) for b in val_batches]))
+                summary = {}
+                if evaluating:
                     elapsed = time.perf_counter() - t_last
                     tok_s = (step - step_last) * tokens_per_step / elapsed
                     mfu = flops_per_step * (step - step_last) / elapsed / peak if peak else None
-                    t_last, step_last = time.perf_counter(), step
-                    line = (f"step {step:>6} | train {train_loss:.4f} | val {val_loss:.4f} | "
-                            f"{tok_s:,.0f} tok/s" + (f" | MFU {100 * mfu:.1f}%" if mfu else ""))
-                    bar.write(line)
-                    logger.log(step, train_loss=train_loss, val_loss=val_loss, tokens_per_s=tok_s, mfu=mfu,
-                               lr=metrics["lr"], grad_norm=metrics["grad_norm"])
-                else:
-                    logger.log(step, train_loss=train_loss, lr=metrics["lr"], grad_norm=metrics["grad_norm"])
-                if step % tc.checkpoint_every == 0 or step == tc.steps:
-                    save(step)
-                if stop.signum is not None or step == stop_after:
-                    save(step)
+                    eval_params = model_params()
+                    val_loss = float(np.mean([eval_step(eval_params, jnp.asarray(b)) for b in val_batches]))
+                    bar.write(f"step {step:>6} | train {train_loss:.4f} | val {val_loss:.4f} | "
+                              f"{tok_s:,.0f} tok/s" + (f" | MFU {100 * mfu:.1f}%" if mfu else ""))
+                    summary = dict(val_loss=val_loss, tokens_per_s=tok_s, mfu=mfu)
+                    t_last, step_last = time.perf_counter(), step  # throughput leaves out the eval
+                _log(logger, records, summary)
+                if saving:
+                    save(step, data_position)
+                if stopping:
                     why = f"signal {signal.Signals(stop.signum).name}" if stop.signum else f"stop_after={stop_after}"
                     bar.write(f"{why}: saved step {step} to {ckpt.directory}; continue with --resume")
                     stopped = True
@@ -170,14 +231,40 @@ def train(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = 
         ckpt.close()
         logger.close()
 
+    final_params = model_params()
     sample = None
     if tc.sample_tokens > 0 and not stopped:
-        sample = sample_text(nnx.merge(graphdef, state["params"]), data.tokenizer, cfg, tc.sample_prompt)
+        sample = sample_text(nnx.merge(graphdef, final_params), data.tokenizer, cfg, tc.sample_prompt)
         (run_dir / "samples.txt").write_text(sample)
         print(f"--- sample ({tc.sample_tokens} tokens) ---\n{sample}")
     return TrainResult(step=int(state["step"]), train_loss=train_loss, val_loss=val_loss,
                        unigram_entropy=data.unigram_entropy, stopped_by_signal=stopped, sample=sample,
-                       params=state["params"])
+                       params=final_params, trainable_params=n_trainable,
+                       adapters=None if base is None else state["params"])
+
+
+def _log(logger: MetricsLogger, records: list[tuple[int, dict]], last_extra: dict | None = None):
+    """One metrics.jsonl line per step: train_loss and the step's other metrics (arrays as
+    lists); `last_extra` (val loss, throughput) joins the last line."""
+    for i, (step, metrics) in enumerate(records):
+        extra = last_extra if last_extra and i == len(records) - 1 else {}
+        logger.log(step, train_loss=metrics["loss"], **{k: v for k, v in metrics.items() if k != "loss"}, **extra)
+
+
+def _fingerprint(params: dict) -> float:
+    """A cheap summary of a params tree (sum of |x|), to tell a LoRA run's base apart."""
+    return float(sum(jnp.sum(jnp.abs(x.astype(jnp.float32))) for x in jax.tree.leaves(params)))
+
+
+def _check_same_base(saved: float | None, current: float | None, directory):
+    if saved is None and current is None:
+        return
+    if saved is None or current is None or not math.isclose(saved, current, rel_tol=1e-5):
+        raise CheckpointError(
+            f"the checkpoints in {directory} were made "
+            + ("without LoRA" if saved is None else f"with LoRA on a base of fingerprint {saved:.6g}")
+            + ("; this run has LoRA off" if current is None else f"; this run's base has {current:.6g}")
+            + ": resume with the same lora.rank, --init-from-hf folder (or model.* and train.seed)")
 
 
 def _checked_like(given: dict, fresh: dict) -> dict:

@@ -3,6 +3,8 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
+
 
 class MetricsLogger:
     """Append-only metrics for a run directory (`metrics.jsonl`, `tb/` event files)."""
@@ -16,19 +18,30 @@ class MetricsLogger:
 
             self._tb = SummaryWriter(str(Path(run_dir) / "tb"))
 
-    def log(self, step: int, **values: float):
-        """Write `values` for `step` (floats; None values are dropped)."""
-        values = {k: float(v) for k, v in values.items() if v is not None}
+    def log(self, step: int, **values):
+        """Write `values` for `step`: numbers, or arrays (e.g. per-expert load) written as
+        lists and to TensorBoard as one scalar per element (`key/i`); None values are dropped."""
+        values = {k: _plain(v) for k, v in values.items() if v is not None}
         self._file.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
         self._file.flush()
         if self._tb is not None:
             for k, v in values.items():
-                self._tb.add_scalar(k, v, step)
+                if isinstance(v, list):
+                    for i, x in enumerate(np.ravel(v)):
+                        self._tb.add_scalar(f"{k}/{i}", x, step)
+                else:
+                    self._tb.add_scalar(k, v, step)
 
     def close(self):
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _plain(value):
+    """A number as float, an array as a (nested) list of floats."""
+    array = np.asarray(value, dtype=np.float64)
+    return float(array) if array.ndim == 0 else array.tolist()
 
 
 def read_metrics(run_dir) -> list[dict]:

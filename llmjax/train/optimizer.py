@@ -9,8 +9,9 @@ DECAYED = frozenset({"wq", "wk", "wv", "wo", "w_in", "w_gate", "w_out", "lm_head
 
 
 def decay_mask(params):
-    """True for the leaves whose name is in DECAYED (params: nested dict, leaf names last)."""
-    return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key in DECAYED, params)
+    """True for the leaves named in DECAYED, and for the LoRA adapters of such a weight
+    (`.../wq/a`): params is a nested dict, leaf names last."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: any(k.key in DECAYED for k in path), params)
 
 
 def lr_schedule(cfg: OptimConfig, total_steps: int):

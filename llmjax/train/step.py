@@ -18,7 +18,10 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from sharding.placement import batch_sharding, state_shardings
+from llmjax import lora as lora_lib
+from llmjax.config import LoraConfig
+from sharding.placement import (batch_sharding, opt_state_shardings, param_logical_names, param_shardings,
+                                state_shardings)
 from sharding.rules import Rules, resolve_rules
 
 
@@ -36,20 +39,28 @@ def init_train_state(params, optimizer: optax.GradientTransformation) -> dict:
     return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
 
 
-def _train_step_fn(graphdef, optimizer, schedule, grad_shardings=None):
+def _train_step_fn(graphdef, optimizer, schedule, grad_shardings=None, lora: LoraConfig | None = None):
     """The un-jitted step; `grad_shardings` (a params-like tree) pins the gradient
-    accumulator's layout (ZeRO-2/3 keep it split like the params)."""
-    grad_fn = jax.value_and_grad(loss_and_metrics_fn, has_aux=True)
+    accumulator's layout (ZeRO-2/3 keep it split like the params). With `lora` the state's
+    params are the adapters and the step takes the frozen base params as a third argument."""
+    if lora is None:
+        grad_fn = jax.value_and_grad(loss_and_metrics_fn, has_aux=True)
+    else:
+        def adapted_loss(adapters, base, micro):
+            return loss_and_metrics_fn(lora_lib.merge(base, adapters, lora), graphdef, micro)
+
+        grad_fn = jax.value_and_grad(adapted_loss, has_aux=True)
 
     def pin(tree):
         return tree if grad_shardings is None else jax.lax.with_sharding_constraint(tree, grad_shardings)
 
-    def train_step(state, batch):
+    def train_step(state, batch, base=None):
         params = state["params"]
+        frozen = graphdef if lora is None else base
 
         def accumulate(carry, micro):
             loss_sum, grad_sum = carry
-            (loss, model_metrics), grads = grad_fn(params, graphdef, micro)
+            (loss, model_metrics), grads = grad_fn(params, frozen, micro)
             grad_sum = pin(jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads))
             return (loss_sum + loss, grad_sum), model_metrics
 
@@ -118,12 +129,13 @@ def _check_mesh_rules(mesh, rules):
 
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule=None, *,
-                    mesh=None, rules: str | Rules | None = None):
+                    mesh=None, rules: str | Rules | None = None, lora: LoraConfig | None = None):
     """A jitted `train_step(state, batch) -> (state, metrics)` that donates `state`.
 
     Gradients of the micro-batches (leading axis of `batch`) are summed in fp32 by a scan
     and divided by their count: equal to one step on the concatenated batch.
-    Metrics: loss, grad_norm (before clipping), lr (when `schedule` is given).
+    Metrics: loss, grad_norm (before clipping), lr (when `schedule` is given), and the
+    model's own metrics (`Transformer.loss_and_metrics`), averaged over micro-batches.
 
     Args:
       graphdef: the model's graphdef (`split_model`).
@@ -133,6 +145,11 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule=
       rules: with `mesh`: a preset name of `sharding.rules.PRESETS` or a rule table. The
         state is laid out by `sharding.placement.state_shardings`, the batch split on its
         micro-batch axis by the `batch` rule; metrics are replicated.
+      lora: a LoraConfig with rank >= 1 trains adapters only: the step is
+        `train_step(state, batch, base) -> (state, metrics)` with state["params"] the
+        adapters (`llmjax.lora.init_adapters`) and `base` the frozen params (an argument,
+        not donated). With a mesh, adapters take their weights' logical names
+        (`lora_shardings`). rank 0 or None: the plain step.
     Returns:
       The step; with a mesh a `ShardedStep`. Uncommitted arrays (a fresh state, a host
       batch) are placed by jit; a state committed to another layout raises a ValueError
@@ -142,19 +159,39 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule=
         once), or a dim the mesh does not divide (on the first call).
     """
     _check_mesh_rules(mesh, rules)
+    lora = lora if lora is not None and lora.rank > 0 else None
     if mesh is None:
-        return jax.jit(_train_step_fn(graphdef, optimizer, schedule), donate_argnums=0)
+        return jax.jit(_train_step_fn(graphdef, optimizer, schedule, lora=lora), donate_argnums=0)
     param_rules, _ = resolve_rules(rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
 
-    def make_shardings(state, batch):
-        state_sh = state_shardings(graphdef, state, mesh, rules)
-        replicated = NamedSharding(mesh, PartitionSpec())
-        return (state_sh, batch_sharding(mesh, rules, np.ndim(batch))), (state_sh, replicated)
+    def make_shardings(state, batch, base=None):
+        batch_sh = batch_sharding(mesh, rules, np.ndim(batch))
+        if lora is None:
+            state_sh = state_shardings(graphdef, state, mesh, rules)
+            return (state_sh, batch_sh), (state_sh, replicated)
+        state_sh, base_sh = lora_shardings(graphdef, lora, state, base, mesh, rules)
+        return (state_sh, batch_sh, base_sh), (state_sh, replicated)
 
     def make_fn(in_shardings):
-        return _train_step_fn(graphdef, optimizer, schedule, grad_shardings=in_shardings[0]["params"])
+        return _train_step_fn(graphdef, optimizer, schedule, grad_shardings=in_shardings[0]["params"], lora=lora)
 
     return ShardedStep(make_fn, make_shardings, mesh, param_rules, donate_argnums=0)
+
+
+def lora_shardings(graphdef, lora: LoraConfig, state: dict, base: dict, mesh, rules: str | Rules):
+    """(state shardings, base shardings) of a LoRA train state (adapters as params) and its
+    frozen base: the base laid out as the model's params; A takes its weight's input
+    names, B its output names (`llmjax.lora.logical_names`); Adam moments follow them
+    under the optimizer-state rules; the rest replicates. Arrays or ShapeDtypeStructs."""
+    param_rules, opt_rules = resolve_rules(rules)
+    base_names = param_logical_names(graphdef, base)
+    names = lora_lib.logical_names(base_names, lora, base)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    state_sh = {key: jax.tree.map(lambda _: replicated, value) for key, value in state.items()}
+    state_sh["params"] = param_shardings(state["params"], names, mesh, param_rules)
+    state_sh["opt_state"] = opt_state_shardings(state["opt_state"], state["params"], names, mesh, opt_rules)
+    return state_sh, param_shardings(base, base_names, mesh, param_rules)
 
 
 def make_eval_step(graphdef, *, mesh=None, rules: str | Rules | None = None):
