@@ -45,7 +45,7 @@ def prepare_decode(model, *, int8: bool = False) -> DecodeModel:
     dtype = jnp.dtype(model.cfg.dtype)
     if int8:
         from llmjax.decode.quantize import quantize_params
-        params = quantize_params(params, dtype)
+        params = quantize_params(params, dtype, model.cfg.tie_embeddings)
     params = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
     return DecodeModel(graphdef, params, model.cfg)
 
