@@ -54,15 +54,28 @@ def logical_to_spec(names: Names, rules: Rules | Mapping) -> PartitionSpec:
     return PartitionSpec(*entries)
 
 
+def active_layout():
+    """(abstract mesh, {logical name: mesh axes}) of the enclosing `jax.set_mesh` +
+    `nnx.logical_axis_rules` context, or None outside one (unsharded use, notebooks).
+
+    Model code asks this which mesh axes a logical name maps to, never naming a mesh axis.
+    """
+    rules = flax_spmd.get_logical_axis_rules()
+    mesh = jax.sharding.get_abstract_mesh()
+    if not rules or mesh.empty:
+        return None
+    return mesh, dict(rules)
+
+
 def constrain(x: jax.Array, names: tuple) -> jax.Array:
     """Constrain `x` to the sharding its logical `names` map to under the active rules.
 
     A no-op outside a mesh + `nnx.logical_axis_rules` context (unsharded use, notebooks).
     """
-    rules = flax_spmd.get_logical_axis_rules()
-    if not rules or jax.sharding.get_abstract_mesh().empty:
+    layout = active_layout()
+    if layout is None:
         return x
-    return jax.lax.with_sharding_constraint(x, logical_to_spec(names, rules))
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(names, layout[1]))
 
 
 def _path_keys(path) -> tuple:

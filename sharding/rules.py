@@ -22,13 +22,17 @@ Presets (the mesh sizes say how many ways; a size-1 axis is a no-op):
            replicate the embedding lookup's output, seen on jax 0.11.2). Attention sees
            keys all-gathered along length by XLA, so causal masking is exact (the mask is
            built from global positions).
+  ep       expert parallel: MoE experts over expert (each device holds n_experts / expert of
+           them; the MoE layer exchanges tokens by all-to-all), the batch over
+           (data, fsdp, expert) so the expert devices also split the dense work, weights'
+           `embed` over fsdp (ZeRO-3 when mesh.fsdp > 1).
 """
 from __future__ import annotations
 
 import difflib
 
-from sharding.axes import (ACT_HEADS, ACT_MLP, ACT_VOCAB, BATCH, EMBED, HEADS, KV_HEADS, LENGTH,
-                           LOGICAL_AXES, MESH_AXES, MLP, VOCAB)
+from sharding.axes import (ACT_HEADS, ACT_MLP, ACT_VOCAB, BATCH, EMBED, EXPERTS, HEADS, KV_HEADS,
+                           LENGTH, LOGICAL_AXES, MESH_AXES, MLP, VOCAB)
 
 MeshAxes = str | tuple[str, ...] | None
 Rules = tuple[tuple[str, MeshAxes], ...]
@@ -54,6 +58,7 @@ PRESETS: dict[str, Rules] = {
     "fsdp_tp": _table(**_TP, **{EMBED: "fsdp", BATCH: _BATCH_AXES}),
     "sp": _table(**_TP, **{BATCH: _BATCH_AXES, LENGTH: "tensor"}),
     "cp": _table(**{EMBED: "fsdp", BATCH: _BATCH_AXES, LENGTH: "sequence"}),
+    "ep": _table(**{EXPERTS: "expert", EMBED: "fsdp", BATCH: (*_BATCH_AXES, "expert")}),
 }
 
 # Presets whose optimizer state is laid out unlike their params; the rest use PRESETS.

@@ -1,4 +1,4 @@
-"""Decoder-only transformer for the GPT-2 and Llama families (Flax NNX).
+"""Decoder-only transformer for the GPT-2 and Llama families (Flax NNX), dense or MoE.
 
 GPT-2 (Radford et al. 2019): LayerNorm, GELU MLP, learned positions, biases, tied head.
 Llama (Touvron et al. 2023): RMSNorm, SwiGLU MLP, rotary positions, grouped-query
@@ -9,12 +9,15 @@ B batch, T length, S cache length, D d_model, N heads, K kv heads, H head dim, F
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from llmjax import ops
 from llmjax.models import kv_cache
+from llmjax.models.moe import MoE, ffn, param
 from llmjax.config import ModelConfig
 from sharding.axes import (ACT_EMBED, BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LAYERS, LENGTH, MLP,
                            VOCAB)
@@ -26,20 +29,14 @@ _REMAT_POLICIES = {
 }
 
 
-def _param(rngs, shape, axes, dtype, std=None, fill=0.0):
-    """A parameter with logical axis names: normal(std) init, or constant `fill` when std is None."""
-    init = nnx.initializers.normal(std) if std is not None else nnx.initializers.constant(fill)
-    return nnx.Param(nnx.with_partitioning(init, axes)(rngs.params(), shape, dtype))
-
-
 class Norm(nnx.Module):
     """LayerNorm (with bias) for gpt2, RMSNorm for llama; fp32 statistics."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         pd = jnp.dtype(cfg.param_dtype)
         self.eps, self.impl = cfg.norm_eps, cfg.norm_impl
-        self.scale = _param(rngs, (cfg.d_model,), (EMBED,), pd, fill=1.0)
-        self.bias = _param(rngs, (cfg.d_model,), (EMBED,), pd) if cfg.family == "gpt2" else None
+        self.scale = param(rngs, (cfg.d_model,), (EMBED,), pd, fill=1.0)
+        self.bias = param(rngs, (cfg.d_model,), (EMBED,), pd) if cfg.family == "gpt2" else None
 
     def __call__(self, x):
         if self.bias is None:
@@ -68,15 +65,15 @@ class Attention(nnx.Module):
         d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         pd, std = jnp.dtype(cfg.param_dtype), cfg.init_std
         out_std = std / (2 * cfg.n_layers) ** 0.5  # GPT-2: scale residual projections by 1/sqrt(2L)
-        self.wq = _param(rngs, (d, n, h), (EMBED, HEADS, HEAD_DIM), pd, std)
-        self.wk = _param(rngs, (d, k, h), (EMBED, KV_HEADS, HEAD_DIM), pd, std)
-        self.wv = _param(rngs, (d, k, h), (EMBED, KV_HEADS, HEAD_DIM), pd, std)
-        self.wo = _param(rngs, (n, h, d), (HEADS, HEAD_DIM, EMBED), pd, out_std)
+        self.wq = param(rngs, (d, n, h), (EMBED, HEADS, HEAD_DIM), pd, std)
+        self.wk = param(rngs, (d, k, h), (EMBED, KV_HEADS, HEAD_DIM), pd, std)
+        self.wv = param(rngs, (d, k, h), (EMBED, KV_HEADS, HEAD_DIM), pd, std)
+        self.wo = param(rngs, (n, h, d), (HEADS, HEAD_DIM, EMBED), pd, out_std)
         if cfg.family == "gpt2":
-            self.bq = _param(rngs, (n, h), (HEADS, HEAD_DIM), pd)
-            self.bk = _param(rngs, (k, h), (KV_HEADS, HEAD_DIM), pd)
-            self.bv = _param(rngs, (k, h), (KV_HEADS, HEAD_DIM), pd)
-            self.bo = _param(rngs, (d,), (EMBED,), pd)
+            self.bq = param(rngs, (n, h), (HEADS, HEAD_DIM), pd)
+            self.bk = param(rngs, (k, h), (KV_HEADS, HEAD_DIM), pd)
+            self.bv = param(rngs, (k, h), (KV_HEADS, HEAD_DIM), pd)
+            self.bo = param(rngs, (d,), (EMBED,), pd)
         else:
             self.bq = self.bk = self.bv = self.bo = None
 
@@ -104,47 +101,53 @@ class FeedForward(nnx.Module):
     """GELU MLP (gpt2) or SwiGLU (llama)."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.family = cfg.family
         d, f = cfg.d_model, cfg.d_mlp
         pd, std = jnp.dtype(cfg.param_dtype), cfg.init_std
         out_std = std / (2 * cfg.n_layers) ** 0.5
-        self.w_in = _param(rngs, (d, f), (EMBED, MLP), pd, std)
-        self.w_out = _param(rngs, (f, d), (MLP, EMBED), pd, out_std)
+        self.w_in = param(rngs, (d, f), (EMBED, MLP), pd, std)
+        self.w_out = param(rngs, (f, d), (MLP, EMBED), pd, out_std)
         if cfg.family == "gpt2":
-            self.b_in = _param(rngs, (f,), (MLP,), pd)
-            self.b_out = _param(rngs, (d,), (EMBED,), pd)
+            self.b_in = param(rngs, (f,), (MLP,), pd)
+            self.b_out = param(rngs, (d,), (EMBED,), pd)
             self.w_gate = None
         else:
-            self.w_gate = _param(rngs, (d, f), (EMBED, MLP), pd, std)
+            self.w_gate = param(rngs, (d, f), (EMBED, MLP), pd, std)
             self.b_in = self.b_out = None
 
     def __call__(self, x):
-        dt = x.dtype
-        hidden = x @ self.w_in[...].astype(dt)  # [B, T, F]
-        if self.w_gate is None:
-            hidden = jax.nn.gelu(hidden + self.b_in[...].astype(dt), approximate=True)
-        else:
-            hidden = jax.nn.silu(x @ self.w_gate[...].astype(dt)) * hidden
-        y = hidden @ self.w_out[...].astype(dt)
-        return y if self.b_out is None else y + self.b_out[...].astype(dt)
+        names = ("w_in", "w_gate", "w_out", "b_in", "b_out")
+        weights = {n: getattr(self, n)[...].astype(x.dtype) for n in names if getattr(self, n) is not None}
+        return ffn(x, weights, jnp.matmul, lambda b: b)  # [B, T, D] -> [B, T, F] -> [B, T, D]
 
 
 class Block(nnx.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    With model.n_experts > 0 the mlp is a `MoE`, plus, with model.n_shared_experts > 0, one
+    always-on MLP of width n_shared_experts * d_mlp (the shared experts fused: the same sum).
+    """
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.attn_norm = Norm(cfg, rngs)
         self.attn = Attention(cfg, rngs)
         self.mlp_norm = Norm(cfg, rngs)
-        self.mlp = FeedForward(cfg, rngs)
+        self.mlp = MoE(cfg, rngs) if cfg.n_experts else FeedForward(cfg, rngs)
+        self.shared_mlp = (FeedForward(dataclasses.replace(cfg, d_mlp=cfg.n_shared_experts * cfg.d_mlp), rngs)
+                           if cfg.n_experts and cfg.n_shared_experts else None)
 
     def __call__(self, x, positions, cache):
         """(x, cache) -> (x, cache, aux): aux is a dict of this block's auxiliary outputs
-        (empty for the dense feed-forward)."""
+        (empty for the dense feed-forward; see `MoE.__call__`)."""
         y, cache = self.attn(self.attn_norm(x), positions, cache)
         x = x + y
-        x = x + self.mlp(self.mlp_norm(x))
-        return constrain(x, (BATCH, LENGTH, ACT_EMBED)), cache, {}
+        h = self.mlp_norm(x)
+        if isinstance(self.mlp, MoE):
+            y, aux = self.mlp(h)
+            if self.shared_mlp is not None:
+                y = y + self.shared_mlp(h)
+        else:
+            y, aux = self.mlp(h), {}
+        return constrain(x + y, (BATCH, LENGTH, ACT_EMBED)), cache, aux
 
 
 class Transformer(nnx.Module):
@@ -157,8 +160,8 @@ class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
         pd, std = jnp.dtype(cfg.param_dtype), cfg.init_std
-        self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), (VOCAB, EMBED), pd, std)
-        self.pos_embed = (_param(rngs, (cfg.max_seq_len, cfg.d_model), (None, EMBED), pd, std)
+        self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), (VOCAB, EMBED), pd, std)
+        self.pos_embed = (param(rngs, (cfg.max_seq_len, cfg.d_model), (None, EMBED), pd, std)
                           if cfg.family == "gpt2" else None)
 
         @nnx.split_rngs(splits=cfg.n_layers)
@@ -169,7 +172,7 @@ class Transformer(nnx.Module):
         self.blocks = make_blocks(rngs)
         self.final_norm = Norm(cfg, rngs)
         self.lm_head = (None if cfg.tie_embeddings
-                        else _param(rngs, (cfg.d_model, cfg.vocab_size), (EMBED, VOCAB), pd, std))
+                        else param(rngs, (cfg.d_model, cfg.vocab_size), (EMBED, VOCAB), pd, std))
 
     def embed_tokens(self, tokens, positions):
         """Token (+ learned position) embeddings [B, T, D] in the compute dtype."""
@@ -241,18 +244,35 @@ class Transformer(nnx.Module):
     def loss_and_metrics(self, tokens):
         """(loss, metrics) on tokens [B, T + 1]: mean next-token cross-entropy
         (model.loss_impl picks how) plus any auxiliary losses; metrics is a dict of
-        scalars or small arrays to log (empty for a dense model)."""
+        scalars or small arrays to log (empty for a dense model, see `aux_metrics`)."""
         hidden, _, aux = self._hidden_and_aux(tokens[:, :-1])
-        return self.head_loss(hidden, tokens[:, 1:]) + self.aux_loss(aux), {}
+        return self.head_loss(hidden, tokens[:, 1:]) + self.aux_loss(aux), self.aux_metrics(aux)
 
     def head_loss(self, hidden, targets):
         """Mean cross-entropy of the next-token head on final-norm hidden [B, T, D]."""
         return ops.lm_loss(hidden, self.head_weight(), targets, impl=self.cfg.loss_impl)
 
     def aux_loss(self, aux):
-        """The weighted sum of the blocks' auxiliary losses (0 for a dense model)."""
-        del aux
-        return 0.0
+        """The weighted sum of the blocks' auxiliary losses (0 for a dense model): each MoE
+        layer adds moe_aux_loss_weight * its load-balancing loss + moe_z_loss_weight * its
+        router z-loss (summed over layers, as in Switch and ST-MoE). aux: from `apply_blocks`."""
+        if not aux:
+            return 0.0
+        cfg = self.cfg
+        return cfg.moe_aux_loss_weight * aux["aux_loss"].sum() + cfg.moe_z_loss_weight * aux["z_loss"].sum()
+
+    def aux_metrics(self, aux):
+        """Metrics of the blocks' aux outputs (from `apply_blocks`, a leading layer axis):
+        moe_aux_loss and moe_z_loss (unweighted, mean over layers; 1.0 is balanced),
+        expert_load [E] (fraction of assignments per expert, mean over layers),
+        expert_load_layers [L, E], and moe_dropped (capacity drops, with a capacity factor)."""
+        if not aux:
+            return {}
+        metrics = {"moe_aux_loss": aux["aux_loss"].mean(), "moe_z_loss": aux["z_loss"].mean(),
+                   "expert_load": aux["load"].mean(0), "expert_load_layers": aux["load"]}
+        if "dropped" in aux:
+            metrics["moe_dropped"] = aux["dropped"].mean()
+        return metrics
 
     def __call__(self, tokens, positions=None, cache=None):
         """Logits [B, T, V] fp32 and the updated cache (None when no cache was given)."""

@@ -1,0 +1,274 @@
+"""Mixture-of-experts feed-forward block: a top-k softmax router, auxiliary losses, capacity
+dropping or dropless grouped matmuls, and expert parallelism by all-to-all.
+
+Router (Shazeer et al. 2017): softmax over experts in fp32, the top-k experts per token, and
+their probabilities renormalized to sum to 1 (as Mixtral does), so the block's output scale does
+not depend on how peaked the router is. With top_k=1 the weight is then always 1 and the router
+learns only from the auxiliary losses: use top_k >= 2.
+Load-balancing loss (Switch Transformer, Fedus et al. 2021, eq. 4): E * sum_e f_e * P_e, with f_e
+the fraction of token->expert assignments sent to expert e and P_e the mean router probability
+of e; it is 1 at uniform routing. Router z-loss (ST-MoE, Zoph et al. 2022, eq. 5): the mean over
+tokens of logsumexp(logits)^2.
+Capacity (GShard, Lepikhin et al. 2020): with model.moe_capacity_factor > 0 each expert has
+ceil(factor * tokens * top_k / experts) slots over the tokens of the call (the whole micro-batch,
+also under expert parallelism). Assignments claim slots in priority order: every token's first
+choice in token order (batch row, then position), then every second choice, and so on; an
+assignment past its expert's last slot is dropped (it adds 0; the residual carries the token).
+
+model.moe_impl: `ragged` sorts assignments by expert and runs the experts as grouped matmuls
+(`jax.lax.ragged_dot`), the FLOPs of the routed tokens only; `dense` runs every expert on every
+token and combines with the routing weights (the reference).
+
+Expert parallelism: when the active logical rules map `experts` to mesh axes of size > 1 (ragged
+impl), each device holds E / n experts, and assignments travel to their expert's device and back
+by all-to-all inside `jax.shard_map`.
+
+G tokens, A = G*k assignments, E experts, D d_model, F mlp (per expert), k top_k, n expert shards.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import PartitionSpec
+
+from llmjax.config import ModelConfig
+from sharding.axes import BATCH, EMBED, EXPERTS, LENGTH, MLP
+from sharding.placement import active_layout, logical_to_spec
+from sharding.rules import mesh_axes_of
+
+
+def param(rngs, shape, axes, dtype, std=None, fill=0.0):
+    """A parameter with logical axis names: normal(std) init, or constant `fill` when std is None."""
+    init = nnx.initializers.normal(std) if std is not None else nnx.initializers.constant(fill)
+    return nnx.Param(nnx.with_partitioning(init, axes)(rngs.params(), shape, dtype))
+
+
+def ffn(x, weights: dict, matmul, bias):
+    """The feed-forward math of the dense MLP and of each expert.
+
+    GELU(x W_in + b_in) W_out + b_out when `weights` has no "w_gate" (gpt2), else
+    (silu(x W_gate) * x W_in) W_out (llama, SwiGLU). `matmul(x, w)` applies the right weight to
+    each row (a plain matmul, a batched one over experts, or a grouped one); `bias(b)` gives the
+    bias each row adds.
+    """
+    hidden = matmul(x, weights["w_in"])
+    if "w_gate" in weights:
+        hidden = jax.nn.silu(matmul(x, weights["w_gate"])) * hidden
+    else:
+        hidden = jax.nn.gelu(hidden + bias(weights["b_in"]), approximate=True)
+    y = matmul(hidden, weights["w_out"])
+    return y + bias(weights["b_out"]) if "b_out" in weights else y
+
+
+def route(logits, top_k: int):
+    """Softmax top-k routing.
+
+    Args:
+      logits: [..., E] router logits (fp32).
+    Returns:
+      probs [..., E], weights [..., k] (the top-k probabilities renormalized to sum to 1) and
+      expert ids [..., k] int32, best first.
+    """
+    probs = jax.nn.softmax(logits, axis=-1)
+    top, ids = jax.lax.top_k(probs, top_k)
+    return probs, top / top.sum(-1, keepdims=True), ids
+
+
+def expert_load(ids, n_experts: int):
+    """Fraction of the assignments ids [..., k] routed to each expert: [E] fp32, sums to 1."""
+    return jnp.bincount(ids.reshape(-1), length=n_experts) / ids.size
+
+
+def load_balancing_loss(probs, ids, n_experts: int):
+    """Switch Transformer loss E * sum_e f_e * P_e (1 at uniform routing); probs [..., E],
+    ids [..., k]. Gradients flow through P_e only (f_e counts discrete choices)."""
+    mean_probs = probs.reshape(-1, n_experts).mean(0)
+    return n_experts * jnp.sum(expert_load(ids, n_experts) * mean_probs)
+
+
+def router_z_loss(logits):
+    """ST-MoE router z-loss: mean over tokens of logsumexp(logits [..., E])^2."""
+    return jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2)
+
+
+def expert_capacity(n_tokens: int, top_k: int, n_experts: int, factor: float) -> int:
+    """Slots per expert: ceil(factor * tokens * top_k / experts)."""
+    return math.ceil(factor * n_tokens * top_k / n_experts)
+
+
+def capacity_mask(ids, n_experts: int, capacity: int):
+    """Which assignments get a slot: ids [G, k] -> keep [G, k] bool.
+
+    Priority (see the module docstring): all first choices in token order, then all second
+    choices, ...; an expert's first `capacity` assignments in that order are kept.
+    """
+    g, k = ids.shape
+    onehot = jax.nn.one_hot(ids.T.reshape(-1), n_experts, dtype=jnp.int32)  # [k*G, E], priority order
+    slot = jnp.sum(jnp.cumsum(onehot, axis=0) * onehot, axis=-1) - 1  # [k*G] place in its expert's queue
+    return (slot < capacity).reshape(k, g).T
+
+
+def _combine(rows, weights):
+    """Weighted sum of each token's k expert outputs: rows [G*k, D], weights [G, k] -> [G, D]."""
+    g, k = weights.shape
+    return jnp.einsum("gkd,gk->gd", rows.reshape(g, k, -1), weights.astype(rows.dtype))
+
+
+def dense_experts(x, weights, ids, experts: dict):
+    """Every expert on every token, combined by the routing weights (the reference impl).
+
+    x [G, D]; weights, ids [G, k] (id E = no expert, weight ignored); experts: stacked weights
+    with a leading E axis. Returns [G, D].
+    """
+    n_experts = experts["w_in"].shape[0]
+    combine = jnp.einsum("gke,gk->ge", jax.nn.one_hot(ids, n_experts, dtype=x.dtype),
+                         weights.astype(x.dtype))  # [G, E]; id E one-hots to zeros
+    y = ffn(x, experts, jnp.matmul, lambda b: b[:, None])  # [G, D] @ [E, D, F] -> [E, G, F] ... [E, G, D]
+    return jnp.einsum("ge,egd->gd", combine, y)
+
+
+def grouped_ffn(rows, row_expert, experts: dict):
+    """Each row through its own expert with grouped matmuls; rows with id E (no expert) give 0.
+
+    rows [A, D]; row_expert [A] int32 in [0, E]; experts: stacked weights with a leading E axis.
+    Returns [A, D] in the order of `rows`.
+    """
+    n_experts = experts["w_in"].shape[0]
+    order = jnp.argsort(row_expert, stable=True)
+    sorted_expert = row_expert[order]
+    group_sizes = jnp.bincount(row_expert, length=n_experts)  # id E falls outside: not computed
+    y = ffn(rows[order], experts, lambda a, w: jax.lax.ragged_dot(a, w, group_sizes),
+            lambda b: jnp.take(b, sorted_expert, axis=0, mode="clip"))
+    y = jnp.where((sorted_expert < n_experts)[:, None], y, 0)
+    return jnp.zeros_like(y).at[order].set(y, unique_indices=True)
+
+
+def ragged_experts(x, weights, ids, experts: dict):
+    """Dropless (or capacity-masked) grouped-matmul MoE on local tokens: x [G, D], weights and
+    ids [G, k] (id E = dropped) -> [G, D]."""
+    rows = jnp.repeat(x, ids.shape[1], axis=0)  # [G*k, D]: row a is token a // k
+    return _combine(grouped_ffn(rows, ids.reshape(-1), experts), weights)
+
+
+def _exchange(rows, row_expert, experts: dict, n_experts: int, axes, slots: int):
+    """Expert-parallel grouped FFN inside shard_map: send each row to the device holding its
+    expert, compute there, send the result back.
+
+    rows [A, D], row_expert [A] (global ids, E = no expert); experts: this device's E / n experts.
+    Buffers are [n, slots, D]: `slots` bounds the rows one device sends to another.
+    """
+    n = n_experts // experts["w_in"].shape[0]
+    local_experts = n_experts // n
+    order = jnp.argsort(row_expert, stable=True)
+    sorted_expert = row_expert[order]
+    dest = sorted_expert // local_experts  # [A] target shard; n for dropped rows
+    counts = jnp.bincount(dest, length=n)
+    first = jnp.cumsum(counts) - counts  # where each target's run starts in sorted order
+    slot = jnp.arange(rows.shape[0]) - jnp.take(first, dest, mode="clip")
+    send = jnp.zeros((n, slots, rows.shape[1]), rows.dtype).at[dest, slot].set(rows[order], mode="drop")
+    send_expert = jnp.full((n, slots), local_experts, jnp.int32).at[dest, slot].set(
+        sorted_expert % local_experts, mode="drop")
+    recv = jax.lax.all_to_all(send, axes, 0, 0)  # [n sources, slots, D]
+    recv_expert = jax.lax.all_to_all(send_expert, axes, 0, 0)
+    y = grouped_ffn(recv.reshape(n * slots, -1), recv_expert.reshape(-1), experts)
+    back = jax.lax.all_to_all(y.reshape(n, slots, -1), axes, 0, 0)  # [n targets, slots, D]
+    y_sorted = back.at[dest, slot].get(mode="fill", fill_value=0)
+    return jnp.zeros_like(rows).at[order].set(y_sorted, unique_indices=True)
+
+
+def expert_parallel(x, weights, ids, experts: dict, layout, capacity: int | None):
+    """`ragged_experts` with experts split over the mesh axes the `experts` rule names.
+
+    x [B, T, D]; weights, ids [B, T, k]; layout = (abstract mesh, rule dict) from
+    `sharding.placement.active_layout`; capacity: slots per expert, or None when dropless.
+    Raises:
+      ValueError: E not divisible by the expert axes, or tokens not split over them.
+    """
+    mesh, rules = layout
+    n_experts, k = experts["w_in"].shape[0], ids.shape[-1]
+    axes = mesh_axes_of(rules.get(EXPERTS))
+    n = math.prod(mesh.shape[a] for a in axes)
+    token_spec = logical_to_spec((BATCH, LENGTH, None), rules)
+    token_axes = {a for entry in token_spec for a in mesh_axes_of(entry)}
+    if n_experts % n:
+        raise ValueError(f"model.n_experts={n_experts} is not divisible by the {n} devices of mesh "
+                         f"axes {axes} that the rules split experts over")
+    if not set(axes) <= token_axes:
+        raise ValueError(f"the rules split experts over {axes} but tokens over {sorted(token_axes)}; "
+                         "expert parallelism needs the batch (or length) rule to split over "
+                         f"{axes} too (see the 'ep' preset)")
+
+    def local(x, weights, ids, experts):
+        b, t, d = x.shape
+        slots = b * t * k if capacity is None else min(b * t * k, capacity * (n_experts // n))
+        rows = jnp.repeat(x.reshape(b * t, d), k, axis=0)
+        y = _exchange(rows, ids.reshape(-1), experts, n_experts, axes, slots)
+        return _combine(y, weights.reshape(b * t, k)).reshape(b, t, d)
+
+    expert_specs = {name: PartitionSpec(axes) for name in experts}
+    return jax.shard_map(local, in_specs=(token_spec, token_spec, token_spec, expert_specs),
+                         out_specs=token_spec)(x, weights, ids, experts)
+
+
+class MoE(nnx.Module):
+    """Routed experts in place of the dense feed-forward (shared experts live in the Block).
+
+    Each expert is the family's MLP (GELU with biases for gpt2, SwiGLU for llama) of width
+    model.d_mlp; weights are stacked on a leading `experts` axis.
+    """
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        e, d, f = cfg.n_experts, cfg.d_model, cfg.d_mlp
+        pd, std = jnp.dtype(cfg.param_dtype), cfg.init_std
+        out_std = std / (2 * cfg.n_layers) ** 0.5  # GPT-2: scale residual projections by 1/sqrt(2L)
+        self.router = param(rngs, (d, e), (EMBED, None), pd, std)
+        self.w_in = param(rngs, (e, d, f), (EXPERTS, EMBED, MLP), pd, std)
+        self.w_out = param(rngs, (e, f, d), (EXPERTS, MLP, EMBED), pd, out_std)
+        if cfg.family == "gpt2":
+            self.b_in = param(rngs, (e, f), (EXPERTS, MLP), pd)
+            self.b_out = param(rngs, (e, d), (EXPERTS, EMBED), pd)
+            self.w_gate = None
+        else:
+            self.w_gate = param(rngs, (e, d, f), (EXPERTS, EMBED, MLP), pd, std)
+            self.b_in = self.b_out = None
+
+    def experts(self, dtype) -> dict:
+        """The expert weights present in this family, cast to `dtype`, each [E, ...]."""
+        names = ("w_in", "w_gate", "w_out", "b_in", "b_out")
+        return {n: getattr(self, n)[...].astype(dtype) for n in names if getattr(self, n) is not None}
+
+    def __call__(self, x):
+        """x [B, T, D] -> (y [B, T, D], aux).
+
+        aux: "aux_loss" (load balancing, unweighted), "z_loss" (unweighted), "load" [E] (fraction
+        of assignments per expert, before capacity dropping) and, with a capacity factor,
+        "dropped" (fraction of assignments dropped).
+        """
+        cfg = self.cfg
+        b, t, d = x.shape
+        e, k = cfg.n_experts, cfg.moe_top_k
+        logits = jnp.einsum("btd,de->bte", x.astype(jnp.float32), self.router[...].astype(jnp.float32))
+        probs, weights, ids = route(logits, k)  # [B, T, E], [B, T, k], [B, T, k]
+        aux = {"aux_loss": load_balancing_loss(probs, ids, e), "z_loss": router_z_loss(logits),
+               "load": expert_load(ids, e)}
+        capacity = None
+        if cfg.moe_capacity_factor:
+            capacity = expert_capacity(b * t, k, e, cfg.moe_capacity_factor)
+            keep = capacity_mask(ids.reshape(b * t, k), e, capacity).reshape(b, t, k)
+            ids, weights = jnp.where(keep, ids, e), jnp.where(keep, weights, 0.0)  # id E: dropped
+            aux["dropped"] = 1.0 - keep.mean()
+        experts = self.experts(x.dtype)
+        layout = active_layout()
+        n_shards = 1
+        if layout is not None:
+            mesh, rules = layout
+            n_shards = math.prod(mesh.shape[a] for a in mesh_axes_of(rules.get(EXPERTS)))
+        if cfg.moe_impl == "ragged" and n_shards > 1:
+            return expert_parallel(x, weights, ids, experts, layout, capacity), aux
+        impl = dense_experts if cfg.moe_impl == "dense" else ragged_experts
+        y = impl(x.reshape(b * t, d), weights.reshape(b * t, k), ids.reshape(b * t, k), experts)
+        return y.reshape(b, t, d), aux
