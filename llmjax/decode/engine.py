@@ -307,12 +307,13 @@ class Engine:
         return np.asarray(next_tokens)[:len(plan)]
 
     def kv_usage(self) -> dict:
-        """KV slots now: `allocated` (blocks referenced x block_size) and `live` (slots holding
-        a computed position of a running sequence, shared blocks counted once)."""
+        """KV slots now: `allocated` (blocks referenced x block_size), `live` (slots holding a
+        computed position of a running sequence, shared blocks counted once), `tokens` (computed
+        positions summed over running sequences, shared ones counted per sequence), `running`."""
         bs = self.cfg.block_size
         filled = {}
         for seq in self.running:
             for i, block in enumerate(seq.blocks):
                 filled[block] = max(filled.get(block, 0), min(bs, max(0, seq.num_computed - i * bs)))
         return dict(allocated=self.allocator.num_used() * bs, live=sum(filled.values()),
-                    running=len(self.running), context=self.context)
+                    tokens=sum(seq.num_computed for seq in self.running), running=len(self.running))
