@@ -1,6 +1,7 @@
 """Train a model: `python -m experiments.train --config experiments/configs/<x>.yaml [key=value ...]`.
 
-Writes runs/<name>/ (config.yaml, metrics.jsonl, tb/, checkpoints/, samples.txt).
+Writes runs/<name>/ (config.yaml, metrics.jsonl, tb/, checkpoints/, samples.txt); a LoRA
+run (lora.rank >= 1) also writes its merged model as a Hugging Face folder, runs/<name>/merged/.
 """
 import argparse
 import dataclasses
@@ -8,7 +9,8 @@ import sys
 
 from llmjax.checkpoint import CheckpointError
 from llmjax.config import ConfigError, load_config
-from llmjax.convert import ConversionError, load_hf
+from llmjax.convert import ConversionError, load_hf, save_hf
+from llmjax.data import load_tokenizer
 from llmjax.train.loop import TrainingDiverged, train
 
 
@@ -27,6 +29,14 @@ def _with_hf_model(cfg, hf_dir, overrides):
                                 data=dataclasses.replace(data, seq_len=seq_len)), params)
 
 
+def export_hf(cfg, params, path):
+    """Write `params` (a LoRA run's merged params) as a Hugging Face checkpoint folder, with
+    the run's tokenizer.json when it has one (BPE), and say where."""
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    save_hf(cfg.model, params, path, tokenizer=tokenizer if hasattr(tokenizer, "save") else None)
+    print(f"wrote Hugging Face checkpoint {path} (python -m experiments.generate --hf {path})")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m experiments.train", description=__doc__.splitlines()[0],
@@ -38,16 +48,24 @@ def main(argv=None):
                         help="start from a Hugging Face checkpoint folder: its architecture replaces model.* "
                              "(model.dtype and the *_impl/remat choices stay yours), its tokenizer.json "
                              "is used unless data.tokenizer is set")
+    parser.add_argument("--export-hf", metavar="DIR",
+                        help="when training finishes, write the model (merged with its LoRA adapters) as a "
+                             "Hugging Face checkpoint folder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (eval lines still print)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
         init_params = None
-        if args.init_from_hf and not args.resume:
+        if args.init_from_hf:  # on resume too: the architecture, and a LoRA run's frozen base
             cfg, init_params = _with_hf_model(cfg, args.init_from_hf, args.overrides)
         result = train(cfg, resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress,
                        init_params=init_params)
+        if not result.stopped_by_signal:
+            if cfg.lora.rank > 0:
+                export_hf(cfg, result.params, cfg.run_dir / "merged")
+            if args.export_hf:
+                export_hf(cfg, result.params, args.export_hf)
     except (ConfigError, CheckpointError, ConversionError, TrainingDiverged, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -133,8 +133,8 @@ def train(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = 
     base_print = None if base is None else _fingerprint(base)
     if resume:
         state, meta = ckpt.restore(state)  # restores onto the template's shardings
-        batches.restore(meta["data"])
         _check_same_base(meta.get("lora_base"), base_print, ckpt.directory)
+        batches.restore(meta["data"])
     start = int(state["step"])
 
     train_step = make_train_step(graphdef, optimizer, lr_schedule(cfg.optim, tc.steps), mesh=mesh, rules=rules,
@@ -257,14 +257,12 @@ def _fingerprint(params: dict) -> float:
 
 
 def _check_same_base(saved: float | None, current: float | None, directory):
-    if saved is None and current is None:
-        return
-    if saved is None or current is None or not math.isclose(saved, current, rel_tol=1e-5):
-        raise CheckpointError(
-            f"the checkpoints in {directory} were made "
-            + ("without LoRA" if saved is None else f"with LoRA on a base of fingerprint {saved:.6g}")
-            + ("; this run has LoRA off" if current is None else f"; this run's base has {current:.6g}")
-            + ": resume with the same lora.rank, --init-from-hf folder (or model.* and train.seed)")
+    """A LoRA checkpoint resumes only on the base it was trained on (a run with LoRA
+    switched on or off already fails to restore: the state trees differ)."""
+    if saved is not None and current is not None and not math.isclose(saved, current, rel_tol=1e-5):
+        raise CheckpointError(f"the checkpoints in {directory} hold LoRA adapters for a base of fingerprint "
+                              f"{saved:.8g}, but this run's base has {current:.8g}: resume with the same "
+                              "--init-from-hf folder (or model.* and train.seed)")
 
 
 def _checked_like(given: dict, fresh: dict) -> dict:
