@@ -68,15 +68,15 @@ def _load_cached(path: str, mtime: float) -> dict:
     return json.loads(pathlib.Path(path).read_text())
 
 
-def load(path=TABLE) -> dict:
-    """The whole table ({} when the file does not exist)."""
-    path = pathlib.Path(path)
+def load(path=None) -> dict:
+    """The whole table ({} when the file does not exist); path None: the committed TABLE."""
+    path = pathlib.Path(TABLE if path is None else path)
     if not path.exists():
         return {}
     return _load_cached(str(path), os.path.getmtime(path))
 
 
-def lookup(kernel: str, key: str, *, device_kind: str | None = None, path=TABLE) -> dict | None:
+def lookup(kernel: str, key: str, *, device_kind: str | None = None, path=None) -> dict | None:
     """The table entry for (device, kernel, key), or None."""
     return load(path).get(device_key(device_kind), {}).get(kernel, {}).get(key)
 
@@ -101,7 +101,12 @@ def apply_fields(config, fields: dict):
     return dataclasses.replace(config, **changes)
 
 
-def best_config(kernel: str, key: str, default, *, device_kind: str | None = None, path=TABLE):
+def on_gpu() -> bool:
+    """Whether lookups for the local device consult the table (it holds GPU measurements only)."""
+    return jax.default_backend() == "gpu"
+
+
+def best_config(kernel: str, key: str, default, *, device_kind: str | None = None, path=None):
     """The tuned config for this kernel and shape key on this device, else `default`.
 
     Args:
@@ -110,11 +115,11 @@ def best_config(kernel: str, key: str, default, *, device_kind: str | None = Non
       default: the heuristic config (a dataclass); the table's fields are applied to it.
       device_kind: look up another device's entries (tests); default: the first local device, and
         on a non-GPU backend always `default` (the table holds GPU measurements only).
-      path: the table file.
+      path: the table file (default: the committed TABLE).
     A stale entry (a field the config no longer has, a value its checks reject) gives `default`
     and one logged warning naming the kernel, key and reason.
     """
-    if device_kind is None and jax.default_backend() != "gpu":
+    if device_kind is None and not on_gpu():
         return default
     entry = lookup(kernel, key, device_kind=device_kind, path=path)
     if entry is None:
@@ -122,17 +127,17 @@ def best_config(kernel: str, key: str, default, *, device_kind: str | None = Non
     try:
         return apply_fields(default, entry["config"])
     except (ValueError, TypeError, KeyError) as e:
-        message = f"autotune: ignoring table entry {kernel} [{key}] in {path}: {e}"
+        message = f"autotune: ignoring table entry {kernel} [{key}] in {path or TABLE}: {e}"
         if message not in _warned:
             _warned.add(message)
             _log.warning(message)
         return default
 
 
-def record(entries: list[dict], *, device_kind: str | None = None, path=TABLE) -> None:
+def record(entries: list[dict], *, device_kind: str | None = None, path=None) -> None:
     """Write tuning results (tuner.tune's dicts: kernel, key, best, timings) into the table,
     replacing entries with the same device, kernel and key; other entries are kept."""
-    path = pathlib.Path(path)
+    path = pathlib.Path(TABLE if path is None else path)
     table = json.loads(path.read_text()) if path.exists() else {}
     device = table.setdefault(device_key(device_kind), {})
     for result in entries:

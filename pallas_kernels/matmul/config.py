@@ -72,9 +72,16 @@ class MosaicTiles:
         return self.tile_n * (2 if self.wg_dimension == "n" else 1)
 
 
-def _fit(block: int, size: int, smallest: int = 16) -> int:
+def fit_block(block: int, size: int, smallest: int = 16) -> int:
     """Shrink a power-of-two block to the power of two covering `size` (>= smallest)."""
     return max(smallest, min(block, 1 << max(size - 1, 0).bit_length()))
+
+
+def fit_to_shape(blocks: TritonBlocks, m: int, n: int, k: int) -> TritonBlocks:
+    """Clip each block to the dimension it tiles, so small shapes do not pad to a big tile."""
+    return dataclasses.replace(blocks, block_m=fit_block(blocks.block_m, m),
+                               block_n=fit_block(blocks.block_n, n),
+                               block_k=fit_block(blocks.block_k, k))
 
 
 def default_triton_blocks(m: int, n: int, k: int, dtype) -> TritonBlocks:
@@ -86,8 +93,7 @@ def default_triton_blocks(m: int, n: int, k: int, dtype) -> TritonBlocks:
         base = TritonBlocks(block_m=64, block_n=64, block_k=32, num_warps=4)
     else:
         base = TritonBlocks()
-    blocks = dataclasses.replace(base, block_m=_fit(base.block_m, m), block_n=_fit(base.block_n, n),
-                                 block_k=_fit(base.block_k, k))
+    blocks = fit_to_shape(base, m, n, k)
     if blocks.block_m * blocks.block_n < base.block_m * base.block_n:
         blocks = dataclasses.replace(blocks, num_warps=4)  # a small tile needs fewer threads
     return blocks

@@ -1,0 +1,188 @@
+"""Autotuner on CPU: the heuristic path, table lookups from a temporary table (and a kernel that
+consults it), the search over a toy problem (winner, skipped candidates and their reasons, the
+keep-the-default rule), the search spaces' validity, and the CLI's report helpers."""
+import dataclasses
+import json
+import logging
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from pallas_kernels import _testing
+from pallas_kernels.autotune import __main__ as cli
+from pallas_kernels.autotune import spaces, table, tuner
+from pallas_kernels.flash_attention import config as flash_config
+from pallas_kernels.matmul import api as matmul_api
+from pallas_kernels.matmul import cases as matmul_cases
+from pallas_kernels.matmul import config as matmul_config
+from pallas_kernels.matmul import reference as matmul_reference
+
+H100 = "NVIDIA H100 80GB HBM3"
+
+
+def write_table(path, entries):
+    path.write_text(json.dumps(entries))
+    return path
+
+
+def test_heuristic_on_cpu_even_with_an_entry(tmp_path):
+    default = matmul_config.default_triton_blocks(4096, 4096, 4096, jnp.bfloat16)
+    key = table.matmul_key(4096, 4096, 4096, jnp.bfloat16)
+    path = write_table(tmp_path / "t.json", {table.device_key(): {"matmul_triton": {
+        key: {"config": {"num_warps": 4}}}}})
+    assert jax.default_backend() == "cpu"
+    assert table.best_config("matmul_triton", key, default, path=path) is default
+    assert matmul_config.triton_blocks(4096, 4096, 4096, jnp.bfloat16) == default
+
+
+def test_lookup_from_a_temporary_table(tmp_path):
+    default = flash_config.default_blocks(4096, 4096, 128, jnp.bfloat16)
+    key = table.flash_attention_key(4096, 4096, 128, True, jnp.bfloat16)
+    path = write_table(tmp_path / "t.json", {"nvidia_h100_80gb_hbm3": {"flash_attention": {
+        key: {"config": {"block_kv": 128, "num_stages": 2, "mosaic": {"max_concurrent_steps": 3}}}}}})
+    tuned = table.best_config("flash_attention", key, default, device_kind=H100, path=path)
+    assert tuned == dataclasses.replace(default, block_kv=128, num_stages=2,
+                                        mosaic=flash_config.MosaicBlocks(max_concurrent_steps=3))
+    other_key = table.flash_attention_key(1024, 1024, 128, True, jnp.bfloat16)
+    assert table.best_config("flash_attention", other_key, default, device_kind=H100,
+                             path=path) is default
+    assert table.best_config("flash_attention", key, default, device_kind="NVIDIA H200",
+                             path=path) is default
+
+
+def test_stale_entry_falls_back_with_one_warning(tmp_path, caplog):
+    default = matmul_config.TritonBlocks()
+    path = write_table(tmp_path / "t.json", {"nvidia_h100_80gb_hbm3": {"matmul_triton": {
+        "k1": {"config": {"block_mm": 64}}, "k2": {"config": {"block_m": 48}}}}})
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            assert table.best_config("matmul_triton", "k1", default, device_kind=H100, path=path) is default
+        assert table.best_config("matmul_triton", "k2", default, device_kind=H100, path=path) is default
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("block_mm" in m for m in messages) == 1
+    assert any("block_m=48 must be a power of 2" in m for m in messages)
+
+
+def test_shape_keys_bucket_to_powers_of_two():
+    assert table.matmul_key(1000, 3000, 500, jnp.bfloat16) == table.matmul_key(1024, 4096, 512, "bfloat16")
+    assert table.matmul_key(1024, 4096, 512, jnp.bfloat16) == "m=1024,n=4096,k=512,dtype=bfloat16"
+    assert table.norms_key("rms_norm", 16000, 4096, jnp.bfloat16) == \
+        "fn=rms_norm,rows=16384,hidden=4096,dtype=bfloat16"
+    assert table.device_key(H100) == "nvidia_h100_80gb_hbm3"
+
+
+def test_matmul_kernel_consults_the_table(tmp_path, monkeypatch):
+    """With the table switched on (as on a GPU), api.matmul runs the table's blocks."""
+    case = matmul_cases.Case("table_37x70x50", 37, 70, 50)
+    tuned = {"block_m": 16, "block_n": 32, "block_k": 16, "group_m": 2}
+    key = table.matmul_key(case.m, case.n, case.k, jnp.float32)
+    monkeypatch.setattr(table, "TABLE", write_table(tmp_path / "t.json", {table.device_key(): {
+        "matmul_triton": {key: {"config": tuned}}}}))
+    monkeypatch.setattr(table, "on_gpu", lambda: True)
+    blocks = matmul_config.triton_blocks(case.m, case.n, case.k, jnp.float32)
+    assert (blocks.block_m, blocks.block_n, blocks.block_k, blocks.group_m) == (16, 32, 16, 2)
+    seen = []
+    real = matmul_api.triton_matmul.matmul
+    monkeypatch.setattr(matmul_api.triton_matmul, "matmul",
+                        lambda *a, **kw: seen.append(kw["blocks"]) or real(*a, **kw))
+    a, b = case.inputs(jnp.float32)
+    out = matmul_api.matmul(a, b, backend="triton", interpret=True)
+    assert seen == [blocks]
+    _testing.assert_close(out, matmul_reference.matmul_reference(a, b), jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Toy:
+    """A config whose `work` sets how many matmuls the toy program chains."""
+    work: int = 64
+
+    def __post_init__(self):
+        if self.work < 1:
+            raise ValueError(f"Toy.work={self.work} must be >= 1")
+
+
+def toy_problem(stages):
+    x = jnp.ones((128, 128), jnp.float32) / 128
+
+    def build(config, mode):
+        if config.work == 7:  # a candidate that does not compile: shapes that do not match
+            return jax.jit(lambda x: x @ jnp.ones((3, 3))), [(x,)]
+
+        def chain(x):
+            return jax.lax.fori_loop(0, config.work, lambda i, y: y @ x, x)
+        return jax.jit(chain), [(x,)]
+    return tuner.Problem(kernel="toy", key="n=128", default=Toy(), stages=stages, build=build)
+
+
+def test_search_keeps_the_fastest_and_records_skips(tmp_path):
+    problem = toy_problem((tuner.Stage("fwd", (dict(work=0), dict(work=7), dict(work=1))),
+                           tuner.Stage("fwd", (dict(work=32),))))
+    result = tuner.tune(problem, reps=3, confirm_rounds=1, log=None)
+    assert result["best"] == {"work": 1} and not result["kept_default"]
+    assert result["tuned_ms"]["fwd"] <= result["default_ms"]["fwd"]
+    by_work = {c["overrides"].get("work"): c for c in result["candidates"]}
+    assert by_work[0]["error"].startswith("invalid: ValueError: Toy.work=0")
+    assert by_work[7]["error"].startswith("RuntimeError: compile:")
+    assert by_work[32]["stage"] == 1 and by_work[32]["time_ms"] > 0
+    path = tmp_path / "t.json"
+    table.record([result], device_kind=H100, path=path)
+    assert table.best_config("toy", "n=128", Toy(), device_kind=H100, path=path) == Toy(work=1)
+    assert table.lookup("toy", "n=128", device_kind=H100, path=path)["kept_default"] is False
+
+
+def test_winner_slower_on_confirmation_keeps_the_default(monkeypatch):
+    """Search timings say work=1 wins; the confirmation round says it is slower: keep the default."""
+    search = {64: 2.0, 1: 1.0}
+    confirm = {64: 1.0, 1: 1.5}
+    calls = []
+
+    def fake_time(build, config, mode, reps):
+        calls.append(config.work)
+        return (search if len(calls) <= 2 else confirm)[config.work]
+    monkeypatch.setattr(tuner, "_time", fake_time)
+    result = tuner.tune(toy_problem((tuner.Stage("fwd", (dict(work=1),)),)), confirm_rounds=1,
+                        log=None)
+    assert result["kept_default"] and result["best"] == {"work": 64}
+    assert result["tuned_ms"] == result["default_ms"] == {"fwd": 1000.0}
+
+
+def test_failing_default_raises():
+    problem = toy_problem((tuner.Stage("fwd", (dict(work=1),)),))
+    problem = dataclasses.replace(problem, default=Toy(work=7))
+    with pytest.raises(RuntimeError, match="starting config fails"):
+        tuner.tune(problem, reps=1, log=None)
+
+
+@pytest.mark.parametrize("op", spaces.OPS)
+def test_every_candidate_is_a_valid_config(op):
+    problems = spaces.problems(op)
+    assert problems and len({(p.kernel, p.key) for p in problems}) == len(problems)
+    for problem in problems:
+        for stage in problem.stages:
+            assert stage.candidates
+            for overrides in stage.candidates:
+                table.apply_fields(problem.default, overrides)  # raises on a bad candidate
+
+
+def test_problem_filters_and_unknown_op():
+    found = spaces.problems("matmul", ["m8192_n8192_k8192"], ["matmul_mosaic"])
+    assert [(p.kernel, p.key) for p in found] == [
+        ("matmul_mosaic", "m=8192,n=8192,k=8192,dtype=bfloat16")]
+    with pytest.raises(ValueError, match="op='conv' has no search space"):
+        spaces.problems("conv")
+
+
+def test_cli_parse_and_report(tmp_path):
+    op, options = cli.parse(["attention", "cases=['s4k_d128_full']", "reps=5"])
+    assert op == "flash_attention" and options["cases"] == ["s4k_d128_full"] and options["reps"] == 5
+    with pytest.raises(SystemExit, match="op='conv' unknown"):
+        cli.parse(["conv"])
+    with pytest.raises(SystemExit, match="option 'speed=3'"):
+        cli.parse(["norms", "speed=3"])
+    result = dict(kernel="toy", key="n=1", default={"work": 64}, best={"work": 1},
+                  default_ms={"fwd": 2.0}, tuned_ms={"fwd": 1.0})
+    text = cli.summary([result, dict(kernel="toy", key="n=2", error="RuntimeError: boom")])
+    assert "2.00x" in text and "{'work': 1}" in text and "boom" in text
+    cli.plot([result], tmp_path / "r.png", "toy")
+    assert (tmp_path / "r.png").stat().st_size > 1000
