@@ -1,4 +1,6 @@
 """KV-cache generation against full recomputation, and the samplers."""
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -62,3 +64,20 @@ def test_sampling_is_seeded():
     prompt = jnp.ones((1, 3), jnp.int32)
     cfg = DecodeConfig(max_new_tokens=8, temperature=1.0, seed=7)
     np.testing.assert_array_equal(generate(model, prompt, cfg), generate(model, prompt, cfg))
+
+
+def test_bench_decode_smoke(tmp_path):
+    from experiments import bench_decode
+
+    assert bench_decode.main(["--smoke", "--models", "llama-tiny", "--sections", "decode", "speculative",
+                              "--out", str(tmp_path)]) == 0
+    (result,) = tmp_path.glob("decode-smoke-decode-speculative_*.json")
+    assert result.with_suffix(".png").exists()
+    rows = json.loads(result.read_text())["rows"]
+    decode = [r for r in rows if r["section"] == "decode"]
+    assert [(r["weights"], r["batch"]) for r in decode] == [("bf16", 1), ("bf16", 2), ("int8", 1)]
+    assert all(r["roofline_ms"] > 0 and "ms_per_token" in r for r in decode)  # values: CPU noise
+    assert decode[2]["weight_bytes"] < 0.6 * decode[0]["weight_bytes"]
+    spec = [r for r in rows if r["section"] == "speculative"]
+    assert [r["head_noise"] for r in spec] == [0.0, 4.0]
+    assert spec[0]["alpha"] > spec[1]["alpha"] and 1 <= spec[1]["tokens_per_round"] <= spec[0]["tokens_per_round"]

@@ -35,19 +35,35 @@ class DecodeModel:
         return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.params))
 
 
-def prepare_decode(model, *, int8: bool = False) -> DecodeModel:
-    """Split a Transformer for decoding, casting floating weights to model.dtype once
-    (int8=True: weight-only int8 quantization of the matmul weights, see quantize.py).
-    A DecodeModel passes through unchanged."""
+def graphdef_for(model_type, cfg) -> nnx.GraphDef:
+    """The graph definition of `model_type(cfg, ...)`, built abstractly (no weights allocated),
+    to merge existing weights into a model with changed config fields."""
+    with nnx.use_eager_sharding(False):
+        return nnx.split(nnx.eval_shape(lambda: model_type(cfg, nnx.Rngs(params=0))))[0]
+
+
+def prepare_decode(model, *, int8: bool = False, dtype: str | None = None) -> DecodeModel:
+    """Split a Transformer for decoding, casting floating weights to the compute dtype once.
+
+    Args:
+      model: a Transformer (a DecodeModel passes through unchanged).
+      int8: weight-only int8 quantization of the matmul weights (see quantize.py).
+      dtype: compute dtype to decode in (default model.cfg.dtype), e.g. "bfloat16" for a
+        model trained in float32.
+    """
     if isinstance(model, DecodeModel):
         return model
     graphdef, params = nnx.split(model)
-    dtype = jnp.dtype(model.cfg.dtype)
+    cfg = model.cfg
+    if dtype is not None and dtype != cfg.dtype:
+        cfg = dataclasses.replace(cfg, dtype=dtype)
+        graphdef = graphdef_for(type(model), cfg)
+    compute = jnp.dtype(cfg.dtype)
     if int8:
         from llmjax.decode.quantize import quantize_params
-        params = quantize_params(params, dtype, model.cfg.tie_embeddings)
-    params = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
-    return DecodeModel(graphdef, params, model.cfg)
+        params = quantize_params(params, compute, cfg.tie_embeddings)
+    params = jax.tree.map(lambda x: x.astype(compute) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+    return DecodeModel(graphdef, params, cfg)
 
 
 @partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p", "vocab_size"))
@@ -92,6 +108,21 @@ def check_prompt(prompt, new_tokens: int, max_seq_len: int, what: str = "decode.
     return prompt
 
 
+def _generate_args(model, prompt, cfg, key, vocab_size):
+    prompt = check_prompt(prompt, cfg.max_new_tokens, model.cfg.max_seq_len)
+    key = jax.random.key(cfg.seed) if key is None else key
+    return (model.graphdef, model.params, prompt, key), dict(
+        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+        vocab_size=vocab_size)
+
+
+def lower_generate(model, prompt, cfg: DecodeConfig, vocab_size: int | None = None):
+    """The `jax.stages.Lowered` program `generate` runs (e.g. `.compile().as_text()` to check
+    the loop body for weight casts or cache copies, `.compile().memory_analysis()`)."""
+    args, options = _generate_args(prepare_decode(model), prompt, cfg, None, vocab_size)
+    return _generate.lower(*args, **options)
+
+
 def generate(model, prompt, cfg: DecodeConfig, key=None, vocab_size: int | None = None):
     """Continue `prompt` [B, T0] int32 by cfg.max_new_tokens tokens; returns [B, T0 + new].
 
@@ -102,9 +133,5 @@ def generate(model, prompt, cfg: DecodeConfig, key=None, vocab_size: int | None 
     Raises:
       ValueError: empty prompt, or T0 + max_new_tokens > model.max_seq_len.
     """
-    model = prepare_decode(model)
-    prompt = check_prompt(prompt, cfg.max_new_tokens, model.cfg.max_seq_len)
-    key = jax.random.key(cfg.seed) if key is None else key
-    return _generate(model.graphdef, model.params, prompt, key, max_new_tokens=cfg.max_new_tokens,
-                     temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                     vocab_size=vocab_size)
+    args, options = _generate_args(prepare_decode(model), prompt, cfg, key, vocab_size)
+    return _generate(*args, **options)

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from llmjax.config import DecodeConfig
-from llmjax.decode.generate import check_prompt, prepare_decode
+from llmjax.decode.generate import check_prompt, graphdef_for, prepare_decode
 from llmjax.decode.sampling import filter_logits, greedy
 from llmjax.models.kv_cache import init_cache
 
@@ -190,9 +190,6 @@ def truncated_draft(model, n_layers: int):
     full = model.cfg.n_layers
     if not 1 <= n_layers <= full:
         raise ValueError(f"n_layers={n_layers} must be in [1, {full}] (the target's model.n_layers)")
-    cfg = dataclasses.replace(model.cfg, n_layers=n_layers)
-    with nnx.use_eager_sharding(False):
-        draft_def, _ = nnx.split(nnx.eval_shape(lambda: type(model)(cfg, nnx.Rngs(params=0))))
     state = nnx.state(model)
     state["blocks"] = jax.tree.map(lambda x: x[:n_layers], state["blocks"])
-    return nnx.merge(draft_def, state)
+    return nnx.merge(graphdef_for(type(model), dataclasses.replace(model.cfg, n_layers=n_layers)), state)

@@ -1,0 +1,282 @@
+"""Decode benchmark: `python -m experiments.bench_decode [--smoke]`.
+
+Sections (one JSON row each, `section` says which):
+- copy: device stream bandwidth (y = x + 1 over a large bf16 buffer, read + write bytes).
+- decode: ms/token of `generate` (greedy, weights cast to bf16 once) for each model, batch
+  size and weight format, beside the roofline: bytes read per token (weights + the KV
+  entries each step needs) / the copy bandwidth measured in the same run.
+- speculative: a target with early-exit drafts (its first layers, `truncated_draft`) whose
+  head gets Gaussian noise of growing scale, so the acceptance rate alpha falls while the
+  draft's cost stays fixed; measured tokens/round and speed-up against
+  (1 - alpha^(gamma+1)) / (1 - alpha) and that over (gamma c + 1), c = draft/target ms/token.
+- perplexity: fp32 / bf16 / int8 weights of a trained run on its corpus's validation split.
+
+Decode timings are wall clock (block_until_ready; the loop's host round-trips count); on a
+GPU the batch-1 rows also carry `kernel_ms_per_token`, CUPTI's sum of kernel times.
+ms/token = (time for N new tokens - time for 1) / (N - 1), so the prefill drops out.
+Random weights (speed does not depend on them). `--smoke`: tiny models on a CPU in seconds.
+Writes benchmarks/results/decode[-smoke]_<device>_<date>.json and .png.
+"""
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import re
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+
+from llmjax.config import DecodeConfig, load_config
+from llmjax.data import load_dataset
+from llmjax.decode import generate, prepare_decode, speculative_generate
+from llmjax.decode.generate import lower_generate
+from llmjax.decode.quantize import perplexity
+from llmjax.decode.speculative import expected_tokens_per_round, truncated_draft
+from llmjax.models import init_model
+from pallas_kernels import _bench
+
+RESULTS = pathlib.Path("benchmarks/results")
+SETTINGS = {
+    "full": dict(models=["gpt2-small", "llama-1b"], prompt_len=128, new_tokens=256,
+                 batches=[1, 2, 4, 8, 16, 32, 64], spec_model="llama-1b", draft_layers=1,
+                 noise=[0.0, 0.5, 1.0, 2.0, 4.0, 8.0], copy_mib=1024, reps=5, ppl_windows=64),
+    "smoke": dict(models=["gpt2-tiny", "llama-tiny"], prompt_len=4, new_tokens=8, batches=[1, 2],
+                  spec_model="llama-tiny", draft_layers=1, noise=[0.0, 4.0], copy_mib=8, reps=1,
+                  ppl_windows=4),
+}
+
+
+def wall_seconds(fn, reps: int) -> float:
+    """Median wall-clock seconds of fn() (its outputs blocked on) after one warm-up call."""
+    jax.block_until_ready(fn())
+    samples = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def copy_bandwidth(mib: int, reps: int) -> dict:
+    x = jnp.ones((mib << 20) // 2, jnp.bfloat16)
+    seconds = _bench.median_seconds(jax.jit(lambda x: x + 1), [(x,)], max(reps, 5))
+    return dict(section="copy", bytes=2 * x.nbytes, time_ms=seconds * 1e3, gbps=2 * x.nbytes / seconds / 1e9)
+
+
+def bytes_per_token(model, batch: int, context: float) -> float:
+    """Bytes one decode step must read: every weight except the gathered embedding rows (the
+    table counts when it is the tied head), plus the KV entries of `context` positions."""
+    cfg = model.cfg
+    skip = {"pos_embed"} | (set() if cfg.tie_embeddings else {"embed"})
+    weights = sum(x.size * x.dtype.itemsize for name, sub in model.params.items() if name not in skip
+                  for x in jax.tree.leaves(sub))
+    kv = 2 * cfg.n_layers * batch * context * cfg.n_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
+    return weights + kv
+
+
+def _prompt(batch, length, vocab, seed=0):
+    return jax.random.randint(jax.random.key(seed), (batch, length), 0, vocab, dtype=jnp.int32)
+
+
+def ms_per_token(model, batch, s, *, kernels=False) -> dict:
+    """Greedy decode speed of `model` (a DecodeModel): wall (and, if asked on a GPU, kernel) time."""
+    prompt = _prompt(batch, s["prompt_len"], model.cfg.vocab_size)
+    runs = {n: (lambda n=n: generate(model, prompt, DecodeConfig(max_new_tokens=n, temperature=0.0)))
+            for n in (1, s["new_tokens"])}
+    steps = s["new_tokens"] - 1
+    out = dict(ms_per_token=(wall_seconds(runs[s["new_tokens"]], s["reps"])
+                             - wall_seconds(runs[1], s["reps"])) / steps * 1e3)
+    if kernels and _bench.timer_name() == "cupti":
+        from jax.experimental.mosaic.gpu import profiler
+        try:
+            long, short = (profiler.measure(runs[n])()[1] for n in (s["new_tokens"], 1))
+            out["kernel_ms_per_token"] = (long - short) / steps
+        except Exception as e:  # the wall-clock number stands without it
+            out["kernel_error"] = _bench.error_text(e)
+    return out
+
+
+def large_casts_and_copies(model, s) -> list[str]:
+    """`convert` / `copy` instructions in the compiled batch-1 generate program whose result is
+    at least as large as the smallest per-layer weight: a per-step weight cast or KV-cache copy
+    shows up here (CPU programs also convert bf16 dot operands to fp32)."""
+    cfg = model.cfg
+    smallest = cfg.d_model * cfg.n_kv_heads * cfg.head_dim
+    prompt = _prompt(1, s["prompt_len"], cfg.vocab_size)
+    text = lower_generate(model, prompt, DecodeConfig(max_new_tokens=s["new_tokens"], temperature=0.0))
+    found = []
+    for dtype, dims, op in re.findall(r"= (\w+)\[([\d,]*)\]\S* (convert|copy)\(", text.compile().as_text()):
+        if np.prod([int(d) for d in dims.split(",") if d]) >= smallest:
+            found.append(f"{op} {dtype}[{dims}]")
+    return found
+
+
+def decode_rows(preset, s, bandwidth) -> list[dict]:
+    model = init_model(load_config(overrides=[f"preset={preset}"]).model)
+    context = s["prompt_len"] + s["new_tokens"] / 2  # mean positions attended per step
+    rows = []
+    for weights in ("bf16", "int8"):
+        dm = prepare_decode(model, int8=weights == "int8", dtype="bfloat16")
+        for batch in s["batches"] if weights == "bf16" else [1]:
+            row = dict(section="decode", model=preset, weights=weights, batch=batch,
+                       weight_bytes=dm.weight_bytes, **ms_per_token(dm, batch, s, kernels=batch == 1))
+            if batch == 1 and weights == "bf16":
+                row["large_casts_and_copies"] = large_casts_and_copies(dm, s)
+            row["bytes_per_token"] = bytes_per_token(dm, batch, context)
+            row["roofline_ms"] = row["bytes_per_token"] / (bandwidth * 1e9) * 1e3
+            row["roofline_fraction"] = row["roofline_ms"] / row["ms_per_token"]
+            row["tokens_per_s"] = batch / row["ms_per_token"] * 1e3
+            rows.append(row)
+            print(f"decode {preset:11} {weights} batch {batch:3}: {row['ms_per_token']:.3f} ms/token, "
+                  f"roofline {row['roofline_ms']:.3f} ms ({row['roofline_fraction']:.0%}), "
+                  f"{row['tokens_per_s']:.0f} tokens/s", flush=True)
+    return rows
+
+
+def _noisy_head(draft, scale, seed):
+    """The DecodeModel with Gaussian noise (scale x the weight's std) added to its output head."""
+    name = "embed" if draft.cfg.tie_embeddings else "lm_head"
+    head = draft.params[name][...]
+    noise = jax.random.normal(jax.random.key(seed), head.shape, jnp.float32) * jnp.std(head.astype(jnp.float32))
+    params = jax.tree.map(lambda x: x, draft.params)
+    params[name] = params[name].replace(value=(head + scale * noise).astype(head.dtype))
+    return type(draft)(draft.graphdef, params, draft.cfg)
+
+
+def speculative_rows(s, gamma) -> list[dict]:
+    model = init_model(load_config(overrides=[f"preset={s['spec_model']}"]).model)
+    target = prepare_decode(model, dtype="bfloat16")
+    draft = prepare_decode(truncated_draft(model, s["draft_layers"]), dtype="bfloat16")
+    cost = ms_per_token(draft, 1, s)["ms_per_token"] / ms_per_token(target, 1, s)["ms_per_token"]
+    prompt = _prompt(1, s["prompt_len"], target.cfg.vocab_size)
+    cfg = DecodeConfig(max_new_tokens=s["new_tokens"], temperature=0.0)
+    base = wall_seconds(lambda: generate(target, prompt, cfg), s["reps"])
+    rows = []
+    for noise in s["noise"]:
+        noisy = _noisy_head(draft, noise, seed=1)
+        result = speculative_generate(target, noisy, prompt, cfg, gamma=gamma)
+        seconds = wall_seconds(lambda: speculative_generate(target, noisy, prompt, cfg, gamma=gamma).tokens,
+                               s["reps"])
+        alpha = result.acceptance_rate
+        expected = expected_tokens_per_round(alpha, gamma)
+        rows.append(dict(section="speculative", model=s["spec_model"], draft_layers=s["draft_layers"],
+                         head_noise=noise, gamma=gamma, alpha=alpha, tokens_per_round=result.tokens_per_round,
+                         expected_tokens_per_round=expected, draft_cost_ratio=cost,
+                         speedup=base / seconds, predicted_speedup=expected / (gamma * cost + 1),
+                         time_ms=seconds * 1e3, baseline_ms=base * 1e3))
+        print(f"speculative noise {noise}: alpha {alpha:.3f}, {result.tokens_per_round:.2f} tokens/round "
+              f"(formula {expected:.2f}), speed-up {base / seconds:.2f}x "
+              f"(predicted {expected / (gamma * cost + 1):.2f}x, c={cost:.3f})", flush=True)
+    return rows
+
+
+def perplexity_rows(run_dir, s) -> list[dict]:
+    """fp32 / bf16 / int8 perplexity of a trained run (or, for --smoke without one, a random tiny
+    model on the bundled corpus: the code path, not a meaningful number)."""
+    if run_dir and pathlib.Path(run_dir).exists():
+        from llmjax.runs import load_run
+        cfg, model, _ = load_run(run_dir)
+        data = load_dataset(cfg.data.corpus, cfg.data.tokenizer, cfg.data.seq_len, cfg.data.val_fraction)
+        source = str(run_dir)
+    elif s is SETTINGS["smoke"]:
+        model = init_model(load_config(overrides=["preset=gpt2-tiny", "model.vocab_size=8192"]).model)
+        data = load_dataset("shakespeare", "bundled", 32, 0.05)
+        source = "random gpt2-tiny (smoke)"
+    else:
+        return [dict(section="perplexity", skipped=f"no trained run at {run_dir!r} (pass --ppl-run)")]
+    windows = data.val[: s["ppl_windows"]]
+    row = dict(section="perplexity", source=source, windows=len(windows), seq_len=windows.shape[1] - 1)
+    for name, kwargs in (("fp32", dict(dtype="float32")), ("bf16", dict(dtype="bfloat16")),
+                         ("int8", dict(dtype="bfloat16", int8=True))):
+        dm = prepare_decode(model, **kwargs)
+        row[f"ppl_{name}"], row[f"weight_bytes_{name}"] = perplexity(dm, windows), dm.weight_bytes
+    print(f"perplexity ({source}): fp32 {row['ppl_fp32']:.3f}, bf16 {row['ppl_bf16']:.3f}, "
+          f"int8 {row['ppl_int8']:.3f}", flush=True)
+    return [row]
+
+
+def plot(rows, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    decode = [r for r in rows if r["section"] == "decode"]
+    ones = [r for r in decode if r["batch"] == 1]
+    labels = [f"{r['model']}\n{r['weights']}" for r in ones]
+    x = np.arange(len(ones))
+    axes[0, 0].bar(x - 0.2, [r["ms_per_token"] for r in ones], 0.4, label="measured")
+    axes[0, 0].bar(x + 0.2, [r["roofline_ms"] for r in ones], 0.4, label="roofline")
+    axes[0, 0].set_xticks(x, labels, fontsize=8)
+    axes[0, 0].set_ylabel("ms/token, batch 1")
+    axes[0, 0].legend()
+    for model in dict.fromkeys(r["model"] for r in decode):
+        sweep = [r for r in decode if r["model"] == model and r["weights"] == "bf16"]
+        axes[0, 1].plot([r["batch"] for r in sweep], [r["tokens_per_s"] for r in sweep], "o-", label=model)
+    axes[0, 1].set(xscale="log", yscale="log", xlabel="batch", ylabel="tokens/s (bf16)")
+    axes[0, 1].legend()
+    spec = [r for r in rows if r["section"] == "speculative"]
+    if spec:
+        gamma, cost = spec[0]["gamma"], spec[0]["draft_cost_ratio"]
+        alphas = np.linspace(0, 0.999, 100)
+        formula = np.array([expected_tokens_per_round(a, gamma) for a in alphas])
+        axes[1, 0].plot(alphas, formula, label=f"(1-a^(g+1))/(1-a), g={gamma}")
+        axes[1, 0].plot([r["alpha"] for r in spec], [r["tokens_per_round"] for r in spec], "o", label="measured")
+        axes[1, 0].set(xlabel="acceptance rate alpha", ylabel="tokens per target forward")
+        axes[1, 0].legend()
+        axes[1, 1].plot(alphas, formula / (gamma * cost + 1), label=f"predicted, c={cost:.3f}")
+        axes[1, 1].plot([r["alpha"] for r in spec], [r["speedup"] for r in spec], "o", label="measured")
+        axes[1, 1].axhline(1.0, color="gray", lw=0.5)
+        axes[1, 1].set(xlabel="acceptance rate alpha", ylabel="speed-up over generate")
+        axes[1, 1].legend()
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m experiments.bench_decode", description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny models, few tokens (CPU, seconds)")
+    parser.add_argument("--models", nargs="+", help="presets for the decode rows (default: gpt2-small "
+                        "llama-1b; --smoke: gpt2-tiny llama-tiny)")
+    parser.add_argument("--gamma", type=int, default=4, help="draft tokens per speculative round")
+    parser.add_argument("--ppl-run", default="runs/shakespeare", help="trained run for the perplexity rows")
+    parser.add_argument("--sections", nargs="+", default=["decode", "speculative", "perplexity"],
+                        choices=["decode", "speculative", "perplexity"])
+    parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="results folder")
+    args = parser.parse_args(argv)
+    s = SETTINGS["smoke" if args.smoke else "full"]
+    copy = copy_bandwidth(s["copy_mib"], s["reps"])
+    print(f"copy bandwidth {copy['gbps']:.0f} GB/s", flush=True)
+    rows = [copy]
+    if "decode" in args.sections:
+        for preset in args.models or s["models"]:
+            rows += decode_rows(preset, s, copy["gbps"])
+    if "speculative" in args.sections:
+        rows += speculative_rows(s, args.gamma)
+    if "perplexity" in args.sections:
+        rows += perplexity_rows(args.ppl_run, s)
+    env = _bench.environment()
+    device_slug = re.sub(r"[^a-z0-9]+", "_", env["device"].lower()).strip("_")
+    date = datetime.date.today().isoformat()
+    parts = ["decode"] + (["smoke"] if args.smoke else []) + (
+        args.sections if len(args.sections) < 3 else [])  # separate runs of sections keep their files
+    stem = f"{'-'.join(parts)}_{device_slug}_{date}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = dict(**env, jaxlib=jaxlib.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""), settings=s,
+                  gamma=args.gamma, rows=rows)
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str))
+    plot(rows, args.out / f"{stem}.png", f"decode on {env['device']}, jax {jax.__version__}, {date}")
+    print(f"wrote {args.out / stem}.json and .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
