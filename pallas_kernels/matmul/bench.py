@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import _bench
-from pallas_kernels.matmul import api, cases
+from pallas_kernels.matmul import api, cases, roofline
 
 FP8 = jnp.float8_e4m3fn
 # Per-tensor scales of the fp8 rows (any value: a single multiply of the accumulator).
@@ -45,6 +45,9 @@ IMPLS = {
             "jax_triton": (functools.partial(_ours_fp8, "jax_triton"), False)},
 }
 _INPUT_DTYPES = {"bf16": jnp.bfloat16, "fp8": FP8}
+# Extra figures of these rows, name -> draw(rows, path, title): bench_kernels may write each
+# beside its JSON as <stem>-<name>.png (until it does: python -m pallas_kernels.matmul.roofline).
+PLOTS = {"roofline": roofline.plot_roofline}
 PRESETS = {
     "default": (cases.BENCH_CASES, ("bf16", "fp8")),
     "bf16": (cases.BENCH_CASES, ("bf16",)),

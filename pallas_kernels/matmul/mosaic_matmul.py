@@ -38,7 +38,13 @@ def _num_sms() -> int:
     abstract = jax.sharding.get_abstract_mesh().abstract_device
     if abstract is not None:
         return abstract.num_cores
-    return jax.devices()[0].core_count
+    count = getattr(jax.devices()[0], "core_count", None)
+    if not count:
+        raise ValueError(f"the Mosaic matmul needs the GPU's SM count; {jax.devices()[0].device_kind!r} "
+                         "has none: run on a GPU, or in interpret mode inside "
+                         "jax.sharding.use_abstract_mesh(AbstractMesh((), (), abstract_device="
+                         "AbstractDevice(..., platform='gpu', num_cores=N)))")
+    return count
 
 
 def _kernel(a_gmem, b_gmem, c_gmem, *, tiles: MosaicTiles):

@@ -48,12 +48,14 @@ def plot_roofline(rows, path, title=None):
             ax.plot(grid, [min(peak, x * tbps) for x in grid], "k" + style, lw=1,
                     label=f"roofline {name}: {peak:g} TFLOP/s, {tbps:g} TB/s")
     markers = {"xla": "o", "triton": "s", "mosaic": "^", "jax_triton": "D"}
+    impls = list(dict.fromkeys(r["impl"] for r in points))
     for key in dict.fromkeys((r["impl"], r["mode"]) for r in points):
         impl, mode = key
         mine = [r for r in points if (r["impl"], r["mode"]) == key]
+        color = f"C{impls.index(impl)}"
         ax.scatter([r["intensity"] for r in mine], [r["tflops"] for r in mine],
-                   marker=markers.get(impl, "x"), facecolors="none" if mode == "fp8" else None,
-                   label=f"{impl} {mode}")
+                   marker=markers.get(impl, "x"), edgecolors=color,
+                   facecolors="none" if mode == "fp8" else color, label=f"{impl} {mode}")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("arithmetic intensity (FLOP / byte moved by an ideal kernel)")
