@@ -1,9 +1,12 @@
 """Search spaces: the tuning problems of each op at its benchmark shapes.
 
-`problems(op)` gives tuner.Problems for "matmul", "flash_attention" or "norms". Each problem starts
+`problems(op)` gives tuner.Problems for "matmul", "flash_attention" or "norms" (table kernels
+matmul_triton, matmul_jax_triton, matmul_mosaic, flash_attention (Triton tiles),
+flash_attention_mosaic (the MosaicBlocks of the Mosaic forward), norms). Each problem starts
 from the kernel's heuristic default (never from the table, so re-tuning is not anchored to an old
 winner) and times the public API with an explicit config, as a caller would run it.
 """
+import dataclasses
 import functools
 import itertools
 import math
@@ -141,23 +144,27 @@ def _flash_problems(case_names):
                     return run(cfg, q, k, v, dout, backend)
             return jax.jit(fn), [inputs()]
 
-        stages = (
-            Stage("fwd", tuple(dict(block_q=bq, block_kv=bkv, num_warps=w, num_stages=s)
-                               for bq, bkv, w, s in _FLASH_FWD)),
-            Stage("fwd_bwd", tuple(dict(block_q_dq=dq[0], block_kv_dq=dq[1], block_q_dkv=dkv[0],
-                                        block_kv_dkv=dkv[1], num_warps_bwd=w, num_stages_bwd=s)
-                                   for dq, dkv, w, s in _FLASH_BWD)),
-            Stage("mosaic_fwd", tuple(dict(mosaic=dict(block_q=bq, block_kv=bkv,
-                                                        max_concurrent_steps=s))
-                                      for bq, bkv, s in _FLASH_MOSAIC)),
-        )
+        key = table.flash_attention_key(case.seq_q, case.seq_kv, case.head_dim, case.causal, dtype)
+        default = config.default_blocks(case.seq_q, case.seq_kv, case.head_dim, dtype)
         fwd = bench.attention_flops(case, "fwd")
         problems.append(Problem(
-            kernel="flash_attention",
-            key=table.flash_attention_key(case.seq_q, case.seq_kv, case.head_dim, case.causal, dtype),
-            default=config.default_blocks(case.seq_q, case.seq_kv, case.head_dim, dtype),
-            stages=stages, build=build,
-            flops={"fwd": fwd, "mosaic_fwd": fwd, "fwd_bwd": bench.attention_flops(case, "fwd_bwd")}))
+            kernel="flash_attention", key=key, default=default, build=build,
+            stages=(
+                Stage("fwd", tuple(dict(block_q=bq, block_kv=bkv, num_warps=w, num_stages=s)
+                                   for bq, bkv, w, s in _FLASH_FWD)),
+                Stage("fwd_bwd", tuple(dict(block_q_dq=dq[0], block_kv_dq=dq[1],
+                                            block_q_dkv=dkv[0], block_kv_dkv=dkv[1],
+                                            num_warps_bwd=w, num_stages_bwd=s)
+                                       for dq, dkv, w, s in _FLASH_BWD))),
+            flops={"fwd": fwd, "fwd_bwd": bench.attention_flops(case, "fwd_bwd")}))
+
+        def build_mosaic(tiles, mode, build=build, default=default):
+            return build(dataclasses.replace(default, mosaic=tiles), mode)
+        problems.append(Problem(
+            kernel="flash_attention_mosaic", key=key, default=default.mosaic, build=build_mosaic,
+            stages=(Stage("mosaic_fwd", tuple(dict(block_q=bq, block_kv=bkv, max_concurrent_steps=s)
+                                              for bq, bkv, s in _FLASH_MOSAIC)),),
+            flops={"mosaic_fwd": fwd}))
     return problems
 
 

@@ -94,8 +94,9 @@ def test_matmul_kernel_consults_the_table(tmp_path, monkeypatch):
 
 @dataclasses.dataclass(frozen=True)
 class Toy:
-    """A config whose `work` sets how many matmuls the toy program chains."""
+    """A config whose `work` sets how many matmuls the toy program chains; `unused` changes nothing."""
     work: int = 64
+    unused: int = 0
 
     def __post_init__(self):
         if self.work < 1:
@@ -119,7 +120,7 @@ def test_search_keeps_the_fastest_and_records_skips(tmp_path):
     problem = toy_problem((tuner.Stage("fwd", (dict(work=0), dict(work=7), dict(work=1))),
                            tuner.Stage("fwd", (dict(work=32),))))
     result = tuner.tune(problem, reps=3, confirm_rounds=1, log=None)
-    assert result["best"] == {"work": 1} and not result["kept_default"]
+    assert result["best"] == {"work": 1, "unused": 0} and not result["kept_default"]
     assert result["tuned_ms"]["fwd"] <= result["default_ms"]["fwd"]
     by_work = {c["overrides"].get("work"): c for c in result["candidates"]}
     assert by_work[0]["error"].startswith("invalid: ValueError: Toy.work=0")
@@ -143,8 +144,15 @@ def test_winner_slower_on_confirmation_keeps_the_default(monkeypatch):
     monkeypatch.setattr(tuner, "_time", fake_time)
     result = tuner.tune(toy_problem((tuner.Stage("fwd", (dict(work=1),)),)), confirm_rounds=1,
                         log=None)
-    assert result["kept_default"] and result["best"] == {"work": 64}
+    assert result["kept_default"] and result["best"] == {"work": 64, "unused": 0}
     assert result["tuned_ms"] == result["default_ms"] == {"fwd": 1000.0}
+
+
+def test_a_field_the_program_ignores_is_timed_once_for_both():
+    """Same lowered program: default and tuned share one timing, so noise cannot flip the choice."""
+    result = tuner.tune(toy_problem((tuner.Stage("fwd", (dict(unused=5),)),)), reps=2,
+                        confirm_rounds=1, log=None)
+    assert result["tuned_ms"] == result["default_ms"] and not result["kept_default"]
 
 
 def test_failing_default_raises():

@@ -5,8 +5,9 @@ mode)` returning (jitted function, argument tuples), and stages: each stage time
 field overrides, applied on top of the best config so far, with one program (`mode`, e.g. "fwd",
 then the backward tiles with "fwd_bwd"). Candidates whose config is rejected or whose program
 fails to compile or run are skipped, and the reason kept. At the end the default and the winner
-are timed again, alternately, in every mode; the winner is kept only if it is at least as fast as
-the default in each, so a table entry is never slower than the heuristic it replaces.
+are timed again, alternately, in every mode whose program they change; the winner is kept only if
+it is at least as fast as the default in each, so a table entry is never slower than the
+heuristic it replaces.
 """
 import dataclasses
 import datetime
@@ -95,11 +96,22 @@ def tune(problem: Problem, *, reps: int = 20, confirm_rounds: int = 3, log=print
                 timer=_bench.timer_name())
 
 
+def _same_program(build, config_a, config_b, mode) -> bool:
+    """Whether two configs give the same program in `mode` (equal lowered text): a mode that
+    ignores the fields they differ in (a forward program and backward tiles, say)."""
+    texts = []
+    for config in (config_a, config_b):
+        fn, arg_sets = build(config, mode)
+        texts.append(fn.lower(*arg_sets[0]).as_text())
+    return texts[0] == texts[1]
+
+
 def _confirm(problem, best, reps, rounds):
-    """Time default and best alternately `rounds` times per mode; medians of the rounds in ms."""
+    """Time default and best alternately `rounds` times per mode; medians of the rounds in ms.
+    A mode where both give the same program is timed once for both (no noise to mislead)."""
     default_ms, tuned_ms = {}, {}
     for mode in _modes(problem):
-        if best == problem.default:
+        if best == problem.default or _same_program(problem.build, problem.default, best, mode):
             seconds = [_time(problem.build, best, mode, reps) for _ in range(rounds)]
             default_ms[mode] = tuned_ms[mode] = 1e3 * sorted(seconds)[len(seconds) // 2]
             continue
