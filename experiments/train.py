@@ -13,7 +13,6 @@ from llmjax.convert import ConversionError, load_hf, save_hf
 from llmjax.data import load_tokenizer
 from llmjax.train.loop import TrainingDiverged, train
 
-
 _KEPT_MODEL_FIELDS = ("dtype", "attention_impl", "norm_impl", "loss_impl", "remat")
 
 

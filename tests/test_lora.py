@@ -20,7 +20,13 @@ from llmjax.train.metrics import read_metrics
 from llmjax.train.optimizer import make_optimizer
 from llmjax.train.step import init_train_state, lora_shardings, make_train_step
 from sharding.mesh import make_mesh
-from tests.convert.test_hf import LLAMA, hf_tensors, random_params, small_cfg, write_checkpoint
+from tests.convert.test_hf import (
+    LLAMA,
+    hf_tensors,
+    random_params,
+    small_cfg,
+    write_checkpoint,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL = "wq,wk,wv,wo,w_in,w_gate,w_out"
@@ -121,7 +127,7 @@ def test_sharded_lora_step_equals_unsharded():
     lora_cfg = LoraConfig(rank=2, alpha=4.0, targets="wq,wo,w_in")
     optimizer = make_optimizer(OptimConfig(lr=1e-2, warmup_steps=0), total_steps=10)
     batch = jnp.asarray(np.random.default_rng(0).integers(0, 96, (1, 8, 17)), jnp.int32)
-    fresh = lambda: init_train_state(lora.init_adapters(base, lora_cfg, jax.random.key(0)), optimizer)  # noqa: E731
+    fresh = lambda: init_train_state(lora.init_adapters(base, lora_cfg, jax.random.key(0)), optimizer)
     plain_step = make_train_step(graphdef, optimizer, lora=lora_cfg)
     plain = fresh()
     for _ in range(2):

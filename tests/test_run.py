@@ -1,11 +1,13 @@
 """End-to-end runs: resume is bit-identical, signals and NaNs keep checkpoints, bad inputs fail clearly."""
 import os
+import re
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -15,6 +17,7 @@ from llmjax.checkpoint import CheckpointError
 from llmjax.config import ConfigError, load_config
 from llmjax.data import CorpusError
 from llmjax.runs import load_run
+from llmjax.train import loop
 from llmjax.train.loop import TrainingDiverged, train
 from llmjax.train.metrics import read_metrics
 
@@ -81,6 +84,49 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, corpus):
     steps = sorted(int(p.name) for p in (cfg.run_dir / "checkpoints").iterdir() if p.name.isdigit())
     finite = [s for s, loss in losses(cfg.run_dir) if np.isfinite(loss)]
     assert steps and steps[-1] == finite[-1]
+
+
+def test_divergence_found_at_a_later_log_point_names_the_first_bad_step(tmp_path, corpus):
+    """Losses are checked every 4 steps here; the message must still name the first bad
+    step, every step before it is logged, and no checkpoint was written after it."""
+    cfg = load_config(overrides=tiny(tmp_path, corpus, "train.steps=40", "train.checkpoint_every=4",
+                                     "train.eval_every=4", "optim.lr=1e12", "optim.grad_clip=0",
+                                     "optim.warmup_steps=0"))
+    with pytest.raises(TrainingDiverged, match=r"at step (\d+);") as info:
+        train(cfg, progress=False)
+    bad = int(re.search(r"at step (\d+);", str(info.value)).group(1))
+    assert [s for s, _ in losses(cfg.run_dir)] == list(range(1, bad))
+    assert all(np.isfinite(loss) for _, loss in losses(cfg.run_dir))
+    steps = [int(p.name) for p in (cfg.run_dir / "checkpoints").iterdir() if p.name.isdigit()]
+    assert all(s < bad and s % 4 == 0 for s in steps)
+
+
+def test_metrics_are_fetched_once_per_log_point_with_extra_keys(tmp_path, corpus, monkeypatch):
+    """One device_get per log point (checkpoint every 2, eval every 3), holding every step
+    since the last; a step's extra metrics (arrays too) reach metrics.jsonl."""
+    fetched, real_get, real_make = [], jax.device_get, loop.make_train_step
+
+    def counting_get(tree):
+        if isinstance(tree, list) and tree and isinstance(tree[0], dict) and "loss" in tree[0]:
+            fetched.append(len(tree))
+        return real_get(tree)
+
+    def with_array_metric(*args, **kwargs):
+        step_fn = real_make(*args, **kwargs)
+
+        def step(state, batch, *rest):
+            state, metrics = step_fn(state, batch, *rest)
+            return state, {**metrics, "expert_load": jnp.arange(3.0) + state["step"]}
+        return step
+
+    monkeypatch.setattr(jax, "device_get", counting_get)
+    monkeypatch.setattr(loop, "make_train_step", with_array_metric)
+    cfg = load_config(overrides=tiny(tmp_path, corpus, "train.checkpoint_every=2"))
+    train(cfg, progress=False)
+    assert fetched == [2, 1, 1, 2]  # log points 2, 3, 4, 6
+    records = read_metrics(cfg.run_dir)
+    assert [r["expert_load"] for r in records] == [[s, s + 1, s + 2] for s in range(1, 7)]
+    assert all("grad_norm" in r and "lr" in r for r in records) and "val_loss" in records[2]
 
 
 def test_sigterm_saves_a_checkpoint(tmp_path, corpus):

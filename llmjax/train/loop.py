@@ -28,7 +28,12 @@ from llmjax.models import count_params, init_model, split_model
 from llmjax.train.flops import device_peak_flops, flops_per_token
 from llmjax.train.metrics import MetricsLogger
 from llmjax.train.optimizer import lr_schedule, make_optimizer
-from llmjax.train.step import init_train_state, lora_shardings, make_eval_step, make_train_step
+from llmjax.train.step import (
+    init_train_state,
+    lora_shardings,
+    make_eval_step,
+    make_train_step,
+)
 from sharding.mesh import make_mesh
 from sharding.placement import shard_batch, shard_state
 
@@ -135,18 +140,18 @@ def train(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = 
         state, meta = ckpt.restore(state)  # restores onto the template's shardings
         _check_same_base(meta.get("lora_base"), base_print, ckpt.directory)
         batches.restore(meta["data"])
-    start = int(state["step"])
+    start = int(jax.device_get(state["step"]))
 
     train_step = make_train_step(graphdef, optimizer, lr_schedule(cfg.optim, tc.steps), mesh=mesh, rules=rules,
                                  lora=lora_cfg)
     eval_step = make_eval_step(graphdef, mesh=mesh, rules=rules)
     frozen = () if base is None else (base,)  # the step's extra argument: never a closure constant
     if base is None:
-        model_params = lambda: state["params"]  # noqa: E731
+        model_params = lambda: state["params"]
     else:
         merge = jax.jit(functools.partial(lora.merge, cfg=lora_cfg),
                         out_shardings=None if mesh is None else base_sh)
-        model_params = lambda: merge(base, state["params"])  # noqa: E731
+        model_params = lambda: merge(base, state["params"])
     val_batches = _eval_batches(data.val, tc.batch_size // tc.grad_accum, tc.eval_batches)
     n_params = count_params(base if base is not None else params)
     tokens_per_step = tc.batch_size * cfg.data.seq_len
@@ -212,7 +217,8 @@ def train(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = 
                     tok_s = (step - step_last) * tokens_per_step / elapsed
                     mfu = flops_per_step * (step - step_last) / elapsed / peak if peak else None
                     eval_params = model_params()
-                    val_loss = float(np.mean([eval_step(eval_params, jnp.asarray(b)) for b in val_batches]))
+                    val_loss = float(np.mean(jax.device_get([eval_step(eval_params, jnp.asarray(b))
+                                                             for b in val_batches])))
                     bar.write(f"step {step:>6} | train {train_loss:.4f} | val {val_loss:.4f} | "
                               f"{tok_s:,.0f} tok/s" + (f" | MFU {100 * mfu:.1f}%" if mfu else ""))
                     summary = dict(val_loss=val_loss, tokens_per_s=tok_s, mfu=mfu)
@@ -237,7 +243,7 @@ def train(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = 
         sample = sample_text(nnx.merge(graphdef, final_params), data.tokenizer, cfg, tc.sample_prompt)
         (run_dir / "samples.txt").write_text(sample)
         print(f"--- sample ({tc.sample_tokens} tokens) ---\n{sample}")
-    return TrainResult(step=int(state["step"]), train_loss=train_loss, val_loss=val_loss,
+    return TrainResult(step=int(jax.device_get(state["step"])), train_loss=train_loss, val_loss=val_loss,
                        unigram_entropy=data.unigram_entropy, stopped_by_signal=stopped, sample=sample,
                        params=final_params, trainable_params=n_trainable,
                        adapters=None if base is None else state["params"])
@@ -253,7 +259,7 @@ def _log(logger: MetricsLogger, records: list[tuple[int, dict]], last_extra: dic
 
 def _fingerprint(params: dict) -> float:
     """A cheap summary of a params tree (sum of |x|), to tell a LoRA run's base apart."""
-    return float(sum(jnp.sum(jnp.abs(x.astype(jnp.float32))) for x in jax.tree.leaves(params)))
+    return float(jax.device_get(sum(jnp.sum(jnp.abs(x.astype(jnp.float32))) for x in jax.tree.leaves(params))))
 
 
 def _check_same_base(saved: float | None, current: float | None, directory):

@@ -20,8 +20,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from llmjax import lora as lora_lib
 from llmjax.config import LoraConfig
-from sharding.placement import (batch_sharding, opt_state_shardings, param_logical_names, param_shardings,
-                                state_shardings)
+from sharding.placement import (
+    batch_sharding,
+    opt_state_shardings,
+    param_logical_names,
+    param_shardings,
+    state_shardings,
+)
 from sharding.rules import Rules, resolve_rules
 
 
