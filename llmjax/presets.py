@@ -15,6 +15,13 @@ PRESETS: dict[str, dict] = {
                         d_mlp=4096, vocab_size=50257, max_seq_len=1024),
     "llama-tiny": dict(family="llama", n_layers=2, n_heads=4, n_kv_heads=2, d_model=64, d_mlp=176,
                        vocab_size=512, max_seq_len=128, tie_embeddings=False, dtype="float32"),
+    # MoE twins of the tiny presets: 8 experts, top-2, each expert half the dense width, so a
+    # token's active feed-forward parameters equal the dense preset's (plus a D x 8 router).
+    "gpt2-moe-tiny": dict(family="gpt2", n_layers=2, n_heads=4, n_kv_heads=4, d_model=64, d_mlp=128,
+                          vocab_size=512, max_seq_len=128, dtype="float32", n_experts=8, moe_top_k=2),
+    "llama-moe-tiny": dict(family="llama", n_layers=2, n_heads=4, n_kv_heads=2, d_model=64, d_mlp=88,
+                           vocab_size=512, max_seq_len=128, tie_embeddings=False, dtype="float32",
+                           n_experts=8, moe_top_k=2),
     # TinyLlama-1.1B's shape: 22 layers, GQA 32/4, SwiGLU 5632, 32k vocab, untied head.
     "llama-1b": dict(family="llama", n_layers=22, n_heads=32, n_kv_heads=4, d_model=2048,
                      d_mlp=5632, vocab_size=32000, max_seq_len=2048, tie_embeddings=False),

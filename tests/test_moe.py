@@ -185,6 +185,7 @@ def test_model_loss_adds_weighted_aux_losses_and_logs_load():
     ce = model.head_loss(hidden, tokens[:, 1:])
     want = ce + 0.01 * aux["aux_loss"].sum() + 0.001 * aux["z_loss"].sum()
     assert float(loss) == pytest.approx(float(want), rel=1e-6) and float(loss) > float(ce)
+    assert float(model.loss(tokens)) == pytest.approx(float(ce), rel=1e-6)  # eval: cross-entropy only
     assert metrics["expert_load_layers"].shape == (2, 8)
     np.testing.assert_allclose(metrics["expert_load"], aux["load"].mean(0))
     np.testing.assert_allclose(metrics["expert_load"].sum(), 1.0, rtol=1e-6)
@@ -272,3 +273,24 @@ def test_bad_moe_config_errors():
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         with pytest.raises(ValueError, match="batch .* rule to split over"):
             jax.eval_shape(lambda p: nnx.merge(graphdef, p).loss(jnp.zeros((8, 9), jnp.int32)), params)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_ragged_equals_dense_bf16_on_gpu(family):
+    """The GPU's ragged_dot (bf16, real sizes): outputs and gradients within 1e-2 of the dense impl."""
+    cfg = dataclasses.replace(_cfg(family), d_model=1024, n_heads=8, n_kv_heads=8, d_mlp=512,
+                              n_experts=16, moe_top_k=4, dtype="bfloat16")
+    moe = _moe(cfg)
+    graphdef, params = nnx.split(moe)
+    x = jax.random.normal(jax.random.key(14), (4, 512, 1024), jnp.bfloat16)
+    cotangent = jax.random.normal(jax.random.key(15), x.shape, jnp.bfloat16)
+
+    def run(impl):
+        graph = nnx.split(_moe(dataclasses.replace(cfg, moe_impl=impl)))[0]
+        f = jax.jit(lambda p, x: jax.vjp(lambda p, x: nnx.merge(graph, p)(x)[0], p, x))
+        y, vjp = f(params, x)
+        return [y, *jax.tree.leaves(vjp(cotangent))]
+
+    for got, want in zip(run("ragged"), run("dense")):
+        assert _rel(got.astype(jnp.float32), want.astype(jnp.float32)) < 1e-2

@@ -238,8 +238,10 @@ class Transformer(nnx.Module):
         return jnp.einsum("btd,vd->btv", hidden, w, preferred_element_type=jnp.float32)
 
     def loss(self, tokens):
-        """The training objective on tokens [B, T + 1]: see `loss_and_metrics`."""
-        return self.loss_and_metrics(tokens)[0]
+        """Mean next-token cross-entropy on tokens [B, T + 1], without the auxiliary losses:
+        what evaluation reports. The training objective is `loss_and_metrics`."""
+        hidden, _, _ = self._hidden_and_aux(tokens[:, :-1])
+        return self.head_loss(hidden, tokens[:, 1:])
 
     def loss_and_metrics(self, tokens):
         """(loss, metrics) on tokens [B, T + 1]: mean next-token cross-entropy
