@@ -47,6 +47,14 @@ HEAVY = (  # 45-token prompts (7 blocks with their outputs): 4 of them cannot sh
 )
 
 
+@pytest.fixture(autouse=True)
+def _fp32_matmuls():
+    """IEEE fp32 dots everywhere (a GPU would otherwise use TF32 in XLA's dots but not in the
+    decode kernel), so greedy ties break alike in the engine and in `generate`."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 @pytest.fixture(scope="module")
 def model():
     return init_model(load_config(overrides=["preset=llama-tiny"]).model, seed=1)
@@ -107,6 +115,25 @@ def test_engine_equals_one_at_a_time_greedy(model, greedy, trace_name, prefix_ca
     cached = sum(s.cached_tokens for s in done)
     assert (cached > 0) == prefix_caching, cached
     assert engine.steps < sum(len(s.generated) for s in done), "requests shared steps"
+
+
+def test_long_prompt_does_not_stall_decoding(model, greedy):
+    """Chunked prefill: while a 45-token prompt enters 16 tokens a step, a decoding request
+    still gains one token every step."""
+    engine = Engine(model, CFG)
+    decoding = engine.submit(list(LIGHT[1].prompt), 10, {"temperature": 0.0})
+    engine.step()
+    long_prompt = engine.submit(list(HEAVY[2].prompt), 3, {"temperature": 0.0})
+    engine.step()  # admits the long prompt: its first chunk
+    by_id = {seq.id: seq for seq in engine.running}
+    counts = [len(by_id[decoding].generated)]
+    while not by_id[long_prompt].generated:  # until the long prompt's first token
+        engine.step()
+        counts.append(len(by_id[decoding].generated))
+    assert counts == [2, 3, 4], counts  # ceil(45 / 16) = 3 steps, one new token each
+    finished = engine.run()
+    assert finished[decoding].generated == greedy(LIGHT[1].prompt)[:10]
+    assert finished[long_prompt].generated == greedy(HEAVY[2].prompt)[:3]
 
 
 def test_sampled_request_is_independent_of_batching(model, greedy):

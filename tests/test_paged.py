@@ -77,10 +77,11 @@ def test_block_hashes_chain_over_the_whole_prefix():
     assert paged.block_hashes(tokens[:8], 4) == hashes
 
 
+@jax.default_matmul_precision("highest")  # IEEE fp32 on a GPU too (XLA's dots would use TF32)
 def test_model_over_paged_cache_matches_contiguous():
     """Llama-tiny (GQA, RoPE): chunked prefill (padded chunks) then single-token steps at
     different positions per row, through scattered pages, give the logits of the contiguous
-    cache run one sequence at a time."""
+    cache run one sequence at a time. On a GPU the single-token steps run the Pallas kernel."""
     model = init_model(load_config(overrides=["preset=llama-tiny"]).model, seed=2)
     cfg = model.cfg
     graphdef, state = nnx.split(model)

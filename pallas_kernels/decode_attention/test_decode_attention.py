@@ -1,4 +1,6 @@
 """Contract test for paged decode attention: kernel and reference against contiguous attention."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,25 +19,29 @@ def make_inputs(case, dtype):
     permutation of the pool; returns q, k, v, k_pages, v_pages, block_tables, lengths."""
     b, m, bs = case.batch, case.pages_per_seq, case.page_size
     s = m * bs
-    q = jnp.asarray(_testing.normal(f"{case.name}/q", (b, case.heads, case.head_dim)), dtype)
-    k = jnp.asarray(_testing.normal(f"{case.name}/k", (b, s, case.kv_heads, case.head_dim)), dtype)
-    v = jnp.asarray(_testing.normal(f"{case.name}/v", (b, s, case.kv_heads, case.head_dim)), dtype)
+    q = _testing.normal(f"{case.name}/q", (b, case.heads, case.head_dim))
+    k = _testing.normal(f"{case.name}/k", (b, s, case.kv_heads, case.head_dim))
+    v = _testing.normal(f"{case.name}/v", (b, s, case.kv_heads, case.head_dim))
     rng = np.random.default_rng(_testing.seed(case.name))
     tables = rng.permutation(case.pool)[: b * m].reshape(b, m)
     lengths = case.lengths or tuple(rng.integers(1, s + 1, size=b))
-    k_pages = jnp.zeros((case.pool, bs, case.kv_heads, case.head_dim), dtype)
-    k_pages = k_pages.at[tables.reshape(-1)].set(k.reshape(b * m, bs, *k.shape[2:]))
-    v_pages = jnp.zeros_like(k_pages).at[tables.reshape(-1)].set(v.reshape(b * m, bs, *v.shape[2:]))
-    return q, k, v, k_pages, v_pages, jnp.asarray(tables, jnp.int32), jnp.asarray(lengths, jnp.int32)
+    k_pages = np.zeros((case.pool, bs, case.kv_heads, case.head_dim), np.float32)
+    v_pages = np.zeros_like(k_pages)
+    k_pages[tables.reshape(-1)] = k.reshape(b * m, bs, *k.shape[2:])
+    v_pages[tables.reshape(-1)] = v.reshape(b * m, bs, *v.shape[2:])
+    cast = lambda x: jnp.asarray(x, dtype)  # noqa: E731
+    return (cast(q), cast(k), cast(v), cast(k_pages), cast(v_pages), jnp.asarray(tables, jnp.int32),
+            jnp.asarray(lengths, jnp.int32))
 
 
 def _check(case, dtype, backend, interpret, blocks=None):
     q, k, v, k_pages, v_pages, tables, lengths = make_inputs(case, dtype)
-    out = paged_decode_attention(q, k_pages, v_pages, tables, lengths, backend=backend,
-                                 interpret=interpret, blocks=blocks)
+    attend = jax.jit(functools.partial(paged_decode_attention, backend=backend,
+                                       interpret=interpret, blocks=blocks))
+    out = attend(q, k_pages, v_pages, tables, lengths)
     assert out.shape == q.shape and out.dtype == dtype
     # The twin: contiguous attention on the un-paged keys (fp32, from the same rounded values).
-    expected = reference.contiguous_decode_attention(q, k, v, lengths)
+    expected = jax.jit(reference.contiguous_decode_attention)(q, k, v, lengths)
     _testing.assert_close(out, expected, dtype, f"{case.name} {backend}")
     idle = np.asarray(lengths) == 0
     assert np.all(np.asarray(out, np.float32)[idle] == 0), "length-0 rows must be zeros"
@@ -58,8 +64,9 @@ def test_reference_matches_jax_attention():
     """The contiguous reference against jax.nn.dot_product_attention with key lengths."""
     case = cases.CPU_CASES[1]
     q, k, v, *_, lengths = make_inputs(case, jnp.float32)
-    ours = reference.contiguous_decode_attention(q, k, v, lengths)
-    theirs = jax.nn.dot_product_attention(q[:, None], k, v, key_value_seq_lengths=lengths)[:, 0]
+    ours = jax.jit(reference.contiguous_decode_attention)(q, k, v, lengths)
+    theirs = jax.jit(lambda q, k, v, n: jax.nn.dot_product_attention(
+        q[:, None], k, v, key_value_seq_lengths=n)[:, 0])(q, k, v, lengths)
     _testing.assert_close(ours, theirs, jnp.float32)
 
 
