@@ -22,7 +22,10 @@ from llmjax.train.step import init_train_state, lora_shardings, make_train_step
 from sharding.mesh import make_mesh
 from tests.convert.test_hf import (
     LLAMA,
+    TOKENS,
+    _transformers_logits,
     hf_tensors,
+    llmjax_logits,
     random_params,
     small_cfg,
     write_checkpoint,
@@ -79,6 +82,22 @@ def test_merged_export_is_base_plus_scaled_ab_exactly(tmp_path, family):
         assert got.tobytes() == want.tobytes(), name
     assert loaded["embed"].tobytes() == base["embed"].tobytes()
     assert loaded["blocks"]["attn_norm"]["scale"].tobytes() == base["blocks"]["attn_norm"]["scale"].tobytes()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_merged_export_loads_in_transformers_with_the_same_logits(tmp_path, family):
+    """Where torch + transformers are installed (an optional test extra)."""
+    hf_lib = pytest.importorskip("torch"), pytest.importorskip("transformers")
+    cfg = small_cfg(family, tied=family == "gpt2")
+    base = random_params(cfg, seed=6)
+    lora_cfg = LoraConfig(rank=4, alpha=8.0, targets=ALL if family == "llama" else "wq,wo,w_in,w_out")
+    rng = np.random.default_rng(1)
+    adapters = jax.tree.map(lambda x: (0.1 * rng.standard_normal(x.shape)).astype(np.float32),
+                            lora.init_adapters(base, lora_cfg, jax.random.key(0)))
+    merged = jax.tree.map(np.asarray, lora.merge(base, adapters, lora_cfg))
+    save_hf(cfg, merged, tmp_path)
+    got = _transformers_logits(hf_lib, tmp_path, TOKENS, family)
+    assert np.abs(got - llmjax_logits(cfg, merged, TOKENS)).max() < 1e-4
 
 
 def test_only_adapters_train_and_optimizer_state_is_theirs():
