@@ -15,7 +15,6 @@ import json
 import pathlib
 import sys
 
-import jax
 import jaxlib
 
 from pallas_kernels import _bench
@@ -99,7 +98,7 @@ def main(argv=None):
     out = pathlib.Path(options["out"])
     out.mkdir(parents=True, exist_ok=True)
     stem = f"autotune-{op}_{table.device_key()}_{env['date']}"
-    report = dict(op=op, options=options, jax=jax.__version__, jaxlib=jaxlib.__version__, **env,
+    report = dict(op=op, options=options, jaxlib=jaxlib.__version__, **env,
                   results=results)
     (out / f"{stem}.json").write_text(json.dumps(report, indent=1, default=str))
     plot(results, out / f"{stem}.png", f"autotune {op} on {env['device']}, {env['date']}")

@@ -194,3 +194,19 @@ def test_cli_parse_and_report(tmp_path):
     assert "2.00x" in text and "{'work': 1}" in text and "boom" in text
     cli.plot([result], tmp_path / "r.png", "toy")
     assert (tmp_path / "r.png").stat().st_size > 1000
+
+
+def test_cli_main_writes_table_and_report(tmp_path, monkeypatch):
+    """End to end on CPU with the toy problem standing in for an op's search space."""
+    failing = dataclasses.replace(toy_problem(()), key="n=bad", default=Toy(work=7),
+                                  stages=(tuner.Stage("fwd", ()),))
+    found = [toy_problem((tuner.Stage("fwd", (dict(work=1),)),)), failing]
+    monkeypatch.setattr(spaces, "problems", lambda op, cases, kernels: found)
+    table_path = tmp_path / "table.json"
+    status = cli.main(["norms", f"table='{table_path}'", f"out='{tmp_path}'", "reps=2"])
+    assert status == 1  # one problem could not run its default
+    assert table.best_config("toy", "n=128", Toy(), device_kind="cpu", path=table_path) == Toy(work=1)
+    report = json.loads(next(tmp_path.glob("autotune-norms_cpu_*.json")).read_text())
+    assert [r["key"] for r in report["results"]] == ["n=128", "n=bad"]
+    assert "starting config fails" in report["results"][1]["error"]
+    assert next(tmp_path.glob("autotune-norms_cpu_*.png")).stat().st_size > 1000
