@@ -49,6 +49,7 @@ def parse_args(argv):
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-blocks", type=int, default=192)
     p.add_argument("--chunk-size", type=int, default=32)
+    p.add_argument("--prefill-slots", type=int, default=2, help="prompts read (a chunk each) per step")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=pathlib.Path, default=RESULTS)
     p.add_argument("overrides", nargs="*", metavar="key=value")
@@ -159,8 +160,9 @@ def main(argv=None):
     try:
         cfg = load_config(overrides=[f"preset={args.preset}", f"model.max_seq_len={args.max_seq_len}",
                                     *args.overrides])
-        engine_cfg = EngineConfig(max_slots=args.slots, block_size=args.block_size,
-                                  num_blocks=args.num_blocks, chunk_size=args.chunk_size)
+        engine_cfg = EngineConfig(max_slots=args.slots, prefill_slots=args.prefill_slots,
+                                  chunk_size=args.chunk_size, block_size=args.block_size,
+                                  num_blocks=args.num_blocks)
         model = init_model(cfg.model, seed=args.seed)
         context = (cfg.model.max_seq_len // args.block_size) * args.block_size
         trace = make_trace(args, cfg.model.vocab_size, context)

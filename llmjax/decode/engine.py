@@ -8,7 +8,8 @@ takes them at the next step. Chunked prefill (Sarathi, Agrawal et al. 2023): a p
 them. When the block pool runs dry the newest running sequence is preempted: its blocks are
 freed and it is requeued with the tokens generated so far, to be recomputed later (vLLM's
 recompute policy, Kwon et al. 2023 section 4.5). Each step is one jitted call over a fixed
-`max_slots` batch of [slots, 1] (all decoding) or [slots, chunk_size] tokens: two compiles.
+batch: `max_slots` rows of one token (decoding) plus, when a prompt is being read,
+`prefill_slots` rows of `chunk_size` tokens; two shapes, so two compiles.
 """
 import collections
 import dataclasses
@@ -33,17 +34,19 @@ class RequestError(ValueError):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class EngineConfig:
-    """max_slots: sequences per device step; block_size: positions per KV block; num_blocks:
-    blocks in the pool; chunk_size: prompt tokens a sequence prefills per step;
-    prefix_caching: share full prompt blocks across requests by chain hash."""
+    """max_slots: running sequences (decode rows per step); prefill_slots: sequences that
+    prefill a chunk per step; chunk_size: prompt tokens per chunk; block_size: positions per
+    KV block; num_blocks: blocks in the pool; prefix_caching: share full blocks across
+    requests by chain hash."""
     max_slots: int = 8
+    prefill_slots: int = 2
+    chunk_size: int = 64
     block_size: int = 16
     num_blocks: int = 256
-    chunk_size: int = 64
     prefix_caching: bool = True
 
     def __post_init__(self):
-        for name in ("max_slots", "block_size", "num_blocks", "chunk_size"):
+        for name in ("max_slots", "prefill_slots", "chunk_size", "block_size", "num_blocks"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name}={getattr(self, name)!r} must be an int >= 1")
 
@@ -90,19 +93,28 @@ def sample_rows(logits, keys, temperature, top_k, top_p):
 
 
 @partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("pages",))
-def _device_step(graphdef, params, pages, tokens, positions, block_tables, seq_lens, last_index,
-                 temperature, top_k, top_p, seeds, sample_index):
-    """One engine step: tokens/positions [S, T] through the model over the paged cache; the
-    next token of each row sampled from its logits at last_index [S]. Returns ([S], pages)."""
+def _device_step(graphdef, params, pages, decode, prefill, sampling):
+    """One engine step over the paged cache: the decode rows (tokens/positions [S, 1]) and, if
+    any, the prefill rows ([P, C]) through the model, then each row's next token sampled from
+    its logits at last_index. Rows are dicts of tokens, positions, block_tables [R, M], seq_lens
+    and last_index [R]; sampling holds temperature, top_k, top_p, seeds, sample_index
+    [S (+ P)]. Returns (next tokens [S (+ P)], pages)."""
     model = nnx.merge(graphdef, params)
-    cache = paged.paged_cache(pages, block_tables, seq_lens)
-    hidden, cache = model.hidden_states(tokens, positions, cache)  # [S, T, D]
-    last = jnp.take_along_axis(hidden, last_index[:, None, None], axis=1)  # [S, 1, D]
-    logits = model.logits(last)[:, 0]  # [S, V]
+    last = []
+    for rows in (decode, prefill):
+        if rows is None:
+            continue
+        cache = paged.paged_cache(pages, rows["block_tables"], rows["seq_lens"])
+        hidden, cache = model.hidden_states(rows["tokens"], rows["positions"], cache)  # [R, T, D]
+        last.append(jnp.take_along_axis(hidden, rows["last_index"][:, None, None], axis=1))
+        pages = {"k_pages": cache["k_pages"], "v_pages": cache["v_pages"]}
+    logits = model.logits(jnp.concatenate(last))[:, 0]  # [S (+ P), V]
     # A request's i-th token draws from fold_in(key(seed), i): independent of batching.
-    keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(seeds, sample_index)
-    next_tokens = sample_rows(logits, keys, temperature, top_k, top_p)
-    return next_tokens, {"k_pages": cache["k_pages"], "v_pages": cache["v_pages"]}
+    keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(
+        sampling["seeds"], sampling["sample_index"])
+    next_tokens = sample_rows(logits, keys, sampling["temperature"], sampling["top_k"],
+                              sampling["top_p"])
+    return next_tokens, pages
 
 
 class Engine:
@@ -193,7 +205,7 @@ class Engine:
         self.steps += 1
         done = []
         now = time.perf_counter()
-        for (seq, n), token in zip(plan, next_tokens.tolist()):
+        for (seq, n), token in zip(plan, next_tokens):
             seq.num_computed += n
             self._register_full_blocks(seq)
             if seq.num_computed < len(seq.tokens):
@@ -235,15 +247,19 @@ class Engine:
             self.running.append(self.waiting.popleft())
 
     def _schedule(self) -> list[tuple[Sequence, int]]:
-        """Give each running sequence its next chunk (1 token when decoding) and the blocks for
-        it, oldest first; preempt the newest sequences while the pool is short."""
-        plan = []
+        """Give each running sequence its next chunk (1 token when decoding; up to
+        prefill_slots chunks a step) and the blocks for it, oldest first; preempt the newest
+        sequences while the pool is short."""
+        plan, prefills = [], 0
         for seq in list(self.running):
             if seq not in self.running:
                 continue  # preempted for an older sequence in this loop
             n = min(self.cfg.chunk_size, len(seq.tokens) - seq.num_computed)
+            if n > 1 and prefills == self.cfg.prefill_slots:
+                continue  # prefill rows are taken; this prompt continues next step
             if self._grow(seq, seq.num_computed + n):
                 plan.append((seq, n))
+                prefills += n > 1
         return plan
 
     def _grow(self, seq: Sequence, length: int) -> bool:
@@ -282,29 +298,46 @@ class Engine:
         for i in range(done, len(seq.hashes)):
             self.allocator.register(seq.blocks[i], seq.hashes[i])
 
-    def _run_device(self, plan) -> np.ndarray:
-        """Pack the plan into fixed [max_slots, 1 or chunk_size] arrays and run one step."""
-        slots = self.cfg.max_slots
-        width = 1 if all(n == 1 for _, n in plan) else self.cfg.chunk_size
-        tokens = np.zeros((slots, width), np.int32)
-        positions = np.full((slots, width), -1, np.int32)  # -1: padding, never written
-        tables = np.zeros((slots, self.blocks_per_seq), np.int32)
-        seq_lens, last_index = np.zeros(slots, np.int32), np.zeros(slots, np.int32)
-        temperature, top_p = np.zeros(slots, np.float32), np.ones(slots, np.float32)
-        top_k, seeds, sample_index = (np.zeros(slots, np.int32) for _ in range(3))
-        for row, (seq, n) in enumerate(plan):
+    def _run_device(self, plan) -> list[int]:
+        """Run one step: single tokens in the [max_slots, 1] decode rows, chunks in the
+        [prefill_slots, chunk_size] prefill rows (absent when no sequence prefills). Returns
+        the sampled token of each plan entry."""
+        decode = [entry for entry in plan if entry[1] == 1]
+        prefill = [entry for entry in plan if entry[1] > 1]
+        decode_rows, decode_sampling = self._pack(decode, self.cfg.max_slots, 1)
+        prefill_rows, sampling = None, decode_sampling
+        if prefill:
+            prefill_rows, prefill_sampling = self._pack(prefill, self.cfg.prefill_slots,
+                                                        self.cfg.chunk_size)
+            sampling = {k: np.concatenate([v, prefill_sampling[k]]) for k, v in sampling.items()}
+        next_tokens, self.pages = _device_step(self.graphdef, self.params, self.pages, decode_rows,
+                                               prefill_rows, sampling)
+        next_tokens = np.asarray(next_tokens)
+        row_of = {id(seq): i for i, (seq, _) in enumerate(decode)}
+        row_of.update({id(seq): self.cfg.max_slots + i for i, (seq, _) in enumerate(prefill)})
+        return [int(next_tokens[row_of[id(seq)]]) for seq, _ in plan]
+
+    def _pack(self, entries, n_rows: int, width: int) -> tuple[dict, dict]:
+        """Model rows and sampling options for `entries` [(sequence, tokens)], padded to n_rows
+        rows of `width` tokens (padding: position -1, never written, length 0)."""
+        rows = dict(tokens=np.zeros((n_rows, width), np.int32),
+                    positions=np.full((n_rows, width), -1, np.int32),
+                    block_tables=np.zeros((n_rows, self.blocks_per_seq), np.int32),
+                    seq_lens=np.zeros(n_rows, np.int32), last_index=np.zeros(n_rows, np.int32))
+        sampling = dict(temperature=np.zeros(n_rows, np.float32), top_k=np.zeros(n_rows, np.int32),
+                        top_p=np.ones(n_rows, np.float32), seeds=np.zeros(n_rows, np.int32),
+                        sample_index=np.zeros(n_rows, np.int32))
+        for row, (seq, n) in enumerate(entries):
             start = seq.num_computed
-            tokens[row, :n] = seq.tokens[start:start + n]
-            positions[row, :n] = np.arange(start, start + n)
-            tables[row, :len(seq.blocks)] = seq.blocks
-            seq_lens[row], last_index[row] = start + n, n - 1
-            s = seq.sampling
-            temperature[row], top_k[row], top_p[row], seeds[row] = s.temperature, s.top_k, s.top_p, s.seed
-            sample_index[row] = len(seq.generated)
-        next_tokens, self.pages = _device_step(
-            self.graphdef, self.params, self.pages, tokens, positions, tables, seq_lens, last_index,
-            temperature, top_k, top_p, seeds, sample_index)
-        return np.asarray(next_tokens)[:len(plan)]
+            rows["tokens"][row, :n] = seq.tokens[start:start + n]
+            rows["positions"][row, :n] = np.arange(start, start + n)
+            rows["block_tables"][row, :len(seq.blocks)] = seq.blocks
+            rows["seq_lens"][row], rows["last_index"][row] = start + n, n - 1
+            options = seq.sampling
+            for name in ("temperature", "top_k", "top_p"):
+                sampling[name][row] = getattr(options, name)
+            sampling["seeds"][row], sampling["sample_index"][row] = options.seed, len(seq.generated)
+        return rows, sampling
 
     def kv_usage(self) -> dict:
         """KV slots now: `allocated` (blocks referenced x block_size), `live` (slots holding a
