@@ -21,8 +21,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from sharding.axes import ACT_EMBED, ACT_HEADS, ACT_MLP, ACT_VOCAB, BATCH, LENGTH
 from sharding.placement import state_shardings
-from sharding.rules import Rules
+from sharding.rules import Rules, mesh_axes_of, resolve_rules
 
 
 def tree_bytes_per_device(tree, shardings) -> int:
@@ -132,3 +133,88 @@ def activation_bytes_per_layer(batch: int, seq_len: int, d_model: int, n_heads: 
     if sequence_parallel:
         return sbh * (34 + attn) / tensor
     return sbh * (10 + 24 / tensor + attn / tensor)
+
+
+# ---------------------------------------------------------------------------------------
+# Activations saved for the backward pass, per device, under a mesh + rules + remat policy.
+
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+def _tensor_ways(dims: tuple[str, ...], shape: dict[str, int], rules: dict) -> int:
+    """Devices one activation is split over: each dim's mesh axes, each mesh axis once
+    (first dim wins, as a PartitionSpec allows)."""
+    used, ways = set(), 1
+    for name in dims:
+        for axis in mesh_axes_of(rules.get(name)):
+            if axis not in used:
+                used.add(axis)
+                ways *= shape.get(axis, 1)
+    return ways
+
+
+def layer_activation_bytes(model_cfg, mesh_shape: dict[str, int], rules: str | Rules, *,
+                           micro_batch: int, seq_len: int, remat: str = "none") -> float:
+    """Bytes one layer saves for its backward pass, per device, for one micro-batch.
+
+    What jax saves per layer (checked with jax's `saved_residuals` on our blocks, model
+    dtype `c` bytes, scores and softmax statistics fp32):
+      full: the layer input x [B, T, D].
+      dots: x, q [B, T, N, H], k and v [B, T, K, H], the attention and MLP output
+            projections [B, T, D] each, the MLP input projection(s) [B, T, F] (2 for
+            SwiGLU, 1 for GELU): `dots_with_no_batch_dims_saveable` keeps matmul outputs.
+      none: 8 [B, T, D] (residual stream, norm inputs/outputs), q, k, v and the attention
+            output, scores and probabilities [B, N, T, T] fp32, 6 (SwiGLU) or 5 (GELU)
+            [B, T, F], and fp32 row statistics (4 [B, T] for the norms, 2 [B, N, T]).
+    Each tensor is divided by the devices its logical dims are split over under `rules`
+    (batch, length, act_embed, act_heads, act_mlp).
+
+    Raises:
+      ValueError: unknown remat policy, or unknown preset / invalid table.
+    """
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"model.remat={remat!r} unknown; use one of {', '.join(REMAT_POLICIES)}")
+    table = dict(resolve_rules(rules)[0])
+    c = np.dtype(model_cfg.dtype).itemsize
+    b, t, d, f = micro_batch, seq_len, model_cfg.d_model, model_cfg.d_mlp
+    n, k, h = model_cfg.n_heads, model_cfg.n_kv_heads, model_cfg.d_model // model_cfg.n_heads
+    swiglu = model_cfg.family == "llama"
+
+    def size(dims, elements, itemsize=c):
+        return elements * itemsize / _tensor_ways(dims, mesh_shape, table)
+
+    btd = size((BATCH, LENGTH, ACT_EMBED), b * t * d)
+    q = size((BATCH, LENGTH, ACT_HEADS), b * t * n * h)
+    kv = size((BATCH, LENGTH, ACT_HEADS), b * t * k * h)
+    btf = size((BATCH, LENGTH, ACT_MLP), b * t * f)
+    if remat == "full":
+        return btd
+    if remat == "dots":
+        return 3 * btd + q + 2 * kv + (2 if swiglu else 1) * btf
+    scores = size((BATCH, ACT_HEADS, LENGTH), b * n * t * t, 4)
+    stats = size((BATCH, LENGTH), 4 * b * t, 4) + size((BATCH, ACT_HEADS, LENGTH), 2 * b * n * t, 4)
+    return 8 * btd + 2 * q + 2 * kv + 2 * scores + (6 if swiglu else 5) * btf + stats
+
+
+def activation_bytes(model_cfg, mesh_shape: dict[str, int], rules: str | Rules, *,
+                     micro_batch: int, seq_len: int, remat: str = "none") -> float:
+    """Activation bytes per device at the peak of a training step, for one micro-batch.
+
+    The saved activations of this device's layers (n_layers / pipeline), plus, under
+    remat, what the backward of one layer recomputes (its `none` activations less those
+    saved), plus the fp32 logits and their softmax [B, T, V] of the head (`lm_loss` xla).
+    Measured against the compiled step on CPU (tests/sharding/test_memory.py): within
+    ~20%; XLA's buffer reuse and backward workspace are not modelled.
+
+    Raises:
+      ValueError: as `layer_activation_bytes`.
+    """
+    table = dict(resolve_rules(rules)[0])
+    layers = model_cfg.n_layers // mesh_shape.get("pipeline", 1)
+    per_layer = {policy: layer_activation_bytes(model_cfg, mesh_shape, rules, micro_batch=micro_batch,
+                                                seq_len=seq_len, remat=policy)
+                 for policy in dict.fromkeys((remat, "none"))}
+    recompute = per_layer["none"] - per_layer[remat]
+    logits = 2 * micro_batch * seq_len * model_cfg.vocab_size * 4 / _tensor_ways(
+        (BATCH, LENGTH, ACT_VOCAB), mesh_shape, table)
+    return layers * per_layer[remat] + recompute + logits

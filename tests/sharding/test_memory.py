@@ -1,13 +1,20 @@
 """The memory model against the compiled train step, and its closed forms."""
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-from sharding.memory import (activation_bytes_per_layer, estimate_train_memory, zero_bytes_per_param,
-                             zero_formula)
-from sharding.placement import batch_sharding
-from tests.sharding.conftest import LAYOUTS
+from llmjax.config import MeshConfig, load_config
+from llmjax.models import init_model, split_model
+from sharding.memory import (activation_bytes, activation_bytes_per_layer, estimate_train_memory,
+                             layer_activation_bytes, zero_bytes_per_param, zero_formula)
+from sharding.mesh import make_mesh, mesh_shape
+from sharding.placement import batch_sharding, state_shardings
+from sharding.rules import get_rules
+from tests.sharding.conftest import COMPILER_OPTIONS, FAMILIES, LAYOUTS
 
 
 def _predicted(run, layout):
@@ -54,3 +61,49 @@ def test_activation_closed_form():
     sp = activation_bytes_per_layer(b, t, d, a, tensor=8, sequence_parallel=True, flash=False)
     assert np.isclose(sp * 8, full) and sp < tp < full
     assert activation_bytes_per_layer(b, t, d, a, recompute=True) == 2 * t * b * d
+
+
+# ---------------------------------------------------------------------------------------
+# Activations: the model against the compiled gradient's temp bytes. Activations grow
+# with the batch and nothing else in temp does (param grads, optimizer temporaries), so
+# temp(2B) - temp(B) is the step's activation bytes at batch B.
+
+_ACT_BATCH, _ACT_SEQ = 8, 32
+_ACT_CASES = [("none", None), ("dots", "tp"), ("full", "fsdp")]  # each policy, three layouts
+
+
+def _compiled_temp(cfg, batch, layout):
+    graphdef, params = split_model(init_model(cfg))
+    tokens = jax.ShapeDtypeStruct((batch, _ACT_SEQ + 1), jnp.int32)
+    grad = jax.grad(lambda p, t: nnx.merge(graphdef, p).loss(t))
+    if layout is None:
+        lowered = jax.jit(grad).lower(params, tokens)
+    else:
+        mesh, rules = make_mesh(LAYOUTS[layout]), LAYOUTS[layout].rules
+        params_sh = state_shardings(graphdef, {"params": params}, mesh, rules)["params"]
+        with jax.set_mesh(mesh), nnx.logical_axis_rules(get_rules(rules)):
+            lowered = jax.jit(grad, in_shardings=(params_sh, batch_sharding(mesh, rules, 2)),
+                              out_shardings=params_sh).lower(params, tokens)
+    return lowered.compile(compiler_options=COMPILER_OPTIONS).memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.parametrize("remat,layout", _ACT_CASES)
+def test_activation_bytes_match_compiled_temp(remat, layout):
+    cfg = load_config(overrides=FAMILIES["llama"] + [f"model.remat={remat}"]).model
+    measured = _compiled_temp(cfg, 2 * _ACT_BATCH, layout) - _compiled_temp(cfg, _ACT_BATCH, layout)
+    mesh_cfg = LAYOUTS[layout] if layout else MeshConfig()
+    predicted = activation_bytes(cfg, mesh_shape(mesh_cfg), mesh_cfg.rules, micro_batch=_ACT_BATCH,
+                                 seq_len=_ACT_SEQ, remat=remat)
+    print(f"{remat} {layout}: predicted {predicted:.0f} compiled {measured} ratio {predicted / measured:.2f}")
+    assert abs(predicted - measured) <= 0.25 * measured, (predicted, measured)
+
+
+def test_remat_policies_order_and_bad_policy():
+    cfg = load_config(overrides=FAMILIES["llama"]).model
+    kw = dict(micro_batch=8, seq_len=64)
+    none, dots, full = (layer_activation_bytes(cfg, {}, "dp", remat=r, **kw) for r in ("none", "dots", "full"))
+    assert none > dots > full == 8 * 64 * cfg.d_model * 4  # full keeps the layer input alone
+    sp = layer_activation_bytes(cfg, {"tensor": 4}, "sp", remat="full", **kw)
+    assert sp * 4 == full  # sequence parallel splits the kept input along length
+    with pytest.raises(ValueError, match=r"model.remat='some' unknown"):
+        layer_activation_bytes(cfg, {}, "dp", remat="some", **kw)
