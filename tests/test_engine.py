@@ -87,9 +87,23 @@ def run_trace(engine, trace, greedy):
                 ids[i] = engine.submit(list(req.prompt), req.max_new_tokens, dict(req.sampling), stop)
         engine.step()
         engine.allocator.check()
+        _check_kv_usage(engine)
         step += 1
     assert engine.allocator.num_used() == 0 and engine.allocator.num_available() == CFG.num_blocks
     return [engine.finished[ids[i]] for i in range(len(trace))]
+
+
+def _check_kv_usage(engine):
+    """kv_usage against a count of every written slot (shared blocks once); each running
+    sequence leaves less than one block empty."""
+    bs, filled = CFG.block_size, {}
+    for seq in engine.running:
+        for i, block in enumerate(seq.blocks):
+            filled[block] = max(filled.get(block, 0), min(bs, max(0, seq.num_computed - i * bs)))
+    usage = engine.kv_usage()
+    assert usage["live"] == sum(filled.values()), usage
+    assert usage["allocated"] == len(filled) * bs
+    assert usage["allocated"] - usage["live"] < max(1, usage["running"]) * bs, usage
 
 
 def expected_tokens(req, reference):

@@ -342,11 +342,12 @@ class Engine:
     def kv_usage(self) -> dict:
         """KV slots now: `allocated` (blocks referenced x block_size), `live` (slots holding a
         computed position of a running sequence, shared blocks counted once), `tokens` (computed
-        positions summed over running sequences, shared ones counted per sequence), `running`."""
+        positions summed over running sequences, shared ones counted per sequence), `running`.
+
+        Only full blocks are ever shared, so the empty slots are each sequence's own tail slack.
+        """
         bs = self.cfg.block_size
-        filled = {}
-        for seq in self.running:
-            for i, block in enumerate(seq.blocks):
-                filled[block] = max(filled.get(block, 0), min(bs, max(0, seq.num_computed - i * bs)))
-        return dict(allocated=self.allocator.num_used() * bs, live=sum(filled.values()),
+        allocated = self.allocator.num_used() * bs
+        slack = sum(len(seq.blocks) * bs - seq.num_computed for seq in self.running)
+        return dict(allocated=allocated, live=allocated - slack,
                     tokens=sum(seq.num_computed for seq in self.running), running=len(self.running))
