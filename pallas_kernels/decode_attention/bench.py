@@ -1,5 +1,6 @@
-"""Paged decode attention benchmarks: ours (Triton kernel) vs XLA (the jnp gather + attention
-reference, the code a model would otherwise run) in one run; rows, no files.
+"""Paged decode attention benchmarks in one run: ours (Triton kernel) vs XLA on the same pages
+(`xla`: the jnp gather + attention reference, what a model would otherwise run) and XLA on a
+contiguous cache of the same lengths (`xla_contiguous`: no paging at all); rows, no files.
 
 GB/s counts the nominal bytes one call must move: every live key and value once, q and out.
 """
@@ -8,12 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import _bench
-from pallas_kernels.decode_attention import api, cases
+from pallas_kernels.decode_attention import api, cases, reference
 
 HEADS, KV_HEADS, HEAD_DIM, PAGE_SIZE = 32, 8, 128, 16
 CASES = tuple(cases.DecodeCase(f"b{b}_s{s}", b, HEADS, KV_HEADS, HEAD_DIM, PAGE_SIZE,
                                s // PAGE_SIZE, lengths=(s,) * b) for b, s in cases.BENCH_SHAPES)
-IMPLS = ("triton", "xla")
+IMPLS = ("triton", "xla", "xla_contiguous")
 
 
 def nominal_bytes(case, dtype):
@@ -22,28 +23,39 @@ def nominal_bytes(case, dtype):
     return kv + 2 * case.batch * case.heads * case.head_dim * item
 
 
-def _arg_sets(case, dtype, n_sets):
+def _arg_sets(case, dtype, n_sets, contiguous):
     sets = []
     for i in range(n_sets):
         keys = jax.random.split(jax.random.key(i), 3)
-        pages = (case.pool, case.page_size, case.kv_heads, case.head_dim)
         q = jax.random.normal(keys[0], (case.batch, case.heads, case.head_dim), dtype)
-        k_pages = jax.random.normal(keys[1], pages, dtype)
-        v_pages = jax.random.normal(keys[2], pages, dtype)
+        lengths = jnp.asarray(case.lengths, jnp.int32)
+        if contiguous:
+            shape = (case.batch, case.pages_per_seq * case.page_size, case.kv_heads, case.head_dim)
+            sets.append((q, jax.random.normal(keys[1], shape, dtype),
+                         jax.random.normal(keys[2], shape, dtype), lengths))
+            continue
+        pages = (case.pool, case.page_size, case.kv_heads, case.head_dim)
         tables = np.random.default_rng(i).permutation(case.pool)[: case.batch * case.pages_per_seq]
-        sets.append((q, k_pages, v_pages,
-                     jnp.asarray(tables.reshape(case.batch, -1), jnp.int32),
-                     jnp.asarray(case.lengths, jnp.int32)))
+        sets.append((q, jax.random.normal(keys[1], pages, dtype), jax.random.normal(keys[2], pages, dtype),
+                     jnp.asarray(tables.reshape(case.batch, -1), jnp.int32), lengths))
     return sets
+
+
+def _timed_fn(impl):
+    if impl == "xla_contiguous":
+        return jax.jit(lambda q, k, v, n: reference.contiguous_decode_attention(q, k, v, n).astype(q.dtype))
+    backend = "triton" if impl == "triton" else "reference"
+    return jax.jit(lambda *args: api.paged_decode_attention(*args, backend=backend))
 
 
 def _row(case, impl, dtype, reps):
     row = dict(op="decode_attention", case=case.name, impl=impl, mode="fwd",
                shape=[case.batch, case.lengths[0], case.heads, case.kv_heads, case.head_dim],
-               page_size=case.page_size, dtype=jnp.dtype(dtype).name, **_bench.environment())
-    backend = "triton" if impl == "triton" else "reference"
-    make_fn = lambda: jax.jit(lambda *a: api.paged_decode_attention(*a, backend=backend))  # noqa: E731
-    return _bench.add_bandwidth_timing(row, make_fn, lambda n: _arg_sets(case, dtype, n), reps,
+               page_size=case.page_size, dtype=jnp.dtype(dtype).name, peer=impl != "triton",
+               **_bench.environment())
+    contiguous = impl == "xla_contiguous"
+    return _bench.add_bandwidth_timing(row, lambda: _timed_fn(impl),
+                                       lambda n: _arg_sets(case, dtype, n, contiguous), reps,
                                        nbytes=nominal_bytes(case, dtype))
 
 
