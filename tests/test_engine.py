@@ -174,6 +174,8 @@ def test_bad_requests_are_rejected_while_serving(model, greedy):
         (([1, 2], 5, {"temprature": 0.5}), r"unknown sampling option\(s\) \['temprature'\]"),
         (([1, 2], 5, {"top_p": 1.5}), "decode.top_p"),
         (([1, 600], 5, None), r"token ids must be in \[0, 512\)"),
+        ((["a"], 5, None), "must be integer token ids"),
+        (([1, 2], 5, {"seed": 2**40}), r"seed=1099511627776 must be < 2\*\*31"),
     ]
     for (prompt, n, sampling), match in bad:
         with pytest.raises(RequestError, match=match):

@@ -159,7 +159,11 @@ class Engine:
         Raises:
           RequestError: the request is malformed; the engine state is unchanged.
         """
-        prompt = [int(t) for t in np.asarray(prompt).reshape(-1)]
+        try:
+            prompt = [int(t) for t in np.asarray(prompt).reshape(-1)]
+            stop_tokens = frozenset(int(t) for t in stop_tokens)
+        except (TypeError, ValueError) as e:
+            raise RequestError(f"prompt and stop_tokens must be integer token ids: {e}") from None
         if not prompt:
             raise RequestError("prompt is empty; give at least one token id")
         if not 0 <= min(prompt) <= max(prompt) < self.vocab_size:
@@ -178,8 +182,10 @@ class Engine:
             options = DecodeConfig(max_new_tokens=int(max_new_tokens), **sampling)
         except ConfigError as e:
             raise RequestError(f"bad sampling option: {e}") from None
+        if options.seed >= 2**31:  # the step carries seeds as int32
+            raise RequestError(f"seed={options.seed} must be < 2**31")
         seq = Sequence(id=next(self._ids), prompt=prompt, max_new_tokens=int(max_new_tokens),
-                       sampling=options, stop_tokens=frozenset(int(t) for t in stop_tokens),
+                       sampling=options, stop_tokens=stop_tokens,
                        arrival=time.perf_counter() if arrival is None else arrival,
                        tokens=list(prompt))
         self.waiting.append(seq)
