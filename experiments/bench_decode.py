@@ -103,15 +103,16 @@ def ms_per_token(model, batch, s, *, kernels=False) -> dict:
 
 
 def large_casts_and_copies(model, s) -> list[str]:
-    """`convert` / `copy` instructions in the compiled batch-1 generate program whose result is
-    at least as large as the smallest per-layer weight: a per-step weight cast or KV-cache copy
-    shows up here (CPU programs also convert bf16 dot operands to fp32)."""
+    """`convert` / `copy` / `dynamic-slice` instructions in the compiled batch-1 generate program
+    whose result is at least as large as the smallest per-layer weight: a per-step weight cast,
+    layer-slice copy or KV-cache copy shows up here (CPU programs also convert bf16 dot operands
+    to fp32)."""
     cfg = model.cfg
     smallest = cfg.d_model * cfg.n_kv_heads * cfg.head_dim
     prompt = _prompt(1, s["prompt_len"], cfg.vocab_size)
     text = lower_generate(model, prompt, DecodeConfig(max_new_tokens=s["new_tokens"], temperature=0.0))
     found = []
-    for dtype, dims, op in re.findall(r"= (\w+)\[([\d,]*)\]\S* (convert|copy)\(", text.compile().as_text()):
+    for dtype, dims, op in re.findall(r"= (\w+)\[([\d,]*)\]\S* (convert|copy|dynamic-slice)\(", text.compile().as_text()):
         if np.prod([int(d) for d in dims.split(",") if d]) >= smallest:
             found.append(f"{op} {dtype}[{dims}]")
     return found
@@ -218,6 +219,7 @@ def plot(rows, path, title):
     axes[0, 0].legend()
     for model in dict.fromkeys(r["model"] for r in decode):
         sweep = [r for r in decode if r["model"] == model and r["weights"] == "bf16"]
+        sweep = [r for r in sweep if r["tokens_per_s"] > 0]  # CPU smoke timings can be noise
         axes[0, 1].plot([r["batch"] for r in sweep], [r["tokens_per_s"] for r in sweep], "o-", label=model)
     axes[0, 1].set(xscale="log", yscale="log", xlabel="batch", ylabel="tokens/s (bf16)")
     axes[0, 1].legend()

@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llmjax.config import DecodeConfig
+from llmjax.config import DecodeConfig, ModelConfig
+from llmjax.decode.quantize import quantize_params
 from llmjax.decode.sampling import sample_logits
 from llmjax.models.kv_cache import init_cache
 
@@ -27,7 +28,7 @@ class DecodeModel:
 
     graphdef: nnx.GraphDef
     params: nnx.State
-    cfg: object  # the ModelConfig
+    cfg: ModelConfig
 
     @property
     def weight_bytes(self) -> int:
@@ -60,35 +61,59 @@ def prepare_decode(model, *, int8: bool = False, dtype: str | None = None) -> De
         graphdef = graphdef_for(type(model), cfg)
     compute = jnp.dtype(cfg.dtype)
     if int8:
-        from llmjax.decode.quantize import quantize_params
         params = quantize_params(params, compute, cfg.tie_embeddings)
     params = jax.tree.map(lambda x: x.astype(compute) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
     return DecodeModel(graphdef, params, cfg)
 
 
+def split_layers(model) -> list:
+    """The stacked block state as one state per layer (leading axis 1), sliced once before the
+    token loop. Inside the loop each matmul then reads a whole weight buffer; a scan over the
+    stacked layers would copy every layer's weight slice out of the stack at every step."""
+    _, blocks = nnx.split(model.blocks)
+    return [jax.tree.map(lambda x: x[i:i + 1], blocks) for i in range(model.cfg.n_layers)]
+
+
+def init_layer_caches(cfg, batch: int, length: int) -> list:
+    """Empty KV caches, one {"k", "v"}: [1, B, S, K, H] per layer (see split_layers)."""
+    full = init_cache(cfg, batch, length)
+    return [jax.tree.map(lambda c: c[i:i + 1], full) for i in range(cfg.n_layers)]
+
+
+def forward_hidden(model, layers, tokens, positions, caches):
+    """Final-norm hidden states [B, T, D] and updated caches, the layers unrolled in Python:
+    the model's embed_tokens, apply_blocks (one layer at a time) and final_norm."""
+    x = model.embed_tokens(tokens, positions)
+    updated = []
+    for state, cache in zip(layers, caches):
+        x, cache, _ = model.apply_blocks(x, positions, cache, block_state=state)
+        updated.append(cache)
+    return model.final_norm(x), updated
+
+
 @partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p", "vocab_size"))
 def _generate(graphdef, params, prompt, key, *, max_new_tokens, temperature, top_k, top_p, vocab_size):
     model = nnx.merge(graphdef, params)
+    layers = split_layers(model)
     b, t0 = prompt.shape
     total = t0 + max_new_tokens
     sample = partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p, vocab_size=vocab_size)
 
-    cache = init_cache(model.cfg, b, total)
     positions = jnp.broadcast_to(jnp.arange(t0, dtype=jnp.int32), (b, t0))
-    hidden, cache = model.hidden_states(prompt, positions, cache)  # prefill
+    hidden, caches = forward_hidden(model, layers, prompt, positions, init_layer_caches(model.cfg, b, total))
     keys = jax.random.split(key, max_new_tokens)
     tokens = jnp.zeros((b, total), jnp.int32).at[:, :t0].set(prompt)
     tokens = tokens.at[:, t0].set(sample(model.logits(hidden[:, -1:])[:, 0], keys[0]))
 
     def step(i, carry):  # token at position t0 + i is known; predict t0 + i + 1
-        tokens, cache = carry
+        tokens, caches = carry
         pos = t0 + i
         current = jax.lax.dynamic_slice_in_dim(tokens, pos, 1, axis=1)  # [B, 1]
-        logits, cache = model(current, jnp.full((b, 1), pos, jnp.int32), cache)
-        nxt = sample(logits[:, -1], keys[i + 1])
-        return jax.lax.dynamic_update_slice_in_dim(tokens, nxt[:, None], pos + 1, axis=1), cache
+        hidden, caches = forward_hidden(model, layers, current, jnp.full((b, 1), pos, jnp.int32), caches)
+        nxt = sample(model.logits(hidden)[:, -1], keys[i + 1])
+        return jax.lax.dynamic_update_slice_in_dim(tokens, nxt[:, None], pos + 1, axis=1), caches
 
-    tokens, _ = jax.lax.fori_loop(0, max_new_tokens - 1, step, (tokens, cache))
+    tokens, _ = jax.lax.fori_loop(0, max_new_tokens - 1, step, (tokens, caches))
     return tokens
 
 

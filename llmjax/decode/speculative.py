@@ -19,9 +19,9 @@ import numpy as np
 from flax import nnx
 
 from llmjax.config import DecodeConfig
-from llmjax.decode.generate import check_prompt, graphdef_for, prepare_decode
+from llmjax.decode.generate import (check_prompt, forward_hidden, graphdef_for, init_layer_caches,
+                                    prepare_decode, split_layers)
 from llmjax.decode.sampling import filter_logits, greedy
-from llmjax.models.kv_cache import init_cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +54,7 @@ def expected_tokens_per_round(alpha: float, gamma: int) -> float:
 
 def _speculate_row(target, draft, prompt, key, *, max_new_tokens, gamma, temperature, top_k, top_p,
                    vocab_size):
-    """One sequence: prompt [1, T0] -> (tokens [1, T0 + new + gamma], rounds, accepted, rejected)."""
+    """One sequence: prompt [1, T0] -> (tokens [1, T0 + new], rounds, accepted, rejected)."""
     t0 = prompt.shape[1]
     total = t0 + max_new_tokens
     length = total + gamma  # a round may write gamma tokens past `total`
@@ -68,9 +68,19 @@ def _speculate_row(target, draft, prompt, key, *, max_new_tokens, gamma, tempera
     def at(start, n):  # positions [1, n] from start
         return (start + jnp.arange(n, dtype=jnp.int32))[None]
 
-    target_cache, draft_cache = init_cache(target.cfg, 1, length), init_cache(draft.cfg, 1, length)
-    hidden, target_cache = target.hidden_states(prompt, at(0, t0), target_cache)
-    _, draft_cache = draft.hidden_states(prompt, at(0, t0), draft_cache)
+    target_layers, draft_layers = split_layers(target), split_layers(draft)
+
+    def run_target(tokens, positions, caches):  # -> logits [1, T, V], caches
+        hidden, caches = forward_hidden(target, target_layers, tokens, positions, caches)
+        return target.logits(hidden), caches
+
+    def run_draft(tokens, positions, caches):  # -> logits [V] of the last position, caches
+        hidden, caches = forward_hidden(draft, draft_layers, tokens, positions, caches)
+        return draft.logits(hidden[:, -1:])[0, 0], caches
+
+    hidden, target_cache = forward_hidden(target, target_layers, prompt, at(0, t0),
+                                          init_layer_caches(target.cfg, 1, length))
+    _, draft_cache = forward_hidden(draft, draft_layers, prompt, at(0, t0), init_layer_caches(draft.cfg, 1, length))
     key, first_key = jax.random.split(key)
     first = sample(target.logits(hidden[:, -1:])[0, 0], first_key)
     tokens = jnp.zeros((1, length), jnp.int32).at[:, :t0].set(prompt).at[0, t0].set(first)
@@ -82,8 +92,7 @@ def _speculate_row(target, draft, prompt, key, *, max_new_tokens, gamma, tempera
         # first time after a round that kept all drafts) and n-1, then each new draft token.
         key, draft_key, accept_key, final_key = jax.random.split(key, 4)
         draft_keys = jax.random.split(draft_key, gamma)
-        logits, draft_cache = draft(jax.lax.dynamic_slice_in_dim(tokens, n - 2, 2, 1), at(n - 2, 2), draft_cache)
-        logits = logits[0, -1]
+        logits, draft_cache = run_draft(jax.lax.dynamic_slice_in_dim(tokens, n - 2, 2, 1), at(n - 2, 2), draft_cache)
         # Draft probabilities (sampling only); row gamma stays 0, so its residual is p: the bonus.
         q = None if is_greedy else jnp.zeros((gamma + 1, vocab), jnp.float32)
 
@@ -93,8 +102,8 @@ def _speculate_row(target, draft, prompt, key, *, max_new_tokens, gamma, tempera
             if not is_greedy:
                 q = q.at[i].set(jax.nn.softmax(filtered(logits)))
             tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[None, None], n + i, 1)
-            logits, draft_cache = draft(token[None, None], at(n + i, 1), draft_cache)
-            return tokens, draft_cache, q, logits[0, -1]
+            logits, draft_cache = run_draft(token[None, None], at(n + i, 1), draft_cache)
+            return tokens, draft_cache, q, logits
 
         tokens, draft_cache, q, logits = jax.lax.fori_loop(
             0, gamma - 1, draft_step, (tokens, draft_cache, q, logits))
@@ -105,7 +114,7 @@ def _speculate_row(target, draft, prompt, key, *, max_new_tokens, gamma, tempera
 
         # Target: one forward over the last known token and the gamma drafts.
         window = jax.lax.dynamic_slice_in_dim(tokens, n - 1, gamma + 1, 1)  # [1, gamma + 1]
-        target_logits, target_cache = target(window, at(n - 1, gamma + 1), target_cache)
+        target_logits, target_cache = run_target(window, at(n - 1, gamma + 1), target_cache)
         target_logits = target_logits[0]  # [gamma + 1, V]: row i predicts position n + i
         drafts = window[0, 1:]  # [gamma]
         if is_greedy:
