@@ -4,11 +4,12 @@
 For each rule preset: pick a mesh of all local devices for it, compile the train step, run
 `--steps` timed steps on random tokens (train.batch_size x data.seq_len, train.grad_accum
 micro-batches), and report step time, tokens/s, MFU, predicted and compiled memory per
-device, and the collective bytes in the compiled program. Writes runs/<name>/shard_sweep.json,
-shard_sweep.png and config.yaml.
+device (params + optimizer state, and activations under model.remat), and the collective
+bytes in the compiled program. Pipeline layouts `pp` (stages x dp) and `pp_fsdp` (stages x
+fsdp) run `sharding.pipeline` with mesh.pp_schedule and mesh.pp_microbatches and report the
+schedule's bubble. Writes runs/<name>/shard_sweep.json, shard_sweep.png and config.yaml.
 """
 import argparse
-import dataclasses
 import json
 import math
 import re
@@ -25,8 +26,9 @@ from llmjax.models import count_params, init_model, split_model
 from llmjax.train.flops import device_peak_flops, flops_per_token
 from llmjax.train.optimizer import make_optimizer
 from llmjax.train.step import init_train_state, make_train_step
-from sharding.memory import estimate_train_memory
-from sharding.mesh import check_divisibility, make_mesh
+from sharding.memory import activation_bytes, estimate_train_memory, pipeline_activation_bytes
+from sharding.mesh import check_divisibility, make_mesh, mesh_shape
+from sharding.pipeline import check_pipeline, make_pipeline_train_step, pipeline_rules, pipeline_state_shardings
 from sharding.placement import shard_state
 from sharding.rules import PRESETS
 
@@ -37,17 +39,45 @@ _BATCH_AXIS = {"dp": "data", "fsdp": "fsdp", "zero1": "fsdp", "tp": "data", "fsd
 _HLO_BYTES = {"f64": 8, "s64": 8, "u64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2,
               "s8": 1, "u8": 1, "pred": 1}
 _COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+PIPELINE_LAYOUTS = {"pp": "dp", "pp_fsdp": "fsdp"}  # layout -> the preset of the other axes
 
 
-def mesh_for(layout: str, n_devices: int, model_cfg, micro_batch: int, seq_len: int) -> MeshConfig:
+def _pipeline_mesh(layout: str, n_devices: int, model_cfg, micro_batch: int, seq_len: int,
+                   microbatches: int, schedule: str) -> MeshConfig:
+    """The most stages (up to 8) that divide the layers and devices, the rest on the batch."""
+    rules, error = PIPELINE_LAYOUTS[layout], None
+    for stages in (8, 4, 2):
+        if n_devices % stages or model_cfg.n_layers % stages:
+            continue
+        mesh_cfg = MeshConfig(rules=rules, pipeline=stages, pp_microbatches=microbatches,
+                              pp_schedule=schedule, **{_BATCH_AXIS[rules]: n_devices // stages})
+        try:
+            check_pipeline(n_layers=model_cfg.n_layers, stages=stages, micro_batch=micro_batch,
+                           microbatches=microbatches, batch_ways=n_devices // stages)
+            check_divisibility(model_cfg, mesh_cfg, micro_batch // microbatches, seq_len=seq_len,
+                               rules=pipeline_rules(rules)[0])
+            return mesh_cfg
+        except ValueError as e:
+            error = e
+    raise ValueError(f"{layout}: no pipeline of {n_devices} devices fits model.n_layers="
+                     f"{model_cfg.n_layers}: {error or 'need at least 2 stages'}")
+
+
+def mesh_for(layout: str, n_devices: int, model_cfg, micro_batch: int, seq_len: int,
+             pp: tuple[str, int] = ("gpipe", 4)) -> MeshConfig:
     """The mesh of `n_devices` for a preset: the largest model-parallel split (up to 8) the
-    model divides, the rest on the batch axis.
+    model divides, the rest on the batch axis; pipeline layouts take `pp` = (schedule,
+    microbatches).
 
     Raises:
       ValueError: no mesh of these devices suits the preset (the last check's message).
     """
+    if layout in PIPELINE_LAYOUTS:
+        return _pipeline_mesh(layout, n_devices, model_cfg, micro_batch, seq_len,
+                              microbatches=pp[1], schedule=pp[0])
     if layout not in PRESETS:
-        raise ValueError(f"layout {layout!r} unknown; use some of {', '.join(PRESETS)}")
+        raise ValueError(f"layout {layout!r} unknown; use some of {', '.join(PRESETS)}, "
+                         f"{', '.join(PIPELINE_LAYOUTS)}")
     error = None
     for split in (8, 4, 2, 1) if layout in _SPLIT_AXIS else (1,):
         if n_devices % split:
@@ -84,13 +114,29 @@ def collective_bytes(hlo_text: str) -> int:
 def sweep_one(cfg, layout: str, graphdef, params, optimizer, steps: int) -> dict:
     """Compile and time one layout; a row of the table."""
     tc, seq_len, n = cfg.train, cfg.data.seq_len, jax.device_count()
-    mesh_cfg = mesh_for(layout, n, cfg.model, tc.batch_size // tc.grad_accum, seq_len)
+    micro_batch = tc.batch_size // tc.grad_accum
+    pp = (cfg.mesh.pp_schedule, cfg.mesh.pp_microbatches)
+    mesh_cfg = mesh_for(layout, n, cfg.model, micro_batch, seq_len, pp)
     mesh = make_mesh(mesh_cfg)
-    state = shard_state(init_train_state(jax.tree.map(jnp.array, params), optimizer), graphdef, mesh, layout)
-    predicted = estimate_train_memory(graphdef, state, mesh, layout)
-    batch = jax.random.randint(jax.random.key(0), (tc.grad_accum, tc.batch_size // tc.grad_accum, seq_len + 1),
+    state = init_train_state(jax.tree.map(jnp.array, params), optimizer)
+    batch = jax.random.randint(jax.random.key(0), (tc.grad_accum, micro_batch, seq_len + 1),
                                0, cfg.model.vocab_size, dtype=jnp.int32)
-    step = make_train_step(graphdef, optimizer, mesh=mesh, rules=layout)
+    if layout in PIPELINE_LAYOUTS:
+        rules = pipeline_rules(mesh_cfg.rules)[0]  # the same table for params and opt state
+        state = jax.device_put(state, pipeline_state_shardings(graphdef, state, mesh, mesh_cfg.rules))
+        step = make_pipeline_train_step(graphdef, optimizer, mesh=mesh, rules=mesh_cfg.rules,
+                                        microbatches=pp[1], pp_schedule=pp[0])
+        bubble = step.stats["bubble"]
+        activations = pipeline_activation_bytes(
+            cfg.model, mesh_shape(mesh_cfg), rules, micro_batch=micro_batch // pp[1], seq_len=seq_len,
+            in_flight=step.stats["max_in_flight"], remat=cfg.model.remat)
+    else:
+        rules, bubble = layout, None
+        state = shard_state(state, graphdef, mesh, layout)
+        step = make_train_step(graphdef, optimizer, mesh=mesh, rules=layout)
+        activations = activation_bytes(cfg.model, mesh_shape(mesh_cfg), rules, micro_batch=micro_batch,
+                                       seq_len=seq_len, remat=cfg.model.remat)
+    predicted = estimate_train_memory(graphdef, state, mesh, rules)
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
@@ -105,38 +151,43 @@ def sweep_one(cfg, layout: str, graphdef, params, optimizer, steps: int) -> dict
     peak = device_peak_flops()
     flops = flops_per_token(cfg.model, count_params(params), seq_len) * tokens_s
     mem = compiled.memory_analysis()
-    return {"layout": layout, "mesh": {k: v for k, v in dataclasses.asdict(mesh_cfg).items() if v != 1},
+    name = f"{layout}/{pp[0]}/m{pp[1]}" if bubble is not None else layout
+    return {"layout": name, "mesh": {axis: size for axis, size in mesh_shape(mesh_cfg).items() if size != 1},
             "compile_s": compile_s, "step_s": step_s, "tokens_per_s": tokens_s,
             "mfu": flops / (peak * n) if peak else None, "loss": float(metrics["loss"]),
             "predicted_params_opt_bytes": predicted.params_and_opt, "predicted_total_bytes": predicted.total,
+            "predicted_activation_bytes": activations, "bubble": bubble,
             "compiled_argument_bytes": mem.argument_size_in_bytes, "compiled_temp_bytes": mem.temp_size_in_bytes,
             "collective_bytes": collective_bytes(compiled.as_text())}
 
 
 def format_table(rows: list[dict]) -> str:
     """The printed table: one line per layout (memory in MiB per device)."""
-    head = (f"{'layout':<8} {'mesh':<22} {'step ms':>8} {'tok/s':>9} {'MFU':>6} {'pred MiB':>9} "
-            f"{'args MiB':>9} {'temp MiB':>9} {'coll MiB':>9}")
+    head = (f"{'layout':<16} {'mesh':<22} {'step ms':>8} {'tok/s':>9} {'MFU':>6} {'pred MiB':>9} "
+            f"{'args MiB':>9} {'act MiB':>9} {'temp MiB':>9} {'coll MiB':>9} {'bubble':>6}")
     mib = lambda b: f"{b / 2**20:9.2f}"  # noqa: E731
     lines = [head]
     for r in rows:
-        mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items() if k != "rules") or "1 device"
+        mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items()) or "1 device"
         mfu = f"{r['mfu']:6.1%}" if r["mfu"] is not None else f"{'-':>6}"
-        lines.append(f"{r['layout']:<8} {mesh:<22} {r['step_s'] * 1e3:8.1f} {r['tokens_per_s']:9.0f} {mfu} "
+        bubble = f"{r['bubble']:6.1%}" if r["bubble"] is not None else f"{'-':>6}"
+        lines.append(f"{r['layout']:<16} {mesh:<22} {r['step_s'] * 1e3:8.1f} {r['tokens_per_s']:9.0f} {mfu} "
                      f"{mib(r['predicted_params_opt_bytes'])} {mib(r['compiled_argument_bytes'])} "
-                     f"{mib(r['compiled_temp_bytes'])} {mib(r['collective_bytes'])}")
+                     f"{mib(r['predicted_activation_bytes'])} {mib(r['compiled_temp_bytes'])} "
+                     f"{mib(r['collective_bytes'])} {bubble}")
     return "\n".join(lines)
 
 
 def plot(rows: list[dict], path, title: str):
-    """Step time, tokens/s, and predicted vs compiled memory per layout, as one PNG."""
+    """Step time, tokens/s, predicted vs compiled memory (params + optimizer state, and
+    activations vs temp) per layout, as one PNG."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = [r["layout"] for r in rows]
     x = np.arange(len(rows))
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
     axes[0].bar(x, [r["step_s"] * 1e3 for r in rows])
     axes[0].set_ylabel("step time (ms)")
     axes[1].bar(x, [r["tokens_per_s"] for r in rows])
@@ -144,10 +195,14 @@ def plot(rows: list[dict], path, title: str):
     for offset, key, label in ((-0.2, "predicted_params_opt_bytes", "predicted params+opt"),
                                (0.2, "compiled_argument_bytes", "compiled arguments")):
         axes[2].bar(x + offset, [r[key] / 2**20 for r in rows], width=0.4, label=label)
-    axes[2].set_ylabel("MiB per device")
-    axes[2].legend(fontsize=8)
+    for offset, key, label in ((-0.2, "predicted_activation_bytes", "predicted activations"),
+                               (0.2, "compiled_temp_bytes", "compiled temp (+ grads, workspace)")):
+        axes[3].bar(x + offset, [r[key] / 2**20 for r in rows], width=0.4, label=label)
+    for ax in axes[2:]:
+        ax.set_ylabel("MiB per device")
+        ax.legend(fontsize=8)
     for ax in axes:
-        ax.set_xticks(x, names)
+        ax.set_xticks(x, names, rotation=30, fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -218,3 +218,17 @@ def activation_bytes(model_cfg, mesh_shape: dict[str, int], rules: str | Rules, 
     logits = 2 * micro_batch * seq_len * model_cfg.vocab_size * 4 / _tensor_ways(
         (BATCH, LENGTH, ACT_VOCAB), mesh_shape, table)
     return layers * per_layer[remat] + recompute + logits
+
+
+def pipeline_activation_bytes(model_cfg, mesh_shape: dict[str, int], rules: str | Rules, *,
+                              micro_batch: int, seq_len: int, in_flight: int,
+                              remat: str = "none") -> float:
+    """Activation bytes per device of a pipeline stage (`sharding.pipeline`): the inputs
+    [B, T, D] of the `in_flight` microbatches it keeps between forward and backward
+    (`schedule_stats(...)["max_in_flight"]`: m for GPipe, <= p for 1F1B), plus one
+    microbatch's backward through its n_layers / pipeline layers (`activation_bytes`).
+    `micro_batch` is the pipeline microbatch (micro-batch / mesh.pp_microbatches)."""
+    kept = layer_activation_bytes(model_cfg, mesh_shape, rules, micro_batch=micro_batch,
+                                  seq_len=seq_len, remat="full")
+    return in_flight * kept + activation_bytes(model_cfg, mesh_shape, rules, micro_batch=micro_batch,
+                                               seq_len=seq_len, remat=remat)

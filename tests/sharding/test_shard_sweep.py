@@ -1,5 +1,6 @@
 """The shard sweep: mesh choice per preset, collective accounting, one end-to-end layout."""
 import json
+import re
 
 import pytest
 
@@ -11,12 +12,20 @@ from tests.sharding.conftest import FAMILIES
 @pytest.mark.parametrize("layout,n,want", [
     ("dp", 8, {"data": 8}), ("fsdp", 8, {"fsdp": 8}), ("tp", 8, {"data": 2, "tensor": 4}),
     ("fsdp_tp", 8, {"fsdp": 2, "tensor": 4}), ("cp", 8, {"sequence": 8}), ("tp", 1, {}),
+    ("pp", 8, {"pipeline": 2, "data": 4}), ("pp_fsdp", 8, {"pipeline": 2, "fsdp": 4}),
 ])
 def test_mesh_for_picks_the_largest_split_the_model_allows(layout, n, want):
     cfg = load_config(overrides=FAMILIES["llama"]).model  # kv_heads 4: tensor at most 4
-    mesh_cfg = mesh_for(layout, n, cfg, micro_batch=8, seq_len=64)
+    mesh_cfg = mesh_for(layout, n, cfg, micro_batch=8, seq_len=64, pp=("gpipe", 2))
     sizes = {a: getattr(mesh_cfg, a) for a in ("data", "fsdp", "pipeline", "expert", "sequence", "tensor")}
-    assert {a: s for a, s in sizes.items() if s != 1} == want and mesh_cfg.rules == layout
+    assert {a: s for a, s in sizes.items() if s != 1} == want
+    assert mesh_cfg.rules == {"pp": "dp", "pp_fsdp": "fsdp"}.get(layout, layout)
+
+
+def test_mesh_for_pipeline_needs_stages_dividing_the_layers():
+    cfg = load_config(overrides=FAMILIES["llama"] + ["model.n_layers=3"]).model
+    with pytest.raises(ValueError, match=r"pp: no pipeline of 8 devices fits model.n_layers=3"):
+        mesh_for("pp", 8, cfg, micro_batch=8, seq_len=64)
 
 
 def test_mesh_for_rejects_unknown_layouts():
@@ -35,11 +44,15 @@ def test_collective_bytes_counts_every_output():
 
 
 def test_sweep_writes_table_json_and_plot(tmp_path, capsys):
-    argv = ["--layouts", "fsdp", "--steps", "1", "preset=gpt2-tiny", "name=sweep", f"out_dir={tmp_path}",
-            "train.batch_size=8", "data.seq_len=32"]
+    argv = ["--layouts", "fsdp,pp", "--steps", "1", "preset=gpt2-tiny", "name=sweep", f"out_dir={tmp_path}",
+            "train.batch_size=8", "data.seq_len=32", "mesh.pp_schedule=1f1b", "mesh.pp_microbatches=2"]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "fsdp     fsdp=8" in out
+    assert re.search(r"^fsdp +fsdp=8 .* +- *$", out, re.M), out
+    assert re.search(r"^pp/1f1b/m2 +data=4,pipeline=2 .* 33\.3% *$", out, re.M), out  # (p-1)/(m+p-1)
     rows = json.loads((tmp_path / "sweep" / "shard_sweep.json").read_text())["rows"]
-    assert rows[0]["predicted_params_opt_bytes"] > 0 and rows[0]["tokens_per_s"] > 0
+    for row in rows:
+        assert row["predicted_params_opt_bytes"] > 0 and row["tokens_per_s"] > 0
+        assert row["predicted_activation_bytes"] > 0
+    assert rows[0]["bubble"] is None and rows[1]["bubble"] == pytest.approx(1 / 3)
     assert (tmp_path / "sweep" / "shard_sweep.png").stat().st_size > 0
