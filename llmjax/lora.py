@@ -19,16 +19,16 @@ import numpy as np
 
 from llmjax.config import LoraConfig
 
-# Where each target lives in the params, and how many of its dims (after the layers
-# axis) are inputs: the attention output wo contracts over (heads, head_dim).
-TARGETS: dict[str, tuple[tuple[str, ...], int]] = {
-    "wq": (("blocks", "attn", "wq"), 1),
-    "wk": (("blocks", "attn", "wk"), 1),
-    "wv": (("blocks", "attn", "wv"), 1),
-    "wo": (("blocks", "attn", "wo"), 2),
-    "w_in": (("blocks", "mlp", "w_in"), 1),
-    "w_gate": (("blocks", "mlp", "w_gate"), 1),
-    "w_out": (("blocks", "mlp", "w_out"), 1),
+# Where each target lives in the params, how many of its dims (after the layers axis) are
+# inputs (the attention output wo contracts over heads and head_dim), and its rank.
+TARGETS: dict[str, tuple[tuple[str, ...], int, int]] = {
+    "wq": (("blocks", "attn", "wq"), 1, 4),
+    "wk": (("blocks", "attn", "wk"), 1, 4),
+    "wv": (("blocks", "attn", "wv"), 1, 4),
+    "wo": (("blocks", "attn", "wo"), 2, 4),
+    "w_in": (("blocks", "mlp", "w_in"), 1, 3),
+    "w_gate": (("blocks", "mlp", "w_gate"), 1, 3),
+    "w_out": (("blocks", "mlp", "w_out"), 1, 3),
 }
 
 
@@ -50,12 +50,15 @@ def _targets(base: dict, cfg: LoraConfig):
     """(name, path, n_in, weight) per target; raises ValueError for a target this model lacks."""
     out = []
     for name in cfg.target_names:
-        path, n_in = TARGETS[name]
+        path, n_in, ndim = TARGETS[name]
         weight = _get(base, path)
         if weight is None:
-            have = [t for t, (p, _) in TARGETS.items() if _get(base, p) is not None]
+            have = [t for t, (p, _, _) in TARGETS.items() if _get(base, p) is not None]
             raise ValueError(f"lora.targets names {name!r}, which this model does not have "
                              f"(GPT-2 has no w_gate); its targets are: {', '.join(have)}")
+        if weight.ndim != ndim:  # e.g. MoE experts [L, E, D, F]
+            raise ValueError(f"lora.targets names {name!r} of shape {tuple(weight.shape)}; LoRA supports the "
+                             f"dense {ndim}-d layout only (MoE expert weights: target the attention weights)")
         out.append((name, path, n_in, weight))
     return out
 

@@ -133,8 +133,9 @@ def test_rank_zero_is_the_plain_step():
     results = []
     for kw in ({}, {"lora": LoraConfig(rank=0, targets="wq")}):
         state = init_train_state(jax.tree.map(jnp.array, params), optimizer)
+        step = make_train_step(graphdef, optimizer, **kw)
         for _ in range(2):
-            state, _ = make_train_step(graphdef, optimizer, **kw)(state, batch)
+            state, _ = step(state, batch)
         results.append(state["params"])
     assert jax.tree.all(jax.tree.map(lambda a, b: np.asarray(a).tobytes() == np.asarray(b).tobytes(), *results))
 
@@ -257,5 +258,8 @@ def test_bad_lora_values_raise_clear_errors(tmp_path):
         lora.init_adapters(base, LoraConfig(rank=2, targets="wq,w_gate"), jax.random.key(0))
     with pytest.raises(ValueError, match=r"lora.rank=40 exceeds min\(in, out\)=32 of wq"):
         lora.init_adapters(base, LoraConfig(rank=40, targets="wq"), jax.random.key(0))
+    experts = {"blocks": {"mlp": {"w_in": np.zeros((2, 4, 32, 64), np.float32)}}}  # MoE [L, E, D, F]
+    with pytest.raises(ValueError, match=r"'w_in' of shape \(2, 4, 32, 64\); LoRA supports the dense 3-d"):
+        lora.init_adapters(experts, LoraConfig(rank=2, targets="w_in"), jax.random.key(0))
     with pytest.raises(ValueError, match="lora.rank=0: LoRA is off"):
         lora.merge(base, {}, LoraConfig(rank=0))
