@@ -24,6 +24,7 @@ from flax import nnx
 
 from llmjax.config import ConfigError, DecodeConfig
 from llmjax.decode import paged
+from llmjax.decode.generate import forward_hidden, split_layers
 
 SAMPLING_OPTIONS = ("temperature", "top_k", "top_p", "seed")
 
@@ -93,21 +94,24 @@ def sample_rows(logits, keys, temperature, top_k, top_p):
 
 
 @partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("pages",))
-def _device_step(graphdef, params, pages, decode, prefill, sampling):
+def _device_step(graphdef, params, layers, pages, decode, prefill, sampling):
     """One engine step over the paged cache: the decode rows (tokens/positions [S, 1]) and, if
     any, the prefill rows ([P, C]) through the model, then each row's next token sampled from
-    its logits at last_index. Rows are dicts of tokens, positions, block_tables [R, M], seq_lens
-    and last_index [R]; sampling holds temperature, top_k, top_p, seeds, sample_index
-    [S (+ P)]. Returns (next tokens [S (+ P)], pages)."""
+    its logits at last_index. `layers` and `pages` are per-layer weights and page pools (see
+    `llmjax.decode.generate.split_layers`: the layers run unrolled, so no step copies a layer's
+    weights or pool out of a stack). Rows are dicts of tokens, positions, block_tables [R, M],
+    seq_lens and last_index [R]; sampling holds temperature, top_k, top_p, seeds,
+    sample_index [S (+ P)]. Returns (next tokens [S (+ P)], pages)."""
     model = nnx.merge(graphdef, params)
     last = []
     for rows in (decode, prefill):
         if rows is None:
             continue
-        cache = paged.paged_cache(pages, rows["block_tables"], rows["seq_lens"])
-        hidden, cache = model.hidden_states(rows["tokens"], rows["positions"], cache)  # [R, T, D]
-        last.append(jnp.take_along_axis(hidden, rows["last_index"][:, None, None], axis=1))
-        pages = {"k_pages": cache["k_pages"], "v_pages": cache["v_pages"]}
+        caches = [paged.paged_cache(layer_pages, rows["block_tables"], rows["seq_lens"])
+                  for layer_pages in pages]
+        hidden, caches = forward_hidden(model, layers, rows["tokens"], rows["positions"], caches)
+        last.append(jnp.take_along_axis(hidden, rows["last_index"][:, None, None], axis=1))  # [R, 1, D]
+        pages = [{"k_pages": c["k_pages"], "v_pages": c["v_pages"]} for c in caches]
     logits = model.logits(jnp.concatenate(last))[:, 0]  # [S (+ P), V]
     # A request's i-th token draws from fold_in(key(seed), i): independent of batching.
     keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(
@@ -138,7 +142,9 @@ class Engine:
                              f"(one sequence of model.max_seq_len={model.cfg.max_seq_len})")
         self.allocator = paged.BlockAllocator(cfg.num_blocks, cfg.block_size,
                                               prefix_caching=cfg.prefix_caching)
-        self.pages = paged.init_paged_cache(model.cfg, cfg.num_blocks, cfg.block_size)
+        self.layers = split_layers(model)  # per-layer weights, sliced once
+        self.pages = [paged.init_paged_cache(model.cfg, cfg.num_blocks, cfg.block_size, n_layers=1)
+                      for _ in range(model.cfg.n_layers)]
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []  # admission order: the last is preempted first
         self.finished: dict[int, Sequence] = {}
@@ -316,8 +322,8 @@ class Engine:
             prefill_rows, prefill_sampling = self._pack(prefill, self.cfg.prefill_slots,
                                                         self.cfg.chunk_size)
             sampling = {k: np.concatenate([v, prefill_sampling[k]]) for k, v in sampling.items()}
-        next_tokens, self.pages = _device_step(self.graphdef, self.params, self.pages, decode_rows,
-                                               prefill_rows, sampling)
+        next_tokens, self.pages = _device_step(self.graphdef, self.params, self.layers, self.pages,
+                                               decode_rows, prefill_rows, sampling)
         next_tokens = np.asarray(next_tokens)
         row_of = {id(seq): i for i, (seq, _) in enumerate(decode)}
         row_of.update({id(seq): self.cfg.max_slots + i for i, (seq, _) in enumerate(prefill)})

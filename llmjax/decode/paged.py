@@ -102,9 +102,10 @@ class BlockAllocator:
         assert (self.ref_counts >= 0).all(), "negative reference count"
 
 
-def init_paged_cache(cfg, num_blocks: int, block_size: int, dtype=None) -> dict:
-    """Zeroed page pools {"k_pages", "v_pages"}: [L, P, bs, K, H] (no tables yet)."""
-    shape = (cfg.n_layers, num_blocks, block_size, cfg.n_kv_heads, cfg.head_dim)
+def init_paged_cache(cfg, num_blocks: int, block_size: int, dtype=None, n_layers=None) -> dict:
+    """Zeroed page pools {"k_pages", "v_pages"}: [L, P, bs, K, H] (no tables yet); L is
+    n_layers, default all of the model's (1: one layer's pool, for layer-by-layer decoding)."""
+    shape = (n_layers or cfg.n_layers, num_blocks, block_size, cfg.n_kv_heads, cfg.head_dim)
     dtype = jnp.dtype(dtype or cfg.dtype)
     return {"k_pages": jnp.zeros(shape, dtype), "v_pages": jnp.zeros(shape, dtype)}
 
