@@ -130,7 +130,13 @@ class Engine:
 
     def __init__(self, model, cfg: EngineConfig = EngineConfig()):
         self.cfg = cfg
-        self.graphdef, self.params = nnx.split(model)
+        # Serve in the compute dtype: weights are read once per step, never cast per step.
+        compute = jnp.dtype(model.cfg.dtype)
+        graphdef, params = nnx.split(model)
+        params = jax.tree.map(lambda x: x.astype(compute) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                              params)
+        model = nnx.merge(graphdef, params)
+        self.graphdef, self.params = graphdef, params
         self.vocab_size = model.cfg.vocab_size
         self.blocks_per_seq = model.cfg.max_seq_len // cfg.block_size
         self.context = self.blocks_per_seq * cfg.block_size  # positions a sequence may reach
