@@ -160,7 +160,8 @@ def test_sharded_lora_step_equals_unsharded():
     for _ in range(2):
         sharded, sharded_metrics = sharded_step(sharded, batch, sharded_base)
     np.testing.assert_allclose(sharded_metrics["loss"], plain_metrics["loss"], rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), sharded["params"], plain["params"])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 sharded["params"], plain["params"])
 
 
 # ---------------------------------------------------------------------------------------
