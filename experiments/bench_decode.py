@@ -130,6 +130,8 @@ def decode_rows(preset, s, bandwidth) -> list[dict]:
             if batch == 1 and weights == "bf16":
                 row["large_casts_and_copies"] = large_casts_and_copies(dm, s)
             row["bytes_per_token"] = bytes_per_token(dm, batch, context)
+            # What the step reads as implemented: attention scans every cache slot, masked.
+            row["bytes_per_token_full_cache"] = bytes_per_token(dm, batch, s["prompt_len"] + s["new_tokens"])
             row["roofline_ms"] = row["bytes_per_token"] / (bandwidth * 1e9) * 1e3
             row["roofline_fraction"] = row["roofline_ms"] / row["ms_per_token"]
             row["tokens_per_s"] = batch / row["ms_per_token"] * 1e3
@@ -268,8 +270,8 @@ def main(argv=None):
     env = _bench.environment()
     device_slug = re.sub(r"[^a-z0-9]+", "_", env["device"].lower()).strip("_")
     date = datetime.date.today().isoformat()
-    parts = ["decode"] + (["smoke"] if args.smoke else []) + (
-        args.sections if len(args.sections) < 3 else [])  # separate runs of sections keep their files
+    parts = ["decode"] + (["smoke"] if args.smoke else []) + (args.models or []) + (
+        args.sections if len(args.sections) < 3 else [])  # separate runs keep their files
     stem = f"{'-'.join(parts)}_{device_slug}_{date}"
     args.out.mkdir(parents=True, exist_ok=True)
     result = dict(**env, jaxlib=jaxlib.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""), settings=s,

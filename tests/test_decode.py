@@ -71,7 +71,7 @@ def test_bench_decode_smoke(tmp_path):
 
     assert bench_decode.main(["--smoke", "--models", "llama-tiny", "--sections", "decode", "speculative",
                               "--out", str(tmp_path)]) == 0
-    (result,) = tmp_path.glob("decode-smoke-decode-speculative_*.json")
+    (result,) = tmp_path.glob("decode-smoke-llama-tiny-decode-speculative_*.json")
     assert result.with_suffix(".png").exists()
     rows = json.loads(result.read_text())["rows"]
     decode = [r for r in rows if r["section"] == "decode"]
