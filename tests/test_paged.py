@@ -96,7 +96,7 @@ def test_model_over_paged_cache_matches_contiguous():
     pages = paged.init_paged_cache(cfg, num_blocks, block_size)
     assert kv_cache.cache_length(paged.paged_cache(pages, tables, [0, 0])) == cfg.max_seq_len
     # Each call: per row, the positions it feeds (-1 pads a row's unused columns).
-    calls = [[range(0, 8), range(0, 8)], [range(8, 16), range(8, 11)],
+    calls = [[range(8), range(8)], [range(8, 16), range(8, 11)],
              [range(16, 17), range(11, 12)], [range(17, 18), range(12, 13)]]
     got = [[], []]
     for rows in calls:
