@@ -93,6 +93,12 @@ def layouts(shape: Shape, gpus: int, seq_len: int, micro_batch: int, recompute: 
     return rows
 
 
+def pipeline_bubble(stages: int, microbatches: int) -> float:
+    """Idle fraction of a GPipe or 1F1B schedule, (p-1)/(m+p-1) (Huang et al. 2019; equal
+    forward and backward slots, as `sharding.pipeline.schedule_stats` measures)."""
+    return (stages - 1) / (microbatches + stages - 1)
+
+
 def smallest_fitting(rows: list[Layout], memory: float) -> Layout | None:
     """The fitting layout with the fewest model-parallel devices (t·p), then the lowest ZeRO
     stage, then the smaller t: the least communication per step."""
@@ -124,16 +130,19 @@ def report(args) -> str:
     for stage in ZERO_STAGES:
         lines.append(f"  stage {stage}: {zero_formula(stage):<20} = "
                      f"{gb(psi * zero_bytes_per_param(stage, n))} GB at N={n}")
+    m = args.pp_microbatches
     lines += ["", f"per device, GB ({'full remat' if args.remat == 'full' else 'no remat'}, "
-              f"micro-batch {args.micro_batch}; * fits in {memory / 1e9:.0f} GB):",
-              f"{'tensor':>6} {'pipe':>4} {'data':>5} {'activ.':>8} " +
+              f"micro-batch {args.micro_batch}; * fits in {memory / 1e9:.0f} GB); pipeline bubble "
+              f"(GPipe and 1F1B, m={m} microbatches) = (p-1)/(m+p-1):",
+              f"{'tensor':>6} {'pipe':>4} {'data':>5} {'bubble':>6} {'activ.':>8} " +
               " ".join(f"{'zero' + str(s):>9}" for s in ZERO_STAGES)]
     rows = layouts(shape, n, args.seq_len, args.micro_batch, args.remat == "full")
     for i in range(0, len(rows), len(ZERO_STAGES)):
         group = rows[i:i + len(ZERO_STAGES)]
         r = group[0]
         cells = " ".join(f"{gb(g.total)}{'*' if g.total <= memory else ' '}" for g in group)
-        lines.append(f"{r.tensor:>6} {r.pipeline:>4} {r.data:>5} {gb(r.activations)} {cells}")
+        lines.append(f"{r.tensor:>6} {r.pipeline:>4} {r.data:>5} {pipeline_bubble(r.pipeline, m):6.1%} "
+                     f"{gb(r.activations)} {cells}")
     best = smallest_fitting(rows, memory)
     lines.append("")
     lines.append("smallest layout that fits: " + (
@@ -155,10 +164,12 @@ def main(argv=None):
     parser.add_argument("--layers", type=int, help="default: inferred from --params")
     parser.add_argument("--d-model", type=int, help="default: inferred from --params")
     parser.add_argument("--remat", choices=("full", "none"), default="full")
+    parser.add_argument("--pp-microbatches", type=int, default=16,
+                        help="pipeline microbatches per step, for the bubble column (default 16)")
     parser.add_argument("--headroom", type=float, default=0.9, help="usable fraction of GPU memory")
     args = parser.parse_args(argv)
-    if not (0 < args.mfu <= 1 and 0 < args.headroom <= 1 and args.gpus > 0):
-        parser.error("--mfu and --headroom must be in (0, 1], --gpus > 0")
+    if not (0 < args.mfu <= 1 and 0 < args.headroom <= 1 and args.gpus > 0 and args.pp_microbatches > 0):
+        parser.error("--mfu and --headroom must be in (0, 1], --gpus and --pp-microbatches > 0")
     print(report(args))
     return 0
 

@@ -1,7 +1,8 @@
 """The resource estimator: formulas printed, FLOPs and GPU time, the smallest fitting layout."""
 import pytest
 
-from experiments.estimate import infer_shape, layouts, main, smallest_fitting, train_flops
+from experiments.estimate import infer_shape, layouts, main, pipeline_bubble, smallest_fitting, train_flops
+from sharding.pipeline import schedule_stats
 
 
 def test_prints_the_zero3_formula_and_an_answer(capsys):
@@ -10,6 +11,13 @@ def test_prints_the_zero3_formula_and_an_answer(capsys):
     assert "(2+2+12)Ψ/N" in out and "6·Ψ·D + 12·L·d·T·D" in out
     assert "stage 3: (2+2+12)Ψ/N          =      1.6 GB at N=1024" in out  # 16 B x 1e11 / 1024
     assert "smallest layout that fits: ZeRO-3, tensor=1, pipeline=1, data=1024" in out
+    assert "(p-1)/(m+p-1)" in out
+
+
+@pytest.mark.parametrize("p,m", [(1, 16), (4, 16), (8, 4)])
+def test_bubble_formula_is_what_the_schedules_execute(p, m):
+    for schedule in ("gpipe", "1f1b"):
+        assert pipeline_bubble(p, m) == pytest.approx(schedule_stats(schedule, p, m)["bubble"])
 
 
 def test_flops_and_gpu_hours():
