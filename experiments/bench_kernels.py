@@ -152,6 +152,8 @@ def main(argv=None):
                   rows=rows)
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str))
     plot(rows, metric, args.out / f"{stem}.png", f"{args.op} on {device}, jax {jax.__version__}, {date}")
+    for name, draw in getattr(bench, "PLOTS", {}).items():  # extra figures an op asks for (roofline)
+        draw(rows, args.out / f"{stem}-{name}.png", f"{args.op} {name} on {device}, jax {jax.__version__}, {date}")
     print(table(rows, metric))
     print(f"wrote {args.out / stem}.json and .png")
     return 0

@@ -39,7 +39,7 @@ def flash_attention(q, k, v, *, causal=False, scale=None, segment_ids=None, back
         Mosaic GPU forward for Hopper, bf16/fp16, no segment_ids; Triton backward). A named
         backend that cannot serve the call raises.
       interpret: run the Pallas kernels in interpret mode (CPU tests).
-      blocks: `config.BlockSizes` for the kernels; default `config.default_blocks`.
+      blocks: `config.BlockSizes` for the kernels; default `config.tuned_blocks` (the autotune table, else the heuristic).
     Returns:
       [B, T, N, H] in q's dtype; differentiable in q, k, v (Pallas backward kernels).
     Raises:
@@ -57,7 +57,7 @@ def flash_attention(q, k, v, *, causal=False, scale=None, segment_ids=None, back
                                             segment_ids=segment_ids)
         return out.astype(q.dtype)
     if blocks is None:
-        blocks = config.default_blocks(t, k.shape[1], h, q.dtype)
+        blocks = config.tuned_blocks(t, k.shape[1], h, causal, q.dtype)
     static = _Static(forward=chosen, causal=bool(causal), scale=scale,
                      blocks=config.fit_to_shape(blocks, t, k.shape[1]), interpret=bool(interpret))
     return _kernel_attention(q, k, v, segment_ids, static)

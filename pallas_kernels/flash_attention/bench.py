@@ -136,8 +136,8 @@ def _program(attend, causal, mode):
 
 
 def _measure(case, name, impl, mode, args, reps):
-    blocks = impl.blocks or config.default_blocks(case.seq_q, case.seq_kv, case.head_dim,
-                                                  args[0].dtype)
+    blocks = impl.blocks or config.tuned_blocks(case.seq_q, case.seq_kv, case.head_dim, case.causal,
+                                                args[0].dtype)
     row = dict(op="flash_attention", case=case.name, impl=name, mode=mode, peer=impl.peer,
                batch=case.batch, seq=case.seq_q, heads=case.heads, head_dim=case.head_dim,
                causal=case.causal, dtype=jnp.dtype(args[0].dtype).name,

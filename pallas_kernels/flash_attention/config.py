@@ -8,6 +8,8 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from pallas_kernels.autotune import table as autotune_table
+
 MIN_BLOCK = 16  # Triton dot: M, N, K >= 16.
 
 
@@ -105,3 +107,12 @@ def default_blocks(seq_q: int, seq_kv: int, head_dim: int, dtype) -> BlockSizes:
                             num_warps=8 if wide else 4, num_stages=3,
                             num_warps_bwd=8 if wide else 4, num_stages_bwd=3 if wide else 5)
     return fit_to_shape(blocks, seq_q, seq_kv)
+
+
+def tuned_blocks(seq_q: int, seq_kv: int, head_dim: int, causal: bool, dtype) -> BlockSizes:
+    """default_blocks with the autotune table's entries for this GPU and shape applied: Triton
+    tiles ("flash_attention") and Mosaic forward tiles ("flash_attention_mosaic")."""
+    key = autotune_table.flash_attention_key(seq_q, seq_kv, head_dim, causal, dtype)
+    blocks = autotune_table.best_config("flash_attention", key, default_blocks(seq_q, seq_kv, head_dim, dtype))
+    return dataclasses.replace(
+        blocks, mosaic=autotune_table.best_config("flash_attention_mosaic", key, blocks.mosaic))

@@ -123,7 +123,8 @@ def _norm(x, residual, weight, bias, *, subtract_mean, eps, backend, interpret, 
         return _reference(x, residual, weight, bias, subtract_mean=subtract_mean, eps=eps)
     rows = math.prod(x.shape[:-1])
     if config is None:
-        config = norm_config.default_config(rows, hidden, interpret=interpret)
+        fn = ("layer_norm" if subtract_mean else "rms_norm") + ("_residual" if residual is not None else "")
+        config = norm_config.tuned_config(fn, rows, hidden, x.dtype, interpret=interpret)
     opts = _Options(subtract_mean=subtract_mean, eps=float(eps), config=config, interpret=interpret)
     flat = lambda a: None if a is None else a.reshape(rows, hidden)  # noqa: E731
     y, new_residual = _triton_norm(flat(x), flat(residual), weight, bias, opts)

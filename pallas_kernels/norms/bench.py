@@ -84,7 +84,7 @@ def _row(case, impl, mode, dtype, cfg, reps, label=None):
                shape=list(case.shape), dtype=jnp.dtype(dtype).name, **_bench.environment())
     rows, hidden = math.prod(case.shape[:-1]), case.shape[-1]
     if impl == "triton":
-        cfg = cfg or norm_config.default_config(rows, hidden, interpret=False)
+        cfg = cfg or norm_config.tuned_config(case.fn, rows, hidden, dtype, interpret=False)
         row["config"] = str(cfg)
     return _bench.add_bandwidth_timing(row, lambda: _timed_fn(case, impl, mode, cfg),
                                        lambda n_sets: _arg_sets(case, dtype, n_sets), reps,

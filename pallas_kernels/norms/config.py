@@ -9,6 +9,7 @@ import jax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _api
+from pallas_kernels.autotune import table as autotune_table
 
 # One program holds a whole row (next power of two of hidden) in registers; beyond this the
 # Triton backend does not serve the call (api.py falls back to the reference under backend="auto").
@@ -71,3 +72,12 @@ def default_config(n_rows: int, hidden: int, *, interpret: bool) -> NormConfig:
         programs = 4 * sm_count()
     return NormConfig(block_rows=block_rows, num_warps=num_warps, bwd_num_warps=num_warps,
                       bwd_programs=max(1, min(programs, n_tiles)))
+
+
+def tuned_config(fn: str, n_rows: int, hidden: int, dtype, *, interpret: bool) -> NormConfig:
+    """default_config with the autotune table's entry for this GPU and shape applied
+    (interpret mode: the heuristic)."""
+    default = default_config(n_rows, hidden, interpret=interpret)
+    if interpret:
+        return default
+    return autotune_table.best_config("norms", autotune_table.norms_key(fn, n_rows, hidden, dtype), default)
