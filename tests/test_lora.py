@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from experiments import train as train_cli
 from llmjax import lora
@@ -15,6 +16,7 @@ from llmjax.checkpoint import Checkpointer, CheckpointError
 from llmjax.config import ConfigError, LoraConfig, MeshConfig, OptimConfig, load_config
 from llmjax.convert import load_hf, save_hf
 from llmjax.models import init_model, split_model
+from llmjax.runs import load_run
 from llmjax.train.loop import train
 from llmjax.train.metrics import read_metrics
 from llmjax.train.optimizer import make_optimizer
@@ -223,6 +225,12 @@ def test_lora_checkpoint_holds_adapters_and_export_is_the_merge(finetuned):
     assert exported["embed"].tobytes() == base["embed"].tobytes()
     _, merged = load_hf(root / "lora" / "merged")  # the run's own copy
     assert jax.tree.all(jax.tree.map(lambda a, b: a.tobytes() == b.tobytes(), merged, exported))
+    # load_run opens a LoRA run through that merged copy; a step of it is refused (adapters only).
+    _, model, _ = load_run(root / "lora")
+    loaded = nnx.state(model, nnx.Param).to_pure_dict()
+    assert jax.tree.all(jax.tree.map(lambda a, b: np.asarray(a).tobytes() == b.tobytes(), loaded, merged))
+    with pytest.raises(CheckpointError, match="LoRA run"):
+        load_run(root / "lora", step=6)
 
 
 def tiny_lora(tmp_path, *extra):
