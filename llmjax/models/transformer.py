@@ -201,8 +201,17 @@ class Transformer(nnx.Module):
 
         if self.cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[self.cfg.remat])
-        x, (cache, aux) = jax.lax.scan(layer, x, (block_state, cache))
-        return x, cache, aux
+        if self.cfg.scan_layers or cache is not None:  # decoding keeps the scan: in-place cache updates
+            x, (cache, aux) = jax.lax.scan(layer, x, (block_state, cache))
+            return x, cache, aux
+        # Unrolled: each layer reads a static slice of the stacked weights. XLA then keeps the
+        # saved activations as plain buffers instead of copying them into stacked scan outputs.
+        outs = []
+        for i in range(jax.tree.leaves(block_state)[0].shape[0]):
+            x, out = layer(x, (jax.tree.map(lambda a: a[i], block_state), None))
+            outs.append(out)
+        _, aux = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+        return x, None, aux
 
     def hidden_states(self, tokens, positions=None, cache=None):
         """Final-norm hidden states [B, T, D] and the updated cache.
