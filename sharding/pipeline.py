@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -33,9 +34,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from sharding.axes import ACT_EMBED, BATCH, LAYERS, LENGTH
-from sharding.placement import (_ways, constrain, opt_state_shardings, param_logical_names,
-                                param_shardings)
-from sharding.rules import Rules, resolve_rules
+from sharding.placement import constrain, opt_state_shardings, param_logical_names, param_shardings
+from sharding.rules import Rules, mesh_axes_of, resolve_rules
 
 SCHEDULES = ("gpipe", "1f1b")
 _IDLE, _FWD, _BWD = 0, 1, 2
@@ -154,7 +154,7 @@ def pipeline_rules(rules: str | Rules) -> tuple[Rules, Rules]:
     """
     tables = []
     for table in resolve_rules(rules):
-        used = [name for name, axes in table if AXIS in (axes if isinstance(axes, tuple) else (axes,))]
+        used = [name for name, axes in table if AXIS in mesh_axes_of(axes)]
         if used and used != [LAYERS]:
             raise ValueError(f"rules {rules!r} split {used} over mesh axis {AXIS!r}; pipeline "
                              f"parallelism needs it for the layer stages alone")
@@ -373,7 +373,8 @@ def make_pipeline_train_step(graphdef, optimizer: optax.GradientTransformation, 
     def make_shardings(state, batch):
         n_layers = jax.tree.leaves(state["params"]["blocks"])[0].shape[0]
         check_pipeline(n_layers=n_layers, stages=stages, micro_batch=batch.shape[1],
-                       microbatches=microbatches, batch_ways=_ways(mesh, batch_axes))
+                       microbatches=microbatches,
+                       batch_ways=math.prod(mesh.shape[a] for a in mesh_axes_of(batch_axes)))
         state_sh = pipeline_state_shardings(graphdef, state, mesh, rules)
         batch_sh = NamedSharding(mesh, PartitionSpec(None, batch_axes, None))
         return (state_sh, batch_sh), (state_sh, NamedSharding(mesh, PartitionSpec()))
