@@ -1,0 +1,106 @@
+"""Speculative decoding (Leviathan et al. 2023, eq. 1 and theorem 3.8): with acceptance rate
+alpha and gamma draft tokens per round, a target forward yields (1 - alpha^(gamma+1)) / (1 - alpha)
+tokens on average, and the wall-clock speed-up is that over (gamma·c + 1), c = draft cost /
+target cost.
+
+Target: a model of `n_layers`; drafts: its first k layers (`truncated_draft`), so acceptance
+and cost both vary with k. Each draft decodes the same prompts with `speculative_generate`; we
+set its measured tokens per round against eq. 1 at its measured alpha, and its speed-up over
+the target's own `generate` against the formula with c from timing the draft's `generate`.
+Temperature 1 (sampling), so draws are random and acceptance is min(1, p/q). Weights are drawn
+with init_std 0.2 so a random model's next-token distributions are peaked enough for drafts to
+disagree (at GPT-2's 0.02 every draft is accepted ~always). Timing (speed-up) is done at full
+size only: on a CPU the tiny models' per-round overhead swamps the arithmetic.
+"""
+import time
+
+import jax
+import numpy as np
+
+from experiments.reproduce.common import compare
+from llmjax.config import DecodeConfig, load_config
+from llmjax.decode.generate import generate
+from llmjax.decode.speculative import expected_tokens_per_round, speculative_generate, truncated_draft
+from llmjax.models import init_model
+
+SOURCE = "Leviathan et al. 2023, eq. 1, thm. 3.8"
+
+
+def _seconds(fn, repeats: int = 3) -> float:
+    """Best wall time of fn() after one untimed (compiling) call."""
+    jax.block_until_ready(fn())
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def run(small: bool) -> dict:
+    overrides = ["preset=gpt2-tiny", "model.n_layers=4"] if small else ["preset=gpt2-medium"]
+    overrides.append("model.init_std=0.2")
+    cfg = load_config(overrides=overrides).model
+    target = init_model(cfg, seed=0)
+    gammas = (3,) if small else (2, 4, 8)
+    draft_layers = (1, 3) if small else (1, 4, 12)
+    decode = DecodeConfig(max_new_tokens=32 if small else 256, temperature=1.0)
+    prompt = jax.random.randint(jax.random.key(0), (4 if small else 8, 8), 0, cfg.vocab_size)
+    target_s = None if small else _seconds(lambda: generate(target, prompt, decode))
+    rows, comparisons = [], []
+    for layers in draft_layers:
+        draft = truncated_draft(target, layers)
+        cost = None if small else _seconds(lambda: generate(draft, prompt, decode)) / target_s
+        for gamma in gammas:
+            result = speculative_generate(target, draft, prompt, decode, gamma=gamma)
+            alpha = result.acceptance_rate
+            expected = expected_tokens_per_round(alpha, gamma)
+            row = dict(draft_layers=layers, gamma=gamma, alpha=alpha, tokens_per_round=result.tokens_per_round,
+                       expected_tokens_per_round=expected)
+            rows.append(row)
+            comparisons.append(compare(f"tokens/round, draft {layers}L, gamma={gamma}, alpha={alpha:.2f}",
+                                       expected, row["tokens_per_round"], source=SOURCE,
+                                       why="eq. 1 assumes independent acceptances; a real draft's "
+                                       "agreement varies from token to token"))
+            if small:
+                continue
+            seconds = _seconds(lambda: speculative_generate(target, draft, prompt, decode, gamma=gamma).tokens)
+            row.update(cost_ratio=cost, speedup=target_s / seconds, expected_speedup=expected / (gamma * cost + 1))
+            comparisons.append(compare(f"speed-up, draft {layers}L, gamma={gamma}", row["expected_speedup"],
+                                       row["speedup"], source=SOURCE,
+                                       why="the formula ignores the verify pass's extra positions and "
+                                       "per-round overhead, large for tiny models"))
+    return dict(model=overrides, rows=rows, target_seconds=target_s, comparisons=comparisons)
+
+
+def format_result(result: dict) -> str:
+    lines = [f"{'draft':>5} {'gamma':>5} {'alpha':>6} {'tok/round':>9} {'eq. 1':>6} {'c':>5} "
+             f"{'speed-up':>8} {'formula':>7}"]
+    for r in result["rows"]:
+        timed = (f"{r['cost_ratio']:5.2f} {r['speedup']:8.3f} {r['expected_speedup']:7.3f}" if "speedup" in r
+                 else "(speed-up: full size only)")
+        lines.append(f"{r['draft_layers']:4d}L {r['gamma']:5d} {r['alpha']:6.3f} {r['tokens_per_round']:9.3f} "
+                     f"{r['expected_tokens_per_round']:6.3f} {timed}")
+    return "\n".join(lines)
+
+
+def plot(result: dict, plt):
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    alphas = np.linspace(0, 0.99, 100)
+    for i, gamma in enumerate(sorted({r["gamma"] for r in result["rows"]})):
+        rows = [r for r in result["rows"] if r["gamma"] == gamma]
+        axes[0].plot(alphas, [expected_tokens_per_round(a, gamma) for a in alphas], "-", color=f"C{i}",
+                     label=f"eq. 1, gamma={gamma}")
+        axes[0].plot([r["alpha"] for r in rows], [r["tokens_per_round"] for r in rows], "o", color=f"C{i}")
+        timed = [r for r in rows if "speedup" in r]
+        axes[1].plot([r["expected_speedup"] for r in timed], [r["speedup"] for r in timed], "o", color=f"C{i}",
+                     label=f"gamma={gamma}")
+    axes[0].set_xlabel("acceptance rate alpha")
+    axes[0].set_ylabel("tokens per target forward")
+    axes[0].legend(fontsize=8)
+    top = max([max(r["speedup"], r["expected_speedup"]) for r in result["rows"] if "speedup" in r] + [1.0]) * 1.1
+    axes[1].plot([0, top], [0, top], "k--", lw=0.8)
+    axes[1].set_xlabel("formula speed-up")
+    axes[1].set_ylabel("measured speed-up")
+    axes[1].legend(fontsize=8)
+    return fig
