@@ -69,11 +69,16 @@ def _train_step_fn(graphdef, optimizer, schedule, grad_shardings=None, lora: Lor
             grad_sum = pin(jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads))
             return (loss_sum + loss, grad_sum), model_metrics
 
-        zeros = pin(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
-        (loss_sum, grad_sum), model_metrics = jax.lax.scan(
-            accumulate, (jnp.zeros((), jnp.float32), zeros), batch)
         n = batch.shape[0]
-        grads = jax.tree.map(lambda g, p: (g / n).astype(p.dtype), grad_sum, params)
+        if n == 1:  # no accumulator: its zero-filled fp32 buffers and scan copies cost real time
+            (loss_sum, model_metrics), grads = grad_fn(params, frozen, batch[0])
+            model_metrics = jax.tree.map(lambda m: m[None], model_metrics)
+            grads = pin(jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params))
+        else:
+            zeros = pin(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
+            (loss_sum, grad_sum), model_metrics = jax.lax.scan(
+                accumulate, (jnp.zeros((), jnp.float32), zeros), batch)
+            grads = jax.tree.map(lambda g, p: (g / n).astype(p.dtype), grad_sum, params)
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
         metrics = {"loss": loss_sum / n, "grad_norm": optax.tree.norm(grads),
                    **jax.tree.map(lambda m: m.mean(0), model_metrics)}
