@@ -40,6 +40,7 @@ from sharding.rules import Rules, mesh_axes_of, resolve_rules
 SCHEDULES = ("gpipe", "1f1b")
 _IDLE, _FWD, _BWD = 0, 1, 2
 AXIS = "pipeline"
+_UNSUPPORTED_AXES = ("expert", "sequence", "tensor")
 
 
 # ---------------------------------------------------------------------------------------
@@ -360,11 +361,18 @@ def make_pipeline_train_step(graphdef, optimizer: optax.GradientTransformation, 
     Returns:
       A `PipelineStep`.
     Raises:
-      ValueError: unknown schedule or rules, microbatches < 1 (at once); layers not
+      ValueError: unknown schedule or rules, microbatches < 1, a mesh that also splits
+        over tensor, sequence or expert (at once); layers not
         divisible by stages, microbatches not dividing the micro-batch or the batch split
         (on the first call).
     """
     stages = mesh.shape[AXIS]
+    # TODO(#7): tensor/sequence/expert splits inside the stages: XLA's SPMD partitioner
+    # (jax 0.11.2, CPU) aborts on them ("partition_group_list" check) in this shard_map.
+    model_parallel = {a: mesh.shape[a] for a in _UNSUPPORTED_AXES if mesh.shape.get(a, 1) > 1}
+    if model_parallel:
+        raise ValueError(f"pipeline parallelism combines with batch and fsdp splits only (rules dp, "
+                         f"fsdp, zero1); the mesh also has {model_parallel}: set those axes to 1")
     table = timetable(pp_schedule, stages, microbatches)
     stats = schedule_stats(pp_schedule, stages, microbatches)
     param_rules, _ = pipeline_rules(rules)

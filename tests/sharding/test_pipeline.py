@@ -145,6 +145,9 @@ def test_bad_schedule_and_microbatches_fail_at_once():
         make_pipeline_train_step(graphdef, optimizer, mesh=mesh, rules="dp", microbatches=0)
     with pytest.raises(ValueError, match=r"mesh.rules='fsdpp' is not a rule preset"):
         make_pipeline_train_step(graphdef, optimizer, mesh=mesh, rules="fsdpp", microbatches=4)
+    with pytest.raises(ValueError, match=r"batch and fsdp splits only .* \{'tensor': 2\}"):
+        make_pipeline_train_step(graphdef, optimizer, mesh=make_mesh(MeshConfig(pipeline=2, data=2, tensor=2)),
+                                 rules="tp", microbatches=4)
 
 
 @pytest.mark.parametrize("p,rules,m,match", [
