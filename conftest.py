@@ -2,6 +2,8 @@
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # several test processes share one GPU: allocate as needed
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import tempfile  # noqa: E402
 
