@@ -5,10 +5,12 @@ Sections (one JSON row each, `section` says which):
 - decode: ms/token of `generate` (greedy, weights cast to bf16 once) for each model, batch
   size and weight format, beside the roofline: bytes read per token (weights + the KV
   entries each step needs) / the copy bandwidth measured in the same run.
-- speculative: a target with early-exit drafts (its first layers, `truncated_draft`) whose
-  head gets Gaussian noise of growing scale, so the acceptance rate alpha falls while the
-  draft's cost stays fixed; measured tokens/round and speed-up against
-  (1 - alpha^(gamma+1)) / (1 - alpha) and that over (gamma c + 1), c = draft/target ms/token.
+- speculative: greedy, the draft is the target's first layer(s) (`truncated_draft`); the
+  target's later layers' output projections are scaled by s in [0, 1], so the acceptance rate
+  alpha falls from 1 (s = 0: the target is its early exit) to ~0 (s = 1) while both costs stay
+  fixed; measured tokens/round and speed-up against (1 - alpha^(gamma+1)) / (1 - alpha) and that
+  over (gamma c + 1), c = draft/target ms/token. (Random weights: an unscaled 1-layer draft of a
+  random 22-layer model almost never picks the target's argmax.)
 - perplexity: fp32 / bf16 / int8 weights of a trained run on its corpus's validation split.
 
 Decode timings are wall clock (block_until_ready; the loop's host round-trips count); on a
@@ -31,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 import numpy as np
+from flax import nnx
 
 from llmjax.config import DecodeConfig, load_config
 from llmjax.data import load_dataset
@@ -45,9 +48,9 @@ RESULTS = pathlib.Path("benchmarks/results")
 SETTINGS = {
     "full": dict(models=["gpt2-small", "llama-1b"], prompt_len=128, new_tokens=256,
                  batches=[1, 2, 4, 8, 16, 32, 64], spec_model="llama-1b", draft_layers=1,
-                 noise=[0.0, 0.5, 1.0, 2.0, 4.0, 8.0], copy_mib=1024, reps=5, ppl_windows=64),
+                 later_layer_scales=[0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0], copy_mib=1024, reps=5, ppl_windows=64),
     "smoke": dict(models=["gpt2-tiny", "llama-tiny"], prompt_len=4, new_tokens=8, batches=[1, 2],
-                  spec_model="llama-tiny", draft_layers=1, noise=[0.0, 4.0], copy_mib=8, reps=3,
+                  spec_model="llama-tiny", draft_layers=1, later_layer_scales=[0.0, 1.0], copy_mib=8, reps=3,
                   ppl_windows=4),
 }
 
@@ -142,39 +145,45 @@ def decode_rows(preset, s, bandwidth) -> list[dict]:
     return rows
 
 
-def _noisy_head(draft, scale, seed):
-    """The DecodeModel with Gaussian noise (scale x the weight's std) added to its output head."""
-    name = "embed" if draft.cfg.tie_embeddings else "lm_head"
-    head = draft.params[name][...]
-    noise = jax.random.normal(jax.random.key(seed), head.shape, jnp.float32) * jnp.std(head.astype(jnp.float32))
-    params = jax.tree.map(lambda x: x, draft.params)
-    params[name] = params[name].replace(value=(head + scale * noise).astype(head.dtype))
-    return type(draft)(draft.graphdef, params, draft.cfg)
+def _damp_later_layers(model, keep: int, scale: float):
+    """A copy of `model` whose blocks past the first `keep` have their output projections (wo,
+    w_out) scaled by `scale`: at 0 the target computes what its `keep`-layer early exit does
+    (alpha = 1), at 1 it is the random model (alpha ~ 0). Same shapes, so the same cost."""
+    graphdef, state = nnx.split(model)
+    state = jax.tree.map(lambda x: x, state)
+    for module, name in (("attn", "wo"), ("mlp", "w_out")):
+        var = state["blocks"][module][name]
+        var.set_value(var[...].at[keep:].multiply(scale))
+    return nnx.merge(graphdef, state)
 
 
 def speculative_rows(s, gamma) -> list[dict]:
     model = init_model(load_config(overrides=[f"preset={s['spec_model']}"]).model)
+    keep = s["draft_layers"]
     target = prepare_decode(model, dtype="bfloat16")
-    draft = prepare_decode(truncated_draft(model, s["draft_layers"]), dtype="bfloat16")
+    draft = prepare_decode(truncated_draft(model, keep), dtype="bfloat16")
     cost = ms_per_token(draft, 1, s)["ms_per_token"] / ms_per_token(target, 1, s)["ms_per_token"]
     prompt = _prompt(1, s["prompt_len"], target.cfg.vocab_size)
     cfg = DecodeConfig(max_new_tokens=s["new_tokens"], temperature=0.0)
     base = wall_seconds(lambda: generate(target, prompt, cfg), s["reps"])
     rows = []
-    for noise in s["noise"]:
-        noisy = _noisy_head(draft, noise, seed=1)
-        result = speculative_generate(target, noisy, prompt, cfg, gamma=gamma)
-        seconds = wall_seconds(lambda: speculative_generate(target, noisy, prompt, cfg, gamma=gamma).tokens,
+    for scale in s["later_layer_scales"]:
+        damped = _damp_later_layers(model, keep, scale)
+        target = prepare_decode(damped, dtype="bfloat16")
+        draft = prepare_decode(truncated_draft(damped, keep), dtype="bfloat16")
+        result = speculative_generate(target, draft, prompt, cfg, gamma=gamma)
+        seconds = wall_seconds(lambda: speculative_generate(target, draft, prompt, cfg, gamma=gamma).tokens,
                                s["reps"])
         alpha = result.acceptance_rate
         expected = expected_tokens_per_round(alpha, gamma)
-        rows.append(dict(section="speculative", model=s["spec_model"], draft_layers=s["draft_layers"],
-                         head_noise=noise, gamma=gamma, alpha=alpha, tokens_per_round=result.tokens_per_round,
-                         expected_tokens_per_round=expected, draft_cost_ratio=cost,
-                         speedup=base / seconds, predicted_speedup=expected / (gamma * cost + 1),
-                         time_ms=seconds * 1e3, baseline_ms=base * 1e3))
-        print(f"speculative noise {noise}: alpha {alpha:.3f}, {result.tokens_per_round:.2f} tokens/round "
-              f"(formula {expected:.2f}), speed-up {base / seconds:.2f}x "
+        rows.append(dict(section="speculative", model=s["spec_model"], draft_layers=keep,
+                         later_layer_scale=scale, gamma=gamma, alpha=alpha,
+                         tokens_per_round=result.tokens_per_round, expected_tokens_per_round=expected,
+                         draft_cost_ratio=cost, speedup=base / seconds,
+                         predicted_speedup=expected / (gamma * cost + 1), time_ms=seconds * 1e3,
+                         baseline_ms=base * 1e3))
+        print(f"speculative later-layer scale {scale}: alpha {alpha:.3f}, {result.tokens_per_round:.2f} "
+              f"tokens/round (formula {expected:.2f}), speed-up {base / seconds:.2f}x "
               f"(predicted {expected / (gamma * cost + 1):.2f}x, c={cost:.3f})", flush=True)
     return rows
 

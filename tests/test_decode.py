@@ -79,7 +79,8 @@ def test_bench_decode_smoke(tmp_path):
     assert all(r["roofline_ms"] > 0 and "ms_per_token" in r for r in decode)  # values: CPU noise
     assert decode[2]["weight_bytes"] < 0.65 * decode[0]["weight_bytes"]  # the bf16 embedding stays
     spec = [r for r in rows if r["section"] == "speculative"]
-    assert [r["head_noise"] for r in spec] == [0.0, 4.0]
+    assert [r["later_layer_scale"] for r in spec] == [0.0, 1.0]
+    assert spec[0]["alpha"] == 1.0 and spec[0]["tokens_per_round"] == spec[0]["gamma"] + 1
     assert spec[0]["alpha"] > spec[1]["alpha"] and 1 <= spec[1]["tokens_per_round"] <= spec[0]["tokens_per_round"]
 
 
