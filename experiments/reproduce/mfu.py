@@ -8,7 +8,6 @@ total is set against XLA's own count of the lowered step (`cost_analysis()`; it 
 of the layer scan once, so we count 1- and 2-layer twins and extrapolate to L layers). On a CPU the peak is a measured fp32 matmul ceiling on this
 machine, not a datasheet number; on a GPU the bf16 datasheet peak (`llmjax.train.flops`).
 """
-import dataclasses
 import statistics
 import time
 

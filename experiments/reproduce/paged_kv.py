@@ -10,7 +10,6 @@ positions). The contiguous schemes are counted on the same steps and sequences: 
 holds the model's whole context per running request, oracle reservation its prompt + output.
 Waste = 1 - live / reserved, summed over steps (memory x time).
 """
-import jax
 import numpy as np
 
 from experiments.reproduce.common import compare

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.reproduce.common import compare, on_gpu
+from experiments.reproduce.common import compare
 from llmjax.config import MeshConfig, OptimConfig, load_config
 from llmjax.models import init_model, split_model
 from llmjax.train.optimizer import make_optimizer

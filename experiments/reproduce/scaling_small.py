@@ -7,7 +7,6 @@ corpus (same lr schedule, batches and seed), then val loss against non-embedding
 and a fitted power law (a straight line in log-log). A fixed, short budget is not Kaplan's
 converged regime, so the exponent differs; the sign and the straight line are the claim.
 """
-import jax
 import jax.numpy as jnp
 import numpy as np
 
