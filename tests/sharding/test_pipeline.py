@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
 
 from llmjax.config import MeshConfig, OptimConfig, load_config
 from llmjax.models import init_model, split_model
