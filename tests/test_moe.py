@@ -1,6 +1,7 @@
 """Mixture of experts: routing, capacity, auxiliary losses, both impls against a loop over
 experts, expert parallelism against the unsharded run, config errors."""
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -84,7 +85,7 @@ def test_ragged_gradients_equal_dense(family):
     def grads(impl):
         def f(params, x):
             return nnx.merge(nnx.split(_moe(dataclasses.replace(cfg, moe_impl=impl)))[0], params)(x)[0]
-        return jax.vjp(f, params, x)[1](cotangent)
+        return jax.jit(lambda params, x: jax.vjp(f, params, x)[1](cotangent))(params, x)
 
     for got, want in zip(jax.tree.leaves(grads("ragged")), jax.tree.leaves(grads("dense"))):
         assert _rel(got, want) < 1e-5
@@ -273,6 +274,23 @@ def test_bad_moe_config_errors():
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         with pytest.raises(ValueError, match="batch .* rule to split over"):
             jax.eval_shape(lambda p: nnx.merge(graphdef, p).loss(jnp.zeros((8, 9), jnp.int32)), params)
+
+
+def test_plot_expert_load_reads_the_logged_loads(tmp_path):
+    from experiments.plot_expert_load import load_history, plot_expert_load
+    loads = np.random.default_rng(0).dirichlet(np.ones(4), size=(3, 2))  # [steps, L, E]
+    lines = [{"step": 0, "train_loss": 7.0}]  # a line without loads is skipped
+    lines += [{"step": i + 1, "expert_load": loads[i].mean(0).tolist(), "expert_load_layers": loads[i].tolist()}
+              for i in range(3)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    steps, load, layers = load_history(tmp_path)
+    np.testing.assert_array_equal(steps, [1, 2, 3])
+    np.testing.assert_allclose(layers, loads)
+    np.testing.assert_allclose(load, loads.mean(1))
+    assert plot_expert_load(tmp_path).stat().st_size > 0
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(lines[0]) + "\n")
+    with pytest.raises(ValueError, match="no expert_load"):
+        load_history(tmp_path)
 
 
 @pytest.mark.gpu
