@@ -21,7 +21,9 @@ token and combines with the routing weights (the reference).
 
 Expert parallelism: when the active logical rules map `experts` to mesh axes of size > 1 (ragged
 impl), each device holds E / n experts, and assignments travel to their expert's device and back
-by all-to-all inside `jax.shard_map`.
+by all-to-all inside `jax.shard_map`. The exchange buffers have a fixed size per peer: dropless,
+all of a device's assignments (any one peer may receive them all), so n times the local
+assignments; with a capacity factor, at most (E / n) * capacity rows.
 
 G tokens, A = G*k assignments, E experts, D d_model, F mlp (per expert), k top_k, n expert shards.
 """
