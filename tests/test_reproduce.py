@@ -66,7 +66,7 @@ def test_paged_kv_wastes_less_than_contiguous():
 def test_speculative_tokens_per_round_follow_eq1():
     result = speculative.run(small=True)
     alphas = [r["alpha"] for r in result["rows"]]
-    assert max(alphas) - min(alphas) > 0.2  # the drafts span a range of acceptance rates
+    assert alphas == sorted(alphas) and alphas[-1] - alphas[0] > 0.2  # damping the upper layers raises alpha
     for r in result["rows"]:
         assert r["tokens_per_round"] == pytest.approx(r["expected_tokens_per_round"], rel=0.10), r
 

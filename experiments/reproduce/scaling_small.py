@@ -2,7 +2,7 @@
 non-embedding parameters, L(N) = (N_c / N)^alpha_N with alpha_N = 0.076 (models trained near
 convergence on WebText2).
 
-A tiny sweep: 4-5 model widths, each trained on the same fixed token budget of the bundled
+A tiny sweep: 3 (CPU) or 5 (GPU) model widths, each trained on the same fixed token budget of the bundled
 corpus (same lr schedule, batches and seed), then val loss against non-embedding parameters
 and a fitted power law (a straight line in log-log). A fixed, short budget is not Kaplan's
 converged regime, so the exponent differs; the sign and the straight line are the claim.
@@ -52,7 +52,7 @@ def run(small: bool) -> dict:
         seq_len, batch_size, steps, lr, tokenizer = 64, 16, 60, 3e-3, "bytes"
         base = ["preset=gpt2-tiny", "model.vocab_size=256", "model.n_layers=2", "model.n_heads=4",
                 "model.n_kv_heads=4", f"model.max_seq_len={seq_len}"]
-        widths = (16, 32, 64, 128)
+        widths = (16, 48, 128)
     else:
         seq_len, batch_size, steps, lr, tokenizer = 256, 64, 2000, 1e-3, "bundled"
         base = ["preset=gpt2-tiny", "model.vocab_size=8192", "model.n_layers=4", "model.n_heads=8",
