@@ -295,20 +295,23 @@ def test_plot_expert_load_reads_the_logged_loads(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_ragged_equals_dense_bf16_on_gpu(family):
-    """The GPU's ragged_dot (bf16, real sizes): outputs and gradients within 1e-2 of the dense impl."""
+def test_ragged_bf16_is_as_accurate_as_dense_bf16_on_gpu(family):
+    """The GPU's ragged_dot (bf16, real sizes) against the fp32 dense reference: outputs and
+    gradients no further from it than the dense impl in bf16 (+25%). A fixed 1e-2 bound does not
+    hold for either bf16 impl (about 3% on a CPU: bf16 expert outputs, top-k weights)."""
     cfg = dataclasses.replace(_cfg(family), d_model=1024, n_heads=8, n_kv_heads=8, d_mlp=512,
-                              n_experts=16, moe_top_k=4, dtype="bfloat16")
-    moe = _moe(cfg)
-    graphdef, params = nnx.split(moe)
-    x = jax.random.normal(jax.random.key(14), (4, 512, 1024), jnp.bfloat16)
-    cotangent = jax.random.normal(jax.random.key(15), x.shape, jnp.bfloat16)
+                              n_experts=16, moe_top_k=4)
+    _, params = nnx.split(_moe(cfg))
+    x = jax.random.normal(jax.random.key(14), (4, 512, 1024), jnp.float32)
+    cotangent = jax.random.normal(jax.random.key(15), x.shape, jnp.float32)
 
-    def run(impl):
-        graph = nnx.split(_moe(dataclasses.replace(cfg, moe_impl=impl)))[0]
+    def run(impl, dtype):
+        graph = nnx.split(_moe(dataclasses.replace(cfg, moe_impl=impl, dtype=dtype)))[0]
         f = jax.jit(lambda p, x: jax.vjp(lambda p, x: nnx.merge(graph, p)(x)[0], p, x))
-        y, vjp = f(params, x)
-        return [y, *jax.tree.leaves(vjp(cotangent))]
+        y, vjp = f(params, x.astype(dtype))
+        return [a.astype(jnp.float32) for a in [y, *jax.tree.leaves(vjp(cotangent.astype(dtype)))]]
 
-    for got, want in zip(run("ragged"), run("dense")):
-        assert _rel(got.astype(jnp.float32), want.astype(jnp.float32)) < 1e-2
+    with jax.default_matmul_precision("highest"):
+        reference = run("dense", "float32")
+    for ragged, dense, want in zip(run("ragged", "bfloat16"), run("dense", "bfloat16"), reference):
+        assert _rel(ragged, want) <= 1.25 * _rel(dense, want) + 1e-3
