@@ -315,3 +315,19 @@ def test_ragged_bf16_is_as_accurate_as_dense_bf16_on_gpu(family):
         reference = run("dense", "float32")
     for ragged, dense, want in zip(run("ragged", "bfloat16"), run("dense", "bfloat16"), reference):
         assert _rel(ragged, want) <= 1.25 * _rel(dense, want) + 1e-3
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_flops_count_only_the_active_experts(family):
+    """MFU's N: expert_params is exactly the routed experts' leaves, and a token is charged
+    top_k / n_experts of them."""
+    from llmjax.models import count_params, init_model, split_model
+    from llmjax.train.flops import expert_params, matmul_params
+
+    cfg = _cfg(family)
+    _, params = split_model(init_model(cfg, seed=0))
+    expert_leaves = ("w_in", "w_gate", "w_out", "b_in", "b_out")  # [layers, experts, ...] under blocks.mlp
+    experts = sum(a.size for name, a in params["blocks"]["mlp"].items() if name in expert_leaves)
+    assert expert_params(cfg) == experts
+    dense_share = matmul_params(dataclasses.replace(cfg, moe_top_k=cfg.n_experts), count_params(params))
+    assert dense_share - matmul_params(cfg, count_params(params)) == experts - experts * cfg.moe_top_k // cfg.n_experts

@@ -218,10 +218,13 @@ def save_hf(cfg: ModelConfig, params, path: str | os.PathLike, tokenizer=None, *
       The folder.
     Raises:
       ConversionError: params not matching cfg (names the leaf and expected shape), mixed or
-        unsupported dtypes, a GPT-2 config with GQA, a tokenizer that cannot be saved.
+        unsupported dtypes, a GPT-2 config with GQA, an MoE config, a tokenizer that cannot be saved.
     """
     if isinstance(params, nnx.Module):
         params = split_model(params)[1]
+    if cfg.n_experts:
+        raise ConversionError(f"model.n_experts={cfg.n_experts}: mixture-of-experts models have no "
+                              "Hugging Face export yet (GPT2LMHeadModel and LlamaForCausalLM are dense)")
     if tokenizer is not None and not hasattr(tokenizer, "save"):
         raise ConversionError(f"tokenizer {type(tokenizer).__name__} has no .save(path); only HF "
                               "tokenizers can be written as tokenizer.json")

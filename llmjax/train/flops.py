@@ -19,10 +19,23 @@ PEAK_BF16_FLOPS = {
 }
 
 
+def expert_params(cfg: ModelConfig) -> int:
+    """Parameters of the routed experts (all layers); 0 for a dense model."""
+    if not cfg.n_experts:
+        return 0
+    per_expert = cfg.d_model * cfg.d_mlp * (3 if cfg.family == "llama" else 2)
+    if cfg.family == "gpt2":
+        per_expert += cfg.d_mlp + cfg.d_model  # biases
+    return cfg.n_layers * cfg.n_experts * per_expert
+
+
 def matmul_params(cfg: ModelConfig, n_params: int) -> int:
-    """Weights that take part in matmuls: all but position embeddings, and for an untied
-    model also the input embedding (a lookup, not a matmul)."""
+    """Weights a token's matmuls use: all but position embeddings, for an untied model also
+    not the input embedding (a lookup, not a matmul), and of the routed experts only the
+    top_k / n_experts share each token visits (active parameters)."""
     n = n_params
+    experts = expert_params(cfg)
+    n -= experts - experts * cfg.moe_top_k // max(cfg.n_experts, 1)
     if cfg.family == "gpt2":
         n -= cfg.max_seq_len * cfg.d_model
     if not cfg.tie_embeddings:

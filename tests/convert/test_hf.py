@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llmjax.config import ModelConfig
+from llmjax.config import ModelConfig, load_config
 from llmjax.convert import ConversionError, load_hf, load_hf_model, read_header, save_hf, write_safetensors
 from llmjax.data.tokenizer import ByteTokenizer, load_tokenizer
 from llmjax.models import init_model, split_model
@@ -362,3 +362,9 @@ def test_exported_checkpoints_load_in_transformers_with_same_logits(tmp_path, hf
     save_hf(cfg, params, tmp_path, max_shard_bytes=50_000 if family == "llama" else None)
     got = _transformers_logits(hf_lib, tmp_path, TOKENS, family)
     assert np.abs(got - llmjax_logits(cfg, params, TOKENS)).max() < 1e-4
+
+
+def test_moe_model_has_no_hf_export_yet(tmp_path):
+    cfg = load_config(overrides=["preset=llama-moe-tiny"]).model
+    with pytest.raises(ConversionError, match="n_experts=.*no Hugging Face export"):
+        save_hf(cfg, split_model(init_model(cfg))[1], tmp_path)
