@@ -52,7 +52,6 @@ def test_mfu_formula_matches_xla_count():
     assert result["losses"][-1] < result["losses"][0]
 
 
-@pytest.mark.slow
 def test_paged_kv_wastes_less_than_contiguous():
     result = paged_kv.run(small=True)
     waste, totals = result["waste"], result["totals"]
@@ -62,7 +61,6 @@ def test_paged_kv_wastes_less_than_contiguous():
     assert totals["paged"] - totals["live"] <= max_slack
 
 
-@pytest.mark.slow
 def test_speculative_tokens_per_round_follow_eq1():
     result = speculative.run(small=True)
     alphas = [r["alpha"] for r in result["rows"]]
