@@ -57,7 +57,7 @@ def run(small: bool) -> dict:
                            r["ideal_bubble"], r["bubble"], source=SOURCE)
                    for r in stats if r["stages"] == 4 and r["microbatches"] in (1, 4, 16)]
     timing = []
-    if not small:
+    if not small and jax.device_count() >= 2:  # one stage per device
         stages = min(jax.device_count(), 4)
         ms = [m for m in MICROBATCHES if m <= 16]
         timing = time_steps(stages, ms, ["preset=gpt2-medium", "model.n_layers=16"], batch=64, seq_len=1024)
