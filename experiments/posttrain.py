@@ -1,0 +1,23 @@
+"""Shared command line of the post-training entry points (experiments.sft, .dpo, .rlhf):
+`--config FILE [key=value ...]`, errors as one line and exit status 2."""
+import argparse
+import sys
+
+from llmjax.config import ConfigError
+from llmjax.posttrain.config import load_posttrain_config
+
+
+def main_for(stage: str, run, summary, argv=None) -> int:
+    """Parse the arguments, run `run(cfg)`, print `summary(result)`."""
+    parser = argparse.ArgumentParser(prog=f"python -m experiments.{stage}",
+                                     epilog="Overrides are dotted keys, e.g. steps=100 model.n_layers=4.")
+    parser.add_argument("--config", help=f"YAML file (experiments/configs/{stage}*.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    try:
+        result = run(load_posttrain_config(args.config, args.overrides))
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(summary(result))
+    return 0

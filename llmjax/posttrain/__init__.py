@@ -1,0 +1,1 @@
+"""Post-training: SFT, DPO, reward model + GRPO (RLHF), QLoRA. See each module's docstring."""

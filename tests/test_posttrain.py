@@ -1,0 +1,95 @@
+"""Post-training: SFT masking and packing, DPO loss, reward model + GRPO, QLoRA (tiny models, CPU)."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llmjax.config import ModelConfig
+from llmjax.data import ByteTokenizer, load_corpus
+from llmjax.models import init_model, split_model
+from llmjax.posttrain import chat, packing
+from llmjax.posttrain.forward import token_logprobs
+from llmjax.posttrain.sft import sft_loss
+
+TINY = ModelConfig(family="gpt2", n_layers=1, n_heads=2, n_kv_heads=2, d_model=32, d_mlp=64,
+                   vocab_size=257, max_seq_len=96, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return split_model(init_model(TINY, seed=0))
+
+
+@pytest.fixture(scope="module")
+def docs():
+    return load_corpus("shakespeare")[:2]
+
+
+def _examples(n, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        p, r = rng.integers(3, 12), rng.integers(2, 8)
+        ids = rng.integers(0, 256, p + r).astype(np.int32)
+        out.append((ids, np.arange(p + r) >= p))
+    return out
+
+
+def test_chat_template_masks_the_prompt(docs):
+    tok = ByteTokenizer()
+    ex = chat.instruction_examples(docs, 4, seed=1)
+    assert {e.prompt.split("\n")[0] for e in ex} == {"Continue this passage:", "Who speaks next?"}
+    ids, mask = chat.encode_chat(tok, ex[0].prompt, ex[0].response)
+    assert tok.decode(ids[~mask]) == chat.format_prompt(ex[0].prompt)
+    assert tok.decode(ids[mask]) == ex[0].response and ids[-1] == tok.eos_id
+    with pytest.raises(ValueError, match="empty response"):
+        chat.encode_chat(tok, "hi", "")
+
+
+def test_sft_loss_ignores_prompt_and_padding_targets(tiny):
+    graphdef, params = tiny
+    batch = {k: jnp.asarray(v) for k, v in packing.pad_examples(_examples(4), 24).items()}
+    grad = jax.jit(jax.value_and_grad(lambda p, b: sft_loss(p, graphdef, b)[0]))
+    loss, g = grad(params, batch)
+    masked = batch["weights"] == 0
+    scrambled = dict(batch, targets=jnp.where(masked, (batch["targets"] + 7) % 256, batch["targets"]))
+    loss2, g2 = grad(params, scrambled)
+    assert float(loss) == pytest.approx(float(loss2), abs=0)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), g, g2)
+    response = dict(batch, targets=jnp.where(masked, batch["targets"], (batch["targets"] + 7) % 256))
+    assert abs(float(grad(params, response)[0]) - float(loss)) > 1e-3  # response targets do count
+
+
+def test_packed_equals_unpacked(tiny):
+    graphdef, params = tiny
+    examples = _examples(6, seed=3)
+    packed = packing.pack_examples(examples, 40)
+    padded = packing.pad_examples(examples, 40)
+    assert len(packed["tokens"]) < len(padded["tokens"])
+    logp = jax.jit(lambda b, seg: token_logprobs(params, graphdef, b["tokens"], b["targets"],
+                                                 b["segment_ids"] if seg else None, b["positions"]),
+                   static_argnums=1)
+
+    def per_example(batch, values):  # response-token log-probs of each example, in order
+        out = []
+        for row in range(len(batch["tokens"])):
+            for seg in range(1, batch["segment_ids"][row].max() + 1):
+                sel = (batch["segment_ids"][row] == seg) & (batch["weights"][row] > 0)
+                out.append(np.asarray(values[row])[sel])
+        return out
+
+    ref = per_example(padded, logp(padded, True))
+    got = per_example(packed, logp(packed, True))
+    for a, b in zip(ref, got, strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+    leaky = per_example(packed, logp(packed, False))  # without the segment mask, examples mix
+    assert max(np.abs(a - b).max() for a, b in zip(ref, leaky)) > 1e-3
+    loss = lambda b: float(sft_loss(params, graphdef, {k: jnp.asarray(v) for k, v in b.items()})[0])
+    assert loss(packed) == pytest.approx(loss(padded), rel=1e-5)
+
+
+def test_packing_rejects_examples_longer_than_the_context():
+    with pytest.raises(ValueError, match="example 1 has 30 tokens"):
+        packing.pack_examples([_examples(1)[0], (np.zeros(30, np.int32), np.ones(30, bool))], 20)
