@@ -122,3 +122,8 @@ def preference_pairs(docs: list[str], n: int, seed: int = 0, max_lines: int = 2)
         if len(out) == n:
             return out
     raise ValueError(f"could make only {len(out)} of {n} preference pairs from this corpus")
+
+
+def fits(tokenizer, prompt: str, response: str, seq_len: int) -> bool:
+    """Whether the templated example gives at most seq_len (input, target) pairs."""
+    return len(encode_chat(tokenizer, prompt, response)[0]) - 1 <= seq_len

@@ -34,9 +34,11 @@ def sft_loss(params, graphdef, batch):
 
 
 def sft_batches(cfg, tokenizer, docs):
-    """(train, val) batches (`packing.FIELDS` dicts of [N, T] arrays) of generated examples."""
+    """(train, val) batches (`packing.FIELDS` dicts of [N, T] arrays) of generated examples;
+    examples longer than the context are left out (the generator does not know the tokenizer)."""
     examples = [encode_chat(tokenizer, e.prompt, e.response)
                 for e in instruction_examples(docs, cfg.n_examples, cfg.seed)]
+    examples = [e for e in examples if len(e[0]) - 1 <= cfg.seq_len]
     n_val = max(1, int(len(examples) * cfg.val_fraction))
     make = pack_examples if cfg.pack else pad_examples
     return make(examples[n_val:], cfg.seq_len), pad_examples(examples[:n_val], cfg.seq_len)
