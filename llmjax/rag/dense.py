@@ -1,0 +1,89 @@
+"""Dense retrieval: passages and queries embedded as the mean of a model's final-norm hidden
+states, and an exact cosine top-k index in jnp.
+
+A causal LM's hidden states share a large common direction (anisotropy; Ethayarajh, EMNLP
+2019), so every cosine would be near 1; the index subtracts the collection's mean vector
+before normalizing, which spreads them out.
+"""
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from llmjax.rag.passages import RagError
+
+
+@partial(jax.jit, static_argnames=("graphdef",))
+def _mean_hidden(graphdef, state, tokens, mask):
+    """Mean over the unmasked positions of the hidden states: tokens, mask [B, T] -> [B, D]."""
+    hidden, _ = nnx.merge(graphdef, state).hidden_states(tokens)
+    weights = mask.astype(jnp.float32)[:, :, None]
+    return (hidden.astype(jnp.float32) * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)
+
+
+def embed_texts(model, tokenizer, texts, *, batch_size: int = 64) -> np.ndarray:
+    """Mean-pooled hidden states of each text: [n, D] float32 (texts cut to the model's
+    max_seq_len tokens; batches padded to one shape so the model compiles once)."""
+    graphdef, state = nnx.split(model)
+    length = model.cfg.max_seq_len
+    out = []
+    for start in range(0, len(texts), batch_size):
+        encoded = [tokenizer.encode(t)[:length] or [0] for t in texts[start:start + batch_size]]
+        tokens = np.zeros((batch_size, length), np.int32)
+        mask = np.zeros((batch_size, length), bool)
+        for row, ids in enumerate(encoded):
+            tokens[row, :len(ids)], mask[row, :len(ids)] = ids, True
+        out.append(np.asarray(_mean_hidden(graphdef, state, tokens, mask))[:len(encoded)])
+    return np.concatenate(out) if out else np.zeros((0, model.cfg.d_model), np.float32)
+
+
+@partial(jax.jit, static_argnames=("k",))
+def _top_k(vectors, queries, k):
+    scores = queries @ vectors.T  # [Q, n] cosines (both sides unit length)
+    return jax.lax.top_k(scores, k)
+
+
+class DenseIndex:
+    """Exact top-k by cosine over passage vectors [n, D] (centered, then unit length)."""
+
+    def __init__(self, vectors, center=None):
+        vectors = np.asarray(vectors, np.float32)
+        if vectors.ndim != 2 or len(vectors) == 0:
+            raise RagError(f"a dense index needs [n >= 1, dim] vectors; got shape {vectors.shape}")
+        self.center = vectors.mean(0) if center is None else np.asarray(center, np.float32)
+        self.vectors = jnp.asarray(self.normalize(vectors))
+
+    def normalize(self, vectors) -> np.ndarray:
+        """Center on the collection mean and scale each row to unit length."""
+        x = np.asarray(vectors, np.float32) - self.center
+        return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+    def __len__(self) -> int:
+        return self.vectors.shape[0]
+
+    def search(self, query_vectors, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(cosines [Q, k], ids [Q, k]) of the k nearest passages per query [Q, D], best first."""
+        k = min(k, len(self))
+        scores, ids = _top_k(self.vectors, jnp.asarray(self.normalize(np.atleast_2d(query_vectors))), k)
+        return np.asarray(scores), np.asarray(ids)
+
+    def save(self, path) -> None:
+        """Write the unit vectors and the center to `path` (.npz)."""
+        np.savez(path, vectors=np.asarray(self.vectors), center=self.center)
+
+    @classmethod
+    def load(cls, path) -> "DenseIndex":
+        """Read an index written by `save`.
+
+        Raises:
+          RagError: no such file.
+        """
+        if not Path(path).is_file():
+            raise RagError(f"no dense index at {path}; build one with DenseIndex(embed_texts(...)).save(path)")
+        with np.load(path) as data:
+            index = cls.__new__(cls)
+            index.center, index.vectors = data["center"], jnp.asarray(data["vectors"])
+        return index
