@@ -38,7 +38,8 @@ def reuse_trace(passages, model, tokenizer, *, groups: int = 4, repeats: int = 4
         seen = set()
         for ids, question in trace:
             tokens, _ = assemble_prompt(tokenizer, passages, ids, question, budget)
-            seq = engine.run()[engine.submit(tokens, max_new_tokens)]
+            request = engine.submit(tokens, max_new_tokens)
+            seq = engine.run()[request]
             ttft.append((seq.first_token_time - seq.arrival) * 1e3)
             first.append(tuple(ids) not in seen)
             seen.add(tuple(ids))
