@@ -47,6 +47,7 @@ class PosttrainConfig:
     rm_steps: int = 60
     reward: str = "model"  # model: the trained reward model; target_token: fraction of `target_token`
     target_token: int = 101  # "e" in the byte tokenizer
+    prompt_tokens: int = 48  # rollout prompts: the last this many tokens of each templated prompt
     prompts_per_iter: int = 4
     group_size: int = 8
     max_new_tokens: int = 16
@@ -55,7 +56,7 @@ class PosttrainConfig:
 
     def __post_init__(self):
         for key in ("n_examples", "seq_len", "steps", "batch_size", "eval_every", "rm_steps",
-                    "prompts_per_iter", "group_size", "max_new_tokens", "qlora_block"):
+                    "prompt_tokens", "prompts_per_iter", "group_size", "max_new_tokens", "qlora_block"):
             if getattr(self, key) < 1:
                 raise ConfigError(key, getattr(self, key), "an integer >= 1")
         if not 0.0 < self.val_fraction < 0.5:
@@ -67,6 +68,9 @@ class PosttrainConfig:
             raise ConfigError("reward", self.reward, "one of " + ", ".join(REWARDS))
         if self.qlora and self.lora.rank < 1:
             raise ConfigError("lora.rank", self.lora.rank, "at least 1 with qlora=true (QLoRA trains adapters)")
+        if self.prompt_tokens + self.max_new_tokens > self.model.max_seq_len:
+            raise ConfigError("prompt_tokens", self.prompt_tokens, f"at most model.max_seq_len="
+                              f"{self.model.max_seq_len} - max_new_tokens={self.max_new_tokens}")
         if self.seq_len > self.model.max_seq_len:
             raise ConfigError("seq_len", self.seq_len, f"at most model.max_seq_len={self.model.max_seq_len}")
         if self.group_size < 2:

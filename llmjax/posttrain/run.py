@@ -7,6 +7,7 @@ import json
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from llmjax import lora as lora_lib
@@ -42,8 +43,8 @@ def trainable_tree(cfg: PosttrainConfig, params):
     """(trainable, frozen, to_params, report): what the optimizer updates. Full fine-tuning
     trains the params; lora.rank >= 1 trains adapters on the frozen params; qlora stores
     the frozen params in 4-bit (see qlora.py). `report` holds sizes for the log."""
-    if cfg.lora.rank < 1:
-        return params, None, None, {"trainable_params": _count(params)}
+    if cfg.lora.rank < 1:  # a copy: steps donate the trained tree, and `params` may stay the reference
+        return jax.tree.map(jnp.copy, params), None, None, {"trainable_params": _count(params)}
     adapters = lora_lib.init_adapters(params, cfg.lora, jax.random.key(cfg.seed + 7))
     report = {"trainable_params": _count(adapters)}
     if cfg.qlora:
