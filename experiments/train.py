@@ -12,6 +12,7 @@ from llmjax.config import ConfigError, load_config
 from llmjax.convert import ConversionError, load_hf, save_hf
 from llmjax.data import load_tokenizer
 from llmjax.train.loop import TrainingDiverged, train
+from sharding import distributed
 
 _KEPT_MODEL_FIELDS = ("dtype", "attention_impl", "norm_impl", "loss_impl", "remat")
 
@@ -55,6 +56,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        distributed.initialize(cfg.mesh)  # several processes: join before any device is touched
         init_params = None
         if args.init_from_hf:  # on resume too: the architecture, and a LoRA run's frozen base
             cfg, init_params = _with_hf_model(cfg, args.init_from_hf, args.overrides)

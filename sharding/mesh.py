@@ -108,7 +108,7 @@ def check_divisibility(model_cfg, mesh_cfg, batch_size: int, *, seq_len: int | N
     label = rules if isinstance(rules, str) else "custom"
     seq_len = model_cfg.max_seq_len if seq_len is None else seq_len
     sizes = logical_sizes(model_cfg, batch_size, seq_len)
-    used = set()
+    used = {"pipeline"}  # the pipeline step splits layers over it (sharding/pipeline.py), not a rule
     for table in dict.fromkeys(resolve_rules(rules)):  # params, then opt state if different
         for name, mesh_axes in table:
             axes = mesh_axes_of(mesh_axes)

@@ -65,3 +65,11 @@ def test_bundled_experiment_configs_load():
     from pathlib import Path
     for path in sorted(Path("experiments/configs").glob("*.yaml")):
         assert load_config(path).name == path.stem
+
+
+def test_pipeline_mesh_is_a_valid_config():
+    """mesh.pipeline is used by the pipeline step, not by a rule row: no 'unused axis' error."""
+    cfg = load_config(overrides=["preset=gpt2-tiny", "mesh.pipeline=2", "mesh.data=4", "train.batch_size=16"])
+    assert cfg.mesh.shape == (4, 1, 2, 1, 1, 1)
+    with pytest.raises(ConfigError, match="n_layers=2 is not divisible by mesh.pipeline=4"):
+        load_config(overrides=["preset=gpt2-tiny", "mesh.pipeline=4", "mesh.data=2", "train.batch_size=16"])

@@ -35,6 +35,7 @@ from llmjax.train.step import (
     make_train_step,
 )
 from sharding.mesh import make_mesh
+from sharding.pipeline import make_pipeline_train_step, pipeline_rules, pipeline_state_shardings
 from sharding.placement import shard_batch, shard_state
 
 
@@ -128,9 +129,14 @@ def train(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = 
     state = init_train_state(params, optimizer)
     batches = BatchIterator(data.train, tc.batch_size, seed=tc.seed)
     mesh = rules = None
+    pipelined = cfg.mesh.pipeline > 1
+    if pipelined and lora_cfg is not None:
+        raise ConfigError("lora.rank", lora_cfg.rank, "0 with mesh.pipeline > 1 (LoRA has no pipeline step yet)")
     if math.prod(cfg.mesh.shape) > 1:  # sharded: lay the state out by its logical names
         mesh, rules = make_mesh(cfg.mesh), cfg.mesh.rules
-        if lora_cfg is None:
+        if pipelined:
+            state = jax.device_put(state, pipeline_state_shardings(graphdef, state, mesh, rules))
+        elif lora_cfg is None:
             state = shard_state(state, graphdef, mesh, rules)
         else:
             state_sh, base_sh = lora_shardings(graphdef, lora_cfg, state, base, mesh, rules)
@@ -142,9 +148,15 @@ def train(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = 
         batches.restore(meta["data"])
     start = int(jax.device_get(state["step"]))
 
-    train_step = make_train_step(graphdef, optimizer, lr_schedule(cfg.optim, tc.steps), mesh=mesh, rules=rules,
-                                 lora=lora_cfg)
-    eval_step = make_eval_step(graphdef, mesh=mesh, rules=rules)
+    if pipelined:
+        train_step = make_pipeline_train_step(graphdef, optimizer, lr_schedule(cfg.optim, tc.steps), mesh=mesh,
+                                              rules=rules, microbatches=cfg.mesh.pp_microbatches,
+                                              pp_schedule=cfg.mesh.pp_schedule)
+        eval_step = make_eval_step(graphdef, mesh=mesh, rules=pipeline_rules(rules)[0])
+    else:
+        train_step = make_train_step(graphdef, optimizer, lr_schedule(cfg.optim, tc.steps), mesh=mesh,
+                                     rules=rules, lora=lora_cfg)
+        eval_step = make_eval_step(graphdef, mesh=mesh, rules=rules)
     frozen = () if base is None else (base,)  # the step's extra argument: never a closure constant
     if base is None:
         model_params = lambda: state["params"]

@@ -168,3 +168,21 @@ def test_rules_must_leave_pipeline_to_the_stages():
         pipeline_rules(bad)
     with pytest.raises(ValueError, match=r"n_layers=6 is not divisible by mesh.pipeline=4"):
         check_pipeline(n_layers=6, stages=4, micro_batch=8, microbatches=2)
+
+
+def test_training_loop_runs_the_pipeline_step(tmp_path):
+    """train() with mesh.pipeline > 1 uses the pipeline step and matches the unsharded run."""
+    from llmjax.config import load_config
+    from llmjax.train.loop import train
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("To be, or not to be, that is the question.\n" * 60)
+    losses = []
+    for name, extra in (("plain", []), ("pp", ["mesh.pipeline=2", "mesh.data=4", "mesh.pp_microbatches=2"])):
+        cfg = load_config(overrides=[
+            f"out_dir={tmp_path}", f"name={name}", "preset=gpt2-tiny", f"data.corpus={corpus}",
+            "data.tokenizer=bytes", "model.vocab_size=320", "data.seq_len=32", "train.batch_size=16",
+            "train.steps=3", "train.eval_every=3", "train.eval_batches=1", "train.sample_tokens=0", *extra])
+        result = train(cfg, progress=False)
+        losses.append((result.train_loss, result.val_loss))
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
