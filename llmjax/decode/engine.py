@@ -38,15 +38,19 @@ class EngineConfig:
     """max_slots: running sequences (decode rows per step); prefill_slots: sequences that
     prefill a chunk per step; chunk_size: prompt tokens per chunk; block_size: positions per
     KV block; num_blocks: blocks in the pool; prefix_caching: share full blocks across
-    requests by chain hash."""
+    requests by chain hash; kv_dtype: "model" (the compute dtype) or "int8" (per position and
+    head scales; about half the bytes of bf16)."""
     max_slots: int = 8
     prefill_slots: int = 2
     chunk_size: int = 64
     block_size: int = 16
     num_blocks: int = 256
     prefix_caching: bool = True
+    kv_dtype: str = "model"
 
     def __post_init__(self):
+        if self.kv_dtype not in paged.KV_DTYPES:
+            raise ValueError(f"EngineConfig.kv_dtype={self.kv_dtype!r}; allowed: {', '.join(paged.KV_DTYPES)}")
         for name in ("max_slots", "prefill_slots", "chunk_size", "block_size", "num_blocks"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name}={getattr(self, name)!r} must be an int >= 1")
@@ -111,7 +115,7 @@ def _device_step(graphdef, params, layers, pages, decode, prefill, sampling):
                   for layer_pages in pages]
         hidden, caches = forward_hidden(model, layers, rows["tokens"], rows["positions"], caches)
         last.append(jnp.take_along_axis(hidden, rows["last_index"][:, None, None], axis=1))  # [R, 1, D]
-        pages = [{"k_pages": c["k_pages"], "v_pages": c["v_pages"]} for c in caches]
+        pages = [{name: c[name] for name in layer} for c, layer in zip(caches, pages)]
     logits = model.logits(jnp.concatenate(last))[:, 0]  # [S (+ P), V]
     # A request's i-th token draws from fold_in(key(seed), i): independent of batching.
     keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(
@@ -149,7 +153,8 @@ class Engine:
         self.allocator = paged.BlockAllocator(cfg.num_blocks, cfg.block_size,
                                               prefix_caching=cfg.prefix_caching)
         self.layers = split_layers(model)  # per-layer weights, sliced once
-        self.pages = [paged.init_paged_cache(model.cfg, cfg.num_blocks, cfg.block_size, n_layers=1)
+        self.pages = [paged.init_paged_cache(model.cfg, cfg.num_blocks, cfg.block_size, n_layers=1,
+                                             kv_dtype=cfg.kv_dtype)
                       for _ in range(model.cfg.n_layers)]
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []  # admission order: the last is preempted first

@@ -102,17 +102,34 @@ class BlockAllocator:
         assert (self.ref_counts >= 0).all(), "negative reference count"
 
 
-def init_paged_cache(cfg, num_blocks: int, block_size: int, dtype=None, n_layers=None) -> dict:
+KV_DTYPES = ("model", "int8")
+
+
+def init_paged_cache(cfg, num_blocks: int, block_size: int, dtype=None, n_layers=None,
+                     kv_dtype: str = "model") -> dict:
     """Zeroed page pools {"k_pages", "v_pages"}: [L, P, bs, K, H] (no tables yet); L is
-    n_layers, default all of the model's (1: one layer's pool, for layer-by-layer decoding)."""
+    n_layers, default all of the model's (1: one layer's pool, for layer-by-layer decoding).
+    kv_dtype "int8": int8 pools plus "k_scales", "v_scales" [L, P, bs, K] float32 (see
+    llmjax.models.kv_cache); "model": pools in `dtype` (default the model's compute dtype)."""
+    if kv_dtype not in KV_DTYPES:
+        raise ValueError(f"kv_dtype={kv_dtype!r}; allowed: {', '.join(KV_DTYPES)}")
     shape = (n_layers or cfg.n_layers, num_blocks, block_size, cfg.n_kv_heads, cfg.head_dim)
+    if kv_dtype == "int8":
+        return {"k_pages": jnp.zeros(shape, jnp.int8), "v_pages": jnp.zeros(shape, jnp.int8),
+                "k_scales": jnp.zeros(shape[:-1], jnp.float32), "v_scales": jnp.zeros(shape[:-1], jnp.float32)}
     dtype = jnp.dtype(dtype or cfg.dtype)
     return {"k_pages": jnp.zeros(shape, dtype), "v_pages": jnp.zeros(shape, dtype)}
 
 
+def kv_bytes_per_token(pages: dict) -> float:
+    """Bytes one position takes in the pools (pages and scales, all layers)."""
+    slots = pages["k_pages"].shape[1] * pages["k_pages"].shape[2]
+    return sum(x.size * x.dtype.itemsize for x in pages.values()) / slots
+
+
 def paged_cache(pages: dict, block_tables, seq_lens) -> dict:
-    """The model's paged cache (see llmjax.models.kv_cache): the pools plus block tables
-    [B, M] and sequence lengths [B], repeated over the layer axis."""
+    """The model's paged cache (see llmjax.models.kv_cache): the pools (and scales, if int8)
+    plus block tables [B, M] and sequence lengths [B], repeated over the layer axis."""
     n_layers = pages["k_pages"].shape[0]
     tables = jnp.asarray(block_tables, jnp.int32)
     lens = jnp.asarray(seq_lens, jnp.int32)

@@ -8,12 +8,17 @@ slice of either (the model scans the leading L axis of every leaf away):
   2023); sequence b's position p lives in page block_tables[b, p // bs], slot p % bs, and
   seq_lens[b] counts its positions once this call's tokens are written. The small int leaves
   are repeated over L so the scan slices every leaf alike. `llmjax.decode.paged` builds it.
+  With int8 KV the pages are int8 and "k_scales", "v_scales": [L, P, bs, K] float32 hold one
+  scale per (position, kv head): absmax / 127 over the head dim (KIVI, Liu et al. 2024 and
+  KVQuant, Hooper et al. 2024 quantize per token like this for values; one scale per token
+  and head keeps writes independent, so no page is ever re-quantized).
 """
 import jax
 import jax.numpy as jnp
 
 from llmjax import ops
 from pallas_kernels.decode_attention import paged_decode_attention
+from pallas_kernels.decode_attention.reference import dequantize_pages, gather_pages
 
 
 def init_cache(cfg, batch: int, length: int, dtype=None) -> dict:
@@ -57,8 +62,16 @@ def attend_cached(q, k, v, positions, cache: dict):
     return out, {"k": cache_k, "v": cache_v}
 
 
+def quantize_kv(x):
+    """Symmetric int8 per (position, head): x [..., H] -> (int8 [..., H], scale [...] fp32)."""
+    x = x.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(x), axis=-1) / 127.0
+    q = jnp.round(x / jnp.where(scale > 0, scale, 1.0)[..., None])
+    return jnp.clip(q, -127, 127).astype(jnp.int8), scale
+
+
 def write_pages(pages, new, positions, block_tables, seq_lens):
-    """Scatter new [B, T, K, H] into pages [P, bs, K, H] at `positions` [B, T]; tokens outside
+    """Scatter new [B, T, ...] into pages [P, bs, ...] at `positions` [B, T]; tokens outside
     [0, seq_lens[b]) are dropped (their page index is pushed past the pool)."""
     pool, page_size = pages.shape[:2]
     valid = (positions >= 0) & (positions < seq_lens[:, None])  # [B, T]
@@ -70,21 +83,29 @@ def write_pages(pages, new, positions, block_tables, seq_lens):
 
 def _attend_paged(q, k, v, positions, cache):
     tables, seq_lens = cache["block_tables"], cache["seq_lens"]
-    k_pages = write_pages(cache["k_pages"], k, positions, tables, seq_lens)
-    v_pages = write_pages(cache["v_pages"], v, positions, tables, seq_lens)
-    new_cache = dict(cache, k_pages=k_pages, v_pages=v_pages)
+    write = lambda name, x: write_pages(cache[name], x, positions, tables, seq_lens)  # noqa: E731
+    quantized = "k_scales" in cache
+    if quantized:
+        (k, k_scale), (v, v_scale) = quantize_kv(k), quantize_kv(v)
+        scales = dict(k_scales=write("k_scales", k_scale), v_scales=write("v_scales", v_scale))
+    else:
+        scales = {}
+    new_cache = dict(cache, k_pages=write("k_pages", k), v_pages=write("v_pages", v), **scales)
+    k_pages, v_pages = new_cache["k_pages"], new_cache["v_pages"]
     dt = q.dtype
+    if not quantized:
+        k_pages, v_pages = k_pages.astype(dt), v_pages.astype(dt)
     if q.shape[1] == 1:  # decoding: one query per sequence over its seq_lens keys
         lengths = jnp.minimum(positions[:, 0] + 1, seq_lens) * (positions[:, 0] >= 0)
         # The Pallas kernel on a GPU; elsewhere its jnp reference, chosen here without a warning.
         backend = "auto" if jax.default_backend() == "gpu" else "reference"
-        out = paged_decode_attention(q[:, 0], k_pages.astype(dt), v_pages.astype(dt), tables,
-                                     lengths, backend=backend)
+        out = paged_decode_attention(q[:, 0], k_pages, v_pages, tables, lengths, backend=backend, **scales)
         return out[:, None], new_cache
     # Chunked prefill: gather each sequence's pages into a contiguous view and mask causally.
-    b, m = tables.shape
-    keys = k_pages[tables].reshape(b, m * k_pages.shape[1], *k_pages.shape[2:])  # [B, S, K, H]
-    values = v_pages[tables].reshape(keys.shape)
+    keys, values = gather_pages(k_pages, tables), gather_pages(v_pages, tables)  # [B, S, K, H]
+    if quantized:
+        keys = dequantize_pages(keys, gather_pages(scales["k_scales"], tables))
+        values = dequantize_pages(values, gather_pages(scales["v_scales"], tables))
     slots = jnp.arange(keys.shape[1])
     mask = (slots[None, None, :] <= positions[:, :, None]) & (slots[None, None, :] < seq_lens[:, None, None])
     out = ops.attention(q, keys.astype(dt), values.astype(dt), causal=False, impl="xla", mask=mask)

@@ -26,12 +26,14 @@ def _mean_hidden(graphdef, state, tokens, mask):
 
 def embed_texts(model, tokenizer, texts, *, batch_size: int = 64) -> np.ndarray:
     """Mean-pooled hidden states of each text: [n, D] float32 (texts cut to the model's
-    max_seq_len tokens; batches padded to one shape so the model compiles once)."""
+    max_seq_len tokens). Batches are padded to min(n, batch_size) rows and a power-of-2 length,
+    so the model compiles a few times, not once per batch."""
     graphdef, state = nnx.split(model)
-    length = model.cfg.max_seq_len
+    batch_size = max(1, min(batch_size, len(texts)))
     out = []
     for start in range(0, len(texts), batch_size):
-        encoded = [tokenizer.encode(t)[:length] or [0] for t in texts[start:start + batch_size]]
+        encoded = [tokenizer.encode(t)[:model.cfg.max_seq_len] or [0] for t in texts[start:start + batch_size]]
+        length = min(model.cfg.max_seq_len, max(16, 1 << (max(map(len, encoded)) - 1).bit_length()))
         tokens = np.zeros((batch_size, length), np.int32)
         mask = np.zeros((batch_size, length), bool)
         for row, ids in enumerate(encoded):

@@ -18,7 +18,7 @@ _warned: set[str] = set()
 
 
 def paged_decode_attention(q, k_pages, v_pages, block_tables, lengths, *, scale=None,
-                           backend="auto", interpret=False, blocks=None):
+                           k_scales=None, v_scales=None, backend="auto", interpret=False, blocks=None):
     """Attention of one new query token per sequence over its keys held in pages.
 
     Args:
@@ -29,6 +29,8 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, lengths, *, scale=
         at slot p % bs. Entries past a sequence's length are ignored (any value).
       lengths: [B] int, keys per sequence (0 <= length <= M * bs); a length-0 row gives zeros.
       scale: logit scale (Python number), default H ** -0.5.
+      k_scales, v_scales: None, or [P, bs, K] float32 for int8 pages: a stored value is
+        page * scale (one scale per position and kv head; the kernel dequantizes as it reads).
       backend: "auto" (the Triton kernel on a GPU or with interpret=True, else the reference;
         head dims or page sizes without a kernel fall back, logged once), "reference" (plain
         jnp, fp32), "triton" (raises where it cannot run).
@@ -40,13 +42,14 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, lengths, *, scale=
       ValueError: bad rank, dtype, shapes, backend or blocks; the message names the value.
     """
     _validate(q, k_pages, v_pages, block_tables, lengths, backend=backend, blocks=blocks)
+    _validate_scales(k_pages, k_scales, v_scales)
     b, n, h = q.shape
     pool, page_size, kv_heads, _ = k_pages.shape
     scale = h ** -0.5 if scale is None else float(scale)
     chosen = _choose_backend(backend, head_dim=h, page_size=page_size, interpret=interpret)
     if chosen == "reference":
-        out = reference.paged_decode_attention_reference(q, k_pages, v_pages, block_tables,
-                                                         lengths, scale=scale)
+        out = reference.paged_decode_attention_reference(q, k_pages, v_pages, block_tables, lengths,
+                                                         scale=scale, k_scales=k_scales, v_scales=v_scales)
         return out.astype(q.dtype)
     m = block_tables.shape[1]
     blocks = blocks or config.default_blocks(b, kv_heads, m, page_size)
@@ -61,7 +64,7 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, lengths, *, scale=
     qg = jnp.pad(q.reshape(b, kv_heads, group, h), ((0, 0), (0, 0), (0, rows - group), (0, 0)))
     o, m_stat, l_stat = triton_decode.decode_partials(
         qg, k_pages, v_pages, tables, lengths.astype(jnp.int32).reshape(b, 1), scale=scale,
-        blocks=blocks, interpret=interpret)
+        blocks=blocks, interpret=interpret, k_scales=k_scales, v_scales=v_scales)
     out = triton_decode.merge_splits(o, m_stat, l_stat)  # [B, K, Gp, H]
     return out[:, :, :group].reshape(b, n, h).astype(q.dtype)
 
@@ -75,7 +78,9 @@ def _validate(q, k_pages, v_pages, block_tables, lengths, *, backend, blocks):
             raise ValueError(f"{name} must be rank 4 [pages, page_size, kv_heads, head_dim]; "
                              f"got {name}.shape={getattr(x, 'shape', None)}")
     _api.check_float_dtype("q", q)
-    if not q.dtype == k_pages.dtype == v_pages.dtype:
+    if k_pages.dtype == v_pages.dtype == jnp.int8:
+        pass  # quantized pages: their scales are checked by _validate_scales
+    elif not q.dtype == k_pages.dtype == v_pages.dtype:
         raise ValueError(f"q, k_pages, v_pages must share one dtype; got q.dtype={q.dtype}, "
                          f"k_pages.dtype={k_pages.dtype}, v_pages.dtype={v_pages.dtype}")
     if k_pages.shape != v_pages.shape:
@@ -95,6 +100,19 @@ def _validate(q, k_pages, v_pages, block_tables, lengths, *, backend, blocks):
     _api.check_backend(backend, BACKENDS)
     if blocks is not None and not isinstance(blocks, config.DecodeBlocks):
         raise ValueError(f"blocks={blocks!r} must be a config.DecodeBlocks or None")
+
+
+def _validate_scales(k_pages, k_scales, v_scales):
+    """int8 pages need both scale arrays [P, bs, K] float32; float pages take none."""
+    quantized = k_pages.dtype == jnp.int8
+    if (k_scales is None) != (v_scales is None) or quantized != (k_scales is not None):
+        raise ValueError(f"int8 pages need k_scales and v_scales, float pages neither; got "
+                         f"k_pages.dtype={k_pages.dtype}, k_scales given: {k_scales is not None}, "
+                         f"v_scales given: {v_scales is not None}")
+    for name, x in (("k_scales", k_scales), ("v_scales", v_scales)):
+        if x is not None and (x.shape != k_pages.shape[:3] or x.dtype != jnp.float32):
+            raise ValueError(f"{name} must be float32 of shape {k_pages.shape[:3]} (pages, page_size, "
+                             f"kv_heads); got shape {x.shape}, dtype {x.dtype}")
 
 
 def _kernel_gap(head_dim: int, page_size: int) -> str | None:

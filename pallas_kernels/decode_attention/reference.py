@@ -34,20 +34,30 @@ def contiguous_decode_attention(q, k, v, lengths, *, scale=None):
 
 
 def gather_pages(pages, block_tables):
-    """Pages [P, bs, K, H] read through block tables [B, M] -> contiguous [B, M * bs, K, H]."""
+    """Pages [P, bs, ...] read through block tables [B, M] -> contiguous [B, M * bs, ...]."""
     b, m = block_tables.shape
     gathered = pages[block_tables]  # [B, M, bs, K, H]
     return gathered.reshape(b, m * pages.shape[1], *pages.shape[2:])
 
 
-def paged_decode_attention_reference(q, k_pages, v_pages, block_tables, lengths, *, scale=None):
+def dequantize_pages(pages, scales):
+    """int8 pages [..., H] times their per-(position, kv head) scales [...] -> fp32."""
+    return pages.astype(jnp.float32) * scales[..., None].astype(jnp.float32)
+
+
+def paged_decode_attention_reference(q, k_pages, v_pages, block_tables, lengths, *, scale=None,
+                                     k_scales=None, v_scales=None):
     """Paged decode attention: gather each sequence's pages, then `contiguous_decode_attention`.
 
     Args:
       q: [B, N, H]; k_pages, v_pages: [P, bs, K, H]; block_tables: [B, M] int page ids;
       lengths: [B] int, keys of sequence b are its first lengths[b] slots (<= M * bs).
+      k_scales, v_scales: None, or [P, bs, K] scales of int8 pages (value = page * scale).
     Returns:
       [B, N, H] fp32.
     """
-    return contiguous_decode_attention(q, gather_pages(k_pages, block_tables),
-                                       gather_pages(v_pages, block_tables), lengths, scale=scale)
+    keys, values = gather_pages(k_pages, block_tables), gather_pages(v_pages, block_tables)
+    if k_scales is not None:
+        keys = dequantize_pages(keys, gather_pages(k_scales, block_tables))
+        values = dequantize_pages(values, gather_pages(v_scales, block_tables))
+    return contiguous_decode_attention(q, keys, values, lengths, scale=scale)

@@ -32,14 +32,17 @@ def _dot_precision(dtype):
     return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
-def _decode_kernel(tables_ref, length_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, scale,
-                   page_size, pages_per_step, pages_per_split, precision):
+def _decode_kernel(tables_ref, length_ref, q_ref, k_ref, v_ref, *refs, scale,
+                   page_size, pages_per_step, pages_per_split, precision, quantized):
     """One (sequence, kv head, split) program.
 
     tables_ref [pages_per_split] int32 (this split's page ids); length_ref [1] int32;
     q_ref [Gp, H]; k_ref, v_ref [P, bs, H] (this kv head); o_ref [Gp, H] fp32 (normalized
     within the split); m_ref, l_ref [Gp] fp32: base-2 running max and softmax denominator.
+    quantized: k_ref, v_ref are int8 and refs starts with ks_ref, vs_ref [P, bs] fp32 scales,
+    applied as the pages are read (int8 KV: half the bytes of bf16 per step).
     """
+    ks_ref, vs_ref, o_ref, m_ref, l_ref = refs if quantized else (None, None, *refs)
     split = pl.program_id(2)
     length = length_ref[0]
     first_page = split * pages_per_split
@@ -53,6 +56,9 @@ def _decode_kernel(tables_ref, length_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_
         pages = tables_ref[pl.ds(i * pages_per_step, pages_per_step)]  # [pages_per_step]
         k = k_ref[pages].reshape(keys_per_step, head_dim)  # [keys, H]
         v = v_ref[pages].reshape(keys_per_step, head_dim)
+        if quantized:
+            k = (k.astype(jnp.float32) * ks_ref[pages].reshape(keys_per_step)[:, None]).astype(q.dtype)
+            v = (v.astype(jnp.float32) * vs_ref[pages].reshape(keys_per_step)[:, None]).astype(q.dtype)
         s = plgpu.dot(q, k, trans_b=True, precision=precision) * (scale * LOG2E)  # [Gp, keys]
         tokens = (first_page + i * pages_per_step) * page_size + jnp.arange(keys_per_step)
         s = jnp.where((tokens < length)[None, :], s, MASK_VALUE)
@@ -72,12 +78,13 @@ def _decode_kernel(tables_ref, length_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_
 
 
 def decode_partials(q, k_pages, v_pages, block_tables, lengths, *, scale: float,
-                    blocks: DecodeBlocks, interpret: bool):
+                    blocks: DecodeBlocks, interpret: bool, k_scales=None, v_scales=None):
     """Per-split partial attention.
 
     Args:
       q: [B, K, Gp, H]; k_pages, v_pages: [P, bs, K, H]; block_tables: [B, splits,
-        pages_per_split] int32 (valid page ids everywhere); lengths: [B, 1] int32.
+        pages_per_split] int32 (valid page ids everywhere); lengths: [B, 1] int32;
+      k_scales, v_scales: None, or [P, bs, K] fp32 scales of int8 pages.
     Returns:
       o [B, K, splits, Gp, H] fp32 and m, l [B, K, splits, Gp] fp32 (base-2 max, denominator).
     """
@@ -87,18 +94,20 @@ def decode_partials(q, k_pages, v_pages, block_tables, lengths, *, scale: float,
     kernel = functools.partial(_decode_kernel, scale=scale, page_size=page_size,
                                pages_per_step=blocks.pages_per_step,
                                pages_per_split=blocks.pages_per_split,
-                               precision=_dot_precision(q.dtype))
+                               precision=_dot_precision(q.dtype), quantized=k_scales is not None)
     # Grid axes: (sequence bi, kv head ki, split si).
     table_spec = pl.BlockSpec((None, None, blocks.pages_per_split), lambda bi, ki, si: (bi, si, 0))
     length_spec = pl.BlockSpec((None, 1), lambda bi, ki, si: (bi, 0))
     q_spec = pl.BlockSpec((None, None, gp, h), lambda bi, ki, si: (bi, ki, 0, 0))
     page_spec = pl.BlockSpec((pool, page_size, None, h), lambda bi, ki, si: (0, 0, ki, 0))
+    scale_spec = pl.BlockSpec((pool, page_size, None), lambda bi, ki, si: (0, 0, ki))
+    scales = () if k_scales is None else (k_scales, v_scales)
     out_spec = pl.BlockSpec((None, None, None, gp, h), lambda bi, ki, si: (bi, ki, si, 0, 0))
     stat_spec = pl.BlockSpec((None, None, None, gp), lambda bi, ki, si: (bi, ki, si, 0))
     return pl.pallas_call(
         kernel,
         grid=(b, kv_heads, splits),
-        in_specs=[table_spec, length_spec, q_spec, page_spec, page_spec],
+        in_specs=[table_spec, length_spec, q_spec, page_spec, page_spec] + [scale_spec] * len(scales),
         out_specs=[out_spec, stat_spec, stat_spec],
         out_shape=[jax.ShapeDtypeStruct((b, kv_heads, splits, gp, h), jnp.float32),
                    jax.ShapeDtypeStruct((b, kv_heads, splits, gp), jnp.float32),
@@ -107,7 +116,7 @@ def decode_partials(q, k_pages, v_pages, block_tables, lengths, *, scale: float,
                                              num_stages=blocks.num_stages),
         interpret=interpret,
         name="paged_decode_attention",
-    )(block_tables, lengths, q, k_pages, v_pages)
+    )(block_tables, lengths, q, k_pages, v_pages, *scales)
 
 
 def merge_splits(o, m, l):
