@@ -4,8 +4,10 @@
 prints the retrieved passages with scores, the passages that fit the prompt, and the answer.
 `--eval`: recall@1/5 of BM25 and embeddings on generated questions (a line fragment -> the
 passages holding it). `--reuse`: time to first token of repeated-document questions with and
-without the engine's prefix cache. Both write benchmarks/results/rag-<section>_<device>_<date>
-.json and .png. Without --run the model is random (retrieval by BM25 still works).
+without the engine's prefix cache. `--kv`: KV bytes per token vs perplexity on the corpus's
+validation windows for model-dtype, bf16, int8 and fp8 KV, engine decode tokens/s for each,
+and a stored int8 KV's load time vs its prefill. Each writes benchmarks/results/rag-<section>_
+<device>_<date>.json and .png. Without --run the model is random (BM25 retrieval still works).
 """
 import argparse
 import json
@@ -78,6 +80,43 @@ def plot_recall(ax, rows):
     ax.legend()
 
 
+def kv_rows(model, run, n_windows: int) -> list:
+    """Bytes/token, perplexity (and change vs model-dtype KV) and decode tokens/s per KV dtype;
+    then stored-KV load vs prefill for one full-context document."""
+    from llmjax.data import load_dataset
+    from llmjax.decode import paged
+    from llmjax.rag.kv_store import engine_decode_rate, kv_perplexity, load_vs_prefill
+
+    cfg = load_run(run)[0].data if run else None
+    data = (load_dataset(cfg.corpus, cfg.tokenizer, cfg.seq_len, cfg.val_fraction) if cfg
+            else load_dataset("shakespeare", "bundled", 64, 0.05))
+    windows, rows = data.val[:n_windows], []
+    for kv_dtype in paged.KV_DTYPES:
+        pages = paged.init_paged_cache(model.cfg, 1, 16, kv_dtype=kv_dtype)
+        rows.append(dict(kv_dtype=kv_dtype, model=run or "random gpt2-tiny", windows=len(windows),
+                         kv_bytes_per_token=paged.kv_bytes_per_token(pages),
+                         perplexity=kv_perplexity(model, windows, kv_dtype=kv_dtype),
+                         **engine_decode_rate(model, kv_dtype)))
+        rows[-1]["ppl_change"] = rows[-1]["perplexity"] / rows[0]["perplexity"] - 1
+        print(f"KV {kv_dtype:9s} {rows[-1]['kv_bytes_per_token']:8.0f} B/token  ppl {rows[-1]['perplexity']:.4f} "
+              f"({rows[-1]['ppl_change']:+.3%})  decode {rows[-1]['tokens_per_s']:.0f} tok/s")
+    load = load_vs_prefill(model, windows[0, :-1])
+    rows.append(dict(kv_dtype="int8", section_part="load_vs_prefill", **load,
+                     speedup=load["prefill_s"] / load["load_s"]))
+    print(f"stored int8 KV of {load['tokens']} tokens ({load['kv_bytes']} B): load {load['load_s'] * 1e3:.3f} ms, "
+          f"prefill {load['prefill_s'] * 1e3:.3f} ms ({rows[-1]['speedup']:.1f}x)")
+    return rows
+
+
+def plot_kv(ax, rows):
+    rows = [r for r in rows if "perplexity" in r]
+    ax.scatter([r["kv_bytes_per_token"] for r in rows], [r["ppl_change"] * 100 for r in rows])
+    for r in rows:
+        ax.annotate(r["kv_dtype"], (r["kv_bytes_per_token"], r["ppl_change"] * 100))
+    ax.set_xlabel("KV bytes per token (all layers)")
+    ax.set_ylabel("perplexity change vs model-dtype KV (%)")
+
+
 def print_answer(answer, passages):
     for passage, score in answer.hits:
         mark = "*" if passage.id in answer.used else " "
@@ -99,9 +138,11 @@ def main(argv=None):
     parser.add_argument("--eval", action="store_true", help="recall@k of both retrievers")
     parser.add_argument("--questions", type=int, default=200, help="generated questions for --eval")
     parser.add_argument("--reuse", action="store_true", help="TTFT with and without document KV reuse")
+    parser.add_argument("--kv", action="store_true", help="KV compression: bytes/token vs perplexity, load vs prefill")
+    parser.add_argument("--windows", type=int, default=64, help="validation windows for --kv")
     args = parser.parse_args(argv)
-    if not (args.query or args.eval or args.reuse):
-        parser.error("give --query, --eval or --reuse")
+    if not (args.query or args.eval or args.reuse or args.kv):
+        parser.error("give --query, --eval, --reuse or --kv")
     try:
         passages = load_passages(args.corpus, args.max_words)
         model, tokenizer = load_model(args.run)
@@ -112,6 +153,8 @@ def main(argv=None):
             from llmjax.rag.reuse import plot_reuse, reuse_trace
 
             print(write_results("reuse", reuse_trace(passages, model, tokenizer), plot_reuse))
+        if args.kv:
+            print(write_results("kv", kv_rows(model, args.run, args.windows), plot_kv))
         if args.query:
             retrieve = make_retriever(args.retriever, passages, model, tokenizer)
             engine = Engine(model, EngineConfig(max_slots=1, prefill_slots=1, chunk_size=64))

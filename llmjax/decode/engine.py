@@ -38,8 +38,8 @@ class EngineConfig:
     """max_slots: running sequences (decode rows per step); prefill_slots: sequences that
     prefill a chunk per step; chunk_size: prompt tokens per chunk; block_size: positions per
     KV block; num_blocks: blocks in the pool; prefix_caching: share full blocks across
-    requests by chain hash; kv_dtype: "model" (the compute dtype) or "int8" (per position and
-    head scales; about half the bytes of bf16)."""
+    requests by chain hash; kv_dtype: "model" (the compute dtype), "bfloat16", or "int8" /
+    "fp8" (codes with per position and head scales; about half the bytes of bf16)."""
     max_slots: int = 8
     prefill_slots: int = 2
     chunk_size: int = 64

@@ -102,22 +102,25 @@ class BlockAllocator:
         assert (self.ref_counts >= 0).all(), "negative reference count"
 
 
-KV_DTYPES = ("model", "int8")
+KV_DTYPES = ("model", "bfloat16", "int8", "fp8")
+QUANTIZED_KV = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}  # codes with per-(position, head) scales
 
 
 def init_paged_cache(cfg, num_blocks: int, block_size: int, dtype=None, n_layers=None,
                      kv_dtype: str = "model") -> dict:
     """Zeroed page pools {"k_pages", "v_pages"}: [L, P, bs, K, H] (no tables yet); L is
     n_layers, default all of the model's (1: one layer's pool, for layer-by-layer decoding).
-    kv_dtype "int8": int8 pools plus "k_scales", "v_scales" [L, P, bs, K] float32 (see
-    llmjax.models.kv_cache); "model": pools in `dtype` (default the model's compute dtype)."""
+    kv_dtype "int8" / "fp8" (e4m3): pools of codes plus "k_scales", "v_scales" [L, P, bs, K]
+    float32 (see llmjax.models.kv_cache); "bfloat16": bf16 pools; "model": pools in `dtype`
+    (default the model's compute dtype)."""
     if kv_dtype not in KV_DTYPES:
         raise ValueError(f"kv_dtype={kv_dtype!r}; allowed: {', '.join(KV_DTYPES)}")
     shape = (n_layers or cfg.n_layers, num_blocks, block_size, cfg.n_kv_heads, cfg.head_dim)
-    if kv_dtype == "int8":
-        return {"k_pages": jnp.zeros(shape, jnp.int8), "v_pages": jnp.zeros(shape, jnp.int8),
+    if kv_dtype in QUANTIZED_KV:
+        codes = QUANTIZED_KV[kv_dtype]
+        return {"k_pages": jnp.zeros(shape, codes), "v_pages": jnp.zeros(shape, codes),
                 "k_scales": jnp.zeros(shape[:-1], jnp.float32), "v_scales": jnp.zeros(shape[:-1], jnp.float32)}
-    dtype = jnp.dtype(dtype or cfg.dtype)
+    dtype = jnp.dtype("bfloat16" if kv_dtype == "bfloat16" else dtype or cfg.dtype)
     return {"k_pages": jnp.zeros(shape, dtype), "v_pages": jnp.zeros(shape, dtype)}
 
 

@@ -8,7 +8,7 @@ slice of either (the model scans the leading L axis of every leaf away):
   2023); sequence b's position p lives in page block_tables[b, p // bs], slot p % bs, and
   seq_lens[b] counts its positions once this call's tokens are written. The small int leaves
   are repeated over L so the scan slices every leaf alike. `llmjax.decode.paged` builds it.
-  With int8 KV the pages are int8 and "k_scales", "v_scales": [L, P, bs, K] float32 hold one
+  With int8 (or fp8 e4m3) KV the pages hold codes and "k_scales", "v_scales": [L, P, bs, K] float32 hold one
   scale per (position, kv head): absmax / 127 over the head dim (KIVI, Liu et al. 2024 and
   KVQuant, Hooper et al. 2024 quantize per token like this for values; one scale per token
   and head keeps writes independent, so no page is ever re-quantized).
@@ -62,12 +62,16 @@ def attend_cached(q, k, v, positions, cache: dict):
     return out, {"k": cache_k, "v": cache_v}
 
 
-def quantize_kv(x):
-    """Symmetric int8 per (position, head): x [..., H] -> (int8 [..., H], scale [...] fp32)."""
+def quantize_kv(x, dtype=jnp.int8):
+    """Symmetric per (position, head) quantization: x [..., H] -> (codes [..., H] in `dtype`,
+    scale [...] fp32), x ~ codes * scale. int8: rounded to [-127, 127]; float8_e4m3fn: the
+    absmax maps to 448, e4m3's largest finite value, and the cast rounds to nearest."""
+    dtype = jnp.dtype(dtype)
+    top = 127.0 if dtype == jnp.int8 else float(jnp.finfo(dtype).max)
     x = x.astype(jnp.float32)
-    scale = jnp.max(jnp.abs(x), axis=-1) / 127.0
-    q = jnp.round(x / jnp.where(scale > 0, scale, 1.0)[..., None])
-    return jnp.clip(q, -127, 127).astype(jnp.int8), scale
+    scale = jnp.max(jnp.abs(x), axis=-1) / top
+    q = jnp.clip(x / jnp.where(scale > 0, scale, 1.0)[..., None], -top, top)
+    return (jnp.round(q) if dtype == jnp.int8 else q).astype(dtype), scale
 
 
 def write_pages(pages, new, positions, block_tables, seq_lens):
@@ -86,7 +90,8 @@ def _attend_paged(q, k, v, positions, cache):
     write = lambda name, x: write_pages(cache[name], x, positions, tables, seq_lens)  # noqa: E731
     quantized = "k_scales" in cache
     if quantized:
-        (k, k_scale), (v, v_scale) = quantize_kv(k), quantize_kv(v)
+        codes = cache["k_pages"].dtype
+        (k, k_scale), (v, v_scale) = quantize_kv(k, codes), quantize_kv(v, codes)
         scales = dict(k_scales=write("k_scales", k_scale), v_scales=write("v_scales", v_scale))
     else:
         scales = {}

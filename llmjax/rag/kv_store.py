@@ -77,3 +77,25 @@ def load_vs_prefill(model, tokens, *, block_size: int = 16, reps: int = 5) -> di
 
     return dict(tokens=length, kv_bytes=sum(x.nbytes for x in stored.values()),
                 load_s=median(lambda: jax.device_put(stored)), prefill_s=median(lambda: prefill(state, batch)))
+
+
+def engine_decode_rate(model, kv_dtype: str, *, slots: int = 8, prompt_len: int = 16,
+                       new_tokens: int = 32) -> dict:
+    """Generated tokens/s of the engine with `slots` greedy requests decoding together, the
+    KV pools in `kv_dtype` (one untimed run first compiles both step shapes)."""
+    from llmjax.decode.engine import Engine, EngineConfig
+
+    block = 16
+    per_seq = -(-(prompt_len + new_tokens) // block)
+    engine = Engine(model, EngineConfig(max_slots=slots, prefill_slots=slots, chunk_size=prompt_len,
+                                        block_size=block, num_blocks=max(slots * per_seq,
+                                                                         model.cfg.max_seq_len // block),
+                                        prefix_caching=False, kv_dtype=kv_dtype))
+    prompts = np.random.default_rng(0).integers(0, model.cfg.vocab_size, (2, slots, prompt_len))
+    for batch in prompts:  # the second pass is timed
+        for prompt in batch:
+            engine.submit(prompt, new_tokens)
+        start = time.perf_counter()
+        engine.run()
+    seconds = time.perf_counter() - start
+    return dict(tokens_per_s=slots * new_tokens / seconds, slots=slots, new_tokens=new_tokens)

@@ -12,6 +12,7 @@ from pallas_kernels import _api
 from pallas_kernels.decode_attention import config, reference, triton_decode
 
 BACKENDS = ("auto", "reference", "triton")
+CODE_DTYPES = (jnp.int8, jnp.float8_e4m3fn)  # quantized pages, read with per-position scales
 
 _log = logging.getLogger(__name__)
 _warned: set[str] = set()
@@ -29,7 +30,7 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, lengths, *, scale=
         at slot p % bs. Entries past a sequence's length are ignored (any value).
       lengths: [B] int, keys per sequence (0 <= length <= M * bs); a length-0 row gives zeros.
       scale: logit scale (Python number), default H ** -0.5.
-      k_scales, v_scales: None, or [P, bs, K] float32 for int8 pages: a stored value is
+      k_scales, v_scales: None, or [P, bs, K] float32 for int8 or float8_e4m3fn pages: a stored value is
         page * scale (one scale per position and kv head; the kernel dequantizes as it reads).
       backend: "auto" (the Triton kernel on a GPU or with interpret=True, else the reference;
         head dims or page sizes without a kernel fall back, logged once), "reference" (plain
@@ -78,7 +79,7 @@ def _validate(q, k_pages, v_pages, block_tables, lengths, *, backend, blocks):
             raise ValueError(f"{name} must be rank 4 [pages, page_size, kv_heads, head_dim]; "
                              f"got {name}.shape={getattr(x, 'shape', None)}")
     _api.check_float_dtype("q", q)
-    if k_pages.dtype == v_pages.dtype == jnp.int8:
+    if k_pages.dtype == v_pages.dtype and k_pages.dtype in CODE_DTYPES:
         pass  # quantized pages: their scales are checked by _validate_scales
     elif not q.dtype == k_pages.dtype == v_pages.dtype:
         raise ValueError(f"q, k_pages, v_pages must share one dtype; got q.dtype={q.dtype}, "
@@ -103,10 +104,10 @@ def _validate(q, k_pages, v_pages, block_tables, lengths, *, backend, blocks):
 
 
 def _validate_scales(k_pages, k_scales, v_scales):
-    """int8 pages need both scale arrays [P, bs, K] float32; float pages take none."""
-    quantized = k_pages.dtype == jnp.int8
+    """int8/fp8 pages need both scale arrays [P, bs, K] float32; float pages take none."""
+    quantized = k_pages.dtype in CODE_DTYPES
     if (k_scales is None) != (v_scales is None) or quantized != (k_scales is not None):
-        raise ValueError(f"int8 pages need k_scales and v_scales, float pages neither; got "
+        raise ValueError(f"int8/fp8 pages need k_scales and v_scales, float pages neither; got "
                          f"k_pages.dtype={k_pages.dtype}, k_scales given: {k_scales is not None}, "
                          f"v_scales given: {v_scales is not None}")
     for name, x in (("k_scales", k_scales), ("v_scales", v_scales)):

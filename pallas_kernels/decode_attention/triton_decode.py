@@ -39,8 +39,8 @@ def _decode_kernel(tables_ref, length_ref, q_ref, k_ref, v_ref, *refs, scale,
     tables_ref [pages_per_split] int32 (this split's page ids); length_ref [1] int32;
     q_ref [Gp, H]; k_ref, v_ref [P, bs, H] (this kv head); o_ref [Gp, H] fp32 (normalized
     within the split); m_ref, l_ref [Gp] fp32: base-2 running max and softmax denominator.
-    quantized: k_ref, v_ref are int8 and refs starts with ks_ref, vs_ref [P, bs] fp32 scales,
-    applied as the pages are read (int8 KV: half the bytes of bf16 per step).
+    quantized: k_ref, v_ref are int8/fp8 codes and refs starts with ks_ref, vs_ref [P, bs] fp32 scales,
+    applied as the pages are read (8-bit KV: about half the bytes of bf16 per step).
     """
     ks_ref, vs_ref, o_ref, m_ref, l_ref = refs if quantized else (None, None, *refs)
     split = pl.program_id(2)
