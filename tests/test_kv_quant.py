@@ -13,10 +13,9 @@ from llmjax.data import ByteTokenizer, load_corpus
 from llmjax.decode import paged
 from llmjax.decode.engine import Engine, EngineConfig
 from llmjax.models import init_model
-from llmjax.models.kv_cache import quantize_kv
 from llmjax.rag.kv_store import kv_perplexity
 from pallas_kernels.decode_attention import paged_decode_attention
-from pallas_kernels.decode_attention.reference import dequantize_pages
+from pallas_kernels.decode_attention.reference import dequantize_pages, quantize_pages
 
 # 8-bit KV attention vs the same KV unquantized: ||out - ref|| / ||ref|| below these. int8: each
 # element is off by at most half a step (absmax/254); fp8 e4m3 keeps 3 mantissa bits (relative
@@ -33,14 +32,14 @@ def _pages(seed, pool=12, page_size=8, kv_heads=2, head_dim=16):
     return q, k, v, tables, jnp.asarray([32, 9, 1], jnp.int32)
 
 
-def test_quantize_kv_int8_error_within_half_a_step():
+def test_quantize_pages_int8_error_within_half_a_step():
     x = jax.random.normal(jax.random.key(0), (5, 7, 3, 16)) * 3
-    q, scale = quantize_kv(x)
+    q, scale = quantize_pages(x)
     assert q.dtype == jnp.int8 and scale.shape == x.shape[:-1]
     error = jnp.abs(dequantize_pages(q, scale) - x)
     assert bool(jnp.all(error <= scale[..., None] / 2 + 1e-6))
     assert bool(jnp.all(jnp.abs(q).max(-1) == 127))  # the absmax maps to the top code
-    zeros_q, zeros_scale = quantize_kv(jnp.zeros((2, 4)))
+    zeros_q, zeros_scale = quantize_pages(jnp.zeros((2, 4)))
     assert not jnp.any(zeros_q) and not jnp.any(zeros_scale)
 
 
@@ -48,7 +47,7 @@ def test_quantize_kv_int8_error_within_half_a_step():
 @pytest.mark.parametrize("backend,interpret", [("reference", False), ("triton", True)])
 def test_8bit_decode_attention_close_to_full_precision(backend, interpret, codes):
     q, k, v, tables, lengths = _pages(1)
-    (k8, ks), (v8, vs) = quantize_kv(k, codes), quantize_kv(v, codes)
+    (k8, ks), (v8, vs) = quantize_pages(k, codes), quantize_pages(v, codes)
     assert k8.dtype == codes
     out = paged_decode_attention(q, k8, v8, tables, lengths, k_scales=ks, v_scales=vs, backend=backend,
                                  interpret=interpret)
@@ -63,7 +62,7 @@ def test_8bit_decode_attention_close_to_full_precision(backend, interpret, codes
 
 def test_int8_pages_bad_inputs():
     q, k, v, tables, lengths = _pages(2)
-    (k8, ks), (v8, vs) = quantize_kv(k), quantize_kv(v)
+    (k8, ks), (v8, vs) = quantize_pages(k), quantize_pages(v)
     with pytest.raises(ValueError, match="int8/fp8 pages need k_scales and v_scales"):
         paged_decode_attention(q, k8, v8, tables, lengths, backend="reference")
     with pytest.raises(ValueError, match=r"k_scales must be float32 of shape \(12, 8, 2\)"):

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from llmjax import ops
 from pallas_kernels.decode_attention import paged_decode_attention
-from pallas_kernels.decode_attention.reference import dequantize_pages, gather_pages
+from pallas_kernels.decode_attention.reference import dequantize_pages, gather_pages, quantize_pages
 
 
 def init_cache(cfg, batch: int, length: int, dtype=None) -> dict:
@@ -62,18 +62,6 @@ def attend_cached(q, k, v, positions, cache: dict):
     return out, {"k": cache_k, "v": cache_v}
 
 
-def quantize_kv(x, dtype=jnp.int8):
-    """Symmetric per (position, head) quantization: x [..., H] -> (codes [..., H] in `dtype`,
-    scale [...] fp32), x ~ codes * scale. int8: rounded to [-127, 127]; float8_e4m3fn: the
-    absmax maps to 448, e4m3's largest finite value, and the cast rounds to nearest."""
-    dtype = jnp.dtype(dtype)
-    top = 127.0 if dtype == jnp.int8 else float(jnp.finfo(dtype).max)
-    x = x.astype(jnp.float32)
-    scale = jnp.max(jnp.abs(x), axis=-1) / top
-    q = jnp.clip(x / jnp.where(scale > 0, scale, 1.0)[..., None], -top, top)
-    return (jnp.round(q) if dtype == jnp.int8 else q).astype(dtype), scale
-
-
 def write_pages(pages, new, positions, block_tables, seq_lens):
     """Scatter new [B, T, ...] into pages [P, bs, ...] at `positions` [B, T]; tokens outside
     [0, seq_lens[b]) are dropped (their page index is pushed past the pool)."""
@@ -91,7 +79,7 @@ def _attend_paged(q, k, v, positions, cache):
     quantized = "k_scales" in cache
     if quantized:
         codes = cache["k_pages"].dtype
-        (k, k_scale), (v, v_scale) = quantize_kv(k, codes), quantize_kv(v, codes)
+        (k, k_scale), (v, v_scale) = quantize_pages(k, codes), quantize_pages(v, codes)
         scales = dict(k_scales=write("k_scales", k_scale), v_scales=write("v_scales", v_scale))
     else:
         scales = {}

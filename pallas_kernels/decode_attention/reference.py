@@ -40,6 +40,18 @@ def gather_pages(pages, block_tables):
     return gathered.reshape(b, m * pages.shape[1], *pages.shape[2:])
 
 
+def quantize_pages(x, dtype=jnp.int8):
+    """Symmetric per (position, head) quantization: x [..., H] -> (codes [..., H] in `dtype`,
+    scale [...] fp32), x ~ codes * scale. int8: rounded to [-127, 127]; float8_e4m3fn: the
+    absmax maps to 448, e4m3's largest finite value, and the cast rounds to nearest."""
+    dtype = jnp.dtype(dtype)
+    top = 127.0 if dtype == jnp.int8 else float(jnp.finfo(dtype).max)
+    x = x.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(x), axis=-1) / top
+    q = jnp.clip(x / jnp.where(scale > 0, scale, 1.0)[..., None], -top, top)
+    return (jnp.round(q) if dtype == jnp.int8 else q).astype(dtype), scale
+
+
 def dequantize_pages(pages, scales):
     """int8 pages [..., H] times their per-(position, kv head) scales [...] -> fp32."""
     return pages.astype(jnp.float32) * scales[..., None].astype(jnp.float32)

@@ -99,3 +99,17 @@ def test_named_triton_backend_rejects_unsupported_head_dim():
 @pytest.mark.parametrize("case", cases.GPU_CASES, ids=lambda c: c.name)
 def test_matches_contiguous_gpu(case, dtype):
     _check(case, dtype, "triton", False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("codes", [jnp.int8, jnp.float8_e4m3fn], ids=["int8", "fp8"])
+@pytest.mark.parametrize("case", cases.GPU_CASES, ids=lambda c: c.name)
+def test_quantized_pages_match_reference_gpu(case, codes):
+    """The kernel on 8-bit pages with scales against the reference on the same codes (bf16 q)."""
+    q, _, _, k_pages, v_pages, tables, lengths = make_inputs(case, jnp.float32)
+    (k8, ks), (v8, vs) = reference.quantize_pages(k_pages, codes), reference.quantize_pages(v_pages, codes)
+    q = q.astype(jnp.bfloat16)
+    out = jax.jit(functools.partial(paged_decode_attention, backend="triton"))(
+        q, k8, v8, tables, lengths, k_scales=ks, v_scales=vs)
+    expected = reference.paged_decode_attention_reference(q, k8, v8, tables, lengths, k_scales=ks, v_scales=vs)
+    _testing.assert_close(out, expected, jnp.bfloat16, f"{case.name} {jnp.dtype(codes).name}")
