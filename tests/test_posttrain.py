@@ -201,3 +201,47 @@ def test_reward_model_scores_the_last_real_token_and_bradley_terry_loss(tiny):
     loss, m = bradley_terry_loss(jnp.array([2.0, 0.0]), jnp.array([1.0, 1.0]))
     assert float(loss) == pytest.approx((np.log1p(np.exp(-1.0)) + np.log1p(np.exp(1.0))) / 2, rel=1e-6)
     assert float(m["accuracy"]) == 0.5
+
+
+def test_nf4_round_trip_within_the_stated_bound():
+    from llmjax.posttrain import qlora
+
+    assert len(qlora.NF4_LEVELS) == 16 and 0.0 in qlora.NF4_LEVELS and qlora.NF4_LEVELS[-1] == 1.0
+    w = jax.random.normal(jax.random.key(0), (3, 40, 24)) * 0.02  # 960 values per layer: 15 blocks of 64
+    q = qlora.quantize_nf4(w, 64, lead=1)
+    assert q.codes.dtype == jnp.uint8 and q.codes.shape == (3, 15, 32)
+    err = np.abs(np.asarray(q[...] - w)).reshape(3, 15, 64)
+    bound = np.asarray(qlora.max_error(q.scales))[..., None]
+    assert (err <= bound * (1 + 1e-6)).all() and err.max() > 0
+    ragged = jax.random.normal(jax.random.key(1), (7, 9))  # 63 values: one padded block
+    np.testing.assert_array_less(np.abs(qlora.quantize_nf4(ragged, 16)[...] - ragged),
+                                 np.asarray(qlora.max_error(jnp.abs(ragged).max())) + 1e-6)
+
+
+def test_qlora_base_is_smaller_and_a_qlora_step_trains():
+    import optax
+
+    from llmjax.config import LoraConfig
+    from llmjax.lora import init_adapters, merge
+    from llmjax.posttrain import qlora
+    from llmjax.posttrain.step import init_state, make_step
+
+    cfg = dataclasses.replace(TINY, d_model=64, d_mlp=256, n_layers=2)
+    graphdef, params = split_model(init_model(cfg, seed=0))
+    lora = LoraConfig(rank=4, alpha=8.0, targets="wq,wv,w_in")
+    base = qlora.quantize_base(params, block=64)
+    report = qlora.memory_report(params, base)
+    assert report["base_bf16_over_nf4"] >= 3.0, report
+    adapters = init_adapters(params, lora, jax.random.key(1))
+    adapters = jax.tree.map(lambda x: x + 0.01 * jax.random.normal(jax.random.key(2), x.shape), adapters)
+    # Reading the NF4 weights with adapters attached == LoRA-merging the dequantized base.
+    batch = {k: jnp.asarray(v) for k, v in packing.pad_examples(_examples(8), 24).items()}
+    attached = jax.jit(lambda a: sft_loss(qlora.attach(base, a, lora), graphdef, batch)[0])(adapters)
+    merged = jax.jit(lambda a: sft_loss(merge(qlora.dequantize_base(base), a, lora), graphdef, batch)[0])(adapters)
+    assert float(attached) == pytest.approx(float(merged), rel=1e-5)
+    step = make_step(lambda p, b: sft_loss(p, graphdef, b), optax.adam(1e-2), lambda a, f: qlora.attach(f, a, lora))
+    state, losses = init_state(adapters, optax.adam(1e-2)), []
+    for _ in range(8):
+        state, metrics = step(state, batch, base)
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < losses[0] - 0.1, losses

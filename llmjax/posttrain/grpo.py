@@ -98,7 +98,8 @@ class GRPO:
         self.score = jax.jit(self._score, static_argnums=4)
 
     def init(self, trainable):
-        return init_state(trainable, self.optimizer)
+        """The train state of `trainable` (copied: steps donate it, and it may be the reference)."""
+        return init_state(jax.tree.map(jnp.copy, trainable), self.optimizer)
 
     def _score(self, params, ref_params, reward_params, tokens, prompt_len):
         weights = completion_mask(tokens, prompt_len, self.eos_id)

@@ -58,7 +58,7 @@ def run_sft(cfg):
     log.write("setup", 0, train_rows=len(train["tokens"]), val_examples=len(val["tokens"]),
               packed=cfg.pack, **report)
     state, rng = init_state(trainable, optimizer), np.random.default_rng(cfg.seed)
-    val_loss = None
+    log.write("eval", 0, val_loss=float(evaluate(state["params"], frozen, val)))
     for i in range(1, cfg.steps + 1):
         rows = rng.choice(len(train["tokens"]), cfg.batch_size, replace=len(train["tokens"]) < cfg.batch_size)
         state, metrics = step(state, {k: v[rows] for k, v in train.items()}, frozen)
