@@ -84,7 +84,8 @@ class DenseIndex:
           RagError: no such file.
         """
         if not Path(path).is_file():
-            raise RagError(f"no dense index at {path}; build one with DenseIndex(embed_texts(...)).save(path)")
+            raise RagError(f"no dense index at {path}; build one with `python -m experiments.rag --save-index "
+                           f"{path} ...` or DenseIndex(embed_texts(...)).save(path)")
         with np.load(path) as data:
             index = cls.__new__(cls)
             index.center, index.vectors = data["center"], jnp.asarray(data["vectors"])
