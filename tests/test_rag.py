@@ -69,12 +69,22 @@ def test_bm25_recall_on_generated_questions():
 def test_dense_index_returns_exact_top_k():
     rng = np.random.default_rng(0)
     vectors, queries = rng.normal(size=(300, 16)), rng.normal(size=(5, 16))
-    index = DenseIndex(vectors)
+    index = DenseIndex(vectors, whiten=False)
     scores, ids = index.search(queries, 7)
     unit = lambda x: (x - vectors.mean(0)) / np.linalg.norm(x - vectors.mean(0), axis=-1, keepdims=True)  # noqa: E731
     cosines = unit(queries) @ unit(vectors).T
     np.testing.assert_array_equal(ids, np.argsort(-cosines, axis=1)[:, :7])
     np.testing.assert_allclose(scores, np.take_along_axis(cosines, ids, axis=1), atol=1e-5)
+
+
+def test_whitening_maps_the_collection_covariance_to_identity():
+    rng = np.random.default_rng(2)
+    vectors = rng.normal(size=(500, 6)) @ rng.normal(size=(6, 6)) + 3.0  # correlated, off-center
+    index = DenseIndex(vectors)
+    whitened = (vectors - index.center) @ index.transform
+    np.testing.assert_allclose(np.cov(whitened.T), np.eye(6), atol=1e-3)
+    scores, ids = index.search(vectors[:4], 1)
+    assert ids[:, 0].tolist() == [0, 1, 2, 3] and np.allclose(scores[:, 0], 1.0, atol=1e-5)
 
 
 def test_dense_index_save_load_and_missing(tmp_path):
