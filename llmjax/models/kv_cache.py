@@ -8,10 +8,10 @@ slice of either (the model scans the leading L axis of every leaf away):
   2023); sequence b's position p lives in page block_tables[b, p // bs], slot p % bs, and
   seq_lens[b] counts its positions once this call's tokens are written. The small int leaves
   are repeated over L so the scan slices every leaf alike. `llmjax.decode.paged` builds it.
-  With int8 (or fp8 e4m3) KV the pages hold codes and "k_scales", "v_scales": [L, P, bs, K] float32 hold one
-  scale per (position, kv head): absmax / 127 over the head dim (KIVI, Liu et al. 2024 and
-  KVQuant, Hooper et al. 2024 quantize per token like this for values; one scale per token
-  and head keeps writes independent, so no page is ever re-quantized).
+  With int8 (or fp8 e4m3) KV the pages hold codes, and "k_scales", "v_scales": [L, P, bs, K]
+  float32 hold one scale per (position, kv head): absmax over the head dim / 127 (fp8: / 448).
+  KIVI (Liu et al. 2024) and KVQuant (Hooper et al. 2024) quantize values per token like this;
+  one scale per token and head keeps writes independent, so no page is ever re-quantized.
 """
 import jax
 import jax.numpy as jnp
