@@ -8,10 +8,19 @@ device (params + optimizer state, and activations under model.remat), and the co
 bytes in the compiled program. Pipeline layouts `pp` (stages x dp) and `pp_fsdp` (stages x
 fsdp) run `sharding.pipeline` with mesh.pp_schedule and mesh.pp_microbatches and report the
 schedule's bubble. Writes runs/<name>/shard_sweep.json, shard_sweep.png and config.yaml.
+
+`--auto [--top K]` searches instead (`sharding.search`): every mesh factorization x preset x
+remat policy (x pipeline microbatches), pruned by predicted memory, ranked by the cost model
+on this machine's measured matmul rate and all-reduce link; the K best are compiled and
+timed and the measured fastest wins. Prints the ranking with predicted vs measured step
+time and memory; writes runs/<name>/shard_search.json and shard_search.png (predicted vs
+measured step time, Spearman rank correlation).
 """
 import argparse
+import dataclasses
 import json
 import math
+import os
 import re
 import statistics
 import sys
@@ -26,6 +35,7 @@ from llmjax.models import count_params, init_model, split_model
 from llmjax.train.flops import device_peak_flops, flops_per_token
 from llmjax.train.optimizer import make_optimizer
 from llmjax.train.step import init_train_state, make_train_step
+from sharding import search
 from sharding.memory import activation_bytes, estimate_train_memory, pipeline_activation_bytes
 from sharding.mesh import check_divisibility, make_mesh, mesh_shape
 from sharding.pipeline import check_pipeline, make_pipeline_train_step, pipeline_rules, pipeline_state_shardings
@@ -39,7 +49,7 @@ _BATCH_AXIS = {"dp": "data", "fsdp": "fsdp", "zero1": "fsdp", "tp": "data", "fsd
 _HLO_BYTES = {"f64": 8, "s64": 8, "u64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2,
               "s8": 1, "u8": 1, "pred": 1}
 _COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-PIPELINE_LAYOUTS = {"pp": "dp", "pp_fsdp": "fsdp"}  # layout -> the preset of the other axes
+PIPELINE_LAYOUTS = search.PIPELINE_PRESETS  # layout -> the preset of the other axes
 
 
 def _pipeline_mesh(layout: str, n_devices: int, model_cfg, micro_batch: int, seq_len: int,
@@ -111,17 +121,28 @@ def collective_bytes(hlo_text: str) -> int:
     return total
 
 
-def sweep_one(cfg, layout: str, graphdef, params, optimizer, steps: int) -> dict:
-    """Compile and time one layout; a row of the table."""
+def compiled_bytes(mem) -> int:
+    """Peak bytes per device of a compiled step from its `memory_analysis()`: arguments,
+    outputs and temporaries, less the outputs that reuse donated arguments."""
+    return (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+            - mem.alias_size_in_bytes)
+
+
+def sweep_one(cfg, layout: str, graphdef, params, optimizer, steps: int, mesh_cfg: MeshConfig | None = None,
+              name: str | None = None) -> dict:
+    """Compile and time one layout (on `mesh_cfg`, default `mesh_for`'s); a row of the table.
+    `graphdef` is built from cfg.model (its remat policy)."""
     tc, seq_len, n = cfg.train, cfg.data.seq_len, jax.device_count()
     micro_batch = tc.batch_size // tc.grad_accum
-    pp = (cfg.mesh.pp_schedule, cfg.mesh.pp_microbatches)
-    mesh_cfg = mesh_for(layout, n, cfg.model, micro_batch, seq_len, pp)
+    if mesh_cfg is None:
+        mesh_cfg = mesh_for(layout, n, cfg.model, micro_batch, seq_len, (cfg.mesh.pp_schedule, cfg.mesh.pp_microbatches))
+    pp = (mesh_cfg.pp_schedule, mesh_cfg.pp_microbatches)
+    remat = cfg.model.remat
     mesh = make_mesh(mesh_cfg)
     state = init_train_state(jax.tree.map(jnp.array, params), optimizer)
     batch = jax.random.randint(jax.random.key(0), (tc.grad_accum, micro_batch, seq_len + 1),
                                0, cfg.model.vocab_size, dtype=jnp.int32)
-    if layout in PIPELINE_LAYOUTS:
+    if mesh_cfg.pipeline > 1:
         rules = pipeline_rules(mesh_cfg.rules)[0]  # the same table for params and opt state
         state = jax.device_put(state, pipeline_state_shardings(graphdef, state, mesh, mesh_cfg.rules))
         step = make_pipeline_train_step(graphdef, optimizer, mesh=mesh, rules=mesh_cfg.rules,
@@ -129,13 +150,13 @@ def sweep_one(cfg, layout: str, graphdef, params, optimizer, steps: int) -> dict
         bubble = step.stats["bubble"]
         activations = pipeline_activation_bytes(
             cfg.model, mesh_shape(mesh_cfg), rules, micro_batch=micro_batch // pp[1], seq_len=seq_len,
-            in_flight=step.stats["max_in_flight"], remat=cfg.model.remat)
+            in_flight=step.stats["max_in_flight"], remat=remat)
     else:
-        rules, bubble = layout, None
-        state = shard_state(state, graphdef, mesh, layout)
-        step = make_train_step(graphdef, optimizer, mesh=mesh, rules=layout)
+        rules, bubble = mesh_cfg.rules, None
+        state = shard_state(state, graphdef, mesh, rules)
+        step = make_train_step(graphdef, optimizer, mesh=mesh, rules=rules)
         activations = activation_bytes(cfg.model, mesh_shape(mesh_cfg), rules, micro_batch=micro_batch,
-                                       seq_len=seq_len, remat=cfg.model.remat)
+                                       seq_len=seq_len, remat=remat)
     predicted = estimate_train_memory(graphdef, state, mesh, rules)
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
@@ -151,13 +172,15 @@ def sweep_one(cfg, layout: str, graphdef, params, optimizer, steps: int) -> dict
     peak = device_peak_flops()
     flops = flops_per_token(cfg.model, count_params(params), seq_len) * tokens_s
     mem = compiled.memory_analysis()
-    name = f"{layout}/{pp[0]}/m{pp[1]}" if bubble is not None else layout
+    if name is None:
+        name = f"{layout}/{pp[0]}/m{pp[1]}" if bubble is not None else layout
     return {"layout": name, "mesh": {axis: size for axis, size in mesh_shape(mesh_cfg).items() if size != 1},
             "compile_s": compile_s, "step_s": step_s, "tokens_per_s": tokens_s,
             "mfu": flops / (peak * n) if peak else None, "loss": float(metrics["loss"]),
             "predicted_params_opt_bytes": predicted.params_and_opt, "predicted_total_bytes": predicted.total,
             "predicted_activation_bytes": activations, "bubble": bubble,
             "compiled_argument_bytes": mem.argument_size_in_bytes, "compiled_temp_bytes": mem.temp_size_in_bytes,
+            "compiled_bytes": compiled_bytes(mem),
             "collective_bytes": collective_bytes(compiled.as_text())}
 
 
@@ -209,13 +232,117 @@ def plot(rows: list[dict], path, title: str):
     plt.close(fig)
 
 
+def device_memory_bytes() -> float:
+    """Memory of one device: its allocator limit where it reports one (GPU), else this
+    host's RAM shared by the local devices."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return float(stats["bytes_limit"])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / jax.local_device_count()
+
+
+def auto_search(cfg, args) -> dict:
+    """Rank every layout on paper (`sharding.search`), compile and time the `args.top`
+    best, and pick the measured fastest. Returns the JSON record."""
+    tc, seq_len, n = cfg.train, cfg.data.seq_len, jax.device_count()
+    memory = args.memory_gb * 1e9 if args.memory_gb else device_memory_bytes()
+    hw = search.measure_hardware(memory, mfu=args.mfu)
+    if args.peak_tflops:
+        hw = dataclasses.replace(hw, peak_flops=args.peak_tflops * 1e12)
+    if args.link_gbps:
+        hw = dataclasses.replace(hw, link_bytes_per_s=args.link_gbps * 1e9)
+    _, params = split_model(init_model(cfg.model, seed=cfg.train.seed))
+    n_params = count_params(params)
+    ranked, pruned = search.search(cfg.model, n_params, n, hw, batch_size=tc.batch_size, grad_accum=tc.grad_accum,
+                                   seq_len=seq_len, presets=args.presets.split(","), remats=args.remats.split(","),
+                                   schedule=cfg.mesh.pp_schedule)
+    if not ranked:
+        raise ValueError(f"no layout of {n} devices fits {memory / 1e9:.2f} GB per device "
+                         f"({len(pruned)} pruned); raise --memory-gb or use more devices")
+    optimizer = make_optimizer(cfg.optim, cfg.train.steps)
+    rows = []
+    for pred in ranked[:args.top]:
+        layout = pred.layout
+        run_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, remat=layout.remat))
+        graphdef, _ = split_model(init_model(run_cfg.model, seed=cfg.train.seed))
+        mesh_cfg = MeshConfig(rules=layout.rules, pp_microbatches=layout.microbatches,
+                              pp_schedule=layout.schedule, **dict(layout.sizes))
+        row = sweep_one(run_cfg, layout.preset, graphdef, params, optimizer, args.steps, mesh_cfg, layout.name)
+        rows.append({**row, "predicted_step_s": pred.step_s, "predicted_bytes": pred.memory_bytes})
+    winner = search.choose({r["layout"]: r["step_s"] for r in rows})
+    rho = search.rank_correlation([r["predicted_step_s"] for r in rows], [r["step_s"] for r in rows])
+    ranking = [{"rank": i + 1, "layout": p.layout.name, "predicted_step_s": p.step_s,
+                "predicted_compute_s": p.compute_s, "predicted_comm_s": p.comm_s, "bubble": p.bubble,
+                "predicted_comm_bytes": p.comm_bytes, "predicted_bytes": p.memory_bytes}
+               for i, p in enumerate(ranked)]
+    return {"hardware": dataclasses.asdict(hw), "n_params": n_params, "ranking": ranking,
+            "pruned": [{"layout": p.layout.name, "predicted_bytes": p.memory_bytes} for p in pruned],
+            "rows": rows, "winner": winner, "rank_correlation": rho}
+
+
+def format_auto(record: dict, shown: int = 20) -> str:
+    """The printed ranking: predicted step time and memory of the best `shown`, measured
+    step time and compiled memory of the timed ones, the winner and the rank correlation."""
+    timed = {r["layout"]: r for r in record["rows"]}
+    hw = record["hardware"]
+    lines = [f"cost model: {hw['peak_flops'] / 1e9:.1f} GFLOP/s x MFU {hw['mfu']:.2f} per device, link "
+             f"{hw['link_bytes_per_s'] / 1e9:.3f} GB/s + {hw['link_latency_s'] * 1e6:.0f} us per collective, "
+             f"memory {hw['memory_bytes'] / 2**30:.1f} GiB per device",
+             f"{len(record['ranking'])} layouts fit, {len(record['pruned'])} pruned by memory",
+             f"{'rank':>4} {'layout':<44} {'pred ms':>8} {'meas ms':>8} {'pred MiB':>9} {'comp MiB':>9}"]
+    for r in record["ranking"][:max(shown, len(timed))]:
+        m = timed.get(r["layout"])
+        meas = f"{m['step_s'] * 1e3:8.1f}" if m else f"{'-':>8}"
+        comp = f"{m['compiled_bytes'] / 2**20:9.2f}" if m else f"{'-':>9}"
+        lines.append(f"{r['rank']:>4} {r['layout']:<44} {r['predicted_step_s'] * 1e3:8.2f} {meas} "
+                     f"{r['predicted_bytes'] / 2**20:9.2f} {comp}")
+    best = min(record["rows"], key=lambda r: r["step_s"])
+    lines.append(f"winner: {record['winner']} ({best['step_s'] * 1e3:.1f} ms measured); rank correlation "
+                 f"predicted vs measured over {len(record['rows'])} timed: {record['rank_correlation']:.2f}")
+    return "\n".join(lines)
+
+
+def plot_auto(record: dict, path, title: str):
+    """Predicted vs measured step time of the timed layouts, with the rank correlation."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = record["rows"]
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    xs, ys = [r["predicted_step_s"] * 1e3 for r in rows], [r["step_s"] * 1e3 for r in rows]
+    ax.scatter(xs, ys)
+    for x, y, r in zip(xs, ys, rows):
+        ax.annotate(r["layout"], (x, y), fontsize=6, alpha=0.8)
+    ax.set_xlabel("predicted step time (ms)")
+    ax.set_ylabel("measured step time (ms)")
+    ax.set_title(f"{title}\nSpearman rank correlation {record['rank_correlation']:.2f}; "
+                 f"winner {record['winner']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m experiments.shard_sweep", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML experiment file")
     parser.add_argument("--layouts", default="dp,fsdp,zero1,tp,fsdp_tp,sp,cp", help="comma-separated presets")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per layout (after one warm-up)")
+    parser.add_argument("--auto", action="store_true",
+                        help="search layouts (sharding.search): rank on paper, time the --top best")
+    parser.add_argument("--top", type=int, default=4, help="--auto: layouts to compile and time")
+    parser.add_argument("--presets", default=",".join(search.PRESETS), help="--auto: presets to search")
+    parser.add_argument("--remats", default=",".join(search.REMATS), help="--auto: remat policies to search")
+    parser.add_argument("--mfu", type=float, default=0.5, help="--auto: fraction of the measured matmul rate")
+    parser.add_argument("--peak-tflops", type=float, help="--auto: per-device peak instead of measuring it")
+    parser.add_argument("--link-gbps", type=float, help="--auto: link GB/s instead of measuring it")
+    parser.add_argument("--memory-gb", type=float, help="--auto: memory per device (default: the device's)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
+    if args.top < 1 or not 0 < args.mfu <= 1:
+        parser.error(f"--top {args.top} must be >= 1 and --mfu {args.mfu} in (0, 1]")
+    if args.auto:
+        return main_auto(args)
     try:
         cfg = load_config(args.config, args.overrides)
         graphdef, params = split_model(init_model(cfg.model, seed=cfg.train.seed))
@@ -232,6 +359,23 @@ def main(argv=None):
         {"device": device, "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1))
     plot(rows, cfg.run_dir / "shard_sweep.png", f"{cfg.name}: {device}")
     print(f"{cfg.name} on {device}\n{format_table(rows)}\nwrote {cfg.run_dir}/shard_sweep.{{json,png}}")
+    return 0
+
+
+def main_auto(args) -> int:
+    try:
+        cfg = load_config(args.config, args.overrides)
+        record = auto_search(cfg, args)
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, cfg.run_dir / "config.yaml")
+    device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
+    (cfg.run_dir / "shard_search.json").write_text(json.dumps(
+        {"device": device, "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"), **record}, indent=1))
+    plot_auto(record, cfg.run_dir / "shard_search.png", f"{cfg.name}: {device}")
+    print(f"{cfg.name} on {device}\n{format_auto(record)}\nwrote {cfg.run_dir}/shard_search.{{json,png}}")
     return 0
 
 

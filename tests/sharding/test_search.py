@@ -1,0 +1,140 @@
+"""The layout search: enumeration counts, the memory prune, the cost model on paper, and the
+`shard_sweep --auto` run on the 8-device CPU mesh (choice rule, rank correlation)."""
+import dataclasses
+import itertools
+import json
+import math
+
+import pytest
+
+from experiments.shard_sweep import main
+from llmjax.config import load_config
+from sharding import search
+from sharding.search import Hardware, Layout, enumerate_layouts, factorizations, predict
+
+HW = Hardware(peak_flops=1e12, mfu=0.5, link_bytes_per_s=1e10, link_latency_s=1e-5, memory_bytes=1e12)
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """A model on paper whose sizes every split of 8 devices divides."""
+
+    n_layers: int = 8
+    d_model: int = 64
+    n_heads: int = 8
+    n_kv_heads: int = 8
+    d_mlp: int = 256
+    vocab_size: int = 512
+    max_seq_len: int = 64
+    family: str = "gpt2"
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+
+def _predict(preset, sizes, model=Model(), n_params=1e6, batch_size=64, **kw):
+    layout = Layout(preset, tuple(sizes.items()), **kw)
+    return predict(layout, model, n_params, HW, batch_size=batch_size, grad_accum=1, seq_len=16)
+
+
+def test_factorizations_are_every_ordered_split():
+    for n, k in ((8, 2), (8, 3), (12, 3), (1, 4)):
+        got = factorizations(n, k)
+        brute = [t for t in itertools.product(range(1, n + 1), repeat=k) if math.prod(t) == n]
+        assert sorted(got) == sorted(brute)
+    assert len(factorizations(8, 3)) == 10  # C(3+2, 2): exponents of 2 summing to 3
+
+
+def test_enumeration_covers_factorizations_presets_and_remat():
+    layouts = enumerate_layouts(Model(), 8, micro_batch=64, seq_len=16)
+    counts = {p: sum(1 for x in layouts if x.preset == p) for p in search.PRESETS}
+    # Meshes of 8 per preset (the defining axes > 1): dp 1; fsdp, zero1 (data x fsdp), tp, sp
+    # (data x tensor): 3 each; fsdp_tp (data x fsdp x tensor, both > 1): 3; pp (data x
+    # pipeline): 3 x 4 microbatch counts; pp_fsdp (data x fsdp x pipeline): 3 x 4. Times 3 remats.
+    assert counts == {"dp": 3, "fsdp": 9, "zero1": 9, "tp": 9, "sp": 9, "fsdp_tp": 9, "pp": 36, "pp_fsdp": 36}
+    assert len(set(layouts)) == len(layouts)
+    assert all(math.prod(x.mesh_shape.values()) == 8 for x in layouts)
+    assert {x.remat for x in layouts} == set(search.REMATS)
+    # The model's sizes prune the rest: 4 kv heads cannot split 8 ways, 2 layers not 4 stages.
+    narrow = enumerate_layouts(dataclasses.replace(Model(), n_kv_heads=4, n_layers=2), 8, 64, 16,
+                               remats=("none",))
+    assert not [x for x in narrow if x.tensor == 8 or x.pipeline > 2]
+    assert [x for x in narrow if x.tensor == 4] and [x for x in narrow if x.pipeline == 2]
+    with pytest.raises(ValueError, match="unknown layout search choice 'zero3'"):
+        enumerate_layouts(Model(), 8, 64, 16, presets=("zero3",))
+
+
+def test_cost_model_ranks_sensibly_on_paper():
+    # A tiny model: communication only costs, so more data parallelism is cheaper.
+    dp = _predict("dp", {"data": 8})
+    assert dp.step_s < _predict("tp", {"data": 4, "tensor": 2}).step_s < _predict("tp", {"data": 2, "tensor": 4}).step_s
+    assert dp.step_s < _predict("fsdp", {"fsdp": 8}).step_s
+    # A bigger bubble costs more: fewer microbatches, more stages.
+    pp = {m: _predict("pp", {"data": 2, "pipeline": 4}, microbatches=m) for m in (1, 2, 8)}
+    assert [pp[m].bubble for m in (1, 2, 8)] == pytest.approx([3 / 4, 3 / 5, 3 / 11])
+    assert pp[1].step_s > pp[2].step_s > pp[8].step_s
+    # Recompute costs time and saves activation memory.
+    remat = {r: _predict("dp", {"data": 8}, remat=r) for r in search.REMATS}
+    assert remat["none"].step_s < remat["dots"].step_s < remat["full"].step_s
+    assert remat["none"].activation_bytes > remat["dots"].activation_bytes > remat["full"].activation_bytes
+    # ZeRO: the states shrink as the preset splits more of them.
+    states = [_predict(p, {"fsdp": 8} if p != "dp" else {"data": 8}).state_bytes for p in ("dp", "zero1", "fsdp")]
+    assert states[0] > states[1] > states[2] == pytest.approx(states[0] / 8)
+
+
+def test_rank_correlation_and_choice_rule():
+    assert search.rank_correlation([1, 2, 3, 4], [10, 20, 30, 45]) == pytest.approx(1.0)
+    assert search.rank_correlation([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert search.rank_correlation([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)
+    assert math.isnan(search.rank_correlation([1], [2]))
+    assert search.choose({"a": 0.3, "b": 0.1, "c": 0.2}) == "b"
+
+
+def test_prune_drops_only_what_cannot_fit():
+    kw = dict(batch_size=64, grad_accum=1, seq_len=16, remats=("none",))
+    ranked, pruned = search.search(Model(), 1e6, 8, HW, **kw)
+    assert ranked and not pruned
+    dp = next(p for p in ranked if p.layout.preset == "dp")
+    small = dataclasses.replace(HW, memory_bytes=dp.memory_bytes * 0.5)
+    ranked, pruned = search.search(Model(), 1e6, 8, small, **kw)
+    assert dp.layout in {p.layout for p in pruned}
+    assert all(p.memory_bytes <= small.memory_bytes * (1 + search.PRUNE_SLACK) for p in ranked)
+
+
+@pytest.fixture(scope="module")
+def auto_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("auto")
+    argv = ["--auto", "--top", "3", "--steps", "2", "--remats", "none,full", "preset=gpt2-tiny", "name=auto",
+            f"out_dir={out}", "train.batch_size=8", "data.seq_len=16"]
+    assert main(argv) == 0
+    return out / "auto", json.loads((out / "auto" / "shard_search.json").read_text())
+
+
+def test_auto_times_the_top_layouts_and_picks_the_measured_best(auto_run, capsys):
+    run_dir, record = auto_run
+    rows = record["rows"]
+    assert [r["layout"] for r in rows] == [r["layout"] for r in record["ranking"][:3]]
+    best = min(r["step_s"] for r in rows)
+    winner = next(r for r in rows if r["layout"] == record["winner"])
+    assert winner["step_s"] <= 1.1 * best
+    rho = search.rank_correlation([r["predicted_step_s"] for r in rows], [r["step_s"] for r in rows])
+    assert record["rank_correlation"] == pytest.approx(rho, nan_ok=True)
+    assert (run_dir / "shard_search.png").stat().st_size > 0
+    assert all(r["loss"] > 0 and r["compiled_bytes"] > 0 for r in rows)
+
+
+def test_auto_prune_keeps_every_timed_layout_at_its_compiled_memory(auto_run):
+    """A budget just above a layout's compiled memory never prunes it."""
+    _, record = auto_run
+    model = load_config(overrides=["preset=gpt2-tiny"]).model
+    for row in record["rows"]:
+        hw = dataclasses.replace(HW, memory_bytes=row["compiled_bytes"] * 1.01)
+        ranked, _ = search.search(model, record["n_params"], 8, hw, batch_size=8, grad_accum=1,
+                                       seq_len=16, remats=("none", "full"))
+        assert row["layout"] in {p.layout.name for p in ranked}, row
+
+
+def test_auto_reports_when_nothing_fits(tmp_path, capsys):
+    argv = ["--auto", "--memory-gb", "1e-6", "preset=gpt2-tiny", "name=none", f"out_dir={tmp_path}",
+            "train.batch_size=8", "data.seq_len=16"]
+    assert main(argv) == 2
+    assert "no layout of 8 devices fits" in capsys.readouterr().err
