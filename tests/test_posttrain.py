@@ -1,5 +1,6 @@
 """Post-training: SFT masking and packing, DPO loss, reward model + GRPO, QLoRA (tiny models, CPU)."""
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -187,7 +188,11 @@ def test_grpo_raises_a_toy_reward():
 
 
 def test_reward_model_scores_the_last_real_token_and_bradley_terry_loss(tiny):
-    from llmjax.posttrain.reward import bradley_terry_loss, init_reward_model, reward_scores
+    from llmjax.posttrain.reward import (
+        bradley_terry_loss,
+        init_reward_model,
+        reward_scores,
+    )
 
     graphdef, params = tiny
     rm = init_reward_model(params, TINY.d_model)
@@ -245,3 +250,37 @@ def test_qlora_base_is_smaller_and_a_qlora_step_trains():
         state, metrics = step(state, batch, base)
         losses.append(float(metrics["loss"]))
     assert losses[-1] < losses[0] - 0.1, losses
+
+
+def test_bad_configs_name_the_key(tmp_path, capsys):
+    from experiments.posttrain import main_for
+    from llmjax.config import ConfigError
+    from llmjax.posttrain.config import load_posttrain_config
+
+    with pytest.raises(ConfigError, match="group_size=1"):
+        load_posttrain_config(None, ["group_size=1"])
+    with pytest.raises(ConfigError, match="lora.rank=0"):
+        load_posttrain_config(None, ["qlora=true"])
+    with pytest.raises(ConfigError, match="prompt_tokens=60"):
+        load_posttrain_config(None, ["preset=gpt2-tiny", "prompt_tokens=60", "max_new_tokens=100"])
+    with pytest.raises(ConfigError, match="did you mean 'beta'"):
+        load_posttrain_config(None, ["betta=0.1"])
+    assert main_for("sft", lambda cfg: None, str, ["seq_len=0"]) == 2
+    assert "seq_len=0" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_qlora_sft_gpt2_small_on_gpu(tmp_path):
+    """GPT-2 small (124M) QLoRA SFT: base >= 3x smaller than bf16, and the loss falls."""
+    from llmjax.posttrain.config import load_posttrain_config
+    from llmjax.posttrain.sft import run_sft
+
+    cfg = load_posttrain_config(None, [f"out_dir={tmp_path}", "name=qlora_gpu", "preset=gpt2-small",
+                                       "tokenizer=bundled", "seq_len=256", "steps=40", "eval_every=40",
+                                       "batch_size=16", "qlora=true", "lora.rank=8", "optim.lr=1e-2",
+                                       "optim.warmup_steps=5", "optim.weight_decay=0", "model.dtype=bfloat16"])
+    _, val_loss, _ = run_sft(cfg)
+    lines = (tmp_path / "qlora_gpu" / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert rows[0]["base_bf16_over_nf4"] >= 3.0
+    assert val_loss < rows[1]["val_loss"] - 0.1, rows

@@ -10,8 +10,15 @@ from pathlib import Path
 
 import yaml
 
-from llmjax.config import (ConfigError, LoraConfig, ModelConfig, OptimConfig, _build, _merge,
-                           parse_overrides)
+from llmjax.config import (
+    ConfigError,
+    LoraConfig,
+    ModelConfig,
+    OptimConfig,
+    _build,
+    _merge,
+    parse_overrides,
+)
 from llmjax.presets import PRESETS
 
 REWARDS = ("model", "target_token")

@@ -17,7 +17,7 @@ import numpy as np
 from llmjax.posttrain.chat import Preference, encode_chat, fits, preference_pairs
 from llmjax.posttrain.forward import token_logprobs
 from llmjax.posttrain.packing import pad_examples
-from llmjax.posttrain.run import RunLog, load_start, trainable_tree
+from llmjax.posttrain.run import RunLog, load_start, map_rows, trainable_tree
 from llmjax.posttrain.step import init_state, make_step
 from llmjax.train.optimizer import make_optimizer
 
@@ -66,7 +66,14 @@ def _pair_loss(graphdef, beta, params, batch):
     return dpo_loss(logp[:n], logp[n:], batch["ref"][:n], batch["ref"][n:], beta)
 
 
-def _rows(batch, pair_ids, n_pairs):
+def generated_pairs(cfg, tokenizer, docs) -> list[Preference]:
+    """cfg.n_examples generated preference pairs, less those whose chosen or rejected
+    example does not fit cfg.seq_len (the generator does not know the tokenizer)."""
+    return [p for p in preference_pairs(docs, cfg.n_examples, cfg.seed)
+            if fits(tokenizer, p.prompt, p.chosen, cfg.seq_len) and fits(tokenizer, p.prompt, p.rejected, cfg.seq_len)]
+
+
+def pair_rows(batch, pair_ids, n_pairs):
     """The chosen then rejected rows of the pairs `pair_ids`."""
     rows = np.concatenate([pair_ids, pair_ids + n_pairs])
     return {k: v[rows] for k, v in batch.items()}
@@ -76,27 +83,32 @@ def run_dpo(cfg):
     """DPO on generated preference pairs; logs train loss, held-out reward margin and
     accuracy. Returns (cfg, final held-out metrics, the trained tree)."""
     cfg, tokenizer, graphdef, params, docs = load_start(cfg)
-    pairs = [p for p in preference_pairs(docs, cfg.n_examples, cfg.seed)  # generated: drop what does not fit
-             if fits(tokenizer, p.prompt, p.chosen, cfg.seq_len) and fits(tokenizer, p.prompt, p.rejected, cfg.seq_len)]
+    pairs = generated_pairs(cfg, tokenizer, docs)
     n_val = max(1, int(len(pairs) * cfg.val_fraction))
     train = preference_batch(tokenizer, pairs[n_val:], cfg.seq_len)
     val = preference_batch(tokenizer, pairs[:n_val], cfg.seq_len)
     reference = jax.jit(functools.partial(sequence_logprobs, graphdef=graphdef))
-    train["ref"] = np.asarray(reference(params, batch=train))  # the frozen reference, once
-    val["ref"] = np.asarray(reference(params, batch=val))
+    for batch in (train, val):  # the frozen reference, once
+        batch["ref"] = map_rows(lambda rows: reference(params, batch=rows), batch, 2 * cfg.batch_size)
 
     trainable, frozen, to_params, report = trainable_tree(cfg, params)
     optimizer = make_optimizer(cfg.optim, cfg.steps)
     loss = functools.partial(_pair_loss, graphdef, cfg.beta)
     step = make_step(loss, optimizer, to_params)
-    evaluate = jax.jit(lambda t, f, b: loss(t if to_params is None else to_params(t, f), b)[1])
+    policy = jax.jit(lambda t, f, b: sequence_logprobs(t if to_params is None else to_params(t, f), graphdef, b))
+
+    def evaluate(trainable, frozen, batch):  # DPO metrics over all pairs of the batch
+        logp = map_rows(lambda rows: policy(trainable, frozen, rows), batch, 2 * cfg.batch_size)
+        n = len(logp) // 2
+        return dpo_loss(logp[:n], logp[n:], batch["ref"][:n], batch["ref"][n:], cfg.beta)[1]
+
     log = RunLog(cfg)
     log.write("setup", 0, train_pairs=len(pairs) - n_val, val_pairs=n_val, beta=cfg.beta, **report)
     n_train, rng = len(pairs) - n_val, np.random.default_rng(cfg.seed)
     state, held_out = init_state(trainable, optimizer), None
     for i in range(1, cfg.steps + 1):
         ids = rng.choice(n_train, cfg.batch_size, replace=n_train < cfg.batch_size)
-        state, metrics = step(state, _rows(train, ids, n_train), frozen)
+        state, metrics = step(state, pair_rows(train, ids, n_train), frozen)
         if i % cfg.eval_every == 0 or i == cfg.steps:
             held_out = {k: float(v) for k, v in evaluate(state["params"], frozen, val).items()}
             log.write("eval", i, loss=float(metrics["loss"]), train_accuracy=float(metrics["accuracy"]),

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llmjax.posttrain.forward import hidden_states
+from llmjax.posttrain.run import map_rows
 from llmjax.posttrain.step import init_state, make_step
 from llmjax.train.optimizer import make_optimizer
 
@@ -55,7 +56,12 @@ def train_reward_model(cfg, graphdef, params, train, val, log, pair_rows):
     optimizer = make_optimizer(cfg.optim, cfg.rm_steps)
     loss = functools.partial(_pair_loss, graphdef)
     step = make_step(loss, optimizer)
-    evaluate = jax.jit(lambda p, b: loss(p, b)[1])
+    scores = jax.jit(lambda p, b: reward_scores(p, graphdef, b["tokens"], (b["segment_ids"] > 0).sum(-1)))
+
+    def evaluate(rm_params, batch):  # Bradley-Terry metrics over all pairs of the batch
+        r = map_rows(lambda rows: scores(rm_params, rows), batch, 2 * cfg.batch_size)
+        return bradley_terry_loss(r[: len(r) // 2], r[len(r) // 2:])[1]
+
     state = init_state(init_reward_model(params, cfg.model.d_model), optimizer)
     n_train, rng, held_out = len(train["tokens"]) // 2, np.random.default_rng(cfg.seed), None
     for i in range(1, cfg.rm_steps + 1):

@@ -10,8 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llmjax.config import DecodeConfig
-from llmjax.posttrain.chat import fits, preference_pairs
-from llmjax.posttrain.dpo import _rows, preference_batch
+from llmjax.posttrain.dpo import generated_pairs, pair_rows, preference_batch
 from llmjax.posttrain.grpo import GRPO, rollout_prompts, target_token_reward
 from llmjax.posttrain.reward import reward_scores, train_reward_model
 from llmjax.posttrain.run import RunLog, load_start, trainable_tree
@@ -27,15 +26,14 @@ def run_rlhf(cfg):
     """Reward model (with reward=model) then cfg.steps GRPO iterations. Returns (cfg,
     the GRPO records, the trained policy tree)."""
     cfg, tokenizer, graphdef, params, docs = load_start(cfg)
-    pairs = [p for p in preference_pairs(docs, cfg.n_examples, cfg.seed)
-             if fits(tokenizer, p.prompt, p.chosen, cfg.seq_len) and fits(tokenizer, p.prompt, p.rejected, cfg.seq_len)]
+    pairs = generated_pairs(cfg, tokenizer, docs)
     log = RunLog(cfg)
     trainable, frozen, to_params, report = trainable_tree(cfg, params)
     log.write("setup", 0, pairs=len(pairs), reward=cfg.reward, **report)
     if cfg.reward == "model":
         n_val = max(1, int(len(pairs) * cfg.val_fraction))
         rm_params, _ = train_reward_model(cfg, graphdef, params, preference_batch(tokenizer, pairs[n_val:], cfg.seq_len),
-                                          preference_batch(tokenizer, pairs[:n_val], cfg.seq_len), log, _rows)
+                                          preference_batch(tokenizer, pairs[:n_val], cfg.seq_len), log, pair_rows)
         reward_fn = functools.partial(_model_reward, graphdef, cfg.prompt_tokens)
     else:
         rm_params, reward_fn = None, target_token_reward(cfg.target_token)

@@ -87,3 +87,18 @@ def _plain(value):
     value = np.asarray(value)
     return value.item() if value.ndim == 0 else value.tolist()
 
+
+
+def map_rows(fn, batch: dict, size: int):
+    """fn(rows) over consecutive row chunks of a batch (a dict of [N, ...] arrays), outputs
+    concatenated on axis 0: evaluation and reference log-probs of a whole data set without
+    materializing [N, T, vocab] logits at once. The last chunk is padded by repeating rows
+    (then dropped), so `fn` compiles once."""
+    n = len(next(iter(batch.values())))
+    outs = []
+    for start in range(0, n, size):
+        idx = np.minimum(np.arange(start, start + size), n - 1)
+        kept = min(size, n - start)
+        out = fn({k: v[idx] for k, v in batch.items()})
+        outs.append(jax.tree.map(lambda x, kept=kept: np.asarray(x)[:kept], out))
+    return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)

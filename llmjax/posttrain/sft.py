@@ -16,7 +16,7 @@ import numpy as np
 from llmjax.posttrain.chat import encode_chat, instruction_examples
 from llmjax.posttrain.forward import token_logprobs
 from llmjax.posttrain.packing import pack_examples, pad_examples
-from llmjax.posttrain.run import RunLog, load_start, trainable_tree
+from llmjax.posttrain.run import RunLog, load_start, map_rows, trainable_tree
 from llmjax.posttrain.step import init_state, make_step
 from llmjax.train.optimizer import make_optimizer
 
@@ -53,7 +53,12 @@ def run_sft(cfg):
     optimizer = make_optimizer(cfg.optim, cfg.steps)
     loss = functools.partial(_loss, graphdef)
     step = make_step(loss, optimizer, to_params)
-    evaluate = jax.jit(lambda t, f, b: loss(t if to_params is None else to_params(t, f), b)[0])
+    row_nll = jax.jit(lambda t, f, b: _row_nll(t if to_params is None else to_params(t, f), graphdef, b))
+
+    def evaluate(trainable, frozen, batch):  # mean NLL over all response tokens of the batch
+        nll, n = map_rows(lambda rows: row_nll(trainable, frozen, rows), batch, cfg.batch_size)
+        return nll.sum() / max(n.sum(), 1.0)
+
     log = RunLog(cfg)
     log.write("setup", 0, train_rows=len(train["tokens"]), val_examples=len(val["tokens"]),
               packed=cfg.pack, **report)
@@ -66,6 +71,12 @@ def run_sft(cfg):
             val_loss = float(evaluate(state["params"], frozen, val))
             log.write("eval", i, loss=float(metrics["loss"]), val_loss=val_loss)
     return cfg, val_loss, state["params"]
+
+
+def _row_nll(params, graphdef, batch):
+    """(summed response NLL [N], response tokens [N]) per row."""
+    logp = token_logprobs(params, graphdef, batch["tokens"], batch["targets"], batch["segment_ids"], batch["positions"])
+    return -(logp * batch["weights"]).sum(-1), batch["weights"].sum(-1)
 
 
 def _loss(graphdef, params, batch):
