@@ -29,10 +29,11 @@ TENSOR_SIZES = (1, 2, 4, 8)  # within one NVLink node
 # The GPT-3 family (Brown et al. 2020, table 2.1): n_params, n_layers, d_model, n_heads, and
 # the batch in sequences of 2048 (the table's 0.5M / 1M / 2M / 3.2M tokens, rounded to 256 /
 # 512 / 1024 / 1536 sequences so that power-of-two meshes divide it); d_mlp = 4·d_model,
-# vocab 50257. 13B's d_model is 5120 (40 heads x 128; the table prints 5140).
+# vocab 50257. Where the table disagrees with itself we keep d_model and d_head: 13B's d_model
+# is 5120 (40 heads x 128; the table prints 5140), 1.3B has 16 heads of 128 (it prints 24).
 GPT3 = {
     "gpt3-125m": (125e6, 12, 768, 12, 256), "gpt3-350m": (350e6, 24, 1024, 16, 256),
-    "gpt3-760m": (760e6, 24, 1536, 16, 256), "gpt3-1.3b": (1.3e9, 24, 2048, 24, 512),
+    "gpt3-760m": (760e6, 24, 1536, 16, 256), "gpt3-1.3b": (1.3e9, 24, 2048, 16, 512),
     "gpt3-2.7b": (2.7e9, 32, 2560, 32, 512), "gpt3-6.7b": (6.7e9, 32, 4096, 32, 1024),
     "gpt3-13b": (13e9, 40, 5120, 40, 1024), "gpt3-175b": (175e9, 96, 12288, 96, 1536),
 }

@@ -1,7 +1,12 @@
 """The resource estimator: formulas printed, FLOPs and GPU time, the smallest fitting layout."""
+import dataclasses
+import re
+
 import pytest
 
-from experiments.estimate import infer_shape, layouts, main, pipeline_bubble, smallest_fitting, train_flops
+from experiments.estimate import (GPT3, PaperModel, infer_shape, layouts, main, pipeline_bubble, smallest_fitting,
+                                  train_flops)
+from sharding import search
 from sharding.pipeline import schedule_stats
 
 
@@ -46,3 +51,43 @@ def test_bad_arguments_exit_with_a_message(capsys):
     with pytest.raises(SystemExit):
         main(["--params", "1e9", "--tokens", "1e9", "--mfu", "1.5"])
     assert "--mfu" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", sorted(GPT3))
+def test_gpt3_table_matches_its_parameter_counts(name):
+    n_params, layers, d_model, heads, batch = GPT3[name]
+    # 12·L·d² (blocks) + vocab·d (tied embedding) + 2048·d (positions): within 5% of the
+    # paper's rounded counts, so a mistyped shape shows.
+    assert 12 * layers * d_model ** 2 + (50257 + 2048) * d_model == pytest.approx(n_params, rel=0.05)
+    assert d_model % heads == 0 and batch % 256 == 0
+
+
+def test_gpt3_175b_on_1024_gpus_runs_the_layout_search(capsys):
+    assert main(["--model", "gpt3-175b", "--gpus", "1024"]) == 0
+    out = capsys.readouterr().out
+    assert "model: Ψ=1.75e+11 params, L=96, d=12288, heads=96, T=2048; D=3e+11 tokens" in out
+    assert "layout search (sharding.search) for a batch of 1536 x 2048 tokens" in out
+    best = re.search(r"best on paper: (\S+) (\S+) remat=(\w+): ([\d.]+) s/step", out)
+    assert best, out
+    # The step can be no faster than its FLOPs at the given MFU on 1024 H100s.
+    floor = 6 * 175e9 * 1536 * 2048 / (1024 * 989e12 * 0.4)
+    assert float(best.group(4)) > floor
+
+
+def test_paper_search_prunes_what_cannot_fit_and_prefers_data_parallel_when_it_fits():
+    model = PaperModel(n_layers=12, d_model=768, n_heads=12, max_seq_len=2048)
+    hw = search.Hardware(989e12, 0.4, 50e9, 1e-5, memory_bytes=80e9)
+    ranked, pruned = search.search(model, 125e6, 8, hw, batch_size=64, grad_accum=8, seq_len=2048,
+                                   remats=("full",), max_tensor=8)
+    assert ranked[0].layout.preset in ("dp", "zero1", "fsdp") and not pruned  # 125M fits anywhere
+    tight = dataclasses.replace(hw, memory_bytes=0.5e9)
+    ranked, pruned = search.search(model, 125e6, 8, tight, batch_size=64, grad_accum=8, seq_len=2048,
+                                   remats=("full",), max_tensor=8)
+    assert pruned and all(p.memory_bytes <= 0.5e9 * (1 + search.PRUNE_SLACK) for p in ranked)
+    assert "dp" not in {p.layout.preset for p in ranked}  # 125M x 16 B of states per device = 2 GB
+
+
+def test_model_or_params_required(capsys):
+    with pytest.raises(SystemExit):
+        main(["--tokens", "1e9"])
+    assert "give --model, or --params and --tokens" in capsys.readouterr().err
