@@ -284,3 +284,14 @@ def test_qlora_sft_gpt2_small_on_gpu(tmp_path):
     rows = [json.loads(line) for line in lines]
     assert rows[0]["base_bf16_over_nf4"] >= 3.0
     assert val_loss < rows[1]["val_loss"] - 0.1, rows
+
+
+def test_rlhf_pipeline_logs_reward_model_and_rollout_vs_train_time(tmp_path):
+    from llmjax.posttrain.rlhf import run_rlhf
+
+    cfg = _tiny_cfg(tmp_path, name="rlhf", n_examples=24, rm_steps=2, steps=2, eval_every=1, batch_size=4,
+                    prompt_tokens=40, prompts_per_iter=2, group_size=2, max_new_tokens=4)
+    _, records, _ = run_rlhf(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "rlhf" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in rows] == ["setup", "reward_model", "reward_model", "grpo", "grpo"]
+    assert all(r["rollout_s"] > 0 and r["train_s"] > 0 and np.isfinite(r["reward"]) for r in records)
