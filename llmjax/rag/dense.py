@@ -6,7 +6,7 @@ A causal LM's hidden states share a large common direction (anisotropy; Ethayara
 by default, whitens (BERT-whitening, Su et al. 2021, arXiv:2103.15316: map the collection's
 covariance to the identity) before normalizing. On 3,000 passages of the plays with the
 shakespeare run, recall@5 of fragment questions went from 0.02 (centered) to 0.09 (whitened);
-over all 23,634 passages from 0.01 to 0.02 (BM25: 0.995). A 4-layer LM is a weak encoder.
+over all 35,713 passages (32 words) from 0.01 to 0.02 (BM25: 0.995). A 4-layer LM is a weak encoder.
 """
 from functools import partial
 from pathlib import Path
