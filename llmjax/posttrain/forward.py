@@ -28,14 +28,13 @@ def segment_attention(segment_ids):
     segment_ids: [B, T] int32 (0 = padding, which sees only padding).
     """
     original = ops.attention
-    mask = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, T, S]
+    segment_mask = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, T, S]
 
     def masked(q, k, v, *, causal, impl="auto", mask=None):
         if mask is not None or q.shape[1] != k.shape[1]:  # a cached decode call: leave it alone
             return original(q, k, v, causal=causal, impl=impl, mask=mask)
         return original(q, k, v, causal=causal, impl="xla", mask=segment_mask)
 
-    segment_mask = mask
     ops.attention = masked
     try:
         yield

@@ -106,12 +106,11 @@ def quantize_nf4(w, block: int = 64, lead: int = 0) -> NF4Weight:
     return NF4Weight(packed, scales, shape=tuple(shape), dtype=str(w.dtype))
 
 
-def quantize_base(params: dict, lora: LoraConfig | None = None, block: int = 64) -> dict:
+def quantize_base(params: dict, block: int = 64) -> dict:
     """The params with every matmul weight (`decode.quantize.MATMUL_WEIGHTS`) and the
     embeddings (tokens, learned positions) as NF4Weight (dequantizing to the weight's
-    dtype), the other floating leaves (norms, biases) in bf16. (`lora` is accepted for symmetry with
-    `attach`; all matmul weights are quantized, targeted or not.)"""
-    del lora
+    dtype), the other floating leaves (norms, biases) in bf16. All matmul weights are
+    quantized, LoRA targets or not."""
 
     def convert(path, leaf):
         names = [k.key for k in path]

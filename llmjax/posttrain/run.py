@@ -50,7 +50,7 @@ def trainable_tree(cfg: PosttrainConfig, params):
     if cfg.qlora:
         from llmjax.posttrain import qlora
 
-        base = qlora.quantize_base(params, cfg.lora, block=cfg.qlora_block)
+        base = qlora.quantize_base(params, block=cfg.qlora_block)
         report.update(qlora.memory_report(params, base))
         return adapters, base, lambda a, b: qlora.attach(b, a, cfg.lora), report
     return adapters, params, lambda a, b: lora_lib.merge(b, a, cfg.lora), report
