@@ -25,9 +25,17 @@ from llmjax.config import load_config  # noqa: E402
 from llmjax.data import CorpusError, load_tokenizer  # noqa: E402
 from llmjax.decode.engine import Engine, EngineConfig  # noqa: E402
 from llmjax.models import init_model  # noqa: E402
-from llmjax.rag import RETRIEVERS, DenseIndex, RagError, RagPipeline, embed_texts, load_passages  # noqa: E402
-from llmjax.rag import make_retriever  # noqa: E402
-from llmjax.rag import fragment_questions, recall_at_k  # noqa: E402
+from llmjax.rag import (  # noqa: E402
+    RETRIEVERS,
+    DenseIndex,
+    RagError,
+    RagPipeline,
+    embed_texts,
+    fragment_questions,
+    load_passages,
+    make_retriever,  # noqa: E402
+    recall_at_k,
+)
 from llmjax.runs import load_run  # noqa: E402
 from pallas_kernels import _bench  # noqa: E402
 

@@ -9,12 +9,23 @@ from llmjax.config import load_config
 from llmjax.data import ByteTokenizer
 from llmjax.decode.engine import Engine, EngineConfig
 from llmjax.models import init_model
-from llmjax.rag import (BM25, DenseIndex, Passage, RagError, RagPipeline, assemble_prompt,
-                        chunk_documents, embed_texts, fragment_questions, load_passages,
-                        make_retriever, recall_at_k)
+from llmjax.rag import (
+    BM25,
+    DenseIndex,
+    Passage,
+    RagError,
+    RagPipeline,
+    assemble_prompt,
+    chunk_documents,
+    embed_texts,
+    fragment_questions,
+    load_passages,
+    make_retriever,
+    recall_at_k,
+)
 
-DOCS = ["Title one\n\nROMEO:\nBut soft, what light through yonder window breaks?\n\n"
-        "JULIET:\nO Romeo, Romeo, wherefore art thou Romeo?\n\nExit",
+DOCS = [("Title one\n\nROMEO:\nBut soft, what light through yonder window breaks?\n\n"
+         "JULIET:\nO Romeo, Romeo, wherefore art thou Romeo?\n\nExit"),
         "Title two\n\nHAMLET:\nTo be, or not to be, that is the question:\nWhether tis nobler in the mind"]
 
 
