@@ -12,7 +12,8 @@ schedule's bubble. Writes runs/<name>/shard_sweep.json, shard_sweep.png and conf
 `--auto [--top K]` searches instead (`sharding.search`): every mesh factorization x preset x
 remat policy (x pipeline microbatches), pruned by predicted memory, ranked by the cost model
 on this machine's measured matmul rate and all-reduce link; the K best are compiled and
-timed and the measured fastest wins. Prints the ranking with predicted vs measured step
+timed and the measured fastest wins (`--spread S` times S more spaced over the ranking, to
+check the cost model across its range). Prints the ranking with predicted vs measured step
 time and memory; writes runs/<name>/shard_search.json and shard_search.png (predicted vs
 measured step time, Spearman rank correlation).
 """
@@ -243,7 +244,8 @@ def device_memory_bytes() -> float:
 
 def auto_search(cfg, args) -> dict:
     """Rank every layout on paper (`sharding.search`), compile and time the `args.top`
-    best, and pick the measured fastest. Returns the JSON record."""
+    best (and `args.spread` more across the ranking), and pick the measured fastest.
+    Returns the JSON record."""
     tc, seq_len, n = cfg.train, cfg.data.seq_len, jax.device_count()
     memory = args.memory_gb * 1e9 if args.memory_gb else device_memory_bytes()
     hw = search.measure_hardware(memory, mfu=args.mfu)
@@ -261,21 +263,27 @@ def auto_search(cfg, args) -> dict:
                          f"({len(pruned)} pruned); raise --memory-gb or use more devices")
     optimizer = make_optimizer(cfg.optim, cfg.train.steps)
     rows = []
-    for pred in ranked[:args.top]:
+    for pred in search.to_time(ranked, args.top, args.spread):
         layout = pred.layout
         run_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, remat=layout.remat))
         graphdef, _ = split_model(init_model(run_cfg.model, seed=cfg.train.seed))
         mesh_cfg = MeshConfig(rules=layout.rules, pp_microbatches=layout.microbatches,
                               pp_schedule=layout.schedule, **dict(layout.sizes))
         row = sweep_one(run_cfg, layout.preset, graphdef, params, optimizer, args.steps, mesh_cfg, layout.name)
-        rows.append({**row, "predicted_step_s": pred.step_s, "predicted_bytes": pred.memory_bytes})
+        rows.append({**row, "predicted_step_s": pred.step_s, "predicted_compute_s": pred.compute_s,
+                     "predicted_comm_s": pred.comm_s, "predicted_bytes": pred.memory_bytes})
     winner = search.choose({r["layout"]: r["step_s"] for r in rows})
     rho = search.rank_correlation([r["predicted_step_s"] for r in rows], [r["step_s"] for r in rows])
     ranking = [{"rank": i + 1, "layout": p.layout.name, "predicted_step_s": p.step_s,
                 "predicted_compute_s": p.compute_s, "predicted_comm_s": p.comm_s, "bubble": p.bubble,
                 "predicted_comm_bytes": p.comm_bytes, "predicted_bytes": p.memory_bytes}
                for i, p in enumerate(ranked)]
+    # The MFU that makes each timed prediction exact (compute scaled, communication kept):
+    # what to pass as --mfu next time on this machine.
+    fitted = [hw.mfu * r["predicted_compute_s"] / (r["step_s"] - r["predicted_comm_s"])
+              for r in rows if r["step_s"] > r["predicted_comm_s"]]
     return {"hardware": dataclasses.asdict(hw), "n_params": n_params, "ranking": ranking,
+            "mfu_fitted": statistics.median(fitted) if fitted else None,
             "pruned": [{"layout": p.layout.name, "predicted_bytes": p.memory_bytes} for p in pruned],
             "rows": rows, "winner": winner, "rank_correlation": rho}
 
@@ -299,6 +307,8 @@ def format_auto(record: dict, shown: int = 20) -> str:
     best = min(record["rows"], key=lambda r: r["step_s"])
     lines.append(f"winner: {record['winner']} ({best['step_s'] * 1e3:.1f} ms measured); rank correlation "
                  f"predicted vs measured over {len(record['rows'])} timed: {record['rank_correlation']:.2f}")
+    if record["mfu_fitted"] is not None:
+        lines.append(f"MFU that fits the measured steps (median): {record['mfu_fitted']:.3f} (given {hw['mfu']:.2f})")
     return "\n".join(lines)
 
 
@@ -331,6 +341,8 @@ def main(argv=None):
     parser.add_argument("--auto", action="store_true",
                         help="search layouts (sharding.search): rank on paper, time the --top best")
     parser.add_argument("--top", type=int, default=4, help="--auto: layouts to compile and time")
+    parser.add_argument("--spread", type=int, default=0,
+                        help="--auto: also time this many layouts spaced over the rest of the ranking")
     parser.add_argument("--presets", default=",".join(search.PRESETS), help="--auto: presets to search")
     parser.add_argument("--remats", default=",".join(search.REMATS), help="--auto: remat policies to search")
     parser.add_argument("--mfu", type=float, default=0.5, help="--auto: fraction of the measured matmul rate")
@@ -339,8 +351,8 @@ def main(argv=None):
     parser.add_argument("--memory-gb", type=float, help="--auto: memory per device (default: the device's)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
-    if args.top < 1 or not 0 < args.mfu <= 1:
-        parser.error(f"--top {args.top} must be >= 1 and --mfu {args.mfu} in (0, 1]")
+    if args.top < 1 or args.spread < 0 or not 0 < args.mfu <= 1:
+        parser.error(f"--top {args.top} must be >= 1, --spread {args.spread} >= 0 and --mfu {args.mfu} in (0, 1]")
     if args.auto:
         return main_auto(args)
     try:

@@ -317,6 +317,14 @@ def rank_correlation(xs, ys) -> float:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
+def to_time(ranked: list, top: int, spread: int = 0) -> list:
+    """The layouts to compile and time: the `top` best predicted, plus `spread` more spaced
+    evenly over the rest of the ranking (they test the cost model across its range)."""
+    rest = ranked[top:]
+    picks = np.unique(np.linspace(0, len(rest) - 1, min(spread, len(rest))).round().astype(int)) if rest else []
+    return ranked[:top] + [rest[i] for i in picks]
+
+
 def choose(measured: dict[str, float]) -> str:
     """The winner among timed layouts: the fastest measured step (name -> seconds)."""
     return min(measured, key=measured.get)

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from experiments.shard_sweep import main
+from experiments.shard_sweep import format_auto, main
 from llmjax.config import load_config
 from sharding import search
 from sharding.search import Hardware, Layout, enumerate_layouts, factorizations, predict
@@ -87,6 +87,10 @@ def test_rank_correlation_and_choice_rule():
     assert search.rank_correlation([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)
     assert math.isnan(search.rank_correlation([1], [2]))
     assert search.choose({"a": 0.3, "b": 0.1, "c": 0.2}) == "b"
+    ranked = list(range(20))
+    assert search.to_time(ranked, 3) == [0, 1, 2]
+    assert search.to_time(ranked, 2, spread=3) == [0, 1, 2, 10, 19]  # the top, then across the rest
+    assert search.to_time(ranked[:4], 3, spread=5) == [0, 1, 2, 3]
 
 
 def test_prune_drops_only_what_cannot_fit():
@@ -109,7 +113,7 @@ def auto_run(tmp_path_factory):
     return out / "auto", json.loads((out / "auto" / "shard_search.json").read_text())
 
 
-def test_auto_times_the_top_layouts_and_picks_the_measured_best(auto_run, capsys):
+def test_auto_times_the_top_layouts_and_picks_the_measured_best(auto_run):
     run_dir, record = auto_run
     rows = record["rows"]
     assert [r["layout"] for r in rows] == [r["layout"] for r in record["ranking"][:3]]
@@ -120,6 +124,10 @@ def test_auto_times_the_top_layouts_and_picks_the_measured_best(auto_run, capsys
     assert record["rank_correlation"] == pytest.approx(rho, nan_ok=True)
     assert (run_dir / "shard_search.png").stat().st_size > 0
     assert all(r["loss"] > 0 and r["compiled_bytes"] > 0 for r in rows)
+    assert record["mfu_fitted"] is None or record["mfu_fitted"] > 0
+    printed = format_auto(record)
+    assert f"winner: {record['winner']}" in printed
+    assert "rank correlation predicted vs measured over 3 timed" in printed
 
 
 def test_auto_prune_keeps_every_timed_layout_at_its_compiled_memory(auto_run):
