@@ -1,5 +1,6 @@
 """Document KV reuse: questions over the same retrieved passages share the passages' KV blocks
 through the engine's prefix cache, prefill fewer tokens, and generate the same tokens."""
+import jax
 import pytest
 
 from llmjax.config import load_config
@@ -10,6 +11,13 @@ from llmjax.rag import assemble_prompt, chunk_documents
 from llmjax.rag.reuse import reuse_trace
 
 ENGINE = EngineConfig(max_slots=1, prefill_slots=1, chunk_size=32, block_size=8, num_blocks=32)
+
+
+@pytest.fixture(autouse=True)
+def _fp32_matmuls():
+    """IEEE fp32 dots (no TF32 on a GPU), so greedy tokens with and without reuse agree."""
+    with jax.default_matmul_precision("highest"):
+        yield
 
 
 @pytest.fixture(scope="module")
