@@ -346,7 +346,8 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
     raise TypeError(f"unsupported config field type {typ} for {key}")
 
 
-def _build(cls, raw: dict, prefix: str = ""):
+def build_config(cls, raw: dict, prefix: str = ""):
+    """An instance of config dataclass `cls` from a nested dict, checking keys and types."""
     if not isinstance(raw, dict):
         raise ConfigError(prefix.rstrip(".") or "<root>", raw, "a mapping of keys to values")
     hints = typing.get_type_hints(cls)
@@ -361,7 +362,7 @@ def _build(cls, raw: dict, prefix: str = ""):
                               close[0] if close else None)
         typ = hints[name]
         if dataclasses.is_dataclass(typ):
-            kwargs[name] = _build(typ, value, key + ".")
+            kwargs[name] = build_config(typ, value, key + ".")
         else:
             kwargs[name] = _coerce(key, value, typ)
     return cls(**kwargs)
@@ -388,10 +389,11 @@ def parse_overrides(items: list[str]) -> dict:
     return tree
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def merge_dicts(base: dict, extra: dict) -> dict:
+    """`base` updated by `extra`, nested dicts merged key by key (extra wins)."""
     out = dict(base)
     for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge_dicts(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -405,8 +407,8 @@ def config_from_dict(raw: dict) -> ExperimentConfig:
         if preset not in PRESETS:
             close = difflib.get_close_matches(str(preset), PRESETS, n=1)
             raise ConfigError("preset", preset, "one of " + ", ".join(PRESETS), close[0] if close else None)
-        raw["model"] = _merge(PRESETS[preset], raw.get("model") or {})
-    return _build(ExperimentConfig, raw)
+        raw["model"] = merge_dicts(PRESETS[preset], raw.get("model") or {})
+    return build_config(ExperimentConfig, raw)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> ExperimentConfig:
@@ -421,7 +423,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ex
         if not path.is_file():
             raise ConfigError("--config", str(path), "an existing YAML file")
         raw = yaml.safe_load(path.read_text()) or {}
-    return config_from_dict(_merge(raw, parse_overrides(list(overrides))))
+    return config_from_dict(merge_dicts(raw, parse_overrides(list(overrides))))
 
 
 def config_to_dict(cfg) -> dict:

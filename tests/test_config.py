@@ -62,9 +62,15 @@ def test_parse_overrides_nests_dotted_keys():
 
 
 def test_bundled_experiment_configs_load():
+    """Every shipped YAML loads: post-training ones (sft/dpo/rlhf/qlora) as PosttrainConfig."""
     from pathlib import Path
+
+    from llmjax.posttrain.config import load_posttrain_config
+
     for path in sorted(Path("experiments/configs").glob("*.yaml")):
-        assert load_config(path).name == path.stem
+        posttrain = path.stem.split("_")[0] in ("sft", "dpo", "rlhf", "qlora")
+        cfg = load_posttrain_config(path) if posttrain else load_config(path)
+        assert cfg.name == path.stem, path
 
 
 def test_pipeline_mesh_is_a_valid_config():

@@ -77,7 +77,7 @@ class Attention(nnx.Module):
         else:
             self.bq = self.bk = self.bv = self.bo = None
 
-    def __call__(self, x, positions, cache):
+    def __call__(self, x, positions, cache, mask=None):
         cfg, dt = self.cfg, x.dtype
         q = jnp.einsum("btd,dnh->btnh", x, self.wq[...].astype(dt))
         k = jnp.einsum("btd,dkh->btkh", x, self.wk[...].astype(dt))
@@ -88,7 +88,7 @@ class Attention(nnx.Module):
             cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
-            out = ops.attention(q, k, v, causal=True, impl=cfg.attention_impl)
+            out = ops.attention(q, k, v, causal=True, impl=cfg.attention_impl, mask=mask)
         else:
             out, cache = kv_cache.attend_cached(q, k, v, positions, cache)
         y = jnp.einsum("btnh,nhd->btd", out, self.wo[...].astype(dt))
@@ -135,10 +135,10 @@ class Block(nnx.Module):
         self.shared_mlp = (FeedForward(dataclasses.replace(cfg, d_mlp=cfg.n_shared_experts * cfg.d_mlp), rngs)
                            if cfg.n_experts and cfg.n_shared_experts else None)
 
-    def __call__(self, x, positions, cache):
+    def __call__(self, x, positions, cache, mask=None):
         """(x, cache) -> (x, cache, aux): aux is a dict of this block's auxiliary outputs
-        (empty for the dense feed-forward; see `MoE.__call__`)."""
-        y, cache = self.attn(self.attn_norm(x), positions, cache)
+        (empty for the dense feed-forward; see `MoE.__call__`). `mask` as in hidden_states."""
+        y, cache = self.attn(self.attn_norm(x), positions, cache, mask)
         x = x + y
         h = self.mlp_norm(x)
         if isinstance(self.mlp, MoE):
@@ -182,8 +182,8 @@ class Transformer(nnx.Module):
             x = x + self.pos_embed[...].astype(dt)[positions]
         return constrain(x, (BATCH, LENGTH, ACT_EMBED))
 
-    def apply_blocks(self, x, positions, cache=None, block_state=None):
-        """Run the stacked blocks over x [B, T, D]: (x, cache, aux).
+    def apply_blocks(self, x, positions, cache=None, block_state=None, mask=None):
+        """Run the stacked blocks over x [B, T, D]: (x, cache, aux). `mask` as in hidden_states.
 
         `block_state` defaults to all layers; a pipeline stage passes its slice of
         `nnx.split(model.blocks)[1]` (leading axis = its layers). aux holds each block's
@@ -196,7 +196,7 @@ class Transformer(nnx.Module):
         # (jit, fori_loop, grad), where nnx.scan rejects modules from another trace level.
         def layer(x, per_layer):
             state, layer_cache = per_layer
-            x, layer_cache, aux = nnx.merge(block_def, state)(x, positions, layer_cache)
+            x, layer_cache, aux = nnx.merge(block_def, state)(x, positions, layer_cache, mask)
             return x, (layer_cache, aux)
 
         if self.cfg.remat != "none":
@@ -213,20 +213,22 @@ class Transformer(nnx.Module):
         _, aux = jax.tree.map(lambda *a: jnp.stack(a), *outs)
         return x, None, aux
 
-    def hidden_states(self, tokens, positions=None, cache=None):
+    def hidden_states(self, tokens, positions=None, cache=None, mask=None):
         """Final-norm hidden states [B, T, D] and the updated cache.
 
         Args:
           tokens: [B, T] int32.
           positions: [B, T] int32 absolute positions; default 0..T-1.
           cache: None, or a cache from `init_cache` ({"k", "v"}: [L, B, S, K, H]).
+          mask: optional bool [B, T, T] for un-cached calls (True = may attend), combined with
+            the causal mask, e.g. block-diagonal for packed examples; takes the xla attention.
         Raises:
-          ValueError: T (or the cache length) exceeds model.max_seq_len.
+          ValueError: T (or the cache length) exceeds model.max_seq_len, or a mask with a cache.
         """
-        hidden, cache, _ = self._hidden_and_aux(tokens, positions, cache)
+        hidden, cache, _ = self._hidden_and_aux(tokens, positions, cache, mask)
         return hidden, cache
 
-    def _hidden_and_aux(self, tokens, positions=None, cache=None):
+    def _hidden_and_aux(self, tokens, positions=None, cache=None, mask=None):
         cfg = self.cfg
         b, t = tokens.shape
         length = t if cache is None else kv_cache.cache_length(cache)
@@ -234,7 +236,9 @@ class Transformer(nnx.Module):
             raise ValueError(f"sequence length {max(t, length)} exceeds model.max_seq_len={cfg.max_seq_len}")
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        x, cache, aux = self.apply_blocks(self.embed_tokens(tokens, positions), positions, cache)
+        if mask is not None and cache is not None:
+            raise ValueError("mask applies to un-cached calls; a cache masks by position")
+        x, cache, aux = self.apply_blocks(self.embed_tokens(tokens, positions), positions, cache, mask=mask)
         return self.final_norm(x), cache, aux
 
     def head_weight(self):

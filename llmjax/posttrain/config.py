@@ -15,8 +15,8 @@ from llmjax.config import (
     LoraConfig,
     ModelConfig,
     OptimConfig,
-    _build,
-    _merge,
+    build_config,
+    merge_dicts,
     parse_overrides,
 )
 from llmjax.presets import PRESETS
@@ -99,11 +99,11 @@ def load_posttrain_config(path=None, overrides=()) -> PosttrainConfig:
         if not Path(path).is_file():
             raise ConfigError("--config", str(path), "an existing YAML file")
         raw = yaml.safe_load(Path(path).read_text()) or {}
-    raw = _merge(raw, parse_overrides(list(overrides)))
+    raw = merge_dicts(raw, parse_overrides(list(overrides)))
     preset = raw.get("preset")
     if preset is not None:
         if preset not in PRESETS:
             close = difflib.get_close_matches(str(preset), PRESETS, n=1)
             raise ConfigError("preset", preset, "one of " + ", ".join(PRESETS), close[0] if close else None)
-        raw["model"] = _merge(PRESETS[preset], raw.get("model") or {})
-    return _build(PosttrainConfig, raw)
+        raw["model"] = merge_dicts(PRESETS[preset], raw.get("model") or {})
+    return build_config(PosttrainConfig, raw)

@@ -2,7 +2,7 @@
 
 The loss is the mean negative log-likelihood over the batch's response tokens (prompt and
 padding have weight 0, so they contribute no gradient). Packed batches keep examples
-apart with segment ids (see `forward.segment_attention`) and per-example positions, so a
+apart with segment ids (a block-diagonal attention mask) and per-example positions, so a
 packed batch gives the same per-token losses as the same examples one per row.
 """
 from __future__ import annotations
