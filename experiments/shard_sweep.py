@@ -129,8 +129,8 @@ def compiled_bytes(mem) -> int:
             - mem.alias_size_in_bytes)
 
 
-def sweep_one(cfg, layout: str, graphdef, params, optimizer, steps: int, mesh_cfg: MeshConfig | None = None,
-              name: str | None = None) -> dict:
+def sweep_one(cfg, layout: str, graphdef, params, optimizer, steps: int,
+              mesh_cfg: MeshConfig | None = None, name: str | None = None) -> dict:
     """Compile and time one layout (on `mesh_cfg`, default `mesh_for`'s); a row of the table.
     `graphdef` is built from cfg.model (its remat policy)."""
     tc, seq_len, n = cfg.train, cfg.data.seq_len, jax.device_count()

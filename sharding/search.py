@@ -33,7 +33,6 @@ micro-batch, g group size. Configs are read by attribute; nothing here imports l
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 import time
 

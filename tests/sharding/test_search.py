@@ -94,7 +94,7 @@ def test_rank_correlation_and_choice_rule():
 
 
 def test_prune_drops_only_what_cannot_fit():
-    kw = dict(batch_size=64, grad_accum=1, seq_len=16, remats=("none",))
+    kw = {"batch_size": 64, "grad_accum": 1, "seq_len": 16, "remats": ("none",)}
     ranked, pruned = search.search(Model(), 1e6, 8, HW, **kw)
     assert ranked and not pruned
     dp = next(p for p in ranked if p.layout.preset == "dp")
