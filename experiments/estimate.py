@@ -125,13 +125,15 @@ def smallest_fitting(rows: list[Layout], memory: float) -> Layout | None:
 @dataclasses.dataclass(frozen=True)
 class PaperModel:
     """A dense GPT-style model on paper: the `ModelConfig` attributes the cost and memory
-    models read (bf16 compute, fp32 master params, GELU MLP 4·d, full attention heads)."""
+    models read (bf16 compute, fp32 master params, GELU MLP 4·d, full attention heads; the
+    GPT-2 vocabulary padded from 50257 to 51200 so tensor splits divide it, as Megatron-LM
+    pads it)."""
 
     n_layers: int
     d_model: int
     n_heads: int
     max_seq_len: int
-    vocab_size: int = 50257
+    vocab_size: int = 51200
     family: str = "gpt2"
     dtype: str = "bfloat16"
     param_dtype: str = "float32"
@@ -148,13 +150,17 @@ class PaperModel:
 def search_report(args, shape: Shape, memory: float, shown: int = 10) -> str:
     """The layout search on paper: the `shown` fastest predicted layouts that fit."""
     kind = GPUS[args.gpu][0]
-    hw = search.Hardware(PEAK_BF16_FLOPS[kind], args.mfu, args.link_gbps * 1e9, args.link_latency_us * 1e-6, memory)
+    # On paper the prediction itself must fit (the search's slack is for its error against
+    # a compiled step on the machine at hand).
+    hw = search.Hardware(PEAK_BF16_FLOPS[kind], args.mfu, args.link_gbps * 1e9, args.link_latency_us * 1e-6,
+                         memory / (1 + search.PRUNE_SLACK), tensor_link_bytes_per_s=args.nvlink_gbps * 1e9)
     model = PaperModel(shape.n_layers, shape.d_model, shape.n_heads, args.seq_len)
     batch = args.batch_size
     ranked, pruned = search.search(model, shape.n_params, args.gpus, hw, batch_size=batch, grad_accum=args.grad_accum,
                                    seq_len=args.seq_len, microbatches=(4, 16, 64), max_tensor=max(TENSOR_SIZES))
     lines = [f"layout search (sharding.search) for a batch of {batch} x {args.seq_len} tokens, "
-             f"{args.grad_accum} micro-batch(es), link {args.link_gbps:g} GB/s + {args.link_latency_us:g} us: "
+             f"{args.grad_accum} micro-batch(es), link {args.link_gbps:g} GB/s (tensor axis {args.nvlink_gbps:g}) "
+             f"+ {args.link_latency_us:g} us: "
              f"{len(ranked)} layouts fit, {len(pruned)} pruned by memory",
              "step = FLOPs/(n·peak·MFU)/(1-bubble) + Σ count·(latency + ring·bytes/bandwidth)",
              f"{'layout':<46} {'step s':>8} {'compute':>8} {'comm':>8} {'bubble':>6} {'GB/dev':>7}"]
@@ -238,6 +244,8 @@ def main(argv=None):
     parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default 1)")
     parser.add_argument("--link-gbps", type=float, default=50.0,
                         help="collective bandwidth per GPU, GB/s (default 50: one 400 Gb/s NIC per GPU)")
+    parser.add_argument("--nvlink-gbps", type=float, default=450.0,
+                        help="tensor-parallel bandwidth per GPU within a node, GB/s (default 450: H100 NVLink)")
     parser.add_argument("--link-latency-us", type=float, default=10.0, help="per collective (default 10)")
     parser.add_argument("--remat", choices=("full", "none"), default="full")
     parser.add_argument("--pp-microbatches", type=int, default=16,

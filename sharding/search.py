@@ -19,7 +19,8 @@ compile and time the top few (`experiments.shard_sweep --auto`).
        bubble = (p-1)/(m+p-1) for p stages and m microbatches (GPipe and 1F1B alike).
      comm     = sum over collectives of count · (latency + ring · bytes / bandwidth),
        ring = 2(g-1)/g for an all-reduce over g devices, (g-1)/g for an all-gather or
-       reduce-scatter, 1 for a pipeline send. Per step (`collectives`):
+       reduce-scatter, 1 for a pipeline send; bandwidth the link's, or for the tensor axis
+       (kept within a node) `Hardware.tensor_link_bytes_per_s`. Per step (`collectives`):
        data-parallel gradient all-reduce over the batch axes (zero1: reduce-scatter +
        all-gather); fsdp: per micro-batch, all-gather of the params in the forward and
        again in the backward, reduce-scatter of the grads; tensor parallel: per layer and
@@ -157,6 +158,7 @@ class Hardware:
     link_bytes_per_s: float  # collective bandwidth per device
     link_latency_s: float  # fixed cost per collective
     memory_bytes: float  # usable memory per device
+    tensor_link_bytes_per_s: float | None = None  # tensor-parallel collectives (NVLink); default the link
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,8 +212,9 @@ def predicted_activation_bytes(layout: Layout, model_cfg, micro_batch: int, seq_
 
 def collectives(layout: Layout, model_cfg, n_params: float, batch_size: int, grad_accum: int,
                 seq_len: int) -> list[tuple[str, float, int, float]]:
-    """(kind, bytes, group size, count per step) of each collective one device takes part
-    in; kinds: all-reduce, all-gather, reduce-scatter, send (see the module docstring)."""
+    """(kind, bytes, group size, count per step, mesh axis) of each collective one device
+    takes part in; kinds: all-reduce, all-gather, reduce-scatter, send (see the module
+    docstring); the axis says which link it runs on."""
     s = layout.mesh_shape
     rules, pipe, tensor = layout.rules, s["pipeline"], s["tensor"]
     param_b = _itemsize(model_cfg.param_dtype)
@@ -223,22 +226,23 @@ def collectives(layout: Layout, model_cfg, n_params: float, batch_size: int, gra
     if rules in ("fsdp", "fsdp_tp"):
         f = s["fsdp"]
         # Per layer: the scan gathers each layer's weights (forward, backward) and scatters its grads.
-        out += [("all-gather", local * param_b / layers, f, 2 * layers * grad_accum),
-                ("reduce-scatter", local * 4 / layers, f, layers * grad_accum)]
+        out += [("all-gather", local * param_b / layers, f, 2 * layers * grad_accum, "fsdp"),
+                ("reduce-scatter", local * 4 / layers, f, layers * grad_accum, "fsdp")]
         if s["data"] > 1:
-            out.append(("all-reduce", local * 4 / f, s["data"], 1))
+            out.append(("all-reduce", local * 4 / f, s["data"], 1, "data"))
     elif rules == "zero1" and s["fsdp"] > 1:
-        out += [("reduce-scatter", local * 4, s["fsdp"], 1), ("all-gather", local * param_b, s["fsdp"], 1)]
+        out += [("reduce-scatter", local * 4, s["fsdp"], 1, "fsdp"),
+                ("all-gather", local * param_b, s["fsdp"], 1, "fsdp")]
         if s["data"] > 1:
-            out.append(("all-reduce", local * 4 / s["fsdp"], s["data"], 1))
+            out.append(("all-reduce", local * 4 / s["fsdp"], s["data"], 1, "data"))
     elif batch_ways > 1:
-        out.append(("all-reduce", local * 4, batch_ways, 1))
+        out.append(("all-reduce", local * 4, batch_ways, 1, "data"))
     if tensor > 1:
         per_layer = 4 + (2 if layout.remat == "full" else 0)
-        out.append(("all-reduce", act, tensor, per_layer * layers * grad_accum))
+        out.append(("all-reduce", act, tensor, per_layer * layers * grad_accum, "tensor"))
     if pipe > 1:
         m = layout.microbatches
-        out.append(("send", act / m, 2, 2 * (m + pipe - 1) * grad_accum))
+        out.append(("send", act / m, 2, 2 * (m + pipe - 1) * grad_accum, "pipeline"))
     return out
 
 
@@ -270,10 +274,13 @@ def predict(layout: Layout, model_cfg, n_params: float, hw: Hardware, *, batch_s
     flops = step_flops(model_cfg, n_params, batch_size * seq_len, seq_len, layout.remat, pipelined)
     compute = flops / (n * hw.peak_flops * hw.mfu) / (1 - bubble)
     comm_s = comm_bytes = 0.0
-    for kind, size, group, count in collectives(layout, model_cfg, n_params, batch_size, grad_accum, seq_len):
+    for kind, size, group, count, axis in collectives(layout, model_cfg, n_params, batch_size, grad_accum,
+                                                      seq_len):
         moved = _RING[kind](group) * size
+        bandwidth = hw.tensor_link_bytes_per_s if axis == "tensor" and hw.tensor_link_bytes_per_s else \
+            hw.link_bytes_per_s
         comm_bytes += count * moved
-        comm_s += count * (hw.link_latency_s + moved / hw.link_bytes_per_s)
+        comm_s += count * (hw.link_latency_s + moved / bandwidth)
     states = state_bytes_fn(layout) if state_bytes_fn else state_bytes(layout, n_params, model_cfg.param_dtype)
     acts = predicted_activation_bytes(layout, model_cfg, batch_size // grad_accum, seq_len)
     return Prediction(layout, compute, comm_s, bubble, comm_bytes, states, acts)

@@ -69,6 +69,8 @@ def test_gpt3_175b_on_1024_gpus_runs_the_layout_search(capsys):
     assert "layout search (sharding.search) for a batch of 1536 x 2048 tokens" in out
     best = re.search(r"best on paper: (\S+) (\S+) remat=(\w+): ([\d.]+) s/step", out)
     assert best, out
+    row = re.search(re.escape(f"{best.group(1)} {best.group(2)} remat={best.group(3)}") + r" .* ([\d.]+)$", out, re.M)
+    assert float(row.group(1)) <= 80 * 0.9  # GB per device within the usable memory
     # The step can be no faster than its FLOPs at the given MFU on 1024 H100s.
     floor = 6 * 175e9 * 1536 * 2048 / (1024 * 989e12 * 0.4)
     assert float(best.group(4)) > floor
