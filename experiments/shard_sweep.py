@@ -249,8 +249,9 @@ def auto_search(cfg, args) -> dict:
     tc, seq_len, n = cfg.train, cfg.data.seq_len, jax.device_count()
     memory = args.memory_gb * 1e9 if args.memory_gb else device_memory_bytes()
     hw = search.measure_hardware(memory, mfu=args.mfu)
-    if args.peak_tflops:
-        hw = dataclasses.replace(hw, peak_flops=args.peak_tflops * 1e12)
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else device_peak_flops()  # datasheet; None on CPU
+    if peak:
+        hw = dataclasses.replace(hw, peak_flops=peak)
     if args.link_gbps:
         hw = dataclasses.replace(hw, link_bytes_per_s=args.link_gbps * 1e9)
     _, params = split_model(init_model(cfg.model, seed=cfg.train.seed))
@@ -289,8 +290,8 @@ def auto_search(cfg, args) -> dict:
 
 
 def format_auto(record: dict, shown: int = 20) -> str:
-    """The printed ranking: predicted step time and memory of the best `shown`, measured
-    step time and compiled memory of the timed ones, the winner and the rank correlation."""
+    """The printed ranking: predicted step time and memory of the best `shown` and the timed
+    ones (with their measured step time and compiled memory), the winner, the rank correlation."""
     timed = {r["layout"]: r for r in record["rows"]}
     hw = record["hardware"]
     lines = [f"cost model: {hw['peak_flops'] / 1e9:.1f} GFLOP/s x MFU {hw['mfu']:.2f} per device, link "
@@ -298,7 +299,7 @@ def format_auto(record: dict, shown: int = 20) -> str:
              f"memory {hw['memory_bytes'] / 2**30:.1f} GiB per device",
              f"{len(record['ranking'])} layouts fit, {len(record['pruned'])} pruned by memory",
              f"{'rank':>4} {'layout':<44} {'pred ms':>8} {'meas ms':>8} {'pred MiB':>9} {'comp MiB':>9}"]
-    for r in record["ranking"][:max(shown, len(timed))]:
+    for r in (r for i, r in enumerate(record["ranking"]) if i < shown or r["layout"] in timed):
         m = timed.get(r["layout"])
         meas = f"{m['step_s'] * 1e3:8.1f}" if m else f"{'-':>8}"
         comp = f"{m['compiled_bytes'] / 2**20:9.2f}" if m else f"{'-':>9}"
@@ -346,7 +347,8 @@ def main(argv=None):
     parser.add_argument("--presets", default=",".join(search.PRESETS), help="--auto: presets to search")
     parser.add_argument("--remats", default=",".join(search.REMATS), help="--auto: remat policies to search")
     parser.add_argument("--mfu", type=float, default=0.5, help="--auto: fraction of the measured matmul rate")
-    parser.add_argument("--peak-tflops", type=float, help="--auto: per-device peak instead of measuring it")
+    parser.add_argument("--peak-tflops", type=float,
+                        help="--auto: per-device peak (default: the datasheet's, else a measured matmul)")
     parser.add_argument("--link-gbps", type=float, help="--auto: link GB/s instead of measuring it")
     parser.add_argument("--memory-gb", type=float, help="--auto: memory per device (default: the device's)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
