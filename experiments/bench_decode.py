@@ -25,9 +25,7 @@ import json
 import os
 import pathlib
 import re
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -53,17 +51,6 @@ SETTINGS = {
                   spec_model="llama-tiny", draft_layers=1, later_layer_scales=[0.0, 1.0], copy_mib=8, reps=3,
                   ppl_windows=4),
 }
-
-
-def wall_seconds(fn, reps: int) -> float:
-    """Median wall-clock seconds of fn() (its outputs blocked on) after one warm-up call."""
-    jax.block_until_ready(fn())
-    samples = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
 
 
 def copy_bandwidth(mib: int, reps: int) -> dict:
@@ -93,8 +80,8 @@ def ms_per_token(model, batch, s, *, kernels=False) -> dict:
     runs = {n: (lambda n=n: generate(model, prompt, DecodeConfig(max_new_tokens=n, temperature=0.0)))
             for n in (1, s["new_tokens"])}
     steps = s["new_tokens"] - 1
-    out = dict(ms_per_token=(wall_seconds(runs[s["new_tokens"]], s["reps"])
-                             - wall_seconds(runs[1], s["reps"])) / steps * 1e3)
+    out = dict(ms_per_token=(_bench.wall_seconds(runs[s["new_tokens"]], s["reps"])
+                             - _bench.wall_seconds(runs[1], s["reps"])) / steps * 1e3)
     if kernels and _bench.timer_name() == "cupti":
         from jax.experimental.mosaic.gpu import profiler
         try:
@@ -165,14 +152,14 @@ def speculative_rows(s, gamma) -> list[dict]:
     cost = ms_per_token(draft, 1, s)["ms_per_token"] / ms_per_token(target, 1, s)["ms_per_token"]
     prompt = _prompt(1, s["prompt_len"], target.cfg.vocab_size)
     cfg = DecodeConfig(max_new_tokens=s["new_tokens"], temperature=0.0)
-    base = wall_seconds(lambda: generate(target, prompt, cfg), s["reps"])
+    base = _bench.wall_seconds(lambda: generate(target, prompt, cfg), s["reps"])
     rows = []
     for scale in s["later_layer_scales"]:
         damped = _damp_later_layers(model, keep, scale)
         target = prepare_decode(damped, dtype="bfloat16")
         draft = prepare_decode(truncated_draft(damped, keep), dtype="bfloat16")
         result = speculative_generate(target, draft, prompt, cfg, gamma=gamma)
-        seconds = wall_seconds(lambda: speculative_generate(target, draft, prompt, cfg, gamma=gamma).tokens,
+        seconds = _bench.wall_seconds(lambda: speculative_generate(target, draft, prompt, cfg, gamma=gamma).tokens,
                                s["reps"])
         alpha = result.acceptance_rate
         expected = expected_tokens_per_round(alpha, gamma)

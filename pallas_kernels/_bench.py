@@ -34,6 +34,18 @@ def _cupti_median_seconds(fn, arg_sets, reps):
     return statistics.median(samples) / 1e3
 
 
+def wall_seconds(fn, reps: int) -> float:
+    """Median wall-clock seconds of fn() (its outputs blocked on) after one warm-up call: for
+    programs CUPTI cannot time alone (host transfers, whole decode loops with host work)."""
+    jax.block_until_ready(fn())
+    samples = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
 def median_seconds(fn, arg_sets, reps, *, warmup=1, min_sample_seconds=0.0):
     """Median seconds per call of fn(*args) over `reps` samples, after warm-up.
 

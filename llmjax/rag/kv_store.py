@@ -8,6 +8,7 @@ import numpy as np
 from flax import nnx
 
 from llmjax.decode import paged
+from pallas_kernels._bench import wall_seconds
 
 
 def _paged_for_windows(cfg, batch: int, length: int, block_size: int, kv_dtype: str) -> dict:
@@ -66,17 +67,9 @@ def load_vs_prefill(model, tokens, *, block_size: int = 16, reps: int = 5) -> di
     batch = jnp.asarray(np.asarray(tokens, np.int32)[None])
     stored = jax.tree.map(np.asarray, prefill(state, batch))  # the document's KV, kept on the host
 
-    def median(fn):
-        jax.block_until_ready(fn())
-        samples = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            jax.block_until_ready(fn())
-            samples.append(time.perf_counter() - start)
-        return float(np.median(samples))
-
     return dict(tokens=length, kv_bytes=sum(x.nbytes for x in stored.values()),
-                load_s=median(lambda: jax.device_put(stored)), prefill_s=median(lambda: prefill(state, batch)))
+                load_s=wall_seconds(lambda: jax.device_put(stored), reps),
+                prefill_s=wall_seconds(lambda: prefill(state, batch), reps))
 
 
 def engine_decode_rate(model, kv_dtype: str, *, slots: int = 8, prompt_len: int = 16,

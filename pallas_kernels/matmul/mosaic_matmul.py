@@ -130,7 +130,7 @@ def _kernel(a_gmem, b_gmem, c_gmem, *, tiles: MosaicTiles):
 def matmul(a, b, *, out_dtype, tiles: MosaicTiles, interpret: bool):
     """C = A @ B in `out_dtype`: a [M, K], b [K, N] (bf16 or fp16), M a multiple of tiles.cta_m,
     N of tiles.cta_n, K of tiles.tile_k."""
-    (m, k), n = a.shape, b.shape[1]
+    m, n = a.shape[0], b.shape[1]
     return plgpu.kernel(
         functools.partial(_kernel, tiles=tiles),
         out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
