@@ -366,14 +366,21 @@ def main(argv=None):
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, cfg.run_dir / "config.yaml")
-    device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
-    (cfg.run_dir / "shard_sweep.json").write_text(json.dumps(
-        {"device": device, "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1))
+    device = _write_result(cfg, "shard_sweep", {"rows": rows})
     plot(rows, cfg.run_dir / "shard_sweep.png", f"{cfg.name}: {device}")
     print(f"{cfg.name} on {device}\n{format_table(rows)}\nwrote {cfg.run_dir}/shard_sweep.{{json,png}}")
     return 0
+
+
+def _write_result(cfg, stem: str, payload: dict) -> str:
+    """Write the run's config.yaml and <stem>.json (device, jax, date + payload); returns the
+    device description for titles."""
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, cfg.run_dir / "config.yaml")
+    device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
+    (cfg.run_dir / f"{stem}.json").write_text(json.dumps(
+        {"device": device, "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"), **payload}, indent=1))
+    return device
 
 
 def main_auto(args) -> int:
@@ -383,11 +390,7 @@ def main_auto(args) -> int:
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, cfg.run_dir / "config.yaml")
-    device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
-    (cfg.run_dir / "shard_search.json").write_text(json.dumps(
-        {"device": device, "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"), **record}, indent=1))
+    device = _write_result(cfg, "shard_search", record)
     plot_auto(record, cfg.run_dir / "shard_search.png", f"{cfg.name}: {device}")
     print(f"{cfg.name} on {device}\n{format_auto(record)}\nwrote {cfg.run_dir}/shard_search.{{json,png}}")
     return 0
