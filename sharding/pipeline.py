@@ -34,7 +34,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from sharding.axes import ACT_EMBED, BATCH, LAYERS, LENGTH
-from sharding.placement import constrain, opt_state_shardings, param_logical_names, param_shardings
+from sharding.placement import constrain, state_shardings_from_tables
 from sharding.rules import Rules, mesh_axes_of, resolve_rules
 
 SCHEDULES = ("gpipe", "1f1b")
@@ -166,15 +166,7 @@ def pipeline_rules(rules: str | Rules) -> tuple[Rules, Rules]:
 def pipeline_state_shardings(graphdef, state: dict, mesh, rules: str | Rules) -> dict:
     """NamedShardings of a train state {"params", "opt_state", "step"} for the pipeline
     step: every block param's layer dim over `pipeline`, the rest as the rules say."""
-    param_rules, opt_rules = pipeline_rules(rules)
-    names = param_logical_names(graphdef, state["params"])
-    replicated = NamedSharding(mesh, PartitionSpec())
-    out = {key: jax.tree.map(lambda _: replicated, value) for key, value in state.items()}
-    out["params"] = param_shardings(state["params"], names, mesh, param_rules)
-    if "opt_state" in state:
-        out["opt_state"] = opt_state_shardings(state["opt_state"], state["params"], names, mesh,
-                                               opt_rules)
-    return out
+    return state_shardings_from_tables(graphdef, state, mesh, *pipeline_rules(rules))
 
 
 def check_pipeline(*, n_layers: int, stages: int, micro_batch: int, microbatches: int,

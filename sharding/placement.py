@@ -174,7 +174,12 @@ def state_shardings(graphdef, state: dict, mesh: Mesh, rules: str | Rules) -> di
     Raises:
       ValueError: unknown preset, invalid table, or a dim its mesh axes do not divide.
     """
-    param_rules, opt_rules = resolve_rules(rules)
+    return state_shardings_from_tables(graphdef, state, mesh, *resolve_rules(rules))
+
+
+def state_shardings_from_tables(graphdef, state: dict, mesh: Mesh, param_rules: Rules,
+                                opt_rules: Rules) -> dict:
+    """`state_shardings` with the params' and the optimizer state's rule tables given."""
     names = param_logical_names(graphdef, state["params"])
     replicated = NamedSharding(mesh, PartitionSpec())
     out = {key: jax.tree.map(lambda _: replicated, value) for key, value in state.items()}
