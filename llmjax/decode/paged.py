@@ -13,6 +13,8 @@ import collections
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.decode_attention.reference import SCALE_DTYPE
+
 
 def block_hashes(tokens, block_size: int, parent: int | None = None) -> list[int]:
     """Chain hashes of the full blocks of `tokens`: hash i covers tokens[: (i + 1) * block_size],
@@ -111,7 +113,7 @@ def init_paged_cache(cfg, num_blocks: int, block_size: int, dtype=None, n_layers
     """Zeroed page pools {"k_pages", "v_pages"}: [L, P, bs, K, H] (no tables yet); L is
     n_layers, default all of the model's (1: one layer's pool, for layer-by-layer decoding).
     kv_dtype "int8" / "fp8" (e4m3): pools of codes plus "k_scales", "v_scales" [L, P, bs, K]
-    float32 (see llmjax.models.kv_cache); "bfloat16": bf16 pools; "model": pools in `dtype`
+    bf16 (see llmjax.models.kv_cache); "bfloat16": bf16 pools; "model": pools in `dtype`
     (default the model's compute dtype)."""
     if kv_dtype not in KV_DTYPES:
         raise ValueError(f"kv_dtype={kv_dtype!r}; allowed: {', '.join(KV_DTYPES)}")
@@ -119,7 +121,7 @@ def init_paged_cache(cfg, num_blocks: int, block_size: int, dtype=None, n_layers
     if kv_dtype in QUANTIZED_KV:
         codes = QUANTIZED_KV[kv_dtype]
         return {"k_pages": jnp.zeros(shape, codes), "v_pages": jnp.zeros(shape, codes),
-                "k_scales": jnp.zeros(shape[:-1], jnp.float32), "v_scales": jnp.zeros(shape[:-1], jnp.float32)}
+                "k_scales": jnp.zeros(shape[:-1], SCALE_DTYPE), "v_scales": jnp.zeros(shape[:-1], SCALE_DTYPE)}
     dtype = jnp.dtype("bfloat16" if kv_dtype == "bfloat16" else dtype or cfg.dtype)
     return {"k_pages": jnp.zeros(shape, dtype), "v_pages": jnp.zeros(shape, dtype)}
 

@@ -9,9 +9,11 @@ slice of either (the model scans the leading L axis of every leaf away):
   seq_lens[b] counts its positions once this call's tokens are written. The small int leaves
   are repeated over L so the scan slices every leaf alike. `llmjax.decode.paged` builds it.
   With int8 (or fp8 e4m3) KV the pages hold codes, and "k_scales", "v_scales": [L, P, bs, K]
-  float32 hold one scale per (position, kv head): absmax over the head dim / 127 (fp8: / 448).
-  KIVI (Liu et al. 2024) and KVQuant (Hooper et al. 2024) quantize values per token like this;
-  one scale per token and head keeps writes independent, so no page is ever re-quantized.
+  bf16 hold one scale per (position, kv head): absmax over the head dim / 127 (fp8: / 448),
+  rounded up to bf16; reads cast it to fp32. Bytes per position and head: H + 2 against bf16's
+  2H (0.52x at H = 64, 0.51x at 128). KIVI (Liu et al. 2024) and KVQuant (Hooper et al. 2024)
+  quantize values per token like this; one scale per token and head keeps writes independent,
+  so no page is ever re-quantized.
 """
 import jax
 import jax.numpy as jnp

@@ -30,8 +30,9 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, lengths, *, scale=
         at slot p % bs. Entries past a sequence's length are ignored (any value).
       lengths: [B] int, keys per sequence (0 <= length <= M * bs); a length-0 row gives zeros.
       scale: logit scale (Python number), default H ** -0.5.
-      k_scales, v_scales: None, or [P, bs, K] float32 for int8 or float8_e4m3fn pages: a stored value is
-        page * scale (one scale per position and kv head; the kernel dequantizes as it reads).
+      k_scales, v_scales: None, or [P, bs, K] bfloat16 for int8 or float8_e4m3fn pages: a stored
+        value is page * scale (one scale per position and kv head, `reference.quantize_pages`);
+        the kernel casts the scales to fp32 and dequantizes as it reads.
       backend: "auto" (the Triton kernel on a GPU or with interpret=True, else the reference;
         head dims or page sizes without a kernel fall back, logged once), "reference" (plain
         jnp, fp32), "triton" (raises where it cannot run).
@@ -104,15 +105,15 @@ def _validate(q, k_pages, v_pages, block_tables, lengths, *, backend, blocks):
 
 
 def _validate_scales(k_pages, k_scales, v_scales):
-    """int8/fp8 pages need both scale arrays [P, bs, K] float32; float pages take none."""
+    """int8/fp8 pages need both scale arrays [P, bs, K] bfloat16; float pages take none."""
     quantized = k_pages.dtype in CODE_DTYPES
     if (k_scales is None) != (v_scales is None) or quantized != (k_scales is not None):
         raise ValueError(f"int8/fp8 pages need k_scales and v_scales, float pages neither; got "
                          f"k_pages.dtype={k_pages.dtype}, k_scales given: {k_scales is not None}, "
                          f"v_scales given: {v_scales is not None}")
     for name, x in (("k_scales", k_scales), ("v_scales", v_scales)):
-        if x is not None and (x.shape != k_pages.shape[:3] or x.dtype != jnp.float32):
-            raise ValueError(f"{name} must be float32 of shape {k_pages.shape[:3]} (pages, page_size, "
+        if x is not None and (x.shape != k_pages.shape[:3] or x.dtype != reference.SCALE_DTYPE):
+            raise ValueError(f"{name} must be bfloat16 of shape {k_pages.shape[:3]} (pages, page_size, "
                              f"kv_heads); got shape {x.shape}, dtype {x.dtype}")
 
 

@@ -16,12 +16,13 @@ HEADS, KV_HEADS, HEAD_DIM, PAGE_SIZE = 32, 8, 128, 16
 CASES = tuple(cases.DecodeCase(f"b{b}_s{s}", b, HEADS, KV_HEADS, HEAD_DIM, PAGE_SIZE,
                                s // PAGE_SIZE, lengths=(s,) * b) for b, s in cases.BENCH_SHAPES)
 IMPLS = ("triton", "triton_int8", "triton_fp8", "xla", "xla_contiguous")
-CODES = {"triton_int8": jnp.int8, "triton_fp8": jnp.float8_e4m3fn}  # 8-bit pages + fp32 scales
+CODES = {"triton_int8": jnp.int8, "triton_fp8": jnp.float8_e4m3fn}  # 8-bit pages + bf16 scales
 
 
 def nominal_bytes(case, dtype, impl="triton"):
     item = jnp.dtype(dtype).itemsize
-    per_head = case.head_dim + 4 if impl in CODES else case.head_dim * item  # codes + a scale
+    scale_bytes = jnp.dtype(reference.SCALE_DTYPE).itemsize
+    per_head = case.head_dim + scale_bytes if impl in CODES else case.head_dim * item  # codes + a scale
     kv = 2 * sum(case.lengths) * case.kv_heads * per_head
     return kv + 2 * case.batch * case.heads * case.head_dim * item
 

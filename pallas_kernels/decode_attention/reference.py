@@ -40,20 +40,32 @@ def gather_pages(pages, block_tables):
     return gathered.reshape(b, m * pages.shape[1], *pages.shape[2:])
 
 
+# Scales of 8-bit pages are stored in bf16: 2 bytes per (position, kv head) instead of fp32's 4
+# bring int8 KV to (H + 2) / 2H of bf16's bytes (0.52x at H = 64). bf16 keeps fp32's exponent
+# range, and rounding each scale up to a bf16 value (below) keeps the error bound of the codes.
+SCALE_DTYPE = jnp.bfloat16
+
+
 def quantize_pages(x, dtype=jnp.int8):
     """Symmetric per (position, head) quantization: x [..., H] -> (codes [..., H] in `dtype`,
-    scale [...] fp32), x ~ codes * scale. int8: rounded to [-127, 127]; float8_e4m3fn: the
-    absmax maps to 448, e4m3's largest finite value, and the cast rounds to nearest."""
+    scale [...] bf16), x ~ codes * scale. The scale is absmax / top rounded up to the next bf16
+    value (at most 2^-7 larger), and the codes are computed against that stored scale, so
+    |x - codes * scale| <= scale / 2 for int8 (top 127) and no code is clipped; float8_e4m3fn:
+    top is 448, e4m3's largest finite value, and the cast rounds to nearest."""
     dtype = jnp.dtype(dtype)
     top = 127.0 if dtype == jnp.int8 else float(jnp.finfo(dtype).max)
     x = x.astype(jnp.float32)
-    scale = jnp.max(jnp.abs(x), axis=-1) / top
-    q = jnp.clip(x / jnp.where(scale > 0, scale, 1.0)[..., None], -top, top)
+    exact = jnp.max(jnp.abs(x), axis=-1) / top
+    scale = exact.astype(SCALE_DTYPE)
+    scale = jnp.where(scale.astype(jnp.float32) < exact, jnp.nextafter(scale, jnp.array(jnp.inf, SCALE_DTYPE)),
+                      scale)
+    stored = scale.astype(jnp.float32)
+    q = jnp.clip(x / jnp.where(stored > 0, stored, 1.0)[..., None], -top, top)
     return (jnp.round(q) if dtype == jnp.int8 else q).astype(dtype), scale
 
 
 def dequantize_pages(pages, scales):
-    """int8 pages [..., H] times their per-(position, kv head) scales [...] -> fp32."""
+    """8-bit pages [..., H] times their per-(position, kv head) scales [...] (cast to fp32) -> fp32."""
     return pages.astype(jnp.float32) * scales[..., None].astype(jnp.float32)
 
 
@@ -64,7 +76,7 @@ def paged_decode_attention_reference(q, k_pages, v_pages, block_tables, lengths,
     Args:
       q: [B, N, H]; k_pages, v_pages: [P, bs, K, H]; block_tables: [B, M] int page ids;
       lengths: [B] int, keys of sequence b are its first lengths[b] slots (<= M * bs).
-      k_scales, v_scales: None, or [P, bs, K] scales of int8 pages (value = page * scale).
+      k_scales, v_scales: None, or [P, bs, K] bf16 scales of 8-bit pages (value = page * scale).
     Returns:
       [B, N, H] fp32.
     """

@@ -39,8 +39,8 @@ def _decode_kernel(tables_ref, length_ref, q_ref, k_ref, v_ref, *refs, scale,
     tables_ref [pages_per_split] int32 (this split's page ids); length_ref [1] int32;
     q_ref [Gp, H]; k_ref, v_ref [P, bs, H] (this kv head); o_ref [Gp, H] fp32 (normalized
     within the split); m_ref, l_ref [Gp] fp32: base-2 running max and softmax denominator.
-    quantized: k_ref, v_ref are int8/fp8 codes and refs starts with ks_ref, vs_ref [P, bs] fp32 scales,
-    applied as the pages are read (8-bit KV: about half the bytes of bf16 per step).
+    quantized: k_ref, v_ref are int8/fp8 codes and refs starts with ks_ref, vs_ref [P, bs] bf16 scales,
+    cast to fp32 and applied as the pages are read (8-bit KV: (H + 2) / 2H of bf16's bytes per step).
     """
     ks_ref, vs_ref, o_ref, m_ref, l_ref = refs if quantized else (None, None, *refs)
     split = pl.program_id(2)
@@ -57,8 +57,10 @@ def _decode_kernel(tables_ref, length_ref, q_ref, k_ref, v_ref, *refs, scale,
         k = k_ref[pages].reshape(keys_per_step, head_dim)  # [keys, H]
         v = v_ref[pages].reshape(keys_per_step, head_dim)
         if quantized:
-            k = (k.astype(jnp.float32) * ks_ref[pages].reshape(keys_per_step)[:, None]).astype(q.dtype)
-            v = (v.astype(jnp.float32) * vs_ref[pages].reshape(keys_per_step)[:, None]).astype(q.dtype)
+            k_scale = ks_ref[pages].reshape(keys_per_step).astype(jnp.float32)  # [keys]
+            v_scale = vs_ref[pages].reshape(keys_per_step).astype(jnp.float32)
+            k = (k.astype(jnp.float32) * k_scale[:, None]).astype(q.dtype)
+            v = (v.astype(jnp.float32) * v_scale[:, None]).astype(q.dtype)
         s = plgpu.dot(q, k, trans_b=True, precision=precision) * (scale * LOG2E)  # [Gp, keys]
         tokens = (first_page + i * pages_per_step) * page_size + jnp.arange(keys_per_step)
         s = jnp.where((tokens < length)[None, :], s, MASK_VALUE)
@@ -84,7 +86,7 @@ def decode_partials(q, k_pages, v_pages, block_tables, lengths, *, scale: float,
     Args:
       q: [B, K, Gp, H]; k_pages, v_pages: [P, bs, K, H]; block_tables: [B, splits,
         pages_per_split] int32 (valid page ids everywhere); lengths: [B, 1] int32;
-      k_scales, v_scales: None, or [P, bs, K] fp32 scales of int8 pages.
+      k_scales, v_scales: None, or [P, bs, K] bf16 scales of int8/fp8 pages.
     Returns:
       o [B, K, splits, Gp, H] fp32 and m, l [B, K, splits, Gp] fp32 (base-2 max, denominator).
     """
