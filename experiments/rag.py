@@ -5,9 +5,10 @@ prints the retrieved passages with scores, the passages that fit the prompt, and
 `--eval`: recall@1/5 of BM25 and embeddings on generated questions (a line fragment -> the
 passages holding it). `--reuse`: time to first token of repeated-document questions with and
 without the engine's prefix cache. `--kv`: KV bytes per token vs perplexity on the corpus's
-validation windows for model-dtype, bf16, int8 and fp8 KV, engine decode tokens/s for each,
-and a stored int8 KV's load time vs its prefill. Each writes benchmarks/results/rag-<section>_
-<device>_<date>.json and .png. Without --run the model is random (BM25 retrieval still works).
+validation windows for model-dtype, bf16, int8 and fp8 KV (`--kv-dtypes` picks), engine
+decode tokens/s for each (wall-clock median), int8 against bf16, and a stored int8 KV's load
+time vs its prefill. Each writes benchmarks/results/rag-<section>_<device>_<date>.json and
+.png. Without --run the model is random (BM25 retrieval still works).
 """
 import argparse
 import json
@@ -24,6 +25,7 @@ from llmjax.checkpoint import CheckpointError  # noqa: E402
 from llmjax.config import load_config  # noqa: E402
 from llmjax.data import CorpusError, load_tokenizer  # noqa: E402
 from llmjax.decode.engine import Engine, EngineConfig  # noqa: E402
+from llmjax.decode.paged import KV_DTYPES  # noqa: E402
 from llmjax.models import init_model  # noqa: E402
 from llmjax.rag import (  # noqa: E402
     RETRIEVERS,
@@ -89,26 +91,40 @@ def plot_recall(ax, rows):
     ax.legend()
 
 
-def kv_rows(model, run, n_windows: int) -> list:
-    """Bytes/token, perplexity (and change vs model-dtype KV) and decode tokens/s per KV dtype;
-    then stored-KV load vs prefill for one full-context document."""
+def _int8_vs_bf16(bf16: dict, int8: dict, head_dim: int) -> dict:
+    """The issue-15 acceptance row: int8 KV's bytes, perplexity and decode speed against bf16's."""
+    row = dict(kv_dtype="int8", section_part="int8_vs_bf16", head_dim=head_dim,
+               bytes_ratio=int8["kv_bytes_per_token"] / bf16["kv_bytes_per_token"],
+               ppl_change=int8["perplexity"] / bf16["perplexity"] - 1,
+               decode_speedup=int8["tokens_per_s"] / bf16["tokens_per_s"])
+    print(f"int8 vs bf16 KV (head_dim {head_dim}): bytes x{row['bytes_ratio']:.3f}, ppl {row['ppl_change']:+.3%}, "
+          f"decode {int8['tokens_per_s']:.0f} vs {bf16['tokens_per_s']:.0f} tok/s (x{row['decode_speedup']:.2f})",
+          flush=True)
+    return row
+
+
+def kv_rows(model, run, n_windows: int, reps: int = 3, kv_dtypes=None) -> list:
+    """Bytes/token, perplexity (and change vs the first KV dtype, default model-dtype KV) and
+    engine decode tokens/s (wall-clock median of `reps`) per KV dtype (default all); int8
+    against bf16 on all three where both ran; then stored-KV load vs prefill for one
+    full-context document."""
     from llmjax.data import load_dataset
-    from llmjax.decode import paged
     from llmjax.rag.kv_store import engine_decode_rate, kv_perplexity, load_vs_prefill
 
     cfg = load_run(run)[0].data if run else None
     data = (load_dataset(cfg.corpus, cfg.tokenizer, cfg.seq_len, cfg.val_fraction) if cfg
             else load_dataset("shakespeare", "bundled", 64, 0.05))
     windows, rows = data.val[:n_windows], []
-    for kv_dtype in paged.KV_DTYPES:
-        pages = paged.init_paged_cache(model.cfg, 1, 16, kv_dtype=kv_dtype)
+    for kv_dtype in kv_dtypes or KV_DTYPES:
         rows.append(dict(kv_dtype=kv_dtype, model=run or "random gpt2-tiny", windows=len(windows),
-                         kv_bytes_per_token=paged.kv_bytes_per_token(pages),
-                         perplexity=kv_perplexity(model, windows, kv_dtype=kv_dtype),
-                         **engine_decode_rate(model, kv_dtype)))
+                         head_dim=model.cfg.head_dim, perplexity=kv_perplexity(model, windows, kv_dtype=kv_dtype),
+                         **engine_decode_rate(model, kv_dtype, reps=reps)))
         rows[-1]["ppl_change"] = rows[-1]["perplexity"] / rows[0]["perplexity"] - 1
         print(f"KV {kv_dtype:9s} {rows[-1]['kv_bytes_per_token']:8.0f} B/token  ppl {rows[-1]['perplexity']:.4f} "
-              f"({rows[-1]['ppl_change']:+.3%})  decode {rows[-1]['tokens_per_s']:.0f} tok/s")
+              f"({rows[-1]['ppl_change']:+.3%})  decode {rows[-1]['tokens_per_s']:.0f} tok/s", flush=True)
+    by_dtype = {r["kv_dtype"]: r for r in rows}
+    if {"bfloat16", "int8"} <= set(by_dtype):
+        rows.append(_int8_vs_bf16(by_dtype["bfloat16"], by_dtype["int8"], model.cfg.head_dim))
     load = load_vs_prefill(model, windows[0, :-1])
     rows.append(dict(kv_dtype="int8", section_part="load_vs_prefill", **load,
                      speedup=load["prefill_s"] / load["load_s"]))
@@ -123,7 +139,7 @@ def plot_kv(ax, rows):
     for r in rows:
         ax.annotate(r["kv_dtype"], (r["kv_bytes_per_token"], r["ppl_change"] * 100))
     ax.set_xlabel("KV bytes per token (all layers)")
-    ax.set_ylabel("perplexity change vs model-dtype KV (%)")
+    ax.set_ylabel(f"perplexity change vs {rows[0]['kv_dtype']} KV (%)")
 
 
 def print_answer(answer, passages):
@@ -151,6 +167,8 @@ def main(argv=None):
     parser.add_argument("--reuse", action="store_true", help="TTFT with and without document KV reuse")
     parser.add_argument("--kv", action="store_true", help="KV compression: bytes/token vs perplexity, load vs prefill")
     parser.add_argument("--windows", type=int, default=64, help="validation windows for --kv")
+    parser.add_argument("--reps", type=int, default=3, help="timed runs per decode-speed median for --kv")
+    parser.add_argument("--kv-dtypes", nargs="+", choices=KV_DTYPES, help="KV dtypes for --kv (default all)")
     args = parser.parse_args(argv)
     if not (args.query or args.eval or args.reuse or args.kv):
         parser.error("give --query, --eval, --reuse or --kv")
@@ -165,7 +183,7 @@ def main(argv=None):
 
             print(write_results("reuse", reuse_trace(passages, model, tokenizer), plot_reuse))
         if args.kv:
-            print(write_results("kv", kv_rows(model, args.run, args.windows), plot_kv))
+            print(write_results("kv", kv_rows(model, args.run, args.windows, args.reps, args.kv_dtypes), plot_kv))
         if args.query:
             index = DenseIndex.load(args.index) if args.index else None
             if args.save_index:

@@ -1,6 +1,8 @@
 """int8 KV cache: quantization error bound, decode attention over int8 pages (reference and the
 Pallas kernel in interpret mode) against full-precision KV, perplexity of a briefly trained
 model with int8 KV, the engine serving from int8 pages, and bad-input errors."""
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -145,3 +147,20 @@ def test_8bit_pool_bytes_about_half_of_bf16(head_dim, most, kv_dtype):
     assert pool["k_scales"].dtype == jnp.bfloat16 and pool["k_scales"].shape == pool["k_pages"].shape[:-1]
     ratio = paged.kv_bytes_per_token(pool) / paged.kv_bytes_per_token(bf16)
     assert ratio == pytest.approx((head_dim + 2) / (2 * head_dim)) and ratio <= most
+
+
+def test_rag_kv_report_smoke(tmp_path, monkeypatch):
+    """`python -m experiments.rag --kv` end to end on a random gpt2-tiny (the code path and the
+    report's invariants; numbers from a random model mean nothing)."""
+    from experiments import rag
+
+    monkeypatch.setattr(rag, "RESULTS", tmp_path)
+    rag.main(["--kv", "--windows", "2", "--reps", "1", "--kv-dtypes", "bfloat16", "int8"])
+    (result,) = tmp_path.glob("rag-kv_*.json")
+    assert result.with_suffix(".png").exists()
+    rows = {r.get("section_part", r["kv_dtype"]): r for r in json.loads(result.read_text())}
+    assert set(rows) == {"bfloat16", "int8", "int8_vs_bf16", "load_vs_prefill"}
+    head_dim = rows["int8"]["head_dim"]
+    assert rows["int8_vs_bf16"]["bytes_ratio"] == pytest.approx((head_dim + 2) / (2 * head_dim))
+    assert rows["bfloat16"]["tokens_per_s"] > 0 and rows["int8"]["tokens_per_s"] > 0
+    assert abs(rows["int8"]["ppl_change"]) < 0.01

@@ -1,7 +1,5 @@
 """Stored document KV (CacheGen, Liu et al., SIGCOMM 2024): what int8 KV costs in quality and
 bytes, and how fast stored KV loads compared with recomputing the prefill."""
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -73,22 +71,29 @@ def load_vs_prefill(model, tokens, *, block_size: int = 16, reps: int = 5) -> di
 
 
 def engine_decode_rate(model, kv_dtype: str, *, slots: int = 8, prompt_len: int = 16,
-                       new_tokens: int = 32) -> dict:
-    """Generated tokens/s of the engine with `slots` greedy requests decoding together, the
-    KV pools in `kv_dtype` (one untimed run first compiles both step shapes)."""
+                       new_tokens: int = 32, reps: int = 3) -> dict:
+    """Decode tokens/s of the engine with `slots` greedy requests decoding together, the KV
+    pools in `kv_dtype`, and the pools' bytes per position (all layers, scales included).
+
+    Wall-clock medians of `reps` runs (each after a warm-up run that compiles its step shapes)
+    of every request generating N = new_tokens and 1 token: tokens/s = slots (N - 1) / (t_N -
+    t_1), so the prefill drops out. Prompts are random, prefix caching is off.
+    """
     from llmjax.decode.engine import Engine, EngineConfig
 
     block = 16
     per_seq = -(-(prompt_len + new_tokens) // block)
-    engine = Engine(model, EngineConfig(max_slots=slots, prefill_slots=slots, chunk_size=prompt_len,
-                                        block_size=block, num_blocks=max(slots * per_seq,
-                                                                         model.cfg.max_seq_len // block),
+    engine = Engine(model, EngineConfig(max_slots=slots, prefill_slots=min(slots, 8),
+                                        chunk_size=min(prompt_len, 256), block_size=block,
+                                        num_blocks=max(slots * per_seq, model.cfg.max_seq_len // block),
                                         prefix_caching=False, kv_dtype=kv_dtype))
-    prompts = np.random.default_rng(0).integers(0, model.cfg.vocab_size, (2, slots, prompt_len))
-    for batch in prompts:  # the second pass is timed
-        for prompt in batch:
-            engine.submit(prompt, new_tokens)
-        start = time.perf_counter()
+    rng = np.random.default_rng(0)
+
+    def serve(n):
+        for prompt in rng.integers(0, model.cfg.vocab_size, (slots, prompt_len)):
+            engine.submit(prompt, n)
         engine.run()
-    seconds = time.perf_counter() - start
-    return dict(tokens_per_s=slots * new_tokens / seconds, slots=slots, new_tokens=new_tokens)
+
+    one, many = (wall_seconds(lambda n=n: serve(n), reps) for n in (1, new_tokens))
+    return dict(tokens_per_s=slots * (new_tokens - 1) / (many - one), slots=slots, prompt_len=prompt_len,
+                new_tokens=new_tokens, kv_bytes_per_token=sum(paged.kv_bytes_per_token(p) for p in engine.pages))
