@@ -12,6 +12,9 @@ Sections (one JSON row each, `section` says which):
   over (gamma c + 1), c = draft/target ms/token. (Random weights: an unscaled 1-layer draft of a
   random 22-layer model almost never picks the target's argmax.)
 - perplexity: fp32 / bf16 / int8 weights of a trained run on its corpus's validation split.
+- kv: the serving engine's decode tokens/s with the paged KV pools in bf16 and in int8 (codes
+  plus bf16 scales, (H + 2) / 2H of bf16's bytes), same model, slots and context, with the
+  pools' bytes per position; ms are decode-only: (time to N new tokens - time to 1) medians.
 
 Decode timings are wall clock (block_until_ready; the loop's host round-trips count); on a
 GPU the batch-1 rows also carry `kernel_ms_per_token`, CUPTI's sum of kernel times.
@@ -43,13 +46,15 @@ from llmjax.models import init_model
 from pallas_kernels import _bench
 
 RESULTS = pathlib.Path("benchmarks/results")
+SECTIONS = ("decode", "speculative", "perplexity", "kv")
 SETTINGS = {
     "full": dict(models=["gpt2-small", "llama-1b"], prompt_len=128, new_tokens=256,
                  batches=[1, 2, 4, 8, 16, 32, 64], spec_model="llama-1b", draft_layers=1,
-                 later_layer_scales=[0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0], copy_mib=1024, reps=5, ppl_windows=64),
+                 later_layer_scales=[0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0], copy_mib=1024, reps=5, ppl_windows=64,
+                 kv_model="llama-1b", kv_slots=[16, 64], kv_prompt_len=1024, kv_new_tokens=64),
     "smoke": dict(models=["gpt2-tiny", "llama-tiny"], prompt_len=4, new_tokens=8, batches=[1, 2],
                   spec_model="llama-tiny", draft_layers=1, later_layer_scales=[0.0, 1.0], copy_mib=8, reps=3,
-                  ppl_windows=4),
+                  ppl_windows=4, kv_model="llama-tiny", kv_slots=[2], kv_prompt_len=8, kv_new_tokens=4),
 }
 
 
@@ -200,12 +205,35 @@ def perplexity_rows(run_dir, s) -> list[dict]:
     return [row]
 
 
+def kv_rows(s, preset) -> list[dict]:
+    """Engine decode tokens/s with bf16 and int8 KV pools for each slot count in kv_slots."""
+    from llmjax.rag.kv_store import engine_decode_rate
+
+    model = init_model(load_config(overrides=[f"preset={preset}"]).model)
+    rows = []
+    for slots in s["kv_slots"]:
+        for kv_dtype in ("bfloat16", "int8"):
+            rate = engine_decode_rate(model, kv_dtype, slots=slots, prompt_len=s["kv_prompt_len"],
+                                      new_tokens=s["kv_new_tokens"], reps=s["reps"])
+            # KV one decode step reads: every live position of every sequence, mid-generation.
+            context = s["kv_prompt_len"] + s["kv_new_tokens"] / 2
+            rows.append(dict(section="kv", model=preset, kv_dtype=kv_dtype, **rate,
+                             kv_bytes_per_step=slots * context * rate["kv_bytes_per_token"]))
+            base = rows[-2] if kv_dtype == "int8" else rows[-1]
+            rows[-1]["speedup_vs_bf16"] = rows[-1]["tokens_per_s"] / base["tokens_per_s"]
+            rows[-1]["bytes_vs_bf16"] = rows[-1]["kv_bytes_per_token"] / base["kv_bytes_per_token"]
+            print(f"kv {preset} {kv_dtype:8} slots {slots:3}: {rate['tokens_per_s']:.0f} tokens/s "
+                  f"(x{rows[-1]['speedup_vs_bf16']:.2f} vs bf16), {rate['kv_bytes_per_token']:.0f} B/position "
+                  f"(x{rows[-1]['bytes_vs_bf16']:.3f})", flush=True)
+    return rows
+
+
 def plot(rows, path, title):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    fig, axes = plt.subplots(3, 2, figsize=(12, 12))
     decode = [r for r in rows if r["section"] == "decode"]
     ones = [r for r in decode if r["batch"] == 1]
     labels = [f"{r['model']}\n{r['weights']}" for r in ones]
@@ -238,6 +266,17 @@ def plot(rows, path, title):
         axes[1, 1].axhline(1.0, color="gray", lw=0.5)
         axes[1, 1].set(xlabel="acceptance rate alpha", ylabel="speed-up over generate")
         axes[1, 1].legend()
+    kv = [r for r in rows if r["section"] == "kv"]
+    for kv_dtype in ("bfloat16", "int8"):
+        sweep = [r for r in kv if r["kv_dtype"] == kv_dtype]
+        axes[2, 0].plot([r["slots"] for r in sweep], [r["tokens_per_s"] for r in sweep], "o-", label=kv_dtype)
+        axes[2, 1].plot([r["slots"] for r in sweep], [r["kv_bytes_per_step"] / 2**20 for r in sweep], "o-",
+                        label=kv_dtype)
+    if kv:
+        axes[2, 0].set(xlabel="slots (sequences decoding together)", ylabel=f"engine tokens/s, {kv[0]['model']}")
+        axes[2, 1].set(xlabel="slots", ylabel="KV MiB read per decode step")
+        axes[2, 0].legend()
+        axes[2, 1].legend()
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -251,8 +290,8 @@ def main(argv=None):
                         "llama-1b; --smoke: gpt2-tiny llama-tiny)")
     parser.add_argument("--gamma", type=int, default=4, help="draft tokens per speculative round")
     parser.add_argument("--ppl-run", default="runs/shakespeare", help="trained run for the perplexity rows")
-    parser.add_argument("--sections", nargs="+", default=["decode", "speculative", "perplexity"],
-                        choices=["decode", "speculative", "perplexity"])
+    parser.add_argument("--kv-model", help="preset for the kv rows (default llama-1b; --smoke: llama-tiny)")
+    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="results folder")
     args = parser.parse_args(argv)
     s = SETTINGS["smoke" if args.smoke else "full"]
@@ -266,11 +305,13 @@ def main(argv=None):
         rows += speculative_rows(s, args.gamma)
     if "perplexity" in args.sections:
         rows += perplexity_rows(args.ppl_run, s)
+    if "kv" in args.sections:
+        rows += kv_rows(s, args.kv_model or s["kv_model"])
     env = _bench.environment()
     device_slug = re.sub(r"[^a-z0-9]+", "_", env["device"].lower()).strip("_")
     date = datetime.date.today().isoformat()
     parts = ["decode"] + (["smoke"] if args.smoke else []) + (args.models or []) + (
-        args.sections if len(args.sections) < 3 else [])  # separate runs keep their files
+        args.sections if len(args.sections) < len(SECTIONS) else [])  # separate runs keep their files
     stem = f"{'-'.join(parts)}_{device_slug}_{date}"
     args.out.mkdir(parents=True, exist_ok=True)
     result = dict(**env, jaxlib=jaxlib.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""), settings=s,

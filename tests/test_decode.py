@@ -102,3 +102,18 @@ def test_decode_loop_has_no_per_step_weight_casts_or_layer_slices():
     graphdef, fp32_params = nnx.split(bf16)
     found = large_casts_and_copies(DecodeModel(graphdef, fp32_params, bf16.cfg), SETTINGS["smoke"])
     assert any(f.startswith("convert bf16[1,128,2,32]") for f in found), found  # wk cast each step
+
+
+def test_bench_decode_kv_smoke(tmp_path):
+    """The kv section: engine decode rows with bf16 and int8 pools of one tiny model."""
+    from experiments import bench_decode
+
+    assert bench_decode.main(["--smoke", "--sections", "kv", "--out", str(tmp_path)]) == 0
+    (result,) = tmp_path.glob("decode-smoke-kv_*.json")
+    assert result.with_suffix(".png").exists()
+    kv = [r for r in json.loads(result.read_text())["rows"] if r["section"] == "kv"]
+    assert [(r["kv_dtype"], r["slots"]) for r in kv] == [("bfloat16", 2), ("int8", 2)]
+    assert all(r["tokens_per_s"] > 0 for r in kv)  # values: CPU noise
+    head_dim = 16  # llama-tiny: d_model 64 over 4 heads
+    assert kv[1]["bytes_vs_bf16"] == pytest.approx((head_dim + 2) / (2 * head_dim))
+    assert kv[1]["kv_bytes_per_step"] < 0.6 * kv[0]["kv_bytes_per_step"]
