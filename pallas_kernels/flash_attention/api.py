@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import _api
-from pallas_kernels.flash_attention import config, mosaic_fwd, reference, triton_bwd, triton_fwd
+from pallas_kernels.flash_attention import (config, mosaic_bwd, mosaic_fwd, reference, triton_bwd,
+                                            triton_fwd)
 
 BACKENDS = ("auto", "reference", "triton", "mosaic")
 KERNEL_HEAD_DIMS = (64, 128)
@@ -33,11 +34,13 @@ def flash_attention(q, k, v, *, causal=False, scale=None, segment_ids=None, back
       scale: logit scale (a Python number), default H ** -0.5.
       segment_ids: optional int [B, T] for packed sequences (needs T == S): a token attends only
         to tokens with the same id (and, if causal, not after it).
-      backend: "auto" (on GPU the Triton kernels; on CPU the reference unless interpret=True;
-        head dims without a kernel fall back to the reference, logged once), "reference"
-        (plain jnp, fp32), "triton" (Pallas Triton kernels, H in {64, 128}), "mosaic" (Pallas
-        Mosaic GPU forward for Hopper, bf16/fp16, no segment_ids; Triton backward). A named
-        backend that cannot serve the call raises.
+      backend: "auto" (on an sm_90 GPU the Mosaic kernels where they serve the call: bf16/fp16
+        and no segment_ids, else the Triton kernels; on other GPUs and in interpret mode the
+        Triton kernels; on CPU without interpret the reference; head dims without a kernel
+        fall back to the reference, logged once), "reference" (plain jnp, fp32), "triton"
+        (Pallas Triton kernels, H in {64, 128}), "mosaic" (Pallas Mosaic GPU forward and
+        backward for Hopper, bf16/fp16, no segment_ids). A named backend that cannot serve the
+        call raises.
       interpret: run the Pallas kernels in interpret mode (CPU tests).
       blocks: `config.BlockSizes` for the kernels; default `config.tuned_blocks` (the autotune table, else the heuristic).
     Returns:
@@ -122,8 +125,12 @@ def _choose_backend(backend: str, *, head_dim: int, dtype, segmented: bool, inte
             _api.warn_once(_log, _warned, f"flash_attention: head_dim={head_dim} has no kernel "
                            f"(supported: {KERNEL_HEAD_DIMS}); using the reference backend")
             return "reference"
-        # TODO(#5): pick "mosaic" where benchmarks/results show it faster on this device.
-        return "triton" if runnable else "reference"
+        if not runnable:
+            return "reference"
+        # Hopper: the Mosaic forward beat the Triton one at every benchmarked shape on our H100
+        # (benchmarks/NOTES.md, benchmarks/results/flash_attention_*.json).
+        mosaic_serves = jnp.dtype(dtype) in mosaic_fwd.DTYPES and not segmented
+        return "mosaic" if mosaic_serves and platform == "gpu" and _is_hopper() else "triton"
     if backend == "reference":
         return backend
     if head_dim not in KERNEL_HEAD_DIMS:
@@ -148,7 +155,7 @@ def _choose_backend(backend: str, *, head_dim: int, dtype, segmented: bool, inte
 class _Static:
     """The non-differentiable options of one call: hashable, so custom_vjp can hold them."""
 
-    forward: str  # "triton" or "mosaic"; the backward is Triton for both
+    forward: str  # the kernels of both passes: "triton" or "mosaic"
     causal: bool
     scale: float
     blocks: config.BlockSizes
@@ -175,6 +182,12 @@ def _forward(q, k, v, segment_ids, static: _Static):
 
 def _backward(static: _Static, residuals, dout):
     q, k, v, segment_ids, out, lse2 = residuals
+    if static.forward == "mosaic":
+        dq, dk, dv = mosaic_bwd.flash_backward(q, k, v, out, lse2, dout, scale=static.scale,
+                                               causal=static.causal,
+                                               blocks=static.blocks.mosaic_bwd,
+                                               interpret=static.interpret)
+        return dq, dk, dv, None
     dq, dk, dv = triton_bwd.flash_backward(q, k, v, segment_ids, out, lse2, dout,
                                            scale=static.scale, causal=static.causal,
                                            blocks=static.blocks, interpret=static.interpret)

@@ -8,7 +8,7 @@ import zlib
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.flash_attention.config import BlockSizes, MosaicBlocks
+from pallas_kernels.flash_attention.config import BlockSizes, MosaicBlocks, MosaicBwdBlocks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,12 +55,21 @@ CPU_CASES = (
     Case("t1000_gqa2_full", 1, 1000, 1000, 4, 2, 64),
 )
 
-# The Mosaic forward in GPU interpret mode (a simulator: ~10 s a call on CPU). 64-key steps in
-# the causal case give more steps than K/V slots, and warpgroups with unequal step counts.
+# The Mosaic forward and backward in GPU interpret mode (a simulator: ~10 s a kernel on CPU).
+# 64-key steps in the causal case give more steps than K/V slots, and warpgroups with unequal
+# step counts.
 MOSAIC_CPU_CASES = (
     CPU_CASES[1],
     Case("t300_gqa2_causal_kv64", 1, 300, 300, 4, 2, 64, causal=True,
          blocks=BlockSizes(mosaic=MosaicBlocks(block_kv=64))),
+)
+
+# The Mosaic backward kernels alone in interpret mode (fed the reference's output and lse), beside
+# the forward-and-backward cases above (GQA, T != S, causal): MQA at H=128 and length 1, and MHA
+# at length 129 (ragged, two CTAs, more K/V steps than slots).
+MOSAIC_BWD_CPU_CASES = (
+    Case("t1_mqa_causal_d128", 1, 1, 1, 4, 1, 128, causal=True),
+    Case("t129_mha_full", 1, 129, 129, 2, 2, 64),
 )
 
 # Real sizes for the GPU run of the same contract (H=8 heads, kv_heads 1/2/8).
@@ -73,6 +82,11 @@ GPU_CASES = (
     Case("gpu_t2048_mha_causal", 2, 2048, 2048, 8, 8, 128, causal=True),
     Case("gpu_t1024_s3000_gqa2_full", 2, 1024, 3000, 8, 2, 128),
     Case("gpu_t4096_segments_causal", 1, 4096, 4096, 8, 2, 128, causal=True, segmented=True),
+    Case("gpu_t4096_mqa_full_d64", 1, 4096, 4096, 8, 1, 64),
+    # Mosaic backward tiles other than the default: 128-key dQ steps, 128-row dK/dV steps, 3 slots.
+    Case("gpu_t1000_gqa2_causal_bwd_tiles", 2, 1000, 1000, 8, 2, 128, causal=True,
+         blocks=BlockSizes(mosaic_bwd=MosaicBwdBlocks(block_kv_dq=128, block_q_dkv=128,
+                                                      max_concurrent_steps=3))),
 )
 
 

@@ -1,8 +1,8 @@
-"""Tile sizes of the Pallas Triton flash-attention kernels, and the default heuristic.
+"""Tile sizes of the Pallas flash-attention kernels (Triton, Mosaic GPU) and the default heuristic.
 
 T query length, S key length, H head dim. A block is a number of rows (query or key
 positions) that one program holds at a time; Triton wants powers of two, and its
-`dot` wants every dimension >= 16.
+`dot` wants every dimension >= 16; Mosaic GPU tiles are wgmma sizes (multiples of 64).
 """
 import dataclasses
 
@@ -11,6 +11,16 @@ import jax.numpy as jnp
 from pallas_kernels.autotune import table as autotune_table
 
 MIN_BLOCK = 16  # Triton dot: M, N, K >= 16.
+
+
+def _check_mosaic_tiles(tiles, names):
+    """Raise ValueError unless each named tile is a wgmma size and there are >= 2 slots."""
+    for name in names:
+        value = getattr(tiles, name)
+        if not isinstance(value, int) or value % 64 or not 64 <= value <= 256:
+            raise ValueError(f"{name}={value!r} must be 64, 128, 192 or 256 (wgmma tiles)")
+    if not isinstance(tiles.max_concurrent_steps, int) or tiles.max_concurrent_steps < 2:
+        raise ValueError(f"max_concurrent_steps={tiles.max_concurrent_steps!r} must be >= 2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,12 +33,28 @@ class MosaicBlocks:
     max_concurrent_steps: int = 2
 
     def __post_init__(self):
-        for name in ("block_q", "block_kv"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value % 64 or not 64 <= value <= 256:
-                raise ValueError(f"{name}={value!r} must be 64, 128, 192 or 256 (wgmma tiles)")
-        if not isinstance(self.max_concurrent_steps, int) or self.max_concurrent_steps < 2:
-            raise ValueError(f"max_concurrent_steps={self.max_concurrent_steps!r} must be >= 2")
+        _check_mosaic_tiles(self, ("block_q", "block_kv"))
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicBwdBlocks:
+    """Tiles of the Mosaic GPU backward; a CTA runs two compute warpgroups.
+
+    dQ kernel: `block_q_dq` query rows per compute warpgroup, `block_kv_dq` keys per step.
+    dK/dV kernel: `block_kv_dkv` key rows per compute warpgroup, `block_q_dkv` query rows per
+    step (of every query head in the GQA group). `max_concurrent_steps`: shared-memory slots of
+    the streamed tiles in flight. The defaults are sized so a compute warpgroup's live fp32 tiles
+    (two [64, 64] scores, dK and dV [64, H]: 192 registers a thread at H=128) fit its 232.
+    """
+
+    block_q_dq: int = 64
+    block_kv_dq: int = 64
+    block_q_dkv: int = 64
+    block_kv_dkv: int = 64
+    max_concurrent_steps: int = 2
+
+    def __post_init__(self):
+        _check_mosaic_tiles(self, ("block_q_dq", "block_kv_dq", "block_q_dkv", "block_kv_dkv"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +65,7 @@ class BlockSizes:
     dQ kernel: `block_q_dq` query rows, looping over `block_kv_dq` key rows.
     dK/dV kernel: `block_kv_dkv` key rows, looping over `block_q_dkv` query rows of every
     query head in the GQA group.
-    mosaic: tiles of the Mosaic forward (backend="mosaic"; its backward uses the Triton tiles).
+    mosaic, mosaic_bwd: tiles of the Mosaic forward and backward (backend="mosaic").
     """
 
     block_q: int = 128
@@ -53,13 +79,14 @@ class BlockSizes:
     num_warps_bwd: int = 4
     num_stages_bwd: int = 3
     mosaic: MosaicBlocks = MosaicBlocks()
+    mosaic_bwd: MosaicBwdBlocks = MosaicBwdBlocks()
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if field.name == "mosaic":
-                if not isinstance(value, MosaicBlocks):
-                    raise ValueError(f"mosaic={value!r} must be a MosaicBlocks")
+            if field.name in ("mosaic", "mosaic_bwd"):
+                if not isinstance(value, field.type):
+                    raise ValueError(f"{field.name}={value!r} must be a {field.type.__name__}")
                 continue
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{field.name}={value!r} must be a positive int")
@@ -111,8 +138,11 @@ def default_blocks(seq_q: int, seq_kv: int, head_dim: int, dtype) -> BlockSizes:
 
 def tuned_blocks(seq_q: int, seq_kv: int, head_dim: int, causal: bool, dtype) -> BlockSizes:
     """default_blocks with the autotune table's entries for this GPU and shape applied: Triton
-    tiles ("flash_attention") and Mosaic forward tiles ("flash_attention_mosaic")."""
+    tiles ("flash_attention"), Mosaic forward tiles ("flash_attention_mosaic") and Mosaic
+    backward tiles ("flash_attention_mosaic_bwd")."""
     key = autotune_table.flash_attention_key(seq_q, seq_kv, head_dim, causal, dtype)
     blocks = autotune_table.best_config("flash_attention", key, default_blocks(seq_q, seq_kv, head_dim, dtype))
     return dataclasses.replace(
-        blocks, mosaic=autotune_table.best_config("flash_attention_mosaic", key, blocks.mosaic))
+        blocks, mosaic=autotune_table.best_config("flash_attention_mosaic", key, blocks.mosaic),
+        mosaic_bwd=autotune_table.best_config("flash_attention_mosaic_bwd", key,
+                                              blocks.mosaic_bwd))

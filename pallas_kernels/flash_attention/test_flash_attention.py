@@ -1,6 +1,7 @@
 """Contract test: every backend's output and gradients against the fp32 reference.
 
-CPU: the reference backend, and the Triton kernels in interpret mode, on small odd shapes.
+CPU: the reference backend, and the Triton and Mosaic GPU kernels in interpret mode, on small
+odd shapes.
 GPU (`-m gpu` on the device machine): the same body at real sizes, without interpret mode.
 """
 import functools
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels._testing import TOLERANCE, assert_close
-from pallas_kernels.flash_attention import api, cases, config, triton_fwd
+from pallas_kernels.flash_attention import api, cases, config, mosaic_bwd, triton_fwd
 from pallas_kernels.flash_attention.api import flash_attention
 from pallas_kernels.flash_attention.reference import attention_reference
 
@@ -127,9 +128,27 @@ def test_matches_reference(backend, dtype, case):
 @pytest.mark.slow
 @pytest.mark.parametrize("case", cases.MOSAIC_CPU_CASES, ids=_ids)
 def test_mosaic_matches_reference(case):
-    """Mosaic forward (GPU interpret mode on CPU: SMEM, barriers, TMA and wgmma simulated) and the
-    Triton backward behind it."""
+    """Mosaic forward and backward (GPU interpret mode on CPU: SMEM, barriers, TMA and wgmma
+    simulated)."""
     _check_contract(case, "mosaic", jnp.bfloat16, interpret=not ON_GPU)
+
+
+@pytest.mark.parametrize("case, dtype", [
+    pytest.param(case, dtype, id=f"{case.name}-{jnp.dtype(dtype).name}")
+    for case, dtype in zip(cases.MOSAIC_BWD_CPU_CASES, (jnp.float16, jnp.bfloat16))])
+def test_mosaic_backward_matches_reference(case, dtype):
+    """The Mosaic dQ and dK/dV kernels alone, fed the fp32 reference's output and lse (in interpret
+    mode on CPU, so no forward kernel is simulated): dq, dk, dv against the reference's."""
+    q, k, v, dout, _ = _inputs(case, dtype)
+    ref_out, ref_grads = _reference_result(case, dtype)
+    _, lse = attention_reference(q, k, v, causal=case.causal, return_lse=True)
+    backward = functools.partial(mosaic_bwd.flash_backward, scale=case.head_dim ** -0.5,
+                                 causal=case.causal, blocks=config.MosaicBwdBlocks(),
+                                 interpret=not ON_GPU)
+    grads = _jit(backward)(q, k, v, ref_out.astype(dtype), lse / np.log(2.0), dout)
+    for name, grad, ref_grad, x in zip(("dq", "dk", "dv"), grads, ref_grads, (q, k, v)):
+        assert grad.dtype == x.dtype and grad.shape == x.shape
+        _assert_grad_close(grad, ref_grad, dtype, f"mosaic backward {name}")
 
 
 # GPU matrix: each (backend, dtype) on the cases listed, not the full product (every test compiles
@@ -142,7 +161,8 @@ _GPU_MATRIX = {
     ("triton", jnp.float32): ["gpu_t129_mha_causal", "gpu_t1000_gqa2_causal_d64",
                               "gpu_t1024_s3000_gqa2_full"],
     ("mosaic", jnp.bfloat16): [c.name for c in cases.GPU_CASES if not c.segmented],
-    ("mosaic", jnp.float16): ["gpu_t17_gqa2_full", "gpu_t2048_mha_causal"],
+    ("mosaic", jnp.float16): ["gpu_t17_gqa2_full", "gpu_t2048_mha_causal",
+                              "gpu_t1000_gqa2_causal_bwd_tiles"],
 }
 
 
@@ -188,6 +208,18 @@ def test_auto_on_cpu_is_the_reference():
     q, k, v, _, _ = _inputs(cases.CPU_CASES[0], jnp.float32)
     out = flash_attention(q, k, v)
     np.testing.assert_array_equal(out, flash_attention(q, k, v, backend="reference"))
+
+
+@pytest.mark.parametrize("dtype, segmented, hopper, expected", [
+    (jnp.bfloat16, False, True, "mosaic"), (jnp.float16, False, True, "mosaic"),
+    (jnp.float32, False, True, "triton"), (jnp.bfloat16, True, True, "triton"),
+    (jnp.bfloat16, False, False, "triton")])
+def test_auto_on_gpu_picks_mosaic_where_it_serves_on_hopper(dtype, segmented, hopper, expected,
+                                                           monkeypatch):
+    monkeypatch.setattr(api, "_platform", lambda: "gpu")
+    monkeypatch.setattr(api, "_is_hopper", lambda: hopper)
+    assert api._choose_backend("auto", head_dim=128, dtype=dtype, segmented=segmented,
+                               interpret=False) == expected
 
 
 def test_auto_falls_back_for_other_head_dims_and_logs_once(caplog):
@@ -242,6 +274,12 @@ def test_bad_options_raise():
                         segment_ids=jnp.zeros((1, 8), jnp.int32))
     with pytest.raises(ValueError, match=r"block_q=48 must be a power of two"):
         config.BlockSizes(block_q=48)
+    with pytest.raises(ValueError, match=r"block_kv_dkv=32 must be 64, 128, 192 or 256"):
+        config.MosaicBwdBlocks(block_kv_dkv=32)
+    with pytest.raises(ValueError, match=r"max_concurrent_steps=1 must be >= 2"):
+        config.MosaicBwdBlocks(max_concurrent_steps=1)
+    with pytest.raises(ValueError, match=r"mosaic_bwd=.* must be a MosaicBwdBlocks"):
+        config.BlockSizes(mosaic_bwd=config.MosaicBlocks())
 
 
 def test_traced_scale_raises():
@@ -266,8 +304,8 @@ _H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cor
     ("mosaic", jnp.float16, False, False, 64)])
 def test_kernels_lower_for_h100(backend, dtype, causal, segmented, head_dim, monkeypatch):
     """The forward and both backward kernels pass Pallas's lowering for sm_90 on CPU (Triton IR;
-    Mosaic GPU with P in registers, the path interpret mode cannot take). Compiling that to
-    machine code happens only on the GPU."""
+    Mosaic GPU with P, dS in registers and seeded accumulators, the path interpret mode cannot
+    take). Compiling that to machine code happens only on the GPU."""
     b, t, s, n, kv_heads = 2, 1000, 1000 if causal or segmented else 1500, 8, 2
     q = jax.ShapeDtypeStruct((b, t, n, head_dim), dtype)
     kv = jax.ShapeDtypeStruct((b, s, kv_heads, head_dim), dtype)
@@ -287,6 +325,6 @@ def test_kernels_lower_for_h100(backend, dtype, causal, segmented, head_dim, mon
             disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(c) for c in targets],
         )(q, kv, kv, q, segment_ids)
     module = exported.mlir_module()
-    forward_target = targets[backend == "mosaic"]
-    assert module.count(f"@{forward_target}(") == (1 if backend == "mosaic" else 3)
-    assert module.count(f"@{targets[0]}(") == 3 - (backend == "mosaic")  # Triton dQ, dK/dV
+    ours, other = targets if backend == "triton" else targets[::-1]
+    assert module.count(f"@{ours}(") == 3  # forward, dQ, dK/dV: all of the named backend
+    assert module.count(f"@{other}(") == 0

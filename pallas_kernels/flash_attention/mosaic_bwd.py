@@ -1,0 +1,350 @@
+"""Flash-attention backward in Pallas Mosaic GPU for Hopper: FlashAttention-2/3 style.
+
+FlashAttention-2 (arXiv:2307.08691, algorithm 2) split in two kernels, so neither needs atomics:
+  dQ kernel: a CTA owns 2 * block_q query rows of one (batch, query head), one compute
+    warpgroup per block_q rows; K and V tiles stream through shared memory and both compute
+    warpgroups read each tile.
+  dK/dV kernel: a CTA owns 2 * block_kv key rows of one (batch, kv head), one compute warpgroup
+    per block_kv rows; Q, dO, lse and delta tiles of every query head of the GQA group stream
+    through shared memory, so dK and dV are summed over the group in registers.
+In both a third warpgroup issues the TMA copies into `max_concurrent_steps` slots guarded by
+barriers (FlashAttention-3, arXiv:2407.08608, section 3.1: producer-consumer): `*_full` (the
+copies of a slot landed) and `*_free` (both compute warpgroups are done with a slot).
+
+Both recompute P = exp2(s * scale * log2 e - lse2) from the forward's base-2 lse, with
+delta = rowsum(dO * O): dS = P * (dO V^T - delta), dV = P^T dO, dK = scale * dS^T Q,
+dQ = scale * dS K. The dK/dV kernel works on transposed tiles, key rows first (S^T = K Q^T), so
+P^T and dS^T come out of wgmma as the left operands of dV and dK without a transpose.
+
+Ragged lengths are padded. Padded query rows get lse2 = +inf, so their P is exactly 0 (and dO,
+delta are 0): they add nothing to dK, dV. Padded keys are zero rows of K and V; they only
+touch their own (discarded) dK/dV rows, and the dQ kernel masks the ragged last K/V block (its
+P might overflow). Causal: blocks wholly above the diagonal are skipped, diagonal blocks masked.
+
+In interpret mode (CPU) wgmma reads its operands from shared memory only and cannot start from
+a given accumulator: the register operands (dS, P^T, dS^T) are staged through SMEM there and
+accumulation happens after the product. On the GPU they stay in registers (FA3 section 3.1).
+B batch, T query length, S key length, N query heads, K kv heads, G = N // K, H head dim.
+"""
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.flash_attention.config import MosaicBwdBlocks
+from pallas_kernels.flash_attention.mosaic_fwd import COMPUTE_WGS, DTYPES, _pad_seq, _round_up
+from pallas_kernels.flash_attention.triton_fwd import LOG2E
+
+
+def _matmuls(*products, staged):
+    """[init + a @ b for (init, a, b) in products] in fp32 by wgmma, issued together and awaited
+    once. init: an fp32 [M, N] value or None (zeros); a: an SMEM ref or a WGMMA-layout value;
+    b: an SMEM ref. staged (interpret mode): accumulators start at zero, init is added after."""
+    def issue(*acc_refs):
+        for acc_ref, (init, a, b) in zip(acc_refs, products):
+            if init is not None and not staged:
+                acc_ref[...] = init
+            plgpu.wgmma(acc_ref, a, b)
+        return [acc_ref[...] for acc_ref in acc_refs]
+
+    accs = [plgpu.ACC((a.shape[0], b.shape[1]), jnp.float32) for _, a, b in products]
+    outs = pl.run_scoped(issue, *accs)
+    if staged:
+        outs = [out if init is None else init + out for out, (init, _, _) in zip(outs, products)]
+    return outs
+
+
+def _operand(x, staging):
+    """x as a wgmma left operand: itself (registers), or written to the SMEM ref `staging`."""
+    if staging is None:
+        return x
+    staging[...] = x
+    plgpu.commit_smem()
+    return staging
+
+
+def _stream(load, n_steps, max_steps, slots, free):
+    """Memory warpgroup: load(j, slot) for steps j in [0, n_steps) into slot j % slots, each once
+    both compute warpgroups released the step before it in that slot; then observe the last
+    releases (every barrier phase is waited on). max_steps: a static bound on n_steps."""
+    for j in range(min(slots, max_steps)):
+        pl.when(j < n_steps)(functools.partial(load, j, j))
+
+    @pl.loop(slots, n_steps)
+    def _(j):
+        plgpu.barrier_wait(free.at[lax.rem(j - slots, slots)])
+        load(j, lax.rem(j, slots))
+
+    @pl.loop(jnp.maximum(n_steps - slots, 0), n_steps)
+    def _(j):
+        plgpu.barrier_wait(free.at[lax.rem(j, slots)])
+
+
+def _wgmma_iota(shape, dim):
+    return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, q_smem2, do_smem2,
+               lse_smem2, delta_smem2, k_smem, v_smem, rows_full, k_full, v_full, kv_free,
+               *ds_smem2, scale, causal, seq_kv, group, blocks):
+    """One CTA: 2 * block_q query rows of one (batch, query head); `wg` 0, 1 compute, 2 copies.
+
+    q_ref, do_ref, dq_ref [B, Tp, N, H], k_ref, v_ref [B, Sp, K, H] in GMEM (sequence padded);
+    lse_ref, delta_ref [B, N, Tp] fp32. SMEM: q_smem2, do_smem2 [2, block_q, H] (q becomes dq at
+    the end), lse_smem2, delta_smem2 [2, block_q] fp32, k_smem, v_smem [slots, block_kv, H].
+    Barriers: rows_full (a warpgroup's four row copies landed), k_full, v_full (per slot),
+    kv_free (both compute warpgroups are done with a slot). ds_smem2 [2, block_q, block_kv]:
+    interpret mode only.
+    """
+    bq, bkv, slots = blocks.block_q_dq, blocks.block_kv_dq, blocks.max_concurrent_steps
+    dtype = q_smem2.dtype
+    batch, head, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
+    cta_start = lax.axis_index("q_tiles") * (COMPUTE_WGS * bq)
+    n_kv = k_ref.shape[1] // bkv
+    # K/V steps the CTA needs: causal stops at the block holding its last row's diagonal.
+    cta_steps = lax.div(cta_start + COMPUTE_WGS * bq + bkv - 1, bkv) if causal else n_kv
+    qk_scale = scale * LOG2E
+
+    @pl.when(wg < COMPUTE_WGS)
+    def _compute():
+        plgpu.set_max_registers(232, action="increase")
+        q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
+        ds_smem = ds_smem2[0].at[wg] if ds_smem2 else None
+        q_start = cta_start + wg * bq
+        rows = (batch, pl.ds(q_start, bq), head)
+        row_stats = (batch, head, pl.ds(q_start, bq))
+        plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem, rows_full.at[wg])
+        plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem, rows_full.at[wg])
+        plgpu.copy_gmem_to_smem(lse_ref.at[row_stats], lse_smem2.at[wg], rows_full.at[wg])
+        plgpu.copy_gmem_to_smem(delta_ref.at[row_stats], delta_smem2.at[wg], rows_full.at[wg])
+        if causal:
+            steps = lax.div(q_start + bq + bkv - 1, bkv)
+            first_masked = lax.div(q_start, bkv)  # blocks before it lie wholly below the diagonal
+        else:
+            steps = n_kv
+            first_masked = seq_kv // bkv  # only a ragged last block needs its keys masked
+        plgpu.barrier_wait(rows_full.at[wg])
+        lse2 = plgpu.load(lse_smem2.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))  # [block_q]
+        delta = plgpu.load(delta_smem2.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
+        dq = plgpu.layout_cast(jnp.zeros(q_smem.shape, jnp.float32), plgpu.Layout.WGMMA)
+
+        def step(j, dq, masked):  # dq [block_q, H] fp32
+            slot = lax.rem(j, slots)
+            k_tile, v_tile = k_smem.at[slot], v_smem.at[slot]  # [block_kv, H]
+            plgpu.barrier_wait(k_full.at[slot])
+            plgpu.barrier_wait(v_full.at[slot])
+            s, dp = _matmuls((None, q_smem, k_tile.transpose((1, 0))),  # [block_q, block_kv]
+                             (None, do_smem, v_tile.transpose((1, 0))), staged=bool(ds_smem2))
+            p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(lse2, s.shape, [0]))
+            if masked:
+                q_pos = q_start + _wgmma_iota(s.shape, 0)
+                k_pos = j * bkv + _wgmma_iota(s.shape, 1)
+                p = jnp.where((q_pos >= k_pos) if causal else (k_pos < seq_kv), p, 0.0)
+            ds = p * (dp - lax.broadcast_in_dim(delta, s.shape, [0]))
+            dq, = _matmuls((dq, _operand(ds.astype(dtype), ds_smem), k_tile), staged=bool(ds_smem2))
+            plgpu.barrier_arrive(kv_free.at[slot])
+            return dq
+
+        dq = lax.fori_loop(0, jnp.minimum(first_masked, steps),
+                           functools.partial(step, masked=False), dq)
+        dq = lax.fori_loop(jnp.minimum(first_masked, steps), steps,
+                           functools.partial(step, masked=True), dq)
+
+        @pl.loop(steps, cta_steps)  # causal: pass over the steps only the other warpgroup needs
+        def _(j):
+            slot = lax.rem(j, slots)
+            plgpu.barrier_wait(k_full.at[slot])  # observe every phase, then release the slot
+            plgpu.barrier_wait(v_full.at[slot])
+            plgpu.barrier_arrive(kv_free.at[slot])
+
+        q_smem[...] = (dq * scale).astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[rows])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == COMPUTE_WGS)
+    def _memory():
+        plgpu.set_max_registers(40, action="decrease")
+        kv_head = lax.div(head, group)
+
+        def load(j, slot):
+            rows = (batch, pl.ds(j * bkv, bkv), kv_head)
+            plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_full.at[slot])
+            plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_full.at[slot])
+
+        _stream(load, cta_steps, n_kv, slots, kv_free)
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, k_smem2,
+                v_smem2, q_smem, do_smem, lse_smem, delta_smem, kv_full, q_full, do_full,
+                rows_free, *ps_smem2, scale, causal, group, blocks):
+    """One CTA: 2 * block_kv key rows of one (batch, kv head), summed over its G query heads.
+
+    q_ref, do_ref [B, Tp, N, H], k_ref, v_ref, dk_ref, dv_ref [B, Sp, K, H] in GMEM;
+    lse_ref, delta_ref [B, N, Tp] fp32. SMEM: k_smem2, v_smem2 [2, block_kv, H] (they become
+    dk, dv at the end), q_smem, do_smem [slots, block_q, H], lse_smem, delta_smem [slots,
+    block_q] fp32. Barriers: kv_full (a warpgroup's K and V landed), q_full (Q and lse of a
+    slot), do_full (dO and delta of a slot), rows_free (both compute warpgroups are done with a
+    slot). ps_smem2 [2, block_kv, block_q]: interpret mode only (P^T, then dS^T).
+    """
+    bq, bkv, slots = blocks.block_q_dkv, blocks.block_kv_dkv, blocks.max_concurrent_steps
+    dtype = k_smem2.dtype
+    batch, kv_head, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
+    cta_start = lax.axis_index("kv_tiles") * (COMPUTE_WGS * bkv)
+    n_q = q_ref.shape[1] // bq
+    # Causal: query blocks before first_q lie wholly above the diagonal of every key here.
+    first_q = lax.div(cta_start, bq) if causal else 0
+    per_head = n_q - first_q  # steps per query head; head g takes steps [g, g + 1) * per_head
+    qk_scale = scale * LOG2E
+
+    @pl.when(wg < COMPUTE_WGS)
+    def _compute():
+        plgpu.set_max_registers(232, action="increase")
+        k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
+        ps_smem = ps_smem2[0].at[wg] if ps_smem2 else None
+        kv_start = cta_start + wg * bkv
+        rows = (batch, pl.ds(kv_start, bkv), kv_head)
+        plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem, kv_full.at[wg])
+        plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem, kv_full.at[wg])
+        # Query blocks from `visible` on see every key of this warpgroup: no mask.
+        visible = jnp.minimum(lax.div(kv_start + bkv - 1 + bq - 1, bq), n_q) if causal else 0
+        zeros = plgpu.layout_cast(jnp.zeros(k_smem.shape, jnp.float32), plgpu.Layout.WGMMA)
+        plgpu.barrier_wait(kv_full.at[wg])
+
+        def step(i, carry, first_step, masked):  # query block i
+            dk, dv = carry  # [block_kv, H] fp32 each
+            slot = lax.rem(first_step + i - first_q, slots)
+            q_tile, do_tile = q_smem.at[slot], do_smem.at[slot]  # [block_q, H]
+            plgpu.barrier_wait(q_full.at[slot])
+            s_t, = _matmuls((None, k_smem, q_tile.transpose((1, 0))), staged=bool(ps_smem2))
+            lse2 = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+            p_t = jnp.exp2(s_t * qk_scale - lax.broadcast_in_dim(lse2, s_t.shape, [1]))
+            if masked:
+                k_pos = kv_start + _wgmma_iota(s_t.shape, 0)
+                q_pos = i * bq + _wgmma_iota(s_t.shape, 1)
+                p_t = jnp.where(q_pos >= k_pos, p_t, 0.0)
+            plgpu.barrier_wait(do_full.at[slot])
+            dv, dp_t = _matmuls((dv, _operand(p_t.astype(dtype), ps_smem), do_tile),
+                                (None, v_smem, do_tile.transpose((1, 0))), staged=bool(ps_smem2))
+            delta = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+            ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, s_t.shape, [1]))  # [block_kv, block_q]
+            dk, = _matmuls((dk, _operand(ds_t.astype(dtype), ps_smem), q_tile),
+                           staged=bool(ps_smem2))
+            plgpu.barrier_arrive(rows_free.at[slot])
+            return dk, dv
+
+        def head_steps(g, carry):  # query head g of the group: diagonal blocks, then the rest
+            first_step = g * per_head
+            carry = lax.fori_loop(first_q, visible, functools.partial(
+                step, first_step=first_step, masked=True), carry)
+            return lax.fori_loop(jnp.maximum(visible, first_q), n_q, functools.partial(
+                step, first_step=first_step, masked=False), carry)
+
+        dk, dv = lax.fori_loop(0, group, head_steps, (zeros, zeros))
+        k_smem[...] = (dk * scale).astype(dtype)
+        v_smem[...] = dv.astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[rows])
+        plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[rows])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == COMPUTE_WGS)
+    def _memory():
+        plgpu.set_max_registers(40, action="decrease")
+
+        def load(j, slot):
+            head = kv_head * group + lax.div(j, per_head)
+            start = (first_q + lax.rem(j, per_head)) * bq
+            rows, row_stats = (batch, pl.ds(start, bq), head), (batch, head, pl.ds(start, bq))
+            plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[slot], q_full.at[slot])
+            plgpu.copy_gmem_to_smem(lse_ref.at[row_stats], lse_smem.at[slot], q_full.at[slot])
+            plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem.at[slot], do_full.at[slot])
+            plgpu.copy_gmem_to_smem(delta_ref.at[row_stats], delta_smem.at[slot], do_full.at[slot])
+
+        _stream(load, group * per_head, group * n_q, slots, rows_free)
+
+
+def _pad_rows(x, length, value):
+    """Pad axis 2 (sequence) of [B, N, T] up to `length` with `value`."""
+    return jnp.pad(x, ((0, 0), (0, 0), (0, length - x.shape[2])), constant_values=value)
+
+
+def flash_backward(q, k, v, out, lse2, dout, *, scale: float, causal: bool,
+                   blocks: MosaicBwdBlocks, interpret: bool | str):
+    """Gradients (dq, dk, dv) in the dtypes of q, k, v; lse2 [B, N, T] is the forward's base-2 lse.
+
+    Raises:
+      ValueError: dtype not bf16/fp16, or head_dim not a multiple of 64.
+    """
+    b, t, n, h = q.shape
+    s, kv_heads = k.shape[1], k.shape[2]
+    if jnp.dtype(q.dtype) not in DTYPES or h % 64:
+        raise ValueError(f"mosaic backward needs bf16/fp16 and head_dim % 64 == 0; "
+                         f"got dtype={q.dtype}, head_dim={h}")
+    slots = blocks.max_concurrent_steps
+    q_rows = math.lcm(COMPUTE_WGS * blocks.block_q_dq, blocks.block_q_dkv)
+    kv_rows = math.lcm(blocks.block_kv_dq, COMPUTE_WGS * blocks.block_kv_dkv)
+    if causal:  # T == S; one padded length, so causal step counts stay in bounds
+        t_pad = s_pad = _round_up(t, math.lcm(q_rows, kv_rows))
+    else:
+        t_pad, s_pad = _round_up(t, q_rows), _round_up(s, kv_rows)
+    # delta = rowsum(dO * O) [B, N, T] fp32. Padded rows: lse2 = +inf makes their P exactly 0.
+    delta = jnp.sum(out.astype(jnp.float32) * dout.astype(jnp.float32), axis=-1).transpose(0, 2, 1)
+    delta, lse2 = _pad_rows(delta, t_pad, 0.0), _pad_rows(lse2, t_pad, jnp.inf)
+    q, dout = _pad_seq(q, t_pad), _pad_seq(dout, t_pad)
+    k, v = _pad_seq(k, s_pad), _pad_seq(v, s_pad)
+    group = n // kv_heads
+    transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    tiles = lambda *shape: plgpu.SMEM(shape, q.dtype, transforms=transforms)  # noqa: E731
+    common = dict(
+        num_threads=COMPUTE_WGS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        # interpret="races" also runs the interpreter's race detector (slower).
+        interpret=(plgpu.InterpretGPUParams(detect_races=interpret == "races") if interpret
+                   else None),
+    )
+
+    bq, bkv = blocks.block_q_dq, blocks.block_kv_dq
+    scratch = (
+        tiles(COMPUTE_WGS, bq, h), tiles(COMPUTE_WGS, bq, h),  # q (then dq), dO
+        plgpu.SMEM((COMPUTE_WGS, bq), jnp.float32), plgpu.SMEM((COMPUTE_WGS, bq), jnp.float32),
+        tiles(slots, bkv, h), tiles(slots, bkv, h),  # K, V
+        plgpu.Barrier(num_arrivals=4, num_barriers=COMPUTE_WGS),  # rows_full: q, dO, lse, delta
+        plgpu.Barrier(num_barriers=slots),  # k_full
+        plgpu.Barrier(num_barriers=slots),  # v_full
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=slots),  # kv_free
+    ) + ((tiles(COMPUTE_WGS, bq, bkv),) if interpret else ())  # dS staging
+    dq = plgpu.kernel(
+        functools.partial(_dq_kernel, scale=scale, causal=causal, seq_kv=s, group=group,
+                          blocks=blocks),
+        out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        grid=(n, t_pad // (COMPUTE_WGS * bq), b),
+        grid_names=("heads", "q_tiles", "batch"),
+        scratch_types=scratch,
+        **common,
+    )(q, k, v, dout, lse2, delta)
+
+    bq, bkv = blocks.block_q_dkv, blocks.block_kv_dkv
+    scratch = (
+        tiles(COMPUTE_WGS, bkv, h), tiles(COMPUTE_WGS, bkv, h),  # K, V (then dk, dv)
+        tiles(slots, bq, h), tiles(slots, bq, h),  # q, dO
+        plgpu.SMEM((slots, bq), jnp.float32), plgpu.SMEM((slots, bq), jnp.float32),  # lse, delta
+        plgpu.Barrier(num_arrivals=2, num_barriers=COMPUTE_WGS),  # kv_full: K, V
+        plgpu.Barrier(num_arrivals=2, num_barriers=slots),  # q_full: q, lse
+        plgpu.Barrier(num_arrivals=2, num_barriers=slots),  # do_full: dO, delta
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=slots),  # rows_free
+    ) + ((tiles(COMPUTE_WGS, bkv, bq),) if interpret else ())  # P^T, dS^T staging
+    dk, dv = plgpu.kernel(
+        functools.partial(_dkv_kernel, scale=scale, causal=causal, group=group, blocks=blocks),
+        out_type=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
+        grid=(kv_heads, s_pad // (COMPUTE_WGS * bkv), b),
+        grid_names=("heads", "kv_tiles", "batch"),
+        scratch_types=scratch,
+        **common,
+    )(q, k, v, dout, lse2, delta)
+    return dq[:, :t], dk[:, :s], dv[:, :s]
