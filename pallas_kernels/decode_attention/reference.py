@@ -40,9 +40,9 @@ def gather_pages(pages, block_tables):
     return gathered.reshape(b, m * pages.shape[1], *pages.shape[2:])
 
 
-# Scales of 8-bit pages are stored in bf16: 2 bytes per (position, kv head) instead of fp32's 4
-# bring int8 KV to (H + 2) / 2H of bf16's bytes (0.52x at H = 64). bf16 keeps fp32's exponent
-# range, and rounding each scale up to a bf16 value (below) keeps the error bound of the codes.
+# Scales of 8-bit pages are stored in bf16, 2 bytes per (position, kv head) instead of fp32's 4,
+# which brings int8 KV to (H + 2) / 2H of bf16's bytes (0.52x at H = 64). bf16 keeps fp32's
+# exponent range, and rounding each scale up to a bf16 value (below) keeps the codes' error bound.
 SCALE_DTYPE = jnp.bfloat16
 
 
