@@ -46,7 +46,7 @@ def _jax_nn(implementation):
 
 
 # Backend names as everywhere (STYLE 2.5); `peer` marks what ours is compared against.
-# "mosaic" is the Mosaic GPU forward with the Triton backward behind it.
+# "mosaic" is the Mosaic GPU forward and backward.
 IMPLS = {"triton": _ours("triton"), "mosaic": _ours("mosaic"), "cudnn": _jax_nn("cudnn"),
          "xla": _jax_nn("xla")}
 
@@ -99,8 +99,20 @@ _BWD_VARIANTS = {
 }
 
 
+# Mosaic backward tiles (preset "tune_bwd"): name -> MosaicBwdBlocks fields. block_q_dq and
+# block_kv_dkv are a compute warpgroup's rows (its wgmma M); the other two are streamed per step.
+_MOSAIC_BWD_VARIANTS = {
+    "dq64x64_dkv64x64_s2": {},  # the default
+    "dq64x64_dkv64x64_s3": dict(max_concurrent_steps=3),
+    "dq64x128_dkv64x64_s2": dict(block_kv_dq=128),
+    "dq64x64_dkv128x64_s2": dict(block_q_dkv=128),
+    "dq64x128_dkv128x64_s2": dict(block_kv_dq=128, block_q_dkv=128),
+}
+
+
 def _tuning_bwd_impls():
-    """Backward tile candidates at H=128 bf16 (preset "tune_bwd"; forward tiles at the default),
+    """Backward tile candidates at H=128 bf16 (preset "tune_bwd"; forward tiles at the default):
+    Triton backward tiles, Mosaic backward tiles (`mosaic[...]` rows, behind the Mosaic forward),
     cuDNN beside them. Timed as fwd_bwd only: subtract the forward of preset "tune" for the
     backward alone."""
     base = config.default_blocks(4096, 4096, 128, jnp.bfloat16)
@@ -110,6 +122,9 @@ def _tuning_bwd_impls():
                                      block_q_dkv=bq_dkv, block_kv_dkv=bkv_dkv,
                                      num_warps_bwd=warps, num_stages_bwd=stages)
         impls[f"triton[{name}]"] = _ours("triton", blocks)
+    for name, fields in _MOSAIC_BWD_VARIANTS.items():
+        blocks = dataclasses.replace(base, mosaic_bwd=config.MosaicBwdBlocks(**fields))
+        impls[f"mosaic[{name}]"] = _ours("mosaic", blocks)
     return {**impls, "cudnn": IMPLS["cudnn"]}
 
 

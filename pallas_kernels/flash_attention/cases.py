@@ -83,10 +83,11 @@ GPU_CASES = (
     Case("gpu_t1024_s3000_gqa2_full", 2, 1024, 3000, 8, 2, 128),
     Case("gpu_t4096_segments_causal", 1, 4096, 4096, 8, 2, 128, causal=True, segmented=True),
     Case("gpu_t4096_mqa_full_d64", 1, 4096, 4096, 8, 1, 64),
-    # Mosaic backward tiles other than the default: 128-key dQ steps, 128-row dK/dV steps, 3 slots.
+    # Mosaic backward tiles other than the default: 128-key dQ steps, 128-row dK/dV steps.
     Case("gpu_t1000_gqa2_causal_bwd_tiles", 2, 1000, 1000, 8, 2, 128, causal=True,
-         blocks=BlockSizes(mosaic_bwd=MosaicBwdBlocks(block_kv_dq=128, block_q_dkv=128,
-                                                      max_concurrent_steps=3))),
+         blocks=BlockSizes(mosaic_bwd=MosaicBwdBlocks(block_kv_dq=128, block_q_dkv=128))),
+    Case("gpu_t600_mqa_full_bwd_slots3", 1, 600, 700, 8, 1, 128,
+         blocks=BlockSizes(mosaic_bwd=MosaicBwdBlocks(max_concurrent_steps=3))),
 )
 
 

@@ -268,6 +268,26 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
         _stream(load, group * per_head, group * n_q, slots, rows_free)
 
 
+SMEM_BYTES = 227 * 1024  # shared memory a CTA may allocate on an H100
+
+
+def check_smem(blocks: MosaicBwdBlocks, head_dim: int, dtype):
+    """Raise ValueError if a kernel's tiles overflow shared memory (GPU buffers, fp32 row stats)."""
+    slots = blocks.max_concurrent_steps
+    row_bytes = head_dim * jnp.dtype(dtype).itemsize
+    needs = {  # kernel -> bytes: the rows each compute warpgroup owns + the streamed slots
+        "dQ": COMPUTE_WGS * blocks.block_q_dq * (2 * row_bytes + 8)
+        + slots * blocks.block_kv_dq * 2 * row_bytes,
+        "dK/dV": COMPUTE_WGS * blocks.block_kv_dkv * 2 * row_bytes
+        + slots * blocks.block_q_dkv * (2 * row_bytes + 8),
+    }
+    for kernel, nbytes in needs.items():
+        if nbytes > SMEM_BYTES:
+            raise ValueError(f"mosaic backward tiles {blocks} need {nbytes} bytes of shared memory "
+                             f"in the {kernel} kernel at head_dim={head_dim}; at most {SMEM_BYTES} "
+                             "fit: use smaller blocks or fewer max_concurrent_steps")
+
+
 def _pad_rows(x, length, value):
     """Pad axis 2 (sequence) of [B, N, T] up to `length` with `value`."""
     return jnp.pad(x, ((0, 0), (0, 0), (0, length - x.shape[2])), constant_values=value)
@@ -278,13 +298,15 @@ def flash_backward(q, k, v, out, lse2, dout, *, scale: float, causal: bool,
     """Gradients (dq, dk, dv) in the dtypes of q, k, v; lse2 [B, N, T] is the forward's base-2 lse.
 
     Raises:
-      ValueError: dtype not bf16/fp16, or head_dim not a multiple of 64.
+      ValueError: dtype not bf16/fp16, head_dim not a multiple of 64, or tiles that overflow
+        shared memory.
     """
     b, t, n, h = q.shape
     s, kv_heads = k.shape[1], k.shape[2]
     if jnp.dtype(q.dtype) not in DTYPES or h % 64:
         raise ValueError(f"mosaic backward needs bf16/fp16 and head_dim % 64 == 0; "
                          f"got dtype={q.dtype}, head_dim={h}")
+    check_smem(blocks, h, q.dtype)
     slots = blocks.max_concurrent_steps
     q_rows = math.lcm(COMPUTE_WGS * blocks.block_q_dq, blocks.block_q_dkv)
     kv_rows = math.lcm(blocks.block_kv_dq, COMPUTE_WGS * blocks.block_kv_dkv)

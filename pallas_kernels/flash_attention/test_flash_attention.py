@@ -280,6 +280,11 @@ def test_bad_options_raise():
         config.MosaicBwdBlocks(max_concurrent_steps=1)
     with pytest.raises(ValueError, match=r"mosaic_bwd=.* must be a MosaicBwdBlocks"):
         config.BlockSizes(mosaic_bwd=config.MosaicBlocks())
+    too_big = config.BlockSizes(mosaic_bwd=config.MosaicBwdBlocks(block_kv_dq=128,
+                                                                  max_concurrent_steps=3))
+    with pytest.raises(ValueError, match=r"need \d+ bytes of shared memory in the dQ kernel"):
+        flash_attention(*_qkv(dtype=jnp.bfloat16, q_shape=(1, 8, 4, 128), kv_shape=(1, 8, 2, 128)),
+                        backend="mosaic", interpret=True, blocks=too_big)
 
 
 def test_traced_scale_raises():
