@@ -90,15 +90,15 @@ def _wgmma_iota(shape, dim):
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, q_smem2, do_smem2,
                lse_smem2, delta_smem2, k_smem, v_smem, rows_full, k_full, v_full, kv_free,
-               *ds_smem2, scale, causal, seq_kv, group, blocks):
+               *staging, scale, causal, seq_kv, group, blocks):
     """One CTA: 2 * block_q query rows of one (batch, query head); `wg` 0, 1 compute, 2 copies.
 
     q_ref, do_ref, dq_ref [B, Tp, N, H], k_ref, v_ref [B, Sp, K, H] in GMEM (sequence padded);
     lse_ref, delta_ref [B, N, Tp] fp32. SMEM: q_smem2, do_smem2 [2, block_q, H] (q becomes dq at
     the end), lse_smem2, delta_smem2 [2, block_q] fp32, k_smem, v_smem [slots, block_kv, H].
     Barriers: rows_full (a warpgroup's four row copies landed), k_full, v_full (per slot),
-    kv_free (both compute warpgroups are done with a slot). ds_smem2 [2, block_q, block_kv]:
-    interpret mode only.
+    kv_free (both compute warpgroups are done with a slot). staging [2, block_q, block_kv] (dS
+    of each compute warpgroup): interpret mode only.
     """
     bq, bkv, slots = blocks.block_q_dq, blocks.block_kv_dq, blocks.max_concurrent_steps
     dtype = q_smem2.dtype
@@ -113,7 +113,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, q_smem2,
     def _compute():
         plgpu.set_max_registers(232, action="increase")
         q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
-        ds_smem = ds_smem2[0].at[wg] if ds_smem2 else None
+        staged = bool(staging)
+        ds_smem = staging[0].at[wg] if staged else None
         q_start = cta_start + wg * bq
         rows = (batch, pl.ds(q_start, bq), head)
         row_stats = (batch, head, pl.ds(q_start, bq))
@@ -138,14 +139,14 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, q_smem2,
             plgpu.barrier_wait(k_full.at[slot])
             plgpu.barrier_wait(v_full.at[slot])
             s, dp = _matmuls((None, q_smem, k_tile.transpose((1, 0))),  # [block_q, block_kv]
-                             (None, do_smem, v_tile.transpose((1, 0))), staged=bool(ds_smem2))
+                             (None, do_smem, v_tile.transpose((1, 0))), staged=staged)
             p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(lse2, s.shape, [0]))
             if masked:
                 q_pos = q_start + _wgmma_iota(s.shape, 0)
                 k_pos = j * bkv + _wgmma_iota(s.shape, 1)
                 p = jnp.where((q_pos >= k_pos) if causal else (k_pos < seq_kv), p, 0.0)
             ds = p * (dp - lax.broadcast_in_dim(delta, s.shape, [0]))
-            dq, = _matmuls((dq, _operand(ds.astype(dtype), ds_smem), k_tile), staged=bool(ds_smem2))
+            dq, = _matmuls((dq, _operand(ds.astype(dtype), ds_smem), k_tile), staged=staged)
             plgpu.barrier_arrive(kv_free.at[slot])
             return dq
 
@@ -181,7 +182,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, q_smem2,
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, k_smem2,
                 v_smem2, q_smem, do_smem, lse_smem, delta_smem, kv_full, q_full, do_full,
-                rows_free, *ps_smem2, scale, causal, group, blocks):
+                rows_free, *staging, scale, causal, group, blocks):
     """One CTA: 2 * block_kv key rows of one (batch, kv head), summed over its G query heads.
 
     q_ref, do_ref [B, Tp, N, H], k_ref, v_ref, dk_ref, dv_ref [B, Sp, K, H] in GMEM;
@@ -189,7 +190,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
     dk, dv at the end), q_smem, do_smem [slots, block_q, H], lse_smem, delta_smem [slots,
     block_q] fp32. Barriers: kv_full (a warpgroup's K and V landed), q_full (Q and lse of a
     slot), do_full (dO and delta of a slot), rows_free (both compute warpgroups are done with a
-    slot). ps_smem2 [2, block_kv, block_q]: interpret mode only (P^T, then dS^T).
+    slot). staging [2, 2, block_kv, block_q] (P^T and dS^T of each compute warpgroup):
+    interpret mode only.
     """
     bq, bkv, slots = blocks.block_q_dkv, blocks.block_kv_dkv, blocks.max_concurrent_steps
     dtype = k_smem2.dtype
@@ -205,7 +207,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
     def _compute():
         plgpu.set_max_registers(232, action="increase")
         k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
-        ps_smem = ps_smem2[0].at[wg] if ps_smem2 else None
+        staged = bool(staging)
+        p_smem, ds_smem = (staging[0].at[0, wg], staging[0].at[1, wg]) if staged else (None, None)
         kv_start = cta_start + wg * bkv
         rows = (batch, pl.ds(kv_start, bkv), kv_head)
         plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem, kv_full.at[wg])
@@ -220,20 +223,20 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
             slot = lax.rem(first_step + i - first_q, slots)
             q_tile, do_tile = q_smem.at[slot], do_smem.at[slot]  # [block_q, H]
             plgpu.barrier_wait(q_full.at[slot])
-            s_t, = _matmuls((None, k_smem, q_tile.transpose((1, 0))), staged=bool(ps_smem2))
+            plgpu.barrier_wait(do_full.at[slot])
+            # Two wgmma groups a step: S^T and dP^T, then dV and dK.
+            s_t, dp_t = _matmuls((None, k_smem, q_tile.transpose((1, 0))),  # [block_kv, block_q]
+                                 (None, v_smem, do_tile.transpose((1, 0))), staged=staged)
             lse2 = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+            delta = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
             p_t = jnp.exp2(s_t * qk_scale - lax.broadcast_in_dim(lse2, s_t.shape, [1]))
             if masked:
                 k_pos = kv_start + _wgmma_iota(s_t.shape, 0)
                 q_pos = i * bq + _wgmma_iota(s_t.shape, 1)
                 p_t = jnp.where(q_pos >= k_pos, p_t, 0.0)
-            plgpu.barrier_wait(do_full.at[slot])
-            dv, dp_t = _matmuls((dv, _operand(p_t.astype(dtype), ps_smem), do_tile),
-                                (None, v_smem, do_tile.transpose((1, 0))), staged=bool(ps_smem2))
-            delta = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
-            ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, s_t.shape, [1]))  # [block_kv, block_q]
-            dk, = _matmuls((dk, _operand(ds_t.astype(dtype), ps_smem), q_tile),
-                           staged=bool(ps_smem2))
+            ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, s_t.shape, [1]))
+            dv, dk = _matmuls((dv, _operand(p_t.astype(dtype), p_smem), do_tile),
+                              (dk, _operand(ds_t.astype(dtype), ds_smem), q_tile), staged=staged)
             plgpu.barrier_arrive(rows_free.at[slot])
             return dk, dv
 
@@ -360,7 +363,7 @@ def flash_backward(q, k, v, out, lse2, dout, *, scale: float, causal: bool,
         plgpu.Barrier(num_arrivals=2, num_barriers=slots),  # q_full: q, lse
         plgpu.Barrier(num_arrivals=2, num_barriers=slots),  # do_full: dO, delta
         plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=slots),  # rows_free
-    ) + ((tiles(COMPUTE_WGS, bkv, bq),) if interpret else ())  # P^T, dS^T staging
+    ) + ((tiles(2, COMPUTE_WGS, bkv, bq),) if interpret else ())  # P^T, dS^T staging
     dk, dv = plgpu.kernel(
         functools.partial(_dkv_kernel, scale=scale, causal=causal, group=group, blocks=blocks),
         out_type=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
