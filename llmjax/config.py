@@ -64,7 +64,7 @@ class ModelConfig:
     init_std: float = 0.02
     dtype: str = "bfloat16"  # compute dtype; params stay in param_dtype
     param_dtype: str = "float32"
-    attention_impl: str = "auto"  # xla | cudnn | auto
+    attention_impl: str = "auto"  # xla | cudnn | pallas | auto
     norm_impl: str = "xla"  # xla | pallas
     loss_impl: str = "xla"  # xla (materialized logits) | fused (chunked, logits never whole)
     remat: str = "none"  # none | full | dots (save matmul outputs, recompute the rest)
@@ -84,7 +84,7 @@ class ModelConfig:
         _check_choice("model.family", self.family, ("gpt2", "llama"))
         _check_choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
         _check_choice("model.param_dtype", self.param_dtype, ("float32", "bfloat16"))
-        _check_choice("model.attention_impl", self.attention_impl, ("xla", "cudnn", "auto"))
+        _check_choice("model.attention_impl", self.attention_impl, ("xla", "cudnn", "pallas", "auto"))
         _check_choice("model.norm_impl", self.norm_impl, ("xla", "pallas"))
         _check_choice("model.loss_impl", self.loss_impl, ("xla", "fused"))
         _check_choice("model.remat", self.remat, ("none", "full", "dots"))

@@ -6,10 +6,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-import pallas_kernels.cross_entropy as pallas_ce
+from pallas_kernels.cross_entropy import api as pallas_ce
 import pallas_kernels.norms as pallas_norms
+from pallas_kernels.flash_attention import flash_attention
 
-ATTENTION_IMPLS = ("xla", "cudnn", "auto")
+ATTENTION_IMPLS = ("xla", "cudnn", "pallas", "auto")
 
 
 def _on_gpu() -> bool:
@@ -46,21 +47,26 @@ def attention(q, k, v, *, causal: bool, impl: str = "auto", mask=None):
     """Scaled dot-product attention, [B, T, N, H] x [B, S, K, H] -> [B, T, N, H].
 
     `impl`: `xla` (plain jnp), `cudnn` (`jax.nn.dot_product_attention`, GPU, fp16/bf16),
-    `auto` (cudnn on GPU for half precision without an explicit mask, else xla).
-    An explicit `mask` (decoding with a cache) always takes the xla path.
+    `pallas` (`pallas_kernels.flash_attention` with backend="auto": our Mosaic or Triton kernels
+    on a GPU, its fp32 reference on a CPU), `auto` (cudnn on GPU for half precision without an
+    explicit mask, else xla: cuDNN is the fastest in benchmarks/results/flash_attention_*.json).
 
     Raises:
-      ValueError: unknown impl, or cudnn asked for where it cannot run.
+      ValueError: unknown impl, or cudnn / pallas given an explicit mask (or cudnn off a GPU).
     """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention impl={impl!r} unknown; use one of {ATTENTION_IMPLS}")
     if impl == "auto":
         half = q.dtype in (jnp.bfloat16, jnp.float16)
         impl = "cudnn" if _on_gpu() and half and mask is None else "xla"
+    if impl in ("cudnn", "pallas") and mask is not None:
+        raise ValueError(f"attention impl={impl!r} takes no explicit mask; use 'xla' or 'auto'")
     if impl == "cudnn":
-        if mask is not None or not _on_gpu():
-            raise ValueError("attention impl='cudnn' needs a GPU and no explicit mask; use 'xla' or 'auto'")
+        if not _on_gpu():
+            raise ValueError("attention impl='cudnn' needs a GPU; use 'xla', 'pallas' or 'auto'")
         return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
+    if impl == "pallas":
+        return flash_attention(q, k, v, causal=causal)
     return attention_xla(q, k, v, causal=causal, mask=mask)
 
 

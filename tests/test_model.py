@@ -101,3 +101,31 @@ def test_fused_loss_and_pallas_norms_match_xla(preset):
     (l0, g0), (l1, g1) = results
     np.testing.assert_allclose(l0, l1, rtol=1e-6)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), g0, g1)
+
+
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny"])
+def test_pallas_attention_matches_xla(preset):
+    """attention_impl=pallas (on a CPU: the flash-attention reference; on a GPU: our kernels, bf16
+    tolerance) gives the loss and gradients of attention_impl=xla."""
+    from llmjax.train.step import loss_fn
+
+    on_gpu = jax.default_backend() == "gpu"
+    dtype = ["model.dtype=bfloat16"] if on_gpu else []
+    batch = tokens((2, 33), seed=6)
+    results = []
+    for impl in ("xla", "pallas"):
+        graphdef, params = split_model(init_model(model_cfg(preset, f"model.attention_impl={impl}", *dtype)))
+        results.append(jax.value_and_grad(loss_fn)(params, graphdef, batch))
+    (l0, g0), (l1, g1) = results
+    rtol = 2e-2 if on_gpu else 1e-5
+    np.testing.assert_allclose(l0, l1, rtol=rtol)
+    for x, y in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+        assert float(jnp.linalg.norm(x - y)) <= rtol * float(jnp.linalg.norm(x)) + 1e-7
+
+
+def test_pallas_attention_refuses_an_explicit_mask():
+    from llmjax import ops
+
+    q = jnp.ones((1, 4, 2, 16))
+    with pytest.raises(ValueError, match="impl='pallas' takes no explicit mask"):
+        ops.attention(q, q, q, causal=True, impl="pallas", mask=jnp.ones((1, 4, 4), bool))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import _testing
-from pallas_kernels import softmax as softmax_op
+from pallas_kernels.softmax import api as softmax_op
 from pallas_kernels.softmax import cases, config as softmax_config, reference
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -100,4 +100,4 @@ def test_triton_without_gpu_raises():
 
 def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="block_cols=100"):
-        softmax_op.SoftmaxConfig(block_rows=1, block_cols=100, num_warps=4)
+        softmax_config.SoftmaxConfig(block_rows=1, block_cols=100, num_warps=4)
