@@ -36,7 +36,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.flash_attention.config import MosaicBwdBlocks
-from pallas_kernels.flash_attention.mosaic_fwd import COMPUTE_WGS, DTYPES, _pad_seq, _round_up
+from pallas_kernels.flash_attention.mosaic_fwd import COMPUTE_WGS, DTYPES
 from pallas_kernels.flash_attention.triton_fwd import LOG2E
 
 
@@ -291,9 +291,11 @@ def check_smem(blocks: MosaicBwdBlocks, head_dim: int, dtype):
                              "fit: use smaller blocks or fewer max_concurrent_steps")
 
 
-def _pad_rows(x, length, value):
-    """Pad axis 2 (sequence) of [B, N, T] up to `length` with `value`."""
-    return jnp.pad(x, ((0, 0), (0, 0), (0, length - x.shape[2])), constant_values=value)
+def _pad_to(x, axis: int, multiple: int, value=0.0):
+    """Pad `axis` of x with `value` up to a multiple of `multiple`."""
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, -x.shape[axis] % multiple)
+    return jnp.pad(x, widths, constant_values=value)
 
 
 def flash_backward(q, k, v, out, lse2, dout, *, scale: float, causal: bool,
@@ -314,14 +316,13 @@ def flash_backward(q, k, v, out, lse2, dout, *, scale: float, causal: bool,
     q_rows = math.lcm(COMPUTE_WGS * blocks.block_q_dq, blocks.block_q_dkv)
     kv_rows = math.lcm(blocks.block_kv_dq, COMPUTE_WGS * blocks.block_kv_dkv)
     if causal:  # T == S; one padded length, so causal step counts stay in bounds
-        t_pad = s_pad = _round_up(t, math.lcm(q_rows, kv_rows))
-    else:
-        t_pad, s_pad = _round_up(t, q_rows), _round_up(s, kv_rows)
+        q_rows = kv_rows = math.lcm(q_rows, kv_rows)
     # delta = rowsum(dO * O) [B, N, T] fp32. Padded rows: lse2 = +inf makes their P exactly 0.
     delta = jnp.sum(out.astype(jnp.float32) * dout.astype(jnp.float32), axis=-1).transpose(0, 2, 1)
-    delta, lse2 = _pad_rows(delta, t_pad, 0.0), _pad_rows(lse2, t_pad, jnp.inf)
-    q, dout = _pad_seq(q, t_pad), _pad_seq(dout, t_pad)
-    k, v = _pad_seq(k, s_pad), _pad_seq(v, s_pad)
+    delta, lse2 = _pad_to(delta, 2, q_rows), _pad_to(lse2, 2, q_rows, jnp.inf)
+    q, dout = _pad_to(q, 1, q_rows), _pad_to(dout, 1, q_rows)
+    k, v = _pad_to(k, 1, kv_rows), _pad_to(v, 1, kv_rows)
+    t_pad, s_pad = q.shape[1], k.shape[1]
     group = n // kv_heads
     transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     tiles = lambda *shape: plgpu.SMEM(shape, q.dtype, transforms=transforms)  # noqa: E731
