@@ -48,11 +48,11 @@ from pallas_kernels import _bench
 RESULTS = pathlib.Path("benchmarks/results")
 SECTIONS = ("decode", "speculative", "perplexity", "kv")
 SETTINGS = {
-    "full": dict(models=["gpt2-small", "llama-1b"], prompt_len=128, new_tokens=256,
-                 batches=[1, 2, 4, 8, 16, 32, 64], spec_model="llama-1b", draft_layers=1,
+    "full": dict(smoke=False, models=["gpt2-small", "llama-1b"], prompt_len=128, new_tokens=256,
+                 batches=[1, 4, 16, 64], spec_model="llama-1b", draft_layers=1,
                  later_layer_scales=[0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0], copy_mib=1024, reps=5, ppl_windows=64,
                  kv_model="llama-1b", kv_slots=[16, 64], kv_prompt_len=1024, kv_new_tokens=64),
-    "smoke": dict(models=["gpt2-tiny", "llama-tiny"], prompt_len=4, new_tokens=8, batches=[1, 2],
+    "smoke": dict(smoke=True, models=["gpt2-tiny", "llama-tiny"], prompt_len=4, new_tokens=8, batches=[1, 2],
                   spec_model="llama-tiny", draft_layers=1, later_layer_scales=[0.0, 1.0], copy_mib=8, reps=3,
                   ppl_windows=4, kv_model="llama-tiny", kv_slots=[2], kv_prompt_len=8, kv_new_tokens=4),
 }
@@ -82,8 +82,8 @@ def _prompt(batch, length, vocab, seed=0):
 def ms_per_token(model, batch, s, *, kernels=False) -> dict:
     """Greedy decode speed of `model` (a DecodeModel): wall (and, if asked on a GPU, kernel) time."""
     prompt = _prompt(batch, s["prompt_len"], model.cfg.vocab_size)
-    runs = {n: (lambda n=n: generate(model, prompt, DecodeConfig(max_new_tokens=n, temperature=0.0)))
-            for n in (1, s["new_tokens"])}
+    cfg = DecodeConfig(max_new_tokens=s["new_tokens"], temperature=0.0)
+    runs = {n: (lambda n=n: generate(model, prompt, cfg, steps=n)) for n in (1, s["new_tokens"])}  # one compile
     steps = s["new_tokens"] - 1
     out = dict(ms_per_token=(_bench.wall_seconds(runs[s["new_tokens"]], s["reps"])
                              - _bench.wall_seconds(runs[1], s["reps"])) / steps * 1e3)
@@ -188,7 +188,7 @@ def perplexity_rows(run_dir, s) -> list[dict]:
         cfg, model, _ = load_run(run_dir)
         data = load_dataset(cfg.data.corpus, cfg.data.tokenizer, cfg.data.seq_len, cfg.data.val_fraction)
         source = str(run_dir)
-    elif s is SETTINGS["smoke"]:
+    elif s["smoke"]:
         model = init_model(load_config(overrides=["preset=gpt2-tiny", "model.vocab_size=8192"]).model)
         data = load_dataset("shakespeare", "bundled", 32, 0.05)
         source = "random gpt2-tiny (smoke)"
@@ -288,6 +288,8 @@ def main(argv=None):
     parser.add_argument("--smoke", action="store_true", help="tiny models, few tokens (CPU, seconds)")
     parser.add_argument("--models", nargs="+", help="presets for the decode rows (default: gpt2-small "
                         "llama-1b; --smoke: gpt2-tiny llama-tiny)")
+    parser.add_argument("--batches", nargs="+", type=int, help="batch sizes of the bf16 decode rows "
+                        "(default: 1 4 16 64; --smoke: 1 2)")
     parser.add_argument("--gamma", type=int, default=4, help="draft tokens per speculative round")
     parser.add_argument("--ppl-run", default="runs/shakespeare", help="trained run for the perplexity rows")
     parser.add_argument("--kv-model", help="preset for the kv rows (default llama-1b; --smoke: llama-tiny)")
@@ -295,6 +297,10 @@ def main(argv=None):
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="results folder")
     args = parser.parse_args(argv)
     s = SETTINGS["smoke" if args.smoke else "full"]
+    if args.batches:
+        if min(args.batches) < 1:
+            parser.error(f"--batches {args.batches}: every batch size must be >= 1")
+        s = dict(s, batches=args.batches)
     copy = copy_bandwidth(s["copy_mib"], s["reps"])
     print(f"copy bandwidth {copy['gbps']:.0f} GB/s", flush=True)
     rows = [copy]

@@ -31,6 +31,19 @@ def test_cached_generation_equals_recompute(preset):
     np.testing.assert_array_equal(cached, greedy_by_recompute(model, prompt, 12))
 
 
+def test_steps_stops_early_inside_the_same_program():
+    model = init_model(load_config(overrides=["preset=gpt2-tiny"]).model, seed=1)
+    prompt = jax.random.randint(jax.random.key(0), (2, 5), 0, 512, dtype=jnp.int32)
+    cfg = DecodeConfig(max_new_tokens=12, temperature=0.0)
+    full = generate(model, prompt, cfg)
+    early = generate(model, prompt, cfg, steps=4)
+    np.testing.assert_array_equal(early[:, :9], full[:, :9])
+    assert not early[:, 9:].any()  # not generated: the buffer's zeros
+    for bad in (0, 13, 2.0):
+        with pytest.raises(ValueError, match=rf"steps={bad!r} must be an int in \[1, decode.max_new_tokens=12\]"):
+            generate(model, prompt, cfg, steps=bad)
+
+
 def test_prompt_plus_new_tokens_past_max_len_is_rejected():
     model = init_model(load_config(overrides=["preset=gpt2-tiny"]).model)
     with pytest.raises(ValueError, match=r"prompt length 100 \+ decode.max_new_tokens=50 = 150 exceeds"):

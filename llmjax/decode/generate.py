@@ -92,7 +92,7 @@ def forward_hidden(model, layers, tokens, positions, caches):
 
 
 @partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p", "vocab_size"))
-def _generate(graphdef, params, prompt, key, *, max_new_tokens, temperature, top_k, top_p, vocab_size):
+def _generate(graphdef, params, prompt, key, steps, *, max_new_tokens, temperature, top_k, top_p, vocab_size):
     model = nnx.merge(graphdef, params)
     layers = split_layers(model)
     b, t0 = prompt.shape
@@ -113,7 +113,7 @@ def _generate(graphdef, params, prompt, key, *, max_new_tokens, temperature, top
         nxt = sample(model.logits(hidden)[:, -1], keys[i + 1])
         return jax.lax.dynamic_update_slice_in_dim(tokens, nxt[:, None], pos + 1, axis=1), caches
 
-    tokens, _ = jax.lax.fori_loop(0, max_new_tokens - 1, step, (tokens, caches))
+    tokens, _ = jax.lax.fori_loop(0, steps - 1, step, (tokens, caches))
     return tokens
 
 
@@ -133,10 +133,13 @@ def check_prompt(prompt, new_tokens: int, max_seq_len: int, what: str = "decode.
     return prompt
 
 
-def _generate_args(model, prompt, cfg, key, vocab_size):
+def _generate_args(model, prompt, cfg, key, vocab_size, steps=None):
     prompt = check_prompt(prompt, cfg.max_new_tokens, model.cfg.max_seq_len)
     key = jax.random.key(cfg.seed) if key is None else key
-    return (model.graphdef, model.params, prompt, key), dict(
+    steps = cfg.max_new_tokens if steps is None else steps
+    if not isinstance(steps, int) or not 1 <= steps <= cfg.max_new_tokens:
+        raise ValueError(f"steps={steps!r} must be an int in [1, decode.max_new_tokens={cfg.max_new_tokens}]")
+    return (model.graphdef, model.params, prompt, key, jnp.int32(steps)), dict(
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
         vocab_size=vocab_size)
 
@@ -148,15 +151,18 @@ def lower_generate(model, prompt, cfg: DecodeConfig, vocab_size: int | None = No
     return _generate.lower(*args, **options)
 
 
-def generate(model, prompt, cfg: DecodeConfig, key=None, vocab_size: int | None = None):
+def generate(model, prompt, cfg: DecodeConfig, key=None, vocab_size: int | None = None,
+             steps: int | None = None):
     """Continue `prompt` [B, T0] int32 by cfg.max_new_tokens tokens; returns [B, T0 + new].
 
     `model`: a Transformer or a `prepare_decode` result (prepare once to decode many times
     without recasting the weights). `vocab_size` (the tokenizer's) restricts sampling to ids
-    below it when the model's embedding table is larger (padded vocabularies).
+    below it when the model's embedding table is larger (padded vocabularies). `steps`: make
+    only the first `steps` new tokens (the rest of the buffer stays 0) in the program compiled
+    for cfg.max_new_tokens, so a benchmark times several lengths with one compile.
 
     Raises:
-      ValueError: empty prompt, or T0 + max_new_tokens > model.max_seq_len.
+      ValueError: empty prompt, T0 + max_new_tokens > model.max_seq_len, or steps out of range.
     """
-    args, options = _generate_args(prepare_decode(model), prompt, cfg, key, vocab_size)
+    args, options = _generate_args(prepare_decode(model), prompt, cfg, key, vocab_size, steps)
     return _generate(*args, **options)
