@@ -1,0 +1,179 @@
+"""grouped_matmul: a drop-in for `jax.lax.ragged_dot` with Pallas kernels, and the padded-layout
+form that a chain of grouped matmuls over the same rows (an expert MLP) shares.
+
+Y[i] = X[i] @ W[group of row i]. Backends: "triton" (Pallas, Triton lowering; CPU: interpret
+mode), "xla" (`lax.ragged_dot`: XLA's GPU rewriter expands it to a dense dot over all groups,
+G times the FLOPs), "reference" (a loop over groups in fp32). The Triton path moves rows into
+the padded layout (layout.py), runs triton_fwd.py, and moves them back; its custom_vjp runs
+triton_fwd.py with W transposed for dX and triton_bwd.py for dW.
+"""
+import dataclasses
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import _api
+from pallas_kernels.grouped_matmul import config, reference, triton_bwd, triton_fwd
+from pallas_kernels.grouped_matmul.layout import (GroupLayout, layout_from_sizes, make_layout,
+                                                  pad_rows, unpad_rows)
+from pallas_kernels.matmul.config import TritonBlocks
+
+BACKENDS = ("auto", "reference", "xla", "triton")
+
+_log = logging.getLogger(__name__)
+_warned: set[str] = set()
+
+__all__ = ["grouped_matmul", "padded_grouped_matmul", "make_layout", "layout_from_sizes",
+           "pad_rows", "unpad_rows", "GroupLayout"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Non-differentiable options of one kernel call (hashable, for custom_vjp)."""
+    out_dtype: jnp.dtype
+    blocks: TritonBlocks | None  # rows kernel; None: config.default_blocks
+    interpret: bool
+
+
+def _pad_axis(a, axis, multiple):
+    """Zero-pad one axis up to a multiple: zeros add nothing to a product."""
+    extra = -a.shape[axis] % multiple
+    if not extra:
+        return a
+    widths = [(0, 0)] * a.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(a, widths)
+
+
+def _rows(x, w, tile_group, *, transpose_w, out_dtype, blocks, interpret):
+    """triton_fwd.grouped_matmul with K and N padded to the blocks and N cut back."""
+    tile_m = x.shape[0] // tile_group.shape[0]
+    k_axis, n_axis = (2, 1) if transpose_w else (1, 2)
+    n = w.shape[n_axis]
+    blocks = blocks or config.default_blocks(tile_m, n, x.shape[1], x.dtype)
+    x = _pad_axis(x, 1, blocks.block_k)
+    w = _pad_axis(_pad_axis(w, k_axis, blocks.block_k), n_axis, blocks.block_n)
+    y = triton_fwd.grouped_matmul(x, w, tile_group, transpose_w=transpose_w, out_dtype=out_dtype,
+                                  blocks=blocks, interpret=interpret)
+    return y[:, :n]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _kernel_matmul(x, w, tile_group, first_tile, tiles, static: _Static):
+    return _rows(x, w, tile_group, transpose_w=False, out_dtype=static.out_dtype,
+                 blocks=static.blocks, interpret=static.interpret)
+
+
+def _kernel_matmul_fwd(x, w, tile_group, first_tile, tiles, static):
+    return _kernel_matmul(x, w, tile_group, first_tile, tiles, static), (x, w, tile_group, first_tile, tiles)
+
+
+def _kernel_matmul_bwd(static, residuals, dy):
+    """dX = dY @ W[g]^T by the rows kernel (W read transposed), dW[g] = X_g^T dY_g by the
+    weight-gradient kernel; the index arrays get no cotangent."""
+    x, w, tile_group, first_tile, tiles = residuals
+    dy = dy.astype(x.dtype)
+    dx = _rows(dy, w, tile_group, transpose_w=True, out_dtype=x.dtype, blocks=None,
+               interpret=static.interpret)
+    k, n = x.shape[1], dy.shape[1]
+    blocks = config.default_weight_grad_blocks(k, n, x.dtype)
+    dw = triton_bwd.weight_grad(_pad_axis(x, 1, blocks.block_m), _pad_axis(dy, 1, blocks.block_n),
+                                first_tile, tiles, tile_m=x.shape[0] // tile_group.shape[0],
+                                out_dtype=w.dtype, blocks=blocks, interpret=static.interpret)
+    return dx, dw[:, :k, :n], None, None, None
+
+
+_kernel_matmul.defvjp(_kernel_matmul_fwd, _kernel_matmul_bwd)
+
+
+def _check_operands(x, w, what):
+    if getattr(x, "ndim", None) != 2:
+        raise ValueError(f"x must be rank 2 [rows, K]; got x.shape={getattr(x, 'shape', None)}")
+    if getattr(w, "ndim", None) != 3:
+        raise ValueError(f"w must be rank 3 [groups, K, N]; got w.shape={getattr(w, 'shape', None)}")
+    if x.shape[1] != w.shape[1]:
+        raise ValueError(f"x.shape={x.shape} and w.shape={w.shape}: x's columns must equal w's K")
+    _api.check_float_dtype("x", x)
+    if x.dtype != w.dtype:
+        raise ValueError(f"{what} needs x and w of one dtype; got x.dtype={jnp.dtype(x.dtype).name}, "
+                         f"w.dtype={jnp.dtype(w.dtype).name}")
+
+
+def _check_options(out_dtype, interpret, blocks):
+    if jnp.dtype(out_dtype) not in _api.FLOAT_DTYPES:
+        raise ValueError(f"out_dtype={jnp.dtype(out_dtype).name} unsupported; use one of "
+                         f"{[d.name for d in _api.FLOAT_DTYPES]}")
+    if not isinstance(interpret, bool):
+        raise ValueError(f"interpret={interpret!r} must be a bool")
+    if blocks is not None and not isinstance(blocks, TritonBlocks):
+        raise ValueError(f"blocks={blocks!r} must be a matmul.config.TritonBlocks or None")
+
+
+def padded_grouped_matmul(xp, w, layout: GroupLayout, *, out_dtype=None, interpret=False,
+                          blocks=None):
+    """Grouped matmul of rows already in the padded layout, by the Triton kernels.
+
+    Args:
+      xp: [P, K] rows in `layout` (pad_rows); w: [G, K, N], xp's dtype.
+      layout: from make_layout / layout_from_sizes; G = layout.n_groups.
+      out_dtype: default xp.dtype. interpret: run the kernels in interpret mode (CPU).
+      blocks: TritonBlocks of the rows kernel, block_m == layout.tile_m; default: heuristic.
+    Returns:
+      [P, N] in the same layout (padding rows and spare tiles 0 when xp's are);
+      differentiable in xp and w.
+    Raises:
+      ValueError: bad shapes, dtypes, options, blocks not matching the layout, or no GPU
+        without interpret=True.
+    """
+    _check_operands(xp, w, "padded_grouped_matmul")
+    out_dtype = jnp.dtype(xp.dtype if out_dtype is None else out_dtype)
+    _check_options(out_dtype, interpret, blocks)
+    if xp.shape[0] != layout.padded_source.shape[0] or w.shape[0] != layout.n_groups:
+        raise ValueError(f"xp.shape={xp.shape}, w.shape={w.shape} do not fit the layout of "
+                         f"{layout.padded_source.shape[0]} padded rows and {layout.n_groups} groups")
+    if blocks is not None and blocks.block_m != layout.tile_m:
+        raise ValueError(f"blocks.block_m={blocks.block_m} must equal the layout's tile_m={layout.tile_m}")
+    _api.triton_or_reference("triton", interpret, None)
+    return _kernel_matmul(xp, w, layout.tile_group, layout.group_first_tile, layout.group_tiles,
+                          _Static(out_dtype, blocks, interpret))
+
+
+def grouped_matmul(x, w, group_sizes, *, out_dtype=None, backend="auto", interpret=False,
+                   blocks=None):
+    """Y[i] = X[i] @ W[g] for the rows i of group g, fp32 accumulation (as `lax.ragged_dot`).
+
+    Args:
+      x: [m, K], rows sorted by group; w: [G, K, N], x's dtype (float32, bfloat16, float16).
+      group_sizes: [G] int, rows per group; rows past sum(group_sizes) give 0.
+      out_dtype: Y's dtype (default x.dtype).
+      backend: "auto" (Triton on a GPU or with interpret=True, else the reference with one
+        warning), "triton", "xla" (`lax.ragged_dot`), "reference". A named backend that cannot
+        serve the call raises.
+      interpret: run the Triton kernels in interpret mode (CPU tests).
+      blocks: TritonBlocks of the rows kernel; block_m is the row tile of the padded layout.
+    Returns:
+      [m, N] in out_dtype, differentiable in x and w (the backward runs the same backend).
+    Raises:
+      ValueError: bad ranks, shapes, dtypes, options, or a backend that cannot run here.
+    """
+    _check_operands(x, w, "grouped_matmul")
+    if getattr(group_sizes, "shape", None) != (w.shape[0],) or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+        raise ValueError(f"group_sizes must be an int array of shape ({w.shape[0]},) (one per group "
+                         f"of w); got {getattr(group_sizes, 'dtype', None)} {getattr(group_sizes, 'shape', None)}")
+    out_dtype = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
+    _check_options(out_dtype, interpret, blocks)
+    _api.check_backend(backend, BACKENDS)
+    if backend == "xla":
+        return jax.lax.ragged_dot(x, w, group_sizes, preferred_element_type=out_dtype)
+    if backend in ("auto", "triton"):
+        backend = _api.triton_or_reference(backend, interpret, functools.partial(
+            _api.warn_once, _log, _warned))
+    if backend == "reference":
+        return reference.grouped_matmul_reference(x, w, group_sizes).astype(out_dtype)
+    tile_m = blocks.block_m if blocks is not None else config.default_tile_m(x.shape[0], x.dtype)
+    layout = layout_from_sizes(group_sizes, x.shape[0], tile_m)
+    yp = padded_grouped_matmul(pad_rows(x, layout), w, layout, out_dtype=out_dtype,
+                               interpret=interpret, blocks=blocks)
+    return unpad_rows(yp, layout)

@@ -1,0 +1,74 @@
+"""Grouped matmul benchmark: CASES x IMPLS x {fwd, fwd_bwd} -> rows. No argparse, no files.
+
+`python -m experiments.bench_kernels grouped_matmul` calls `rows()` and writes the results.
+Peers in the same run: "xla_dense", one dense matmul [m, K] @ [K, N] of the same FLOPs (the
+ceiling a grouped matmul aims at), and "xla_ragged", `jax.lax.ragged_dot`. TFLOP/s counts the
+routed FLOPs, 2·m·K·N forward and 3x that forward+backward, for every row.
+"""
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import _bench
+from pallas_kernels.grouped_matmul import api, cases
+
+
+def _dense(x, w, group_sizes):
+    del group_sizes
+    return jnp.matmul(x, w[0], preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _ragged(x, w, group_sizes):
+    return jax.lax.ragged_dot(x, w, group_sizes)
+
+
+def _triton(x, w, group_sizes):
+    interpret = jax.default_backend() != "gpu"  # smoke runs on CPU
+    return api.grouped_matmul(x, w, group_sizes, backend="triton", interpret=interpret)
+
+
+# impl -> (function of (x, w, group_sizes), peer); bf16 in and out, fp32 accumulation.
+IMPLS = {"xla_dense": (_dense, True), "xla_ragged": (_ragged, True), "triton": (_triton, False)}
+PRESETS = {"default": cases.BENCH_CASES, "smoke": cases.SMOKE_CASES}
+
+
+def _forward_backward(fn):
+    def run(x, w, group_sizes, dy):
+        return jax.vjp(lambda x, w: fn(x, w, group_sizes), x, w)[1](dy)
+    return run
+
+
+def measure(case, impl, mode, fn, peer, reps):
+    """One row: time (median of reps samples; CUPTI on GPU) and tflops, or error."""
+    flops = case.flops() * (1 if mode == "fwd" else 3)
+    row = dict(op="grouped_matmul", case=case.name, impl=impl, mode=mode, peer=peer, m=case.m,
+               k=case.k, n=case.n, groups=case.n_groups, dtype="bfloat16", flops=flops,
+               **_bench.environment())
+    try:
+        arg_sets = [s if mode == "fwd" else s + (jnp.ones((case.m, case.n), jnp.bfloat16),)
+                    for s in cases.gpu_device_inputs(case, jnp.bfloat16, 1)]
+        run = fn if mode == "fwd" else _forward_backward(fn)
+        compiled = jax.jit(run).lower(*arg_sets[0]).compile()
+        seconds = _bench.median_seconds(compiled, arg_sets, reps, min_sample_seconds=2e-3)
+        row.update(_bench.throughput(seconds, flops=flops))
+    except Exception as e:  # an impl that cannot run here is a row, not a crash
+        row["error"] = _bench.error_text(e, limit=200, first_line=True)
+    return row
+
+
+def rows(preset="default", case_names=None, impls=None, modes=("fwd", "fwd_bwd"), reps=20, log=print):
+    """One row per (case, impl, mode) with time_ms, tflops, flops, peer, or error; printed (and
+    flushed) as each finishes. impls: names to keep (default all)."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset={preset!r} unknown; use one of {tuple(PRESETS)}")
+    out = []
+    for case in _bench.select(PRESETS[preset], case_names):
+        for mode in modes:
+            for impl, (fn, peer) in IMPLS.items():
+                if impls is not None and impl not in impls:
+                    continue
+                row = measure(case, impl, mode, fn, peer, reps)
+                out.append(row)
+                if log:
+                    shown = row.get("error") or f"{row['tflops']:.4g} TFLOP/s ({row['time_ms']:.3f} ms)"
+                    log(f"{case.name:>28} {mode:>7} {impl:>10}: {shown}", flush=True)
+    return out
