@@ -82,6 +82,45 @@ def test_comparison_flags_disagreement():
     assert close["agrees"] and not far["agrees"] and far["ratio"] == 1.5
     text = format_comparisons([close, far])
     assert "DISAGREES by 50%" in text and "because" in text and text.count("DISAGREES") == 1
+    # The reason follows the direction: below the paper's figure, above it, or within tolerance.
+    kwargs = dict(source="s", why_low="lower", why_high="higher")
+    assert compare("z", 2.0, 1.0, **kwargs)["why"] == "lower"
+    assert compare("z", 2.0, 3.0, **kwargs)["why"] == "higher"
+    assert compare("z", 2.0, 2.1, **kwargs)["why"] == ""
+
+
+def test_paged_kv_reasons_state_this_runs_means():
+    # 10 running sequence-steps at context 100: 40 live, 47.5 allocated slots per sequence on average.
+    totals = {"live": 400, "paged": 475, "max reservation": 1000, "oracle reservation": 600}
+    paged = paged_kv.reasons("paged", totals, context=100, block_size=16)
+    assert "7.5 of 16 slots" in paged["why_low"] and "40 live tokens" in paged["why_high"]
+    assert "40 of 100 slots" in paged_kv.reasons("max reservation", totals, 100, 16)["why_low"]
+    assert "40 of 60 reserved" in paged_kv.reasons("oracle reservation", totals, 100, 16)["why_low"]
+
+
+def test_flash_saving_reason_names_the_sizes():
+    rows = [dict(impl=impl, seq_len=n, temp_bytes=t * 2**20, io_bytes=6 * 2**20, time_ms=ms)
+            for impl, n, t, ms in (("flash", 512, 1, 1.0), ("flash", 1024, 2, 2.0),
+                                   ("materialized", 512, 64, 4.0), ("materialized", 1024, 256, 16.0))]
+    saving = flash_memory.saving_comparison(rows)
+    assert saving["ours"] == 128 and "flash 2 MiB, materialized 256 MiB" in saving["why"]
+    assert "with the program's inputs and outputs counted too, 33x" in saving["why"]
+    speedup = flash_memory.speedup_comparison(rows)
+    assert speedup["ours"] == 8 and "4.0x at 512, 8.0x at 1024" in speedup["why"]
+
+
+def test_mfu_flops_need_a_cost_analysis():
+    class NoAnalysis:
+        def cost_analysis(self):
+            return None
+
+    class ListAnalysis:
+        def cost_analysis(self):
+            return [{"flops": 12.0}]
+
+    assert mfu.compiled_flops(ListAnalysis()) == 12.0
+    with pytest.raises(RuntimeError, match="no 'flops'"):
+        mfu.compiled_flops(NoAnalysis())
 
 
 def test_command_writes_json_and_png(tmp_path, capsys):

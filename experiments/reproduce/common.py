@@ -24,13 +24,15 @@ def environment() -> dict:
                 date=datetime.date.today().isoformat())
 
 
-def compare(what: str, paper: float, ours: float, *, source: str, why: str = "") -> dict:
-    """One row of the paper-vs-ours table. `why` explains an expected disagreement (printed
-    only when ours is off by more than TOLERANCE)."""
+def compare(what: str, paper: float, ours: float, *, source: str, why: str = "", why_low: str = "",
+            why_high: str = "") -> dict:
+    """One row of the paper-vs-ours table. The reason printed when ours is off by more than
+    TOLERANCE: `why_low` when ours is below the paper's, `why_high` when above, else `why`."""
     ratio = ours / paper if paper else float("nan")
     agrees = bool(abs(ratio - 1.0) <= TOLERANCE)
+    reason = (why_low if ratio < 1 else why_high) or why
     return dict(what=what, paper=float(paper), ours=float(ours), ratio=float(ratio), agrees=agrees,
-                source=source, why=why)
+                source=source, why="" if agrees else reason)
 
 
 def format_comparisons(rows: list[dict]) -> str:

@@ -71,15 +71,15 @@ def run(small: bool) -> dict:
         name = {"dp": "DP", "zero1": "ZeRO-1", "fsdp": "ZeRO-3 (fsdp)"}[r["layout"]]
         comparisons.append(compare(f"{name} params+Adam, measured vs {r['ours_formula']} with 4+4+8",
                                    r["ours_formula_params_and_opt"], r["params_and_opt_bytes"], source=SOURCE,
-                                   why="params the rules leave whole (norm scales, biases) stay replicated"))
+                                   why_high="params the rules leave whole (norm scales, biases) stay replicated"))
     dp, zero1, zero3 = (next(r for r in rows if r["layout"] == k) for k in LAYOUTS)
     n = dp["devices"]
     comparisons += [
         compare(f"ZeRO-3 saving over DP (paper: N = {n})", n, dp["total_bytes"] / zero3["total_bytes"],
-                source=SOURCE, why="params the rules leave whole stay replicated"),
+                source=SOURCE, why_low="params the rules leave whole (norm scales, biases) stay replicated"),
         compare("ZeRO-1 saving over DP, (2+2+12)/(2+2+12/N)",
                 dp["paper_formula_bytes"] / zero1["paper_formula_bytes"], dp["total_bytes"] / zero1["total_bytes"],
-                source=SOURCE, why="our fp32 params and grads (8 of 16 bytes) stay whole under ZeRO-1, "
+                source=SOURCE, why_low="our fp32 params and grads (8 of 16 bytes) stay whole under ZeRO-1, "
                 "against 4 of 16 with the paper's bf16 copies: (4+4+8)/(4+4+8/N) is the expected ratio"),
     ]
     return dict(model=model, params=psi, rows=rows, comparisons=comparisons)
