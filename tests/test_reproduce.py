@@ -129,6 +129,9 @@ def test_command_writes_json_and_png(tmp_path, capsys):
     assert saved["claim"] == "pipeline_bubble" and saved["comparisons"] and saved["device"]
     assert (tmp_path / "pipeline_bubble.png").stat().st_size > 1000
     assert "ours/paper" in capsys.readouterr().out
+    assert main(["pipeline_bubble", "--small", "--out", str(tmp_path / "pipeline_bubble_cpu.json")]) == 0
+    assert json.loads((tmp_path / "pipeline_bubble_cpu.json").read_text())["claim"] == "pipeline_bubble"
+    assert (tmp_path / "pipeline_bubble_cpu.png").stat().st_size > 1000
     with pytest.raises(SystemExit):
         main(["no_such_claim"])
     assert "pipeline_bubble" in CLAIMS

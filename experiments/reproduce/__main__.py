@@ -22,17 +22,19 @@ def main(argv=None) -> int:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--small", action="store_true", help="CPU/CI size (default without a GPU)")
     size.add_argument("--full", action="store_true", help="GPU size (default on a GPU)")
-    parser.add_argument("--out", help="output folder (default runs/reproduce/<claim>/)")
+    parser.add_argument("--out", help="output folder for result.json and <claim>.png (default "
+                        "runs/reproduce/<claim>/), or a path ending in .json (the PNG goes beside it)")
     args = parser.parse_args(argv)
     small = args.small or (not args.full and not on_gpu())
     for claim in CLAIMS if args.claim == "all" else (args.claim,):
         module = importlib.import_module(f"experiments.reproduce.{claim}")
         result = module.run(small=small)
-        out = write(claim, result, module.plot, args.out if args.claim != "all" else None)
-        print(f"== {claim} ({'small' if small else 'full'}) on {environment()['device']}")
+        json_path, png_path = write(claim, result, module.plot, args.out if args.claim != "all" else None)
+        env = environment()
+        print(f"== {claim} ({'small' if small else 'full'}) on {env['device']}, jax {env['jax']}, {env['date']}")
         print(module.format_result(result))
         print(format_comparisons(result["comparisons"]))
-        print(f"wrote {out}/result.json and {claim}.png")
+        print(f"wrote {json_path} and {png_path}")
     return 0
 
 

@@ -53,11 +53,15 @@ def loglog_slope(x, y) -> float:
     return float(np.polyfit(np.log(np.asarray(x, float)), np.log(np.asarray(y, float)), 1)[0])
 
 
-def write(claim: str, result: dict, plot, out_dir: Path | None = None) -> Path:
-    """Save result.json and <claim>.png under out_dir (default runs/reproduce/<claim>/)."""
-    out_dir = Path(out_dir) if out_dir else RESULTS_DIR / claim
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "result.json").write_text(json.dumps({"claim": claim, **environment(), **result}, indent=1))
+def write(claim: str, result: dict, plot, out: Path | str | None = None) -> tuple[Path, Path]:
+    """Save the result as JSON and its plot as PNG: under the folder `out` as result.json and
+    <claim>.png (default runs/reproduce/<claim>/), or, when `out` ends in .json, at that path
+    and beside it with .png (the layout of benchmarks/results/reproduce/). Returns both paths."""
+    out = Path(out) if out else RESULTS_DIR / claim
+    json_path, png_path = (out, out.with_suffix(".png")) if out.suffix == ".json" else \
+        (out / "result.json", out / f"{claim}.png")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps({"claim": claim, **environment(), **result}, indent=1))
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -65,6 +69,6 @@ def write(claim: str, result: dict, plot, out_dir: Path | None = None) -> Path:
     fig = plot(result, plt)
     fig.suptitle(f"{claim}: {environment()['device']}")
     fig.tight_layout()
-    fig.savefig(out_dir / f"{claim}.png", dpi=110)
+    fig.savefig(png_path, dpi=110)
     plt.close(fig)
-    return out_dir
+    return json_path, png_path

@@ -113,7 +113,10 @@ def run(small: bool) -> dict:
 
 
 def format_result(result: dict) -> str:
-    lines = [f"{'impl':<13} {'N':>6} {'temp MiB':>10} {'in+out MiB':>10} {'ms':>8}"]
+    size = result["size"]
+    lines = [f"batch {size['batch']}, {size['heads']} heads of {size['head_dim']}, {size['dtype']}, causal, "
+             f"{'forward + backward' if size['backward'] else 'forward'}",
+             f"{'impl':<13} {'N':>6} {'temp MiB':>10} {'in+out MiB':>10} {'ms':>8}"]
     for r in result["rows"]:
         ms = f"{r['time_ms']:8.3f}" if "time_ms" in r else f"{'-':>8}"
         io = f"{r['io_bytes'] / 2**20:10.2f}" if "io_bytes" in r else f"{'-':>10}"

@@ -106,7 +106,9 @@ def run(small: bool) -> dict:
 
 
 def format_result(result: dict) -> str:
-    lines = [f"{'draft':>5} {'upper':>5} {'gamma':>5} {'alpha':>6} {'tok/round':>9} {'eq. 1':>6} {'c':>5} "
+    lines = [f"target {' '.join(result['model'])}, batch {result['batch']}, {result['new_tokens']} new tokens, "
+             "temperature 1",
+             f"{'draft':>5} {'upper':>5} {'gamma':>5} {'alpha':>6} {'tok/round':>9} {'eq. 1':>6} {'c':>5} "
              f"{'speed-up':>8} {'formula':>7}"]
     for r in result["rows"]:
         timed = (f"{r['cost_ratio']:5.2f} {r['speedup']:8.3f} {r['expected_speedup']:7.3f}" if "speedup" in r
