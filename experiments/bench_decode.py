@@ -23,7 +23,9 @@ Random weights (speed does not depend on them). `--smoke`: tiny models on a CPU 
 Writes benchmarks/results/decode[-smoke]_<device>_<date>.json and .png.
 """
 import argparse
+import dataclasses
 import datetime
+import functools
 import json
 import os
 import pathlib
@@ -83,14 +85,19 @@ def ms_per_token(model, batch, s, *, kernels=False) -> dict:
     """Greedy decode speed of `model` (a DecodeModel): wall (and, if asked on a GPU, kernel) time."""
     prompt = _prompt(batch, s["prompt_len"], model.cfg.vocab_size)
     cfg = DecodeConfig(max_new_tokens=s["new_tokens"], temperature=0.0)
-    runs = {n: (lambda n=n: generate(model, prompt, cfg, steps=n)) for n in (1, s["new_tokens"])}  # one compile
-    steps = s["new_tokens"] - 1
-    out = dict(ms_per_token=(_bench.wall_seconds(runs[s["new_tokens"]], s["reps"])
-                             - _bench.wall_seconds(runs[1], s["reps"])) / steps * 1e3)
+
+    def run(params, n):  # weights as an argument: the profiler jits what it measures, and a
+        # closure's weights would become gigabytes of constants in that program
+        return generate(dataclasses.replace(model, params=params), prompt, cfg, steps=n)
+
+    steps = s["new_tokens"] - 1  # N and 1 new tokens share one compiled program
+    out = dict(ms_per_token=(_bench.wall_seconds(lambda: run(model.params, s["new_tokens"]), s["reps"])
+                             - _bench.wall_seconds(lambda: run(model.params, 1), s["reps"])) / steps * 1e3)
     if kernels and _bench.timer_name() == "cupti":
         from jax.experimental.mosaic.gpu import profiler
         try:
-            long, short = (profiler.measure(runs[n])()[1] for n in (s["new_tokens"], 1))
+            long, short = (profiler.measure(functools.partial(run, n=n))(model.params)[1]
+                           for n in (s["new_tokens"], 1))
             out["kernel_ms_per_token"] = (long - short) / steps
         except Exception as e:  # the wall-clock number stands without it
             out["kernel_error"] = _bench.error_text(e)
