@@ -133,6 +133,9 @@ PRESETS = {
     # preset -> (cases, impls, modes); impls None: the tuning candidates of `_TUNING[preset]`
     "default": (cases.BENCH_CASES, IMPLS, MODES),
     "full": (cases.BENCH_CASES_FULL, IMPLS, MODES),
+    # The table (S 1k-16k, D 64 and 128, full and causal) without Triton: ~4 min on an H100.
+    "table": (cases.BENCH_CASES_FULL, {name: IMPLS[name] for name in ("mosaic", "cudnn", "xla")},
+              MODES),
     "tune": (_S4K, None, MODES),
     "tune_bwd": (_S4K, None, ("fwd_bwd",)),
     "smoke": (cases.SMOKE_CASES, {"triton": IMPLS["triton"], "xla": IMPLS["xla"]}, MODES),  # CPU
