@@ -15,9 +15,14 @@ also under expert parallelism). Assignments claim slots in priority order: every
 choice in token order (batch row, then position), then every second choice, and so on; an
 assignment past its expert's last slot is dropped (it adds 0; the residual carries the token).
 
-model.moe_impl: `ragged` sorts assignments by expert and runs the experts as grouped matmuls
-(`jax.lax.ragged_dot`), the FLOPs of the routed tokens only; `dense` runs every expert on every
-token and combines with the routing weights (the reference).
+model.moe_impl: `ragged` groups assignments by expert and runs the experts as grouped matmuls,
+the FLOPs of the routed tokens only; `dense` runs every expert on every token and combines with
+the routing weights (the reference). The grouped matmuls (MoE's `grouped_matmul`): "triton",
+the Pallas kernels of pallas_kernels/grouped_matmul (rows placed once in a layout padded per
+expert to the row tile, all of an expert MLP's matmuls run in it, placed back once; on CPU in
+interpret mode, for tests), or "xla", `jax.lax.ragged_dot` (XLA's GPU rewriter turns it into a
+dense dot over all experts, E times the FLOPs: xla/hlo/transforms/expanders/ragged_dot_rewriter.cc,
+RaggedToDense); "auto" is "triton" on a GPU and "xla" elsewhere.
 
 Expert parallelism: when the active logical rules map `experts` to mesh axes of size > 1 (ragged
 impl), each device holds E / n experts, and assignments travel to their expert's device and back
@@ -37,6 +42,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from llmjax.config import ModelConfig
+from pallas_kernels import grouped_matmul as gmm
+from pallas_kernels.grouped_matmul.config import default_tile_m
 from sharding.axes import BATCH, EMBED, EXPERTS, LENGTH, MLP
 from sharding.placement import active_layout, logical_to_spec
 from sharding.rules import mesh_axes_of
@@ -132,12 +139,41 @@ def dense_experts(x, weights, ids, experts: dict):
     return jnp.einsum("ge,egd->gd", combine, y)
 
 
-def grouped_ffn(rows, row_expert, experts: dict):
+GROUPED_MATMULS = ("auto", "triton", "xla")
+
+
+def resolve_grouped_matmul(grouped_matmul: str) -> str:
+    """"auto" -> "triton" on a GPU, else "xla"; raises ValueError for a name not in GROUPED_MATMULS."""
+    if grouped_matmul not in GROUPED_MATMULS:
+        raise ValueError(f"grouped_matmul={grouped_matmul!r} unknown; use one of {GROUPED_MATMULS}")
+    if grouped_matmul == "auto":
+        return "triton" if jax.default_backend() == "gpu" else "xla"
+    return grouped_matmul
+
+
+def _pallas_grouped_ffn(rows, row_expert, experts: dict):
+    """grouped_ffn through the Pallas kernels: one gather into the padded layout, every matmul
+    of the expert MLP in it (padding rows stay apart: each row's output depends on it alone),
+    one gather back; rows with id E are not placed and come back 0."""
+    n_experts = experts["w_in"].shape[0]
+    layout = gmm.make_layout(row_expert, n_experts, default_tile_m(rows.shape[0], rows.dtype))
+    interpret = jax.default_backend() != "gpu"
+    row_group = layout.padded_row_group()  # [P]; E on spare tiles, clipped for the bias lookup
+    y = ffn(gmm.pad_rows(rows, layout), experts,
+            lambda a, w: gmm.padded_grouped_matmul(a, w, layout, interpret=interpret),
+            lambda b: jnp.take(b, row_group, axis=0, mode="clip"))
+    return gmm.unpad_rows(y, layout)
+
+
+def grouped_ffn(rows, row_expert, experts: dict, grouped_matmul: str = "auto"):
     """Each row through its own expert with grouped matmuls; rows with id E (no expert) give 0.
 
-    rows [A, D]; row_expert [A] int32 in [0, E]; experts: stacked weights with a leading E axis.
+    rows [A, D]; row_expert [A] int32 in [0, E]; experts: stacked weights with a leading E axis;
+    grouped_matmul: "auto", "triton" or "xla" (see the module docstring).
     Returns [A, D] in the order of `rows`.
     """
+    if resolve_grouped_matmul(grouped_matmul) == "triton":
+        return _pallas_grouped_ffn(rows, row_expert, experts)
     n_experts = experts["w_in"].shape[0]
     order = jnp.argsort(row_expert, stable=True)
     sorted_expert = row_expert[order]
@@ -148,14 +184,14 @@ def grouped_ffn(rows, row_expert, experts: dict):
     return jnp.zeros_like(y).at[order].set(y, unique_indices=True)
 
 
-def ragged_experts(x, weights, ids, experts: dict):
+def ragged_experts(x, weights, ids, experts: dict, grouped_matmul: str = "auto"):
     """Dropless (or capacity-masked) grouped-matmul MoE on local tokens: x [G, D], weights and
     ids [G, k] (id E = dropped) -> [G, D]."""
     rows = jnp.repeat(x, ids.shape[1], axis=0)  # [G*k, D]: row a is token a // k
-    return _combine(grouped_ffn(rows, ids.reshape(-1), experts), weights)
+    return _combine(grouped_ffn(rows, ids.reshape(-1), experts, grouped_matmul), weights)
 
 
-def _exchange(rows, row_expert, experts: dict, n_experts: int, axes, slots: int):
+def _exchange(rows, row_expert, experts: dict, n_experts: int, axes, slots: int, grouped_matmul: str):
     """Expert-parallel grouped FFN inside shard_map: send each row to the device holding its
     expert, compute there, send the result back.
 
@@ -175,17 +211,19 @@ def _exchange(rows, row_expert, experts: dict, n_experts: int, axes, slots: int)
         sorted_expert % local_experts, mode="drop")
     recv = jax.lax.all_to_all(send, axes, 0, 0)  # [n sources, slots, D]
     recv_expert = jax.lax.all_to_all(send_expert, axes, 0, 0)
-    y = grouped_ffn(recv.reshape(n * slots, -1), recv_expert.reshape(-1), experts)
+    y = grouped_ffn(recv.reshape(n * slots, -1), recv_expert.reshape(-1), experts, grouped_matmul)
     back = jax.lax.all_to_all(y.reshape(n, slots, -1), axes, 0, 0)  # [n targets, slots, D]
     y_sorted = back.at[dest, slot].get(mode="fill", fill_value=0)
     return jnp.zeros_like(rows).at[order].set(y_sorted, unique_indices=True)
 
 
-def expert_parallel(x, weights, ids, experts: dict, layout, capacity: int | None):
+def expert_parallel(x, weights, ids, experts: dict, layout, capacity: int | None,
+                    grouped_matmul: str = "auto"):
     """`ragged_experts` with experts split over the mesh axes the `experts` rule names.
 
     x [B, T, D]; weights, ids [B, T, k]; layout = (abstract mesh, rule dict) from
-    `sharding.placement.active_layout`; capacity: slots per expert, or None when dropless.
+    `sharding.placement.active_layout`; capacity: slots per expert, or None when dropless;
+    grouped_matmul as in grouped_ffn.
     Raises:
       ValueError: E not divisible by the expert axes, or tokens not split over them.
     """
@@ -207,7 +245,7 @@ def expert_parallel(x, weights, ids, experts: dict, layout, capacity: int | None
         b, t, d = x.shape
         slots = b * t * k if capacity is None else min(b * t * k, capacity * (n_experts // n))
         rows = jnp.repeat(x.reshape(b * t, d), k, axis=0)
-        y = _exchange(rows, ids.reshape(-1), experts, n_experts, axes, slots)
+        y = _exchange(rows, ids.reshape(-1), experts, n_experts, axes, slots, grouped_matmul)
         return _combine(y, weights.reshape(b * t, k)).reshape(b, t, d)
 
     expert_specs = {name: PartitionSpec(axes) for name in experts}
@@ -219,11 +257,14 @@ class MoE(nnx.Module):
     """Routed experts in place of the dense feed-forward (shared experts live in the Block).
 
     Each expert is the family's MLP (GELU with biases for gpt2, SwiGLU for llama) of width
-    model.d_mlp; weights are stacked on a leading `experts` axis.
+    model.d_mlp; weights are stacked on a leading `experts` axis. `grouped_matmul` picks the
+    grouped matmuls of moe_impl=ragged: "auto", "triton" or "xla" (module docstring).
     """
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, grouped_matmul: str = "auto"):
         self.cfg = cfg
+        resolve_grouped_matmul(grouped_matmul)  # an unknown name fails here, not at the first call
+        self.grouped_matmul = grouped_matmul
         e, d, f = cfg.n_experts, cfg.d_model, cfg.d_mlp
         pd, std = jnp.dtype(cfg.param_dtype), cfg.init_std
         out_std = std / (2 * cfg.n_layers) ** 0.5  # GPT-2: scale residual projections by 1/sqrt(2L)
@@ -270,7 +311,7 @@ class MoE(nnx.Module):
             mesh, rules = layout
             n_shards = math.prod(mesh.shape[a] for a in mesh_axes_of(rules.get(EXPERTS)))
         if cfg.moe_impl == "ragged" and n_shards > 1:
-            return expert_parallel(x, weights, ids, experts, layout, capacity), aux
-        impl = dense_experts if cfg.moe_impl == "dense" else ragged_experts
-        y = impl(x.reshape(b * t, d), weights.reshape(b * t, k), ids.reshape(b * t, k), experts)
+            return expert_parallel(x, weights, ids, experts, layout, capacity, self.grouped_matmul), aux
+        flat = (x.reshape(b * t, d), weights.reshape(b * t, k), ids.reshape(b * t, k), experts)
+        y = dense_experts(*flat) if cfg.moe_impl == "dense" else ragged_experts(*flat, self.grouped_matmul)
         return y.reshape(b, t, d), aux

@@ -47,6 +47,18 @@ def _pad_axis(a, axis, multiple):
     return jnp.pad(a, widths)
 
 
+def _vary_alike(*arrays):
+    """Inside jax.shard_map (check_vma), make every operand vary over the union of the mesh
+    axes any of them varies over, so a pallas_call's output can take the same manual axis type
+    (triton_fwd/triton_bwd read it from their first operand). Done outside the custom_vjp, so
+    autodiff transposes the casts (a psum of dW over the axes only the rows vary over).
+    Outside shard_map: unchanged."""
+    union = frozenset().union(*(jax.typeof(a).manual_axis_type.varying for a in arrays))
+    return tuple(a if jax.typeof(a).manual_axis_type.varying == union else
+                 jax.lax.pcast(a, tuple(union - jax.typeof(a).manual_axis_type.varying), to="varying")
+                 for a in arrays)
+
+
 def _rows(x, w, tile_group, *, transpose_w, out_dtype, blocks, interpret):
     """triton_fwd.grouped_matmul with K and N padded to the blocks and N cut back."""
     tile_m = x.shape[0] // tile_group.shape[0]
@@ -136,8 +148,8 @@ def padded_grouped_matmul(xp, w, layout: GroupLayout, *, out_dtype=None, interpr
     if blocks is not None and blocks.block_m != layout.tile_m:
         raise ValueError(f"blocks.block_m={blocks.block_m} must equal the layout's tile_m={layout.tile_m}")
     _api.triton_or_reference("triton", interpret, None)
-    return _kernel_matmul(xp, w, layout.tile_group, layout.group_first_tile, layout.group_tiles,
-                          _Static(out_dtype, blocks, interpret))
+    operands = _vary_alike(xp, w, layout.tile_group, layout.group_first_tile, layout.group_tiles)
+    return _kernel_matmul(*operands, _Static(out_dtype, blocks, interpret))
 
 
 def grouped_matmul(x, w, group_sizes, *, out_dtype=None, backend="auto", interpret=False,

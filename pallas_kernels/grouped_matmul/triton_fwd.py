@@ -72,7 +72,7 @@ def grouped_matmul(x, w, tile_group, *, transpose_w: bool, out_dtype, blocks: Tr
                   pl.BlockSpec((bm, k), lambda q: (tile(q)[0], 0)),
                   pl.BlockSpec(w.shape, lambda q: (0, 0, 0))],
         out_specs=pl.BlockSpec((bm, bn), tile),
-        out_shape=jax.ShapeDtypeStruct((p, n), out_dtype),
+        out_shape=jax.ShapeDtypeStruct((p, n), out_dtype, manual_axis_type=jax.typeof(x).manual_axis_type),
         compiler_params=pltriton.CompilerParams(num_warps=blocks.num_warps,
                                                 num_stages=blocks.num_stages),
         interpret=interpret,
