@@ -19,7 +19,7 @@ from pallas_kernels.matmul.triton_matmul import dot_precision
 def _kernel(first_tile_ref, tiles_ref, x_ref, dy_ref, dw_ref, *, tile_m, precision):
     """first_tile_ref, tiles_ref [G] int32; x_ref [P, block_m]; dy_ref [P, block_n];
     dw_ref [block_m, block_n] (the group axis squeezed)."""
-    group = pl.program_id(0)
+    group = pl.program_id(2)
     first = first_tile_ref[group]
     block_k, block_n = dw_ref.shape
 
@@ -44,15 +44,16 @@ def weight_grad(x, dy, group_first_tile, group_tiles, *, tile_m: int, out_dtype,
     n = dy.shape[1]
     n_groups = group_tiles.shape[0]
     bk, bn = blocks.block_m, blocks.block_n
-    # Grid axes: (group, K tile of dW, N tile of dW).
+    # Grid axes: (N tile of dW, K tile of dW, group); the first is launched fastest, so programs
+    # running together share the group's rows of X (and of dY while N tiles are few) in L2.
     return pl.pallas_call(
         functools.partial(_kernel, tile_m=tile_m, precision=dot_precision(x.dtype)),
-        grid=(n_groups, k // bk, n // bn),
-        in_specs=[pl.BlockSpec((n_groups,), lambda g, i, j: (0,)),
-                  pl.BlockSpec((n_groups,), lambda g, i, j: (0,)),
-                  pl.BlockSpec((p, bk), lambda g, i, j: (0, i)),
-                  pl.BlockSpec((p, bn), lambda g, i, j: (0, j))],
-        out_specs=pl.BlockSpec((None, bk, bn), lambda g, i, j: (g, i, j)),
+        grid=(n // bn, k // bk, n_groups),
+        in_specs=[pl.BlockSpec((n_groups,), lambda j, i, g: (0,)),
+                  pl.BlockSpec((n_groups,), lambda j, i, g: (0,)),
+                  pl.BlockSpec((p, bk), lambda j, i, g: (0, i)),
+                  pl.BlockSpec((p, bn), lambda j, i, g: (0, j))],
+        out_specs=pl.BlockSpec((None, bk, bn), lambda j, i, g: (g, i, j)),
         out_shape=jax.ShapeDtypeStruct((n_groups, k, n), out_dtype,
                                        manual_axis_type=jax.typeof(x).manual_axis_type),
         compiler_params=pltriton.CompilerParams(num_warps=blocks.num_warps,
