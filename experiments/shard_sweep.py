@@ -9,13 +9,16 @@ bytes in the compiled program. Pipeline layouts `pp` (stages x dp) and `pp_fsdp`
 fsdp) run `sharding.pipeline` with mesh.pp_schedule and mesh.pp_microbatches and report the
 schedule's bubble. Writes runs/<name>/shard_sweep.json, shard_sweep.png and config.yaml.
 
-`--auto [--top K]` searches instead (`sharding.search`): every mesh factorization x preset x
-remat policy (x pipeline microbatches), pruned by predicted memory, ranked by the cost model
-on this machine's measured matmul rate and all-reduce link; the K best are compiled and
-timed and the measured fastest wins (`--spread S` times S more spaced over the ranking, to
-check the cost model across its range). Prints the ranking with predicted vs measured step
-time and memory; writes runs/<name>/shard_search.json and shard_search.png (predicted vs
-measured step time, Spearman rank correlation).
+`--auto [--top K] [--spread S] [--rounds R]` searches instead (`sharding.search`): every mesh
+factorization x preset x remat policy (x pipeline microbatches), pruned by predicted memory,
+ranked by the cost model with constants measured on this machine (matmul rates at the model's
+shape with all devices busy and one alone, in-program all-reduce latency and bandwidth). The K
+best and S more spaced over the ranking are compiled, then timed in R interleaved rounds of
+--steps steps each (a load change on a shared host hits all alike); the measured fastest wins.
+Prints the ranking with predicted vs measured (median) step time and its spread, predicted vs
+compiled collectives (loops counted per iteration) and memory, the paper's pick against the
+measured best and the Spearman rank correlation; writes runs/<name>/shard_search.json and
+shard_search.png (predicted vs measured step time, the correlation in the title).
 """
 import argparse
 import dataclasses
@@ -105,21 +108,55 @@ def mesh_for(layout: str, n_devices: int, model_cfg, micro_batch: int, seq_len: 
     raise ValueError(f"{layout}: no mesh of {n_devices} devices fits: {error}")
 
 
-def collective_bytes(hlo_text: str) -> int:
-    """Bytes produced by collectives in compiled HLO text, per device; an op inside a loop
-    body (the layer scan, micro-batches) is counted once, so this is a lower bound."""
-    op = re.compile(r"= (.*?) (?:" + "|".join(_COLLECTIVES) + r")(-start)?\(")
-    total = 0
+def _computation_counts(hlo_text: str) -> tuple[dict[str, list[str]], dict[str, int]]:
+    """HLO computations (name -> instruction lines) and how often each runs per call of
+    the entry: a while body `known_trip_count` times its caller, any other callee once."""
+    bodies, name, entry = {}, None, None
     for line in hlo_text.splitlines():
-        match = op.search(line)
-        if match is None:
-            continue
-        shapes = re.findall(r"(\w+)\[([\d,]*)\]", match.group(1))  # one per output (tuples: many)
-        if match.group(2):  # an async start returns (operands, results): keep the results
-            shapes = shapes[len(shapes) // 2:]
-        total += sum(math.prod(int(d) for d in dims.split(",") if d) * _HLO_BYTES.get(dtype, 4)
-                     for dtype, dims in shapes)
-    return total
+        head = re.match(r"(ENTRY )?%(\S+) .*\{$", line)
+        if head:
+            name = head.group(2)
+            entry = entry or (name if head.group(1) else None)
+            bodies[name] = []
+        elif name is not None and line.startswith("  "):
+            bodies[name].append(line)
+    runs: dict[str, int] = {}
+
+    def visit(comp, times):
+        runs[comp] = runs.get(comp, 0) + times
+        for line in bodies.get(comp, ()):
+            trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+            for callee in re.findall(r"body=%([\w.\-]+)", line):
+                visit(callee, times * (int(trips.group(1)) if trips else 1))
+            called = re.findall(r"(?:to_apply|calls|true_computation|false_computation)=%([\w.\-]+)", line)
+            branches = re.search(r"branch_computations=\{([^}]*)\}", line)
+            for callee in called + (re.findall(r"%([\w.\-]+)", branches.group(1)) if branches else []):
+                visit(callee, times)
+
+    if entry:
+        visit(entry, 1)
+    return bodies, runs
+
+
+def hlo_collectives(hlo_text: str) -> dict[str, float]:
+    """Collectives one device runs per step in compiled HLO text: {"count": ops executed,
+    "bytes": bytes they produce}, an op inside a loop (the layer scan, micro-batches,
+    pipeline ticks) counted once per iteration (its `known_trip_count`)."""
+    op = re.compile(r"= (.*?) (?:" + "|".join(_COLLECTIVES) + r")(-start)?\(")
+    bodies, runs = _computation_counts(hlo_text)
+    count = nbytes = 0
+    for comp, lines in bodies.items():
+        for line in lines:
+            match = op.search(line)
+            if match is None:
+                continue
+            shapes = re.findall(r"(\w+)\[([\d,]*)\]", match.group(1))  # one per output (tuples: many)
+            if match.group(2):  # an async start returns (operands, results): keep the results
+                shapes = shapes[len(shapes) // 2:]
+            count += runs.get(comp, 0)
+            nbytes += runs.get(comp, 0) * sum(math.prod(int(d) for d in dims.split(",") if d) *
+                                              _HLO_BYTES.get(dtype, 4) for dtype, dims in shapes)
+    return {"count": count, "bytes": nbytes}
 
 
 def compiled_bytes(mem) -> int:
@@ -129,14 +166,36 @@ def compiled_bytes(mem) -> int:
             - mem.alias_size_in_bytes)
 
 
-def sweep_one(cfg, layout: str, graphdef, params, optimizer, steps: int,
-              mesh_cfg: MeshConfig | None = None, name: str | None = None) -> dict:
-    """Compile and time one layout (on `mesh_cfg`, default `mesh_for`'s); a row of the table.
+@dataclasses.dataclass
+class _Job:
+    """One compiled layout being timed: its step, live state, batch, and the row so far."""
+
+    compiled: object
+    state: dict
+    batch: jax.Array
+    row: dict
+    times: list = dataclasses.field(default_factory=list)
+    metrics: dict | None = None
+
+    def run(self, steps: int):
+        """Run `steps` steps, recording each one's wall time."""
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            self.state, self.metrics = self.compiled(self.state, self.batch)
+            jax.block_until_ready(self.metrics)
+            self.times.append(time.perf_counter() - t0)
+
+
+def compile_layout(cfg, layout: str, graphdef, params, optimizer, mesh_cfg: MeshConfig | None = None,
+                   name: str | None = None) -> _Job:
+    """Shard the state and compile the train step of one layout (on `mesh_cfg`, default
+    `mesh_for`'s), with its predicted and compiled memory and compiled collectives.
     `graphdef` is built from cfg.model (its remat policy)."""
     tc, seq_len, n = cfg.train, cfg.data.seq_len, jax.device_count()
     micro_batch = tc.batch_size // tc.grad_accum
     if mesh_cfg is None:
-        mesh_cfg = mesh_for(layout, n, cfg.model, micro_batch, seq_len, (cfg.mesh.pp_schedule, cfg.mesh.pp_microbatches))
+        mesh_cfg = mesh_for(layout, n, cfg.model, micro_batch, seq_len,
+                            (cfg.mesh.pp_schedule, cfg.mesh.pp_microbatches))
     pp = (mesh_cfg.pp_schedule, mesh_cfg.pp_microbatches)
     remat = cfg.model.remat
     mesh = make_mesh(mesh_cfg)
@@ -162,27 +221,36 @@ def sweep_one(cfg, layout: str, graphdef, params, optimizer, steps: int,
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
-    times = []
-    for _ in range(steps + 1):  # the first is a warm-up
-        t0 = time.perf_counter()
-        state, metrics = compiled(state, batch)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - t0)
-    step_s = statistics.median(times[1:])
-    tokens_s = tc.batch_size * seq_len / step_s
-    peak = device_peak_flops()
-    flops = flops_per_token(cfg.model, count_params(params), seq_len) * tokens_s
     mem = compiled.memory_analysis()
+    collectives = hlo_collectives(compiled.as_text())
     if name is None:
         name = f"{layout}/{pp[0]}/m{pp[1]}" if bubble is not None else layout
-    return {"layout": name, "mesh": {axis: size for axis, size in mesh_shape(mesh_cfg).items() if size != 1},
-            "compile_s": compile_s, "step_s": step_s, "tokens_per_s": tokens_s,
-            "mfu": flops / (peak * n) if peak else None, "loss": float(metrics["loss"]),
-            "predicted_params_opt_bytes": predicted.params_and_opt, "predicted_total_bytes": predicted.total,
-            "predicted_activation_bytes": activations, "bubble": bubble,
-            "compiled_argument_bytes": mem.argument_size_in_bytes, "compiled_temp_bytes": mem.temp_size_in_bytes,
-            "compiled_bytes": compiled_bytes(mem),
-            "collective_bytes": collective_bytes(compiled.as_text())}
+    row = {"layout": name, "mesh": {axis: size for axis, size in mesh_shape(mesh_cfg).items() if size != 1},
+           "compile_s": compile_s, "predicted_params_opt_bytes": predicted.params_and_opt,
+           "predicted_total_bytes": predicted.total, "predicted_activation_bytes": activations, "bubble": bubble,
+           "compiled_argument_bytes": mem.argument_size_in_bytes, "compiled_temp_bytes": mem.temp_size_in_bytes,
+           "compiled_bytes": compiled_bytes(mem),
+           "collective_bytes": collectives["bytes"], "collective_count": collectives["count"]}
+    return _Job(compiled, state, batch, row)
+
+
+def finish_row(job: _Job, cfg, n_params: int) -> dict:
+    """The job's row with its timing: the median step (warm-up excluded), tokens/s, MFU, loss."""
+    step_s = statistics.median(job.times[1:])
+    tokens_s = cfg.train.batch_size * cfg.data.seq_len / step_s
+    peak = device_peak_flops()
+    flops = flops_per_token(cfg.model, n_params, cfg.data.seq_len) * tokens_s
+    return {**job.row, "step_s": step_s, "tokens_per_s": tokens_s,
+            "mfu": flops / (peak * jax.device_count()) if peak else None, "loss": float(job.metrics["loss"])}
+
+
+def sweep_one(cfg, layout: str, graphdef, params, optimizer, steps: int,
+              mesh_cfg: MeshConfig | None = None, name: str | None = None) -> dict:
+    """Compile and time one layout (`compile_layout`, then one warm-up and `steps` timed
+    steps); a row of the table."""
+    job = compile_layout(cfg, layout, graphdef, params, optimizer, mesh_cfg, name)
+    job.run(steps + 1)
+    return finish_row(job, cfg, count_params(params))
 
 
 def format_table(rows: list[dict]) -> str:
@@ -243,92 +311,117 @@ def device_memory_bytes() -> float:
 
 
 def auto_search(cfg, args) -> dict:
-    """Rank every layout on paper (`sharding.search`), compile and time the `args.top`
-    best (and `args.spread` more across the ranking), and pick the measured fastest.
-    Returns the JSON record."""
+    """Rank every layout on paper (`sharding.search`) with this machine's measured rates,
+    compile the `args.top` best (and `args.spread` more across the ranking), time them in
+    `args.rounds` interleaved rounds of `args.steps` steps (so a load change on the host
+    hits every layout alike; all timed layouts' states are live at once), and pick the
+    measured fastest. Returns the JSON record."""
     tc, seq_len, n = cfg.train, cfg.data.seq_len, jax.device_count()
     memory = args.memory_gb * 1e9 if args.memory_gb else device_memory_bytes()
-    hw = search.measure_hardware(memory, mfu=args.mfu)
-    peak = args.peak_tflops * 1e12 if args.peak_tflops else device_peak_flops()  # datasheet; None on CPU
-    if peak:
-        hw = dataclasses.replace(hw, peak_flops=peak)
-    if args.link_gbps:
-        hw = dataclasses.replace(hw, link_bytes_per_s=args.link_gbps * 1e9)
     _, params = split_model(init_model(cfg.model, seed=cfg.train.seed))
     n_params = count_params(params)
+    # Calibrate on the model's own feed-forward matmul: [tokens per device, d_model] x [d_model, d_mlp].
+    tokens = max(tc.batch_size // tc.grad_accum * seq_len // n, 1)
+    hw = search.measure_hardware(memory, mfu=args.mfu, matmul_shape=(tokens, cfg.model.d_model, cfg.model.d_mlp))
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else device_peak_flops()  # datasheet; None on CPU
+    if peak:
+        hw = dataclasses.replace(hw, peak_flops=peak, solo_flops=None)
+    if args.link_gbps:
+        hw = dataclasses.replace(hw, link_bytes_per_s=args.link_gbps * 1e9)
+    layer_tensors = len(jax.tree.leaves(params["blocks"]))
     ranked, pruned = search.search(cfg.model, n_params, n, hw, batch_size=tc.batch_size, grad_accum=tc.grad_accum,
-                                   seq_len=seq_len, presets=args.presets.split(","), remats=args.remats.split(","),
-                                   schedule=cfg.mesh.pp_schedule)
+                                   seq_len=seq_len, layer_tensors=layer_tensors, presets=args.presets.split(","),
+                                   remats=args.remats.split(","), schedule=cfg.mesh.pp_schedule)
     if not ranked:
         raise ValueError(f"no layout of {n} devices fits {memory / 1e9:.2f} GB per device "
                          f"({len(pruned)} pruned); raise --memory-gb or use more devices")
     optimizer = make_optimizer(cfg.optim, cfg.train.steps)
-    rows = []
-    for pred in search.to_time(ranked, args.top, args.spread):
+    preds, jobs = search.to_time(ranked, args.top, args.spread), []
+    for pred in preds:
         layout = pred.layout
         run_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, remat=layout.remat))
         graphdef, _ = split_model(init_model(run_cfg.model, seed=cfg.train.seed))
         mesh_cfg = MeshConfig(rules=layout.rules, pp_microbatches=layout.microbatches,
                               pp_schedule=layout.schedule, **dict(layout.sizes))
-        row = sweep_one(run_cfg, layout.preset, graphdef, params, optimizer, args.steps, mesh_cfg, layout.name)
-        rows.append({**row, "predicted_step_s": pred.step_s, "predicted_compute_s": pred.compute_s,
-                     "predicted_comm_s": pred.comm_s, "predicted_bytes": pred.memory_bytes})
+        jobs.append(compile_layout(run_cfg, layout.preset, graphdef, params, optimizer, mesh_cfg, layout.name))
+        jobs[-1].run(1)  # warm-up, not counted
+    for _ in range(args.rounds):
+        for job in jobs:
+            job.run(args.steps)
+    rows = []
+    for pred, job in zip(preds, jobs):
+        q25, q75 = np.percentile(job.times[1:], [25, 75])
+        rows.append({**finish_row(job, cfg, n_params), "step_iqr_s": q75 - q25, "predicted_step_s": pred.step_s,
+                     "predicted_compute_s": pred.compute_s, "predicted_comm_s": pred.comm_s,
+                     "predicted_comm_ops": pred.comm_ops, "predicted_bytes": pred.memory_bytes})
     winner = search.choose({r["layout"]: r["step_s"] for r in rows})
+    best = min(r["step_s"] for r in rows)
     rho = search.rank_correlation([r["predicted_step_s"] for r in rows], [r["step_s"] for r in rows])
     ranking = [{"rank": i + 1, "layout": p.layout.name, "predicted_step_s": p.step_s,
                 "predicted_compute_s": p.compute_s, "predicted_comm_s": p.comm_s, "bubble": p.bubble,
-                "predicted_comm_bytes": p.comm_bytes, "predicted_bytes": p.memory_bytes}
-               for i, p in enumerate(ranked)]
+                "predicted_comm_bytes": p.comm_bytes, "predicted_comm_ops": p.comm_ops,
+                "predicted_bytes": p.memory_bytes} for i, p in enumerate(ranked)]
     # The MFU that makes each timed prediction exact (compute scaled, communication kept):
     # what to pass as --mfu next time on this machine.
     fitted = [hw.mfu * r["predicted_compute_s"] / (r["step_s"] - r["predicted_comm_s"])
               for r in rows if r["step_s"] > r["predicted_comm_s"]]
-    return {"hardware": dataclasses.asdict(hw), "n_params": n_params, "ranking": ranking,
-            "mfu_fitted": statistics.median(fitted) if fitted else None,
+    return {"hardware": dataclasses.asdict(hw), "n_params": n_params, "layer_tensors": layer_tensors,
+            "ranking": ranking, "mfu_fitted": statistics.median(fitted) if fitted else None,
             "pruned": [{"layout": p.layout.name, "predicted_bytes": p.memory_bytes} for p in pruned],
-            "rows": rows, "winner": winner, "rank_correlation": rho}
+            "rows": rows, "winner": winner, "rank_correlation": rho,
+            # The cost model's own pick (best on paper) against the measured best: the check
+            # that the ranking, not just the timing, finds a fast layout.
+            "paper_pick": rows[0]["layout"], "paper_pick_vs_best": rows[0]["step_s"] / best}
 
 
 def format_auto(record: dict, shown: int = 20) -> str:
-    """The printed ranking: predicted step time and memory of the best `shown` and the timed
-    ones (with their measured step time and compiled memory), the winner, the rank correlation."""
+    """The printed ranking: predicted step time, collectives and memory of the best `shown`
+    and the timed ones (with their measured median step time and its spread, compiled
+    collectives and memory), the winner, the paper's pick against the measured best, and the
+    rank correlation."""
     timed = {r["layout"]: r for r in record["rows"]}
     hw = record["hardware"]
-    lines = [f"cost model: {hw['peak_flops'] / 1e9:.1f} GFLOP/s x MFU {hw['mfu']:.2f} per device, link "
+    solo = f" ({hw['solo_flops'] / 1e9:.1f} alone)" if hw["solo_flops"] else ""
+    lines = [f"cost model: {hw['peak_flops'] / 1e9:.1f} GFLOP/s{solo} x MFU {hw['mfu']:.2f} per device, link "
              f"{hw['link_bytes_per_s'] / 1e9:.3f} GB/s + {hw['link_latency_s'] * 1e6:.0f} us per collective, "
              f"memory {hw['memory_bytes'] / 2**30:.1f} GiB per device",
              f"{len(record['ranking'])} layouts fit, {len(record['pruned'])} pruned by memory",
-             f"{'rank':>4} {'layout':<44} {'pred ms':>8} {'meas ms':>8} {'pred MiB':>9} {'comp MiB':>9}"]
+             f"{'rank':>4} {'layout':<44} {'pred ms':>8} {'meas ms':>8} {'iqr':>5} {'pred coll':>9} "
+             f"{'hlo coll':>8} {'pred MiB':>9} {'comp MiB':>9}"]
     for r in (r for i, r in enumerate(record["ranking"]) if i < shown or r["layout"] in timed):
         m = timed.get(r["layout"])
-        meas = f"{m['step_s'] * 1e3:8.1f}" if m else f"{'-':>8}"
-        comp = f"{m['compiled_bytes'] / 2**20:9.2f}" if m else f"{'-':>9}"
-        lines.append(f"{r['rank']:>4} {r['layout']:<44} {r['predicted_step_s'] * 1e3:8.2f} {meas} "
-                     f"{r['predicted_bytes'] / 2**20:9.2f} {comp}")
+        meas = (f"{m['step_s'] * 1e3:8.1f} {m['step_iqr_s'] / m['step_s']:5.0%} {r['predicted_comm_ops']:9.0f} "
+                f"{m['collective_count']:8d} {r['predicted_bytes'] / 2**20:9.2f} {m['compiled_bytes'] / 2**20:9.2f}"
+                if m else f"{'-':>8} {'-':>5} {r['predicted_comm_ops']:9.0f} {'-':>8} "
+                          f"{r['predicted_bytes'] / 2**20:9.2f} {'-':>9}")
+        lines.append(f"{r['rank']:>4} {r['layout']:<44} {r['predicted_step_s'] * 1e3:8.2f} {meas}")
     best = min(record["rows"], key=lambda r: r["step_s"])
-    lines.append(f"winner: {record['winner']} ({best['step_s'] * 1e3:.1f} ms measured); rank correlation "
-                 f"predicted vs measured over {len(record['rows'])} timed: {record['rank_correlation']:.2f}")
+    lines.append(f"winner: {record['winner']} ({best['step_s'] * 1e3:.1f} ms measured); best on paper: "
+                 f"{record['paper_pick']} at {record['paper_pick_vs_best']:.2f}x the measured best")
+    lines.append(f"rank correlation predicted vs measured over {len(record['rows'])} timed: "
+                 f"{record['rank_correlation']:.2f}")
     if record["mfu_fitted"] is not None:
         lines.append(f"MFU that fits the measured steps (median): {record['mfu_fitted']:.3f} (given {hw['mfu']:.2f})")
     return "\n".join(lines)
 
 
 def plot_auto(record: dict, path, title: str):
-    """Predicted vs measured step time of the timed layouts, with the rank correlation."""
+    """Predicted vs measured step time of the timed layouts (bars: the middle half of the
+    measured steps), with the rank correlation and the paper's pick against the best."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = record["rows"]
-    fig, ax = plt.subplots(figsize=(6.5, 5))
+    fig, ax = plt.subplots(figsize=(7, 5.5))
     xs, ys = [r["predicted_step_s"] * 1e3 for r in rows], [r["step_s"] * 1e3 for r in rows]
-    ax.scatter(xs, ys)
+    ax.errorbar(xs, ys, yerr=[r["step_iqr_s"] * 500 for r in rows], fmt="o", capsize=3)
     for x, y, r in zip(xs, ys, rows):
         ax.annotate(r["layout"], (x, y), fontsize=6, alpha=0.8)
     ax.set_xlabel("predicted step time (ms)")
-    ax.set_ylabel("measured step time (ms)")
-    ax.set_title(f"{title}\nSpearman rank correlation {record['rank_correlation']:.2f}; "
-                 f"winner {record['winner']}", fontsize=9)
+    ax.set_ylabel("measured step time, median (ms)")
+    ax.set_title(f"{title}\nSpearman rank correlation {record['rank_correlation']:.2f} over {len(rows)} layouts; "
+                 f"best on paper at {record['paper_pick_vs_best']:.2f}x the measured best", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -338,7 +431,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m experiments.shard_sweep", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML experiment file")
     parser.add_argument("--layouts", default="dp,fsdp,zero1,tp,fsdp_tp,sp,cp", help="comma-separated presets")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per layout (after one warm-up)")
+    parser.add_argument("--steps", type=int, default=5,
+                        help="timed steps per layout (after one warm-up); --auto: per layout per round")
+    parser.add_argument("--rounds", type=int, default=3, help="--auto: interleaved timing rounds")
     parser.add_argument("--auto", action="store_true",
                         help="search layouts (sharding.search): rank on paper, time the --top best")
     parser.add_argument("--top", type=int, default=4, help="--auto: layouts to compile and time")
@@ -353,8 +448,9 @@ def main(argv=None):
     parser.add_argument("--memory-gb", type=float, help="--auto: memory per device (default: the device's)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
-    if args.top < 1 or args.spread < 0 or not 0 < args.mfu <= 1:
-        parser.error(f"--top {args.top} must be >= 1, --spread {args.spread} >= 0 and --mfu {args.mfu} in (0, 1]")
+    if args.top < 1 or args.spread < 0 or args.steps < 1 or args.rounds < 1 or not 0 < args.mfu <= 1:
+        parser.error(f"--top {args.top}, --steps {args.steps} and --rounds {args.rounds} must be >= 1, "
+                     f"--spread {args.spread} >= 0 and --mfu {args.mfu} in (0, 1]")
     if args.auto:
         return main_auto(args)
     try:

@@ -11,22 +11,32 @@ compile and time the top few (`experiments.shard_sweep --auto`).
    above it under remat where XLA reuses buffers); states are a lower bound by
    construction (the weights a preset leaves whole, norms and biases, are counted split).
 3. Rank by predicted step time (`predict`), the sum of
-     compute  = F / (n · peak · mfu) / (1 - bubble)
+     compute  = max(F / (n · peak), F / (n · (1 - bubble) · solo)) / mfu
        F = tokens · (6·N + 12·L·d·T) plus what remat recomputes: `full` one more forward
        (2·N + 4·L·d·T per token), `dots` the attention's batched matmuls (4·L·d·T; the
        policy saves only matmuls without batch dims), the pipeline step one more forward
        (its backward is a vjp recomputed from the stage input);
-       bubble = (p-1)/(m+p-1) for p stages and m microbatches (GPipe and 1F1B alike).
+       bubble = (p-1)/(m+p-1) for p stages and m microbatches (GPipe and 1F1B alike);
+       peak the rate per device with all devices busy, solo one device's alone: equal for
+       devices of their own (GPUs: the bubble costs 1/(1-bubble)); virtual devices sharing
+       a host's cores (the CPU mesh) run faster alone, so other devices fill the bubble.
      comm     = sum over collectives of count · (latency + ring · bytes / bandwidth),
        ring = 2(g-1)/g for an all-reduce over g devices, (g-1)/g for an all-gather or
        reduce-scatter, 1 for a pipeline send; bandwidth the link's, or for the tensor axis
        (kept within a node) `Hardware.tensor_link_bytes_per_s`. Per step (`collectives`):
        data-parallel gradient all-reduce over the batch axes (zero1: reduce-scatter +
-       all-gather); fsdp: per micro-batch, all-gather of the params in the forward and
-       again in the backward, reduce-scatter of the grads; tensor parallel: per layer and
-       micro-batch 2 all-reduces of the [b, T, D] activation forward and 2 backward (+2
-       under full remat); pipeline: each tick sends an activation forward and a gradient
-       back.
+       all-gather); fsdp: per pass over a layer (forward, backward; in a pipeline each
+       microbatch's forward tick and its backward tick, which recomputes the forward) an
+       all-gather of each weight tensor on its own (`layer_tensors`; on small models the
+       count of these, not their bytes, is the cost) and one reduce-scatter of the layer's
+       grads; tensor parallel: per layer and micro-batch 2 all-reduces of the [b, T, D]
+       activation forward and 2 backward (+2 under full remat), sequence parallel an
+       all-gather and a reduce-scatter for each; pipeline: each tick sends an activation
+       forward and a gradient back.
+   The constants come from the machine at hand (`measure_hardware`): matmul rates at the
+   model's own feed-forward shape, all devices busy and one alone, and the all-reduce
+   latency and bandwidth, each timed as the per-iteration slope of a loop compiled into one
+   program, so dispatch is not counted as latency.
 
 Psi / N params, L layers, d d_model, T sequence length, b sequences per device per
 micro-batch, g group size. Configs are read by attribute; nothing here imports llmjax.
@@ -58,7 +68,9 @@ PRESET_AXES = {
     "sp": (("data", "tensor"), ("tensor",)),
     "fsdp_tp": (("data", "fsdp", "tensor"), ("fsdp", "tensor")),
     "pp": (("data", "pipeline"), ("pipeline",)),
-    "pp_fsdp": (("data", "fsdp", "pipeline"), ("fsdp", "pipeline")),
+    # pp_fsdp with data > 1 too aborts XLA's CPU SPMD partitioner in jax 0.11.2 (a failed
+    # CHECK in spmd_partitioner_util.cc kills the process), so its batch stays on fsdp alone.
+    "pp_fsdp": (("fsdp", "pipeline"), ("fsdp", "pipeline")),
 }
 PRESETS = tuple(PRESET_AXES)
 MICROBATCHES = (1, 2, 4, 8)
@@ -153,12 +165,16 @@ def enumerate_layouts(model_cfg, n_devices: int, micro_batch: int, seq_len: int,
 class Hardware:
     """What the cost model needs of a device and its links (per device)."""
 
-    peak_flops: float  # FLOP/s (a datasheet peak, or a measured matmul rate)
+    peak_flops: float  # FLOP/s with every device busy (a datasheet peak, or a measured matmul rate)
     mfu: float  # fraction of peak the model's matmuls reach
     link_bytes_per_s: float  # collective bandwidth per device
     link_latency_s: float  # fixed cost per collective
     memory_bytes: float  # usable memory per device
     tensor_link_bytes_per_s: float | None = None  # tensor-parallel collectives (NVLink); default the link
+    # FLOP/s of one device while the others idle; default peak_flops (devices of their own,
+    # as GPUs). Virtual devices sharing a host's cores run faster alone: a pipeline stage's
+    # idle time is then filled by the other devices' work instead of being lost.
+    solo_flops: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +188,7 @@ class Prediction:
     comm_bytes: float
     state_bytes: float
     activation_bytes: float
+    comm_ops: float = 0.0  # collectives per step
 
     @property
     def step_s(self) -> float:
@@ -211,10 +228,12 @@ def predicted_activation_bytes(layout: Layout, model_cfg, micro_batch: int, seq_
 
 
 def collectives(layout: Layout, model_cfg, n_params: float, batch_size: int, grad_accum: int,
-                seq_len: int) -> list[tuple[str, float, int, float]]:
+                seq_len: int, layer_tensors: int = 12) -> list[tuple[str, float, int, float, str]]:
     """(kind, bytes, group size, count per step, mesh axis) of each collective one device
     takes part in; kinds: all-reduce, all-gather, reduce-scatter, send (see the module
-    docstring); the axis says which link it runs on."""
+    docstring); the axis says which link it runs on. `layer_tensors`: weight tensors per
+    layer (gpt2 16, llama 9): fsdp gathers each one on its own, so on a small model their
+    count, not their bytes, sets the cost."""
     s = layout.mesh_shape
     rules, pipe, tensor = layout.rules, s["pipeline"], s["tensor"]
     param_b = _itemsize(model_cfg.param_dtype)
@@ -223,11 +242,15 @@ def collectives(layout: Layout, model_cfg, n_params: float, batch_size: int, gra
     out = []
     batch_ways = s["data"] * s["fsdp"]
     act = batch_size // grad_accum // batch_ways * seq_len * model_cfg.d_model * _itemsize(model_cfg.dtype)
+    # Passes over this device's layers per micro-batch, forward + backward: 1 + 1, or for a
+    # pipeline m microbatches, each a forward tick and a backward tick that recomputes it.
+    m = layout.microbatches
+    gathers, scatters = (3 * m, m) if pipe > 1 else (2, 1)
     if rules in ("fsdp", "fsdp_tp"):
         f = s["fsdp"]
-        # Per layer: the scan gathers each layer's weights (forward, backward) and scatters its grads.
-        out += [("all-gather", local * param_b / layers, f, 2 * layers * grad_accum, "fsdp"),
-                ("reduce-scatter", local * 4 / layers, f, layers * grad_accum, "fsdp")]
+        weight = local * param_b / layers / layer_tensors
+        out += [("all-gather", weight, f, gathers * layers * layer_tensors * grad_accum, "fsdp"),
+                ("reduce-scatter", local * 4 / layers, f, scatters * layers * grad_accum, "fsdp")]
         if s["data"] > 1:
             out.append(("all-reduce", local * 4 / f, s["data"], 1, "data"))
     elif rules == "zero1" and s["fsdp"] > 1:
@@ -238,10 +261,12 @@ def collectives(layout: Layout, model_cfg, n_params: float, batch_size: int, gra
     elif batch_ways > 1:
         out.append(("all-reduce", local * 4, batch_ways, 1, "data"))
     if tensor > 1:
-        per_layer = 4 + (2 if layout.remat == "full" else 0)
-        out.append(("all-reduce", act, tensor, per_layer * layers * grad_accum, "tensor"))
+        per_layer = (4 + (2 if layout.remat == "full" else 0)) * layers * grad_accum
+        if rules == "sp":  # each all-reduce becomes an all-gather and a reduce-scatter (same bytes)
+            out += [(kind, act, tensor, per_layer, "tensor") for kind in ("all-gather", "reduce-scatter")]
+        else:
+            out.append(("all-reduce", act, tensor, per_layer, "tensor"))
     if pipe > 1:
-        m = layout.microbatches
         out.append(("send", act / m, 2, 2 * (m + pipe - 1) * grad_accum, "pipeline"))
     return out
 
@@ -262,7 +287,7 @@ def step_flops(model_cfg, n_params: float, tokens: float, seq_len: int, remat: s
 
 
 def predict(layout: Layout, model_cfg, n_params: float, hw: Hardware, *, batch_size: int,
-            grad_accum: int, seq_len: int, state_bytes_fn=None) -> Prediction:
+            grad_accum: int, seq_len: int, state_bytes_fn=None, layer_tensors: int = 12) -> Prediction:
     """The cost and memory of one layout (formulas in the module docstring).
 
     `state_bytes_fn(layout)`, when given, replaces the closed-form `state_bytes` (e.g. the
@@ -272,18 +297,21 @@ def predict(layout: Layout, model_cfg, n_params: float, hw: Hardware, *, batch_s
     pipelined = layout.preset in PIPELINE_PRESETS
     bubble = (layout.pipeline - 1) / (layout.microbatches + layout.pipeline - 1) if pipelined else 0.0
     flops = step_flops(model_cfg, n_params, batch_size * seq_len, seq_len, layout.remat, pipelined)
-    compute = flops / (n * hw.peak_flops * hw.mfu) / (1 - bubble)
-    comm_s = comm_bytes = 0.0
+    # All devices busy at peak, or the critical path (one device's share, stretched by the
+    # bubble) at the rate of a device alone: whichever is longer.
+    compute = max(flops / (n * hw.peak_flops), flops / (n * (1 - bubble) * (hw.solo_flops or hw.peak_flops))) / hw.mfu
+    comm_s = comm_bytes = comm_ops = 0.0
     for kind, size, group, count, axis in collectives(layout, model_cfg, n_params, batch_size, grad_accum,
-                                                      seq_len):
+                                                      seq_len, layer_tensors):
         moved = _RING[kind](group) * size
         bandwidth = hw.tensor_link_bytes_per_s if axis == "tensor" and hw.tensor_link_bytes_per_s else \
             hw.link_bytes_per_s
         comm_bytes += count * moved
+        comm_ops += count
         comm_s += count * (hw.link_latency_s + moved / bandwidth)
     states = state_bytes_fn(layout) if state_bytes_fn else state_bytes(layout, n_params, model_cfg.param_dtype)
     acts = predicted_activation_bytes(layout, model_cfg, batch_size // grad_accum, seq_len)
-    return Prediction(layout, compute, comm_s, bubble, comm_bytes, states, acts)
+    return Prediction(layout, compute, comm_s, bubble, comm_bytes, states, acts, comm_ops)
 
 
 def too_big(pred: Prediction, memory_bytes: float) -> bool:
@@ -292,12 +320,13 @@ def too_big(pred: Prediction, memory_bytes: float) -> bool:
 
 
 def search(model_cfg, n_params: float, n_devices: int, hw: Hardware, *, batch_size: int,
-           grad_accum: int, seq_len: int, state_bytes_fn=None, **enumerate_kw):
+           grad_accum: int, seq_len: int, state_bytes_fn=None, layer_tensors: int = 12, **enumerate_kw):
     """(ranked, pruned): the layouts that fit, fastest predicted first, and those that
     cannot (`too_big`). `enumerate_kw` go to `enumerate_layouts`."""
     layouts = enumerate_layouts(model_cfg, n_devices, batch_size // grad_accum, seq_len, **enumerate_kw)
     preds = [predict(layout, model_cfg, n_params, hw, batch_size=batch_size, grad_accum=grad_accum,
-                     seq_len=seq_len, state_bytes_fn=state_bytes_fn) for layout in layouts]
+                     seq_len=seq_len, state_bytes_fn=state_bytes_fn, layer_tensors=layer_tensors)
+             for layout in layouts]
     fits = [p for p in preds if not too_big(p, hw.memory_bytes)]
     pruned = [p for p in preds if too_big(p, hw.memory_bytes)]
     return sorted(fits, key=lambda p: p.step_s), pruned
@@ -349,38 +378,64 @@ def _median_time(fn, *args, repeats: int = 5) -> float:
     return float(np.median(times))
 
 
-def measure_matmul_flops(devices=None, size: int = 512) -> float:
-    """FLOP/s per device of a [size, size] matmul running on every device at once."""
+def _per_iteration(loop, x, min_seconds: float = 0.05) -> float:
+    """Seconds per iteration of `loop(x, k)`, a jitted loop of k iterations compiled into one
+    program: the slope between k and 2k iterations, k doubled until 2k take `min_seconds`,
+    so the program's dispatch drops out and what is left is what the op costs inside a step."""
+    k = 2
+    while True:
+        t_k, t_2k = _median_time(loop, x, k), _median_time(loop, x, 2 * k)
+        if t_2k >= min_seconds or k >= 2 ** 16:
+            return max(t_2k - t_k, 1e-9) / k
+        k *= 2
+
+
+def measure_matmul_flops(devices=None, shape=(512, 512, 512)) -> float:
+    """FLOP/s per device of [m, k] @ [k, n] @ [n, k] matmul chains on every device at once;
+    pass one device for its rate alone. `shape` = (m, k, n): e.g. (tokens per device,
+    d_model, d_mlp), the model's own feed-forward matmul."""
     devices = list(jax.devices() if devices is None else devices)
+    m, k, n = shape
     mesh = jax.sharding.Mesh(np.array(devices), ("d",))
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d"))
-    x = jax.device_put(jnp.ones((len(devices), size, size), jnp.float32), sharding)
-    seconds = _median_time(jax.jit(lambda a: a @ a), x)
-    return 2 * size ** 3 / seconds
+    x = jax.device_put(jnp.ones((len(devices), m, k), jnp.float32),
+                       jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d")))
+    w1, w2 = jnp.full((k, n), 1 / k, jnp.float32), jnp.full((n, k), 1 / n, jnp.float32)
+
+    loop = jax.jit(lambda a, iterations: jax.lax.fori_loop(0, iterations, lambda i, v: (v @ w1) @ w2, a))
+    return 4 * m * k * n / _per_iteration(loop, x)
 
 
-def measure_link(devices=None, sizes=(2 ** 10, 2 ** 22)) -> tuple[float, float]:
-    """(bytes/s, latency s) per device of an all-reduce over all devices, fitted to the
-    ring time 2(g-1)/g · bytes / bandwidth + latency at two message sizes (float32)."""
+def measure_link(devices=None, sizes=(2 ** 10, 2 ** 20)) -> tuple[float, float]:
+    """(bytes/s, latency s) per device of an all-reduce over all devices inside one compiled
+    program, fitted to the ring time 2(g-1)/g · bytes / bandwidth + latency at two message
+    sizes (float32)."""
     devices = list(jax.devices() if devices is None else devices)
     g = len(devices)
     if g == 1:
         return float("inf"), 0.0
     mesh = jax.sharding.Mesh(np.array(devices), ("d",))
     spec = jax.sharding.PartitionSpec("d")
-    all_reduce = jax.jit(jax.shard_map(lambda a: jax.lax.psum(a, "d"), mesh=mesh, in_specs=spec,
-                                       out_specs=spec))
+
+    def body(a, iterations):
+        return jax.lax.fori_loop(0, iterations, lambda i, v: jax.lax.psum(v, "d") / g, a)
+
+    loop = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(spec, jax.sharding.PartitionSpec()), out_specs=spec,
+                                 check_vma=False))
+
     points = []
     for nbytes in sizes:
-        x = jax.device_put(jnp.ones((g, nbytes // 4), jnp.float32),
-                           jax.sharding.NamedSharding(mesh, spec))
-        points.append((2 * (g - 1) / g * nbytes, _median_time(all_reduce, x)))
+        x = jax.device_put(jnp.ones((g, nbytes // 4), jnp.float32), jax.sharding.NamedSharding(mesh, spec))
+        points.append((2 * (g - 1) / g * nbytes, _per_iteration(loop, x)))
     (b0, t0), (b1, t1) = points
     bandwidth = (b1 - b0) / (t1 - t0) if t1 > t0 else b1 / t1  # noise: no latency seen
     return bandwidth, max(t0 - b0 / bandwidth, 0.0)
 
 
-def measure_hardware(memory_bytes: float, mfu: float = 0.5, devices=None) -> Hardware:
-    """`Hardware` of the devices at hand: measured matmul rate and all-reduce link."""
+def measure_hardware(memory_bytes: float, mfu: float = 0.5, devices=None,
+                     matmul_shape=(512, 512, 512)) -> Hardware:
+    """`Hardware` of the devices at hand, measured in compiled loops: the matmul rate at
+    `matmul_shape` with every device busy and with one device alone, and the all-reduce link."""
+    devices = list(jax.devices() if devices is None else devices)
     bandwidth, latency = measure_link(devices)
-    return Hardware(measure_matmul_flops(devices), mfu, bandwidth, latency, memory_bytes)
+    return Hardware(measure_matmul_flops(devices, matmul_shape), mfu, bandwidth, latency, memory_bytes,
+                    solo_flops=measure_matmul_flops(devices[:1], matmul_shape))

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from experiments.shard_sweep import collective_bytes, main, mesh_for
+from experiments.shard_sweep import hlo_collectives, main, mesh_for
 from llmjax.config import load_config
 from tests.sharding.conftest import FAMILIES
 
@@ -33,14 +33,23 @@ def test_mesh_for_rejects_unknown_layouts():
         mesh_for("zero3", 8, load_config(overrides=FAMILIES["llama"]).model, 8, 64)
 
 
-def test_collective_bytes_counts_every_output():
+def test_hlo_collectives_counts_every_output_and_loop_iteration():
     hlo = "\n".join([
-        "  %ar = (f32[4,16]{1,0}, bf16[64]{0}) all-reduce(%a, %b), channel_id=1",
+        "%body (p: (s32[], f32[8])) -> (s32[], f32[8]) {",
         "  %ag = f32[8,64]{1,0} all-gather(f32[1,64]{1,0} %c), dimensions={0}",
+        "}",
+        "%cond (p: (s32[], f32[8])) -> pred[] {",
+        "  %lt = pred[] compare(%a, %b), direction=LT",
+        "}",
+        "ENTRY %main (a: f32[4,16]) -> f32[4,16] {",
+        "  %ar = (f32[4,16]{1,0}, bf16[64]{0}) all-reduce(%a, %b), channel_id=1",
         "  %ags = (f32[1,64]{1,0}, f32[8,64]{1,0}) all-gather-start(%c), dimensions={0}",
+        '  %w = (s32[], f32[8]) while(%t), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}',
         "  %g = f32[4,16]{1,0} get-tuple-element(%ar), index=0",
+        "}",
     ])
-    assert collective_bytes(hlo) == 4 * 16 * 4 + 64 * 2 + 8 * 64 * 4 + 8 * 64 * 4
+    # The all-gather in the loop body runs 3 times; an async start counts its results only.
+    assert hlo_collectives(hlo) == {"count": 2 + 3, "bytes": 4 * 16 * 4 + 64 * 2 + 8 * 64 * 4 + 3 * 8 * 64 * 4}
 
 
 def test_sweep_writes_table_json_and_plot(tmp_path, capsys):
