@@ -2,7 +2,8 @@
 
 `problems(op)` gives tuner.Problems for "matmul", "flash_attention" or "norms" (table kernels
 matmul_triton, matmul_jax_triton, matmul_mosaic, flash_attention (Triton tiles),
-flash_attention_mosaic (the MosaicBlocks of the Mosaic forward), norms). Each problem starts
+flash_attention_mosaic (the MosaicBlocks of the Mosaic forward), flash_attention_mosaic_bwd (the
+MosaicBwdBlocks of the Mosaic backward, timed forward and backward), norms). Each problem starts
 from the kernel's heuristic default (never from the table, so re-tuning is not anchored to an old
 winner) and times the public API with an explicit config, as a caller would run it.
 """
@@ -117,16 +118,39 @@ _FLASH_BWD = [  # (dQ block_q, block_kv), (dK/dV block_q, block_kv), num_warps_b
     ((128, 32), (32, 128), 4, 5), ((128, 64), (64, 128), 4, 3), ((128, 32), (64, 128), 8, 3),
     ((64, 64), (64, 64), 4, 3), ((64, 32), (32, 64), 4, 4), ((128, 128), (64, 128), 8, 2),
 ]
-_FLASH_MOSAIC = [(64, 128, 2), (64, 128, 3), (64, 64, 4), (64, 64, 3), (128, 128, 2)]
+# Mosaic forward: block_q (a compute warpgroup's rows), block_kv, max_concurrent_steps (K/V
+# slots).
+# Tiles that overflow shared memory at the case's head_dim are left out (block_kv 256 and 4 slots
+# of 128 keys fit at H=64 only; 3 slots of 128 or 2 of 192 fill an H100 at H=128).
+_FLASH_MOSAIC = [(64, 128, 2), (64, 128, 3), (64, 128, 4), (64, 192, 2), (64, 192, 3),
+                 (64, 256, 2), (64, 64, 3), (64, 64, 4), (128, 64, 2)]
+# Mosaic backward: block_q_dq, block_kv_dq, block_q_dkv, block_kv_dkv, max_concurrent_steps.
+_FLASH_MOSAIC_BWD = [(64, 64, 64, 64, 2), (64, 64, 64, 64, 3), (64, 128, 64, 64, 2),
+                     (64, 64, 128, 64, 2), (64, 128, 128, 64, 2)]
+
+
+def _fitting(make, candidates, head_dim, check):
+    """make(*c) for each candidate c whose tiles fit shared memory at head_dim (check raises)."""
+    out = []
+    for c in candidates:
+        try:
+            check(make(*c), head_dim, jnp.bfloat16)
+        except ValueError:
+            continue
+        out.append(dataclasses.asdict(make(*c)))
+    return tuple(out)
 
 
 def _flash_problems(case_names):
     from pallas_kernels import _bench
-    from pallas_kernels.flash_attention import bench, cases, config
+    from pallas_kernels.flash_attention import bench, cases, config, mosaic_bwd, mosaic_fwd
     from pallas_kernels.flash_attention.api import flash_attention
 
+    # Named cases may come from the issue's whole table (S 1k-16k, H 64 and 128); all: the default.
+    found = cases.BENCH_CASES if case_names is None else _bench.select(cases.BENCH_CASES_FULL,
+                                                                       case_names)
     problems = []
-    for case in _bench.select(cases.BENCH_CASES, case_names):
+    for case in found:
         dtype = jnp.bfloat16
         inputs = _lazy(lambda case=case: case.inputs(dtype)[:4])  # q, k, v, dout
 
@@ -134,19 +158,20 @@ def _flash_problems(case_names):
             return flash_attention(q, k, v, causal=causal, backend=backend, blocks=cfg)
 
         def build(cfg, mode, run=run, inputs=inputs):
-            if mode == "fwd_bwd":
+            # mode: "fwd" / "fwd_bwd" (Triton kernels), "mosaic_fwd" / "mosaic_fwd_bwd" (Mosaic).
+            backend = "mosaic" if mode.startswith("mosaic") else "triton"
+            if mode.endswith("fwd_bwd"):
                 def fn(q, k, v, dout):
-                    _, vjp = jax.vjp(lambda q, k, v: run(cfg, q, k, v, dout, "triton"), q, k, v)
+                    _, vjp = jax.vjp(lambda q, k, v: run(cfg, q, k, v, dout, backend), q, k, v)
                     return vjp(dout)
             else:
-                backend = "mosaic" if mode == "mosaic_fwd" else "triton"
                 def fn(q, k, v, dout):
                     return run(cfg, q, k, v, dout, backend)
             return jax.jit(fn), [inputs()]
 
         key = table.flash_attention_key(case.seq_q, case.seq_kv, case.head_dim, case.causal, dtype)
         default = config.default_blocks(case.seq_q, case.seq_kv, case.head_dim, dtype)
-        fwd = bench.attention_flops(case, "fwd")
+        fwd, fwd_bwd = bench.attention_flops(case, "fwd"), bench.attention_flops(case, "fwd_bwd")
         problems.append(Problem(
             kernel="flash_attention", key=key, default=default, build=build,
             stages=(
@@ -156,15 +181,26 @@ def _flash_problems(case_names):
                                             block_q_dkv=dkv[0], block_kv_dkv=dkv[1],
                                             num_warps_bwd=w, num_stages_bwd=s)
                                        for dq, dkv, w, s in _FLASH_BWD))),
-            flops={"fwd": fwd, "fwd_bwd": bench.attention_flops(case, "fwd_bwd")}))
+            flops={"fwd": fwd, "fwd_bwd": fwd_bwd}))
 
         def build_mosaic(tiles, mode, build=build, default=default):
             return build(dataclasses.replace(default, mosaic=tiles), mode)
+        mosaic_tiles = _fitting(
+            lambda bq, bkv, s: config.MosaicBlocks(block_q=bq, block_kv=bkv, max_concurrent_steps=s),
+            _FLASH_MOSAIC, case.head_dim, mosaic_fwd.check_smem)
         problems.append(Problem(
             kernel="flash_attention_mosaic", key=key, default=default.mosaic, build=build_mosaic,
-            stages=(Stage("mosaic_fwd", tuple(dict(block_q=bq, block_kv=bkv, max_concurrent_steps=s)
-                                              for bq, bkv, s in _FLASH_MOSAIC)),),
+            stages=(Stage("mosaic_fwd", mosaic_tiles),),
             flops={"mosaic_fwd": fwd}))
+
+        def build_mosaic_bwd(tiles, mode, build=build, default=default):
+            return build(dataclasses.replace(default, mosaic_bwd=tiles), mode)
+        problems.append(Problem(
+            kernel="flash_attention_mosaic_bwd", key=key, default=default.mosaic_bwd,
+            build=build_mosaic_bwd,
+            stages=(Stage("mosaic_fwd_bwd", _fitting(config.MosaicBwdBlocks, _FLASH_MOSAIC_BWD,
+                                                     case.head_dim, mosaic_bwd.check_smem)),),
+            flops={"mosaic_fwd_bwd": fwd_bwd}))
     return problems
 
 

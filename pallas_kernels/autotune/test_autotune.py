@@ -181,6 +181,28 @@ def test_problem_filters_and_unknown_op():
         spaces.problems("conv")
 
 
+def test_flash_problems_cover_the_table_cases_and_fit_shared_memory():
+    """Named cases come from the issue's whole table; Mosaic tiles that overflow shared memory at
+    the case's head_dim are left out of the space."""
+    from pallas_kernels.flash_attention import mosaic_fwd
+    found = spaces.problems("flash_attention", ["s2k_d64_causal", "s8k_d128_full"])
+    assert [(p.kernel, p.key.split(",")[0]) for p in found] == [
+        (kernel, t) for t in ("t=2048", "t=8192") for kernel in
+        ("flash_attention", "flash_attention_mosaic", "flash_attention_mosaic_bwd")]
+    widest = {}
+    for problem in found[1::3] + found[2::3]:
+        assert problem.default == table.apply_fields(problem.default, {})
+        for overrides in problem.stages[0].candidates:
+            tiles = table.apply_fields(problem.default, overrides)
+            if problem.kernel == "flash_attention_mosaic":
+                widest[problem.key] = max(widest.get(problem.key, 0), tiles.block_kv)
+    assert sorted(widest.values()) == [192, 256]  # 256-key slots fit at H=64 only
+    with pytest.raises(ValueError, match="need 2[0-9]+ bytes of shared memory at head_dim=128"):
+        mosaic_fwd.check_smem(flash_config.MosaicBlocks(block_kv=256), 128, jnp.bfloat16)
+    bwd = {p.stages[0].mode for p in found if p.kernel == "flash_attention_mosaic_bwd"}
+    assert bwd == {"mosaic_fwd_bwd"}
+
+
 def test_cli_parse_and_report(tmp_path):
     op, options = cli.parse(["attention", "cases=['s4k_d128_full']", "reps=5"])
     assert op == "flash_attention" and options["cases"] == ["s4k_d128_full"] and options["reps"] == 5

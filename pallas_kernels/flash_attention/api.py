@@ -62,6 +62,7 @@ def flash_attention(q, k, v, *, causal=False, scale=None, segment_ids=None, back
     if blocks is None:
         blocks = config.tuned_blocks(t, k.shape[1], h, causal, q.dtype)
     if chosen == "mosaic":  # before any kernel is traced, not first in the backward
+        mosaic_fwd.check_smem(blocks.mosaic, h, q.dtype)
         mosaic_bwd.check_smem(blocks.mosaic_bwd, h, q.dtype)
     static = _Static(forward=chosen, causal=bool(causal), scale=scale,
                      blocks=config.fit_to_shape(blocks, t, k.shape[1]), interpret=bool(interpret))

@@ -177,18 +177,34 @@ def _kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, qo_smem2, k_smem, v_smem, lse
         pl.loop(jnp.maximum(cta_steps - slots, 0), cta_steps)(wait_free)  # drain: see every phase
 
 
+SMEM_BYTES = 227 * 1024  # shared memory a CTA may allocate on an H100
+
+
+def check_smem(blocks: MosaicBlocks, head_dim: int, dtype):
+    """Raise ValueError if the tiles overflow shared memory (q/out rows, K/V slots, lse)."""
+    row_bytes = head_dim * jnp.dtype(dtype).itemsize
+    nbytes = (COMPUTE_WGS * blocks.block_q * (row_bytes + 4)
+              + blocks.max_concurrent_steps * blocks.block_kv * 2 * row_bytes)
+    if nbytes > SMEM_BYTES:
+        raise ValueError(f"mosaic forward tiles {blocks} need {nbytes} bytes of shared memory at "
+                         f"head_dim={head_dim}; at most {SMEM_BYTES} fit: use a smaller block_kv "
+                         "or fewer max_concurrent_steps")
+
+
 def flash_forward(q, k, v, *, scale: float, causal: bool, blocks: MosaicBlocks,
                   interpret: bool | str):
     """Forward pass. Returns out [B, T, N, H] (q's dtype) and lse2 [B, N, T] fp32, in base 2.
 
     Raises:
-      ValueError: dtype not bf16/fp16, or head_dim not a multiple of 64.
+      ValueError: dtype not bf16/fp16, head_dim not a multiple of 64, or tiles that overflow
+        shared memory.
     """
     b, t, n, h = q.shape
     s, kv_heads = k.shape[1], k.shape[2]
     if jnp.dtype(q.dtype) not in DTYPES or h % 64:
         raise ValueError(f"mosaic forward needs bf16/fp16 and head_dim % 64 == 0; "
                          f"got dtype={q.dtype}, head_dim={h}")
+    check_smem(blocks, h, q.dtype)
     cta_rows = COMPUTE_WGS * blocks.block_q
     if causal:  # T == S; one padded length serves both, so causal step counts stay in bounds
         t_pad = s_pad = _round_up(t, math.lcm(cta_rows, blocks.block_kv))

@@ -285,6 +285,11 @@ def test_bad_options_raise():
     with pytest.raises(ValueError, match=r"need \d+ bytes of shared memory in the dQ kernel"):
         flash_attention(*_qkv(dtype=jnp.bfloat16, q_shape=(1, 8, 4, 128), kv_shape=(1, 8, 2, 128)),
                         backend="mosaic", interpret=True, blocks=too_big)
+    too_big = config.BlockSizes(mosaic=config.MosaicBlocks(block_kv=256))
+    with pytest.raises(ValueError, match=r"forward tiles .* need \d+ bytes of shared memory at "
+                                         r"head_dim=128"):
+        flash_attention(*_qkv(dtype=jnp.bfloat16, q_shape=(1, 8, 4, 128), kv_shape=(1, 8, 2, 128)),
+                        backend="mosaic", interpret=True, blocks=too_big)
 
 
 def test_traced_scale_raises():
