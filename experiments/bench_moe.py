@@ -4,8 +4,9 @@
 For each case (tokens, d_model, experts, top_k, expert width F) it times, in one run, forward and
 forward+backward of: the dense feed-forward of width top_k * F (`xla`, the peer), the MoE block
 with `moe_impl=ragged` (router, grouping, grouped matmuls, combine) through the Pallas grouped
-matmul (`ragged`, pallas_kernels/grouped_matmul; interpret mode off a GPU) and through
-`jax.lax.ragged_dot` (`ragged_xla`), and with `moe_impl=dense` (every expert on every token;
+matmul (`ragged`: Triton kernels, pallas_kernels/grouped_matmul, interpret mode off a GPU;
+`ragged_mosaic`: Mosaic GPU forward/dX kernel, Hopper) and through `jax.lax.ragged_dot`
+(`ragged_xla`), and with `moe_impl=dense` (every expert on every token;
 skipped past DENSE_MAX_EXPERTS experts).
 Each row prints (flushed) as it finishes. TFLOP/s counts the dense-equivalent matmul FLOPs
 for every row (2 * tokens * n_mats * d_model * top_k * F forward, 3x that forward+backward;
@@ -50,8 +51,8 @@ CASES = [
     Case("d2048-e64-k8", 8, 2048, 2048, 64, 8, 512),  # fine-grained experts
 ]
 # impl -> (model.moe_impl, MoE grouped_matmul); "xla" is the dense MLP of width top_k * d_expert.
-IMPLS = {"xla": (None, None), "ragged": ("ragged", "triton"), "ragged_xla": ("ragged", "xla"),
-         "dense": ("dense", "auto")}
+IMPLS = {"xla": (None, None), "ragged": ("ragged", "triton"), "ragged_mosaic": ("ragged", "mosaic"),
+         "ragged_xla": ("ragged", "xla"), "dense": ("dense", "auto")}
 # Every expert on every token is E / top_k times the work and memory: skipped past 16 experts
 # (at d2048-e64-k8 XLA's autotuner ran out of H100 memory on a [64, 131072, 2048] bf16 operand).
 DENSE_MAX_EXPERTS = 16

@@ -20,9 +20,10 @@ the FLOPs of the routed tokens only; `dense` runs every expert on every token an
 the routing weights (the reference). The grouped matmuls (MoE's `grouped_matmul`): "triton",
 the Pallas kernels of pallas_kernels/grouped_matmul (rows placed once in a layout padded per
 expert to the row tile, all of an expert MLP's matmuls run in it, placed back once; on CPU in
-interpret mode, for tests), or "xla", `jax.lax.ragged_dot` (XLA's GPU rewriter turns it into a
-dense dot over all experts, E times the FLOPs: xla/hlo/transforms/expanders/ragged_dot_rewriter.cc,
-RaggedToDense); "auto" is "triton" on a GPU and "xla" elsewhere.
+interpret mode, for tests), "mosaic" (the same with the Mosaic GPU rows kernel; Hopper, 16-bit),
+or "xla", `jax.lax.ragged_dot` (XLA's GPU rewriter turns it into a dense dot over all experts,
+E times the FLOPs: xla/hlo/transforms/expanders/ragged_dot_rewriter.cc, RaggedToDense); "auto"
+is "triton" on a GPU and "xla" elsewhere.
 
 Expert parallelism: when the active logical rules map `experts` to mesh axes of size > 1 (ragged
 impl), each device holds E / n experts, and assignments travel to their expert's device and back
@@ -139,7 +140,7 @@ def dense_experts(x, weights, ids, experts: dict):
     return jnp.einsum("ge,egd->gd", combine, y)
 
 
-GROUPED_MATMULS = ("auto", "triton", "xla")
+GROUPED_MATMULS = ("auto", "triton", "mosaic", "xla")
 
 
 def resolve_grouped_matmul(grouped_matmul: str) -> str:
@@ -151,16 +152,16 @@ def resolve_grouped_matmul(grouped_matmul: str) -> str:
     return grouped_matmul
 
 
-def _pallas_grouped_ffn(rows, row_expert, experts: dict):
+def _pallas_grouped_ffn(rows, row_expert, experts: dict, backend: str):
     """grouped_ffn through the Pallas kernels: one gather into the padded layout, every matmul
     of the expert MLP in it (padding rows stay apart: each row's output depends on it alone),
     one gather back; rows with id E are not placed and come back 0."""
     n_experts = experts["w_in"].shape[0]
-    layout = gmm.make_layout(row_expert, n_experts, default_tile_m(rows.shape[0], rows.dtype))
+    layout = gmm.make_layout(row_expert, n_experts, default_tile_m(rows.shape[0], rows.dtype, backend))
     interpret = jax.default_backend() != "gpu"
     row_group = layout.padded_row_group()  # [P]; E on spare tiles, clipped for the bias lookup
     y = ffn(gmm.pad_rows(rows, layout), experts,
-            lambda a, w: gmm.padded_grouped_matmul(a, w, layout, interpret=interpret),
+            lambda a, w: gmm.padded_grouped_matmul(a, w, layout, backend=backend, interpret=interpret),
             lambda b: jnp.take(b, row_group, axis=0, mode="clip"))
     return gmm.unpad_rows(y, layout)
 
@@ -169,11 +170,12 @@ def grouped_ffn(rows, row_expert, experts: dict, grouped_matmul: str = "auto"):
     """Each row through its own expert with grouped matmuls; rows with id E (no expert) give 0.
 
     rows [A, D]; row_expert [A] int32 in [0, E]; experts: stacked weights with a leading E axis;
-    grouped_matmul: "auto", "triton" or "xla" (see the module docstring).
+    grouped_matmul: one of GROUPED_MATMULS (see the module docstring).
     Returns [A, D] in the order of `rows`.
     """
-    if resolve_grouped_matmul(grouped_matmul) == "triton":
-        return _pallas_grouped_ffn(rows, row_expert, experts)
+    backend = resolve_grouped_matmul(grouped_matmul)
+    if backend != "xla":
+        return _pallas_grouped_ffn(rows, row_expert, experts, backend)
     n_experts = experts["w_in"].shape[0]
     order = jnp.argsort(row_expert, stable=True)
     sorted_expert = row_expert[order]
@@ -258,7 +260,7 @@ class MoE(nnx.Module):
 
     Each expert is the family's MLP (GELU with biases for gpt2, SwiGLU for llama) of width
     model.d_mlp; weights are stacked on a leading `experts` axis. `grouped_matmul` picks the
-    grouped matmuls of moe_impl=ragged: "auto", "triton" or "xla" (module docstring).
+    grouped matmuls of moe_impl=ragged: "auto", "triton", "mosaic" or "xla" (module docstring).
     """
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, grouped_matmul: str = "auto"):

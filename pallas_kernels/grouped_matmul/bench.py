@@ -5,6 +5,8 @@ Peers in the same run: "xla_dense", one dense matmul [m, K] @ [K, N] of the same
 ceiling a grouped matmul aims at), and "xla_ragged", `jax.lax.ragged_dot`. TFLOP/s counts the
 routed FLOPs, 2·m·K·N forward and 3x that forward+backward, for every row.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -21,13 +23,16 @@ def _ragged(x, w, group_sizes):
     return jax.lax.ragged_dot(x, w, group_sizes)
 
 
-def _triton(x, w, group_sizes):
+def _ours(backend, x, w, group_sizes):
     interpret = jax.default_backend() != "gpu"  # smoke runs on CPU
-    return api.grouped_matmul(x, w, group_sizes, backend="triton", interpret=interpret)
+    return api.grouped_matmul(x, w, group_sizes, backend=backend, interpret=interpret)
 
 
 # impl -> (function of (x, w, group_sizes), peer); bf16 in and out, fp32 accumulation.
-IMPLS = {"xla_dense": (_dense, True), "xla_ragged": (_ragged, True), "triton": (_triton, False)}
+# "mosaic": Mosaic GPU forward and dX, Triton dW.
+IMPLS = {"xla_dense": (_dense, True), "xla_ragged": (_ragged, True),
+         "triton": (functools.partial(_ours, "triton"), False),
+         "mosaic": (functools.partial(_ours, "mosaic"), False)}
 PRESETS = {"default": cases.BENCH_CASES, "smoke": cases.SMOKE_CASES}
 
 

@@ -1,19 +1,28 @@
 """Tiles of the grouped matmul kernels and their heuristic defaults.
 
-The kernels take matmul/config.py's TritonBlocks. Rows kernel (triton_fwd.py): block_m is the
-layout's row tile `tile_m`, block_n and block_k as in a matmul. Weight-gradient kernel
-(triton_bwd.py): block_m tiles K and block_n tiles N of dW, and rows are reduced tile_m at a time.
+The kernels take matmul/config.py's TritonBlocks and MosaicTiles. Rows kernels: the row tile
+(triton_fwd.py's block_m, mosaic_fwd.py's cta_m) is the layout's `tile_m`; the rest as in a
+matmul. Weight-gradient kernel (triton_bwd.py): block_m tiles K and block_n tiles N of dW, and
+rows are reduced tile_m at a time.
 """
 import dataclasses
 
-from pallas_kernels.matmul.config import TritonBlocks, default_triton_blocks, fit_block
+from pallas_kernels.matmul.config import (MosaicTiles, TritonBlocks, default_triton_blocks,
+                                          fit_block)
 
 
-def default_tile_m(m: int, dtype) -> int:
+def default_tile_m(m: int, dtype, backend: str = "triton") -> int:
     """The row tile of the padded layout: the matmul heuristic's block_m (128 for 16-bit, 64 for
-    fp32), shrunk for few rows. Each group pads to it, so a smaller tile wastes fewer rows
-    when groups are small (many experts, few tokens)."""
-    return fit_block(default_triton_blocks(m, 128, 128, dtype).block_m, m)
+    fp32), shrunk for few rows (Triton; Mosaic's wgmma needs >= 64). Each group pads to it, so
+    a smaller tile wastes fewer rows when groups are small (many experts, few tokens)."""
+    tile = fit_block(default_triton_blocks(m, 128, 128, dtype).block_m, m)
+    return max(tile, 64) if backend == "mosaic" else tile
+
+
+def default_mosaic_tiles(tile_m: int, n: int) -> MosaicTiles:
+    """Mosaic rows kernel: a CTA of one layout tile of rows (the two warpgroups side by side
+    along N), [tile_m, 128] accumulators ([tile_m, 64] when N <= 128)."""
+    return MosaicTiles(tile_m=tile_m, tile_n=64 if n <= 128 else 128, wg_dimension="n")
 
 
 def default_blocks(tile_m: int, n: int, k: int, dtype) -> TritonBlocks:

@@ -1,6 +1,6 @@
-"""Grouped matmul vs the fp32 loop over groups: the Pallas Triton kernels in interpret mode
-(forward, dX, dW), the padded layout, lowering to Triton IR for an abstract H100, input checks,
-and gpu-marked tests at real sizes."""
+"""Grouped matmul vs the fp32 loop over groups: the Pallas Triton kernels in interpret mode and
+the Mosaic GPU rows kernel in the GPU interpreter (forward, dX, dW), the padded layout, lowering
+to Triton IR / Mosaic GPU for an abstract H100, input checks, and gpu-marked tests at real sizes."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,9 +8,17 @@ import pytest
 
 from pallas_kernels import _testing
 from pallas_kernels.grouped_matmul import api, bench, cases, layout, reference
-from pallas_kernels.matmul.config import TritonBlocks
+from pallas_kernels.matmul.config import MosaicTiles, TritonBlocks
 
 H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=3)
+MOSAIC_CASE = cases.Case("mosaic_150x128x200_empty_group", 150, 128, 200, (70, 0, 60),
+                         blocks=MosaicTiles(tile_m=64, tile_n=64, max_concurrent_steps=2,
+                                            grid_tile_width=2))
+
+
+def abstract_h100():
+    """An abstract H100 mesh: the Mosaic interpreter and cross-lowering read the GPU from it."""
+    return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=H100))
 
 
 def _check_forward_and_grads(case, dtype, fn):
@@ -34,6 +42,16 @@ def test_triton_interpret_forward_and_grads_match_reference(case, dtype):
     fn = lambda x, w, gs: api.grouped_matmul(x, w, gs, backend="triton", interpret=True,  # noqa: E731
                                              blocks=case.blocks)
     _check_forward_and_grads(case, dtype, jax.jit(fn))
+
+
+def test_mosaic_interpret_forward_and_grads_match_reference():
+    """Mosaic rows kernel (forward, and dX on W transposed) in the GPU interpreter, Triton dW;
+    N = 200 pads to the CTA's 128 columns, rows past the last group give 0."""
+    case = MOSAIC_CASE
+    fn = lambda x, w, gs: api.grouped_matmul(x, w, gs, backend="mosaic", interpret=True,  # noqa: E731
+                                             blocks=case.blocks)
+    with abstract_h100():
+        _check_forward_and_grads(case, jnp.bfloat16, fn)
 
 
 def test_xla_backend_is_ragged_dot_and_rows_past_the_groups_are_zero():
@@ -68,24 +86,27 @@ def test_layout_places_each_group_in_whole_tiles():
     np.testing.assert_array_equal(dx, layout.unpad_rows(dxp, lay))
 
 
-def test_kernels_lower_to_triton_for_gpu():
-    """Forward, dX and dW kernels become Triton IR (three triton custom calls) without a GPU."""
+@pytest.mark.parametrize("backend,triton_calls", [("triton", 3), ("mosaic", 1)])
+def test_kernels_lower_for_gpu(backend, triton_calls):
+    """Forward, dX and dW kernels lower without a GPU: Triton IR for every kernel, or Mosaic GPU
+    modules for the rows kernels and Triton for dW."""
     m, k, n, g = 1000, 256, 384, 8
     x, w = jnp.zeros((m, k), jnp.bfloat16), jnp.zeros((g, k, n), jnp.bfloat16)
     group_sizes = jnp.full((g,), m // g, jnp.int32)
 
     def forward_backward(x, w, group_sizes):
         lay = layout.layout_from_sizes(group_sizes, m, 128)
-        static = api._Static(jnp.dtype(jnp.bfloat16), None, False)
+        static = api._Static(backend, jnp.dtype(jnp.bfloat16), None, False)
         fn = lambda xp, w: api._kernel_matmul(xp, w, lay.tile_group, lay.group_first_tile,  # noqa: E731
                                               lay.group_tiles, static)
         y, vjp = jax.vjp(fn, layout.pad_rows(x, lay), w)
         return vjp(y)
 
-    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=H100)):
+    with abstract_h100():
         text = jax.jit(forward_backward).trace(x, w, group_sizes).lower(
             lowering_platforms=("cuda",)).as_text()
-    assert text.count("xla.gpu.triton") == 3
+    assert text.count("xla.gpu.triton") == triton_calls
+    assert ("mosaic_gpu" in text) == (backend == "mosaic")
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -97,6 +118,8 @@ def test_kernels_lower_to_triton_for_gpu():
     (dict(group_sizes=jnp.ones((2,))), "group_sizes must be an int array"),
     (dict(backend="cuda"), "backend='cuda' unknown"),
     (dict(backend="triton"), "needs a GPU"),
+    (dict(backend="mosaic", interpret=True), "dtype=float32 unsupported by backend='mosaic'"),
+    (dict(backend="triton", interpret=True, blocks=MosaicTiles()), "takes blocks of type TritonBlocks"),
     (dict(out_dtype=jnp.int8), "out_dtype=int8"),
 ])
 def test_bad_input_raises(kwargs, match):
@@ -109,7 +132,7 @@ def test_bad_input_raises(kwargs, match):
 def test_padded_blocks_must_match_the_layout():
     lay = layout.make_layout(jnp.array([0, 1, 1]), 2, tile_m=16)
     xp = jnp.ones((lay.padded_source.shape[0], 8))
-    with pytest.raises(ValueError, match="block_m=32 must equal the layout's tile_m=16"):
+    with pytest.raises(ValueError, match="row tile 32 .* must equal the layout's tile_m=16"):
         api.padded_grouped_matmul(xp, jnp.ones((2, 8, 8)), lay, interpret=True,
                                   blocks=TritonBlocks(block_m=32))
 
@@ -123,7 +146,10 @@ def test_bench_smoke():
 # ---- GPU ----
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "mosaic"])
 @pytest.mark.parametrize("case", cases.GPU_CASES, ids=lambda c: c.name)
-def test_gpu_forward_and_grads_match_reference(case):
-    fn = lambda x, w, gs: api.grouped_matmul(x, w, gs, backend="triton")  # noqa: E731
+def test_gpu_forward_and_grads_match_reference(case, backend):
+    if backend == "mosaic" and getattr(jax.devices()[0], "compute_capability", None) != "9.0":
+        pytest.skip(f"mosaic needs sm_90; this is {jax.devices()[0].device_kind}")
+    fn = lambda x, w, gs: api.grouped_matmul(x, w, gs, backend=backend)  # noqa: E731
     _check_forward_and_grads(case, jnp.bfloat16, jax.jit(fn))
