@@ -6,8 +6,9 @@ forward+backward of: the dense feed-forward of width top_k * F (`xla`, the peer)
 with `moe_impl=ragged` (router, grouping, grouped matmuls, combine) through the Pallas grouped
 matmul (`ragged`: Triton kernels, pallas_kernels/grouped_matmul, interpret mode off a GPU;
 `ragged_mosaic`: Mosaic GPU forward/dX kernel, Hopper) and through `jax.lax.ragged_dot`
-(`ragged_xla`), and with `moe_impl=dense` (every expert on every token;
-skipped past DENSE_MAX_EXPERTS experts).
+(`ragged_xla`), and with `moe_impl=dense` (every expert on every token). `ragged_xla` and
+`dense` both do E times the work (XLA expands ragged_dot to a dense dot over all experts) and
+are skipped past EXPANDED_MAX_EXPERTS experts.
 Each row prints (flushed) as it finishes. TFLOP/s counts the dense-equivalent matmul FLOPs
 for every row (2 * tokens * n_mats * d_model * top_k * F forward, 3x that forward+backward;
 n_mats 3 for SwiGLU, 2 for GELU), so a row's ratio to the peer is its speed relative to the dense
@@ -53,9 +54,10 @@ CASES = [
 # impl -> (model.moe_impl, MoE grouped_matmul); "xla" is the dense MLP of width top_k * d_expert.
 IMPLS = {"xla": (None, None), "ragged": ("ragged", "triton"), "ragged_mosaic": ("ragged", "mosaic"),
          "ragged_xla": ("ragged", "xla"), "dense": ("dense", "auto")}
-# Every expert on every token is E / top_k times the work and memory: skipped past 16 experts
-# (at d2048-e64-k8 XLA's autotuner ran out of H100 memory on a [64, 131072, 2048] bf16 operand).
-DENSE_MAX_EXPERTS = 16
+# Impls whose work and memory grow with E: skipped past 16 experts (at d2048-e64-k8 XLA's
+# autotuner ran out of H100 memory on a [64, 131072, 2048] bf16 operand).
+EXPANDED_IMPLS = ("dense", "ragged_xla")
+EXPANDED_MAX_EXPERTS = 16
 
 
 def model_config(case: Case, family: str, impl: str) -> ModelConfig:
@@ -100,7 +102,7 @@ def rows(cases, family: str, reps: int, impls=tuple(IMPLS), log=print) -> list[d
         x = jax.random.normal(arg_key, shape, jnp.bfloat16)
         cotangent = jax.random.normal(ct_key, shape, jnp.bfloat16)
         for impl in impls:
-            if impl == "dense" and case.n_experts > DENSE_MAX_EXPERTS:
+            if impl in EXPANDED_IMPLS and case.n_experts > EXPANDED_MAX_EXPERTS:
                 continue
             for mode, scale in (("fwd", 1), ("fwd_bwd", 3)):
                 row = dict(case=case.name, impl=impl, mode=mode, peer=impl == "xla", family=family,
