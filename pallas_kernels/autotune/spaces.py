@@ -119,7 +119,8 @@ _FLASH_BWD = [  # (dQ block_q, block_kv), (dK/dV block_q, block_kv), num_warps_b
     ((64, 64), (64, 64), 4, 3), ((64, 32), (32, 64), 4, 4), ((128, 128), (64, 128), 8, 2),
 ]
 # Mosaic forward: block_q (a compute warpgroup's rows), block_kv, max_concurrent_steps (K/V
-# slots).
+# slots); each with intra-warpgroup overlap off and on (it needs registers for a second score tile,
+# so it may lose with wide tiles).
 # Tiles that overflow shared memory at the case's head_dim are left out (block_kv 256 and 4 slots
 # of 128 keys fit at H=64 only; 3 slots of 128 or 2 of 192 fill an H100 at H=128).
 _FLASH_MOSAIC = [(64, 128, 2), (64, 128, 3), (64, 128, 4), (64, 192, 2), (64, 192, 3),
@@ -190,7 +191,8 @@ def _flash_problems(case_names):
             _FLASH_MOSAIC, case.head_dim, mosaic_fwd.check_smem)
         problems.append(Problem(
             kernel="flash_attention_mosaic", key=key, default=default.mosaic, build=build_mosaic,
-            stages=(Stage("mosaic_fwd", mosaic_tiles),),
+            stages=(Stage("mosaic_fwd", tuple(dict(tiles, overlap=overlap) for tiles in mosaic_tiles
+                                              for overlap in (False, True))),),
             flops={"mosaic_fwd": fwd}))
 
         def build_mosaic_bwd(tiles, mode, build=build, default=default):

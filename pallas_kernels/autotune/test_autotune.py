@@ -189,14 +189,16 @@ def test_flash_problems_cover_the_table_cases_and_fit_shared_memory():
     assert [(p.kernel, p.key.split(",")[0]) for p in found] == [
         (kernel, t) for t in ("t=2048", "t=8192") for kernel in
         ("flash_attention", "flash_attention_mosaic", "flash_attention_mosaic_bwd")]
-    widest = {}
+    widest, overlaps = {}, set()
     for problem in found[1::3] + found[2::3]:
         assert problem.default == table.apply_fields(problem.default, {})
         for overrides in problem.stages[0].candidates:
             tiles = table.apply_fields(problem.default, overrides)
             if problem.kernel == "flash_attention_mosaic":
                 widest[problem.key] = max(widest.get(problem.key, 0), tiles.block_kv)
+                overlaps.add(tiles.overlap)
     assert sorted(widest.values()) == [192, 256]  # 256-key slots fit at H=64 only
+    assert overlaps == {False, True}
     with pytest.raises(ValueError, match="need 2[0-9]+ bytes of shared memory at head_dim=128"):
         mosaic_fwd.check_smem(flash_config.MosaicBlocks(block_kv=256), 128, jnp.bfloat16)
     bwd = {p.stages[0].mode for p in found if p.kernel == "flash_attention_mosaic_bwd"}

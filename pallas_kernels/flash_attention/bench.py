@@ -66,15 +66,31 @@ def _tuning_impls():
         "bwd_dq64x32_dkv32x64_w4_s4": dict(block_q_dq=64, block_kv_dq=32, block_q_dkv=32,
                                            block_kv_dkv=64, num_warps_bwd=4, num_stages_bwd=4),
     }
-    mosaic_variants = {
-        "kv128_steps2": config.MosaicBlocks(),
-        "kv128_steps3": config.MosaicBlocks(max_concurrent_steps=3),
-        "kv64_steps4": config.MosaicBlocks(block_kv=64, max_concurrent_steps=4),
-    }
     impls = {f"triton[{name}]": _ours("triton", dataclasses.replace(base, **kw))
              for name, kw in variants.items()}
-    impls.update({f"mosaic[{name}]": _ours("mosaic", dataclasses.replace(base, mosaic=m))
-                  for name, m in mosaic_variants.items()})
+    return {**impls, **_mosaic_fwd_impls()}
+
+
+# Mosaic forward tiles (presets "tune", "tune_mosaic"): name -> MosaicBlocks fields. At H=128, 3
+# slots of 128 keys or 2 of 192 fill the H100's shared memory.
+_MOSAIC_FWD_VARIANTS = {
+    "kv128_steps2": {},  # the default
+    "kv128_steps3": dict(max_concurrent_steps=3),
+    "kv64_steps4": dict(block_kv=64, max_concurrent_steps=4),
+    "kv192_steps2": dict(block_kv=192),
+    "kv128_steps2_overlap": dict(overlap=True),
+    "kv128_steps3_overlap": dict(max_concurrent_steps=3, overlap=True),
+    "kv64_steps4_overlap": dict(block_kv=64, max_concurrent_steps=4, overlap=True),
+    "kv192_steps2_overlap": dict(block_kv=192, overlap=True),
+}
+
+
+def _mosaic_fwd_impls():
+    """Mosaic forward tile candidates at H=128 bf16 (`mosaic[...]` rows; fwd_bwd adds the default
+    Mosaic backward), cuDNN beside them."""
+    base = config.default_blocks(4096, 4096, 128, jnp.bfloat16)
+    impls = {f"mosaic[{name}]": _ours("mosaic", dataclasses.replace(
+        base, mosaic=config.MosaicBlocks(**fields))) for name, fields in _MOSAIC_FWD_VARIANTS.items()}
     return {**impls, "cudnn": IMPLS["cudnn"]}
 
 
@@ -138,9 +154,11 @@ PRESETS = {
               MODES),
     "tune": (_S4K, None, MODES),
     "tune_bwd": (_S4K, None, ("fwd_bwd",)),
+    # Mosaic forward tiles and overlap at 4k and 16k, D=128 (forward only; ~2 min on an H100).
+    "tune_mosaic": (tuple(c for c in cases.BENCH_CASES if c.seq_q >= 4096), None, ("fwd",)),
     "smoke": (cases.SMOKE_CASES, {"triton": IMPLS["triton"], "xla": IMPLS["xla"]}, MODES),  # CPU
 }
-_TUNING = {"tune": _tuning_impls, "tune_bwd": _tuning_bwd_impls}
+_TUNING = {"tune": _tuning_impls, "tune_bwd": _tuning_bwd_impls, "tune_mosaic": _mosaic_fwd_impls}
 
 
 def _program(attend, causal, mode):

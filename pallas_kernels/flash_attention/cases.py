@@ -64,6 +64,16 @@ MOSAIC_CPU_CASES = (
          blocks=BlockSizes(mosaic=MosaicBlocks(block_kv=64))),
 )
 
+# The Mosaic forward alone with intra-warpgroup overlap (interpret mode): a ragged last key block
+# (masked step after an unmasked one), and causal with 64-key steps (unequal step counts per
+# warpgroup, more steps than slots, 3 slots).
+MOSAIC_OVERLAP_CPU_CASES = (
+    Case("t17_s72_gqa2_full_overlap", 2, 17, 72, 4, 2, 64,
+         blocks=BlockSizes(mosaic=MosaicBlocks(block_kv=64, overlap=True))),
+    Case("t300_gqa2_causal_kv64_slots3_overlap", 1, 300, 300, 4, 2, 64, causal=True,
+         blocks=BlockSizes(mosaic=MosaicBlocks(block_kv=64, max_concurrent_steps=3, overlap=True))),
+)
+
 # The Mosaic backward kernels alone in interpret mode (fed the reference's output and lse), beside
 # the forward-and-backward cases above (GQA, T != S, causal): MQA at H=128 and length 1, and MHA
 # at length 129 (ragged, two CTAs, more K/V steps than slots).

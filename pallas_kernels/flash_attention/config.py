@@ -26,14 +26,19 @@ def _check_mosaic_tiles(tiles, names):
 @dataclasses.dataclass(frozen=True)
 class MosaicBlocks:
     """Tiles of the Mosaic GPU forward: `block_q` rows per compute warpgroup (a CTA holds two),
-    `block_kv` keys per step, `max_concurrent_steps` K/V shared-memory slots in flight."""
+    `block_kv` keys per step, `max_concurrent_steps` K/V shared-memory slots in flight.
+    `overlap`: FlashAttention-3 intra-warpgroup pipelining (a warpgroup issues the next step's
+    Q K^T before its softmax of this step); it holds one more score tile in registers."""
 
     block_q: int = 64
     block_kv: int = 128
     max_concurrent_steps: int = 2
+    overlap: bool = False
 
     def __post_init__(self):
         _check_mosaic_tiles(self, ("block_q", "block_kv"))
+        if not isinstance(self.overlap, bool):
+            raise ValueError(f"overlap={self.overlap!r} must be a bool")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,6 +5,9 @@ warpgroups. Two compute warpgroups each own `block_q` query rows (wgmma needs M 
 warpgroup); one memory warpgroup streams K and V tiles by TMA into `max_concurrent_steps`
 shared-memory slots guarded by barriers ("producer-consumer"). A schedule barrier makes the two
 compute warpgroups take turns ("ping-pong"): one runs its softmax while the other's wgmma runs.
+With `MosaicBlocks.overlap` each compute warpgroup also pipelines its own steps (FA3 3.2): it
+issues step j's Q K^T and step j-1's P V together and runs step j's softmax while P V is in
+flight.
 The layout follows the upstream `jax/experimental/pallas/ops/gpu/attention_mgpu.py`; unlike it,
 shared memory holds the input dtype (bf16 or fp16), ragged lengths are padded here and masked,
 the logit scale is applied, and wgmma accumulators are `pl.run_scoped` (CPU-interpretable).
@@ -39,6 +42,30 @@ def _round_up(x: int, multiple: int) -> int:
     return -(-x // multiple) * multiple
 
 
+def _online_softmax(s, m, l, qk_scale):
+    """One step of the online softmax in base 2 over scores s [block_q, block_kv] fp32.
+    m holds scaled row maxima, so exp2(s * qk_scale - m) is one FMA per logit.
+    Returns (m_new, alpha = exp2(m - m_new), p, l_new = l * alpha + rowsum(p))."""
+    m_new = jnp.maximum(m, s.max(axis=1) * qk_scale)
+    alpha = jnp.exp2(m - m_new)
+    p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
+    return m_new, alpha, p, l * alpha + p.sum(axis=1)
+
+
+def _mask(s, j, q_start, *, causal, seq_kv):
+    """s with the keys of step j a row may not see set to -inf: later positions (causal) or the
+    padding past seq_kv. Each row keeps key 0 or its diagonal key, so no row is all -inf."""
+    bq, bkv = s.shape
+    rows = q_start + plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 0, layout=plgpu.Layout.WGMMA)
+    cols = j * bkv + plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=plgpu.Layout.WGMMA)
+    return jnp.where((rows >= cols) if causal else (cols < seq_kv), s, -jnp.inf)
+
+
+def _rows_times(x, r):
+    """x [block_q, H] with row i multiplied by r[i]."""
+    return x * lax.broadcast_in_dim(r, x.shape, [0])
+
+
 def _kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, qo_smem2, k_smem, v_smem, lse_smem2,
             k_full, v_full, q_full, k_free, v_free, schedule, *p_smem2, scale, causal, seq_kv,
             group, blocks):
@@ -48,28 +75,22 @@ def _kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, qo_smem2, k_smem, v_smem, lse
     lse_ref [B, N, Tp] fp32. SMEM: qo_smem2 [2, block_q, H] (q, then the output), k_smem and
     v_smem [slots, block_kv, H], lse_smem2 [2, block_q] fp32. Barriers: k_full, v_full (TMA
     landed, per slot), q_full (per warpgroup), k_free, v_free (both compute warpgroups are done
-    with a slot), schedule (ping-pong). p_smem2 [2, block_q, block_kv]: only in interpret mode,
-    whose wgmma reads operands from SMEM only; on the GPU P stays in registers (FA3 3.1).
+    with a slot), schedule (ping-pong: one two-arrival barrier; with blocks.overlap one barrier
+    per warpgroup, its turn to issue wgmma). p_smem2 [2, block_q, block_kv]: only in interpret
+    mode, whose wgmma reads operands from SMEM only; on the GPU P stays in registers (FA3 3.1).
     """
     bq, bkv, slots = blocks.block_q, blocks.block_kv, blocks.max_concurrent_steps
-    head_dim, dtype = qo_smem2.shape[-1], qo_smem2.dtype
     batch, head = lax.axis_index("batch"), lax.axis_index("heads")
     wg = lax.axis_index("wg")
     cta_start = lax.axis_index("q_tiles") * (COMPUTE_WGS * bq)
     n_kv = k_ref.shape[1] // bkv
     # K/V steps the CTA needs: causal stops at the block holding its last row's diagonal.
     cta_steps = (lax.div(cta_start + COMPUTE_WGS * bq + bkv - 1, bkv) if causal else n_kv)
-    qk_scale = scale * LOG2E  # base 2: exp(x) = exp2(x log2 e)
-
-    def take_turns():  # ping-pong: arrive, then wait until the other warpgroup arrives too
-        plgpu.barrier_arrive(schedule)
-        plgpu.barrier_wait(schedule)
 
     @pl.when(wg < COMPUTE_WGS)
     def _compute():
         plgpu.set_max_registers(232, action="increase")
         qo_smem, lse_smem = qo_smem2.at[wg], lse_smem2.at[wg]
-        p_smem = p_smem2[0].at[wg] if p_smem2 else None
         q_start = cta_start + wg * bq
         plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q_start, bq), head], qo_smem, q_full.at[wg])
         if causal:
@@ -78,74 +99,14 @@ def _kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, qo_smem2, k_smem, v_smem, lse
         else:
             steps = n_kv
             first_masked = seq_kv // bkv  # only a ragged last block needs its keys masked
-        m = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-        l = plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-        acc = plgpu.layout_cast(jnp.zeros((bq, head_dim), jnp.float32), plgpu.Layout.WGMMA)
-        plgpu.barrier_wait(q_full.at[wg])
-        plgpu.barrier_wait(k_full.at[0])
-        pl.when(wg == 1)(take_turns)  # warpgroup 0 goes first
-
-        def step(j, carry, masked):
-            acc, m, l = carry  # [block_q, H], [block_q], [block_q] fp32
-            slot = lax.rem(j, slots)
-
-            def qk_matmul(acc_ref):
-                plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
-                take_turns()
-                return acc_ref[...]
-
-            s = pl.run_scoped(qk_matmul, plgpu.ACC((bq, bkv), jnp.float32))  # [block_q, block_kv]
-            plgpu.barrier_arrive(k_free.at[slot])
-            if masked:
-                rows = q_start + plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 0,
-                                                        layout=plgpu.Layout.WGMMA)
-                cols = j * bkv + plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1,
-                                                        layout=plgpu.Layout.WGMMA)
-                ok = (rows >= cols) if causal else (cols < seq_kv)
-                s = jnp.where(ok, s, -jnp.inf)  # each row keeps key 0 or a diagonal key: no NaN
-            # m holds scaled maxima so exp2(s * qk_scale - m) is one FMA per logit.
-            m_new = jnp.maximum(m, s.max(axis=1) * qk_scale)
-            alpha = jnp.exp2(m - m_new)
-            p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
-            l = l * alpha + p.sum(axis=1)
-            p16 = p.astype(dtype)
-            plgpu.barrier_arrive(schedule)  # softmax done: the other warpgroup may use the MMAs
-            plgpu.barrier_wait(v_full.at[slot])
-            plgpu.barrier_wait(schedule)
-
-            if p_smem is not None:
-                p_smem[...] = p16
-                plgpu.commit_smem()
-
-            def pv_matmul(acc_ref):
-                plgpu.wgmma(acc_ref, p16 if p_smem is None else p_smem, v_smem.at[slot])
-
-                @pl.when(j + 1 < steps)
-                def _():
-                    plgpu.barrier_wait(k_full.at[lax.rem(j + 1, slots)])
-                return acc_ref[...]
-
-            pv = pl.run_scoped(pv_matmul, plgpu.ACC((bq, head_dim), jnp.float32))  # [block_q, H]
-            plgpu.barrier_arrive(v_free.at[slot])
-            return acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv, m_new, l
-
-        carry = lax.fori_loop(0, jnp.minimum(first_masked, steps),
-                              functools.partial(step, masked=False), (acc, m, l))
-        acc, m, l = lax.fori_loop(jnp.minimum(first_masked, steps), steps,
-                                  functools.partial(step, masked=True), carry)
-
-        @pl.loop(steps, cta_steps)  # causal: pass over the steps only the other warpgroup needs
-        def _(j):
-            slot = lax.rem(j, slots)
-            plgpu.barrier_wait(k_full.at[slot])  # observe every phase, then release the slot
-            plgpu.barrier_wait(v_full.at[slot])
-            plgpu.barrier_arrive(k_free.at[slot])
-            plgpu.barrier_arrive(v_free.at[slot])
-            take_turns()
-            take_turns()
-
-        pl.when(wg == 0)(take_turns)
-        qo_smem[...] = (acc / lax.broadcast_in_dim(l, acc.shape, [0])).astype(dtype)
+        loop = _overlapped_loop if blocks.overlap else _ping_pong_loop
+        acc, m, l = loop(
+            qo_smem, k_smem, v_smem, k_full, v_full, q_full, k_free, v_free, schedule,
+            p_smem2[0].at[wg] if p_smem2 else None, wg=wg, steps=steps,
+            first_masked=first_masked, cta_steps=cta_steps, qk_scale=scale * LOG2E,
+            mask=functools.partial(_mask, q_start=q_start, causal=causal, seq_kv=seq_kv),
+            slots=slots)
+        qo_smem[...] = _rows_times(acc, 1.0 / l).astype(qo_smem.dtype)
         lse_smem[...] = m + jnp.log(l) * (1 / math.log(2))  # base-2 log-sum-exp
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[batch, pl.ds(q_start, bq), head])
@@ -157,25 +118,221 @@ def _kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, qo_smem2, k_smem, v_smem, lse
         plgpu.set_max_registers(40, action="decrease")
         kv_head = lax.div(head, group)
 
-        def load(j, slot):
-            rows = (batch, pl.ds(j * bkv, bkv), kv_head)
-            plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_full.at[slot])
-            plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_full.at[slot])
+        def load(j, ref, smem, full):
+            plgpu.copy_gmem_to_smem(ref.at[batch, pl.ds(j * bkv, bkv), kv_head],
+                                    smem.at[lax.rem(j, slots)], full.at[lax.rem(j, slots)])
 
         for j in range(min(slots, n_kv)):
-            pl.when(j < cta_steps)(functools.partial(load, j, j))
+            @pl.when(j < cta_steps)
+            def _():
+                load(j, k_ref, k_smem, k_full)
+                load(j, v_ref, v_smem, v_full)
 
-        def wait_free(j):  # both compute warpgroups are done with step j's slot
+        # K and V of a slot are released at different times (with overlap, V one step later):
+        # each is refilled as soon as its own slot is free.
+        @pl.loop(slots, cta_steps)
+        def _(j):
+            plgpu.barrier_wait(k_free.at[lax.rem(j, slots)])
+            load(j, k_ref, k_smem, k_full)
+            plgpu.barrier_wait(v_free.at[lax.rem(j, slots)])
+            load(j, v_ref, v_smem, v_full)
+
+        @pl.loop(jnp.maximum(cta_steps - slots, 0), cta_steps)
+        def _(j):  # drain: observe every release phase
             plgpu.barrier_wait(k_free.at[lax.rem(j, slots)])
             plgpu.barrier_wait(v_free.at[lax.rem(j, slots)])
 
-        @pl.loop(slots, cta_steps)
-        def _(j):
-            wait_free(j - slots)
-            load(j, lax.rem(j, slots))
 
-        pl.loop(jnp.maximum(cta_steps - slots, 0), cta_steps)(wait_free)  # drain: see every phase
+def _ping_pong_loop(qo_smem, k_smem, v_smem, k_full, v_full, q_full, k_free, v_free, schedule,
+                    p_smem, *, wg, steps, first_masked, cta_steps, qk_scale, mask, slots):
+    """The K/V loop of one compute warpgroup, ping-pong only (FA3 3.1): per step, S = Q K^T and
+    its softmax, then O = alpha O + P V, each wgmma awaited at once; a two-arrival barrier makes
+    the warpgroups take turns, so one's softmax overlaps the other's wgmma. Returns (O, m, l)."""
+    bq, head_dim = qo_smem.shape
+    bkv = k_smem.shape[1]
+    dtype = qo_smem.dtype
 
+    def take_turns():  # ping-pong: arrive, then wait until the other warpgroup arrives too
+        plgpu.barrier_arrive(schedule)
+        plgpu.barrier_wait(schedule)
+
+    m = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+    l = plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+    acc = plgpu.layout_cast(jnp.zeros((bq, head_dim), jnp.float32), plgpu.Layout.WGMMA)
+    plgpu.barrier_wait(q_full.at[wg])
+    plgpu.barrier_wait(k_full.at[0])
+    pl.when(wg == 1)(take_turns)  # warpgroup 0 goes first
+
+    def step(j, carry, masked):
+        acc, m, l = carry  # [block_q, H], [block_q], [block_q] fp32
+        slot = lax.rem(j, slots)
+
+        def qk_matmul(acc_ref):
+            plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
+            take_turns()
+            return acc_ref[...]
+
+        s = pl.run_scoped(qk_matmul, plgpu.ACC((bq, bkv), jnp.float32))  # [block_q, block_kv]
+        plgpu.barrier_arrive(k_free.at[slot])
+        if masked:
+            s = mask(s, j)
+        m_new, alpha, p, l = _online_softmax(s, m, l, qk_scale)
+        p16 = p.astype(dtype)
+        plgpu.barrier_arrive(schedule)  # softmax done: the other warpgroup may use the MMAs
+        plgpu.barrier_wait(v_full.at[slot])
+        plgpu.barrier_wait(schedule)
+
+        if p_smem is not None:
+            p_smem[...] = p16
+            plgpu.commit_smem()
+
+        def pv_matmul(acc_ref):
+            plgpu.wgmma(acc_ref, p16 if p_smem is None else p_smem, v_smem.at[slot])
+
+            @pl.when(j + 1 < steps)
+            def _():
+                plgpu.barrier_wait(k_full.at[lax.rem(j + 1, slots)])
+            return acc_ref[...]
+
+        pv = pl.run_scoped(pv_matmul, plgpu.ACC((bq, head_dim), jnp.float32))  # [block_q, H]
+        plgpu.barrier_arrive(v_free.at[slot])
+        return _rows_times(acc, alpha) + pv, m_new, l
+
+    carry = lax.fori_loop(0, jnp.minimum(first_masked, steps),
+                          functools.partial(step, masked=False), (acc, m, l))
+    acc, m, l = lax.fori_loop(jnp.minimum(first_masked, steps), steps,
+                              functools.partial(step, masked=True), carry)
+
+    @pl.loop(steps, cta_steps)  # causal: pass over the steps only the other warpgroup needs
+    def _(j):
+        _release_unused_step(j, k_full, v_full, k_free, v_free, slots)
+        take_turns()
+        take_turns()
+
+    pl.when(wg == 0)(take_turns)
+    return acc, m, l
+
+
+def _release_unused_step(j, k_full, v_full, k_free, v_free, slots):
+    """Observe step j's K/V arrivals and release its slot without using it (causal: a step only
+    the other compute warpgroup needs)."""
+    slot = lax.rem(j, slots)
+    plgpu.barrier_wait(k_full.at[slot])
+    plgpu.barrier_wait(v_full.at[slot])
+    plgpu.barrier_arrive(k_free.at[slot])
+    plgpu.barrier_arrive(v_free.at[slot])
+
+
+def _overlapped_loop(qo_smem, k_smem, v_smem, k_full, v_full, q_full, k_free, v_free, turn,
+                     p_smem, *, wg, steps, first_masked, cta_steps, qk_scale, mask,
+                     slots):
+    """The K/V loop of one compute warpgroup with FA3's intra-warpgroup overlap (section 3.2) on
+    top of ping-pong. Step j issues S_j = Q K_j^T, then O += P_{j-1} V_{j-1} (O rescaled first),
+    and runs the softmax of S_j while that P V wgmma is still in flight:
+
+        issue S_0; softmax(S_0)
+        for j in 1 .. steps-1: issue S_j; O *= alpha_{j-1}; issue O += P_{j-1} V_{j-1};
+                               await S_j; softmax(S_j) -> P_j, alpha_j; await O
+        O *= alpha_last; issue O += P_last V_last; await O
+
+    Ping-pong: `turn` [2] holds one single-arrival barrier per warpgroup; a warpgroup waits on its
+    own before issuing a step's wgmma and arrives on the other's after, so the warpgroups issue
+    strictly in turn (0, 1, 0, ...) and each one's softmax overlaps the other's wgmma. Every
+    warpgroup issues cta_steps + 1 times (causal: warpgroup 0 passes its turns over the steps only
+    warpgroup 1 needs). Returns (O, m, l)."""
+    bq, head_dim = qo_smem.shape
+    bkv = k_smem.shape[1]
+    dtype = qo_smem.dtype
+    staged = p_smem is not None  # interpret mode: P goes through SMEM, O accumulates after
+
+    def wait_turn():
+        plgpu.barrier_wait(turn.at[wg])
+
+    def pass_turn():
+        plgpu.barrier_arrive(turn.at[1 - wg])
+
+    def p_operand(p16):
+        if not staged:
+            return p16
+        p_smem[...] = p16
+        plgpu.commit_smem()
+        return p_smem
+
+    def pv_issue(o_ref, acc, alpha, p16, j):
+        """Issue O = alpha * acc + P_j V_j into o_ref; returns what to add to o_ref's result."""
+        scaled = _rows_times(acc, alpha)
+        if not staged:
+            o_ref[...] = scaled
+        operand = p_operand(p16)
+        plgpu.barrier_wait(v_full.at[lax.rem(j, slots)])
+        plgpu.wgmma(o_ref, operand, v_smem.at[lax.rem(j, slots)])
+        return scaled if staged else None
+
+    def s_issue(s_ref, j):
+        plgpu.barrier_wait(k_full.at[lax.rem(j, slots)])
+        plgpu.wgmma(s_ref, qo_smem, k_smem.at[lax.rem(j, slots)].transpose((1, 0)))
+
+    plgpu.barrier_wait(q_full.at[wg])
+
+    def first_step(s_ref):
+        pl.when(wg == 1)(wait_turn)  # warpgroup 0 goes first
+        s_issue(s_ref, 0)
+        pass_turn()
+        s = s_ref[...]
+        plgpu.barrier_arrive(k_free.at[0])
+        m = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32),
+                              plgpu.Layout.WGMMA.reduce(1))
+        l = plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+        m, alpha, p, l = _online_softmax(mask(s, 0), m, l, qk_scale)  # step 0: masked always
+        return m, l, alpha, p.astype(dtype)
+
+    m, l, alpha, p16 = pl.run_scoped(first_step, plgpu.ACC((bq, bkv), jnp.float32))
+    acc = plgpu.layout_cast(jnp.zeros((bq, head_dim), jnp.float32), plgpu.Layout.WGMMA)
+
+    def step(j, carry, masked):
+        acc, m, l, alpha, p16 = carry  # acc: steps < j-1; p16: P_{j-1}; alpha: alpha_{j-1}
+
+        def issue_and_softmax(s_ref, o_ref):
+            wait_turn()
+            s_issue(s_ref, j)
+            rest = pv_issue(o_ref, acc, alpha, p16, j - 1)
+            pass_turn()
+            s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # S_j landed; P V may still run
+            plgpu.barrier_arrive(k_free.at[lax.rem(j, slots)])
+            m_new, alpha_new, p, l_new = _online_softmax(mask(s, j) if masked else s, m, l,
+                                                         qk_scale)
+            p16_new = p.astype(dtype)
+            o = o_ref[...]
+            return (o if rest is None else rest + o), m_new, l_new, alpha_new, p16_new
+
+        carry = pl.run_scoped(issue_and_softmax, plgpu.ACC((bq, bkv), jnp.float32),
+                              plgpu.ACC((bq, head_dim), jnp.float32))
+        plgpu.barrier_arrive(v_free.at[lax.rem(j - 1, slots)])
+        return carry
+
+    unmasked_end = jnp.maximum(jnp.minimum(first_masked, steps), 1)
+    carry = lax.fori_loop(1, unmasked_end, functools.partial(step, masked=False),
+                          (acc, m, l, alpha, p16))
+    acc, m, l, alpha, p16 = lax.fori_loop(unmasked_end, steps,
+                                          functools.partial(step, masked=True), carry)
+
+    def last_pv(o_ref):
+        wait_turn()
+        rest = pv_issue(o_ref, acc, alpha, p16, steps - 1)
+        pl.when(wg == 0)(pass_turn)  # warpgroup 1 issues last: nobody waits for its turn
+        o = o_ref[...]
+        return o if rest is None else rest + o
+
+    acc = pl.run_scoped(last_pv, plgpu.ACC((bq, head_dim), jnp.float32))
+    plgpu.barrier_arrive(v_free.at[lax.rem(steps - 1, slots)])
+
+    @pl.loop(steps, cta_steps)  # causal: pass over the steps only the other warpgroup needs
+    def _(j):
+        _release_unused_step(j, k_full, v_full, k_free, v_free, slots)
+        wait_turn()
+        pass_turn()
+
+    return acc, m, l
 
 SMEM_BYTES = 227 * 1024  # shared memory a CTA may allocate on an H100
 
@@ -224,7 +381,9 @@ def flash_forward(q, k, v, *, scale: float, causal: bool, blocks: MosaicBlocks,
         plgpu.Barrier(num_barriers=COMPUTE_WGS),  # q_full
         plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=blocks.max_concurrent_steps),  # k_free
         plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=blocks.max_concurrent_steps),  # v_free
-        plgpu.Barrier(num_arrivals=COMPUTE_WGS),  # schedule
+        # schedule: ping-pong (overlap: each warpgroup's turn to issue wgmma)
+        plgpu.Barrier(num_barriers=COMPUTE_WGS) if blocks.overlap
+        else plgpu.Barrier(num_arrivals=COMPUTE_WGS),
     )
     if interpret:
         scratch += (plgpu.SMEM((COMPUTE_WGS, blocks.block_q, blocks.block_kv), q.dtype,

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels._testing import TOLERANCE, assert_close
-from pallas_kernels.flash_attention import api, cases, config, mosaic_bwd, triton_fwd
+from pallas_kernels.flash_attention import api, cases, config, mosaic_bwd, mosaic_fwd, triton_fwd
 from pallas_kernels.flash_attention.api import flash_attention
 from pallas_kernels.flash_attention.reference import attention_reference
 
@@ -131,6 +131,22 @@ def test_mosaic_matches_reference(case):
     """Mosaic forward and backward (GPU interpret mode on CPU: SMEM, barriers, TMA and wgmma
     simulated)."""
     _check_contract(case, "mosaic", jnp.bfloat16, interpret=not ON_GPU)
+
+
+@pytest.mark.parametrize("case", cases.MOSAIC_OVERLAP_CPU_CASES, ids=_ids)
+def test_mosaic_overlap_forward_matches_reference(case):
+    """The Mosaic forward with FA3 intra-warpgroup overlap (case.blocks.mosaic.overlap): out and
+    the base-2 lse against the reference's (no backward: its kernels do not depend on it)."""
+    assert case.blocks.mosaic.overlap
+    q, k, v, _, _ = _inputs(case, jnp.bfloat16)
+    ref_out, _ = _reference_result(case, jnp.bfloat16)
+    _, lse = attention_reference(q, k, v, causal=case.causal, return_lse=True)
+    forward = functools.partial(mosaic_fwd.flash_forward, scale=case.head_dim ** -0.5,
+                                causal=case.causal, blocks=case.blocks.mosaic,
+                                interpret=not ON_GPU)
+    out, lse2 = _jit(forward)(q, k, v)
+    assert_close(out, ref_out, jnp.bfloat16, "mosaic overlap out")
+    assert_close(lse2, lse / np.log(2.0), jnp.float32, "mosaic overlap lse2")
 
 
 @pytest.mark.parametrize("case, dtype", [
@@ -308,14 +324,19 @@ def test_named_kernel_backend_on_cpu_without_interpret_raises(backend):
 _H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
 
 
-@pytest.mark.parametrize("backend, dtype, causal, segmented, head_dim", [
-    ("triton", jnp.bfloat16, True, False, 128), ("triton", jnp.float32, False, True, 64),
-    ("triton", jnp.float16, True, True, 64), ("mosaic", jnp.bfloat16, True, False, 128),
-    ("mosaic", jnp.float16, False, False, 64)])
-def test_kernels_lower_for_h100(backend, dtype, causal, segmented, head_dim, monkeypatch):
+@pytest.mark.parametrize("backend, dtype, causal, segmented, head_dim, overlap", [
+    ("triton", jnp.bfloat16, True, False, 128, False),
+    ("triton", jnp.float32, False, True, 64, False),
+    ("triton", jnp.float16, True, True, 64, False),
+    ("mosaic", jnp.bfloat16, True, False, 128, False),
+    ("mosaic", jnp.float16, False, False, 64, False),
+    ("mosaic", jnp.bfloat16, True, False, 128, True), ("mosaic", jnp.bfloat16, False, False, 128, True)])
+def test_kernels_lower_for_h100(backend, dtype, causal, segmented, head_dim, overlap, monkeypatch):
     """The forward and both backward kernels pass Pallas's lowering for sm_90 on CPU (Triton IR;
     Mosaic GPU with P, dS in registers and seeded accumulators, the path interpret mode cannot
-    take). Compiling that to machine code happens only on the GPU."""
+    take; `overlap`: the forward's intra-warpgroup pipelining, S awaited with P V in flight).
+    Compiling that to machine code happens only on the GPU."""
+    blocks = config.BlockSizes(mosaic=config.MosaicBlocks(overlap=True)) if overlap else None
     b, t, s, n, kv_heads = 2, 1000, 1000 if causal or segmented else 1500, 8, 2
     q = jax.ShapeDtypeStruct((b, t, n, head_dim), dtype)
     kv = jax.ShapeDtypeStruct((b, s, kv_heads, head_dim), dtype)
@@ -323,7 +344,8 @@ def test_kernels_lower_for_h100(backend, dtype, causal, segmented, head_dim, mon
 
     def fwd_bwd(q, k, v, dout, segment_ids):
         out, vjp = jax.vjp(lambda q, k, v: flash_attention(
-            q, k, v, causal=causal, segment_ids=segment_ids, backend=backend), q, k, v)
+            q, k, v, causal=causal, segment_ids=segment_ids, backend=backend, blocks=blocks),
+            q, k, v)
         return out, vjp(dout)
 
     monkeypatch.setattr(api, "_platform", lambda: "gpu")
