@@ -53,7 +53,7 @@ SETTINGS = {
     "full": dict(smoke=False, models=["gpt2-small", "llama-1b"], prompt_len=128, new_tokens=256,
                  batches=[1, 4, 16, 64], spec_model="llama-1b", draft_layers=1,
                  later_layer_scales=[0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0], copy_mib=1024, reps=5, ppl_windows=64,
-                 kv_model="llama-1b", kv_slots=[16, 64], kv_prompt_len=1024, kv_new_tokens=64),
+                 kv_model="llama-1b", kv_slots=[16], kv_prompt_len=512, kv_new_tokens=64),
     "smoke": dict(smoke=True, models=["gpt2-tiny", "llama-tiny"], prompt_len=4, new_tokens=8, batches=[1, 2],
                   spec_model="llama-tiny", draft_layers=1, later_layer_scales=[0.0, 1.0], copy_mib=8, reps=3,
                   ppl_windows=4, kv_model="llama-tiny", kv_slots=[2], kv_prompt_len=8, kv_new_tokens=4),
@@ -140,7 +140,9 @@ def decode_rows(preset, s, bandwidth) -> list[dict]:
             rows.append(row)
             print(f"decode {preset:11} {weights} batch {batch:3}: {row['ms_per_token']:.3f} ms/token, "
                   f"roofline {row['roofline_ms']:.3f} ms ({row['roofline_fraction']:.0%}), "
-                  f"{row['tokens_per_s']:.0f} tokens/s", flush=True)
+                  f"{row['tokens_per_s']:.0f} tokens/s"
+                  + (f", kernels {row['kernel_ms_per_token']:.3f} ms/token" if "kernel_ms_per_token" in row else ""),
+                  flush=True)
     return rows
 
 
@@ -308,18 +310,6 @@ def main(argv=None):
         if min(args.batches) < 1:
             parser.error(f"--batches {args.batches}: every batch size must be >= 1")
         s = dict(s, batches=args.batches)
-    copy = copy_bandwidth(s["copy_mib"], s["reps"])
-    print(f"copy bandwidth {copy['gbps']:.0f} GB/s", flush=True)
-    rows = [copy]
-    if "decode" in args.sections:
-        for preset in args.models or s["models"]:
-            rows += decode_rows(preset, s, copy["gbps"])
-    if "speculative" in args.sections:
-        rows += speculative_rows(s, args.gamma)
-    if "perplexity" in args.sections:
-        rows += perplexity_rows(args.ppl_run, s)
-    if "kv" in args.sections:
-        rows += kv_rows(s, args.kv_model or s["kv_model"])
     env = _bench.environment()
     device_slug = re.sub(r"[^a-z0-9]+", "_", env["device"].lower()).strip("_")
     date = datetime.date.today().isoformat()
@@ -327,10 +317,24 @@ def main(argv=None):
         args.sections if len(args.sections) < len(SECTIONS) else [])  # separate runs keep their files
     stem = f"{'-'.join(parts)}_{device_slug}_{date}"
     args.out.mkdir(parents=True, exist_ok=True)
-    result = dict(**env, jaxlib=jaxlib.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""), settings=s,
-                  gamma=args.gamma, rows=rows)
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str))
-    plot(rows, args.out / f"{stem}.png", f"decode on {env['device']}, jax {jax.__version__}, {date}")
+
+    def save(rows):  # after every section, so a run cut short keeps what it measured
+        result = dict(**env, jaxlib=jaxlib.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""), settings=s,
+                      gamma=args.gamma, rows=rows)
+        (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str))
+        plot(rows, args.out / f"{stem}.png", f"decode on {env['device']}, jax {jax.__version__}, {date}")
+
+    copy = copy_bandwidth(s["copy_mib"], s["reps"])
+    print(f"copy bandwidth {copy['gbps']:.0f} GB/s", flush=True)
+    rows = [copy]
+    sections = dict(decode=lambda: [r for preset in args.models or s["models"] for r in decode_rows(preset, s, copy["gbps"])],
+                    speculative=lambda: speculative_rows(s, args.gamma),
+                    perplexity=lambda: perplexity_rows(args.ppl_run, s),
+                    kv=lambda: kv_rows(s, args.kv_model or s["kv_model"]))
+    for name in SECTIONS:
+        if name in args.sections:
+            rows += sections[name]()
+            save(rows)
     print(f"wrote {args.out / stem}.json and .png")
     return 0
 

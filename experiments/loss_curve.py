@@ -76,7 +76,7 @@ def torch_peer(cfg, batches, peer_path: str) -> list[float]:
             group["lr"] = float(schedule(i))
         t = torch.from_numpy(np.asarray(b, np.int64)).cuda()
         with torch.autocast("cuda", torch.bfloat16):
-            loss = compiled(t[:, :-1], t[:, 1:])
+            loss = compiled(t[:, :-1].contiguous(), t[:, 1:].contiguous())  # the peer .view()s its targets
         loss.backward()
         if oc.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), oc.grad_clip)
