@@ -66,6 +66,21 @@ def _rows_times(x, r):
     return x * lax.broadcast_in_dim(r, x.shape, [0])
 
 
+def _pv_wgmma(o_ref, scaled, p16, v_tile, p_smem):
+    """Issue o_ref = scaled + P V (P [block_q, block_kv] 16-bit, v_tile an SMEM ref). On the GPU
+    the accumulator is seeded with `scaled` and P stays in registers; in interpret mode (p_smem
+    given) P goes through SMEM and the accumulator starts at zero: returns what the caller adds to
+    o_ref's result (scaled there, None on the GPU)."""
+    if p_smem is None:
+        o_ref[...] = scaled
+        plgpu.wgmma(o_ref, p16, v_tile)
+        return None
+    p_smem[...] = p16
+    plgpu.commit_smem()
+    plgpu.wgmma(o_ref, p_smem, v_tile)
+    return scaled
+
+
 def _kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, qo_smem2, k_smem, v_smem, lse_smem2,
             k_full, v_full, q_full, k_free, v_free, schedule, *p_smem2, scale, causal, seq_kv,
             group, blocks):
@@ -82,7 +97,10 @@ def _kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, qo_smem2, k_smem, v_smem, lse
     bq, bkv, slots = blocks.block_q, blocks.block_kv, blocks.max_concurrent_steps
     batch, head = lax.axis_index("batch"), lax.axis_index("heads")
     wg = lax.axis_index("wg")
-    cta_start = lax.axis_index("q_tiles") * (COMPUTE_WGS * bq)
+    tile = lax.axis_index("q_tiles")
+    if causal:  # CTAs start in grid order: the last query tiles (the most K/V steps) go first,
+        tile = q_ref.shape[1] // (COMPUTE_WGS * bq) - 1 - tile  # so the tail wave is light ones
+    cta_start = tile * (COMPUTE_WGS * bq)
     n_kv = k_ref.shape[1] // bkv
     # K/V steps the CTA needs: causal stops at the block holding its last row's diagonal.
     cta_steps = (lax.div(cta_start + COMPUTE_WGS * bq + bkv - 1, bkv) if causal else n_kv)
@@ -146,7 +164,7 @@ def _kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, qo_smem2, k_smem, v_smem, lse
 def _ping_pong_loop(qo_smem, k_smem, v_smem, k_full, v_full, q_full, k_free, v_free, schedule,
                     p_smem, *, wg, steps, first_masked, cta_steps, qk_scale, mask, slots):
     """The K/V loop of one compute warpgroup, ping-pong only (FA3 3.1): per step, S = Q K^T and
-    its softmax, then O = alpha O + P V, each wgmma awaited at once; a two-arrival barrier makes
+    its softmax, then O = alpha O + P V (accumulated in place), each wgmma awaited at once; a two-arrival barrier makes
     the warpgroups take turns, so one's softmax overlaps the other's wgmma. Returns (O, m, l)."""
     bq, head_dim = qo_smem.shape
     bkv = k_smem.shape[1]
@@ -177,26 +195,26 @@ def _ping_pong_loop(qo_smem, k_smem, v_smem, k_full, v_full, q_full, k_free, v_f
         if masked:
             s = mask(s, j)
         m_new, alpha, p, l = _online_softmax(s, m, l, qk_scale)
-        p16 = p.astype(dtype)
+        # O's rescale is done here, in this warpgroup's softmax phase, not in its wgmma turn.
+        scaled, p16 = _rows_times(acc, alpha), p.astype(dtype)
+        if p_smem is None:  # keep that order (upstream attention_mgpu found it matters)
+            scaled, l, m_new, p16 = lax.optimization_barrier((scaled, l, m_new, p16))
         plgpu.barrier_arrive(schedule)  # softmax done: the other warpgroup may use the MMAs
         plgpu.barrier_wait(v_full.at[slot])
         plgpu.barrier_wait(schedule)
 
-        if p_smem is not None:
-            p_smem[...] = p16
-            plgpu.commit_smem()
-
-        def pv_matmul(acc_ref):
-            plgpu.wgmma(acc_ref, p16 if p_smem is None else p_smem, v_smem.at[slot])
+        def pv_matmul(o_ref):
+            rest = _pv_wgmma(o_ref, scaled, p16, v_smem.at[slot], p_smem)
 
             @pl.when(j + 1 < steps)
             def _():
                 plgpu.barrier_wait(k_full.at[lax.rem(j + 1, slots)])
-            return acc_ref[...]
+            o = o_ref[...]
+            return o if rest is None else rest + o
 
-        pv = pl.run_scoped(pv_matmul, plgpu.ACC((bq, head_dim), jnp.float32))  # [block_q, H]
+        acc = pl.run_scoped(pv_matmul, plgpu.ACC((bq, head_dim), jnp.float32))  # [block_q, H]
         plgpu.barrier_arrive(v_free.at[slot])
-        return _rows_times(acc, alpha) + pv, m_new, l
+        return acc, m_new, l
 
     carry = lax.fori_loop(0, jnp.minimum(first_masked, steps),
                           functools.partial(step, masked=False), (acc, m, l))
@@ -243,7 +261,6 @@ def _overlapped_loop(qo_smem, k_smem, v_smem, k_full, v_full, q_full, k_free, v_
     bq, head_dim = qo_smem.shape
     bkv = k_smem.shape[1]
     dtype = qo_smem.dtype
-    staged = p_smem is not None  # interpret mode: P goes through SMEM, O accumulates after
 
     def wait_turn():
         plgpu.barrier_wait(turn.at[wg])
@@ -251,22 +268,11 @@ def _overlapped_loop(qo_smem, k_smem, v_smem, k_full, v_full, q_full, k_free, v_
     def pass_turn():
         plgpu.barrier_arrive(turn.at[1 - wg])
 
-    def p_operand(p16):
-        if not staged:
-            return p16
-        p_smem[...] = p16
-        plgpu.commit_smem()
-        return p_smem
-
     def pv_issue(o_ref, acc, alpha, p16, j):
         """Issue O = alpha * acc + P_j V_j into o_ref; returns what to add to o_ref's result."""
         scaled = _rows_times(acc, alpha)
-        if not staged:
-            o_ref[...] = scaled
-        operand = p_operand(p16)
         plgpu.barrier_wait(v_full.at[lax.rem(j, slots)])
-        plgpu.wgmma(o_ref, operand, v_smem.at[lax.rem(j, slots)])
-        return scaled if staged else None
+        return _pv_wgmma(o_ref, scaled, p16, v_smem.at[lax.rem(j, slots)], p_smem)
 
     def s_issue(s_ref, j):
         plgpu.barrier_wait(k_full.at[lax.rem(j, slots)])
