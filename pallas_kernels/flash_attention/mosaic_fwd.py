@@ -197,7 +197,8 @@ def _ping_pong_loop(qo_smem, k_smem, v_smem, k_full, v_full, q_full, k_free, v_f
         m_new, alpha, p, l = _online_softmax(s, m, l, qk_scale)
         # O's rescale is done here, in this warpgroup's softmax phase, not in its wgmma turn.
         scaled, p16 = _rows_times(acc, alpha), p.astype(dtype)
-        if p_smem is None:  # keep that order (upstream attention_mgpu found it matters)
+        if p_smem is None and head_dim <= 128:
+            # Pin this work before the turn (upstream attention_mgpu measured it matters at H <= 128).
             scaled, l, m_new, p16 = lax.optimization_barrier((scaled, l, m_new, p16))
         plgpu.barrier_arrive(schedule)  # softmax done: the other warpgroup may use the MMAs
         plgpu.barrier_wait(v_full.at[slot])
