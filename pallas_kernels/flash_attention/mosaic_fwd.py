@@ -164,8 +164,9 @@ def _kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, qo_smem2, k_smem, v_smem, lse
 def _ping_pong_loop(qo_smem, k_smem, v_smem, k_full, v_full, q_full, k_free, v_free, schedule,
                     p_smem, *, wg, steps, first_masked, cta_steps, qk_scale, mask, slots):
     """The K/V loop of one compute warpgroup, ping-pong only (FA3 3.1): per step, S = Q K^T and
-    its softmax, then O = alpha O + P V (accumulated in place), each wgmma awaited at once; a two-arrival barrier makes
-    the warpgroups take turns, so one's softmax overlaps the other's wgmma. Returns (O, m, l)."""
+    its softmax, then O = alpha O + P V (accumulated in place), each wgmma awaited at once; a
+    two-arrival barrier makes the warpgroups take turns, so one's softmax overlaps the other's
+    wgmma. Returns (O, m, l)."""
     bq, head_dim = qo_smem.shape
     bkv = k_smem.shape[1]
     dtype = qo_smem.dtype
@@ -198,7 +199,7 @@ def _ping_pong_loop(qo_smem, k_smem, v_smem, k_full, v_full, q_full, k_free, v_f
         # O's rescale is done here, in this warpgroup's softmax phase, not in its wgmma turn.
         scaled, p16 = _rows_times(acc, alpha), p.astype(dtype)
         if p_smem is None and head_dim <= 128:
-            # Pin this work before the turn (upstream attention_mgpu measured it matters at H <= 128).
+            # Pin this work before the turn (upstream attention_mgpu measured that it matters).
             scaled, l, m_new, p16 = lax.optimization_barrier((scaled, l, m_new, p16))
         plgpu.barrier_arrive(schedule)  # softmax done: the other warpgroup may use the MMAs
         plgpu.barrier_wait(v_full.at[slot])
