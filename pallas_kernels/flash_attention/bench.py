@@ -145,13 +145,16 @@ def _tuning_bwd_impls():
 
 
 _S4K = tuple(c for c in cases.BENCH_CASES if c.seq_q == 4096)  # D=128, full and causal
+_TABLE_IMPLS = {name: IMPLS[name] for name in ("mosaic", "cudnn", "xla")}
 PRESETS = {
     # preset -> (cases, impls, modes); impls None: the tuning candidates of `_TUNING[preset]`
     "default": (cases.BENCH_CASES, IMPLS, MODES),
     "full": (cases.BENCH_CASES_FULL, IMPLS, MODES),
-    # The table (S 1k-16k, D 64 and 128, full and causal) without Triton: ~4 min on an H100.
-    "table": (cases.BENCH_CASES_FULL, {name: IMPLS[name] for name in ("mosaic", "cudnn", "xla")},
-              MODES),
+    # The table (S 1k-16k, D 64 and 128, full and causal) without Triton; table_d64 and
+    # table_d128 are its halves (each well within one 10-minute device call).
+    "table": (cases.BENCH_CASES_FULL, _TABLE_IMPLS, MODES),
+    **{f"table_d{h}": (tuple(c for c in cases.BENCH_CASES_FULL if c.head_dim == h), _TABLE_IMPLS,
+                       MODES) for h in (64, 128)},
     "tune": (_S4K, None, MODES),
     "tune_bwd": (_S4K, None, ("fwd_bwd",)),
     # Mosaic forward tiles and overlap at 4k and 16k, D=128 (forward only; ~2 min on an H100).
