@@ -52,7 +52,7 @@ SECTIONS = ("decode", "speculative", "perplexity", "kv")
 SETTINGS = {
     "full": dict(smoke=False, models=["gpt2-small", "llama-1b"], prompt_len=128, new_tokens=256,
                  batches=[1, 4, 16, 64], spec_model="llama-1b", draft_layers=1,
-                 later_layer_scales=[0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0], copy_mib=1024, reps=5, ppl_windows=64,
+                 later_layer_scales=[0.0, 0.05, 0.1, 0.2], copy_mib=1024, reps=5, ppl_windows=64,
                  kv_model="llama-1b", kv_slots=[16], kv_prompt_len=512, kv_new_tokens=64),
     "smoke": dict(smoke=True, models=["gpt2-tiny", "llama-tiny"], prompt_len=4, new_tokens=8, batches=[1, 2],
                   spec_model="llama-tiny", draft_layers=1, later_layer_scales=[0.0, 1.0], copy_mib=8, reps=3,
