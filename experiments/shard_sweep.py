@@ -110,7 +110,8 @@ def mesh_for(layout: str, n_devices: int, model_cfg, micro_batch: int, seq_len: 
 
 def _computation_counts(hlo_text: str) -> tuple[dict[str, list[str]], dict[str, int]]:
     """HLO computations (name -> instruction lines) and how often each runs per call of
-    the entry: a while body `known_trip_count` times its caller, any other callee once."""
+    the entry: a while body `known_trip_count` times its caller, any other callee once
+    (every branch of a conditional, so a pipeline's F/B ticks give an upper bound)."""
     bodies, name, entry = {}, None, None
     for line in hlo_text.splitlines():
         head = re.match(r"(ENTRY )?%(\S+) .*\{$", line)
@@ -351,7 +352,8 @@ def auto_search(cfg, args) -> dict:
     rows = []
     for pred, job in zip(preds, jobs):
         q25, q75 = np.percentile(job.times[1:], [25, 75])
-        rows.append({**finish_row(job, cfg, n_params), "step_iqr_s": q75 - q25, "predicted_step_s": pred.step_s,
+        rows.append({**finish_row(job, cfg, n_params), "step_q25_s": q25, "step_q75_s": q75,
+                     "predicted_step_s": pred.step_s,
                      "predicted_compute_s": pred.compute_s, "predicted_comm_s": pred.comm_s,
                      "predicted_comm_ops": pred.comm_ops, "predicted_bytes": pred.memory_bytes})
     winner = search.choose({r["layout"]: r["step_s"] for r in rows})
@@ -390,7 +392,8 @@ def format_auto(record: dict, shown: int = 20) -> str:
              f"{'hlo coll':>8} {'pred MiB':>9} {'comp MiB':>9}"]
     for r in (r for i, r in enumerate(record["ranking"]) if i < shown or r["layout"] in timed):
         m = timed.get(r["layout"])
-        meas = (f"{m['step_s'] * 1e3:8.1f} {m['step_iqr_s'] / m['step_s']:5.0%} {r['predicted_comm_ops']:9.0f} "
+        iqr = (m["step_q75_s"] - m["step_q25_s"]) / m["step_s"] if m else 0
+        meas = (f"{m['step_s'] * 1e3:8.1f} {iqr:5.0%} {r['predicted_comm_ops']:9.0f} "
                 f"{m['collective_count']:8d} {r['predicted_bytes'] / 2**20:9.2f} {m['compiled_bytes'] / 2**20:9.2f}"
                 if m else f"{'-':>8} {'-':>5} {r['predicted_comm_ops']:9.0f} {'-':>8} "
                           f"{r['predicted_bytes'] / 2**20:9.2f} {'-':>9}")
@@ -413,9 +416,10 @@ def plot_auto(record: dict, path, title: str):
     import matplotlib.pyplot as plt
 
     rows = record["rows"]
-    fig, ax = plt.subplots(figsize=(7, 5.5))
+    fig, ax = plt.subplots(figsize=(8, 5.5))
     xs, ys = [r["predicted_step_s"] * 1e3 for r in rows], [r["step_s"] * 1e3 for r in rows]
-    ax.errorbar(xs, ys, yerr=[r["step_iqr_s"] * 500 for r in rows], fmt="o", capsize=3)
+    below, above = [[abs(r["step_s"] - r[q]) * 1e3 for r in rows] for q in ("step_q25_s", "step_q75_s")]
+    ax.errorbar(xs, ys, yerr=[below, above], fmt="o", capsize=3)
     for x, y, r in zip(xs, ys, rows):
         ax.annotate(r["layout"], (x, y), fontsize=6, alpha=0.8)
     ax.set_xlabel("predicted step time (ms)")
@@ -433,7 +437,7 @@ def main(argv=None):
     parser.add_argument("--layouts", default="dp,fsdp,zero1,tp,fsdp_tp,sp,cp", help="comma-separated presets")
     parser.add_argument("--steps", type=int, default=5,
                         help="timed steps per layout (after one warm-up); --auto: per layout per round")
-    parser.add_argument("--rounds", type=int, default=3, help="--auto: interleaved timing rounds")
+    parser.add_argument("--rounds", type=int, default=10, help="--auto: interleaved timing rounds")
     parser.add_argument("--auto", action="store_true",
                         help="search layouts (sharding.search): rank on paper, time the --top best")
     parser.add_argument("--top", type=int, default=4, help="--auto: layouts to compile and time")
