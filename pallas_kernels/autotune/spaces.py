@@ -171,7 +171,7 @@ def _flash_problems(case_names):
             return jax.jit(fn), [inputs()]
 
         key = table.flash_attention_key(case.seq_q, case.seq_kv, case.head_dim, case.causal, dtype)
-        default = config.default_blocks(case.seq_q, case.seq_kv, case.head_dim, dtype)
+        default = config.default_blocks(case.seq_q, case.seq_kv, case.head_dim, dtype, case.causal)
         fwd, fwd_bwd = bench.attention_flops(case, "fwd"), bench.attention_flops(case, "fwd_bwd")
         problems.append(Problem(
             kernel="flash_attention", key=key, default=default, build=build,

@@ -54,7 +54,7 @@ IMPLS = {"triton": _ours("triton"), "mosaic": _ours("mosaic"), "cudnn": _jax_nn(
 def _tuning_impls():
     """Tile candidates at H=128 bf16 (preset "tune"), cuDNN beside them: Triton forward and
     backward tiles, and Mosaic forward tiles (`mosaic[...]` rows time its forward)."""
-    base = config.default_blocks(4096, 4096, 128, jnp.bfloat16)
+    base = config.default_blocks(4096, 4096, 128, jnp.bfloat16, causal=False)
     variants = {
         "default": {},
         "fwd_kv128_s2": dict(block_kv=128, num_stages=2),
@@ -88,7 +88,7 @@ _MOSAIC_FWD_VARIANTS = {
 def _mosaic_fwd_impls():
     """Mosaic forward tile candidates at H=128 bf16 (`mosaic[...]` rows; fwd_bwd adds the default
     Mosaic backward), cuDNN beside them."""
-    base = config.default_blocks(4096, 4096, 128, jnp.bfloat16)
+    base = config.default_blocks(4096, 4096, 128, jnp.bfloat16, causal=False)
     impls = {f"mosaic[{name}]": _ours("mosaic", dataclasses.replace(
         base, mosaic=config.MosaicBlocks(**fields))) for name, fields in _MOSAIC_FWD_VARIANTS.items()}
     return {**impls, "cudnn": IMPLS["cudnn"]}
@@ -131,7 +131,7 @@ def _tuning_bwd_impls():
     Triton backward tiles, Mosaic backward tiles (`mosaic[...]` rows, behind the Mosaic forward),
     cuDNN beside them. Timed as fwd_bwd only: subtract the forward of preset "tune" for the
     backward alone."""
-    base = config.default_blocks(4096, 4096, 128, jnp.bfloat16)
+    base = config.default_blocks(4096, 4096, 128, jnp.bfloat16, causal=False)
     impls = {}
     for name, ((bq_dq, bkv_dq), (bq_dkv, bkv_dkv), warps, stages) in _BWD_VARIANTS.items():
         blocks = dataclasses.replace(base, block_q_dq=bq_dq, block_kv_dq=bkv_dq,

@@ -100,7 +100,7 @@ GPU_CASES = (
          blocks=BlockSizes(mosaic_bwd=MosaicBwdBlocks(max_concurrent_steps=3))),
     # Mosaic forward with intra-warpgroup overlap: causal with 3 slots, and ragged T != S at H=64.
     Case("gpu_t2048_mha_causal_overlap_slots3", 2, 2048, 2048, 8, 8, 128, causal=True,
-         blocks=BlockSizes(mosaic=MosaicBlocks(max_concurrent_steps=3, overlap=True))),
+         blocks=BlockSizes(mosaic=MosaicBlocks(block_kv=64, max_concurrent_steps=3, overlap=True))),
     Case("gpu_t1000_s1500_gqa2_full_overlap_d64", 2, 1000, 1500, 8, 2, 64,
          blocks=BlockSizes(mosaic=MosaicBlocks(overlap=True))),
 )
