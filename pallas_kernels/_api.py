@@ -54,3 +54,13 @@ def check_launch_config(config, *, powers_of_2: tuple[str, ...], warps: tuple[st
         value = getattr(config, name)
         if value > 32:
             raise ValueError(f"{kind}.{name}={value} must be <= 32")
+
+
+def targets_hopper() -> bool:
+    """Whether the code is built for sm_90 (Hopper: wgmma, TMA, the Mosaic GPU kernels): the
+    abstract mesh's GPU when one is set (lowering for a GPU from a host without one), else the
+    first device."""
+    abstract = jax.sharding.get_abstract_mesh().abstract_device
+    if abstract is not None:
+        return abstract.platform == "gpu" and any(h in abstract.device_kind for h in ("H100", "H200", "H800"))
+    return getattr(jax.devices()[0], "compute_capability", None) == "9.0"

@@ -143,12 +143,14 @@ def dense_experts(x, weights, ids, experts: dict):
 GROUPED_MATMULS = ("auto", "triton", "mosaic", "xla")
 
 
-def resolve_grouped_matmul(grouped_matmul: str) -> str:
-    """"auto" -> "triton" on a GPU, else "xla"; raises ValueError for a name not in GROUPED_MATMULS."""
+def resolve_grouped_matmul(grouped_matmul: str, dtype) -> str:
+    """"auto" -> the Pallas kernels' choice for `dtype` on a GPU (gmm.auto_backend: Mosaic on
+    Hopper for 16-bit, else Triton), "xla" elsewhere; raises ValueError for a name not in
+    GROUPED_MATMULS."""
     if grouped_matmul not in GROUPED_MATMULS:
         raise ValueError(f"grouped_matmul={grouped_matmul!r} unknown; use one of {GROUPED_MATMULS}")
     if grouped_matmul == "auto":
-        return "triton" if jax.default_backend() == "gpu" else "xla"
+        return gmm.auto_backend(dtype) if jax.default_backend() == "gpu" else "xla"
     return grouped_matmul
 
 
@@ -173,7 +175,7 @@ def grouped_ffn(rows, row_expert, experts: dict, grouped_matmul: str = "auto"):
     grouped_matmul: one of GROUPED_MATMULS (see the module docstring).
     Returns [A, D] in the order of `rows`.
     """
-    backend = resolve_grouped_matmul(grouped_matmul)
+    backend = resolve_grouped_matmul(grouped_matmul, rows.dtype)
     if backend != "xla":
         return _pallas_grouped_ffn(rows, row_expert, experts, backend)
     n_experts = experts["w_in"].shape[0]
@@ -265,7 +267,7 @@ class MoE(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, grouped_matmul: str = "auto"):
         self.cfg = cfg
-        resolve_grouped_matmul(grouped_matmul)  # an unknown name fails here, not at the first call
+        resolve_grouped_matmul(grouped_matmul, cfg.dtype)  # an unknown name fails here, not at the first call
         self.grouped_matmul = grouped_matmul
         e, d, f = cfg.n_experts, cfg.d_model, cfg.d_mlp
         pd, std = jnp.dtype(cfg.param_dtype), cfg.init_std

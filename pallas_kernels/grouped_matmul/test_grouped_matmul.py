@@ -153,3 +153,11 @@ def test_gpu_forward_and_grads_match_reference(case, backend):
         pytest.skip(f"mosaic needs sm_90; this is {jax.devices()[0].device_kind}")
     fn = lambda x, w, gs: api.grouped_matmul(x, w, gs, backend=backend)  # noqa: E731
     _check_forward_and_grads(case, jnp.bfloat16, jax.jit(fn))
+
+
+@pytest.mark.parametrize("hopper, dtype, expected", [
+    (True, jnp.bfloat16, "mosaic"), (True, jnp.float16, "mosaic"), (True, jnp.float32, "triton"),
+    (False, jnp.bfloat16, "triton")])
+def test_auto_backend_takes_mosaic_on_hopper_for_16_bit(monkeypatch, hopper, dtype, expected):
+    monkeypatch.setattr(api, "_targets_hopper", lambda: hopper)
+    assert api.auto_backend(dtype) == expected

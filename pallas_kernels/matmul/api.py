@@ -23,8 +23,7 @@ _log = logging.getLogger(__name__)
 _warned: set[str] = set()
 
 
-def _is_hopper() -> bool:
-    return getattr(jax.devices()[0], "compute_capability", None) == "9.0"
+_is_hopper = _api.targets_hopper
 
 
 def _supports_fp8() -> bool:
