@@ -33,7 +33,7 @@ def _swizzled(minor_elements: int, dtype):
     return plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle)
 
 
-def _num_sms() -> int:
+def num_sms() -> int:
     """SMs of the target GPU: the abstract device's in interpret mode, else the real one's."""
     abstract = jax.sharding.get_abstract_mesh().abstract_device
     if abstract is not None:
@@ -47,9 +47,13 @@ def _num_sms() -> int:
     return count
 
 
-def _kernel(a_gmem, b_gmem, c_gmem, *, tiles: MosaicTiles):
-    """a_gmem [M, K], b_gmem [K, N], c_gmem [M, N] in GMEM; runs on every warpgroup of a CTA."""
-    (m, k), n = a_gmem.shape, b_gmem.shape[1]
+def tiled_matmul(a_gmem, b_gmem, c_gmem, *, tiles: MosaicTiles, b_for_row_tile=None):
+    """The kernel body, run on every warpgroup of a CTA: c_gmem [M, N] = a_gmem [M, K] @ B, all
+    in GMEM. B is b_gmem [K, N]; or, with `b_for_row_tile(tile_row)` (the grouped matmul: a
+    row tile's group picks its weight), b_gmem is [G, K, N] and that function gives the [K, N]
+    ref for the CTA row tile `tile_row`."""
+    b_template = b_gmem if b_for_row_tile is None else b_gmem.at[0]  # shapes for the allocations
+    (m, k), n = a_gmem.shape, b_template.shape[1]
     tm, tn, tk, epi = tiles.tile_m, tiles.tile_n, tiles.tile_k, EPILOGUE_TILE
     cta_m, cta_n = tiles.cta_m, tiles.cta_n
     m_tiles, n_tiles = m // cta_m, n // cta_n
@@ -76,7 +80,7 @@ def _kernel(a_gmem, b_gmem, c_gmem, *, tiles: MosaicTiles):
 
     @functools.partial(
         pl.run_scoped,
-        pipeline_allocs=pipeline(unused, unused).get_allocations(a_gmem, b_gmem),
+        pipeline_allocs=pipeline(unused, unused).get_allocations(a_gmem, b_template),
         out_smem=plgpu.SMEM((COMPUTE_WGS, 2, epi, epi), c_gmem.dtype,
                             transforms=_swizzled(epi, c_gmem.dtype)),
         collective_axes="wg",
@@ -121,7 +125,8 @@ def _kernel(a_gmem, b_gmem, c_gmem, *, tiles: MosaicTiles):
                 plgpu.wgmma_wait(0)
                 return acc_ref
 
-            pipeline(mma, compute_context)(a_gmem.at[cta_rows, :], b_gmem.at[:, cta_cols],
+            b_rows = b_gmem if b_for_row_tile is None else b_for_row_tile(tile_row)
+            pipeline(mma, compute_context)(a_gmem.at[cta_rows, :], b_rows.at[:, cta_cols],
                                            allocations=pipeline_allocs)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # every store has read its SMEM
@@ -132,9 +137,9 @@ def matmul(a, b, *, out_dtype, tiles: MosaicTiles, interpret: bool):
     N of tiles.cta_n, K of tiles.tile_k."""
     m, n = a.shape[0], b.shape[1]
     return plgpu.kernel(
-        functools.partial(_kernel, tiles=tiles),
+        functools.partial(tiled_matmul, tiles=tiles),
         out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
-        grid=(_num_sms(),),
+        grid=(num_sms(),),
         grid_names=("sm",),
         num_threads=COMPUTE_WGS + 1,
         thread_name="wg",
