@@ -4,6 +4,10 @@ import dataclasses
 import itertools
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -130,12 +134,18 @@ def test_prune_drops_only_what_cannot_fit():
 @pytest.fixture(scope="module")
 def auto_run(tmp_path_factory):
     """The search on the 8-device CPU mesh: the best on paper and 3 more spread over the
-    ranking, timed in 25 interleaved rounds of one step (a burst of load from other
-    processes on the shared 2-core host then lands on every layout alike)."""
+    ranking, timed in 60 interleaved rounds of one step (a burst of load from other
+    processes on the shared 2-core host then lands on every layout alike). It runs as the
+    command a user types, in a process of its own: under the persistent compilation cache
+    this conftest turns on, the pp_fsdp CPU step reloaded from the cache hung in a
+    collective's rendezvous until XLA aborted the process (jax 0.11.2)."""
     out = tmp_path_factory.mktemp("auto")
-    argv = ["--auto", "--top", "1", "--spread", "3", "--steps", "1", "--rounds", "25", "--remats", "none,full",
+    argv = ["--auto", "--top", "1", "--spread", "3", "--steps", "1", "--rounds", "60", "--remats", "none,full",
             "preset=gpt2-tiny", "name=auto", f"out_dir={out}", "train.batch_size=8", "data.seq_len=16"]
-    assert main(argv) == 0
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    done = subprocess.run([sys.executable, "-m", "experiments.shard_sweep", *argv], env=env, capture_output=True,
+                          text=True, timeout=600, cwd=Path(__file__).parents[2])
+    assert done.returncode == 0, done.stderr[-3000:]
     return out / "auto", json.loads((out / "auto" / "shard_search.json").read_text())
 
 
@@ -149,9 +159,10 @@ def test_auto_ranking_predicts_the_measured_order(auto_run):
     best = min(r["step_s"] for r in rows)
     assert record["winner"] == next(r["layout"] for r in rows if r["step_s"] == best)
     assert record["paper_pick"] == names[0]
-    assert record["paper_pick_vs_best"] == pytest.approx(rows[0]["step_s"] / best) and rows[0]["step_s"] <= 1.1 * best
+    assert record["paper_pick_vs_best"] == pytest.approx(rows[0]["step_s"] / best)
+    assert rows[0]["step_s"] <= 1.1 * best, format_auto(record)
     rho = search.rank_correlation([r["predicted_step_s"] for r in rows], [r["step_s"] for r in rows])
-    assert record["rank_correlation"] == pytest.approx(rho) and rho >= 0.8, format_auto(record)
+    assert record["rank_correlation"] == pytest.approx(rho) and rho >= 0.8 - 1e-9, format_auto(record)
     assert (run_dir / "shard_search.png").stat().st_size > 0
     assert all(r["loss"] > 0 and r["compiled_bytes"] > 0 and r["collective_count"] >= 1 for r in rows)
     printed = format_auto(record)
