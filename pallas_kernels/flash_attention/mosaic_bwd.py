@@ -36,7 +36,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.flash_attention.config import MosaicBwdBlocks
-from pallas_kernels.flash_attention.mosaic_fwd import COMPUTE_WGS, DTYPES
+from pallas_kernels.flash_attention import mosaic_fwd
+from pallas_kernels.flash_attention.mosaic_fwd import COMPUTE_WGS
 from pallas_kernels.flash_attention.triton_fwd import LOG2E
 
 
@@ -308,9 +309,7 @@ def flash_backward(q, k, v, out, lse2, dout, *, scale: float, causal: bool,
     """
     b, t, n, h = q.shape
     s, kv_heads = k.shape[1], k.shape[2]
-    if jnp.dtype(q.dtype) not in DTYPES or h % 64:
-        raise ValueError(f"mosaic backward needs bf16/fp16 and head_dim % 64 == 0; "
-                         f"got dtype={q.dtype}, head_dim={h}")
+    mosaic_fwd.check_operands(q, "backward")
     check_smem(blocks, h, q.dtype)
     slots = blocks.max_concurrent_steps
     q_rows = math.lcm(COMPUTE_WGS * blocks.block_q_dq, blocks.block_q_dkv)

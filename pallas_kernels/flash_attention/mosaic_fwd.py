@@ -348,6 +348,13 @@ SMEM_BYTES = 227 * 1024  # shared memory a CTA may allocate on an H100
 SMEM_OVERHEAD_BYTES = 4096
 
 
+def check_operands(q, direction: str):
+    """Raise ValueError unless q is bf16/fp16 with head_dim a multiple of 64 (wgmma tiles)."""
+    if jnp.dtype(q.dtype) not in DTYPES or q.shape[-1] % 64:
+        raise ValueError(f"mosaic {direction} needs bf16/fp16 and head_dim % 64 == 0; "
+                         f"got dtype={q.dtype}, head_dim={q.shape[-1]}")
+
+
 def check_smem(blocks: MosaicBlocks, head_dim: int, dtype):
     """Raise ValueError if the tiles overflow shared memory (q/out rows, K/V slots, lse)."""
     row_bytes = head_dim * jnp.dtype(dtype).itemsize
@@ -369,9 +376,7 @@ def flash_forward(q, k, v, *, scale: float, causal: bool, blocks: MosaicBlocks,
     """
     b, t, n, h = q.shape
     s, kv_heads = k.shape[1], k.shape[2]
-    if jnp.dtype(q.dtype) not in DTYPES or h % 64:
-        raise ValueError(f"mosaic forward needs bf16/fp16 and head_dim % 64 == 0; "
-                         f"got dtype={q.dtype}, head_dim={h}")
+    check_operands(q, "forward")
     check_smem(blocks, h, q.dtype)
     cta_rows = COMPUTE_WGS * blocks.block_q
     if causal:  # T == S; one padded length serves both, so causal step counts stay in bounds
