@@ -354,7 +354,7 @@ def make_pipeline_train_step(graphdef, optimizer: optax.GradientTransformation, 
       A `PipelineStep`.
     Raises:
       ValueError: unknown schedule or rules, microbatches < 1, a mesh that also splits
-        over tensor, sequence or expert (at once); layers not
+        over tensor, sequence or expert, or over both data and fsdp (at once); layers not
         divisible by stages, microbatches not dividing the micro-batch or the batch split
         (on the first call).
     """
@@ -365,6 +365,9 @@ def make_pipeline_train_step(graphdef, optimizer: optax.GradientTransformation, 
     if model_parallel:
         raise ValueError(f"pipeline parallelism combines with batch and fsdp splits only (rules dp, "
                          f"fsdp, zero1); the mesh also has {model_parallel}: set those axes to 1")
+    if mesh.shape.get("data", 1) > 1 and mesh.shape.get("fsdp", 1) > 1:  # same abort, one check
+        raise ValueError(f"pipeline parallelism splits the batch over data or fsdp, not both; got "
+                         f"data={mesh.shape['data']}, fsdp={mesh.shape['fsdp']}: set one of them to 1")
     table = timetable(pp_schedule, stages, microbatches)
     stats = schedule_stats(pp_schedule, stages, microbatches)
     param_rules, _ = pipeline_rules(rules)

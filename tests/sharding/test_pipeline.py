@@ -147,6 +147,9 @@ def test_bad_schedule_and_microbatches_fail_at_once():
     with pytest.raises(ValueError, match=r"batch and fsdp splits only .* \{'tensor': 2\}"):
         make_pipeline_train_step(graphdef, optimizer, mesh=make_mesh(MeshConfig(pipeline=2, data=2, tensor=2)),
                                  rules="tp", microbatches=4)
+    with pytest.raises(ValueError, match=r"over data or fsdp, not both; got data=2, fsdp=2"):
+        make_pipeline_train_step(graphdef, optimizer, mesh=make_mesh(MeshConfig(pipeline=2, data=2, fsdp=2)),
+                                 rules="fsdp", microbatches=4)
 
 
 @pytest.mark.parametrize("p,rules,m,match", [
