@@ -23,7 +23,7 @@ expert to the row tile, all of an expert MLP's matmuls run in it, placed back on
 interpret mode, for tests), "mosaic" (the same with the Mosaic GPU rows kernel; Hopper, 16-bit),
 or "xla", `jax.lax.ragged_dot` (XLA's GPU rewriter turns it into a dense dot over all experts,
 E times the FLOPs: xla/hlo/transforms/expanders/ragged_dot_rewriter.cc, RaggedToDense); "auto"
-is "triton" on a GPU and "xla" elsewhere.
+is "mosaic" on Hopper for 16-bit compute, else "triton" on a GPU, and "xla" elsewhere.
 
 Expert parallelism: when the active logical rules map `experts` to mesh axes of size > 1 (ragged
 impl), each device holds E / n experts, and assignments travel to their expert's device and back
@@ -43,7 +43,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from llmjax.config import ModelConfig
-from pallas_kernels import grouped_matmul as gmm
+from pallas_kernels.grouped_matmul import api as gmm
 from pallas_kernels.grouped_matmul.config import default_tile_m
 from sharding.axes import BATCH, EMBED, EXPERTS, LENGTH, MLP
 from sharding.placement import active_layout, logical_to_spec
