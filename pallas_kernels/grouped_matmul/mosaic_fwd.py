@@ -11,10 +11,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.matmul.config import MosaicTiles
-from pallas_kernels.matmul.mosaic_matmul import COMPUTE_WGS, DTYPES, num_sms, tiled_matmul
+from pallas_kernels.matmul.mosaic_matmul import DTYPES, launch, tiled_matmul
 
 __all__ = ["grouped_matmul", "DTYPES"]
 
@@ -32,17 +31,8 @@ def grouped_matmul(x, w, tile_group, *, out_dtype, tiles: MosaicTiles, interpret
     x: [P, K], w: [G, K, N] (bf16 or fp16); tile_group [P // tiles.cta_m] int32 in [0, G].
     N a multiple of tiles.cta_n, K of tiles.tile_k.
     """
-    p, n = x.shape[0], w.shape[2]
-    y = plgpu.kernel(
-        functools.partial(_kernel, tiles=tiles),
-        out_type=jax.ShapeDtypeStruct((p, n), out_dtype),
-        grid=(num_sms(),),
-        grid_names=("sm",),
-        num_threads=COMPUTE_WGS + 1,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(),
-        interpret=plgpu.InterpretGPUParams() if interpret else None,
-    )(tile_group, x, w)
+    y = launch(functools.partial(_kernel, tiles=tiles), (x.shape[0], w.shape[2]), out_dtype,
+               tile_group, x, w, interpret=interpret)
     # plgpu.kernel traces with shard_map's varying-axis checks off, so y comes back typed as
     # varying over no mesh axis; inside shard_map it varies as x does.
     missing = jax.typeof(x).manual_axis_type.varying - jax.typeof(y).manual_axis_type.varying

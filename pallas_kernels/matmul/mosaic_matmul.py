@@ -132,17 +132,23 @@ def tiled_matmul(a_gmem, b_gmem, c_gmem, *, tiles: MosaicTiles, b_for_row_tile=N
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # every store has read its SMEM
 
 
-def matmul(a, b, *, out_dtype, tiles: MosaicTiles, interpret: bool):
-    """C = A @ B in `out_dtype`: a [M, K], b [K, N] (bf16 or fp16), M a multiple of tiles.cta_m,
-    N of tiles.cta_n, K of tiles.tile_k."""
-    m, n = a.shape[0], b.shape[1]
+def launch(body, out_shape, out_dtype, *args, interpret: bool):
+    """Run a kernel body built on tiled_matmul: one persistent CTA per SM, a memory warpgroup
+    and COMPUTE_WGS compute warpgroups."""
     return plgpu.kernel(
-        functools.partial(tiled_matmul, tiles=tiles),
-        out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
+        body,
+        out_type=jax.ShapeDtypeStruct(out_shape, out_dtype),
         grid=(num_sms(),),
         grid_names=("sm",),
         num_threads=COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
-    )(a, b)
+    )(*args)
+
+
+def matmul(a, b, *, out_dtype, tiles: MosaicTiles, interpret: bool):
+    """C = A @ B in `out_dtype`: a [M, K], b [K, N] (bf16 or fp16), M a multiple of tiles.cta_m,
+    N of tiles.cta_n, K of tiles.tile_k."""
+    return launch(functools.partial(tiled_matmul, tiles=tiles), (a.shape[0], b.shape[1]), out_dtype,
+                  a, b, interpret=interpret)
