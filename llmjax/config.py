@@ -36,10 +36,13 @@ def _check_choice(key: str, value: str, choices: tuple[str, ...]):
 
 
 def _check_positive(prefix: str, obj, names: tuple[str, ...], allow_zero=False):
+    """Raise ConfigError for the first field of `names` below 0 (or at 0 unless allow_zero);
+    keys are `prefix.name`, or `name` for a top-level config (prefix "")."""
     for name in names:
         v = getattr(obj, name)
         if v < 0 or (v == 0 and not allow_zero):
-            raise ConfigError(f"{prefix}.{name}", v, "a number >= 0" if allow_zero else "a number > 0")
+            raise ConfigError(f"{prefix}.{name}" if prefix else name, v,
+                              "a number >= 0" if allow_zero else "a number > 0")
 
 
 @dataclass(frozen=True, kw_only=True)

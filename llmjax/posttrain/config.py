@@ -12,6 +12,7 @@ import yaml
 
 from llmjax.config import (
     ConfigError,
+    _check_positive,
     LoraConfig,
     ModelConfig,
     OptimConfig,
@@ -62,10 +63,9 @@ class PosttrainConfig:
     clip_eps: float = 0.2
 
     def __post_init__(self):
-        for key in ("n_examples", "seq_len", "steps", "batch_size", "eval_every", "rm_steps",
-                    "prompt_tokens", "prompts_per_iter", "group_size", "max_new_tokens", "qlora_block"):
-            if getattr(self, key) < 1:
-                raise ConfigError(key, getattr(self, key), "an integer >= 1")
+        _check_positive("", self, ("n_examples", "seq_len", "steps", "batch_size", "eval_every", "rm_steps",
+                                   "prompt_tokens", "prompts_per_iter", "group_size", "max_new_tokens",
+                                   "qlora_block"))
         if not 0.0 < self.val_fraction < 0.5:
             raise ConfigError("val_fraction", self.val_fraction, "a fraction in (0, 0.5)")
         if self.beta < 0 or self.temperature <= 0 or self.clip_eps <= 0:
