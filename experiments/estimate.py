@@ -137,6 +137,8 @@ class PaperModel:
     family: str = "gpt2"
     dtype: str = "bfloat16"
     param_dtype: str = "float32"
+    attention_impl: str = "auto"  # a flash kernel on the GPU: no [B, N, T, T] scores kept
+    loss_impl: str = "fused"  # chunked cross-entropy: no whole [tokens, vocab] logits
 
     @property
     def n_kv_heads(self) -> int:
@@ -153,7 +155,8 @@ def search_report(args, shape: Shape, memory: float, shown: int = 10) -> str:
     # On paper the prediction itself must fit (the search's slack is for its error against
     # a compiled step on the machine at hand).
     hw = search.Hardware(PEAK_BF16_FLOPS[kind], args.mfu, args.link_gbps * 1e9, args.link_latency_us * 1e-6,
-                         memory / (1 + search.PRUNE_SLACK), tensor_link_bytes_per_s=args.nvlink_gbps * 1e9)
+                         memory / (1 + search.PRUNE_SLACK), tensor_link_bytes_per_s=args.nvlink_gbps * 1e9,
+                         platform="gpu")
     model = PaperModel(shape.n_layers, shape.d_model, shape.n_heads, args.seq_len)
     batch = args.batch_size
     ranked, pruned = search.search(model, shape.n_params, args.gpus, hw, batch_size=batch, grad_accum=args.grad_accum,

@@ -21,7 +21,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from sharding.axes import ACT_EMBED, ACT_HEADS, ACT_MLP, ACT_VOCAB, BATCH, LENGTH
+from pallas_kernels.cross_entropy.api import default_n_chunks
+from sharding.axes import ACT_EMBED, ACT_HEADS, ACT_MLP, ACT_VOCAB, BATCH, EMBED, LENGTH, VOCAB
 from sharding.placement import state_shardings
 from sharding.rules import Rules, mesh_axes_of, resolve_rules
 
@@ -153,21 +154,47 @@ def _tensor_ways(dims: tuple[str, ...], shape: dict[str, int], rules: dict) -> i
     return ways
 
 
+def _on_cpu(platform: str | None) -> bool:
+    return (platform or jax.default_backend()) == "cpu"
+
+
+def flash_attention_used(model_cfg, platform: str | None = None) -> bool:
+    """Whether the model's attention is a fused kernel that keeps O(T) statistics for the
+    backward pass instead of the [B, N, T, T] scores: cuDNN or our Pallas kernel on a GPU, and
+    `auto` there for 16-bit inputs (the rule of `llmjax.ops.attention`). On a CPU every impl
+    materializes the scores (Pallas runs its reference there)."""
+    if _on_cpu(platform):
+        return False
+    impl = model_cfg.attention_impl
+    return impl in ("cudnn", "pallas") or (impl == "auto" and np.dtype(model_cfg.dtype).itemsize == 2)
+
+
 def layer_activation_bytes(model_cfg, mesh_shape: dict[str, int], rules: str | Rules, *,
-                           micro_batch: int, seq_len: int, remat: str = "none") -> float:
+                           micro_batch: int, seq_len: int, remat: str = "none",
+                           platform: str | None = None) -> float:
     """Bytes one layer saves for its backward pass, per device, for one micro-batch.
 
-    What jax saves per layer (checked with jax's `saved_residuals` on our blocks, model
-    dtype `c` bytes, scores and softmax statistics fp32):
+    What is saved (model dtype `c` bytes, scores and statistics fp32), by remat policy:
       full: the layer input x [B, T, D].
       dots: x, q [B, T, N, H], k and v [B, T, K, H], the attention and MLP output
             projections [B, T, D] each, the MLP input projection(s) [B, T, F] (2 for
             SwiGLU, 1 for GELU): `dots_with_no_batch_dims_saveable` keeps matmul outputs.
-      none: 8 [B, T, D] (residual stream, norm inputs/outputs), q, k, v and the attention
-            output, scores and probabilities [B, N, T, T] fp32, 6 (SwiGLU) or 5 (GELU)
-            [B, T, F], and fp32 row statistics (4 [B, T] for the norms, 2 [B, N, T]).
+      none, compiled for a CPU (jax's `saved_residuals` on our blocks, which XLA's CPU
+            backend keeps as they are): 8 [B, T, D] (residual stream, norm inputs/outputs), q,
+            k, v and the attention output, scores and probabilities [B, N, T, T], 6 (SwiGLU)
+            or 5 (GELU) [B, T, F], and row statistics (4 [B, T] for the norms, 2 [B, N, T]).
+      none, compiled for a GPU (`platform` other than "cpu"): XLA fuses the elementwise
+            producers of most of those into their consumers and recomputes them there, so it
+            keeps 4 [B, T, D] (the two norms' inputs and outputs), q, k, v, the attention
+            output, 3 [B, T, F] (SwiGLU: gate, up and their product; GELU: the input
+            projection, its tanh and the GELU output), the statistics, and the scores only
+            where attention is not a flash kernel (`flash_attention_used`). Fitted on an H100
+            (benchmarks/results/train-* and shard_sweep-*): the per-token slope of compiled
+            temp bytes between batch sizes is 14.8 [B, T, D] units per layer for Llama 1.1B
+            (this list: 14.5) and 20.3 for GPT-2 124M (20).
     Each tensor is divided by the devices its logical dims are split over under `rules`
-    (batch, length, act_embed, act_heads, act_mlp).
+    (batch, length, act_embed, act_heads, act_mlp). `platform`: "cpu", "gpu", ... (default
+    jax's default backend).
 
     Raises:
       ValueError: unknown remat policy, or unknown preset / invalid table.
@@ -191,44 +218,66 @@ def layer_activation_bytes(model_cfg, mesh_shape: dict[str, int], rules: str | R
         return btd
     if remat == "dots":
         return 3 * btd + q + 2 * kv + (2 if swiglu else 1) * btf
-    scores = size((BATCH, ACT_HEADS, LENGTH), b * n * t * t, 4)
+    scores = 0.0 if flash_attention_used(model_cfg, platform) else size((BATCH, ACT_HEADS, LENGTH), b * n * t * t, 4)
     stats = size((BATCH, LENGTH), 4 * b * t, 4) + size((BATCH, ACT_HEADS, LENGTH), 2 * b * n * t, 4)
-    return 8 * btd + 2 * q + 2 * kv + 2 * scores + (6 if swiglu else 5) * btf + stats
+    if _on_cpu(platform):
+        return 8 * btd + 2 * q + 2 * kv + 2 * scores + (6 if swiglu else 5) * btf + stats
+    return 4 * btd + 2 * q + 2 * kv + 2 * scores + 3 * btf + stats
+
+
+def loss_activation_bytes(model_cfg, mesh_shape: dict[str, int], rules: str | Rules, *,
+                          micro_batch: int, seq_len: int) -> float:
+    """Bytes per device the vocabulary projection and loss hold at the step's peak.
+
+    `loss_impl` xla: the fp32 logits and their softmax [B, T, V]. fused
+    (`pallas_kernels.cross_entropy`): one token chunk's fp32 logits [B·T / n_chunks, V] (its
+    default chunking) and, for 16-bit compute, their gradient in the compute dtype beside
+    them (an fp32 gradient overwrites the logits), plus the fp32 gradient accumulator of the
+    vocabulary weight [V, D].
+    """
+    table = dict(resolve_rules(rules)[0])
+    tokens, vocab = micro_batch * seq_len, model_cfg.vocab_size
+    act_ways = _tensor_ways((BATCH, LENGTH, ACT_VOCAB), mesh_shape, table)
+    if model_cfg.loss_impl != "fused":
+        return 2 * tokens * vocab * 4 / act_ways
+    c = np.dtype(model_cfg.dtype).itemsize
+    chunk = tokens / default_n_chunks(tokens, vocab)
+    return chunk * vocab * (4 + (c if c < 4 else 0)) / act_ways + vocab * model_cfg.d_model * 4 / _tensor_ways(
+        (VOCAB, EMBED), mesh_shape, table)
 
 
 def activation_bytes(model_cfg, mesh_shape: dict[str, int], rules: str | Rules, *,
-                     micro_batch: int, seq_len: int, remat: str = "none") -> float:
+                     micro_batch: int, seq_len: int, remat: str = "none", platform: str | None = None) -> float:
     """Activation bytes per device at the peak of a training step, for one micro-batch.
 
     The saved activations of this device's layers (n_layers / pipeline), plus, under
     remat, what the backward of one layer recomputes (its `none` activations less those
-    saved), plus the fp32 logits and their softmax [B, T, V] of the head (`lm_loss` xla).
-    Measured against the compiled step on CPU (tests/sharding/test_memory.py): within
-    ~20%; XLA's buffer reuse and backward workspace are not modelled.
+    saved), plus the head's logits (`loss_activation_bytes`). Measured against the compiled
+    step on CPU (tests/sharding/test_memory.py): within ~20%; XLA's buffer reuse and
+    backward workspace are not modelled. Not counted here: the compute-dtype copies of the
+    weights a mixed-precision step keeps for its backward (c bytes per parameter on a GPU).
 
     Raises:
       ValueError: as `layer_activation_bytes`.
     """
-    table = dict(resolve_rules(rules)[0])
     layers = model_cfg.n_layers // mesh_shape.get("pipeline", 1)
     per_layer = {policy: layer_activation_bytes(model_cfg, mesh_shape, rules, micro_batch=micro_batch,
-                                                seq_len=seq_len, remat=policy)
+                                                seq_len=seq_len, remat=policy, platform=platform)
                  for policy in dict.fromkeys((remat, "none"))}
     recompute = per_layer["none"] - per_layer[remat]
-    logits = 2 * micro_batch * seq_len * model_cfg.vocab_size * 4 / _tensor_ways(
-        (BATCH, LENGTH, ACT_VOCAB), mesh_shape, table)
-    return layers * per_layer[remat] + recompute + logits
+    return layers * per_layer[remat] + recompute + loss_activation_bytes(
+        model_cfg, mesh_shape, rules, micro_batch=micro_batch, seq_len=seq_len)
 
 
 def pipeline_activation_bytes(model_cfg, mesh_shape: dict[str, int], rules: str | Rules, *,
                               micro_batch: int, seq_len: int, in_flight: int,
-                              remat: str = "none") -> float:
+                              remat: str = "none", platform: str | None = None) -> float:
     """Activation bytes per device of a pipeline stage (`sharding.pipeline`): the inputs
     [B, T, D] of the `in_flight` microbatches it keeps between forward and backward
     (`schedule_stats(...)["max_in_flight"]`: m for GPipe, <= p for 1F1B), plus one
     microbatch's backward through its n_layers / pipeline layers (`activation_bytes`).
     `micro_batch` is the pipeline microbatch (micro-batch / mesh.pp_microbatches)."""
     kept = layer_activation_bytes(model_cfg, mesh_shape, rules, micro_batch=micro_batch,
-                                  seq_len=seq_len, remat="full")
+                                  seq_len=seq_len, remat="full", platform=platform)
     return in_flight * kept + activation_bytes(model_cfg, mesh_shape, rules, micro_batch=micro_batch,
-                                               seq_len=seq_len, remat=remat)
+                                               seq_len=seq_len, remat=remat, platform=platform)

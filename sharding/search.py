@@ -175,6 +175,9 @@ class Hardware:
     # as GPUs). Virtual devices sharing a host's cores run faster alone: a pipeline stage's
     # idle time is then filled by the other devices' work instead of being lost.
     solo_flops: float | None = None
+    # The backend the step is compiled for ("cpu", "gpu"): what it saves for the backward
+    # pass differs (`sharding.memory.layer_activation_bytes`); default jax's default backend.
+    platform: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,16 +218,17 @@ def state_bytes(layout: Layout, n_params: float, param_dtype="float32", opt_mome
     return n_params * ((p + 4) / weight_ways + opt_moments * p / opt_ways)
 
 
-def predicted_activation_bytes(layout: Layout, model_cfg, micro_batch: int, seq_len: int) -> float:
+def predicted_activation_bytes(layout: Layout, model_cfg, micro_batch: int, seq_len: int,
+                               platform: str | None = None) -> float:
     """`sharding.memory`'s activation bytes per device for this layout's mesh and remat."""
     shape = layout.mesh_shape
     if layout.preset in PIPELINE_PRESETS:
         in_flight = schedule_stats(layout.schedule, layout.pipeline, layout.microbatches)["max_in_flight"]
         return pipeline_activation_bytes(model_cfg, shape, pipeline_rules(layout.rules)[0],
-                                         micro_batch=micro_batch // layout.microbatches,
-                                         seq_len=seq_len, in_flight=in_flight, remat=layout.remat)
+                                         micro_batch=micro_batch // layout.microbatches, seq_len=seq_len,
+                                         in_flight=in_flight, remat=layout.remat, platform=platform)
     return activation_bytes(model_cfg, shape, layout.rules, micro_batch=micro_batch, seq_len=seq_len,
-                            remat=layout.remat)
+                            remat=layout.remat, platform=platform)
 
 
 def collectives(layout: Layout, model_cfg, n_params: float, batch_size: int, grad_accum: int,
@@ -310,7 +314,7 @@ def predict(layout: Layout, model_cfg, n_params: float, hw: Hardware, *, batch_s
         comm_ops += count
         comm_s += count * (hw.link_latency_s + moved / bandwidth)
     states = state_bytes_fn(layout) if state_bytes_fn else state_bytes(layout, n_params, model_cfg.param_dtype)
-    acts = predicted_activation_bytes(layout, model_cfg, batch_size // grad_accum, seq_len)
+    acts = predicted_activation_bytes(layout, model_cfg, batch_size // grad_accum, seq_len, hw.platform)
     return Prediction(layout, compute, comm_s, bubble, comm_bytes, states, acts, comm_ops)
 
 

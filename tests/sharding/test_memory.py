@@ -1,5 +1,7 @@
 """The memory model against the compiled train step, and its closed forms."""
+import json
 import math
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -9,12 +11,16 @@ from flax import nnx
 
 from llmjax.config import MeshConfig, load_config
 from llmjax.models import init_model, split_model
+from llmjax import ops
 from sharding.memory import (activation_bytes, activation_bytes_per_layer, estimate_train_memory,
-                             layer_activation_bytes, zero_bytes_per_param, zero_formula)
+                             layer_activation_bytes, loss_activation_bytes, zero_bytes_per_param, zero_formula)
 from sharding.mesh import make_mesh, mesh_shape
 from sharding.placement import batch_sharding, state_shardings
 from sharding.rules import get_rules
 from tests.sharding.conftest import COMPILER_OPTIONS, FAMILIES, LAYOUTS
+
+
+RESULTS = Path(__file__).parents[2] / "benchmarks" / "results"
 
 
 def _predicted(run, layout):
@@ -96,6 +102,49 @@ def test_activation_bytes_match_compiled_temp(remat, layout):
                                  seq_len=_ACT_SEQ, remat=remat)
     print(f"{remat} {layout}: predicted {predicted:.0f} compiled {measured} ratio {predicted / measured:.2f}")
     assert abs(predicted - measured) <= 0.25 * measured, (predicted, measured)
+
+
+def test_fused_loss_bytes_match_compiled_temp():
+    """The loss's share of the peak: whole fp32 logits and softmax for `xla`; one chunk of fp32
+    logits (two chunks here) and the vocabulary weight's gradient for `fused` (compile only)."""
+    b, t = 4, 1024
+    for impl in ("xla", "fused"):
+        cfg = load_config(overrides=["preset=gpt2-tiny", "model.vocab_size=65536", "model.dtype=float32",
+                                     f"model.loss_impl={impl}"]).model
+        shapes = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in (
+            ((b, t, cfg.d_model), jnp.float32), ((cfg.vocab_size, cfg.d_model), jnp.float32), ((b, t), jnp.int32))]
+        grad = jax.jit(jax.grad(lambda h, w, y: ops.lm_loss(h, w, y, impl=impl), argnums=(0, 1)))
+        compiled = grad.lower(*shapes).compile().memory_analysis().temp_size_in_bytes
+        predicted = loss_activation_bytes(cfg, {}, "dp", micro_batch=b, seq_len=t)
+        assert abs(predicted - compiled) <= 0.05 * compiled, (impl, predicted, compiled)
+
+
+def _h100_steps():
+    """(config, batch, n_params, compiled temp bytes) of every H100 train step recorded by
+    bench_train in benchmarks/results."""
+    for path in sorted(RESULTS.glob("train-*-h100_nvidia_h100*.json")):
+        record = json.loads(path.read_text())
+        for row in record["rows"]:
+            overrides = [] if row["variant"] == "base" else row["variant"].split(",")
+            cfg = load_config(RESULTS.parents[1] / "experiments" / "configs" / f"{record['config']}.yaml",
+                              overrides=overrides)
+            yield cfg, row["batch"], row["n_params"], row["compiled_bytes"]["temp"]
+
+
+def test_gpu_model_matches_h100_compiled_temp():
+    """The GPU view of the memory model against the compiled H100 train steps (bf16 compute over
+    fp32 params, flash attention, fused loss, no remat): the activations and the loss's share
+    plus the bf16 copies of the weights the step keeps for its backward are within 3% of the
+    compiled temp bytes, at every model and batch recorded (4 configs, 3 models)."""
+    steps = list(_h100_steps())
+    assert len(steps) >= 4
+    for cfg, batch, n_params, temp in steps:
+        predicted = activation_bytes(cfg.model, {}, "dp", micro_batch=batch, seq_len=cfg.data.seq_len,
+                                     platform="gpu") + 2 * n_params
+        assert abs(predicted - temp) <= 0.03 * temp, (cfg.name, batch, predicted, temp)
+        cpu_view = activation_bytes(cfg.model, {}, "dp", micro_batch=batch, seq_len=cfg.data.seq_len,
+                                    platform="cpu")
+        assert cpu_view > 1.5 * temp  # a CPU keeps the scores and every elementwise intermediate
 
 
 def test_remat_policies_order_and_bad_policy():

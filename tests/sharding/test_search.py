@@ -33,6 +33,8 @@ class Model:
     family: str = "gpt2"
     dtype: str = "float32"
     param_dtype: str = "float32"
+    attention_impl: str = "xla"
+    loss_impl: str = "xla"
 
 
 def _predict(preset, sizes, model=Model(), n_params=1e6, batch_size=64, layer_tensors=12, **kw):
