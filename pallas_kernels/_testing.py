@@ -5,6 +5,7 @@ import zlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 # Relative error ||out - ref|| / ||ref|| against the fp32 reference (DESIGN.md), forward and gradients.
 TOLERANCE = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 1e-2, jnp.dtype(jnp.float16): 1e-2}
@@ -47,3 +48,18 @@ def assert_close(out, ref, dtype, what="output"):
     err = relative_error(out, ref)
     tol = TOLERANCE[jnp.dtype(dtype)]
     assert err < tol, f"{what}: relative error {err:.3g} >= {tol:g} ({jnp.dtype(dtype).name})"
+
+
+def backend_dtype_params(backends, dtypes):
+    """pytest params (backend fields..., dtype) of a contract test: every backend at every dtype
+    but the reference backend at float32, where the API's reference path is the very function it
+    would be compared with (the reference itself is checked against float64 numpy instead).
+    `backends`: names, or tuples whose first field is the name."""
+    params = []
+    for backend in backends:
+        fields = backend if isinstance(backend, tuple) else (backend,)
+        for dtype in dtypes:
+            if fields[0] == "reference" and jnp.dtype(dtype) == jnp.float32:
+                continue
+            params.append(pytest.param(*fields, dtype, id=f"{fields[0]}-{jnp.dtype(dtype).name}"))
+    return params

@@ -67,7 +67,9 @@ def test_bundled_experiment_configs_load():
 
     from llmjax.posttrain.config import load_posttrain_config
 
-    for path in sorted(Path("experiments/configs").glob("*.yaml")):
+    paths = sorted((Path(__file__).resolve().parents[1] / "experiments" / "configs").glob("*.yaml"))
+    assert len(paths) >= 10
+    for path in paths:
         posttrain = path.stem.split("_")[0] in ("sft", "dpo", "rlhf", "qlora")
         cfg = load_posttrain_config(path) if posttrain else load_config(path)
         assert cfg.name == path.stem, path

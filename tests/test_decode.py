@@ -1,4 +1,5 @@
 """KV-cache generation against full recomputation, and the samplers."""
+import dataclasses
 import json
 
 import jax
@@ -75,8 +76,12 @@ def test_samplers():
 def test_sampling_is_seeded():
     model = init_model(load_config(overrides=["preset=llama-tiny"]).model)
     prompt = jnp.ones((1, 3), jnp.int32)
-    cfg = DecodeConfig(max_new_tokens=8, temperature=1.0, seed=7)
-    np.testing.assert_array_equal(generate(model, prompt, cfg), generate(model, prompt, cfg))
+    cfg = DecodeConfig(max_new_tokens=16, temperature=1.0, seed=7)
+    tokens = generate(model, prompt, cfg)
+    np.testing.assert_array_equal(tokens, generate(model, prompt, cfg))
+    other_seed = generate(model, prompt, dataclasses.replace(cfg, seed=8))
+    greedy = generate(model, prompt, dataclasses.replace(cfg, temperature=0.0))
+    assert not np.array_equal(tokens, other_seed) and not np.array_equal(tokens, greedy)
 
 
 def test_bench_decode_smoke(tmp_path):

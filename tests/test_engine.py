@@ -161,6 +161,7 @@ def test_sampled_request_is_independent_of_batching(model, greedy):
     done = run_trace(busy, HEAVY, greedy)
     assert sum(s.preemptions for s in done) > 0
     assert done[-1].generated == alone.finished[rid].generated
+    assert done[-1].generated != greedy(req.prompt)[:req.max_new_tokens]  # it did sample
 
 
 def test_bad_requests_are_rejected_while_serving(model, greedy):

@@ -48,7 +48,11 @@ def test_mfu_formula_matches_xla_count():
     result = mfu.run(small=True)
     assert sum(result["breakdown"].values()) == pytest.approx(result["flops_per_token"])
     assert abs(result["flops_per_token"] / result["xla_flops_per_token"] - 1) < 0.10
-    assert 0 < result["mfu"] < 1.5  # against a ceiling measured in the same noisy run
+    # The MFU divides two timings of this run (the step, a matmul ceiling), so a loaded host can
+    # move it either way: check its definition, not its size.
+    achieved = result["flops_per_token"] * result["tokens_per_s"]
+    assert result["mfu"] == pytest.approx(achieved / result["peak_flops"]) and result["mfu"] > 0
+    assert result["tokens_per_s"] == pytest.approx(result["batch_size"] * result["seq_len"] / result["step_s"])
     assert result["losses"][-1] < result["losses"][0]
 
 

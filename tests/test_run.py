@@ -138,7 +138,7 @@ def test_sigterm_saves_a_checkpoint(tmp_path, corpus):
         if line.startswith("step"):
             break
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
+    out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
     assert "signal SIGTERM: saved step" in out
     saved = [p for p in (tmp_path / "t" / "checkpoints").iterdir() if p.name.isdigit()]
@@ -229,3 +229,7 @@ def test_train_starts_from_a_hugging_face_checkpoint(tmp_path, corpus):
     imported = train(cfg, init_params=hf_params, progress=False)
     assert losses(tmp_path / "t")[0][1] == losses(cfg.run_dir)[0][1]
     assert imported.step == 1
+    scratch = load_config(overrides=tiny(tmp_path / "scratch", corpus, "preset=llama-tiny", "model.n_layers=3",
+                                         "model.vocab_size=300", "train.steps=1"))
+    train(scratch, progress=False)
+    assert losses(scratch.run_dir)[0][1] != losses(cfg.run_dir)[0][1]  # init_params was used

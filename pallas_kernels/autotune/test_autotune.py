@@ -116,16 +116,29 @@ def toy_problem(stages):
     return tuner.Problem(kernel="toy", key="n=128", default=Toy(), stages=stages, build=build)
 
 
-def test_search_keeps_the_fastest_and_records_skips(tmp_path):
+def _time_by_work(monkeypatch):
+    """Each candidate compiles and runs as in a real search (a broken one fails as it would),
+    but its time is `work` ms instead of a wall-clock reading: which candidate wins must not
+    depend on the load of the host running the tests."""
+    real_time = tuner._time
+
+    def fake_time(build, config, mode, reps):
+        real_time(build, config, mode, 1)
+        return config.work * 1e-3
+    monkeypatch.setattr(tuner, "_time", fake_time)
+
+
+def test_search_keeps_the_fastest_and_records_skips(tmp_path, monkeypatch):
+    _time_by_work(monkeypatch)
     problem = toy_problem((tuner.Stage("fwd", (dict(work=0), dict(work=7), dict(work=1))),
                            tuner.Stage("fwd", (dict(work=32),))))
     result = tuner.tune(problem, reps=3, confirm_rounds=1, log=None)
     assert result["best"] == {"work": 1, "unused": 0} and not result["kept_default"]
-    assert result["tuned_ms"]["fwd"] <= result["default_ms"]["fwd"]
+    assert result["tuned_ms"] == {"fwd": 1.0} and result["default_ms"] == {"fwd": 64.0}
     by_work = {c["overrides"].get("work"): c for c in result["candidates"]}
     assert by_work[0]["error"].startswith("invalid: ValueError: Toy.work=0")
     assert by_work[7]["error"].startswith("RuntimeError: compile:")
-    assert by_work[32]["stage"] == 1 and by_work[32]["time_ms"] > 0
+    assert by_work[32]["stage"] == 1 and by_work[32]["time_ms"] == 32.0
     path = tmp_path / "t.json"
     table.record([result], device_kind=H100, path=path)
     assert table.best_config("toy", "n=128", Toy(), device_kind=H100, path=path) == Toy(work=1)
@@ -226,6 +239,7 @@ def test_cli_main_writes_table_and_report(tmp_path, monkeypatch):
                                   stages=(tuner.Stage("fwd", ()),))
     found = [toy_problem((tuner.Stage("fwd", (dict(work=1),)),)), failing]
     monkeypatch.setattr(spaces, "problems", lambda op, cases, kernels: found)
+    _time_by_work(monkeypatch)
     table_path = tmp_path / "table.json"
     status = cli.main(["norms", f"table='{table_path}'", f"out='{tmp_path}'", "reps=2"])
     assert status == 1  # one problem could not run its default

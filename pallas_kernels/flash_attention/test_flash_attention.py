@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels import _testing
 from pallas_kernels._testing import TOLERANCE, assert_close
 from pallas_kernels.flash_attention import api, cases, config, mosaic_bwd, mosaic_fwd, triton_fwd
 from pallas_kernels.flash_attention.api import flash_attention
@@ -119,10 +120,28 @@ _ids = lambda c: c.name  # noqa: E731
 
 
 @pytest.mark.parametrize("case", cases.CPU_CASES, ids=_ids)
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
-@pytest.mark.parametrize("backend", ("reference", "triton"))
+@pytest.mark.parametrize("backend,dtype", _testing.backend_dtype_params(("reference", "triton"), DTYPES))
 def test_matches_reference(backend, dtype, case):
     _check_contract(case, backend, dtype, interpret=backend != "reference" and not ON_GPU)
+
+
+@pytest.mark.parametrize("causal", (False, True))
+def test_reference_is_the_float64_formula(causal):
+    """The reference against softmax(q k^T / sqrt(H), masked) v in float64 numpy, query head n
+    reading kv head n // (N / K), and its log-sum-exp."""
+    q = _testing.normal("reference/q", (2, 33, 8, 64))
+    k, v = (_testing.normal(f"reference/{n}", (2, 33, 2, 64)) for n in ("k", "v"))
+    q64 = q.astype(np.float64)
+    k64, v64 = (np.repeat(a, 4, axis=2).astype(np.float64) for a in (k, v))  # GQA groups of 4
+    logits = np.einsum("btnh,bsnh->bnts", q64, k64) / 8.0
+    if causal:
+        logits = np.where(np.tril(np.ones((33, 33), bool)), logits, -np.inf)
+    lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    expected = np.einsum("bnts,bsnh->btnh", np.exp(logits - lse[..., None]), v64)
+    out, ours_lse = attention_reference(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), causal=causal,
+                                        return_lse=True)
+    np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(ours_lse), lse, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow

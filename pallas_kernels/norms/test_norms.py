@@ -3,6 +3,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from pallas_kernels import _testing
@@ -69,8 +70,7 @@ def _check_against_reference(case, dtype, backend, interpret):
         _testing.assert_close(g, r, dtype, f"{case.name} d{name}")
 
 
-@pytest.mark.parametrize("backend,interpret", BACKENDS, ids=[b for b, _ in BACKENDS])
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("backend,interpret,dtype", _testing.backend_dtype_params(BACKENDS, DTYPES))
 @pytest.mark.parametrize("case", cases.CPU_CASES, ids=lambda c: c.name)
 def test_matches_reference(case, dtype, backend, interpret):
     _check_against_reference(case, dtype, backend, interpret)
@@ -111,6 +111,30 @@ def _bad(**overrides):
     args.update(overrides)
     return lambda: norms.rms_norm_residual(args["x"], args["residual"], args["weight"], eps=args["eps"],
                                            backend=args["backend"], interpret=True)
+
+
+def test_reference_is_the_float64_formula():
+    """The references against RMSNorm (x / rms(x) * w) and LayerNorm ((x - mean) / std * w + b) in
+    float64 numpy, and the residual-fused forms against the same of x + residual."""
+    x, r = (_testing.normal(f"reference/{n}", (3, 5, 1000), 2.0, 0.5) for n in ("x", "r"))
+    w, b = _testing.normal("reference/w", (1000,), 0.2, 1.0), _testing.normal("reference/b", (1000,), 0.5)
+
+    def rms(s, eps=1e-6):
+        return s / np.sqrt(np.mean(s * s, axis=-1, keepdims=True) + eps) * w
+
+    def layer(s, eps=1e-5):
+        c = s - s.mean(axis=-1, keepdims=True)
+        return c / np.sqrt(np.mean(c * c, axis=-1, keepdims=True) + eps) * w + b
+
+    x64, s64 = x.astype(np.float64), x.astype(np.float64) + r
+    close = functools.partial(np.testing.assert_allclose, rtol=2e-5, atol=2e-5)
+    close(np.asarray(reference.rms_norm(jnp.asarray(x), jnp.asarray(w))), rms(x64))
+    close(np.asarray(reference.layer_norm(jnp.asarray(x), jnp.asarray(w), jnp.asarray(b))), layer(x64))
+    y, total = reference.rms_norm_residual(jnp.asarray(x), jnp.asarray(r), jnp.asarray(w))
+    close(np.asarray(y), rms(s64))
+    close(np.asarray(total), s64)
+    y, _ = reference.layer_norm_residual(jnp.asarray(x), jnp.asarray(r), jnp.asarray(w), jnp.asarray(b))
+    close(np.asarray(y), layer(s64))
 
 
 @pytest.mark.parametrize("overrides,match", [

@@ -43,8 +43,7 @@ def _check(x, dy, case, dtype, backend, interpret):
     return y, dx
 
 
-@pytest.mark.parametrize("backend,interpret", BACKENDS, ids=[b for b, _ in BACKENDS])
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("backend,interpret,dtype", _testing.backend_dtype_params(BACKENDS, DTYPES))
 @pytest.mark.parametrize("case", cases.CPU_CASES, ids=lambda c: c.name)
 def test_matches_reference(case, dtype, backend, interpret):
     x = _testing.normal(f"{case.name}/x", case.shape, 3.0)
@@ -78,6 +77,19 @@ def test_infinite_and_large_negative_rows(block_cols, backend, interpret):
     np.testing.assert_allclose(np.asarray(y[1]), 1 / 1000, rtol=1e-6)
     assert np.all(np.asarray(y[2, ::3]) == 0) and np.all(np.asarray(y[3, 1::2]) == 0)
     assert float(y[4, -1]) == 1.0
+
+
+def test_reference_is_the_float64_formula():
+    """The reference against exp(x - max) / sum in float64 numpy, an all -inf row giving zeros."""
+    x = _testing.normal("reference/x", (6, 129), 3.0)
+    x[1] = -np.inf
+    x[2, ::2] = -np.inf
+    x64 = x.astype(np.float64)
+    finite = np.isfinite(x64).any(axis=1)
+    shift = np.where(finite[:, None], x64, 0).max(axis=1, keepdims=True)
+    e = np.exp(x64 - shift)
+    expected = np.where(finite[:, None], e / e.sum(axis=1, keepdims=True), 0.0)
+    np.testing.assert_allclose(np.asarray(reference.softmax(jnp.asarray(x))), expected, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("kwargs,match", [
