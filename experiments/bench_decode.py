@@ -17,7 +17,8 @@ Sections (one JSON row each, `section` says which):
   pools' bytes per position; ms are decode-only: (time to N new tokens - time to 1) medians.
 
 Decode timings are wall clock (block_until_ready; the loop's host round-trips count); on a
-GPU the batch-1 rows also carry `kernel_ms_per_token`, CUPTI's sum of kernel times.
+GPU the batch-1 rows also carry `kernel_ms_per_token`, CUPTI's sum of kernel times, with the
+launches per token, ms by kernel class and the costliest kernels per token (`kernels_per_token`).
 ms/token = (time for N new tokens - time for 1) / (N - 1), so the prefill drops out.
 Random weights (speed does not depend on them). `--smoke`: tiny models on a CPU in seconds.
 Writes benchmarks/results/decode[-smoke]_<device>_<date>.json and .png.
@@ -96,12 +97,28 @@ def ms_per_token(model, batch, s, *, kernels=False) -> dict:
     if kernels and _bench.timer_name() == "cupti":
         from jax.experimental.mosaic.gpu import profiler
         try:
-            long, short = (profiler.measure(functools.partial(run, n=n))(model.params)[1]
+            long, short = (profiler.measure(functools.partial(run, n=n), aggregate=False)(model.params)[1]
                            for n in (s["new_tokens"], 1))
-            out["kernel_ms_per_token"] = (long - short) / steps
+            out.update(kernels_per_token(long, short, steps))
         except Exception as e:  # the wall-clock number stands without it
             out["kernel_error"] = _bench.error_text(e)
     return out
+
+
+def kernels_per_token(long, short, steps: int, shown: int = 30) -> dict:
+    """Per generated token, from the CUPTI kernel lists of a long and a one-token run of the same
+    program: kernel ms, launches, ms by class, and the `shown` costliest kernels (name, ms per
+    token, launches per token), so a launch-bound loop tells itself apart from a bandwidth one."""
+    by_long, by_short = _bench.kernels_by_name(long), _bench.kernels_by_name(short)
+    rows, by_class = [], {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+    for name, (ms, count) in by_long.items():
+        ms0, count0 = by_short.get(name, (0.0, 0))
+        rows.append((name, (ms - ms0) / steps, (count - count0) / steps))
+        by_class[_bench.kernel_class(name)] += rows[-1][1]
+    rows.sort(key=lambda r: -r[1])
+    return {"kernel_ms_per_token": sum(r[1] for r in rows), "kernel_launches_per_token": sum(r[2] for r in rows),
+            "kernel_ms_per_token_by_class": by_class,
+            "top_kernels_per_token": [(n, round(ms, 4), round(c, 2)) for n, ms, c in rows[:shown]]}
 
 
 def large_casts_and_copies(model, s) -> list[str]:
@@ -141,8 +158,11 @@ def decode_rows(preset, s, bandwidth) -> list[dict]:
             print(f"decode {preset:11} {weights} batch {batch:3}: {row['ms_per_token']:.3f} ms/token, "
                   f"roofline {row['roofline_ms']:.3f} ms ({row['roofline_fraction']:.0%}), "
                   f"{row['tokens_per_s']:.0f} tokens/s"
-                  + (f", kernels {row['kernel_ms_per_token']:.3f} ms/token" if "kernel_ms_per_token" in row else ""),
+                  + (f", kernels {row['kernel_ms_per_token']:.3f} ms/token in "
+                     f"{row['kernel_launches_per_token']:.0f} launches" if "kernel_ms_per_token" in row else ""),
                   flush=True)
+            for name, ms, launches in row.get("top_kernels_per_token", [])[:12]:
+                print(f"    {ms:8.4f} ms/token {launches:6.1f} launches/token  {name}")
     return rows
 
 

@@ -38,14 +38,9 @@ from llmjax.models import count_params, init_model, split_model
 from llmjax.train.flops import device_peak_flops, flops_per_token
 from llmjax.train.optimizer import lr_schedule, make_optimizer
 from llmjax.train.step import init_train_state, make_train_step
+from pallas_kernels import _bench
 
 RESULTS = pathlib.Path("benchmarks/results")
-KERNEL_CLASSES = (  # first match wins; CUPTI kernel names, lower-cased
-    ("attention", ("sdpa", "fmha", "flash", "attention", "attn")),
-    ("matmul", ("gemm", "xmma", "nvjet", "cutlass", "cublas", "matmul", "wgmma", "dot")),
-)
-
-
 def matmul_ceiling(n: int = 8192, reps: int = 10) -> float | None:
     """bf16 FLOP/s of an n^3 XLA matmul on this device (None on a CPU: not meaningful)."""
     if jax.default_backend() != "gpu":
@@ -69,14 +64,9 @@ def kernel_breakdown(step, state, batch) -> tuple[dict, list, object]:
     # a jit of a call to `step`: the outer jit does not donate, and the state survives.
     (state, _), kernels = profiler.measure(lambda s, b: step(s, b), aggregate=False)(state, batch)
     ms = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
-    by_name = {}
-    for name, t in kernels or ():
-        low = name.lower()
-        kind = next((k for k, keys in KERNEL_CLASSES if any(s in low for s in keys)), "other")
-        ms[kind] += t
-        base = re.sub(r"[._]\d+$", "", name)[:120]
-        total, count = by_name.get(base, (0.0, 0))
-        by_name[base] = (total + t, count + 1)
+    by_name = _bench.kernels_by_name(kernels)
+    for name, (t, _) in by_name.items():
+        ms[_bench.kernel_class(name)] += t
     top = sorted(((n, round(t, 3), c) for n, (t, c) in by_name.items()), key=lambda x: -x[1])[:25]
     return ms, top, state
 

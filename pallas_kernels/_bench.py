@@ -6,6 +6,7 @@ dispatch (tens of microseconds a call) stays out of short kernels; elsewhere it 
 time ended by block_until_ready.
 """
 import datetime
+import re
 import statistics
 import time
 
@@ -32,6 +33,30 @@ def _cupti_median_seconds(fn, arg_sets, reps):
             raise RuntimeError("CUPTI saw no kernel launched by the benchmarked function")
         samples += list(times_ms)
     return statistics.median(samples) / 1e3
+
+
+# Kernel classes of a CUPTI kernel list; first match wins, on lower-cased names.
+KERNEL_CLASSES = (
+    ("attention", ("sdpa", "fmha", "flash", "attention", "attn")),
+    ("matmul", ("gemm", "xmma", "nvjet", "cutlass", "cublas", "matmul", "wgmma", "dot")),
+)
+
+
+def kernel_class(name: str) -> str:
+    """"attention", "matmul" or "other" for a kernel name."""
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_CLASSES if any(k in low for k in keys)), "other")
+
+
+def kernels_by_name(kernels) -> dict[str, tuple[float, int]]:
+    """{name: (total ms, launches)} of a CUPTI list of (name, ms), names without their numeric
+    suffixes (fusion.12 and fusion.3 are one row: the same kind of kernel at another site)."""
+    table: dict[str, tuple[float, int]] = {}
+    for name, ms in kernels or ():
+        base = re.sub(r"[._]\d+$", "", name)[:120]
+        total, count = table.get(base, (0.0, 0))
+        table[base] = (total + ms, count + 1)
+    return table
 
 
 def wall_seconds(fn, reps: int) -> float:

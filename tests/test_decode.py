@@ -135,3 +135,16 @@ def test_bench_decode_kv_smoke(tmp_path):
     head_dim = 16  # llama-tiny: d_model 64 over 4 heads
     assert kv[1]["bytes_vs_bf16"] == pytest.approx((head_dim + 2) / (2 * head_dim))
     assert kv[1]["kv_bytes_per_step"] < 0.6 * kv[0]["kv_bytes_per_step"]
+
+
+def test_kernels_per_token_is_the_long_run_less_the_one_token_run():
+    """bench_decode's CUPTI table: per kernel (numeric suffixes merged), (long - short) / steps."""
+    from experiments.bench_decode import kernels_per_token
+
+    long = [("loop_fusion.1", 1.0), ("loop_fusion.7", 1.0), ("sm90_xmma_gemm_bf16", 3.0), ("flash_fwd", 0.5)]
+    short = [("loop_fusion.3", 0.2), ("sm90_xmma_gemm_bf16", 0.6)]
+    out = kernels_per_token(long, short, steps=2)
+    assert out["top_kernels_per_token"] == [("sm90_xmma_gemm_bf16", 1.2, 0.0), ("loop_fusion", 0.9, 0.5),
+                                            ("flash_fwd", 0.25, 0.5)]
+    assert out["kernel_ms_per_token"] == pytest.approx(2.35) and out["kernel_launches_per_token"] == 1.0
+    assert out["kernel_ms_per_token_by_class"] == pytest.approx({"matmul": 1.2, "attention": 0.25, "other": 0.9})
