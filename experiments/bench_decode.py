@@ -121,23 +121,27 @@ def kernels_per_token(long, short, steps: int, shown: int = 30) -> dict:
             "top_kernels_per_token": [(n, round(ms, 4), round(c, 2)) for n, ms, c in rows[:shown]]}
 
 
-def large_casts_and_copies(model, s) -> list[str]:
-    """`convert` / `copy` / `dynamic-slice` instructions in the compiled batch-1 generate program
-    whose result is at least as large as the smallest per-layer weight: a per-step weight cast,
+def generate_hlo(model, s) -> str:
+    """The compiled batch-1 generate program's HLO text."""
+    prompt = _prompt(1, s["prompt_len"], model.cfg.vocab_size)
+    lowered = lower_generate(model, prompt, DecodeConfig(max_new_tokens=s["new_tokens"], temperature=0.0))
+    return lowered.compile().as_text()
+
+
+def large_casts_and_copies(cfg, hlo_text: str) -> list[str]:
+    """`convert` / `copy` / `dynamic-slice` instructions in a compiled generate program whose
+    result is at least as large as the smallest per-layer weight: a per-step weight cast,
     layer-slice copy or KV-cache copy shows up here (CPU programs also convert bf16 dot operands
     to fp32)."""
-    cfg = model.cfg
     smallest = cfg.d_model * cfg.n_kv_heads * cfg.head_dim
-    prompt = _prompt(1, s["prompt_len"], cfg.vocab_size)
-    text = lower_generate(model, prompt, DecodeConfig(max_new_tokens=s["new_tokens"], temperature=0.0))
     found = []
-    for dtype, dims, op in re.findall(r"= (\w+)\[([\d,]*)\]\S* (convert|copy|dynamic-slice)\(", text.compile().as_text()):
+    for dtype, dims, op in re.findall(r"= (\w+)\[([\d,]*)\]\S* (convert|copy|dynamic-slice)\(", hlo_text):
         if np.prod([int(d) for d in dims.split(",") if d]) >= smallest:
             found.append(f"{op} {dtype}[{dims}]")
     return found
 
 
-def decode_rows(preset, s, bandwidth) -> list[dict]:
+def decode_rows(preset, s, bandwidth, hlo_dir: pathlib.Path | None = None) -> list[dict]:
     model = init_model(load_config(overrides=[f"preset={preset}"]).model)
     context = s["prompt_len"] + s["new_tokens"] / 2  # mean positions attended per step
     rows = []
@@ -147,7 +151,10 @@ def decode_rows(preset, s, bandwidth) -> list[dict]:
             row = dict(section="decode", model=preset, weights=weights, batch=batch,
                        weight_bytes=dm.weight_bytes, **ms_per_token(dm, batch, s, kernels=batch == 1))
             if batch == 1 and weights == "bf16":
-                row["large_casts_and_copies"] = large_casts_and_copies(dm, s)
+                hlo = generate_hlo(dm, s)
+                row["large_casts_and_copies"] = large_casts_and_copies(dm.cfg, hlo)
+                if hlo_dir is not None:  # the whole program, to read which ops the token loop runs
+                    (hlo_dir / f"generate-{preset}-b1.hlo.txt").write_text(hlo)
             row["bytes_per_token"] = bytes_per_token(dm, batch, context)
             # What the step reads as implemented: attention scans every cache slot, masked.
             row["bytes_per_token_full_cache"] = bytes_per_token(dm, batch, s["prompt_len"] + s["new_tokens"])
@@ -324,6 +331,8 @@ def main(argv=None):
     parser.add_argument("--kv-model", help="preset for the kv rows (default llama-1b; --smoke: llama-tiny)")
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="results folder")
+    parser.add_argument("--hlo-dir", type=pathlib.Path,
+                        help="also write each model's compiled batch-1 generate program here")
     args = parser.parse_args(argv)
     s = SETTINGS["smoke" if args.smoke else "full"]
     if args.batches:
@@ -347,7 +356,10 @@ def main(argv=None):
     copy = copy_bandwidth(s["copy_mib"], s["reps"])
     print(f"copy bandwidth {copy['gbps']:.0f} GB/s", flush=True)
     rows = [copy]
-    sections = dict(decode=lambda: [r for preset in args.models or s["models"] for r in decode_rows(preset, s, copy["gbps"])],
+    if args.hlo_dir:
+        args.hlo_dir.mkdir(parents=True, exist_ok=True)
+    sections = dict(decode=lambda: [r for preset in args.models or s["models"]
+                                    for r in decode_rows(preset, s, copy["gbps"], args.hlo_dir)],
                     speculative=lambda: speculative_rows(s, args.gamma),
                     perplexity=lambda: perplexity_rows(args.ppl_run, s),
                     kv=lambda: kv_rows(s, args.kv_model or s["kv_model"]))

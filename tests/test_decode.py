@@ -88,7 +88,8 @@ def test_bench_decode_smoke(tmp_path):
     from experiments import bench_decode
 
     assert bench_decode.main(["--smoke", "--models", "llama-tiny", "--sections", "decode", "speculative",
-                              "--out", str(tmp_path)]) == 0
+                              "--out", str(tmp_path), "--hlo-dir", str(tmp_path / "hlo")]) == 0
+    assert "ENTRY" in (tmp_path / "hlo" / "generate-llama-tiny-b1.hlo.txt").read_text()
     (result,) = tmp_path.glob("decode-smoke-llama-tiny-decode-speculative_*.json")
     assert result.with_suffix(".png").exists()
     rows = json.loads(result.read_text())["rows"]
@@ -107,18 +108,19 @@ def test_decode_loop_has_no_per_step_weight_casts_or_layer_slices():
     """The compiled generate program, checked the way bench_decode checks it on a GPU: with
     weights prepared once, no weight-sized convert or dynamic-slice (a stacked-layer slice)
     remains; handing the fp32 params of a bf16 model straight in shows the per-step casts."""
-    from experiments.bench_decode import SETTINGS, large_casts_and_copies
+    from experiments.bench_decode import SETTINGS, generate_hlo, large_casts_and_copies
     from flax import nnx
 
     from llmjax.decode import DecodeModel, prepare_decode
 
     wide = ["preset=llama-tiny", "model.d_model=128", "model.d_mlp=256"]
     model = init_model(load_config(overrides=wide).model)  # fp32 compute: CPU dots need no casts
-    found = large_casts_and_copies(prepare_decode(model), SETTINGS["smoke"])
+    found = large_casts_and_copies(model.cfg, generate_hlo(prepare_decode(model), SETTINGS["smoke"]))
     assert not [f for f in found if not f.startswith("copy")], found  # CPU may relayout wo
     bf16 = init_model(load_config(overrides=[*wide, "model.dtype=bfloat16"]).model)
     graphdef, fp32_params = nnx.split(bf16)
-    found = large_casts_and_copies(DecodeModel(graphdef, fp32_params, bf16.cfg), SETTINGS["smoke"])
+    found = large_casts_and_copies(bf16.cfg, generate_hlo(DecodeModel(graphdef, fp32_params, bf16.cfg),
+                                                          SETTINGS["smoke"]))
     assert any(f.startswith("convert bf16[1,128,2,32]") for f in found), found  # wk cast each step
 
 
