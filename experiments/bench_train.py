@@ -156,20 +156,22 @@ def plot(result, path):
     rows = result["rows"]
     names = [r["variant"] for r in rows] + ([result["peer"]["name"]] if result.get("peer") else [])
     tok = [r["tokens_per_s"] / 1e3 for r in rows] + ([result["peer"]["tok_s"] / 1e3] if result.get("peer") else [])
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    breakdown = any("kernel_ms" in r for r in rows)  # CUPTI ran (a GPU, no --no-breakdown)
+    fig, axes = plt.subplots(1, 2 if breakdown else 1, figsize=(12 if breakdown else 6.5, 4), squeeze=False)
+    axes = axes[0]
     colors = ["C0"] * len(rows) + ["C3"] * (len(names) - len(rows))
     axes[0].barh(names, tok, color=colors)
     axes[0].set_xlabel("k tokens/s")
     axes[0].set_title("throughput (red: torch.compile peer)")
-    parts = ("matmul", "attention", "other", "idle")
-    left = np.zeros(len(rows))
-    for part in parts:
-        vals = np.array([r.get("kernel_ms", {}).get(part, 0.0) for r in rows])
-        axes[1].barh([r["variant"] for r in rows], vals, left=left, label=part)
-        left += vals
-    axes[1].set_xlabel("ms per step")
-    axes[1].set_title("kernel time per step (CUPTI)")
-    axes[1].legend(fontsize=8)
+    if breakdown:
+        left = np.zeros(len(rows))
+        for part in ("matmul", "attention", "other", "idle"):
+            vals = np.array([r.get("kernel_ms", {}).get(part, 0.0) for r in rows])
+            axes[1].barh([r["variant"] for r in rows], vals, left=left, label=part)
+            left += vals
+        axes[1].set_xlabel("ms per step")
+        axes[1].set_title("kernel time per step (CUPTI)")
+        axes[1].legend(fontsize=8)
     fig.suptitle(f"{result['config']} on {result['device']}, jax {result['jax']}, {result['date']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
