@@ -7,7 +7,24 @@ micro-batches), and report step time, tokens/s, MFU, predicted and compiled memo
 device (params + optimizer state, and activations under model.remat), and the collective
 bytes in the compiled program. Pipeline layouts `pp` (stages x dp) and `pp_fsdp` (stages x
 fsdp) run `sharding.pipeline` with mesh.pp_schedule and mesh.pp_microbatches and report the
-schedule's bubble. Writes runs/<name>/shard_sweep.json, shard_sweep.png and config.yaml.
+schedule's bubble. Each row also has `memory_ratio`, the memory model's bytes (params + grads +
+optimizer state + activations) over the compiled program's, and `loss_vs_single`: its loss
+minus that of the same step on the first device alone (dp rules, a 1-device mesh, the same
+init params, batch and warm-up + --steps steps; that run holds the whole batch on one device).
+The tolerance is 1e-5 relative when model.dtype and model.param_dtype are float32 (only the
+order of sums differs) and 2e-2 absolute otherwise: bf16/fp16 rounding differs between
+shardings because their reductions split differently, and it compounds over the steps. The
+table flags a row beyond it with MISMATCH and a line under it gives the largest |difference|.
+Writes runs/<name>/shard_sweep.json (rows, the single-device row, the loss check),
+shard_sweep.png and config.yaml.
+
+`--weak-scaling --layouts dp,fsdp`: for each layout, time the step (one warm-up, --steps timed)
+on meshes of the first 1, 2, 4, ... devices (and all of them if their count is not a power of
+two) with the batch per device fixed at train.batch_size / device count (it must divide), so
+the global batch at n devices is that times n. Reports step time, tokens/s, tokens/s per device
+and efficiency (tokens/s per device at n over that at 1 device, same layout; the target is
+>= 90%) and memory_ratio; writes runs/<name>/weak_scaling.json and weak_scaling.png
+(efficiency with the 90% line, and tokens/s per device, against the device count).
 
 `--auto [--top K] [--spread S] [--rounds R]` searches instead (`sharding.search`): every mesh
 factorization x preset x remat policy (x pipeline microbatches), pruned by predicted memory,
@@ -188,18 +205,19 @@ class _Job:
 
 
 def compile_layout(cfg, layout: str, graphdef, params, optimizer, mesh_cfg: MeshConfig | None = None,
-                   name: str | None = None) -> _Job:
+                   name: str | None = None, devices=None) -> _Job:
     """Shard the state and compile the train step of one layout (on `mesh_cfg`, default
-    `mesh_for`'s), with its predicted and compiled memory and compiled collectives.
-    `graphdef` is built from cfg.model (its remat policy)."""
-    tc, seq_len, n = cfg.train, cfg.data.seq_len, jax.device_count()
+    `mesh_for`'s) over `devices` (default: all), with its predicted and compiled memory and
+    compiled collectives. `graphdef` is built from cfg.model (its remat policy)."""
+    devices = list(jax.devices() if devices is None else devices)
+    tc, seq_len, n = cfg.train, cfg.data.seq_len, len(devices)
     micro_batch = tc.batch_size // tc.grad_accum
     if mesh_cfg is None:
         mesh_cfg = mesh_for(layout, n, cfg.model, micro_batch, seq_len,
                             (cfg.mesh.pp_schedule, cfg.mesh.pp_microbatches))
     pp = (mesh_cfg.pp_schedule, mesh_cfg.pp_microbatches)
     remat = cfg.model.remat
-    mesh = make_mesh(mesh_cfg)
+    mesh = make_mesh(mesh_cfg, devices)
     state = init_train_state(jax.tree.map(jnp.array, params), optimizer)
     batch = jax.random.randint(jax.random.key(0), (tc.grad_accum, micro_batch, seq_len + 1),
                                0, cfg.model.vocab_size, dtype=jnp.int32)
@@ -227,10 +245,13 @@ def compile_layout(cfg, layout: str, graphdef, params, optimizer, mesh_cfg: Mesh
     if name is None:
         name = f"{layout}/{pp[0]}/m{pp[1]}" if bubble is not None else layout
     row = {"layout": name, "mesh": {axis: size for axis, size in mesh_shape(mesh_cfg).items() if size != 1},
-           "compile_s": compile_s, "predicted_params_opt_bytes": predicted.params_and_opt,
+           "n_devices": n, "compile_s": compile_s, "predicted_params_opt_bytes": predicted.params_and_opt,
            "predicted_total_bytes": predicted.total, "predicted_activation_bytes": activations, "bubble": bubble,
            "compiled_argument_bytes": mem.argument_size_in_bytes, "compiled_temp_bytes": mem.temp_size_in_bytes,
            "compiled_bytes": compiled_bytes(mem),
+           # The memory model against the compiled program: (params + grads + optimizer state
+           # + activations) / (arguments + outputs + temp - aliased).
+           "memory_ratio": (predicted.total + activations) / compiled_bytes(mem),
            "collective_bytes": collectives["bytes"], "collective_count": collectives["count"]}
     return _Job(compiled, state, batch, row)
 
@@ -242,33 +263,174 @@ def finish_row(job: _Job, cfg, n_params: int) -> dict:
     peak = device_peak_flops()
     flops = flops_per_token(cfg.model, n_params, cfg.data.seq_len) * tokens_s
     return {**job.row, "step_s": step_s, "tokens_per_s": tokens_s,
-            "mfu": flops / (peak * jax.device_count()) if peak else None, "loss": float(job.metrics["loss"])}
+            "mfu": flops / (peak * job.row["n_devices"]) if peak else None, "loss": float(job.metrics["loss"])}
 
 
 def sweep_one(cfg, layout: str, graphdef, params, optimizer, steps: int,
-              mesh_cfg: MeshConfig | None = None, name: str | None = None) -> dict:
-    """Compile and time one layout (`compile_layout`, then one warm-up and `steps` timed
-    steps); a row of the table."""
-    job = compile_layout(cfg, layout, graphdef, params, optimizer, mesh_cfg, name)
+              mesh_cfg: MeshConfig | None = None, name: str | None = None, devices=None) -> dict:
+    """Compile and time one layout on `devices` (default: all) (`compile_layout`, then one
+    warm-up and `steps` timed steps); a row of the table."""
+    job = compile_layout(cfg, layout, graphdef, params, optimizer, mesh_cfg, name, devices)
     job.run(steps + 1)
     return finish_row(job, cfg, count_params(params))
 
 
-def format_table(rows: list[dict]) -> str:
-    """The printed table: one line per layout (memory in MiB per device)."""
+# Loss against the single-device run (after the same steps): float32 compute differs only in
+# the order of sums, so 1e-5 relative; bfloat16/float16 round differently when a sharding
+# splits a reduction (and the rounding then feeds the updates), so 2e-2 absolute.
+LOSS_RTOL_FP32 = 1e-5
+LOSS_ATOL_LOW_PRECISION = 2e-2
+
+
+def loss_tolerance(model_cfg, reference_loss: float) -> tuple[float, str]:
+    """(absolute tolerance on loss - single-device loss, how it was chosen): 1e-5 relative
+    when model.dtype and model.param_dtype are float32, else 2e-2 absolute."""
+    if model_cfg.dtype == "float32" and model_cfg.param_dtype == "float32":
+        return LOSS_RTOL_FP32 * abs(reference_loss), f"{LOSS_RTOL_FP32:g} relative (float32)"
+    return LOSS_ATOL_LOW_PRECISION, f"{LOSS_ATOL_LOW_PRECISION:g} absolute (model.dtype={model_cfg.dtype})"
+
+
+def single_device_reference(cfg, graphdef, params, optimizer, steps: int) -> dict:
+    """The same train step (dp rules) on a mesh of the first device alone, from the same
+    params on the same batch for the same steps as `sweep_one`: the loss every layout must
+    reproduce. It holds the whole global batch on one device."""
+    return sweep_one(cfg, "dp", graphdef, params, optimizer, steps, mesh_cfg=MeshConfig(rules="dp"),
+                     name="dp (1 device)", devices=jax.devices()[:1])
+
+
+def compare_losses(rows: list[dict], reference: dict, model_cfg) -> dict:
+    """Add `loss_vs_single` (row loss - reference loss) to every row; returns the summary
+    {tolerance, tolerance_rule, max_abs_loss_vs_single, mismatched: [layouts beyond it]}."""
+    tol, rule = loss_tolerance(model_cfg, reference["loss"])
+    for r in rows:
+        r["loss_vs_single"] = r["loss"] - reference["loss"]
+    worst = max((abs(r["loss_vs_single"]) for r in rows), default=0.0)
+    return {"tolerance": tol, "tolerance_rule": rule, "max_abs_loss_vs_single": worst,
+            "mismatched": [r["layout"] for r in rows if abs(r["loss_vs_single"]) > tol]}
+
+
+def format_table(rows: list[dict], tolerance: float | None = None) -> str:
+    """The printed table: one line per layout (memory in MiB per device), its loss minus the
+    single-device loss and the memory model's ratio to the compiled bytes; rows whose loss
+    is off by more than `tolerance` end in MISMATCH."""
     head = (f"{'layout':<16} {'mesh':<22} {'step ms':>8} {'tok/s':>9} {'MFU':>6} {'pred MiB':>9} "
-            f"{'args MiB':>9} {'act MiB':>9} {'temp MiB':>9} {'coll MiB':>9} {'bubble':>6}")
+            f"{'args MiB':>9} {'act MiB':>9} {'temp MiB':>9} {'coll MiB':>9} {'loss-1dev':>9} "
+            f"{'mem ratio':>9} {'bubble':>6}")
     mib = lambda b: f"{b / 2**20:9.2f}"  # noqa: E731
     lines = [head]
     for r in rows:
         mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items()) or "1 device"
         mfu = f"{r['mfu']:6.1%}" if r["mfu"] is not None else f"{'-':>6}"
         bubble = f"{r['bubble']:6.1%}" if r["bubble"] is not None else f"{'-':>6}"
+        diff = r.get("loss_vs_single")
+        flag = " MISMATCH" if diff is not None and tolerance is not None and abs(diff) > tolerance else ""
         lines.append(f"{r['layout']:<16} {mesh:<22} {r['step_s'] * 1e3:8.1f} {r['tokens_per_s']:9.0f} {mfu} "
                      f"{mib(r['predicted_params_opt_bytes'])} {mib(r['compiled_argument_bytes'])} "
                      f"{mib(r['predicted_activation_bytes'])} {mib(r['compiled_temp_bytes'])} "
-                     f"{mib(r['collective_bytes'])} {bubble}")
+                     f"{mib(r['collective_bytes'])} {'-' if diff is None else f'{diff:+.2e}':>9} "
+                     f"{r['memory_ratio']:9.3f} {bubble}{flag}")
     return "\n".join(lines)
+
+
+WEAK_SCALING_TARGET = 0.9  # efficiency the issue asks of dp and fsdp at every device count
+
+
+def weak_scaling_sizes(n_devices: int) -> list[int]:
+    """1, 2, 4, ... up to `n_devices`, and `n_devices` itself if not a power of two."""
+    sizes = [2**k for k in range(n_devices.bit_length()) if 2**k <= n_devices]
+    return sizes + ([n_devices] if sizes[-1] != n_devices else [])
+
+
+def per_device_batch(train_cfg, n_devices: int) -> int:
+    """train.batch_size (the global batch at all `n_devices`) / n_devices.
+
+    Raises:
+      ValueError: the batch does not divide by the device count, or the per-device batch
+        not by train.grad_accum (each device's share of a micro-batch must be whole).
+    """
+    b, accum = divmod(train_cfg.batch_size, n_devices), train_cfg.grad_accum
+    if b[1] or not b[0]:
+        fits = n_devices * max(1, round(train_cfg.batch_size / n_devices))
+        raise ValueError(f"--weak-scaling holds the batch per device fixed: train.batch_size="
+                         f"{train_cfg.batch_size} (the global batch at all {n_devices} devices) must be a "
+                         f"multiple of the device count {n_devices}; use e.g. train.batch_size={fits}")
+    if b[0] % accum:
+        raise ValueError(f"--weak-scaling: the batch per device, train.batch_size={train_cfg.batch_size} / "
+                         f"{n_devices} devices = {b[0]}, is not divisible by train.grad_accum={accum}")
+    return b[0]
+
+
+def weak_scaling(cfg, layouts: list[str], steps: int, devices=None) -> list[dict]:
+    """Weak scaling of each layout: for n in `weak_scaling_sizes`, time the train step
+    (`sweep_one`) on a mesh of the first n of `devices` (default: all) with the batch per
+    device held at train.batch_size / len(devices), so the global batch is that times n.
+    Each row adds n_devices, global_batch, tokens_per_s_per_device and efficiency: tokens/s
+    per device at n over the same at n = 1 for the same layout.
+
+    Raises:
+      ValueError: as `per_device_batch`, or no mesh of some n devices suits a layout.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    b = per_device_batch(cfg.train, len(devices))
+    graphdef, params = split_model(init_model(cfg.model, seed=cfg.train.seed))
+    optimizer = make_optimizer(cfg.optim, cfg.train.steps)
+    # The sweep picks its own meshes: drop any mesh sizes given, keep the pipeline settings.
+    mesh = MeshConfig(pp_schedule=cfg.mesh.pp_schedule, pp_microbatches=cfg.mesh.pp_microbatches)
+    rows = []
+    for layout in layouts:
+        mine = []
+        for n in weak_scaling_sizes(len(devices)):
+            cfg_n = dataclasses.replace(cfg, mesh=mesh, train=dataclasses.replace(cfg.train, batch_size=b * n))
+            row = sweep_one(cfg_n, layout, graphdef, params, optimizer, steps, devices=devices[:n])
+            mine.append({**row, "global_batch": b * n, "tokens_per_s_per_device": row["tokens_per_s"] / n})
+        base = mine[0]["tokens_per_s_per_device"]  # n = 1
+        rows += [{**r, "efficiency": r["tokens_per_s_per_device"] / base} for r in mine]
+    return rows
+
+
+def format_weak_scaling(rows: list[dict]) -> str:
+    """The printed weak-scaling table, then each layout's lowest efficiency against the target."""
+    lines = [f"{'layout':<16} {'devices':>7} {'mesh':<22} {'batch':>6} {'step ms':>8} {'tok/s':>10} "
+             f"{'tok/s/dev':>10} {'efficiency':>10} {'mem ratio':>9}"]
+    for r in rows:
+        mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items()) or "1 device"
+        lines.append(f"{r['layout']:<16} {r['n_devices']:>7} {mesh:<22} {r['global_batch']:>6} "
+                     f"{r['step_s'] * 1e3:8.1f} {r['tokens_per_s']:10.0f} {r['tokens_per_s_per_device']:10.0f} "
+                     f"{r['efficiency']:10.1%} {r['memory_ratio']:9.3f}")
+    for layout in dict.fromkeys(r["layout"] for r in rows):
+        low = min((r for r in rows if r["layout"] == layout), key=lambda r: r["efficiency"])
+        verdict = "meets" if low["efficiency"] >= WEAK_SCALING_TARGET else "BELOW"
+        lines.append(f"{layout}: lowest efficiency {low['efficiency']:.1%} at {low['n_devices']} devices "
+                     f"({verdict} the {WEAK_SCALING_TARGET:.0%} target)")
+    return "\n".join(lines)
+
+
+def plot_weak_scaling(rows: list[dict], path, title: str):
+    """Efficiency (with the target line) and tokens/s per device against the device count,
+    one line per layout."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for layout in dict.fromkeys(r["layout"] for r in rows):
+        mine = [r for r in rows if r["layout"] == layout]
+        ns = [r["n_devices"] for r in mine]
+        axes[0].plot(ns, [r["efficiency"] * 100 for r in mine], "o-", label=layout)
+        axes[1].plot(ns, [r["tokens_per_s_per_device"] for r in mine], "o-", label=layout)
+    axes[0].axhline(WEAK_SCALING_TARGET * 100, color="gray", ls="--", label=f"{WEAK_SCALING_TARGET:.0%} target")
+    axes[0].set_ylabel("efficiency (% of tokens/s per device at 1)")
+    axes[1].set_ylabel("tokens/s per device")
+    ns = sorted({r["n_devices"] for r in rows})
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ns, [str(n) for n in ns])
+        ax.set_xlabel("devices (batch per device fixed)")
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def plot(rows: list[dict], path, title: str):
@@ -438,6 +600,9 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=5,
                         help="timed steps per layout (after one warm-up); --auto: per layout per round")
     parser.add_argument("--rounds", type=int, default=10, help="--auto: interleaved timing rounds")
+    parser.add_argument("--weak-scaling", action="store_true",
+                        help="time each of --layouts on the first 1, 2, 4, ... devices, batch per device "
+                             "fixed at train.batch_size / device count")
     parser.add_argument("--auto", action="store_true",
                         help="search layouts (sharding.search): rank on paper, time the --top best")
     parser.add_argument("--top", type=int, default=4, help="--auto: layouts to compile and time")
@@ -455,20 +620,43 @@ def main(argv=None):
     if args.top < 1 or args.spread < 0 or args.steps < 1 or args.rounds < 1 or not 0 < args.mfu <= 1:
         parser.error(f"--top {args.top}, --steps {args.steps} and --rounds {args.rounds} must be >= 1, "
                      f"--spread {args.spread} >= 0 and --mfu {args.mfu} in (0, 1]")
+    if args.auto and args.weak_scaling:
+        parser.error("--auto and --weak-scaling are separate runs; pass one")
     if args.auto:
         return main_auto(args)
+    if args.weak_scaling:
+        return main_weak_scaling(args)
     try:
         cfg = load_config(args.config, args.overrides)
         graphdef, params = split_model(init_model(cfg.model, seed=cfg.train.seed))
         optimizer = make_optimizer(cfg.optim, cfg.train.steps)
+        reference = single_device_reference(cfg, graphdef, params, optimizer, args.steps)
         rows = [sweep_one(cfg, layout, graphdef, params, optimizer, args.steps)
                 for layout in args.layouts.split(",")]
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    device = _write_result(cfg, "shard_sweep", {"rows": rows})
+    check = compare_losses(rows, reference, cfg.model)
+    device = _write_result(cfg, "shard_sweep", {"rows": rows, "single_device": reference, "loss_check": check})
     plot(rows, cfg.run_dir / "shard_sweep.png", f"{cfg.name}: {device}")
-    print(f"{cfg.name} on {device}\n{format_table(rows)}\nwrote {cfg.run_dir}/shard_sweep.{{json,png}}")
+    mismatched = f"; MISMATCH: {', '.join(check['mismatched'])}" if check["mismatched"] else ""
+    print(f"{cfg.name} on {device}\n{format_table(rows, check['tolerance'])}\n"
+          f"loss vs 1 device ({reference['loss']:.6f} after {args.steps + 1} steps): largest |difference| "
+          f"{check['max_abs_loss_vs_single']:.2e}, tolerance {check['tolerance']:.2e} "
+          f"({check['tolerance_rule']}){mismatched}\nwrote {cfg.run_dir}/shard_sweep.{{json,png}}")
+    return 0
+
+
+def main_weak_scaling(args) -> int:
+    try:
+        cfg = load_config(args.config, args.overrides)
+        rows = weak_scaling(cfg, args.layouts.split(","), args.steps)
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    device = _write_result(cfg, "weak_scaling", {"target_efficiency": WEAK_SCALING_TARGET, "rows": rows})
+    plot_weak_scaling(rows, cfg.run_dir / "weak_scaling.png", f"{cfg.name}: weak scaling on {device}")
+    print(f"{cfg.name} on {device}\n{format_weak_scaling(rows)}\nwrote {cfg.run_dir}/weak_scaling.{{json,png}}")
     return 0
 
 
