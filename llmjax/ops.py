@@ -43,13 +43,21 @@ def attention_xla(q, k, v, *, causal: bool, mask=None, scale: float | None = Non
     return out.reshape(b, t, n, h).astype(q.dtype)
 
 
+def auto_attention_impl(dtype, head_dim: int, *, has_mask: bool, on_gpu: bool) -> str:
+    """What impl="auto" runs: cuDNN on a GPU for half precision, no explicit mask and a head
+    dim cuDNN's flash kernel takes (a multiple of 8, at most 256); XLA otherwise."""
+    half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    cudnn_head = head_dim % 8 == 0 and head_dim <= 256
+    return "cudnn" if on_gpu and half and not has_mask and cudnn_head else "xla"
+
+
 def attention(q, k, v, *, causal: bool, impl: str = "auto", mask=None):
     """Scaled dot-product attention, [B, T, N, H] x [B, S, K, H] -> [B, T, N, H].
 
     `impl`: `xla` (plain jnp), `cudnn` (`jax.nn.dot_product_attention`, GPU, fp16/bf16),
     `pallas` (`pallas_kernels.flash_attention` with backend="auto": our Mosaic or Triton kernels
-    on a GPU, its fp32 reference on a CPU), `auto` (cudnn on GPU for half precision without an
-    explicit mask, else xla: cuDNN is the fastest in benchmarks/results/flash_attention_*.json).
+    on a GPU, its fp32 reference on a CPU), `auto` (`auto_attention_impl`: cudnn where it applies, else
+    xla; cuDNN is the fastest in benchmarks/results/flash_attention_*.json).
 
     Raises:
       ValueError: unknown impl, or cudnn / pallas given an explicit mask (or cudnn off a GPU).
@@ -57,8 +65,7 @@ def attention(q, k, v, *, causal: bool, impl: str = "auto", mask=None):
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention impl={impl!r} unknown; use one of {ATTENTION_IMPLS}")
     if impl == "auto":
-        half = q.dtype in (jnp.bfloat16, jnp.float16)
-        impl = "cudnn" if _on_gpu() and half and mask is None else "xla"
+        impl = auto_attention_impl(q.dtype, q.shape[-1], has_mask=mask is not None, on_gpu=_on_gpu())
     if impl in ("cudnn", "pallas") and mask is not None:
         raise ValueError(f"attention impl={impl!r} takes no explicit mask; use 'xla' or 'auto'")
     if impl == "cudnn":

@@ -129,3 +129,17 @@ def test_pallas_attention_refuses_an_explicit_mask():
     q = jnp.ones((1, 4, 2, 16))
     with pytest.raises(ValueError, match="impl='pallas' takes no explicit mask"):
         ops.attention(q, q, q, causal=True, impl="pallas", mask=jnp.ones((1, 4, 4), bool))
+
+
+@pytest.mark.parametrize("dtype, head_dim, has_mask, on_gpu, expected", [
+    (jnp.bfloat16, 64, False, True, "cudnn"),
+    (jnp.float16, 256, False, True, "cudnn"),
+    (jnp.bfloat16, 36, False, True, "xla"),   # cuDNN needs a multiple of 8
+    (jnp.bfloat16, 264, False, True, "xla"),  # and at most 256
+    (jnp.float32, 64, False, True, "xla"),
+    (jnp.bfloat16, 64, True, True, "xla"),
+    (jnp.bfloat16, 64, False, False, "xla"),
+])
+def test_auto_attention_uses_cudnn_only_where_it_applies(dtype, head_dim, has_mask, on_gpu, expected):
+    from llmjax import ops
+    assert ops.auto_attention_impl(dtype, head_dim, has_mask=has_mask, on_gpu=on_gpu) == expected
