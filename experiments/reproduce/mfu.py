@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from experiments.reproduce.common import compare, on_gpu
-from llmjax.config import OptimConfig, load_config
+from llmjax.config import load_config
 from llmjax.data.dataset import BatchIterator, load_dataset
 from llmjax.models import count_params, init_model, split_model
 from llmjax.train.flops import device_peak_flops, flops_per_token, matmul_params
@@ -109,21 +109,20 @@ def run(small: bool) -> dict:
     data = load_dataset(cfg.data.corpus, cfg.data.tokenizer, seq_len, cfg.data.val_fraction)
     graphdef, params = split_model(init_model(cfg.model))
     n_params = count_params(params)
-    optimizer = make_optimizer(OptimConfig(), total_steps=steps)
+    optimizer = make_optimizer(cfg.optim, total_steps=steps)
     state = init_train_state(params, optimizer)
     batches = BatchIterator(data.train, batch_size)
     step = make_train_step(graphdef, optimizer)
     first = jnp.asarray(next(batches))[None]
-    compiled = step.lower(state, first).compile()
     xla_flops = xla_flops_per_step(cfg.model, optimizer, first.shape)
-    state, metrics = compiled(state, first)  # warm-up
+    state, metrics = step(state, first)  # compile and warm up
     losses = [float(metrics["loss"])]
     # Steps dispatched back to back, as a training loop runs them; one wait at the end.
     batches_ahead = [jnp.asarray(next(batches))[None] for _ in range(steps)]
     start = time.perf_counter()
     step_metrics = []
     for tokens in batches_ahead:
-        state, metrics = compiled(state, tokens)
+        state, metrics = step(state, tokens)
         step_metrics.append(metrics["loss"])
     losses += [float(loss) for loss in step_metrics]  # waits for the last step
     step_s = (time.perf_counter() - start) / steps
