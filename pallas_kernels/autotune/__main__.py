@@ -4,6 +4,7 @@
   cases=['m8192_n8192_k8192']   benchmark case names to tune (default: all of the op's)
   kernels=['matmul_mosaic']     table kernel names to tune (default: all)
   reps=10                       timed samples per candidate (CUPTI device time on a GPU)
+  workers=8                     threads compiling a stage's candidates at once (1: one at a time)
   table='pallas_kernels/autotune/table.json'   the table to update
   out='benchmarks/results'      where the report goes
 Each problem's winner is written to the table as soon as it is known (an interrupted run keeps
@@ -21,7 +22,7 @@ from pallas_kernels import _bench
 from pallas_kernels.autotune import spaces, table, tuner
 
 ALIASES = {"attention": "flash_attention"}
-OPTIONS = ("cases", "kernels", "reps", "table", "out")
+OPTIONS = ("cases", "kernels", "reps", "workers", "table", "out")
 
 
 def parse(argv):
@@ -31,7 +32,7 @@ def parse(argv):
     op = ALIASES.get(argv[0], argv[0])
     if op not in spaces.OPS:
         raise SystemExit(f"op={argv[0]!r} unknown; use one of {spaces.OPS}")
-    options = dict(cases=None, kernels=None, reps=10, table=None,
+    options = dict(cases=None, kernels=None, reps=10, workers=tuner.default_workers(), table=None,
                    out="benchmarks/results")
     for item in argv[1:]:
         name, sep, text = item.partition("=")
@@ -41,6 +42,8 @@ def parse(argv):
             options[name] = ast.literal_eval(text)
         except (ValueError, SyntaxError):
             options[name] = text
+    if not isinstance(options["workers"], int) or options["workers"] < 1:
+        raise SystemExit(f"workers={options['workers']!r} must be an int >= 1")
     return op, options
 
 
@@ -87,7 +90,7 @@ def main(argv=None):
     results = []
     for problem in spaces.problems(op, options["cases"], options["kernels"]):
         try:
-            result = tuner.tune(problem, reps=options["reps"])
+            result = tuner.tune(problem, reps=options["reps"], workers=options["workers"])
         except Exception as e:  # the default itself cannot run: report it, tune the rest
             results.append(dict(kernel=problem.kernel, key=problem.key, error=_bench.error_text(e)))
             print(f"{problem.kernel} [{problem.key}]: {results[-1]['error']}")

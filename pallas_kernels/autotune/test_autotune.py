@@ -1,9 +1,14 @@
 """Autotuner on CPU: the heuristic path, table lookups from a temporary table (and a kernel that
 consults it), the search over a toy problem (winner, skipped candidates and their reasons, the
-keep-the-default rule), the search spaces' validity, and the CLI's report helpers."""
+keep-the-default rule, concurrent compiles giving the serial result, each program compiled once),
+the search spaces' validity, and the CLI's report helpers."""
+import collections
 import dataclasses
 import json
 import logging
+import threading
+import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -122,9 +127,9 @@ def _time_by_work(monkeypatch):
     depend on the load of the host running the tests."""
     real_time = tuner._time
 
-    def fake_time(build, config, mode, reps):
-        real_time(build, config, mode, 1)
-        return config.work * 1e-3
+    def fake_time(program, reps):
+        real_time(program, 1)
+        return program.config.work * 1e-3
     monkeypatch.setattr(tuner, "_time", fake_time)
 
 
@@ -151,9 +156,9 @@ def test_winner_slower_on_confirmation_keeps_the_default(monkeypatch):
     confirm = {64: 1.0, 1: 1.5}
     calls = []
 
-    def fake_time(build, config, mode, reps):
-        calls.append(config.work)
-        return (search if len(calls) <= 2 else confirm)[config.work]
+    def fake_time(program, reps):
+        calls.append(program.config.work)
+        return (search if len(calls) <= 2 else confirm)[program.config.work]
     monkeypatch.setattr(tuner, "_time", fake_time)
     result = tuner.tune(toy_problem((tuner.Stage("fwd", (dict(work=1),)),)), confirm_rounds=1,
                         log=None)
@@ -168,11 +173,102 @@ def test_a_field_the_program_ignores_is_timed_once_for_both():
     assert result["tuned_ms"] == result["default_ms"] and not result["kept_default"]
 
 
-def test_failing_default_raises():
+@pytest.mark.parametrize("workers", [1, 4])
+def test_failing_default_raises(workers):
     problem = toy_problem((tuner.Stage("fwd", (dict(work=1),)),))
     problem = dataclasses.replace(problem, default=Toy(work=7))
-    with pytest.raises(RuntimeError, match="starting config fails"):
-        tuner.tune(problem, reps=1, log=None)
+    with pytest.raises(RuntimeError, match="starting config fails in mode fwd: compile: TypeError"):
+        tuner.tune(problem, reps=1, log=None, workers=workers)
+
+
+def test_concurrent_compiles_give_the_serial_result(monkeypatch):
+    """workers=4 compiles a stage's candidates on several threads at once (build() stays on the
+    calling thread) and gives the rows, errors, log lines and winner of workers=1."""
+    _time_by_work(monkeypatch)
+    real_compile, lock = tuner._compile, threading.Lock()
+    running, peak, build_threads = [0], [0], set()
+
+    def slow_compile(fn, arg_sets):  # long enough for the compiles of a stage to overlap
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        try:
+            time.sleep(0.05)
+            return real_compile(fn, arg_sets)
+        finally:
+            with lock:
+                running[0] -= 1
+    monkeypatch.setattr(tuner, "_compile", slow_compile)
+    toy = toy_problem((tuner.Stage("fwd", tuple(dict(work=w) for w in (0, 7, 3, 2, 5, 1))),
+                       tuner.Stage("fwd", (dict(work=4), dict(unused=1)))))
+
+    def build(config, mode):
+        build_threads.add(threading.current_thread())
+        if config.work == 3:
+            raise ValueError("no program for work=3")
+        return toy.build(config, mode)
+    problem = dataclasses.replace(toy, build=build)
+    runs = {}
+    for workers in (1, 4):
+        peak[0], lines = 0, []
+        result = tuner.tune(problem, reps=1, confirm_rounds=1, log=lines.append, workers=workers)
+        runs[workers] = ({k: result[k] for k in ("best", "candidates", "default_ms", "tuned_ms",
+                                                 "kept_default")}, lines, peak[0])
+    assert runs[4][:2] == runs[1][:2]
+    assert runs[1][2] == 1 and runs[4][2] > 1
+    assert build_threads == {threading.main_thread()}
+    result, lines, _ = runs[4]
+    assert result["best"] == {"work": 1, "unused": 0} and len(lines) == 7
+    errors = {c["overrides"].get("work"): c.get("error") for c in result["candidates"]
+              if c["stage"] == 0}
+    assert errors[0].startswith("invalid: ValueError: Toy.work=0")
+    assert errors[7].startswith("RuntimeError: compile:")
+    assert errors[3] == "ValueError: no program for work=3"
+    assert errors[None] is errors[2] is errors[5] is errors[1] is None
+
+
+class CountingJit:
+    """jax.jit(f) that appends `key` to `compiled` each time a lowering of it is compiled."""
+
+    def __init__(self, f, key, compiled):
+        self.jitted, self.key, self.compiled = jax.jit(f), key, compiled
+
+    def lower(self, *args):
+        lowered = self.jitted.lower(*args)
+
+        def compile():
+            self.compiled.append(self.key)
+            return lowered.compile()
+        return types.SimpleNamespace(as_text=lowered.as_text, compile=compile)
+
+
+@pytest.mark.parametrize("workers", [1, 4])
+def test_each_program_is_compiled_once(monkeypatch, workers):
+    """Two modes, the winner's program differing from the default's in both: the confirmation
+    reuses what the search compiled (the default in mode a, the winner in mode b), compiles the
+    other two once, and times all four in every round."""
+    x = jnp.ones((128, 128), jnp.float32) / 128
+    compiled = []
+
+    def build(config, mode):  # mode b chains `unused` more matmuls than mode a
+        steps = config.work + (config.unused if mode == "b" else 0)
+        chain = lambda x: jax.lax.fori_loop(0, steps, lambda i, y: y @ x, x)  # noqa: E731
+        return CountingJit(chain, (config, mode), compiled), [(x,)]
+    seconds = {Toy(): 3e-3, Toy(work=1): 2e-3, Toy(work=1, unused=1): 1e-3}
+    timed = []
+    monkeypatch.setattr(tuner, "_time", lambda program, reps: timed.append(program.config)
+                        or seconds[program.config])
+    problem = tuner.Problem(kernel="toy", key="n=128", default=Toy(), build=build, stages=(
+        tuner.Stage("a", (dict(work=1),)), tuner.Stage("b", (dict(unused=1),))))
+    result = tuner.tune(problem, confirm_rounds=3, log=None, workers=workers)
+    assert result["best"] == {"work": 1, "unused": 1} and not result["kept_default"]
+    assert result["default_ms"] == {"a": 3.0, "b": 3.0}
+    assert result["tuned_ms"] == {"a": 1.0, "b": 1.0}
+    assert collections.Counter(compiled) == collections.Counter(
+        [(Toy(), "a"), (Toy(work=1), "a"), (Toy(work=1), "b"), (Toy(work=1, unused=1), "b"),
+         (Toy(work=1, unused=1), "a"), (Toy(), "b")])
+    # The search timed 4 programs; then 3 rounds of default and winner in each of 2 modes.
+    assert collections.Counter(timed[4:]) == {Toy(): 6, Toy(work=1, unused=1): 6}
 
 
 @pytest.mark.parametrize("op", spaces.OPS)
@@ -225,6 +321,9 @@ def test_cli_parse_and_report(tmp_path):
         cli.parse(["conv"])
     with pytest.raises(SystemExit, match="option 'speed=3'"):
         cli.parse(["norms", "speed=3"])
+    assert cli.parse(["norms", "workers=3"])[1]["workers"] == 3
+    with pytest.raises(SystemExit, match="workers=0 must be an int >= 1"):
+        cli.parse(["norms", "workers=0"])
     result = dict(kernel="toy", key="n=1", default={"work": 64}, best={"work": 1},
                   default_ms={"fwd": 2.0}, tuned_ms={"fwd": 1.0})
     text = cli.summary([result, dict(kernel="toy", key="n=2", error="RuntimeError: boom")])
