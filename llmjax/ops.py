@@ -2,6 +2,8 @@
 
 B batch, T query length, S key length, N heads, K kv heads, G = N // K, H head dim.
 """
+import math
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -15,6 +17,23 @@ ATTENTION_IMPLS = ("xla", "cudnn", "pallas", "auto")
 
 def _on_gpu() -> bool:
     return jax.default_backend() == "gpu"
+
+
+def dense(x, w, n_contract: int = 1):
+    """x [..., *in] times a weight w [*in, *out] -> [..., *out], contracting the last
+    `n_contract` axes of x with the first of w (a projection, in the weight's own layout).
+
+    A single row of x on a GPU (a batch-1 decode step) runs as a [2, in] x [in, out] matmul
+    with a zero second row: XLA rewrites a vector x matrix product of fewer than 10M weight
+    elements into multiply + reduce kernels that read the weight at about a third of the
+    bandwidth of its GEMMs (benchmarks/NOTES.md, 2026-12-04).
+    """
+    lead = x.shape[:x.ndim - n_contract]
+    if not _on_gpu() or math.prod(lead) != 1:
+        return jnp.tensordot(x, w, n_contract)
+    row = x.reshape(1, -1)
+    rows = jnp.concatenate([row, jnp.zeros_like(row)])
+    return (rows @ w.reshape(row.shape[1], -1))[0].reshape(*lead, *w.shape[n_contract:])
 
 
 def attention_xla(q, k, v, *, causal: bool, mask=None, scale: float | None = None):

@@ -143,3 +143,21 @@ def test_pallas_attention_refuses_an_explicit_mask():
 def test_auto_attention_uses_cudnn_only_where_it_applies(dtype, head_dim, has_mask, on_gpu, expected):
     from llmjax import ops
     assert ops.auto_attention_impl(dtype, head_dim, has_mask=has_mask, on_gpu=on_gpu) == expected
+
+
+@pytest.mark.parametrize("x_shape, w_shape, n_contract", [
+    ((1, 1, 16), (16, 4, 8), 1),   # q/k/v projection of one decode token
+    ((1, 1, 4, 8), (4, 8, 16), 2),  # output projection
+    ((1, 1, 16), (16, 24), 1),     # MLP
+    ((2, 3, 16), (16, 4, 8), 1),   # several rows: the plain contraction
+])
+def test_dense_single_row_gpu_path_equals_the_contraction(monkeypatch, x_shape, w_shape, n_contract):
+    from llmjax import ops
+
+    kx, kw = jax.random.split(jax.random.key(0))
+    x, w = jax.random.normal(kx, x_shape), jax.random.normal(kw, w_shape)
+    expected = jnp.tensordot(x, w, n_contract)
+    monkeypatch.setattr(ops, "_on_gpu", lambda: True)  # the padded-row path, run on the CPU
+    got = ops.dense(x, w, n_contract)
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)

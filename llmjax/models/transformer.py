@@ -79,9 +79,9 @@ class Attention(nnx.Module):
 
     def __call__(self, x, positions, cache, mask=None):
         cfg, dt = self.cfg, x.dtype
-        q = jnp.einsum("btd,dnh->btnh", x, self.wq[...].astype(dt))
-        k = jnp.einsum("btd,dkh->btkh", x, self.wk[...].astype(dt))
-        v = jnp.einsum("btd,dkh->btkh", x, self.wv[...].astype(dt))
+        q = ops.dense(x, self.wq[...].astype(dt))  # [B, T, N, H]
+        k = ops.dense(x, self.wk[...].astype(dt))  # [B, T, K, H]
+        v = ops.dense(x, self.wv[...].astype(dt))
         if self.bq is not None:
             q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
         if cfg.family == "llama":
@@ -91,7 +91,7 @@ class Attention(nnx.Module):
             out = ops.attention(q, k, v, causal=True, impl=cfg.attention_impl, mask=mask)
         else:
             out, cache = kv_cache.attend_cached(q, k, v, positions, cache)
-        y = jnp.einsum("btnh,nhd->btd", out, self.wo[...].astype(dt))
+        y = ops.dense(out, self.wo[...].astype(dt), 2)  # [B, T, D]
         if self.bo is not None:
             y = y + self.bo[...].astype(dt)
         return y, cache
@@ -117,7 +117,7 @@ class FeedForward(nnx.Module):
     def __call__(self, x):
         names = ("w_in", "w_gate", "w_out", "b_in", "b_out")
         weights = {n: getattr(self, n)[...].astype(x.dtype) for n in names if getattr(self, n) is not None}
-        return ffn(x, weights, jnp.matmul, lambda b: b)  # [B, T, D] -> [B, T, F] -> [B, T, D]
+        return ffn(x, weights, ops.dense, lambda b: b)  # [B, T, D] -> [B, T, F] -> [B, T, D]
 
 
 class Block(nnx.Module):
