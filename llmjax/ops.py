@@ -13,6 +13,9 @@ import pallas_kernels.norms as pallas_norms
 from pallas_kernels.flash_attention import flash_attention
 
 ATTENTION_IMPLS = ("xla", "cudnn", "pallas", "auto")
+# XLA's GPU simplifier turns a vector x matrix dot whose operands hold fewer elements than this
+# into multiply + reduce (IsMatrixMultiplicationTooSmallForRewriting in its strength reduction).
+XLA_GEMV_TO_REDUCE_BELOW = 10_000_000
 
 
 def _on_gpu() -> bool:
@@ -24,12 +27,12 @@ def dense(x, w, n_contract: int = 1):
     `n_contract` axes of x with the first of w (a projection, in the weight's own layout).
 
     A single row of x on a GPU (a batch-1 decode step) runs as a [2, in] x [in, out] matmul
-    with a zero second row: XLA rewrites a vector x matrix product of fewer than 10M weight
-    elements into multiply + reduce kernels that read the weight at about a third of the
-    bandwidth of its GEMMs (benchmarks/NOTES.md, 2026-12-04).
+    with a zero second row when XLA would otherwise rewrite the vector x matrix product into
+    multiply + reduce kernels (operands under 10M elements), which read the weight at about a
+    third of the bandwidth of its GEMMs (benchmarks/NOTES.md, 2026-12-04).
     """
     lead = x.shape[:x.ndim - n_contract]
-    if not _on_gpu() or math.prod(lead) != 1:
+    if not _on_gpu() or math.prod(lead) != 1 or x.size + w.size >= XLA_GEMV_TO_REDUCE_BELOW:
         return jnp.tensordot(x, w, n_contract)
     row = x.reshape(1, -1)
     rows = jnp.concatenate([row, jnp.zeros_like(row)])

@@ -161,3 +161,14 @@ def test_dense_single_row_gpu_path_equals_the_contraction(monkeypatch, x_shape, 
     got = ops.dense(x, w, n_contract)
     assert got.shape == expected.shape
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_dense_pads_only_the_products_xla_would_strength_reduce(monkeypatch):
+    from llmjax import ops
+
+    monkeypatch.setattr(ops, "_on_gpu", lambda: True)
+    monkeypatch.setattr(ops, "XLA_GEMV_TO_REDUCE_BELOW", 16 + 16 * 24)  # a 16 x 24 weight is at it
+    x = jnp.ones((1, 1, 16))
+    small, large = jnp.ones((16, 23)), jnp.ones((16, 24))
+    assert "concatenate" in str(jax.make_jaxpr(lambda x, w: ops.dense(x, w))(x, small))
+    assert "concatenate" not in str(jax.make_jaxpr(lambda x, w: ops.dense(x, w))(x, large))
