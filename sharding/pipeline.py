@@ -21,7 +21,6 @@ M microbatches per pipeline pass, p stages, L layers, B micro-batch, T length, D
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import math
@@ -34,7 +33,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from sharding.axes import ACT_EMBED, BATCH, LAYERS, LENGTH
-from sharding.placement import constrain, state_shardings_from_tables
+from sharding.placement import ShardedStep, constrain, state_shardings_from_tables
 from sharding.rules import Rules, mesh_axes_of, resolve_rules
 
 SCHEDULES = ("gpipe", "1f1b")
@@ -295,37 +294,13 @@ def _pipeline_grads_fn(graphdef, mesh, table: Timetable, microbatches: int):
 # ---------------------------------------------------------------------------------------
 # The train step.
 
-class PipelineStep:
-    """The jitted pipeline step, built on the first call from the argument shapes (cached
-    per shape) and traced under the mesh and rules. `lower(state, batch)` gives the lowered
-    program (`.compile().memory_analysis()`); `stats` is `schedule_stats` of the schedule."""
+class PipelineStep(ShardedStep):
+    """The pipeline step (`ShardedStep`: built per argument shape, traced under the mesh and
+    rules, donating the state); `stats` is `schedule_stats` of its schedule."""
 
     def __init__(self, make_fn, make_shardings, mesh, rules: Rules, stats: dict):
-        self._make_fn, self._make_shardings = make_fn, make_shardings
-        self.mesh, self.rules, self.stats = mesh, rules, stats
-        self._cache = {}
-
-    def _jitted(self, args):
-        key = jax.tree.structure(args), tuple((np.shape(x), str(x.dtype)) for x in jax.tree.leaves(args))
-        if key not in self._cache:
-            in_shardings, out_shardings = self._make_shardings(*args)
-            self._cache[key] = jax.jit(self._make_fn(*args), in_shardings=in_shardings,
-                                       out_shardings=out_shardings, donate_argnums=0)
-        return self._cache[key]
-
-    def _context(self):
-        ctx = contextlib.ExitStack()
-        ctx.enter_context(jax.set_mesh(self.mesh))
-        ctx.enter_context(nnx.logical_axis_rules(self.rules))
-        return ctx
-
-    def __call__(self, state, batch):
-        with self._context():
-            return self._jitted((state, batch))(state, batch)
-
-    def lower(self, state, batch):
-        with self._context():
-            return self._jitted((state, batch)).lower(state, batch)
+        super().__init__(make_fn, make_shardings, mesh, rules, donate_argnums=0)
+        self.stats = stats
 
 
 def make_pipeline_train_step(graphdef, optimizer: optax.GradientTransformation, schedule=None, *,
@@ -382,7 +357,7 @@ def make_pipeline_train_step(graphdef, optimizer: optax.GradientTransformation, 
         batch_sh = NamedSharding(mesh, PartitionSpec(None, batch_axes, None))
         return (state_sh, batch_sh), (state_sh, NamedSharding(mesh, PartitionSpec()))
 
-    def make_fn(state, batch):
+    def make_fn(in_shardings, state, batch):
         grads_fn = _pipeline_grads_fn(graphdef, mesh, table, microbatches)
 
         def train_step(state, batch):

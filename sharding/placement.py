@@ -7,6 +7,7 @@ under the optimizer-state rules; everything else (counts, the step) is replicate
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping
 
@@ -230,3 +231,45 @@ def format_shardings(tree, shardings) -> str:
         lines.append(f"{jax.tree_util.keystr(path, simple=True, separator='/'):<40} "
                      f"{str(tuple(np.shape(x))):<18} {s.spec}")
     return "\n".join(lines)
+
+
+class ShardedStep:
+    """A step jitted with explicit in/out shardings, traced under the mesh and the rule table
+    (so the model's activation constraints apply), built on the first call from the argument
+    shapes and cached per shape.
+
+    make_shardings(*args) -> (in_shardings, out_shardings); make_fn(in_shardings, *args) ->
+    the function to jit. Call the step like the jitted function; `lower(*args)` gives the
+    lowered program (for `.compile().memory_analysis()`), `shardings(*args)` the shardings.
+    """
+
+    def __init__(self, make_fn, make_shardings, mesh: Mesh, rules: Rules, donate_argnums=()):
+        self._make_fn, self._make_shardings = make_fn, make_shardings
+        self.mesh, self.rules, self._donate = mesh, rules, donate_argnums
+        self._cache = {}
+
+    def _context(self):
+        ctx = contextlib.ExitStack()
+        ctx.enter_context(jax.set_mesh(self.mesh))
+        ctx.enter_context(nnx.logical_axis_rules(self.rules))
+        return ctx
+
+    def shardings(self, *args):
+        """(in_shardings, out_shardings) for these arguments (arrays or ShapeDtypeStructs)."""
+        return self._make_shardings(*args)
+
+    def _jitted(self, args):
+        key = jax.tree.structure(args), tuple((np.shape(x), str(x.dtype)) for x in jax.tree.leaves(args))
+        if key not in self._cache:
+            in_shardings, out_shardings = self._make_shardings(*args)
+            self._cache[key] = jax.jit(self._make_fn(in_shardings, *args), in_shardings=in_shardings,
+                                       out_shardings=out_shardings, donate_argnums=self._donate)
+        return self._cache[key]
+
+    def __call__(self, *args):
+        with self._context():
+            return self._jitted(args)(*args)
+
+    def lower(self, *args):
+        with self._context():
+            return self._jitted(args).lower(*args)

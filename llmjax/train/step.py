@@ -9,7 +9,6 @@ the params' logical names (`sharding.placement.state_shardings`), and traced und
 mesh and the rule table so the model's activation constraints apply. Parallelism is
 applied here, not in the model (torchtitan's `parallelize` idea).
 """
-import contextlib
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from llmjax import lora as lora_lib
 from llmjax.config import LoraConfig
 from sharding.placement import (
+    ShardedStep,
     batch_sharding,
     opt_state_shardings,
     param_logical_names,
@@ -91,47 +91,6 @@ def _train_step_fn(graphdef, optimizer, schedule, grad_shardings=None, lora: Lor
     return train_step
 
 
-class ShardedStep:
-    """A step jitted with explicit in/out shardings, built on the first call from the
-    argument shapes (so only the graphdef is needed up front) and cached per shape.
-
-    Call it like the jitted function; `lower(*args)` gives the lowered program (for
-    `.compile().memory_analysis()`), `shardings(*args)` the (in, out) shardings.
-    """
-
-    def __init__(self, make_fn, make_shardings, mesh, rules: Rules, donate_argnums=()):
-        self._make_fn, self._make_shardings = make_fn, make_shardings
-        self.mesh, self.rules, self._donate = mesh, rules, donate_argnums
-        self._cache = {}
-
-    def _context(self):
-        ctx = contextlib.ExitStack()
-        ctx.enter_context(jax.set_mesh(self.mesh))
-        ctx.enter_context(nnx.logical_axis_rules(self.rules))
-        return ctx
-
-    def shardings(self, *args):
-        """(in_shardings, out_shardings) for these arguments (arrays or ShapeDtypeStructs)."""
-        return self._make_shardings(*args)
-
-    def _jitted(self, args):
-        key = jax.tree.structure(args), tuple((np.shape(x), str(x.dtype)) for x in jax.tree.leaves(args))
-        if key not in self._cache:
-            in_shardings, out_shardings = self._make_shardings(*args)
-            fn = self._make_fn(in_shardings)
-            self._cache[key] = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings,
-                                       donate_argnums=self._donate)
-        return self._cache[key]
-
-    def __call__(self, *args):
-        with self._context():
-            return self._jitted(args)(*args)
-
-    def lower(self, *args):
-        with self._context():
-            return self._jitted(args).lower(*args)
-
-
 def _check_mesh_rules(mesh, rules):
     if (mesh is None) != (rules is None):
         raise ValueError("pass mesh and rules together (or neither, for an unsharded step); got "
@@ -183,7 +142,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule=
         state_sh, base_sh = lora_shardings(graphdef, lora, state, base, mesh, rules)
         return (state_sh, batch_sh, base_sh), (state_sh, replicated)
 
-    def make_fn(in_shardings):
+    def make_fn(in_shardings, *args):
         return _train_step_fn(graphdef, optimizer, schedule, grad_shardings=in_shardings[0]["params"], lora=lora)
 
     return ShardedStep(make_fn, make_shardings, mesh, param_rules, donate_argnums=0)
@@ -219,7 +178,7 @@ def make_eval_step(graphdef, *, mesh=None, rules: str | Rules | None = None):
         params_sh = state_shardings(graphdef, {"params": params}, mesh, rules)["params"]
         return (params_sh, batch_sharding(mesh, rules, np.ndim(tokens))), NamedSharding(mesh, PartitionSpec())
 
-    def make_fn(_):
+    def make_fn(in_shardings, params, tokens):
         return lambda params, tokens: loss_fn(params, graphdef, tokens)
 
     return ShardedStep(make_fn, make_shardings, mesh, param_rules)
