@@ -11,6 +11,7 @@ import optax
 from pallas_kernels.cross_entropy import api as pallas_ce
 import pallas_kernels.norms as pallas_norms
 from pallas_kernels.flash_attention import flash_attention
+from pallas_kernels.flash_attention.config import cudnn_flash_head_dim_ok
 
 ATTENTION_IMPLS = ("xla", "cudnn", "pallas", "auto")
 # XLA's GPU simplifier turns a vector x matrix dot whose operands hold fewer elements than this
@@ -20,6 +21,12 @@ XLA_GEMV_TO_REDUCE_BELOW = 10_000_000
 
 def _on_gpu() -> bool:
     return jax.default_backend() == "gpu"
+
+
+def _hopper() -> bool:
+    """Whether the first device is a Hopper (or newer) GPU; False off a GPU."""
+    capability = getattr(jax.devices()[0], "compute_capability", None) if _on_gpu() else None
+    return capability is not None and float(capability) >= 9.0
 
 
 def dense(x, w, n_contract: int = 1):
@@ -65,11 +72,12 @@ def attention_xla(q, k, v, *, causal: bool, mask=None, scale: float | None = Non
     return out.reshape(b, t, n, h).astype(q.dtype)
 
 
-def auto_attention_impl(dtype, head_dim: int, *, has_mask: bool, on_gpu: bool) -> str:
+def auto_attention_impl(dtype, head_dim: int, *, has_mask: bool, on_gpu: bool, hopper: bool | None = None) -> str:
     """What impl="auto" runs: cuDNN on a GPU for half precision, no explicit mask and a head
-    dim cuDNN's flash kernel takes (a multiple of 8, at most 256); XLA otherwise."""
+    dim cuDNN's flash kernel takes (a multiple of 8, at most 256 on Hopper, 128 before); XLA
+    otherwise."""
     half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-    cudnn_head = head_dim % 8 == 0 and head_dim <= 256
+    cudnn_head = on_gpu and cudnn_flash_head_dim_ok(head_dim, hopper=_hopper() if hopper is None else hopper)
     return "cudnn" if on_gpu and half and not has_mask and cudnn_head else "xla"
 
 

@@ -22,6 +22,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from pallas_kernels.cross_entropy.api import default_n_chunks
+from pallas_kernels.flash_attention.config import cudnn_flash_head_dim_ok
 from sharding.axes import ACT_EMBED, ACT_HEADS, ACT_MLP, ACT_VOCAB, BATCH, EMBED, LENGTH, VOCAB
 from sharding.placement import state_shardings
 from sharding.rules import Rules, mesh_axes_of, resolve_rules
@@ -161,12 +162,14 @@ def _on_cpu(platform: str | None) -> bool:
 def flash_attention_used(model_cfg, platform: str | None = None) -> bool:
     """Whether the model's attention is a fused kernel that keeps O(T) statistics for the
     backward pass instead of the [B, N, T, T] scores: cuDNN or our Pallas kernel on a GPU, and
-    `auto` there for 16-bit inputs (the rule of `llmjax.ops.attention`). On a CPU every impl
+    `auto` there for 16-bit inputs and a head dim cuDNN takes (Hopper's rule; the rule of
+    `llmjax.ops.attention`). On a CPU every impl
     materializes the scores (Pallas runs its reference there)."""
     if _on_cpu(platform):
         return False
     impl = model_cfg.attention_impl
-    return impl in ("cudnn", "pallas") or (impl == "auto" and np.dtype(model_cfg.dtype).itemsize == 2)
+    return impl in ("cudnn", "pallas") or (impl == "auto" and np.dtype(model_cfg.dtype).itemsize == 2
+                                           and cudnn_flash_head_dim_ok(model_cfg.head_dim))
 
 
 def layer_activation_bytes(model_cfg, mesh_shape: dict[str, int], rules: str | Rules, *,

@@ -133,7 +133,7 @@ def test_pallas_attention_refuses_an_explicit_mask():
 
 @pytest.mark.parametrize("dtype, head_dim, has_mask, on_gpu, expected", [
     (jnp.bfloat16, 64, False, True, "cudnn"),
-    (jnp.float16, 256, False, True, "cudnn"),
+    (jnp.float16, 128, False, True, "cudnn"),
     (jnp.bfloat16, 36, False, True, "xla"),   # cuDNN needs a multiple of 8
     (jnp.bfloat16, 264, False, True, "xla"),  # and at most 256
     (jnp.float32, 64, False, True, "xla"),
@@ -142,7 +142,10 @@ def test_pallas_attention_refuses_an_explicit_mask():
 ])
 def test_auto_attention_uses_cudnn_only_where_it_applies(dtype, head_dim, has_mask, on_gpu, expected):
     from llmjax import ops
-    assert ops.auto_attention_impl(dtype, head_dim, has_mask=has_mask, on_gpu=on_gpu) == expected
+    assert ops.auto_attention_impl(dtype, head_dim, has_mask=has_mask, on_gpu=on_gpu, hopper=True) == expected
+    # Before Hopper cuDNN's flash attention stops at head dim 128.
+    assert ops.auto_attention_impl(jnp.bfloat16, 256, has_mask=False, on_gpu=True, hopper=True) == "cudnn"
+    assert ops.auto_attention_impl(jnp.bfloat16, 256, has_mask=False, on_gpu=True, hopper=False) == "xla"
 
 
 @pytest.mark.parametrize("x_shape, w_shape, n_contract", [

@@ -156,3 +156,9 @@ def tuned_blocks(seq_q: int, seq_kv: int, head_dim: int, causal: bool, dtype) ->
         blocks, mosaic=autotune_table.best_config("flash_attention_mosaic", key, blocks.mosaic),
         mosaic_bwd=autotune_table.best_config("flash_attention_mosaic_bwd", key,
                                               blocks.mosaic_bwd))
+
+
+def cudnn_flash_head_dim_ok(head_dim: int, hopper: bool = True) -> bool:
+    """Whether cuDNN's flash attention (jax.nn.dot_product_attention) takes this head dim: a
+    multiple of 8, at most 256 on Hopper (compute capability 9.0+) and 128 before it."""
+    return head_dim % 8 == 0 and head_dim <= (256 if hopper else 128)
