@@ -309,6 +309,10 @@ def compare_losses(rows: list[dict], reference: dict, model_cfg) -> dict:
             "mismatched": [r["layout"] for r in rows if abs(r["loss_vs_single"]) > tol]}
 
 
+def _mesh_label(row: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in row["mesh"].items()) or "1 device"
+
+
 def format_table(rows: list[dict], tolerance: float | None = None) -> str:
     """The printed table: one line per layout (memory in MiB per device), its loss minus the
     single-device loss and the memory model's ratio to the compiled bytes; rows whose loss
@@ -319,7 +323,7 @@ def format_table(rows: list[dict], tolerance: float | None = None) -> str:
     mib = lambda b: f"{b / 2**20:9.2f}"  # noqa: E731
     lines = [head]
     for r in rows:
-        mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items()) or "1 device"
+        mesh = _mesh_label(r)
         mfu = f"{r['mfu']:6.1%}" if r["mfu"] is not None else f"{'-':>6}"
         bubble = f"{r['bubble']:6.1%}" if r["bubble"] is not None else f"{'-':>6}"
         diff = r.get("loss_vs_single")
@@ -393,7 +397,7 @@ def format_weak_scaling(rows: list[dict]) -> str:
     lines = [f"{'layout':<16} {'devices':>7} {'mesh':<22} {'batch':>6} {'step ms':>8} {'tok/s':>10} "
              f"{'tok/s/dev':>10} {'efficiency':>10} {'mem ratio':>9}"]
     for r in rows:
-        mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items()) or "1 device"
+        mesh = _mesh_label(r)
         lines.append(f"{r['layout']:<16} {r['n_devices']:>7} {mesh:<22} {r['global_batch']:>6} "
                      f"{r['step_s'] * 1e3:8.1f} {r['tokens_per_s']:10.0f} {r['tokens_per_s_per_device']:10.0f} "
                      f"{r['efficiency']:10.1%} {r['memory_ratio']:9.3f}")

@@ -77,8 +77,9 @@ def auto_attention_impl(dtype, head_dim: int, *, has_mask: bool, on_gpu: bool, h
     dim cuDNN's flash kernel takes (a multiple of 8, at most 256 on Hopper, 128 before); XLA
     otherwise."""
     half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-    cudnn_head = on_gpu and cudnn_flash_head_dim_ok(head_dim, hopper=_hopper() if hopper is None else hopper)
-    return "cudnn" if on_gpu and half and not has_mask and cudnn_head else "xla"
+    if not on_gpu or not half or has_mask:
+        return "xla"
+    return "cudnn" if cudnn_flash_head_dim_ok(head_dim, hopper=_hopper() if hopper is None else hopper) else "xla"
 
 
 def attention(q, k, v, *, causal: bool, impl: str = "auto", mask=None):
