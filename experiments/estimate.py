@@ -148,6 +148,10 @@ class PaperModel:
     def d_mlp(self) -> int:
         return 4 * self.d_model
 
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
 
 def search_report(args, shape: Shape, memory: float, shown: int = 10) -> str:
     """The layout search on paper: the `shown` fastest predicted layouts that fit."""
