@@ -155,6 +155,9 @@ PRESETS = {
     "table": (cases.BENCH_CASES_FULL, _TABLE_IMPLS, MODES),
     **{f"table_d{h}": (tuple(c for c in cases.BENCH_CASES_FULL if c.head_dim == h), _TABLE_IMPLS,
                        MODES) for h in (64, 128)},
+    # Forward only, ours against cuDNN at D=64 (~1 min): to check a forward change quickly.
+    "fwd_d64": (tuple(c for c in cases.BENCH_CASES_FULL if c.head_dim == 64),
+                {name: IMPLS[name] for name in ("mosaic", "cudnn")}, ("fwd",)),
     "tune": (_S4K, None, MODES),
     "tune_bwd": (_S4K, None, ("fwd_bwd",)),
     # Mosaic forward tiles and overlap at 4k and 16k, D=128 (forward only; ~2 min on an H100).

@@ -25,20 +25,30 @@ def _check_mosaic_tiles(tiles, names):
 
 @dataclasses.dataclass(frozen=True)
 class MosaicBlocks:
-    """Tiles of the Mosaic GPU forward: `block_q` rows per compute warpgroup (a CTA holds two),
-    `block_kv` keys per step, `max_concurrent_steps` K/V shared-memory slots in flight.
+    """Tiles of the Mosaic GPU forward: `block_q` rows per compute warpgroup (a CTA holds
+    `compute_wgs` of them), `block_kv` keys per step, `max_concurrent_steps` K/V shared-memory
+    slots in flight.
     `overlap`: FlashAttention-3 intra-warpgroup pipelining (a warpgroup issues the next step's
-    Q K^T before its softmax of this step); it holds one more score tile in registers."""
+    Q K^T before its softmax of this step); it holds one more score tile in registers.
+    `compute_wgs`: compute warpgroups per CTA, 2 or 3 (beside one TMA warpgroup). 3 is FA3's
+    head_dim 64 shape (3 x 64 = 192 query rows a CTA share each K/V tile) and needs overlap=True:
+    the ping-pong schedule without overlap alternates between exactly two warpgroups."""
 
     block_q: int = 64
     block_kv: int = 128
     max_concurrent_steps: int = 2
     overlap: bool = False
+    compute_wgs: int = 2
 
     def __post_init__(self):
         _check_mosaic_tiles(self, ("block_q", "block_kv"))
         if not isinstance(self.overlap, bool):
             raise ValueError(f"overlap={self.overlap!r} must be a bool")
+        if not isinstance(self.compute_wgs, int) or self.compute_wgs not in (2, 3):
+            raise ValueError(f"compute_wgs={self.compute_wgs!r} must be 2 or 3")
+        if self.compute_wgs != 2 and not self.overlap:
+            raise ValueError(f"compute_wgs={self.compute_wgs} needs overlap=True (the ping-pong "
+                             "schedule of overlap=False takes turns between two warpgroups)")
 
 
 @dataclasses.dataclass(frozen=True)

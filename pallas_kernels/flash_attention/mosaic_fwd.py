@@ -1,13 +1,14 @@
 """Flash-attention forward in Pallas Mosaic GPU for Hopper: FlashAttention-3 style.
 
-FlashAttention-3 (Shah et al. 2024, arXiv:2407.08608, sections 3.1-3.2): a CTA runs three
-warpgroups. Two compute warpgroups each own `block_q` query rows (wgmma needs M = 64 per
-warpgroup); one memory warpgroup streams K and V tiles by TMA into `max_concurrent_steps`
-shared-memory slots guarded by barriers ("producer-consumer"). A schedule barrier makes the two
-compute warpgroups take turns ("ping-pong"): one runs its softmax while the other's wgmma runs.
-With `MosaicBlocks.overlap` each compute warpgroup also pipelines its own steps (FA3 3.2): it
-issues step j's Q K^T and step j-1's P V together and runs step j's softmax while P V is in
-flight.
+FlashAttention-3 (Shah et al. 2024, arXiv:2407.08608, sections 3.1-3.2): a CTA runs
+`MosaicBlocks.compute_wgs` (2 or 3) compute warpgroups and one memory warpgroup. Each compute
+warpgroup owns `block_q` query rows (wgmma needs M = 64 per warpgroup); the memory warpgroup
+streams K and V tiles by TMA into `max_concurrent_steps` shared-memory slots guarded by barriers
+("producer-consumer"). Schedule barriers make the compute warpgroups take turns ("ping-pong"):
+one runs its softmax while another's wgmma runs. With `MosaicBlocks.overlap` each compute
+warpgroup also pipelines its own steps (FA3 3.2): it issues step j's Q K^T and step j-1's P V
+together and runs step j's softmax while P V is in flight. Three compute warpgroups (FA3's 192-row
+tile at head_dim 64) take turns round-robin and need overlap.
 The layout follows the upstream `jax/experimental/pallas/ops/gpu/attention_mgpu.py`; unlike it,
 shared memory holds the input dtype (bf16 or fp16), ragged lengths are padded here and masked,
 the logit scale is applied, and wgmma accumulators are `pl.run_scoped` (CPU-interpretable).
@@ -27,7 +28,14 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.flash_attention.config import MosaicBlocks
 from pallas_kernels.flash_attention.triton_fwd import LOG2E
 
-COMPUTE_WGS = 2  # compute warpgroups per CTA; a third one issues the TMA copies
+COMPUTE_WGS = 2  # compute warpgroups per CTA of the backward (mosaic_bwd); the forward's is
+# MosaicBlocks.compute_wgs.
+# setmaxnreg split per thread, (compute, memory), by compute warpgroups. An SM has 64K 32-bit
+# registers: 512 a thread of a 128-thread warpgroup summed over the CTA's warpgroups, so
+# compute_wgs * compute + memory <= 512, each a multiple of 8. 2 (3 warpgroups): upstream
+# attention_mgpu's 232 / 40 (504); 3 (4 warpgroups, 128 a thread at launch): FA3's 160 / 32 for
+# three MMA warpgroups (512).
+REGISTERS = {2: (232, 40), 3: (160, 32)}
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))  # wgmma would round fp32 to tf32
 
 
@@ -84,30 +92,34 @@ def _pv_wgmma(o_ref, scaled, p16, v_tile, p_smem):
 def _kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, qo_smem2, k_smem, v_smem, lse_smem2,
             k_full, v_full, q_full, k_free, v_free, schedule, *p_smem2, scale, causal, seq_kv,
             group, blocks):
-    """One CTA: 2 * block_q query rows of one (batch, query head); `wg` 0, 1 compute, 2 copies.
+    """One CTA: W * block_q query rows of one (batch, query head), W = blocks.compute_wgs;
+    `wg` 0 .. W-1 compute, W copies.
 
     q_ref, out_ref [B, Tp, N, H] and k_ref, v_ref [B, Sp, K, H] in GMEM (sequence padded);
-    lse_ref [B, N, Tp] fp32. SMEM: qo_smem2 [2, block_q, H] (q, then the output), k_smem and
-    v_smem [slots, block_kv, H], lse_smem2 [2, block_q] fp32. Barriers: k_full, v_full (TMA
-    landed, per slot), q_full (per warpgroup), k_free, v_free (both compute warpgroups are done
-    with a slot), schedule (ping-pong: one two-arrival barrier; with blocks.overlap one barrier
-    per warpgroup, its turn to issue wgmma). p_smem2 [2, block_q, block_kv]: only in interpret
-    mode, whose wgmma reads operands from SMEM only; on the GPU P stays in registers (FA3 3.1).
+    lse_ref [B, N, Tp] fp32. SMEM: qo_smem2 [W, block_q, H] (q, then the output), k_smem and
+    v_smem [slots, block_kv, H], lse_smem2 [W, block_q] fp32. Barriers: k_full, v_full (TMA
+    landed, per slot), q_full (per warpgroup), k_free, v_free (all compute warpgroups are done
+    with a slot), schedule (ping-pong, W = 2: one two-arrival barrier; with blocks.overlap one
+    barrier per warpgroup, its turn to issue wgmma). p_smem2 [W, block_q, block_kv]: only in
+    interpret mode, whose wgmma reads operands from SMEM only; on the GPU P stays in registers
+    (FA3 3.1).
     """
     bq, bkv, slots = blocks.block_q, blocks.block_kv, blocks.max_concurrent_steps
+    wgs = blocks.compute_wgs
+    compute_regs, memory_regs = REGISTERS[wgs]
     batch, head = lax.axis_index("batch"), lax.axis_index("heads")
     wg = lax.axis_index("wg")
     tile = lax.axis_index("q_tiles")
     if causal:  # CTAs start in grid order: the last query tiles (the most K/V steps) go first,
-        tile = q_ref.shape[1] // (COMPUTE_WGS * bq) - 1 - tile  # so the tail wave is light ones
-    cta_start = tile * (COMPUTE_WGS * bq)
+        tile = q_ref.shape[1] // (wgs * bq) - 1 - tile  # so the tail wave is light ones
+    cta_start = tile * (wgs * bq)
     n_kv = k_ref.shape[1] // bkv
     # K/V steps the CTA needs: causal stops at the block holding its last row's diagonal.
-    cta_steps = (lax.div(cta_start + COMPUTE_WGS * bq + bkv - 1, bkv) if causal else n_kv)
+    cta_steps = (lax.div(cta_start + wgs * bq + bkv - 1, bkv) if causal else n_kv)
 
-    @pl.when(wg < COMPUTE_WGS)
+    @pl.when(wg < wgs)
     def _compute():
-        plgpu.set_max_registers(232, action="increase")
+        plgpu.set_max_registers(compute_regs, action="increase")
         qo_smem, lse_smem = qo_smem2.at[wg], lse_smem2.at[wg]
         q_start = cta_start + wg * bq
         plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q_start, bq), head], qo_smem, q_full.at[wg])
@@ -117,7 +129,8 @@ def _kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, qo_smem2, k_smem, v_smem, lse
         else:
             steps = n_kv
             first_masked = seq_kv // bkv  # only a ragged last block needs its keys masked
-        loop = _overlapped_loop if blocks.overlap else _ping_pong_loop
+        loop = (functools.partial(_overlapped_loop, wgs=wgs) if blocks.overlap
+                else _ping_pong_loop)
         acc, m, l = loop(
             qo_smem, k_smem, v_smem, k_full, v_full, q_full, k_free, v_free, schedule,
             p_smem2[0].at[wg] if p_smem2 else None, wg=wg, steps=steps,
@@ -131,9 +144,9 @@ def _kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, qo_smem2, k_smem, v_smem, lse
         plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[batch, head, pl.ds(q_start, bq)])
         plgpu.wait_smem_to_gmem(0)
 
-    @pl.when(wg == COMPUTE_WGS)
+    @pl.when(wg == wgs)
     def _memory():
-        plgpu.set_max_registers(40, action="decrease")
+        plgpu.set_max_registers(memory_regs, action="decrease")
         kv_head = lax.div(head, group)
 
         def load(j, ref, smem, full):
@@ -166,7 +179,8 @@ def _ping_pong_loop(qo_smem, k_smem, v_smem, k_full, v_full, q_full, k_free, v_f
     """The K/V loop of one compute warpgroup, ping-pong only (FA3 3.1): per step, S = Q K^T and
     its softmax, then O = alpha O + P V (accumulated in place), each wgmma awaited at once; a
     two-arrival barrier makes the warpgroups take turns, so one's softmax overlaps the other's
-    wgmma. Returns (O, m, l)."""
+    wgmma: two compute warpgroups only (MosaicBlocks rejects compute_wgs=3 without overlap).
+    Returns (O, m, l)."""
     bq, head_dim = qo_smem.shape
     bkv = k_smem.shape[1]
     dtype = qo_smem.dtype
@@ -235,7 +249,7 @@ def _ping_pong_loop(qo_smem, k_smem, v_smem, k_full, v_full, q_full, k_free, v_f
 
 def _release_unused_step(j, k_full, v_full, k_free, v_free, slots):
     """Observe step j's K/V arrivals and release its slot without using it (causal: a step only
-    the other compute warpgroup needs)."""
+    other compute warpgroups need)."""
     slot = lax.rem(j, slots)
     plgpu.barrier_wait(k_full.at[slot])
     plgpu.barrier_wait(v_full.at[slot])
@@ -244,7 +258,7 @@ def _release_unused_step(j, k_full, v_full, k_free, v_free, slots):
 
 
 def _overlapped_loop(qo_smem, k_smem, v_smem, k_full, v_full, q_full, k_free, v_free, turn,
-                     p_smem, *, wg, steps, first_masked, cta_steps, qk_scale, mask,
+                     p_smem, *, wg, wgs, steps, first_masked, cta_steps, qk_scale, mask,
                      slots):
     """The K/V loop of one compute warpgroup with FA3's intra-warpgroup overlap (section 3.2) on
     top of ping-pong. Step j issues S_j = Q K_j^T, then O += P_{j-1} V_{j-1} (O rescaled first),
@@ -255,11 +269,13 @@ def _overlapped_loop(qo_smem, k_smem, v_smem, k_full, v_full, q_full, k_free, v_
                                await S_j; softmax(S_j) -> P_j, alpha_j; await O
         O *= alpha_last; issue O += P_last V_last; await O
 
-    Ping-pong: `turn` [2] holds one single-arrival barrier per warpgroup; a warpgroup waits on its
-    own before issuing a step's wgmma and arrives on the other's after, so the warpgroups issue
-    strictly in turn (0, 1, 0, ...) and each one's softmax overlaps the other's wgmma. Every
-    warpgroup issues cta_steps + 1 times (causal: warpgroup 0 passes its turns over the steps only
-    warpgroup 1 needs). Returns (O, m, l)."""
+    Ping-pong: `turn` [wgs] holds one single-arrival barrier per warpgroup; a warpgroup waits on
+    its own before issuing a step's wgmma and arrives on the next one's, (wg + 1) % wgs, after, so
+    the warpgroups issue strictly round-robin (0, 1, .., wgs-1, 0, ...) and each one's softmax
+    overlaps the others' wgmma. Every warpgroup issues cta_steps + 1 times (causal: all but the
+    last warpgroup pass their turns over the steps only later warpgroups need). Warpgroup 0 skips
+    its first wait and the last warpgroup its last arrival, so turn[0] sees cta_steps arrivals
+    and waits, every other turn[w] cta_steps + 1 of each. Returns (O, m, l)."""
     bq, head_dim = qo_smem.shape
     bkv = k_smem.shape[1]
     dtype = qo_smem.dtype
@@ -268,7 +284,7 @@ def _overlapped_loop(qo_smem, k_smem, v_smem, k_full, v_full, q_full, k_free, v_
         plgpu.barrier_wait(turn.at[wg])
 
     def pass_turn():
-        plgpu.barrier_arrive(turn.at[1 - wg])
+        plgpu.barrier_arrive(turn.at[lax.rem(wg + 1, wgs)])
 
     def pv_issue(o_ref, acc, alpha, p16, j):
         """Issue O = alpha * acc + P_j V_j into o_ref; returns what to add to o_ref's result."""
@@ -283,7 +299,7 @@ def _overlapped_loop(qo_smem, k_smem, v_smem, k_full, v_full, q_full, k_free, v_
     plgpu.barrier_wait(q_full.at[wg])
 
     def first_step(s_ref):
-        pl.when(wg == 1)(wait_turn)  # warpgroup 0 goes first
+        pl.when(wg != 0)(wait_turn)  # warpgroup 0 goes first
         s_issue(s_ref, 0)
         pass_turn()
         s = s_ref[...]
@@ -327,14 +343,15 @@ def _overlapped_loop(qo_smem, k_smem, v_smem, k_full, v_full, q_full, k_free, v_
     def last_pv(o_ref):
         wait_turn()
         rest = pv_issue(o_ref, acc, alpha, p16, steps - 1)
-        pl.when(wg == 0)(pass_turn)  # warpgroup 1 issues last: nobody waits for its turn
+        # The last warpgroup issues last (it has cta_steps steps): nobody waits for its turn.
+        pl.when(wg != wgs - 1)(pass_turn)
         o = o_ref[...]
         return o if rest is None else rest + o
 
     acc = pl.run_scoped(last_pv, plgpu.ACC((bq, head_dim), jnp.float32))
     plgpu.barrier_arrive(v_free.at[lax.rem(steps - 1, slots)])
 
-    @pl.loop(steps, cta_steps)  # causal: pass over the steps only the other warpgroup needs
+    @pl.loop(steps, cta_steps)  # causal: pass over the steps only later warpgroups need
     def _(j):
         _release_unused_step(j, k_full, v_full, k_free, v_free, slots)
         wait_turn()
@@ -358,7 +375,7 @@ def check_operands(q, direction: str):
 def check_smem(blocks: MosaicBlocks, head_dim: int, dtype):
     """Raise ValueError if the tiles overflow shared memory (q/out rows, K/V slots, lse)."""
     row_bytes = head_dim * jnp.dtype(dtype).itemsize
-    nbytes = (COMPUTE_WGS * blocks.block_q * (row_bytes + 4)
+    nbytes = (blocks.compute_wgs * blocks.block_q * (row_bytes + 4)
               + blocks.max_concurrent_steps * blocks.block_kv * 2 * row_bytes + SMEM_OVERHEAD_BYTES)
     if nbytes > SMEM_BYTES:
         raise ValueError(f"mosaic forward tiles {blocks} need {nbytes} bytes of shared memory at "
@@ -378,7 +395,8 @@ def flash_forward(q, k, v, *, scale: float, causal: bool, blocks: MosaicBlocks,
     s, kv_heads = k.shape[1], k.shape[2]
     check_operands(q, "forward")
     check_smem(blocks, h, q.dtype)
-    cta_rows = COMPUTE_WGS * blocks.block_q
+    wgs = blocks.compute_wgs
+    cta_rows = wgs * blocks.block_q
     if causal:  # T == S; one padded length serves both, so causal step counts stay in bounds
         t_pad = s_pad = _round_up(t, math.lcm(cta_rows, blocks.block_kv))
     else:
@@ -386,23 +404,22 @@ def flash_forward(q, k, v, *, scale: float, causal: bool, blocks: MosaicBlocks,
     q, k, v = _pad_seq(q, t_pad), _pad_seq(k, s_pad), _pad_seq(v, s_pad)
     smem_transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     scratch = (
-        plgpu.SMEM((COMPUTE_WGS, blocks.block_q, h), q.dtype, transforms=smem_transforms),
+        plgpu.SMEM((wgs, blocks.block_q, h), q.dtype, transforms=smem_transforms),
         plgpu.SMEM((blocks.max_concurrent_steps, blocks.block_kv, h), q.dtype,
                    transforms=smem_transforms),
         plgpu.SMEM((blocks.max_concurrent_steps, blocks.block_kv, h), q.dtype,
                    transforms=smem_transforms),
-        plgpu.SMEM((COMPUTE_WGS, blocks.block_q), jnp.float32),
+        plgpu.SMEM((wgs, blocks.block_q), jnp.float32),
         plgpu.Barrier(num_barriers=blocks.max_concurrent_steps),  # k_full
         plgpu.Barrier(num_barriers=blocks.max_concurrent_steps),  # v_full
-        plgpu.Barrier(num_barriers=COMPUTE_WGS),  # q_full
-        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=blocks.max_concurrent_steps),  # k_free
-        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=blocks.max_concurrent_steps),  # v_free
-        # schedule: ping-pong (overlap: each warpgroup's turn to issue wgmma)
-        plgpu.Barrier(num_barriers=COMPUTE_WGS) if blocks.overlap
-        else plgpu.Barrier(num_arrivals=COMPUTE_WGS),
+        plgpu.Barrier(num_barriers=wgs),  # q_full
+        plgpu.Barrier(num_arrivals=wgs, num_barriers=blocks.max_concurrent_steps),  # k_free
+        plgpu.Barrier(num_arrivals=wgs, num_barriers=blocks.max_concurrent_steps),  # v_free
+        # schedule: ping-pong, 2 warpgroups (overlap: each warpgroup's turn to issue wgmma)
+        plgpu.Barrier(num_barriers=wgs) if blocks.overlap else plgpu.Barrier(num_arrivals=2),
     )
     if interpret:
-        scratch += (plgpu.SMEM((COMPUTE_WGS, blocks.block_q, blocks.block_kv), q.dtype,
+        scratch += (plgpu.SMEM((wgs, blocks.block_q, blocks.block_kv), q.dtype,
                                transforms=smem_transforms),)
     kernel = functools.partial(_kernel, scale=scale, causal=causal, seq_kv=s,
                                group=n // kv_heads, blocks=blocks)
@@ -412,7 +429,7 @@ def flash_forward(q, k, v, *, scale: float, causal: bool, blocks: MosaicBlocks,
                   jax.ShapeDtypeStruct((b, n, t_pad), jnp.float32)),
         grid=(n, t_pad // cta_rows, b),
         grid_names=("heads", "q_tiles", "batch"),
-        num_threads=COMPUTE_WGS + 1,
+        num_threads=wgs + 1,
         thread_name="wg",
         scratch_types=scratch,
         compiler_params=plgpu.CompilerParams(approx_math=True),

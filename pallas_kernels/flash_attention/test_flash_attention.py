@@ -4,6 +4,7 @@ CPU: the reference backend, and the Triton and Mosaic GPU kernels in interpret m
 odd shapes.
 GPU (`-m gpu` on the device machine): the same body at real sizes, without interpret mode.
 """
+import dataclasses
 import functools
 import logging
 
@@ -152,10 +153,28 @@ def test_mosaic_matches_reference(case):
     _check_contract(case, "mosaic", jnp.bfloat16, interpret=not ON_GPU)
 
 
-@pytest.mark.parametrize("case", cases.MOSAIC_OVERLAP_CPU_CASES, ids=_ids)
+# Three compute warpgroups (192-row CTAs, FA3's head_dim 64 tile), GQA, T = 200 ragged: padded to
+# two CTAs, the last key block masked. Full with T != S; causal with 64-key steps and 3 slots (the
+# CTAs' warpgroups need 1/2/3 and 4/5/6 steps: warpgroups 0 and 1 pass turns over the steps only
+# later ones need) and with 128-key steps (warpgroups 0 and 1 of the first CTA both need 1 of 2).
+_THREE_WGS = dict(overlap=True, compute_wgs=3)
+MOSAIC_THREE_WGS_CPU_CASES = (
+    cases.Case("t200_s150_gqa2_full_3wgs", 1, 200, 150, 4, 2, 64,
+               blocks=config.BlockSizes(mosaic=config.MosaicBlocks(**_THREE_WGS))),
+    cases.Case("t200_gqa2_causal_kv64_slots3_3wgs", 1, 200, 200, 4, 2, 64, causal=True,
+               blocks=config.BlockSizes(mosaic=config.MosaicBlocks(
+                   block_kv=64, max_concurrent_steps=3, **_THREE_WGS))),
+    cases.Case("t200_gqa2_causal_3wgs", 1, 200, 200, 4, 2, 64, causal=True,
+               blocks=config.BlockSizes(mosaic=config.MosaicBlocks(**_THREE_WGS))),
+)
+
+
+@pytest.mark.parametrize("case", cases.MOSAIC_OVERLAP_CPU_CASES + MOSAIC_THREE_WGS_CPU_CASES,
+                         ids=_ids)
 def test_mosaic_overlap_forward_matches_reference(case):
-    """The Mosaic forward with FA3 intra-warpgroup overlap (case.blocks.mosaic.overlap): out and
-    the base-2 lse against the reference's (no backward: its kernels do not depend on it)."""
+    """The Mosaic forward with FA3 intra-warpgroup overlap (case.blocks.mosaic.overlap), with two
+    or three compute warpgroups: out and the base-2 lse against the reference's (no backward: its
+    kernels do not depend on it)."""
     assert case.blocks.mosaic.overlap
     q, k, v, _, _ = _inputs(case, jnp.bfloat16)
     ref_out, _ = _reference_result(case, jnp.bfloat16)
@@ -328,6 +347,19 @@ def test_bad_options_raise():
                         backend="mosaic", interpret=True, blocks=too_big)
 
 
+def test_mosaic_compute_wgs_options_raise():
+    """compute_wgs is 2 or 3, 3 only with overlap; its extra q/out rows count in shared memory."""
+    for bad in (1, 4, True, 3.0):
+        with pytest.raises(ValueError, match=rf"compute_wgs={bad!r} must be 2 or 3"):
+            config.MosaicBlocks(overlap=True, compute_wgs=bad)
+    with pytest.raises(ValueError, match=r"compute_wgs=3 needs overlap=True"):
+        config.MosaicBlocks(compute_wgs=3)
+    two_wgs = config.MosaicBlocks(block_q=128, overlap=True)
+    mosaic_fwd.check_smem(two_wgs, 128, jnp.bfloat16)  # 201728 bytes fit, 235008 do not
+    with pytest.raises(ValueError, match=r"need 235008 bytes of shared memory at head_dim=128"):
+        mosaic_fwd.check_smem(dataclasses.replace(two_wgs, compute_wgs=3), 128, jnp.bfloat16)
+
+
 def test_traced_scale_raises():
     q, k, v = _qkv()
     with pytest.raises(ValueError, match=r"scale=.*Tracer.* must be a positive finite Python number"):
@@ -344,19 +376,26 @@ def test_named_kernel_backend_on_cpu_without_interpret_raises(backend):
 _H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
 
 
-@pytest.mark.parametrize("backend, dtype, causal, segmented, head_dim, overlap", [
-    ("triton", jnp.bfloat16, True, False, 128, False),
-    ("triton", jnp.float32, False, True, 64, False),
-    ("triton", jnp.float16, True, True, 64, False),
-    ("mosaic", jnp.bfloat16, True, False, 128, False),
-    ("mosaic", jnp.float16, False, False, 64, False),
-    ("mosaic", jnp.bfloat16, True, False, 128, True), ("mosaic", jnp.bfloat16, False, False, 128, True)])
-def test_kernels_lower_for_h100(backend, dtype, causal, segmented, head_dim, overlap, monkeypatch):
+_MOSAIC_FWD = {"default": None, "overlap": config.MosaicBlocks(overlap=True),
+               "3wgs": config.MosaicBlocks(**_THREE_WGS)}
+
+
+@pytest.mark.parametrize("backend, dtype, causal, segmented, head_dim, fwd", [
+    ("triton", jnp.bfloat16, True, False, 128, "default"),
+    ("triton", jnp.float32, False, True, 64, "default"),
+    ("triton", jnp.float16, True, True, 64, "default"),
+    ("mosaic", jnp.bfloat16, True, False, 128, "default"),
+    ("mosaic", jnp.float16, False, False, 64, "default"),
+    ("mosaic", jnp.bfloat16, True, False, 128, "overlap"),
+    ("mosaic", jnp.bfloat16, False, False, 128, "overlap"),
+    ("mosaic", jnp.bfloat16, True, False, 64, "3wgs"), ("mosaic", jnp.float16, False, False, 64, "3wgs")])
+def test_kernels_lower_for_h100(backend, dtype, causal, segmented, head_dim, fwd, monkeypatch):
     """The forward and both backward kernels pass Pallas's lowering for sm_90 on CPU (Triton IR;
     Mosaic GPU with P, dS in registers and seeded accumulators, the path interpret mode cannot
-    take; `overlap`: the forward's intra-warpgroup pipelining, S awaited with P V in flight).
-    Compiling that to machine code happens only on the GPU."""
-    blocks = config.BlockSizes(mosaic=config.MosaicBlocks(overlap=True)) if overlap else None
+    take). `fwd`: the Mosaic forward's tiles, "overlap" its intra-warpgroup pipelining (S awaited
+    with P V in flight), "3wgs" that with three compute warpgroups. Compiling that to machine
+    code happens only on the GPU."""
+    blocks = None if _MOSAIC_FWD[fwd] is None else config.BlockSizes(mosaic=_MOSAIC_FWD[fwd])
     b, t, s, n, kv_heads = 2, 1000, 1000 if causal or segmented else 1500, 8, 2
     q = jax.ShapeDtypeStruct((b, t, n, head_dim), dtype)
     kv = jax.ShapeDtypeStruct((b, s, kv_heads, head_dim), dtype)
