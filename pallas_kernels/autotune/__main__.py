@@ -7,8 +7,8 @@
   workers=8                     threads compiling a stage's candidates at once (1: one at a time)
   table='pallas_kernels/autotune/table.json'   the table to update
   out='benchmarks/results'      where the report goes
-Each problem's winner is written to the table as soon as it is known (an interrupted run keeps
-what it finished). The report, autotune-<op>_<device>_<date>.json and .png, lists every
+Each problem's winner is written to the table, and the JSON report rewritten, as soon as it is
+known (an interrupted run keeps what it finished). The report, autotune-<op>_<device>_<date>.json and .png, lists every
 candidate (time or the reason it was skipped) and default vs tuned time per shape and mode.
 """
 import ast
@@ -87,6 +87,10 @@ def plot(results, path, title):
 
 def main(argv=None):
     op, options = parse(sys.argv[1:] if argv is None else argv)
+    env = _bench.environment()
+    out = pathlib.Path(options["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"autotune-{op}_{table.device_key()}_{env['date']}"
     results = []
     for problem in spaces.problems(op, options["cases"], options["kernels"]):
         try:
@@ -94,16 +98,12 @@ def main(argv=None):
         except Exception as e:  # the default itself cannot run: report it, tune the rest
             results.append(dict(kernel=problem.kernel, key=problem.key, error=_bench.error_text(e)))
             print(f"{problem.kernel} [{problem.key}]: {results[-1]['error']}")
-            continue
-        table.record([result], path=options["table"])
-        results.append(result)
-    env = _bench.environment()
-    out = pathlib.Path(options["out"])
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"autotune-{op}_{table.device_key()}_{env['date']}"
-    report = dict(op=op, options=options, jaxlib=jaxlib.__version__, **env,
-                  results=results)
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=1, default=str))
+        else:
+            table.record([result], path=options["table"])
+            results.append(result)
+        # The report too is rewritten after every problem: a run cut short keeps what it did.
+        report = dict(op=op, options=options, jaxlib=jaxlib.__version__, **env, results=results)
+        (out / f"{stem}.json").write_text(json.dumps(report, indent=1, default=str))
     plot(results, out / f"{stem}.png", f"autotune {op} on {env['device']}, {env['date']}")
     print(summary(results))
     print(f"wrote {out / stem}.json and .png; table {options['table'] or table.TABLE}")

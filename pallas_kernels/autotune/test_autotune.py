@@ -114,6 +114,8 @@ def toy_problem(stages):
     def build(config, mode):
         if config.work == 7:  # a candidate that does not compile: shapes that do not match
             return jax.jit(lambda x: x @ jnp.ones((3, 3))), [(x,)]
+        if config.work == 9:  # a candidate that runs fast and gives a wrong result
+            return jax.jit(lambda x: x * 1.5), [(x,)]
 
         def chain(x):
             return jax.lax.fori_loop(0, config.work, lambda i, y: y @ x, x)
@@ -148,6 +150,16 @@ def test_search_keeps_the_fastest_and_records_skips(tmp_path, monkeypatch):
     table.record([result], device_kind=H100, path=path)
     assert table.best_config("toy", "n=128", Toy(), device_kind=H100, path=path) == Toy(work=1)
     assert table.lookup("toy", "n=128", device_kind=H100, path=path)["kept_default"] is False
+
+
+def test_a_wrong_result_is_skipped_however_fast(monkeypatch):
+    _time_by_work(monkeypatch)
+    problem = toy_problem((tuner.Stage("fwd", (dict(work=9), dict(work=16))),))
+    result = tuner.tune(problem, reps=1, confirm_rounds=1, log=None)
+    assert result["best"] == {"work": 16, "unused": 0}
+    wrong = next(c for c in result["candidates"] if c["overrides"].get("work") == 9)
+    assert wrong["error"].startswith("RuntimeError: wrong result: max |difference| 0.0039")
+    assert "time_ms" not in wrong
 
 
 def test_winner_slower_on_confirmation_keeps_the_default(monkeypatch):

@@ -3,8 +3,9 @@
 A `Problem` names the kernel and shape key, gives the heuristic default config, a `build(config,
 mode)` returning (jitted function, argument tuples), and stages: each stage times its candidate
 field overrides, applied on top of the best config so far, with one program (`mode`, e.g. "fwd",
-then the backward tiles with "fwd_bwd"). Candidates whose config is rejected or whose program
-fails to compile or run are skipped, and the reason kept. At the end the default and the winner
+then the backward tiles with "fwd_bwd"). Candidates whose config is rejected, whose program fails
+to compile or run, or whose outputs differ from the stage's starting config beyond rounding are
+skipped, and the reason kept. At the end the default and the winner
 are timed again, alternately, in every mode whose program they change; the winner is kept only if
 it is at least as fast as the default in each, so a table entry is never slower than the
 heuristic it replaces.
@@ -19,8 +20,15 @@ import datetime
 import os
 from typing import Callable, NamedTuple
 
+import jax
+import jax.numpy as jnp
+
 from pallas_kernels import _bench
 from pallas_kernels.autotune import table
+
+# A candidate's outputs may differ from the starting config's by rounding (another summation
+# order, 16-bit outputs: ~1e-2 relative); beyond this fraction of the largest |value| it is wrong.
+RESULT_TOLERANCE = 5e-2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +100,19 @@ def _programs(build, keys, workers):
         return list(pool.map(compiled, keys, [built(key) for key in keys]))
 
 
+def _checked(program, expected):
+    """program if its outputs on its first argument set match `expected` (the starting config's)
+    within 16-bit rounding noise; a tile that drops or double-counts a block is off by O(1)."""
+    got = program.compiled(*program.arg_sets[0])
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+        a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+        error, scale = float(jnp.max(jnp.abs(a - b))), float(jnp.max(jnp.abs(b)))
+        if not error <= RESULT_TOLERANCE * (scale + 1e-6):  # also catches NaN
+            raise RuntimeError(f"wrong result: max |difference| {error:.3g} from the starting "
+                               f"config's, over {RESULT_TOLERANCE} x its max |value| {scale:.3g}")
+    return program
+
+
 def _time(program, reps):
     """Median seconds of a _Program."""
     return _bench.median_seconds(program.compiled, program.arg_sets, reps, min_sample_seconds=2e-3)
@@ -130,11 +151,17 @@ def tune(problem: Problem, *, reps: int = 20, confirm_rounds: int = 3, log=print
                 rows[-1]["error"] = f"invalid: {_bench.error_text(e, first_line=True)}"
                 keys.append(None)
         tried += rows
-        best_seconds = None
+        best_seconds, expected = None, None
         for row, key, program in zip(rows, keys, _programs(problem.build, keys, workers)):
             if key is None:
                 continue
-            # A candidate that cannot compile or run is skipped, with the reason.
+            # A candidate that cannot compile or run, or whose result differs from the stage's
+            # starting config (the first row), is skipped, with the reason.
+            if not isinstance(program, Exception):
+                if expected is None:
+                    expected = program.compiled(*program.arg_sets[0])
+                else:
+                    program = _caught(_checked, program, expected)
             outcome = program if isinstance(program, Exception) else _caught(_time, program, reps)
             if isinstance(outcome, Exception):
                 if not row["overrides"]:
