@@ -71,8 +71,9 @@ def kernel_breakdown(step, state, batch) -> tuple[dict, list, object]:
     return ms, top, state
 
 
-def bench_one(cfg, steps: int, warmup: int, breakdown: bool) -> dict:
-    """Compile and time cfg's train step; returns one result row."""
+def bench_one(cfg, steps: int, warmup: int, breakdown: bool, hlo_path: pathlib.Path | None = None) -> dict:
+    """Compile and time cfg's train step; returns one result row. hlo_path: where to write the
+    compiled program's HLO text (to read which fusions the kernel breakdown names)."""
     tc, mc = cfg.train, cfg.model
     graphdef, params = split_model(init_model(mc, seed=tc.seed))
     n_params = count_params(params)
@@ -85,8 +86,13 @@ def bench_one(cfg, steps: int, warmup: int, breakdown: bool) -> dict:
     batch = jax.random.randint(jax.random.key(1), shape, 0, mc.vocab_size, jnp.int32)
 
     t0 = time.perf_counter()
-    mem = step.lower(state, batch).compile().memory_analysis()  # jit's call reuses this compile
+    compiled = step.lower(state, batch).compile()  # jit's call reuses this compile
     compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    if hlo_path:
+        hlo_path.parent.mkdir(parents=True, exist_ok=True)
+        hlo_path.write_text(compiled.as_text())
+    del compiled
     losses = []
     for _ in range(warmup):
         state, metrics = step(state, batch)
@@ -141,6 +147,7 @@ def parse_args(argv):
     p.add_argument("--no-breakdown", action="store_true", help="skip the CUPTI kernel breakdown")
     p.add_argument("--show-kernels", action="store_true", help="print each variant's costliest kernels")
     p.add_argument("--out", type=pathlib.Path, default=RESULTS)
+    p.add_argument("--hlo-dir", type=pathlib.Path, help="write each variant's compiled HLO text here")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 1:
@@ -190,7 +197,8 @@ def main(argv=None):
     for name, extra in variant_sets:
         cfg = load_config(args.config, list(args.overrides) + extra)
         try:
-            row = bench_one(cfg, args.steps, args.warmup, not args.no_breakdown)
+            hlo = args.hlo_dir / f"train-{cfg.name}-{re.sub(r'[^A-Za-z0-9.=_-]+', '_', name)}.hlo.txt" if args.hlo_dir else None
+            row = bench_one(cfg, args.steps, args.warmup, not args.no_breakdown, hlo)
         except Exception as e:  # one failing variant (e.g. out of memory) keeps the others
             traceback.print_exc()
             row = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
