@@ -115,3 +115,29 @@ def test_model_over_paged_cache_matches_contiguous():
     assert [len(g) for g in got] == list(lengths)
     for b in range(2):
         np.testing.assert_allclose(np.stack(got[b]), expected[b], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("length, position", [(64, 37), (48, 0), (128, 127)])
+def test_decode_over_pages_matches_contiguous_attention(backend, length, position):
+    """One decode token over a contiguous cache read as pages (what a GPU runs) equals the masked
+    attention over every slot (what a CPU runs): GQA, page sizes 64 and 16, first and last slot.
+    Slots past the position hold garbage that must not be read."""
+    keys = jax.random.split(jax.random.key(length + position), 5)
+    batch, heads, kv_heads, head_dim = 2, 4, 2, 16
+    q = jax.random.normal(keys[0], (batch, 1, heads, head_dim))
+    k, v = (jax.random.normal(keys[i], (batch, 1, kv_heads, head_dim)) for i in (1, 2))
+    cache = {name: 100 * jax.random.normal(keys[i], (batch, length, kv_heads, head_dim))
+             for name, i in (("k", 3), ("v", 4))}
+    positions = jnp.full((batch, 1), position, jnp.int32)
+    want, written = kv_cache.attend_cached(q, k, v, positions, cache)  # CPU: XLA over all slots
+    got = kv_cache.decode_over_pages(q, written["k"], written["v"], positions, backend=backend,
+                                     interpret=backend == "triton")
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_page_size_needs_a_kernel_tile():
+    assert kv_cache.decode_page_size((1, 384, 4, 64)) == 64
+    assert kv_cache.decode_page_size((1, 48, 4, 64)) == 16
+    assert kv_cache.decode_page_size((1, 40, 4, 64)) is None  # 40 slots: no page size of 16+
+    assert kv_cache.decode_page_size((1, 64, 4, 96)) is None  # head dim 96: no Triton tile

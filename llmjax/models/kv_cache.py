@@ -57,11 +57,40 @@ def attend_cached(q, k, v, positions, cache: dict):
     start = positions[0, 0]
     cache_k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), start, axis=1)
     cache_v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), start, axis=1)
+    if q.shape[1] == 1 and jax.default_backend() == "gpu" and decode_page_size(cache_k.shape) is not None:
+        out = decode_over_pages(q, cache_k, cache_v, positions)
+        return out, {"k": cache_k, "v": cache_v}
     slots = jnp.arange(cache_k.shape[1])
     mask = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]: unwritten and future slots hidden
     dt = q.dtype
     out = ops.attention(q, cache_k.astype(dt), cache_v.astype(dt), causal=False, impl="xla", mask=mask)
     return out, {"k": cache_k, "v": cache_v}
+
+
+def decode_page_size(cache_shape) -> int | None:
+    """The page size `decode_over_pages` reads a contiguous [B, S, K, H] cache with: the largest of
+    64, 32, 16 dividing S, or None where the paged decode kernel has no tile (S not a multiple of
+    16, or H not a power of 2 >= 16)."""
+    length, head_dim = cache_shape[1], cache_shape[-1]
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        return None
+    return next((p for p in (64, 32, 16) if length % p == 0), None)
+
+
+def decode_over_pages(q, cache_k, cache_v, positions, *, backend="auto", interpret=False):
+    """One new query per row (q [B, 1, N, H]) over a contiguous cache [B, S, K, H] that already
+    holds its key: the paged decode kernel with the cache read as pages (row b's page i is
+    b * S / bs + i). It reads only positions 0..positions[b, 0], where XLA's masked attention
+    over all S slots is ~5 kernels (scores, max, sum, weights, output); on an H200, Llama 1.1B
+    at batch 1: 1.63 -> 1.51 ms/token, 405 -> 318 kernels a token. Returns [B, 1, N, H]."""
+    b, length, kv_heads, head_dim = cache_k.shape
+    page = decode_page_size(cache_k.shape)
+    per_row = length // page
+    tables = jnp.arange(b * per_row, dtype=jnp.int32).reshape(b, per_row)
+    as_pages = lambda c: c.astype(q.dtype).reshape(b * per_row, page, kv_heads, head_dim)  # noqa: E731
+    out = paged_decode_attention(q[:, 0], as_pages(cache_k), as_pages(cache_v), tables,
+                                 positions[:, 0] + 1, backend=backend, interpret=interpret)
+    return out[:, None]
 
 
 def write_pages(pages, new, positions, block_tables, seq_lens):
