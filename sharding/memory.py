@@ -233,10 +233,10 @@ def loss_activation_bytes(model_cfg, mesh_shape: dict[str, int], rules: str | Ru
     """Bytes per device the vocabulary projection and loss hold at the step's peak.
 
     `loss_impl` xla: the fp32 logits and their softmax [B, T, V]. fused
-    (`pallas_kernels.cross_entropy`): one token chunk's fp32 logits [B·T / n_chunks, V] (its
-    default chunking) and, for 16-bit compute, their gradient in the compute dtype beside
-    them (an fp32 gradient overwrites the logits), plus the fp32 gradient accumulator of the
-    vocabulary weight [V, D].
+    (`pallas_kernels.cross_entropy`): one token chunk's logits [B·T / n_chunks, V] (its default
+    chunking) in the compute dtype and, for 16-bit compute, their gradient in it beside them (an
+    fp32 gradient overwrites the logits), plus the fp32 gradient accumulator of the vocabulary
+    weight [V, D].
     """
     table = dict(resolve_rules(rules)[0])
     tokens, vocab = micro_batch * seq_len, model_cfg.vocab_size
@@ -245,7 +245,7 @@ def loss_activation_bytes(model_cfg, mesh_shape: dict[str, int], rules: str | Ru
         return 2 * tokens * vocab * 4 / act_ways
     c = np.dtype(model_cfg.dtype).itemsize
     chunk = tokens / default_n_chunks(tokens, vocab)
-    return chunk * vocab * (4 + (c if c < 4 else 0)) / act_ways + vocab * model_cfg.d_model * 4 / _tensor_ways(
+    return chunk * vocab * (c + (c if c < 4 else 0)) / act_ways + vocab * model_cfg.d_model * 4 / _tensor_ways(
         (VOCAB, EMBED), mesh_shape, table)
 
 

@@ -141,3 +141,9 @@ def test_decode_page_size_needs_a_kernel_tile():
     assert kv_cache.decode_page_size((1, 48, 4, 64)) == 16
     assert kv_cache.decode_page_size((1, 40, 4, 64)) is None  # 40 slots: no page size of 16+
     assert kv_cache.decode_page_size((1, 64, 4, 96)) is None  # head dim 96: no Triton tile
+    q, cache = jnp.zeros((1, 1, 4, 64)), jnp.zeros((1, 40, 4, 64))
+    with pytest.raises(ValueError, match=r"cache shape=\(1, 40, 4, 64\)"):
+        kv_cache.decode_over_pages(q, cache, cache, jnp.zeros((1, 1), jnp.int32))
+    with pytest.raises(ValueError, match=r"q.shape=\(1, 2, 4, 64\)"):
+        kv_cache.decode_over_pages(jnp.zeros((1, 2, 4, 64)), cache[:, :32], cache[:, :32],
+                                   jnp.zeros((1, 2), jnp.int32))

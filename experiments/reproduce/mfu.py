@@ -116,7 +116,7 @@ def run(small: bool) -> dict:
     data = load_dataset(cfg.data.corpus, cfg.data.tokenizer, seq_len, cfg.data.val_fraction)
     graphdef, params = split_model(init_model(cfg.model))
     n_params = count_params(params)
-    optimizer = make_optimizer(cfg.optim, total_steps=steps)
+    optimizer = make_optimizer(cfg.optim, total_steps=WARMUP_STEPS + steps)
     state = init_train_state(params, optimizer)
     batches = BatchIterator(data.train, batch_size)
     step = make_train_step(graphdef, optimizer)

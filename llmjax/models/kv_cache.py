@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from llmjax import ops
-from pallas_kernels.decode_attention import paged_decode_attention
+from pallas_kernels.decode_attention import kernel_gap, paged_decode_attention
 from pallas_kernels.decode_attention.reference import dequantize_pages, gather_pages, quantize_pages
 
 
@@ -57,7 +57,8 @@ def attend_cached(q, k, v, positions, cache: dict):
     start = positions[0, 0]
     cache_k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), start, axis=1)
     cache_v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), start, axis=1)
-    if q.shape[1] == 1 and jax.default_backend() == "gpu" and decode_page_size(cache_k.shape) is not None:
+    if (q.shape[1] == 1 and jax.default_backend() == "gpu" and cache_k.dtype == q.dtype
+            and decode_page_size(cache_k.shape) is not None):
         out = decode_over_pages(q, cache_k, cache_v, positions)
         return out, {"k": cache_k, "v": cache_v}
     slots = jnp.arange(cache_k.shape[1])
@@ -72,9 +73,7 @@ def decode_page_size(cache_shape) -> int | None:
     64, 32, 16 dividing S, or None where the paged decode kernel has no tile (S not a multiple of
     16, or H not a power of 2 >= 16)."""
     length, head_dim = cache_shape[1], cache_shape[-1]
-    if head_dim < 16 or head_dim & (head_dim - 1):
-        return None
-    return next((p for p in (64, 32, 16) if length % p == 0), None)
+    return next((p for p in (64, 32, 16) if length % p == 0 and not kernel_gap(head_dim, p)), None)
 
 
 def decode_over_pages(q, cache_k, cache_v, positions, *, backend="auto", interpret=False):
@@ -82,9 +81,17 @@ def decode_over_pages(q, cache_k, cache_v, positions, *, backend="auto", interpr
     holds its key: the paged decode kernel with the cache read as pages (row b's page i is
     b * S / bs + i). It reads only positions 0..positions[b, 0], where XLA's masked attention
     over all S slots is ~5 kernels (scores, max, sum, weights, output); on an H200, Llama 1.1B
-    at batch 1: 1.63 -> 1.51 ms/token, 405 -> 318 kernels a token. Returns [B, 1, N, H]."""
+    at batch 1: 1.63 -> 1.51 ms/token, 405 -> 318 kernels a token. Returns [B, 1, N, H].
+
+    Raises:
+      ValueError: q not one token a row, or a cache shape the kernel has no tile for.
+    """
     b, length, kv_heads, head_dim = cache_k.shape
     page = decode_page_size(cache_k.shape)
+    if q.ndim != 4 or q.shape[1] != 1 or page is None:
+        raise ValueError(f"decode_over_pages needs q [B, 1, N, H] and a cache whose length is a "
+                         f"multiple of 16 and head dim a power of 2 >= 16; got q.shape={q.shape}, "
+                         f"cache shape={cache_k.shape}")
     per_row = length // page
     tables = jnp.arange(b * per_row, dtype=jnp.int32).reshape(b, per_row)
     as_pages = lambda c: c.astype(q.dtype).reshape(b * per_row, page, kv_heads, head_dim)  # noqa: E731

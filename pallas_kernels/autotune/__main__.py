@@ -92,6 +92,11 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     stem = f"autotune-{op}_{table.device_key()}_{env['date']}"
     results = []
+
+    def save_report():
+        report = dict(op=op, options=options, jaxlib=jaxlib.__version__, **env, results=results)
+        (out / f"{stem}.json").write_text(json.dumps(report, indent=1, default=str))
+
     for problem in spaces.problems(op, options["cases"], options["kernels"]):
         try:
             result = tuner.tune(problem, reps=options["reps"], workers=options["workers"])
@@ -101,9 +106,8 @@ def main(argv=None):
         else:
             table.record([result], path=options["table"])
             results.append(result)
-        # The report too is rewritten after every problem: a run cut short keeps what it did.
-        report = dict(op=op, options=options, jaxlib=jaxlib.__version__, **env, results=results)
-        (out / f"{stem}.json").write_text(json.dumps(report, indent=1, default=str))
+        save_report()  # after every problem: a run cut short keeps what it did
+    save_report()
     plot(results, out / f"{stem}.png", f"autotune {op} on {env['device']}, {env['date']}")
     print(summary(results))
     print(f"wrote {out / stem}.json and .png; table {options['table'] or table.TABLE}")

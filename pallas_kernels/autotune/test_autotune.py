@@ -310,7 +310,7 @@ def test_flash_problems_cover_the_table_cases_and_fit_shared_memory():
     assert [(p.kernel, p.key.split(",")[0]) for p in found] == [
         (kernel, t) for t in ("t=2048", "t=8192") for kernel in
         ("flash_attention", "flash_attention_mosaic", "flash_attention_mosaic_bwd")]
-    widest, overlaps = {}, set()
+    widest, overlaps, warpgroups = {}, set(), {}
     for problem in found[1::3] + found[2::3]:
         assert problem.default == table.apply_fields(problem.default, {})
         for overrides in problem.stages[0].candidates:
@@ -318,8 +318,11 @@ def test_flash_problems_cover_the_table_cases_and_fit_shared_memory():
             if problem.kernel == "flash_attention_mosaic":
                 widest[problem.key] = max(widest.get(problem.key, 0), tiles.block_kv)
                 overlaps.add(tiles.overlap)
+                head_dim = problem.key.split("h=")[1].split(",")[0]
+                warpgroups.setdefault(head_dim, set()).add(tiles.compute_wgs)
     assert sorted(widest.values()) == [128, 256]  # at H=128 two 192-key slots overflow (H100 count)
     assert overlaps == {False, True}
+    assert warpgroups == {"64": {2, 3}, "128": {2}}  # 3 warpgroups' registers fit only at H=64
     with pytest.raises(ValueError, match="need 2[0-9]+ bytes of shared memory at head_dim=128"):
         mosaic_fwd.check_smem(flash_config.MosaicBlocks(block_kv=256), 128, jnp.bfloat16)
     bwd = {p.stages[0].mode for p in found if p.kernel == "flash_attention_mosaic_bwd"}

@@ -18,8 +18,9 @@ from pallas_kernels.cross_entropy import chunked, reference
 
 BACKENDS = ("auto", "chunked", "reference")
 REDUCTIONS = ("mean", "sum", "none")
-# Default chunking keeps one chunk's fp32 logits under this many bytes (8 and 16 chunks at 16k tokens
-# and vocab 50k to 128k). Smaller chunks save memory but re-read the fp32 dW accumulator more often.
+# Default chunking keeps one chunk's logits, counted at 4 bytes each (what the fp32 math over them
+# costs), under this many bytes (8 and 16 chunks at 16k tokens and vocab 50k to 128k). Smaller
+# chunks save memory but re-read the fp32 dW accumulator more often.
 LOGITS_CHUNK_BYTES = 512 << 20
 
 
@@ -76,7 +77,7 @@ _fused_loss.defvjp(_fused_loss_fwd, _fused_loss_bwd)
 
 
 def default_n_chunks(tokens: int, vocab: int) -> int:
-    """Token chunks so that one chunk's fp32 logits stay under LOGITS_CHUNK_BYTES (a power of 2, so
+    """Token chunks so that one chunk's logits at 4 bytes each stay under LOGITS_CHUNK_BYTES (a power of 2, so
     power-of-2 token counts split without padding)."""
     return min(pl.next_power_of_2(max(1, -(-tokens * vocab * 4 // LOGITS_CHUNK_BYTES))), tokens)
 
@@ -118,7 +119,7 @@ def cross_entropy(hidden, vocab_weight, labels, *, ignore_index=-100, z_loss=0.0
       ignore_index: label value excluded from the loss and from the mean's denominator.
       z_loss: >= 0, weight of the squared log-normalizer term.
       chunk_size: at most this many tokens per chunk; None picks a power-of-2 number of chunks
-        holding at most 512 MiB of fp32 logits each.
+        of at most 128M logits each (512 MiB in fp32).
       reduction: "mean" over non-ignored tokens (0 if there are none), "sum", or "none".
       backend: "auto" or "chunked" (chunked.py, plain JAX), or "reference" (materializes the logits).
     Returns:

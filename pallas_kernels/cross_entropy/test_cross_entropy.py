@@ -10,7 +10,7 @@ from pallas_kernels import _testing
 from pallas_kernels.cross_entropy import api, cases, reference
 
 BACKENDS = ["reference", "chunked"]
-DTYPES = [jnp.float32, jnp.bfloat16]
+DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
 
 
 def _inputs(case, dtype):

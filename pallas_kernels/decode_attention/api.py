@@ -117,8 +117,8 @@ def _validate_scales(k_pages, k_scales, v_scales):
                              f"kv_heads); got shape {x.shape}, dtype {x.dtype}")
 
 
-def _kernel_gap(head_dim: int, page_size: int) -> str | None:
-    """Why the kernel cannot take these shapes (Triton tiles are powers of 2, dots >= 16 wide)."""
+def kernel_gap(head_dim: int, page_size: int) -> str | None:
+    """Why the kernel cannot take these shapes (Triton tiles are powers of 2, dots >= 16 wide), or None."""
     if head_dim < 16 or head_dim & (head_dim - 1):
         return f"head_dim={head_dim} is not a power of 2 >= 16"
     if page_size & (page_size - 1):
@@ -130,7 +130,7 @@ def _choose_backend(backend: str, *, head_dim: int, page_size: int, interpret: b
     """Resolve "auto"; raise if "triton" was named and cannot serve the call."""
     warn = lambda reason: _api.warn_once(  # noqa: E731
         _log, _warned, f"paged_decode_attention: {reason}; using the reference backend")
-    gap = _kernel_gap(head_dim, page_size)
+    gap = kernel_gap(head_dim, page_size)
     if gap and backend == "triton":
         raise ValueError(f"backend='triton' cannot run: {gap}; use backend='reference'")
     if gap and backend == "auto":

@@ -37,8 +37,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.flash_attention.config import MosaicBwdBlocks
 from pallas_kernels.flash_attention import mosaic_fwd
-from pallas_kernels.flash_attention.mosaic_fwd import COMPUTE_WGS
 from pallas_kernels.flash_attention.triton_fwd import LOG2E
+
+COMPUTE_WGS = 2  # compute warpgroups per CTA of both kernels; a third one issues the TMA copies
 
 
 def _matmuls(*products, staged):

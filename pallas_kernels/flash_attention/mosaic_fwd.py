@@ -28,8 +28,6 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.flash_attention.config import MosaicBlocks
 from pallas_kernels.flash_attention.triton_fwd import LOG2E
 
-COMPUTE_WGS = 2  # compute warpgroups per CTA of the backward (mosaic_bwd); the forward's is
-# MosaicBlocks.compute_wgs.
 # setmaxnreg split per thread, (compute, memory), by compute warpgroups. An SM has 64K 32-bit
 # registers: 512 a thread of a 128-thread warpgroup summed over the CTA's warpgroups, so
 # compute_wgs * compute + memory <= 512, each a multiple of 8. 2 (3 warpgroups): upstream
