@@ -97,6 +97,7 @@ def main(argv=None):
         report = dict(op=op, options=options, jaxlib=jaxlib.__version__, **env, results=results)
         (out / f"{stem}.json").write_text(json.dumps(report, indent=1, default=str))
 
+    save_report()  # written at once and after every problem: a run cut short keeps what it did
     for problem in spaces.problems(op, options["cases"], options["kernels"]):
         try:
             result = tuner.tune(problem, reps=options["reps"], workers=options["workers"])
@@ -106,8 +107,7 @@ def main(argv=None):
         else:
             table.record([result], path=options["table"])
             results.append(result)
-        save_report()  # after every problem: a run cut short keeps what it did
-    save_report()
+        save_report()
     plot(results, out / f"{stem}.png", f"autotune {op} on {env['device']}, {env['date']}")
     print(summary(results))
     print(f"wrote {out / stem}.json and .png; table {options['table'] or table.TABLE}")
