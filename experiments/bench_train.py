@@ -125,7 +125,11 @@ def bench_one(cfg, steps: int, warmup: int, breakdown: bool, hlo_path: pathlib.P
 
 
 def run_torch_peer(path: str) -> list[dict]:
-    """Run the torch.compile peer script; returns its rows ([] with a message if it fails)."""
+    """Run the torch.compile peer script; returns its rows ([] with a message if it fails).
+    A .json path is the results file of a peer run made before (the script's argument), so one
+    peer run serves several configs benchmarked on the same machine."""
+    if path.endswith(".json"):
+        return json.loads(pathlib.Path(path).read_text())
     with tempfile.TemporaryDirectory() as tmp:
         out = pathlib.Path(tmp) / "peer.json"
         proc = subprocess.run([sys.executable, path, str(out)], capture_output=True, text=True)
@@ -142,7 +146,8 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling")
     p.add_argument("--variants", default="", help="';'-separated override sets, each 'k=v,k=v', timed after the base")
-    p.add_argument("--torch-peer", default=None, help="path of the torch peer script to run first")
+    p.add_argument("--torch-peer", default=None, help="path of the torch peer script to run first, or of "
+                   "the .json results its run wrote")
     p.add_argument("--peer-name", default=None, help="name of the peer's row to compare with (e.g. gpt2-124M)")
     p.add_argument("--no-breakdown", action="store_true", help="skip the CUPTI kernel breakdown")
     p.add_argument("--show-kernels", action="store_true", help="print each variant's costliest kernels")

@@ -2,6 +2,7 @@
 
 B batch, T query length, S key length, N heads, K kv heads, G = N // K, H head dim.
 """
+import dataclasses
 import math
 
 import jax
@@ -29,21 +30,63 @@ def _hopper() -> bool:
     return capability is not None and float(capability) >= 9.0
 
 
-def dense(x, w, n_contract: int = 1):
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Int8Weight:
+    """A weight stored as int8 `values` times `scale` (size 1 on the axes a matmul contracts;
+    `llmjax.decode.quantize` makes them). `w[...]` dequantizes; `dense` instead multiplies the
+    matmul's output by the scale, so the GEMM reads the int8 bytes and converts them on the fly."""
+
+    values: jax.Array
+    scale: jax.Array
+
+    def __getitem__(self, index):
+        if index is not Ellipsis:
+            raise IndexError(f"Int8Weight supports only w[...], got index {index!r}")
+        return self.values.astype(self.scale.dtype) * self.scale
+
+    @property
+    def shape(self):
+        return self.values.shape
+
+    @property
+    def T(self):  # noqa: N802 (as jax.Array.T)
+        return Int8Weight(self.values.T, self.scale.T)
+
+
+def weight(variable, dtype):
+    """A weight variable's value for a matmul in `dtype`: cast, except an Int8Weight, which stays
+    int8 (its scale cast) for `dense` to scale after the matmul. Other stored forms (e.g. QLoRA's
+    NF4) dequantize through `variable[...]`."""
+    value = variable.get_value()
+    if isinstance(value, Int8Weight):
+        return Int8Weight(value.values, value.scale.astype(dtype))
+    return variable[...].astype(dtype)
+
+
+def dense(x, w, n_contract: int = 1, out_dtype=None):
     """x [..., *in] times a weight w [*in, *out] -> [..., *out], contracting the last
     `n_contract` axes of x with the first of w (a projection, in the weight's own layout).
+    `out_dtype`: the result's dtype (default x's; e.g. fp32 logits, accumulated in fp32 alike).
 
+    An Int8Weight w is converted inside the matmul and its per-channel scale applied to the
+    output: (x @ q) * s equals x @ (q * s) and reads 1 byte a weight.
     A single row of x on a GPU (a batch-1 decode step) runs as a [2, in] x [in, out] matmul
     with a zero second row when XLA would otherwise rewrite the vector x matrix product into
     multiply + reduce kernels (operands under 10M elements), which read the weight at about a
     third of the bandwidth of its GEMMs (benchmarks/NOTES.md, 2026-12-04).
     """
+    out_dtype = jnp.dtype(out_dtype or x.dtype)
+    if isinstance(w, Int8Weight):
+        y = dense(x, w.values.astype(x.dtype), n_contract, jnp.float32)
+        return (y * w.scale.reshape(w.shape[n_contract:]).astype(jnp.float32)).astype(out_dtype)
     lead = x.shape[:x.ndim - n_contract]
     if not _on_gpu() or math.prod(lead) != 1 or x.size + w.size >= XLA_GEMV_TO_REDUCE_BELOW:
-        return jnp.tensordot(x, w, n_contract)
+        return jnp.tensordot(x, w, n_contract, preferred_element_type=out_dtype)
     row = x.reshape(1, -1)
     rows = jnp.concatenate([row, jnp.zeros_like(row)])
-    return (rows @ w.reshape(row.shape[1], -1))[0].reshape(*lead, *w.shape[n_contract:])
+    y = jnp.matmul(rows, w.reshape(row.shape[1], -1), preferred_element_type=out_dtype)
+    return y[0].reshape(*lead, *w.shape[n_contract:])
 
 
 def attention_xla(q, k, v, *, causal: bool, mask=None, scale: float | None = None):

@@ -74,7 +74,7 @@ def test_remat_keeps_loss_and_grads(remat):
         graphdef, params = split_model(init_model(model_cfg("llama-tiny", f"model.remat={policy}")))
         results.append(jax.value_and_grad(loss_fn)(params, graphdef, batch))
     (l0, g0), (l1, g1) = results
-    np.testing.assert_allclose(l0, l1, rtol=1e-6)
+    np.testing.assert_allclose(l0, l1, rtol=3e-6)  # fp32; a GPU's reduction order differs by ~1e-6
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), g0, g1)
 
 
@@ -99,7 +99,7 @@ def test_fused_loss_and_pallas_norms_match_xla(preset):
         graphdef, params = split_model(init_model(model_cfg(preset, *impls)))
         results.append(jax.value_and_grad(loss_fn)(params, graphdef, batch))
     (l0, g0), (l1, g1) = results
-    np.testing.assert_allclose(l0, l1, rtol=1e-6)
+    np.testing.assert_allclose(l0, l1, rtol=3e-6)  # fp32; a GPU's reduction order differs by ~1e-6
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), g0, g1)
 
 
@@ -175,3 +175,20 @@ def test_dense_pads_only_the_products_xla_would_strength_reduce(monkeypatch):
     small, large = jnp.ones((16, 23)), jnp.ones((16, 24))
     assert "concatenate" in str(jax.make_jaxpr(lambda x, w: ops.dense(x, w))(x, small))
     assert "concatenate" not in str(jax.make_jaxpr(lambda x, w: ops.dense(x, w))(x, large))
+
+
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny"])
+def test_fused_projections_equal_separate_ones(preset):
+    """Training's one-matmul q|k|v and gate|up projections against the separate matmuls that
+    decoding runs, with float weights and with an int8 copy (scaled after the matmul)."""
+    from llmjax.decode.quantize import quantize_params
+
+    model = init_model(model_cfg(preset, "model.n_heads=4", "model.n_kv_heads=2"), seed=3)
+    graphdef, blocks = nnx.split(model.blocks)
+    int8 = quantize_params(nnx.state(model), jnp.float32, model.cfg.tie_embeddings)["blocks"]
+    x = jax.random.normal(jax.random.key(0), (2, 5, model.cfg.d_model))
+    for state in (blocks, int8):
+        block = nnx.merge(graphdef, jax.tree.map(lambda a: a[1], state))  # the second layer
+        for fused, separate in zip(block.attn.project_qkv(x, fused=True), block.attn.project_qkv(x, fused=False)):
+            np.testing.assert_allclose(fused, separate, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(block.mlp(x, fused=True), block.mlp(x, fused=False), rtol=1e-5, atol=1e-6)

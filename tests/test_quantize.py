@@ -9,7 +9,8 @@ from flax import nnx
 from llmjax.config import DecodeConfig, load_config
 from llmjax.data import load_dataset
 from llmjax.decode import generate, prepare_decode
-from llmjax.decode.quantize import Int8Weight, perplexity, quantize
+from llmjax.decode.quantize import perplexity, quantize
+from llmjax.ops import Int8Weight
 from llmjax.models import init_model
 
 

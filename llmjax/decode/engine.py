@@ -24,7 +24,7 @@ from flax import nnx
 
 from llmjax.config import ConfigError, DecodeConfig
 from llmjax.decode import paged
-from llmjax.decode.generate import forward_hidden, split_layers
+from llmjax.decode.generate import DECODE_COMPILER_OPTIONS, forward_hidden, split_layers
 
 SAMPLING_OPTIONS = ("temperature", "top_k", "top_p", "seed")
 
@@ -97,7 +97,8 @@ def sample_rows(logits, keys, temperature, top_k, top_p):
     return jnp.where(temperature > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
 
 
-@partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("pages",))
+@partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("pages",),
+         compiler_options=DECODE_COMPILER_OPTIONS)
 def _device_step(graphdef, params, layers, pages, decode, prefill, sampling):
     """One engine step over the paged cache: the decode rows (tokens/positions [S, 1]) and, if
     any, the prefill rows ([P, C]) through the model, then each row's next token sampled from

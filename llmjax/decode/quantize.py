@@ -2,17 +2,16 @@
 
 Each matmul weight becomes int8 values with one scale per output channel (absmax / 127 over
 the contracted axes). The quantized tree replaces the float params given to `nnx.merge`; the
-model reads a weight as `w[...]`, which for an `Int8Weight` dequantizes to the compute dtype.
-Inside the stacked-layer scan that happens one layer at a time, so the stored weights and what
-a decode step reads from memory are int8 (1 byte/param instead of bf16's 2), plus whatever XLA
-materializes for the dequantized copy when it cannot fuse it into the dot.
+model's matmuls (`llmjax.ops.dense`) convert the int8 values inside the GEMM and multiply the
+output by the scales, so a decode step reads 1 byte per weight instead of bf16's 2. Reading a
+weight as `w[...]` (the loss's head, the embedding lookup) dequantizes it where it is used.
 """
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from llmjax.ops import Int8Weight
 
 # Matmul weights by parameter name -> (rank, axes contracted with the input), not counting a
 # leading `layers` axis. The scales run over the other (output) axes.
@@ -23,25 +22,6 @@ MATMUL_WEIGHTS = {
     "lm_head": (2, (0,)),  # [D, V]
 }
 TIED_EMBED = (2, (1,))  # embed [V, D] is the output head when embeddings are tied
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class Int8Weight:
-    """A weight stored as int8 `values` times `scale` (the compute dtype; size 1 on the
-    contracted axes). Reading it like a variable's value (`w[...]`) dequantizes."""
-
-    values: jax.Array
-    scale: jax.Array
-
-    def __getitem__(self, index):
-        if index is not Ellipsis:
-            raise IndexError(f"Int8Weight supports only w[...], got index {index!r}")
-        return self.values.astype(self.scale.dtype) * self.scale
-
-    @property
-    def shape(self):
-        return self.values.shape
 
 
 def quantize(w, contracted_axes, dtype) -> Int8Weight:

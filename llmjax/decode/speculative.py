@@ -19,8 +19,8 @@ import numpy as np
 from flax import nnx
 
 from llmjax.config import DecodeConfig
-from llmjax.decode.generate import (check_prompt, forward_hidden, graphdef_for, init_layer_caches,
-                                    prepare_decode, split_layers)
+from llmjax.decode.generate import (DECODE_COMPILER_OPTIONS, check_prompt, forward_hidden, graphdef_for,
+                                    init_layer_caches, prepare_decode, split_layers)
 from llmjax.decode.sampling import filter_logits, greedy
 
 
@@ -144,7 +144,8 @@ def _speculate_row(target, draft, prompt, key, *, max_new_tokens, gamma, tempera
 
 
 @partial(jax.jit, static_argnames=("target_def", "draft_def", "max_new_tokens", "gamma", "temperature",
-                                   "top_k", "top_p", "vocab_size"))
+                                   "top_k", "top_p", "vocab_size"),
+         compiler_options=DECODE_COMPILER_OPTIONS)
 def _speculative(target_def, target_params, draft_def, draft_params, prompt, keys, **options):
     target, draft = nnx.merge(target_def, target_params), nnx.merge(draft_def, draft_params)
     row = partial(_speculate_row, target, draft, **options)

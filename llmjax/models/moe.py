@@ -59,16 +59,19 @@ def param(rngs, shape, axes, dtype, std=None, fill=0.0):
 def ffn(x, weights: dict, matmul, bias):
     """The feed-forward math of the dense MLP and of each expert.
 
-    GELU(x W_in + b_in) W_out + b_out when `weights` has no "w_gate" (gpt2), else
-    (silu(x W_gate) * x W_in) W_out (llama, SwiGLU). `matmul(x, w)` applies the right weight to
-    each row (a plain matmul, a batched one over experts, or a grouped one); `bias(b)` gives the
-    bias each row adds.
+    GELU(x W_in + b_in) W_out + b_out when `weights` has no gate (gpt2), else
+    (silu(x W_gate) * x W_in) W_out (llama, SwiGLU), with W_gate and W_in either apart or stacked
+    as "w_gate_in" [D, 2, F] (one matmul). `matmul(x, w)` applies the right weight to each row
+    (a plain matmul, a batched one over experts, or a grouped one); `bias(b)` gives the bias
+    each row adds.
     """
-    hidden = matmul(x, weights["w_in"])
-    if "w_gate" in weights:
-        hidden = jax.nn.silu(matmul(x, weights["w_gate"])) * hidden
+    if "w_gate_in" in weights:
+        gate, up = jax.lax.split(matmul(x, weights["w_gate_in"]), [1, 1], axis=-2)  # [..., 1, F] each
+        hidden = (jax.nn.silu(gate) * up).squeeze(-2)
+    elif "w_gate" in weights:
+        hidden = jax.nn.silu(matmul(x, weights["w_gate"])) * matmul(x, weights["w_in"])
     else:
-        hidden = jax.nn.gelu(hidden + bias(weights["b_in"]), approximate=True)
+        hidden = jax.nn.gelu(matmul(x, weights["w_in"]) + bias(weights["b_in"]), approximate=True)
     y = matmul(hidden, weights["w_out"])
     return y + bias(weights["b_out"]) if "b_out" in weights else y
 
