@@ -129,7 +129,15 @@ def run_torch_peer(path: str) -> list[dict]:
     A .json path is the results file of a peer run made before (the script's argument), so one
     peer run serves several configs benchmarked on the same machine."""
     if path.endswith(".json"):
-        return json.loads(pathlib.Path(path).read_text())
+        try:
+            rows = json.loads(pathlib.Path(path).read_text())
+        except (OSError, ValueError) as e:
+            print(f"torch peer results {path} unreadable: {e}")
+            return []
+        if not isinstance(rows, list) or not all(isinstance(r, dict) and "name" in r for r in rows):
+            print(f"torch peer results {path} are not a list of rows with a 'name' (the peer script's output)")
+            return []
+        return rows
     with tempfile.TemporaryDirectory() as tmp:
         out = pathlib.Path(tmp) / "peer.json"
         proc = subprocess.run([sys.executable, path, str(out)], capture_output=True, text=True)

@@ -19,3 +19,12 @@ def test_failing_torch_peer_gives_no_rows(tmp_path, capsys):
     script.write_text("raise SystemExit(3)\n")
     assert run_torch_peer(str(script)) == []
     assert "torch peer failed (rc 3)" in capsys.readouterr().out
+
+
+def test_unreadable_or_foreign_peer_results_give_no_rows(tmp_path, capsys):
+    assert run_torch_peer(str(tmp_path / "missing.json")) == []
+    assert "unreadable" in capsys.readouterr().out
+    ours = tmp_path / "ours.json"
+    ours.write_text(json.dumps({"rows": [{"variant": "base"}]}))  # bench_train's own results
+    assert run_torch_peer(str(ours)) == []
+    assert "not a list of rows" in capsys.readouterr().out

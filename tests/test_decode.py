@@ -1,6 +1,8 @@
 """KV-cache generation against full recomputation, and the samplers."""
 import dataclasses
 import json
+import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -150,3 +152,22 @@ def test_kernels_per_token_is_the_long_run_less_the_one_token_run():
                                             ("flash_fwd", 0.25, 0.5)]
     assert out["kernel_ms_per_token"] == pytest.approx(2.35) and out["kernel_launches_per_token"] == 1.0
     assert out["kernel_ms_per_token_by_class"] == pytest.approx({"matmul": 1.2, "attention": 0.25, "other": 0.9})
+
+
+def test_decode_program_concatenates_no_weights(monkeypatch):
+    """Decoding keeps q/k/v and gate/up apart: fused, the side-by-side weights would be
+    concatenated inside the token loop, a copy of them every token (benchmarks/NOTES.md)."""
+    from llmjax.decode.generate import lower_generate
+    from llmjax.models import transformer
+
+    def weight_concatenations(overrides):
+        model = init_model(load_config(overrides=["preset=llama-tiny", *overrides]).model)
+        text = lower_generate(model, jnp.zeros((1, 4), jnp.int32), DecodeConfig(max_new_tokens=4)).as_text()
+        shapes = re.findall(r"stablehlo\.concatenate .*-> tensor<([\dx]+)x\w+>", text)
+        smallest = model.cfg.d_model * model.cfg.n_kv_heads * model.cfg.head_dim  # wk
+        return [s for s in shapes if math.prod(int(d) for d in s.split("x")) >= smallest]
+
+    assert weight_concatenations([]) == []
+    original = transformer.Attention.project_qkv
+    monkeypatch.setattr(transformer.Attention, "project_qkv", lambda self, x, fused=True: original(self, x))
+    assert set(weight_concatenations(["model.d_mlp=192"])) == {"64x2x4x16"}  # what the check catches

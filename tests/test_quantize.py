@@ -64,3 +64,19 @@ def test_perplexity_int8_beside_float_on_the_bundled_corpus():
     assert int8 != full and int8 == pytest.approx(full, rel=2e-2)
     with pytest.raises(ValueError, match="non-empty"):
         perplexity(model, windows[:0])
+
+
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny"])  # tied (int8 embedding) / untied head
+def test_int8_matmuls_equal_the_dequantized_weights(preset):
+    """Scaling after the matmul, (x @ q) * s, is x @ (q * s): the int8 model against the same
+    model given the dequantized weights, with fused projections (no cache) and apart (cache)."""
+    from llmjax.models import init_cache
+
+    int8 = prepare_decode(tiny(preset), int8=True)
+    is_int8 = lambda x: isinstance(x, Int8Weight)  # noqa: E731
+    dequantized = jax.tree.map(lambda w: w[...] if is_int8(w) else w, int8.params, is_leaf=is_int8)
+    tokens = jax.random.randint(jax.random.key(3), (2, 16), 0, 512, dtype=jnp.int32)
+    for cache in (None, init_cache(int8.cfg, 2, 16)):
+        got = nnx.merge(int8.graphdef, int8.params)(tokens, cache=cache)[0]
+        want = nnx.merge(int8.graphdef, dequantized)(tokens, cache=cache)[0]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -101,9 +101,7 @@ def test_activation_bytes_match_compiled_temp(remat, layout):
     predicted = activation_bytes(cfg, mesh_shape(mesh_cfg), mesh_cfg.rules, micro_batch=_ACT_BATCH,
                                  seq_len=_ACT_SEQ, remat=remat)
     print(f"{remat} {layout}: predicted {predicted:.0f} compiled {measured} ratio {predicted / measured:.2f}")
-    # 0.83 (none), 1.09 (dots, tp), 1.29 (full, fsdp): XLA's CPU compile frees part of what a
-    # recomputed layer's fused projections would keep, which the per-layer list counts.
-    assert abs(predicted - measured) <= 0.3 * measured, (predicted, measured)
+    assert abs(predicted - measured) <= 0.25 * measured, (predicted, measured)  # 0.88, 1.18, 1.20 now
 
 
 def test_fused_loss_bytes_match_compiled_temp():
