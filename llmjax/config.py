@@ -74,6 +74,9 @@ class ModelConfig:
     # lax.scan over the stacked layers (compile time independent of depth) or a Python loop
     # (unrolled: no stacked-residual copies between layers; faster on a GPU, slower to compile).
     scan_layers: bool = True
+    # Training runs q|k|v and SwiGLU's gate|up as one matmul each (weights side by side); false:
+    # one matmul per weight (no split of the joint output, no concatenate of its gradient).
+    fuse_projections: bool = True
     # Mixture of experts (0 experts = the dense feed-forward block).
     n_experts: int = 0
     moe_top_k: int = 2  # experts per token

@@ -59,16 +59,17 @@ def kernels_by_name(kernels) -> dict[str, tuple[float, int]]:
     return table
 
 
-def wall_seconds(fn, reps: int) -> float:
-    """Median wall-clock seconds of fn() (its outputs blocked on) after one warm-up call: for
-    programs CUPTI cannot time alone (host transfers, whole decode loops with host work)."""
+def wall_seconds(fn, reps: int, statistic=statistics.median) -> float:
+    """Median (or `statistic`) wall-clock seconds of fn() (its outputs blocked on) after one
+    warm-up call: for programs CUPTI cannot time alone (host transfers, whole decode loops with
+    host work)."""
     jax.block_until_ready(fn())
     samples = []
     for _ in range(reps):
         start = time.perf_counter()
         jax.block_until_ready(fn())
         samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+    return statistic(samples)
 
 
 def median_seconds(fn, arg_sets, reps, *, warmup=1, min_sample_seconds=0.0):

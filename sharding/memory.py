@@ -184,19 +184,21 @@ def layer_activation_bytes(model_cfg, mesh_shape: dict[str, int], rules: str | R
             SwiGLU, 1 for GELU): `dots_with_no_batch_dims_saveable` keeps matmul outputs.
       none, compiled for a CPU (jax's `saved_residuals` on our blocks, which XLA's CPU
             backend keeps as they are): 8 [B, T, D] (residual stream, norm inputs/outputs), q,
-            k, v and the attention output, scores and probabilities [B, N, T, T], 6 (SwiGLU)
-            or 5 (GELU) [B, T, F], and row statistics (4 [B, T] for the norms, 2 [B, N, T]);
+            k, v and the attention output, scores and probabilities [B, N, T, T], 7 (SwiGLU)
+            or 2 (GELU: the input projection and the GELU output; the activation is
+            rematerialized) [B, T, F], and row statistics (4 [B, T] for the norms, 2 [B, N, T]);
             plus what its compile keeps of the fused projections (measured): the q|k|v matmul's
-            output beside its slices, and for SwiGLU one more [B, T, F].
+            output beside its slices. Against compiled CPU temp bytes: llama 1.01, gpt2 0.96.
       none, compiled for a GPU (`platform` other than "cpu"): XLA fuses the elementwise
             producers of most of those into their consumers and recomputes them there, so it
             keeps 4 [B, T, D] (the two norms' inputs and outputs), q, k, v, the attention
-            output, 3 [B, T, F] (SwiGLU: gate, up and their product; GELU: the input
-            projection, its tanh and the GELU output), the statistics, and the scores only
+            output, 3 [B, T, F] for SwiGLU (gate, up and their product) and 2 for GELU (the
+            input projection and the GELU output: the activations are rematerialized,
+            `llmjax.models.moe.ffn`), the statistics, and the scores only
             where attention is not a flash kernel (`flash_attention_used`). Fitted on an H100
             (benchmarks/results/train-* and shard_sweep-*): the per-token slope of compiled
             temp bytes between batch sizes is 14.8 [B, T, D] units per layer for Llama 1.1B
-            (this list: 14.5) and 20.3 for GPT-2 124M (20).
+            (this list: 14.5) and 20.3 for GPT-2 124M (then 20, one [B, T, F] more than now).
     Each tensor is divided by the devices its logical dims are split over under `rules`
     (batch, length, act_embed, act_heads, act_mlp). `platform`: "cpu", "gpu", ... (default
     jax's default backend).
@@ -226,8 +228,8 @@ def layer_activation_bytes(model_cfg, mesh_shape: dict[str, int], rules: str | R
     scores = 0.0 if flash_attention_used(model_cfg, platform) else size((BATCH, ACT_HEADS, LENGTH), b * n * t * t, 4)
     stats = size((BATCH, LENGTH), 4 * b * t, 4) + size((BATCH, ACT_HEADS, LENGTH), 2 * b * n * t, 4)
     if _on_cpu(platform):
-        return 8 * btd + 3 * q + 4 * kv + 2 * scores + (7 if swiglu else 5) * btf + stats
-    return 4 * btd + 2 * q + 2 * kv + 2 * scores + 3 * btf + stats
+        return 8 * btd + 3 * q + 4 * kv + 2 * scores + (7 if swiglu else 2) * btf + stats
+    return 4 * btd + 2 * q + 2 * kv + 2 * scores + (3 if swiglu else 2) * btf + stats
 
 
 def loss_activation_bytes(model_cfg, mesh_shape: dict[str, int], rules: str | Rules, *,

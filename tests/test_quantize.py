@@ -76,7 +76,9 @@ def test_int8_matmuls_equal_the_dequantized_weights(preset):
     is_int8 = lambda x: isinstance(x, Int8Weight)  # noqa: E731
     dequantized = jax.tree.map(lambda w: w[...] if is_int8(w) else w, int8.params, is_leaf=is_int8)
     tokens = jax.random.randint(jax.random.key(3), (2, 16), 0, 512, dtype=jnp.int32)
-    for cache in (None, init_cache(int8.cfg, 2, 16)):
-        got = nnx.merge(int8.graphdef, int8.params)(tokens, cache=cache)[0]
-        want = nnx.merge(int8.graphdef, dequantized)(tokens, cache=cache)[0]
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # highest: a GPU's default fp32 matmul is TF32, which rounds q * s but not the int8 q.
+    with jax.default_matmul_precision("highest"):
+        for cache in (None, init_cache(int8.cfg, 2, 16)):
+            got = nnx.merge(int8.graphdef, int8.params)(tokens, cache=cache)[0]
+            want = nnx.merge(int8.graphdef, dequantized)(tokens, cache=cache)[0]
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -56,6 +56,26 @@ def param(rngs, shape, axes, dtype, std=None, fill=0.0):
     return nnx.Param(nnx.with_partitioning(init, axes)(rngs.params(), shape, dtype))
 
 
+# The activations are rematerialized: the backward keeps only their inputs (the matmul outputs,
+# which exist anyway) and recomputes the tanh / sigmoid inside its own fusion, instead of XLA
+# writing that intermediate in the forward and reading it back (one [tokens, F] tensor less each
+# way; GPT-2 124M on an H200: the GELU fusions ran at 3 tensors forward, 4 backward).
+@jax.checkpoint
+def _gelu_of_sum(y, b):
+    return jax.nn.gelu(y + b, approximate=True)
+
+
+@jax.checkpoint
+def _swiglu_stacked(gate_up):
+    gate, up = jax.lax.split(gate_up, [1, 1], axis=-2)  # [..., 1, F] each
+    return (jax.nn.silu(gate) * up).squeeze(-2)
+
+
+@jax.checkpoint
+def _swiglu(gate, up):
+    return jax.nn.silu(gate) * up
+
+
 def ffn(x, weights: dict, matmul, bias):
     """The feed-forward math of the dense MLP and of each expert.
 
@@ -66,12 +86,11 @@ def ffn(x, weights: dict, matmul, bias):
     each row adds.
     """
     if "w_gate_in" in weights:
-        gate, up = jax.lax.split(matmul(x, weights["w_gate_in"]), [1, 1], axis=-2)  # [..., 1, F] each
-        hidden = (jax.nn.silu(gate) * up).squeeze(-2)
+        hidden = _swiglu_stacked(matmul(x, weights["w_gate_in"]))
     elif "w_gate" in weights:
-        hidden = jax.nn.silu(matmul(x, weights["w_gate"])) * matmul(x, weights["w_in"])
+        hidden = _swiglu(matmul(x, weights["w_gate"]), matmul(x, weights["w_in"]))
     else:
-        hidden = jax.nn.gelu(matmul(x, weights["w_in"]) + bias(weights["b_in"]), approximate=True)
+        hidden = _gelu_of_sum(matmul(x, weights["w_in"]), bias(weights["b_in"]))
     y = matmul(hidden, weights["w_out"])
     return y + bias(weights["b_out"]) if "b_out" in weights else y
 

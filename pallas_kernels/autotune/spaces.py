@@ -125,6 +125,7 @@ _FLASH_BWD = [  # (dQ block_q, block_kv), (dK/dV block_q, block_kv), num_warps_b
 # of 128 keys fit at H=64 only; 3 slots of 128 or 2 of 192 fill an H100 at H=128).
 _FLASH_MOSAIC = [(64, 128, 2), (64, 128, 3), (64, 128, 4), (64, 192, 2), (64, 192, 3),
                  (64, 256, 2), (64, 64, 3), (64, 64, 4), (128, 64, 2)]
+# Each two-warpgroup tile is also tried persistent (one CTA per SM; twice the Q shared memory).
 # Three compute warpgroups (FA3's 192-row tile; overlap only): block_kv, slots. Head dim 64 only:
 # at 128 a warpgroup's O and two score tiles overflow its 160 registers.
 _FLASH_MOSAIC_3WG = [(128, 2), (128, 3), (64, 4), (192, 2)]
@@ -196,9 +197,14 @@ def _flash_problems(case_names):
             lambda bkv, s: config.MosaicBlocks(block_kv=bkv, max_concurrent_steps=s, overlap=True,
                                                compute_wgs=3),
             _FLASH_MOSAIC_3WG if case.head_dim == 64 else [], case.head_dim, mosaic_fwd.check_smem)
+        persistent_tiles = _fitting(
+            lambda bq, bkv, s: config.MosaicBlocks(block_q=bq, block_kv=bkv, max_concurrent_steps=s,
+                                                   persistent=True),
+            _FLASH_MOSAIC, case.head_dim, mosaic_fwd.check_smem)
         problems.append(Problem(
             kernel="flash_attention_mosaic", key=key, default=default.mosaic, build=build_mosaic,
-            stages=(Stage("mosaic_fwd", tuple(dict(tiles, overlap=overlap) for tiles in mosaic_tiles
+            stages=(Stage("mosaic_fwd", tuple(dict(tiles, overlap=overlap)
+                                              for tiles in mosaic_tiles + persistent_tiles
                                               for overlap in (False, True)) + three_wg_tiles),),
             flops={"mosaic_fwd": fwd}))
 

@@ -16,7 +16,7 @@ from jax.experimental import pallas as pl
 from pallas_kernels import _api
 from pallas_kernels.cross_entropy import chunked, reference
 
-BACKENDS = ("auto", "chunked", "reference")
+BACKENDS = ("auto", "triton", "chunked", "reference")
 REDUCTIONS = ("mean", "sum", "none")
 # Default chunking keeps one chunk's logits, counted at 4 bytes each (what the fp32 math over them
 # costs), under this many bytes (8 and 16 chunks at 16k tokens and vocab 50k to 128k). Smaller
@@ -31,6 +31,7 @@ class _Options:
     z_loss: float
     reduction: str
     dtype: str  # of hidden and vocab_weight (validated equal), for the gradients
+    interpret: bool | None  # None: XLA's softmax fusions; else the Pallas chunk kernel (interpreted if True)
 
 
 def _coefficients(labels, opts):
@@ -42,7 +43,8 @@ def _coefficients(labels, opts):
 
 
 def _loss_options(opts):
-    return dict(n_chunks=opts.n_chunks, ignore_index=opts.ignore_index, z_loss=opts.z_loss)
+    return dict(n_chunks=opts.n_chunks, ignore_index=opts.ignore_index, z_loss=opts.z_loss,
+                interpret=opts.interpret)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -106,7 +108,7 @@ def _validate(hidden, vocab_weight, labels, ignore_index, z_loss, chunk_size, re
 
 
 def cross_entropy(hidden, vocab_weight, labels, *, ignore_index=-100, z_loss=0.0, chunk_size=None,
-                  reduction="mean", backend="auto"):
+                  reduction="mean", backend="auto", interpret=False):
     """Cross-entropy of logits = hidden @ vocab_weight.T without materializing all the logits.
 
     loss_i = logsumexp(logits_i) - logits_i[label_i] + z_loss * logsumexp(logits_i)^2.
@@ -121,14 +123,22 @@ def cross_entropy(hidden, vocab_weight, labels, *, ignore_index=-100, z_loss=0.0
       chunk_size: at most this many tokens per chunk; None picks a power-of-2 number of chunks
         of at most 128M logits each (512 MiB in fp32).
       reduction: "mean" over non-ignored tokens (0 if there are none), "sum", or "none".
-      backend: "auto" or "chunked" (chunked.py, plain JAX), or "reference" (materializes the logits).
+      backend: "chunked" (chunked.py: chunks of cuBLAS matmuls and XLA fusions), "triton" (the
+        same chunks with each chunk's softmax and logit gradient in one Pallas kernel,
+        triton_chunk.py; a GPU, or interpret=True), "auto" (triton on a GPU or with interpret=True,
+        else chunked), or "reference" (materializes the logits).
+      interpret: run the Pallas kernel in interpret mode (CPU tests).
     Returns:
       fp32 scalar ("mean", "sum") or [...] per-token losses ("none", 0 at ignored tokens).
     Raises:
       ValueError: bad dtype, shape mismatch between hidden, vocab_weight and labels, z_loss < 0,
-        chunk_size < 1, unknown reduction or backend.
+        chunk_size < 1, unknown reduction or backend, "triton" without a GPU or interpret=True.
     """
     _validate(hidden, vocab_weight, labels, ignore_index, z_loss, chunk_size, reduction, backend)
+    on_gpu = jax.default_backend() == "gpu"
+    if backend == "triton" and not (on_gpu or interpret):
+        raise ValueError("backend='triton' needs a GPU; pass interpret=True to run it on CPU")
+    kernel = backend == "triton" or (backend == "auto" and (on_gpu or interpret))
     if backend == "reference":
         return reference.cross_entropy(hidden, vocab_weight, labels, ignore_index=ignore_index,
                                        z_loss=z_loss, reduction=reduction)
@@ -142,6 +152,7 @@ def cross_entropy(hidden, vocab_weight, labels, *, ignore_index=-100, z_loss=0.0
     else:
         n_chunks = -(-tokens // min(chunk_size, tokens))
     opts = _Options(n_chunks=n_chunks, ignore_index=ignore_index, z_loss=float(z_loss),
-                    reduction=reduction, dtype=jnp.dtype(hidden.dtype).name)
+                    reduction=reduction, dtype=jnp.dtype(hidden.dtype).name,
+                    interpret=bool(interpret) if kernel else None)
     loss = _fused_loss(hidden.reshape(tokens, d_model), vocab_weight, labels.reshape(tokens), opts)
     return loss.reshape(lead) if reduction == "none" else loss

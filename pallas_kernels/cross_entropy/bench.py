@@ -1,4 +1,5 @@
-"""Cross-entropy benchmarks: ours (chunked, "fused") vs XLA materializing the logits, in one run.
+"""Cross-entropy benchmarks: ours (chunked: "fused" with the Pallas chunk kernel on a GPU,
+"fused_xla" with XLA's fusions between the matmuls) vs XLA materializing the logits, in one run.
 
 Rows carry the median time, the matmul TFLOP/s (2·T·V·d per matmul: fwd 1, fwd_bwd 3) and the
 compiled program's memory analysis: temp_bytes (intermediates) and peak_bytes = temp + arguments +
@@ -13,7 +14,7 @@ from pallas_kernels import _bench
 from pallas_kernels.cross_entropy import api, cases, reference
 
 CASES = cases.BENCH_CASES
-IMPLS = ("fused", "xla")
+IMPLS = ("fused", "fused_xla", "xla")
 MODES = ("fwd", "fwd_bwd")
 
 
@@ -26,7 +27,8 @@ def matmul_flops(case, mode):
 def _loss_fn(impl, chunk_size):
     if impl == "xla":
         return lambda h, w, l: reference.cross_entropy(h, w, l)
-    return lambda h, w, l: api.cross_entropy(h, w, l, chunk_size=chunk_size)
+    backend = "chunked" if impl == "fused_xla" else "auto"
+    return lambda h, w, l: api.cross_entropy(h, w, l, chunk_size=chunk_size, backend=backend)
 
 
 def _row(case, impl, mode, dtype, chunk_size, reps):
@@ -35,7 +37,7 @@ def _row(case, impl, mode, dtype, chunk_size, reps):
     row = dict(op="cross_entropy", case=case.name, impl=label, mode=mode, tokens=tokens,
                vocab=case.vocab, d_model=case.d_model, dtype=jnp.dtype(dtype).name,
                **_bench.environment())
-    if impl == "fused":
+    if impl != "xla":
         n_chunks = (api.default_n_chunks(tokens, case.vocab) if chunk_size is None
                     else -(-tokens // chunk_size))
         row.update(n_chunks=n_chunks, chunk_size=-(-tokens // n_chunks))
@@ -61,10 +63,10 @@ def _row(case, impl, mode, dtype, chunk_size, reps):
 
 
 def rows(case_names=None, impls=IMPLS, modes=MODES, dtype=jnp.bfloat16, reps=20, chunk_sizes=(None,)):
-    """One dict per (case, impl, mode) (and per chunk size for "fused"): time_ms, tflops, memory."""
+    """One dict per (case, impl, mode) (and per chunk size for ours): time_ms, tflops, memory."""
     out = []
     for case in _bench.select(CASES, case_names):
         for impl in impls:
-            for chunk_size in (chunk_sizes if impl == "fused" else (None,)):
+            for chunk_size in (chunk_sizes if impl != "xla" else (None,)):
                 out += [_row(case, impl, mode, dtype, chunk_size, reps) for mode in modes]
     return out

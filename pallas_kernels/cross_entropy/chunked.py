@@ -11,44 +11,77 @@ Peak extra memory: one chunk's logits and dlogits, plus the fp32 dW accumulator 
 (and, unless XLA fuses the accumulate into the matmul as cuBLAS does with beta = 1, a second
 [vocab, d_model] fp32 buffer for each chunk's contribution; on CPU it does not).
 
-Plain JAX, no Pallas: the time is in the matmuls (XLA calls cuBLAS); the per-chunk elementwise work
-is two reductions and one fused elementwise pass, which XLA fuses already. A Pallas kernel would have
-to match cuBLAS on the matmuls to gain anything.
+The matmuls are XLA's (cuBLAS). The per-chunk softmax work between them runs either as XLA's
+fusions (a max, a sum of exp, then the gradient pass: three reads of the logits) or as the Pallas
+kernel of triton_chunk.py (an online log-sum-exp pass and the gradient pass: two reads).
 
 Chunks are strided (token t goes to chunk t % n_chunks), so when tokens are sharded over devices every
 chunk keeps the same sharding and each scan step runs on all devices.
 """
+import functools
+
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.cross_entropy import triton_chunk
 
-def _chunk(hidden, labels, coef, weight, *, ignore_index, z_loss, with_grads, precision):
+
+# fp16 chunk gradients are formed at this multiple of the largest token weight (|dlogits| <= about
+# 1 + 2 z_loss lse before it, so far below fp16's 65504 after it).
+FP16_GRAD_SCALE = 1024.0
+
+
+def _softmax_stats_and_grad_xla(logits, labels, coef, *, z_loss, with_grads):
+    """The math of triton_chunk.softmax_stats_and_grad in XLA fusions (same arguments, same results)."""
+    x = logits.astype(jnp.float32)  # [chunk, vocab]
+    m = jnp.max(x, axis=1)
+    lse = m + jnp.log(jnp.sum(jnp.exp(x - m[:, None]), axis=1))  # [chunk]
+    is_label = lax.broadcasted_iota(jnp.int32, x.shape, 1) == labels[:, None]
+    label_logit = jnp.sum(jnp.where(is_label, x, 0.0), axis=1)
+    if not with_grads:
+        return lse, label_logit, None
+    scale = coef * (1.0 + 2.0 * z_loss * lse)  # d(lse + z lse^2)/d lse, times the token's weight
+    dlogits = jnp.exp(x - lse[:, None]) * scale[:, None] - jnp.where(is_label, coef[:, None], 0.0)
+    return lse, label_logit, dlogits.astype(logits.dtype)
+
+
+def _chunk(hidden, labels, coef, weight, *, ignore_index, z_loss, with_grads, precision, interpret):
     """One chunk. hidden: [chunk, d_model]; labels: [chunk] int; coef: [chunk] fp32, the weight of
     each token's loss in the total (0 for ignored and padding tokens); weight: [vocab, d_model].
+    interpret: None for XLA's fusions after the logits matmul, else the Pallas kernel of
+    triton_chunk.py (in interpret mode if True).
     Returns loss [chunk] fp32, and with_grads: dhidden [chunk, d_model] in hidden.dtype and
     dweight [vocab, d_model] fp32 (both accumulated in fp32 inside the matmuls).
     """
     # 16-bit inputs get 16-bit logits (fp32 accumulation inside the matmul, one rounding at the
-    # end, as under torch autocast): the three passes over [chunk, vocab] below then read half
-    # the bytes (GPT-2 124M on an H200: ~13 GB a step less). The math after it is fp32.
+    # end, as under torch autocast): the passes over [chunk, vocab] read half the bytes (GPT-2
+    # 124M on an H200: ~13 GB a step less). The math after it is fp32.
     logits = lax.dot_general(hidden, weight, (((1,), (1,)), ((), ())), precision=precision,
-                             preferred_element_type=hidden.dtype).astype(jnp.float32)  # [chunk, vocab]
-    m = jnp.max(logits, axis=1)
-    lse = m + jnp.log(jnp.sum(jnp.exp(logits - m[:, None]), axis=1))  # [chunk]
+                             preferred_element_type=hidden.dtype)  # [chunk, vocab]
     valid = labels != ignore_index
-    is_label = lax.broadcasted_iota(jnp.int32, logits.shape, 1) == jnp.where(valid, labels, 0)[:, None]
-    label_logit = jnp.sum(jnp.where(is_label, logits, 0.0), axis=1)
+    # fp16 dlogits underflow: p * coef is ~1e-9 for a 50k vocabulary under "mean" (coef = 1 /
+    # tokens), below fp16's smallest subnormal. Its gradient is formed at coef * unscale and the
+    # fp32 matmul results divided by it (loss scaling, per chunk).
+    unscale = None
+    if coef is None:
+        coef = jnp.zeros(labels.shape, jnp.float32)
+    elif hidden.dtype == jnp.float16:
+        largest = jnp.max(jnp.abs(coef))
+        unscale = jnp.where(largest > 0, FP16_GRAD_SCALE / largest, 1.0)
+        coef = coef * unscale
+    stats = (_softmax_stats_and_grad_xla if interpret is None
+             else functools.partial(triton_chunk.softmax_stats_and_grad, interpret=interpret))
+    lse, label_logit, dlogits = stats(logits, jnp.where(valid, labels, -1), coef, z_loss=z_loss,
+                                      with_grads=with_grads)
     loss = jnp.where(valid, lse - label_logit + z_loss * jnp.square(lse), 0.0)
     if not with_grads:
         return loss
-    scale = coef * (1.0 + 2.0 * z_loss * lse)  # d(lse + z lse^2)/d lse, times the token's weight
-    dlogits = jnp.exp(logits - lse[:, None]) * scale[:, None] - jnp.where(is_label, coef[:, None], 0.0)
-    dlogits = dlogits.astype(hidden.dtype)  # [chunk, vocab], matmul dtype
     dhidden = jnp.dot(dlogits, weight, precision=precision, preferred_element_type=jnp.float32)
-    dhidden = dhidden.astype(hidden.dtype)  # [chunk, d_model]; a stacked scan output, so kept small
     dweight = lax.dot_general(dlogits, hidden, (((0,), (0,)), ((), ())), precision=precision,
                               preferred_element_type=jnp.float32)  # [vocab, d_model]
-    return loss, dhidden, dweight
+    if unscale is not None:
+        dhidden, dweight = dhidden / unscale, dweight / unscale
+    return loss, dhidden.astype(hidden.dtype), dweight  # dhidden [chunk, d_model]: a stacked scan output, kept small
 
 
 def _split(a, n_chunks, fill):
@@ -65,7 +98,7 @@ def _merge(a, tokens):
     return a.reshape(-1, *a.shape[2:])[:tokens]
 
 
-def chunked_loss(hidden, weight, labels, coef, *, n_chunks, ignore_index, z_loss, with_grads):
+def chunked_loss(hidden, weight, labels, coef, *, n_chunks, ignore_index, z_loss, with_grads, interpret=None):
     """Per-token losses (and gradients of sum(coef * loss)) over token chunks.
 
     Args:
@@ -73,13 +106,14 @@ def chunked_loss(hidden, weight, labels, coef, *, n_chunks, ignore_index, z_loss
       coef: [tokens] fp32 weights of the per-token losses in the differentiated total; None when
         not with_grads.
       n_chunks: number of token chunks (scan steps).
+      interpret: as in _chunk (None: XLA's fusions for the softmax; False / True: the Pallas kernel).
     Returns:
       loss [tokens] fp32; with_grads also dhidden [tokens, d_model] (hidden.dtype) and
       dweight [vocab, d_model] fp32.
     """
     tokens = hidden.shape[0]
     precision = lax.Precision.HIGHEST if hidden.dtype == jnp.float32 else lax.Precision.DEFAULT
-    options = dict(ignore_index=ignore_index, z_loss=z_loss, precision=precision)
+    options = dict(ignore_index=ignore_index, z_loss=z_loss, precision=precision, interpret=interpret)
     xs = (_split(hidden, n_chunks, 0), _split(labels, n_chunks, ignore_index))
     if not with_grads:
         loss = lax.map(lambda c: _chunk(*c, None, weight, with_grads=False, **options), xs)

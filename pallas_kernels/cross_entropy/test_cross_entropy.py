@@ -9,7 +9,7 @@ import pytest
 from pallas_kernels import _testing
 from pallas_kernels.cross_entropy import api, cases, reference
 
-BACKENDS = ["reference", "chunked"]
+BACKENDS = ["reference", "chunked", "triton"]  # triton: interpreted on a CPU
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
 
 
@@ -49,8 +49,11 @@ def _reference_result(case, dtype):
 def _check(case, dtype, backend):
     hidden, weight, labels, cotangent = _inputs(case, dtype)
     options = dict(z_loss=case.z_loss, reduction=case.reduction)
+    interpret = backend == "triton" and jax.default_backend() != "gpu"
+
     def ours(h, w, l):
-        return api.cross_entropy(h, w, l, chunk_size=case.chunk_size, backend=backend, **options)
+        return api.cross_entropy(h, w, l, chunk_size=case.chunk_size, backend=backend, interpret=interpret,
+                                 **options)
     loss, (dhidden, dweight) = _loss_and_vjp(ours, hidden, weight, labels, cotangent)
     loss_ref, (dhidden_ref, dweight_ref) = _reference_result(case, dtype)
     assert loss.dtype == jnp.float32 and loss.shape == (case.lead if case.reduction == "none" else ())
@@ -67,10 +70,11 @@ def test_matches_reference(case, dtype, backend):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["chunked", "triton"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("case", cases.GPU_CASES, ids=lambda c: c.name)
-def test_matches_reference_gpu(case, dtype):
-    _check(case, dtype, "chunked")
+def test_matches_reference_gpu(case, dtype, backend):
+    _check(case, dtype, backend)
 
 
 def test_ignored_tokens_are_excluded_from_the_mean():

@@ -74,6 +74,21 @@ MOSAIC_OVERLAP_CPU_CASES = (
          blocks=BlockSizes(mosaic=MosaicBlocks(block_kv=64, max_concurrent_steps=3, overlap=True))),
 )
 
+# The persistent Mosaic forward (interpreted: two CTAs, each walking several tiles), ping-pong and
+# overlap: GQA with T != S over 2 x 4 tiles (a ragged key block), and causal with 64-key steps and
+# 3 slots (step counts that differ from tile to tile, slots and barrier phases carried across).
+MOSAIC_PERSISTENT_CPU_CASES = tuple(
+    case
+    for overlap in (False, True)
+    for case in (
+        Case(f"t17_s72_gqa2_full_persistent{'_overlap' * overlap}", 2, 17, 72, 4, 2, 64,
+             blocks=BlockSizes(mosaic=MosaicBlocks(block_kv=64, overlap=overlap, persistent=True))),
+        Case(f"t300_gqa2_causal_kv64_slots3_persistent{'_overlap' * overlap}", 1, 300, 300, 4, 2, 64,
+             causal=True, blocks=BlockSizes(mosaic=MosaicBlocks(
+                 block_kv=64, max_concurrent_steps=3, overlap=overlap, persistent=True))),
+    )
+)
+
 # The Mosaic backward kernels alone in interpret mode (fed the reference's output and lse), beside
 # the forward-and-backward cases above (GQA, T != S, causal): MQA at H=128 and length 1, and MHA
 # at length 129 (ragged, two CTAs, more K/V steps than slots).

@@ -32,20 +32,27 @@ class MosaicBlocks:
     Q K^T before its softmax of this step); it holds one more score tile in registers.
     `compute_wgs`: compute warpgroups per CTA, 2 or 3 (beside one TMA warpgroup). 3 is FA3's
     head_dim 64 shape (3 x 64 = 192 query rows a CTA share each K/V tile) and needs overlap=True:
-    the ping-pong schedule without overlap alternates between exactly two warpgroups."""
+    the ping-pong schedule without overlap alternates between exactly two warpgroups.
+    `persistent`: one CTA per SM walks many tiles, loading the next tile's Q and K/V while it
+    finishes the current one (FA3's persistent scheduler; twice the Q shared memory)."""
 
     block_q: int = 64
     block_kv: int = 128
     max_concurrent_steps: int = 2
     overlap: bool = False
     compute_wgs: int = 2
+    persistent: bool = False
 
     def __post_init__(self):
         _check_mosaic_tiles(self, ("block_q", "block_kv"))
-        if not isinstance(self.overlap, bool):
-            raise ValueError(f"overlap={self.overlap!r} must be a bool")
+        for name in ("overlap", "persistent"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a bool")
         if not isinstance(self.compute_wgs, int) or self.compute_wgs not in (2, 3):
             raise ValueError(f"compute_wgs={self.compute_wgs!r} must be 2 or 3")
+        if self.persistent and self.compute_wgs != 2:
+            raise ValueError(f"persistent=True takes compute_wgs=2, got {self.compute_wgs} (three "
+                             "warpgroups are not validated persistent yet)")
         if self.compute_wgs != 2 and not self.overlap:
             raise ValueError(f"compute_wgs={self.compute_wgs} needs overlap=True (the ping-pong "
                              "schedule of overlap=False takes turns between two warpgroups)")

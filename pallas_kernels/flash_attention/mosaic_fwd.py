@@ -27,6 +27,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.flash_attention.config import MosaicBlocks
 from pallas_kernels.flash_attention.triton_fwd import LOG2E
+from pallas_kernels.norms.config import sm_count
 
 # setmaxnreg split per thread, (compute, memory), by compute warpgroups. An SM has 64K 32-bit
 # registers: 512 a thread of a 128-thread warpgroup summed over the CTA's warpgroups, so
@@ -130,11 +131,11 @@ def _kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, qo_smem2, k_smem, v_smem, lse
         loop = (functools.partial(_overlapped_loop, wgs=wgs) if blocks.overlap
                 else _ping_pong_loop)
         acc, m, l = loop(
-            qo_smem, k_smem, v_smem, k_full, v_full, q_full, k_free, v_free, schedule,
+            qo_smem, k_smem, v_smem, k_full, v_full, q_full.at[wg], k_free, v_free, schedule,
             p_smem2[0].at[wg] if p_smem2 else None, wg=wg, steps=steps,
             first_masked=first_masked, cta_steps=cta_steps, qk_scale=scale * LOG2E,
             mask=functools.partial(_mask, q_start=q_start, causal=causal, seq_kv=seq_kv),
-            slots=slots)
+            slots=slots, base=0)
         qo_smem[...] = _rows_times(acc, 1.0 / l).astype(qo_smem.dtype)
         lse_smem[...] = m + jnp.log(l) * (1 / math.log(2))  # base-2 log-sum-exp
         plgpu.commit_smem()
@@ -172,13 +173,122 @@ def _kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, qo_smem2, k_smem, v_smem, lse
             plgpu.barrier_wait(v_free.at[lax.rem(j, slots)])
 
 
-def _ping_pong_loop(qo_smem, k_smem, v_smem, k_full, v_full, q_full, k_free, v_free, schedule,
-                    p_smem, *, wg, steps, first_masked, cta_steps, qk_scale, mask, slots):
+def _persistent_kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, q_smem4, k_smem, v_smem, lse_smem2,
+                       k_full, v_full, q_full, k_free, v_free, schedule, q_free, *p_smem2, scale,
+                       causal, seq_kv, group, blocks, num_ctas):
+    """`_kernel` as a persistent CTA (`MosaicBlocks.persistent`; FA3's tile scheduler, static):
+    CTA c runs tiles c, c + num_ctas, ... of the (head, query tile, batch) grid, head fastest,
+    causal in reverse query-tile order as `_kernel`'s grid. The memory warpgroup runs ahead across
+    tiles: it loads the next tile's Q (two buffers, by tile parity) and first K/V steps while the
+    compute warpgroups finish the current one, and the output's store to GMEM is not awaited
+    before the next tile starts (only its read of SMEM). The K/V slots and every barrier's phase
+    run on from tile to tile: `base` counts the CTA's K/V steps before the tile.
+
+    Refs as in `_kernel`, except q_smem4 [2, W, block_q, H] (Q, then the output, by tile parity),
+    q_full [2 * W] (Q landed, by parity and warpgroup) and q_free [2] (all compute warpgroups
+    are done with a parity's buffers)."""
+    bq, bkv, slots = blocks.block_q, blocks.block_kv, blocks.max_concurrent_steps
+    wgs = blocks.compute_wgs
+    compute_regs, memory_regs = REGISTERS[wgs]
+    batches, heads = out_ref.shape[0], out_ref.shape[2]
+    q_tiles = q_ref.shape[1] // (wgs * bq)
+    n_kv = k_ref.shape[1] // bkv
+    cta, wg = lax.axis_index("cta"), lax.axis_index("wg")
+    my_tiles = lax.div(heads * q_tiles * batches - cta + num_ctas - 1, num_ctas)
+
+    def tile_of(i):
+        """(batch, head, first query row, K/V steps) of this CTA's i-th tile."""
+        tile = cta + i * num_ctas
+        head, rest = lax.rem(tile, heads), lax.div(tile, heads)
+        q_tile, batch = lax.rem(rest, q_tiles), lax.div(rest, q_tiles)
+        if causal:  # the tiles with the most K/V steps first, as in _kernel
+            q_tile = q_tiles - 1 - q_tile
+        cta_start = q_tile * (wgs * bq)
+        steps = lax.div(cta_start + wgs * bq + bkv - 1, bkv) if causal else n_kv
+        return batch, head, cta_start, steps
+
+    @pl.when(wg < wgs)
+    def _compute():
+        plgpu.set_max_registers(compute_regs, action="increase")
+        lse_smem = lse_smem2.at[wg]
+
+        def tile_body(i, base):
+            batch, head, cta_start, cta_steps = tile_of(i)
+            parity = lax.rem(i, 2)
+            qo_smem = q_smem4.at[parity, wg]
+            q_start = cta_start + wg * bq
+            if causal:
+                steps = lax.div(q_start + bq + bkv - 1, bkv)
+                first_masked = lax.div(q_start, bkv)
+            else:
+                steps, first_masked = n_kv, seq_kv // bkv
+            loop = (functools.partial(_overlapped_loop, wgs=wgs, opens=i == 0, closes=i == my_tiles - 1)
+                    if blocks.overlap else _ping_pong_loop)
+            acc, m, l = loop(
+                qo_smem, k_smem, v_smem, k_full, v_full, q_full.at[parity * wgs + wg], k_free,
+                v_free, schedule, p_smem2[0].at[wg] if p_smem2 else None, wg=wg, steps=steps,
+                first_masked=first_masked, cta_steps=cta_steps, qk_scale=scale * LOG2E,
+                mask=functools.partial(_mask, q_start=q_start, causal=causal, seq_kv=seq_kv),
+                slots=slots, base=base)
+            qo_smem[...] = _rows_times(acc, 1.0 / l).astype(qo_smem.dtype)
+            lse_smem[...] = m + jnp.log(l) * (1 / math.log(2))  # base-2 log-sum-exp
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[batch, pl.ds(q_start, bq), head])
+            plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[batch, head, pl.ds(q_start, bq)])
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # SMEM read: free to reuse
+            plgpu.barrier_arrive(q_free.at[parity])
+            return base + cta_steps
+
+        lax.fori_loop(0, my_tiles, tile_body, 0)
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == wgs)
+    def _memory():
+        plgpu.set_max_registers(memory_regs, action="decrease")
+
+        def tile_body(i, base):
+            batch, head, cta_start, cta_steps = tile_of(i)
+            parity = lax.rem(i, 2)
+
+            @pl.when(i >= 2)
+            def _():  # tile i - 2, the last user of this parity's buffers, is done with them
+                plgpu.barrier_wait(q_free.at[parity])
+
+            for w in range(wgs):
+                plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(cta_start + w * bq, bq), head],
+                                        q_smem4.at[parity, w], q_full.at[parity * wgs + w])
+            kv_head = lax.div(head, group)
+
+            @pl.loop(0, cta_steps)
+            def _(j):
+                g = base + j  # the CTA's step: its slot, and after the first `slots`, a release
+                for ref, smem, full, free in ((k_ref, k_smem, k_full, k_free),
+                                              (v_ref, v_smem, v_full, v_free)):
+                    pl.when(g >= slots)(lambda free=free: plgpu.barrier_wait(free.at[lax.rem(g, slots)]))
+                    plgpu.copy_gmem_to_smem(ref.at[batch, pl.ds(j * bkv, bkv), kv_head],
+                                            smem.at[lax.rem(g, slots)], full.at[lax.rem(g, slots)])
+            return base + cta_steps
+
+        total = lax.fori_loop(0, my_tiles, tile_body, 0)
+
+        @pl.loop(jnp.maximum(total - slots, 0), total)
+        def _(g):  # drain: observe every release phase
+            plgpu.barrier_wait(k_free.at[lax.rem(g, slots)])
+            plgpu.barrier_wait(v_free.at[lax.rem(g, slots)])
+
+        @pl.loop(jnp.maximum(my_tiles - 2, 0), my_tiles)
+        def _(i):
+            plgpu.barrier_wait(q_free.at[lax.rem(i, 2)])
+
+
+def _ping_pong_loop(qo_smem, k_smem, v_smem, k_full, v_full, q_ready, k_free, v_free, schedule,
+                    p_smem, *, wg, steps, first_masked, cta_steps, qk_scale, mask, slots, base):
     """The K/V loop of one compute warpgroup, ping-pong only (FA3 3.1): per step, S = Q K^T and
     its softmax, then O = alpha O + P V (accumulated in place), each wgmma awaited at once; a
     two-arrival barrier makes the warpgroups take turns, so one's softmax overlaps the other's
     wgmma: two compute warpgroups only (MosaicBlocks rejects compute_wgs=3 without overlap).
-    Returns (O, m, l)."""
+    q_ready: the barrier of this warpgroup's Q tile; base: the CTA's K/V steps before this tile
+    (a persistent CTA's slots and their barrier phases run on across tiles). Returns (O, m, l)."""
     bq, head_dim = qo_smem.shape
     bkv = k_smem.shape[1]
     dtype = qo_smem.dtype
@@ -190,13 +300,13 @@ def _ping_pong_loop(qo_smem, k_smem, v_smem, k_full, v_full, q_full, k_free, v_f
     m = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
     l = plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
     acc = plgpu.layout_cast(jnp.zeros((bq, head_dim), jnp.float32), plgpu.Layout.WGMMA)
-    plgpu.barrier_wait(q_full.at[wg])
-    plgpu.barrier_wait(k_full.at[0])
+    plgpu.barrier_wait(q_ready)
+    plgpu.barrier_wait(k_full.at[lax.rem(base, slots)])
     pl.when(wg == 1)(take_turns)  # warpgroup 0 goes first
 
     def step(j, carry, masked):
         acc, m, l = carry  # [block_q, H], [block_q], [block_q] fp32
-        slot = lax.rem(j, slots)
+        slot = lax.rem(base + j, slots)
 
         def qk_matmul(acc_ref):
             plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
@@ -222,7 +332,7 @@ def _ping_pong_loop(qo_smem, k_smem, v_smem, k_full, v_full, q_full, k_free, v_f
 
             @pl.when(j + 1 < steps)
             def _():
-                plgpu.barrier_wait(k_full.at[lax.rem(j + 1, slots)])
+                plgpu.barrier_wait(k_full.at[lax.rem(base + j + 1, slots)])
             o = o_ref[...]
             return o if rest is None else rest + o
 
@@ -237,7 +347,7 @@ def _ping_pong_loop(qo_smem, k_smem, v_smem, k_full, v_full, q_full, k_free, v_f
 
     @pl.loop(steps, cta_steps)  # causal: pass over the steps only the other warpgroup needs
     def _(j):
-        _release_unused_step(j, k_full, v_full, k_free, v_free, slots)
+        _release_unused_step(base + j, k_full, v_full, k_free, v_free, slots)
         take_turns()
         take_turns()
 
@@ -245,19 +355,19 @@ def _ping_pong_loop(qo_smem, k_smem, v_smem, k_full, v_full, q_full, k_free, v_f
     return acc, m, l
 
 
-def _release_unused_step(j, k_full, v_full, k_free, v_free, slots):
-    """Observe step j's K/V arrivals and release its slot without using it (causal: a step only
-    other compute warpgroups need)."""
-    slot = lax.rem(j, slots)
+def _release_unused_step(g, k_full, v_full, k_free, v_free, slots):
+    """Observe the K/V arrivals of the CTA's step g and release its slot without using it
+    (causal: a step only other compute warpgroups need)."""
+    slot = lax.rem(g, slots)
     plgpu.barrier_wait(k_full.at[slot])
     plgpu.barrier_wait(v_full.at[slot])
     plgpu.barrier_arrive(k_free.at[slot])
     plgpu.barrier_arrive(v_free.at[slot])
 
 
-def _overlapped_loop(qo_smem, k_smem, v_smem, k_full, v_full, q_full, k_free, v_free, turn,
+def _overlapped_loop(qo_smem, k_smem, v_smem, k_full, v_full, q_ready, k_free, v_free, turn,
                      p_smem, *, wg, wgs, steps, first_masked, cta_steps, qk_scale, mask,
-                     slots):
+                     slots, base, opens=True, closes=True):
     """The K/V loop of one compute warpgroup with FA3's intra-warpgroup overlap (section 3.2) on
     top of ping-pong. Step j issues S_j = Q K_j^T, then O += P_{j-1} V_{j-1} (O rescaled first),
     and runs the softmax of S_j while that P V wgmma is still in flight:
@@ -273,7 +383,11 @@ def _overlapped_loop(qo_smem, k_smem, v_smem, k_full, v_full, q_full, k_free, v_
     overlaps the others' wgmma. Every warpgroup issues cta_steps + 1 times (causal: all but the
     last warpgroup pass their turns over the steps only later warpgroups need). Warpgroup 0 skips
     its first wait and the last warpgroup its last arrival, so turn[0] sees cta_steps arrivals
-    and waits, every other turn[w] cta_steps + 1 of each. Returns (O, m, l)."""
+    and waits, every other turn[w] cta_steps + 1 of each. A persistent CTA keeps one ring over
+    all its tiles: only the tile that `opens` it skips that wait, only the one that `closes` it
+    that arrival (else warpgroup 0 could pass a turn of the next tile before the last
+    warpgroup has taken its last one of this tile). q_ready, base: as in _ping_pong_loop.
+    Returns (O, m, l)."""
     bq, head_dim = qo_smem.shape
     bkv = k_smem.shape[1]
     dtype = qo_smem.dtype
@@ -284,24 +398,27 @@ def _overlapped_loop(qo_smem, k_smem, v_smem, k_full, v_full, q_full, k_free, v_
     def pass_turn():
         plgpu.barrier_arrive(turn.at[lax.rem(wg + 1, wgs)])
 
+    def slot(j):
+        return lax.rem(base + j, slots)
+
     def pv_issue(o_ref, acc, alpha, p16, j):
         """Issue O = alpha * acc + P_j V_j into o_ref; returns what to add to o_ref's result."""
         scaled = _rows_times(acc, alpha)
-        plgpu.barrier_wait(v_full.at[lax.rem(j, slots)])
-        return _pv_wgmma(o_ref, scaled, p16, v_smem.at[lax.rem(j, slots)], p_smem)
+        plgpu.barrier_wait(v_full.at[slot(j)])
+        return _pv_wgmma(o_ref, scaled, p16, v_smem.at[slot(j)], p_smem)
 
     def s_issue(s_ref, j):
-        plgpu.barrier_wait(k_full.at[lax.rem(j, slots)])
-        plgpu.wgmma(s_ref, qo_smem, k_smem.at[lax.rem(j, slots)].transpose((1, 0)))
+        plgpu.barrier_wait(k_full.at[slot(j)])
+        plgpu.wgmma(s_ref, qo_smem, k_smem.at[slot(j)].transpose((1, 0)))
 
-    plgpu.barrier_wait(q_full.at[wg])
+    plgpu.barrier_wait(q_ready)
 
     def first_step(s_ref):
-        pl.when(wg != 0)(wait_turn)  # warpgroup 0 goes first
+        pl.when(jnp.logical_or(wg != 0, jnp.logical_not(opens)))(wait_turn)  # warpgroup 0 opens
         s_issue(s_ref, 0)
         pass_turn()
         s = s_ref[...]
-        plgpu.barrier_arrive(k_free.at[0])
+        plgpu.barrier_arrive(k_free.at[slot(0)])
         m = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32),
                               plgpu.Layout.WGMMA.reduce(1))
         l = plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
@@ -320,7 +437,7 @@ def _overlapped_loop(qo_smem, k_smem, v_smem, k_full, v_full, q_full, k_free, v_
             rest = pv_issue(o_ref, acc, alpha, p16, j - 1)
             pass_turn()
             s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # S_j landed; P V may still run
-            plgpu.barrier_arrive(k_free.at[lax.rem(j, slots)])
+            plgpu.barrier_arrive(k_free.at[slot(j)])
             m_new, alpha_new, p, l_new = _online_softmax(mask(s, j) if masked else s, m, l,
                                                          qk_scale)
             p16_new = p.astype(dtype)
@@ -329,7 +446,7 @@ def _overlapped_loop(qo_smem, k_smem, v_smem, k_full, v_full, q_full, k_free, v_
 
         carry = pl.run_scoped(issue_and_softmax, plgpu.ACC((bq, bkv), jnp.float32),
                               plgpu.ACC((bq, head_dim), jnp.float32))
-        plgpu.barrier_arrive(v_free.at[lax.rem(j - 1, slots)])
+        plgpu.barrier_arrive(v_free.at[slot(j - 1)])
         return carry
 
     unmasked_end = jnp.maximum(jnp.minimum(first_masked, steps), 1)
@@ -341,17 +458,18 @@ def _overlapped_loop(qo_smem, k_smem, v_smem, k_full, v_full, q_full, k_free, v_
     def last_pv(o_ref):
         wait_turn()
         rest = pv_issue(o_ref, acc, alpha, p16, steps - 1)
-        # The last warpgroup issues last (it has cta_steps steps): nobody waits for its turn.
-        pl.when(wg != wgs - 1)(pass_turn)
+        # The last warpgroup issues last (it has cta_steps steps): nobody waits for its turn
+        # unless a next tile follows.
+        pl.when(jnp.logical_or(wg != wgs - 1, jnp.logical_not(closes)))(pass_turn)
         o = o_ref[...]
         return o if rest is None else rest + o
 
     acc = pl.run_scoped(last_pv, plgpu.ACC((bq, head_dim), jnp.float32))
-    plgpu.barrier_arrive(v_free.at[lax.rem(steps - 1, slots)])
+    plgpu.barrier_arrive(v_free.at[slot(steps - 1)])
 
     @pl.loop(steps, cta_steps)  # causal: pass over the steps only later warpgroups need
     def _(j):
-        _release_unused_step(j, k_full, v_full, k_free, v_free, slots)
+        _release_unused_step(base + j, k_full, v_full, k_free, v_free, slots)
         wait_turn()
         pass_turn()
 
@@ -373,7 +491,8 @@ def check_operands(q, direction: str):
 def check_smem(blocks: MosaicBlocks, head_dim: int, dtype):
     """Raise ValueError if the tiles overflow shared memory (q/out rows, K/V slots, lse)."""
     row_bytes = head_dim * jnp.dtype(dtype).itemsize
-    nbytes = (blocks.compute_wgs * blocks.block_q * (row_bytes + 4)
+    q_buffers = 2 if blocks.persistent else 1
+    nbytes = (blocks.compute_wgs * blocks.block_q * (q_buffers * row_bytes + 4)
               + blocks.max_concurrent_steps * blocks.block_kv * 2 * row_bytes + SMEM_OVERHEAD_BYTES)
     if nbytes > SMEM_BYTES:
         raise ValueError(f"mosaic forward tiles {blocks} need {nbytes} bytes of shared memory at "
@@ -401,8 +520,9 @@ def flash_forward(q, k, v, *, scale: float, causal: bool, blocks: MosaicBlocks,
         t_pad, s_pad = _round_up(t, cta_rows), _round_up(s, blocks.block_kv)
     q, k, v = _pad_seq(q, t_pad), _pad_seq(k, s_pad), _pad_seq(v, s_pad)
     smem_transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    q_buffers = (2,) if blocks.persistent else ()  # by tile parity
     scratch = (
-        plgpu.SMEM((wgs, blocks.block_q, h), q.dtype, transforms=smem_transforms),
+        plgpu.SMEM((*q_buffers, wgs, blocks.block_q, h), q.dtype, transforms=smem_transforms),
         plgpu.SMEM((blocks.max_concurrent_steps, blocks.block_kv, h), q.dtype,
                    transforms=smem_transforms),
         plgpu.SMEM((blocks.max_concurrent_steps, blocks.block_kv, h), q.dtype,
@@ -410,23 +530,33 @@ def flash_forward(q, k, v, *, scale: float, causal: bool, blocks: MosaicBlocks,
         plgpu.SMEM((wgs, blocks.block_q), jnp.float32),
         plgpu.Barrier(num_barriers=blocks.max_concurrent_steps),  # k_full
         plgpu.Barrier(num_barriers=blocks.max_concurrent_steps),  # v_full
-        plgpu.Barrier(num_barriers=wgs),  # q_full
+        plgpu.Barrier(num_barriers=wgs * (2 if blocks.persistent else 1)),  # q_full
         plgpu.Barrier(num_arrivals=wgs, num_barriers=blocks.max_concurrent_steps),  # k_free
         plgpu.Barrier(num_arrivals=wgs, num_barriers=blocks.max_concurrent_steps),  # v_free
         # schedule: ping-pong, 2 warpgroups (overlap: each warpgroup's turn to issue wgmma)
         plgpu.Barrier(num_barriers=wgs) if blocks.overlap else plgpu.Barrier(num_arrivals=2),
     )
+    if blocks.persistent:
+        scratch += (plgpu.Barrier(num_arrivals=wgs, num_barriers=2),)  # q_free, by tile parity
     if interpret:
         scratch += (plgpu.SMEM((wgs, blocks.block_q, blocks.block_kv), q.dtype,
                                transforms=smem_transforms),)
-    kernel = functools.partial(_kernel, scale=scale, causal=causal, seq_kv=s,
-                               group=n // kv_heads, blocks=blocks)
+    options = dict(scale=scale, causal=causal, seq_kv=s, group=n // kv_heads, blocks=blocks)
+    tiles = n * (t_pad // cta_rows) * b
+    if blocks.persistent:
+        # One CTA per SM; interpreted, two CTAs, so each runs several tiles.
+        num_ctas = min(tiles, 2 if interpret else sm_count())
+        kernel = functools.partial(_persistent_kernel, **options, num_ctas=num_ctas)
+        grid, grid_names = (num_ctas,), ("cta",)
+    else:
+        kernel = functools.partial(_kernel, **options)
+        grid, grid_names = (n, t_pad // cta_rows, b), ("heads", "q_tiles", "batch")
     out, lse2 = plgpu.kernel(
         kernel,
         out_type=(jax.ShapeDtypeStruct((b, t_pad, n, h), q.dtype),
                   jax.ShapeDtypeStruct((b, n, t_pad), jnp.float32)),
-        grid=(n, t_pad // cta_rows, b),
-        grid_names=("heads", "q_tiles", "batch"),
+        grid=grid,
+        grid_names=grid_names,
         num_threads=wgs + 1,
         thread_name="wg",
         scratch_types=scratch,

@@ -176,6 +176,17 @@ def test_mosaic_overlap_forward_matches_reference(case):
     or three compute warpgroups: out and the base-2 lse against the reference's (no backward: its
     kernels do not depend on it)."""
     assert case.blocks.mosaic.overlap
+    _check_mosaic_forward(case)
+
+
+@pytest.mark.parametrize("case", cases.MOSAIC_PERSISTENT_CPU_CASES, ids=_ids)
+def test_mosaic_persistent_forward_matches_reference(case):
+    """The persistent Mosaic forward (case.blocks.mosaic.persistent), as the test above."""
+    assert case.blocks.mosaic.persistent
+    _check_mosaic_forward(case)
+
+
+def _check_mosaic_forward(case):
     q, k, v, _, _ = _inputs(case, jnp.bfloat16)
     ref_out, _ = _reference_result(case, jnp.bfloat16)
     _, lse = attention_reference(q, k, v, causal=case.causal, return_lse=True)
@@ -183,8 +194,8 @@ def test_mosaic_overlap_forward_matches_reference(case):
                                 causal=case.causal, blocks=case.blocks.mosaic,
                                 interpret=not ON_GPU)
     out, lse2 = _jit(forward)(q, k, v)
-    assert_close(out, ref_out, jnp.bfloat16, "mosaic overlap out")
-    assert_close(lse2, lse / np.log(2.0), jnp.float32, "mosaic overlap lse2")
+    assert_close(out, ref_out, jnp.bfloat16, f"mosaic {case.name} out")
+    assert_close(lse2, lse / np.log(2.0), jnp.float32, f"mosaic {case.name} lse2")
 
 
 @pytest.mark.parametrize("case, dtype", [

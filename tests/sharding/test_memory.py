@@ -101,7 +101,7 @@ def test_activation_bytes_match_compiled_temp(remat, layout):
     predicted = activation_bytes(cfg, mesh_shape(mesh_cfg), mesh_cfg.rules, micro_batch=_ACT_BATCH,
                                  seq_len=_ACT_SEQ, remat=remat)
     print(f"{remat} {layout}: predicted {predicted:.0f} compiled {measured} ratio {predicted / measured:.2f}")
-    assert abs(predicted - measured) <= 0.25 * measured, (predicted, measured)  # 0.88, 1.18, 1.20 now
+    assert abs(predicted - measured) <= 0.25 * measured, (predicted, measured)  # 1.01, 1.01, 1.22 now
 
 
 def test_fused_loss_bytes_match_compiled_temp():
@@ -119,11 +119,22 @@ def test_fused_loss_bytes_match_compiled_temp():
         assert abs(predicted - compiled) <= 0.05 * compiled, (impl, predicted, compiled)
 
 
-def _h100_steps():
-    """(config, batch, n_params, compiled temp bytes) of every H100 train step recorded by
-    bench_train in benchmarks/results."""
-    for path in sorted(RESULTS.glob("train-*-h100_nvidia_h100*.json")):
-        record = json.loads(path.read_text())
+# Compiled GPU train steps whose activations the current model code makes: Llama's on the H100
+# (2026-11-25) and the H200 after the fused projections and rematerialized activations; GPT-2's
+# from then on (before it, the GELU's tanh was kept too: one [B, T, F] a layer more).
+GPU_RECORDS = (
+    "train-llama-1b-h100_nvidia_h100_80gb_hbm3_2026-11-25.json",
+    "train-llama-1b-h100-b8-breakdown_nvidia_h100_80gb_hbm3_2026-11-25.json",
+    "train-llama-1b-h100_nvidia_h200_2026-12-04d.json",
+    "train-gpt2-124m-h100_nvidia_h200_2026-12-04d.json",
+    "train-gpt2-350m-h100_nvidia_h200_2026-12-04d.json",
+)
+
+
+def _gpu_steps():
+    """(config, batch, n_params, compiled temp bytes) of every GPU train step in GPU_RECORDS."""
+    for name in GPU_RECORDS:
+        record = json.loads((RESULTS / name).read_text())
         for row in record["rows"]:
             overrides = [] if row["variant"] == "base" else row["variant"].split(",")
             cfg = load_config(RESULTS.parents[1] / "experiments" / "configs" / f"{record['config']}.yaml",
@@ -131,16 +142,17 @@ def _h100_steps():
             yield cfg, row["batch"], row["n_params"], row["compiled_bytes"]["temp"]
 
 
-def test_gpu_model_matches_h100_compiled_temp():
-    """The GPU view of the memory model against the compiled H100 train steps (bf16 compute over
+def test_gpu_model_matches_compiled_temp():
+    """The GPU view of the memory model against compiled GPU train steps (bf16 compute over
     fp32 params, flash attention, fused loss, no remat): the activations and the loss's share
     plus the bf16 copies of the weights the step keeps for its backward are within 3% of the
-    compiled temp bytes, at every model and batch recorded (4 configs, 3 models)."""
-    steps = list(_h100_steps())
-    assert len(steps) >= 4
+    compiled temp bytes, at every model and batch recorded (3 models, 2 GPUs)."""
+    steps = list(_gpu_steps())
+    assert len(steps) >= 5
     for cfg, batch, n_params, temp in steps:
         predicted = activation_bytes(cfg.model, {}, "dp", micro_batch=batch, seq_len=cfg.data.seq_len,
                                      platform="gpu") + 2 * n_params
+        print(f"{cfg.name} B{batch}: predicted / compiled {predicted / temp:.3f}")
         assert abs(predicted - temp) <= 0.03 * temp, (cfg.name, batch, predicted, temp)
         cpu_view = activation_bytes(cfg.model, {}, "dp", micro_batch=batch, seq_len=cfg.data.seq_len,
                                     platform="cpu")
