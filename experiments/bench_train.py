@@ -3,8 +3,9 @@
 Times the real train step (llmjax.train.step.make_train_step, the one `experiments.train`
 runs) on a fixed random batch: warm-up steps, then `--steps` steps dispatched back to back and
 ended by one block_until_ready, so the host never waits inside the timed window. Reports
-tokens/s, step time, MFU, memory, and on a GPU a kernel-time breakdown of one step read through
-CUPTI (matmul / attention / other fusions / idle).
+tokens/s, step time, MFU, memory, and on a GPU a kernel-time breakdown per step from a
+jax.profiler trace of three steps (matmul / attention / other kernels / gaps between kernels;
+`--show-kernels` lists the costliest).
 
 MFU = tokens/s x (6N + 12·L·d·T) / peak, N the matmul weights (PaLM appendix B). Two peaks are
 stated: the vendor's dense bf16 figure (989 TFLOP/s on an H100 SXM) and the bf16 matmul ceiling
@@ -55,20 +56,19 @@ def matmul_ceiling(n: int = 8192, reps: int = 10) -> float | None:
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
-def kernel_breakdown(step, state, batch) -> tuple[dict, list, object]:
-    """GPU kernel time of one step from CUPTI: (ms by class, the 25 costliest kernel names with
-    their ms and launch count, new state). Names lose their numeric suffixes (fusion.12 -> fusion)."""
-    from jax.experimental.mosaic.gpu import profiler
+def kernel_breakdown(step, state, batch, n_steps: int = 3) -> tuple[dict, list, object]:
+    """GPU kernel time per step from a jax.profiler trace of n_steps real steps (donating, back
+    to back): (ms by class plus "gaps", the 25 costliest kernels as (name, ms, launches) per
+    step, new state); see `_bench.timeline_breakdown`."""
+    holder = [state]
 
-    # measure calls its function twice (warm-up, then timed) with the same arguments, so it gets
-    # a jit of a call to `step`: the outer jit does not donate, and the state survives.
-    (state, _), kernels = profiler.measure(lambda s, b: step(s, b), aggregate=False)(state, batch)
-    ms = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
-    by_name = _bench.kernels_by_name(kernels)
-    for name, (t, _) in by_name.items():
-        ms[_bench.kernel_class(name)] += t
-    top = sorted(((n, round(t, 3), c) for n, (t, c) in by_name.items()), key=lambda x: -x[1])[:25]
-    return ms, top, state
+    def run():
+        for _ in range(n_steps):
+            holder[0], _ = step(holder[0], batch)
+        jax.block_until_ready(holder[0])
+
+    ms, top = _bench.timeline_breakdown(_bench.traced_gpu_kernels(run), n_steps)
+    return ms, top, holder[0]
 
 
 def bench_one(cfg, steps: int, warmup: int, breakdown: bool, hlo_path: pathlib.Path | None = None) -> dict:
@@ -117,7 +117,6 @@ def bench_one(cfg, steps: int, warmup: int, breakdown: bool, hlo_path: pathlib.P
                                    temp=mem.temp_size_in_bytes, aliased=mem.alias_size_in_bytes))
     if breakdown and jax.default_backend() == "gpu":
         ms, top, state = kernel_breakdown(step, state, batch)
-        ms["idle"] = max(0.0, row["step_ms"] - sum(ms.values()))
         row["kernel_ms"], row["top_kernels"] = ms, top
     stats = jax.devices()[0].memory_stats() or {}
     row["peak_bytes_in_use"] = stats.get("peak_bytes_in_use")
@@ -157,7 +156,7 @@ def parse_args(argv):
     p.add_argument("--torch-peer", default=None, help="path of the torch peer script to run first, or of "
                    "the .json results its run wrote")
     p.add_argument("--peer-name", default=None, help="name of the peer's row to compare with (e.g. gpt2-124M)")
-    p.add_argument("--no-breakdown", action="store_true", help="skip the CUPTI kernel breakdown")
+    p.add_argument("--no-breakdown", action="store_true", help="skip the traced kernel breakdown")
     p.add_argument("--show-kernels", action="store_true", help="print each variant's costliest kernels")
     p.add_argument("--out", type=pathlib.Path, default=RESULTS)
     p.add_argument("--hlo-dir", type=pathlib.Path, help="write each variant's compiled HLO text here")
@@ -176,7 +175,7 @@ def plot(result, path):
     rows = result["rows"]
     names = [r["variant"] for r in rows] + ([result["peer"]["name"]] if result.get("peer") else [])
     tok = [r["tokens_per_s"] / 1e3 for r in rows] + ([result["peer"]["tok_s"] / 1e3] if result.get("peer") else [])
-    breakdown = any("kernel_ms" in r for r in rows)  # CUPTI ran (a GPU, no --no-breakdown)
+    breakdown = any("kernel_ms" in r for r in rows)  # traced (a GPU, no --no-breakdown)
     fig, axes = plt.subplots(1, 2 if breakdown else 1, figsize=(12 if breakdown else 6.5, 4), squeeze=False)
     axes = axes[0]
     colors = ["C0"] * len(rows) + ["C3"] * (len(names) - len(rows))
@@ -185,12 +184,12 @@ def plot(result, path):
     axes[0].set_title("throughput (red: torch.compile peer)")
     if breakdown:
         left = np.zeros(len(rows))
-        for part in ("matmul", "attention", "other", "idle"):
+        for part in ("matmul", "attention", "other", "gaps"):
             vals = np.array([r.get("kernel_ms", {}).get(part, 0.0) for r in rows])
             axes[1].barh([r["variant"] for r in rows], vals, left=left, label=part)
             left += vals
         axes[1].set_xlabel("ms per step")
-        axes[1].set_title("kernel time per step (CUPTI)")
+        axes[1].set_title("kernel time per step (profiler trace)")
         axes[1].legend(fontsize=8)
     fig.suptitle(f"{result['config']} on {result['device']}, jax {result['jax']}, {result['date']}", fontsize=10)
     fig.tight_layout()

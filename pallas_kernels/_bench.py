@@ -6,8 +6,10 @@ dispatch (tens of microseconds a call) stays out of short kernels; elsewhere it 
 time ended by block_until_ready.
 """
 import datetime
+import pathlib
 import re
 import statistics
+import tempfile
 import time
 
 import jax
@@ -57,6 +59,44 @@ def kernels_by_name(kernels) -> dict[str, tuple[float, int]]:
         total, count = table.get(base, (0.0, 0))
         table[base] = (total + ms, count + 1)
     return table
+
+
+def traced_gpu_kernels(run) -> list[tuple[str, int, int]]:
+    """(name, start ns, duration ns) of every GPU kernel launched while `run()` runs (it should
+    block on its results), in start order, read from a jax.profiler trace: the device's own
+    timeline, so unlike a CUPTI pass over a re-jitted call it times the program as it runs
+    (donated buffers, kernels inside XLA command buffers) and shows the gaps between kernels."""
+    with tempfile.TemporaryDirectory() as tmp:
+        jax.profiler.start_trace(tmp)
+        try:
+            run()
+        finally:
+            jax.profiler.stop_trace()
+        (path,) = pathlib.Path(tmp).rglob("*.xplane.pb")
+        data = jax.profiler.ProfileData.from_file(str(path))
+    return sorted(((event.name, event.start_ns, event.duration_ns)
+                   for plane in data.planes if plane.name.startswith("/device:GPU")
+                   for line in plane.lines if line.name.startswith("Stream")
+                   for event in line.events), key=lambda k: k[1])
+
+
+def timeline_breakdown(kernels, n_runs: int, top: int = 25) -> tuple[dict[str, float], list]:
+    """Per run of a traced timeline (`traced_gpu_kernels` over n_runs runs): ms by kernel_class
+    plus "gaps" (time between the first kernel's start and the last one's end with no kernel
+    running, overlaps counted once), and the `top` costliest kernels as (name without numeric
+    suffix, ms, launches) per run."""
+    ms = {"matmul": 0.0, "attention": 0.0, "other": 0.0, "gaps": 0.0}
+    by_name = kernels_by_name((name, duration / 1e6) for name, _, duration in kernels)
+    for name, (total, _) in by_name.items():
+        ms[kernel_class(name)] += total / n_runs
+    busy_end = None
+    for _, start, duration in kernels:  # sorted by start
+        if busy_end is not None and start > busy_end:
+            ms["gaps"] += (start - busy_end) / 1e6 / n_runs
+        busy_end = start + duration if busy_end is None else max(busy_end, start + duration)
+    rows = sorted(((name, round(total / n_runs, 3), round(count / n_runs, 2))
+                   for name, (total, count) in by_name.items()), key=lambda r: -r[1])
+    return ms, rows[:top]
 
 
 def wall_seconds(fn, reps: int, statistic=statistics.median) -> float:
