@@ -107,6 +107,15 @@ def _validate(hidden, vocab_weight, labels, ignore_index, z_loss, chunk_size, re
     _api.check_backend(backend, BACKENDS)
 
 
+def _partitioned() -> bool:
+    """Whether this trace runs under a mesh of several devices with axes XLA partitions (a
+    pallas_call has no partitioning rule: its operands would be gathered whole on every device,
+    where the chunked XLA path keeps each device's tokens local)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return not mesh.empty and any(size > 1 and name not in mesh.manual_axes
+                                  for name, size in zip(mesh.axis_names, mesh.axis_sizes))
+
+
 def cross_entropy(hidden, vocab_weight, labels, *, ignore_index=-100, z_loss=0.0, chunk_size=None,
                   reduction="mean", backend="auto", interpret=False):
     """Cross-entropy of logits = hidden @ vocab_weight.T without materializing all the logits.
@@ -126,7 +135,8 @@ def cross_entropy(hidden, vocab_weight, labels, *, ignore_index=-100, z_loss=0.0
       backend: "chunked" (chunked.py: chunks of cuBLAS matmuls and XLA fusions), "triton" (the
         same chunks with each chunk's softmax and logit gradient in one Pallas kernel,
         triton_chunk.py; a GPU, or interpret=True), "auto" (triton on a GPU or with interpret=True,
-        else chunked), or "reference" (materializes the logits).
+        except under a mesh that partitions the call: chunked), or "reference" (materializes
+        the logits).
       interpret: run the Pallas kernel in interpret mode (CPU tests).
     Returns:
       fp32 scalar ("mean", "sum") or [...] per-token losses ("none", 0 at ignored tokens).
@@ -138,7 +148,7 @@ def cross_entropy(hidden, vocab_weight, labels, *, ignore_index=-100, z_loss=0.0
     on_gpu = jax.default_backend() == "gpu"
     if backend == "triton" and not (on_gpu or interpret):
         raise ValueError("backend='triton' needs a GPU; pass interpret=True to run it on CPU")
-    kernel = backend == "triton" or (backend == "auto" and (on_gpu or interpret))
+    kernel = backend == "triton" or (backend == "auto" and (on_gpu or interpret) and not _partitioned())
     if backend == "reference":
         return reference.cross_entropy(hidden, vocab_weight, labels, ignore_index=ignore_index,
                                        z_loss=z_loss, reduction=reduction)

@@ -22,7 +22,7 @@ CPU_CASES = (
                      z_loss=1e-3),
     CrossEntropyCase("2x9_none", (2, 9), vocab=1000, d_model=64, chunk_size=5, reduction="none",
                      ignore_fraction=0.2),
-    # A vocabulary over the kernel's one-tile width: the online pass over 5 column tiles, the last ragged.
+    # A vocabulary over the kernel's one-tile width: the online pass over several column tiles, the last ragged.
     CrossEntropyCase("5tok_v20000_zloss", (5,), vocab=20000, d_model=16, chunk_size=2, z_loss=1e-3,
                      ignore_fraction=0.2),
 )

@@ -16,7 +16,8 @@ fusions (a max, a sum of exp, then the gradient pass: three reads of the logits)
 kernel of triton_chunk.py (an online log-sum-exp pass and the gradient pass: two reads).
 
 Chunks are strided (token t goes to chunk t % n_chunks), so when tokens are sharded over devices every
-chunk keeps the same sharding and each scan step runs on all devices.
+chunk keeps the same sharding and each scan step runs on all devices (with the XLA fusions: the
+Pallas kernel has no partitioning rule, so api.py does not pick it under such a mesh).
 """
 import functools
 

@@ -166,3 +166,19 @@ def test_reference_is_the_float64_formula():
 def test_bad_input_raises(overrides, match):
     with pytest.raises(ValueError, match=match):
         _bad(**overrides)()
+
+
+def test_auto_keeps_xla_fusions_under_a_partitioning_mesh():
+    """"auto" (here in interpret mode, which stands in for a GPU) takes the Pallas chunk kernel,
+    except under a mesh of several devices that XLA partitions: a pallas_call has no
+    partitioning rule, so there each chunk's softmax stays in XLA fusions."""
+    hidden, weight = jnp.ones((16, 8)), jnp.ones((32, 8))
+    labels = jnp.zeros((16,), jnp.int32)
+
+    def uses_kernel():
+        jaxpr = jax.make_jaxpr(lambda h, w: api.cross_entropy(h, w, labels, interpret=True))(hidden, weight)
+        return "pallas_call" in str(jaxpr)
+
+    assert uses_kernel()
+    with jax.set_mesh(jax.make_mesh((len(jax.devices()),), ("data",))):
+        assert uses_kernel() == (len(jax.devices()) == 1)
