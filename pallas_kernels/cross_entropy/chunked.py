@@ -61,15 +61,15 @@ def _chunk(hidden, labels, coef, weight, *, ignore_index, z_loss, with_grads, pr
                              preferred_element_type=hidden.dtype)  # [chunk, vocab]
     valid = labels != ignore_index
     # fp16 dlogits underflow: p * coef is ~1e-9 for a 50k vocabulary under "mean" (coef = 1 /
-    # tokens), below fp16's smallest subnormal. Its gradient is formed at coef * unscale and the
+    # tokens), below fp16's smallest subnormal. Its gradient is formed at coef * grad_scale and the
     # fp32 matmul results divided by it (loss scaling, per chunk).
-    unscale = None
+    grad_scale = None
     if coef is None:
         coef = jnp.zeros(labels.shape, jnp.float32)
     elif hidden.dtype == jnp.float16:
         largest = jnp.max(jnp.abs(coef))
-        unscale = jnp.where(largest > 0, FP16_GRAD_SCALE / largest, 1.0)
-        coef = coef * unscale
+        grad_scale = jnp.where(largest > 0, FP16_GRAD_SCALE / largest, 1.0)
+        coef = coef * grad_scale
     stats = (_softmax_stats_and_grad_xla if interpret is None
              else functools.partial(triton_chunk.softmax_stats_and_grad, interpret=interpret))
     lse, label_logit, dlogits = stats(logits, jnp.where(valid, labels, -1), coef, z_loss=z_loss,
@@ -80,8 +80,8 @@ def _chunk(hidden, labels, coef, weight, *, ignore_index, z_loss, with_grads, pr
     dhidden = jnp.dot(dlogits, weight, precision=precision, preferred_element_type=jnp.float32)
     dweight = lax.dot_general(dlogits, hidden, (((0,), (0,)), ((), ())), precision=precision,
                               preferred_element_type=jnp.float32)  # [vocab, d_model]
-    if unscale is not None:
-        dhidden, dweight = dhidden / unscale, dweight / unscale
+    if grad_scale is not None:
+        dhidden, dweight = dhidden / grad_scale, dweight / grad_scale
     return loss, dhidden.astype(hidden.dtype), dweight  # dhidden [chunk, d_model]: a stacked scan output, kept small
 
 

@@ -16,7 +16,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.softmax import config as softmax_config
-from pallas_kernels.softmax.triton_fwd import row_tile_loader
+from pallas_kernels.softmax.triton_fwd import finite_or_zero, row_tile_loader
 
 # (block_rows, block_cols, num_warps) for rows wider than one tile (vocabularies): the fastest of
 # a sweep on an H200 over a GPT-2 chunk, [2048, 50304] bf16 (benchmarks/NOTES.md, 2026-12-04).
@@ -48,9 +48,6 @@ def _kernel(logits_ref, labels_ref, coef_ref, lse_ref, label_logit_ref, *dlogits
 
     def is_label(c0):
         return (c0 + jnp.arange(block_cols))[None, :] == labels[:, None]
-
-    def finite_or_zero(m):  # a max still -inf (nothing seen yet) shifts by 0, never -inf - -inf
-        return jnp.where(m == -jnp.inf, 0.0, m)
 
     # The sums stay per lane ([block_rows, block_cols]) until the loop ends: one cross-thread
     # reduction (the max) per tile instead of three.

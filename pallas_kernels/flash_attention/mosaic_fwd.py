@@ -113,34 +113,18 @@ def _kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, qo_smem2, k_smem, v_smem, lse
         tile = q_ref.shape[1] // (wgs * bq) - 1 - tile  # so the tail wave is light ones
     cta_start = tile * (wgs * bq)
     n_kv = k_ref.shape[1] // bkv
-    # K/V steps the CTA needs: causal stops at the block holding its last row's diagonal.
-    cta_steps = (lax.div(cta_start + wgs * bq + bkv - 1, bkv) if causal else n_kv)
+    cta_steps = _tile_steps(cta_start, wgs * bq, bkv, n_kv, causal)
 
     @pl.when(wg < wgs)
     def _compute():
         plgpu.set_max_registers(compute_regs, action="increase")
-        qo_smem, lse_smem = qo_smem2.at[wg], lse_smem2.at[wg]
+        qo_smem = qo_smem2.at[wg]
         q_start = cta_start + wg * bq
         plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q_start, bq), head], qo_smem, q_full.at[wg])
-        if causal:
-            steps = lax.div(q_start + bq + bkv - 1, bkv)
-            first_masked = lax.div(q_start, bkv)  # blocks before it lie wholly below the diagonal
-        else:
-            steps = n_kv
-            first_masked = seq_kv // bkv  # only a ragged last block needs its keys masked
-        loop = (functools.partial(_overlapped_loop, wgs=wgs) if blocks.overlap
-                else _ping_pong_loop)
-        acc, m, l = loop(
-            qo_smem, k_smem, v_smem, k_full, v_full, q_full.at[wg], k_free, v_free, schedule,
-            p_smem2[0].at[wg] if p_smem2 else None, wg=wg, steps=steps,
-            first_masked=first_masked, cta_steps=cta_steps, qk_scale=scale * LOG2E,
-            mask=functools.partial(_mask, q_start=q_start, causal=causal, seq_kv=seq_kv),
-            slots=slots, base=0)
-        qo_smem[...] = _rows_times(acc, 1.0 / l).astype(qo_smem.dtype)
-        lse_smem[...] = m + jnp.log(l) * (1 / math.log(2))  # base-2 log-sum-exp
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[batch, pl.ds(q_start, bq), head])
-        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[batch, head, pl.ds(q_start, bq)])
+        _compute_tile(qo_smem, lse_smem2.at[wg], k_smem, v_smem, k_full, v_full, q_full.at[wg], k_free,
+                      v_free, schedule, p_smem2[0].at[wg] if p_smem2 else None, out_ref, lse_ref,
+                      batch=batch, head=head, wg=wg, q_start=q_start, cta_steps=cta_steps, base=0,
+                      scale=scale, causal=causal, seq_kv=seq_kv, blocks=blocks)
         plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == wgs)
@@ -171,6 +155,39 @@ def _kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, qo_smem2, k_smem, v_smem, lse
         def _(j):  # drain: observe every release phase
             plgpu.barrier_wait(k_free.at[lax.rem(j, slots)])
             plgpu.barrier_wait(v_free.at[lax.rem(j, slots)])
+
+
+def _tile_steps(cta_start, rows, bkv, n_kv, causal):
+    """K/V steps a tile of `rows` query rows from cta_start needs: causal stops at the block
+    holding its last row's diagonal."""
+    return lax.div(cta_start + rows + bkv - 1, bkv) if causal else n_kv
+
+
+def _compute_tile(qo_smem, lse_smem, k_smem, v_smem, k_full, v_full, q_ready, k_free, v_free,
+                  schedule, p_smem, out_ref, lse_ref, *, batch, head, wg, q_start, cta_steps, base,
+                  scale, causal, seq_kv, blocks, opens=True, closes=True):
+    """One compute warpgroup's block_q rows of a tile from q_start: the K/V loop (ping-pong or
+    overlapped; `opens` / `closes` as in _overlapped_loop), then O and the base-2 log-sum-exp
+    through qo_smem / lse_smem to GMEM. The stores are issued, not awaited."""
+    bq, bkv = blocks.block_q, blocks.block_kv
+    if causal:
+        steps = lax.div(q_start + bq + bkv - 1, bkv)
+        first_masked = lax.div(q_start, bkv)  # blocks before it lie wholly below the diagonal
+    else:
+        steps = cta_steps
+        first_masked = seq_kv // bkv  # only a ragged last block needs its keys masked
+    loop = (functools.partial(_overlapped_loop, wgs=blocks.compute_wgs, opens=opens, closes=closes)
+            if blocks.overlap else _ping_pong_loop)
+    acc, m, l = loop(
+        qo_smem, k_smem, v_smem, k_full, v_full, q_ready, k_free, v_free, schedule, p_smem, wg=wg,
+        steps=steps, first_masked=first_masked, cta_steps=cta_steps, qk_scale=scale * LOG2E,
+        mask=functools.partial(_mask, q_start=q_start, causal=causal, seq_kv=seq_kv),
+        slots=blocks.max_concurrent_steps, base=base)
+    qo_smem[...] = _rows_times(acc, 1.0 / l).astype(qo_smem.dtype)
+    lse_smem[...] = m + jnp.log(l) * (1 / math.log(2))  # base-2 log-sum-exp
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[batch, pl.ds(q_start, bq), head])
+    plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[batch, head, pl.ds(q_start, bq)])
 
 
 def _persistent_kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, q_smem4, k_smem, v_smem, lse_smem2,
@@ -204,37 +221,21 @@ def _persistent_kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, q_smem4, k_smem, v
         if causal:  # the tiles with the most K/V steps first, as in _kernel
             q_tile = q_tiles - 1 - q_tile
         cta_start = q_tile * (wgs * bq)
-        steps = lax.div(cta_start + wgs * bq + bkv - 1, bkv) if causal else n_kv
-        return batch, head, cta_start, steps
+        return batch, head, cta_start, _tile_steps(cta_start, wgs * bq, bkv, n_kv, causal)
 
     @pl.when(wg < wgs)
     def _compute():
         plgpu.set_max_registers(compute_regs, action="increase")
-        lse_smem = lse_smem2.at[wg]
 
         def tile_body(i, base):
             batch, head, cta_start, cta_steps = tile_of(i)
             parity = lax.rem(i, 2)
-            qo_smem = q_smem4.at[parity, wg]
-            q_start = cta_start + wg * bq
-            if causal:
-                steps = lax.div(q_start + bq + bkv - 1, bkv)
-                first_masked = lax.div(q_start, bkv)
-            else:
-                steps, first_masked = n_kv, seq_kv // bkv
-            loop = (functools.partial(_overlapped_loop, wgs=wgs, opens=i == 0, closes=i == my_tiles - 1)
-                    if blocks.overlap else _ping_pong_loop)
-            acc, m, l = loop(
-                qo_smem, k_smem, v_smem, k_full, v_full, q_full.at[parity * wgs + wg], k_free,
-                v_free, schedule, p_smem2[0].at[wg] if p_smem2 else None, wg=wg, steps=steps,
-                first_masked=first_masked, cta_steps=cta_steps, qk_scale=scale * LOG2E,
-                mask=functools.partial(_mask, q_start=q_start, causal=causal, seq_kv=seq_kv),
-                slots=slots, base=base)
-            qo_smem[...] = _rows_times(acc, 1.0 / l).astype(qo_smem.dtype)
-            lse_smem[...] = m + jnp.log(l) * (1 / math.log(2))  # base-2 log-sum-exp
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[batch, pl.ds(q_start, bq), head])
-            plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[batch, head, pl.ds(q_start, bq)])
+            _compute_tile(q_smem4.at[parity, wg], lse_smem2.at[wg], k_smem, v_smem, k_full, v_full,
+                          q_full.at[parity * wgs + wg], k_free, v_free, schedule,
+                          p_smem2[0].at[wg] if p_smem2 else None, out_ref, lse_ref, batch=batch,
+                          head=head, wg=wg, q_start=cta_start + wg * bq, cta_steps=cta_steps,
+                          base=base, scale=scale, causal=causal, seq_kv=seq_kv, blocks=blocks,
+                          opens=i == 0, closes=i == my_tiles - 1)
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # SMEM read: free to reuse
             plgpu.barrier_arrive(q_free.at[parity])
             return base + cta_steps

@@ -16,7 +16,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 
-def _finite_or_zero(m):
+def finite_or_zero(m):
+    """m with -inf (a running max that has seen nothing yet) replaced by 0: a shift that never
+    forms -inf - -inf."""
     return jnp.where(m == -jnp.inf, 0.0, m)
 
 
@@ -41,7 +43,7 @@ def _forward_kernel(x_ref, y_ref, *, n_rows, n_cols, block_rows, block_cols):
     n_chunks = pl.cdiv(n_cols, block_cols)
     if n_chunks == 1:
         x, mask, index = load(0)  # [block_rows, block_cols]; masked entries are -inf
-        e = jnp.exp(x - _finite_or_zero(jnp.max(x, axis=1))[:, None])
+        e = jnp.exp(x - finite_or_zero(jnp.max(x, axis=1))[:, None])
         total = jnp.sum(e, axis=1)  # [block_rows]
         y = e / jnp.where(total > 0, total, 1.0)[:, None]
         plgpu.store(y_ref.at[index], y.astype(y_ref.dtype), mask=mask)
@@ -51,13 +53,13 @@ def _forward_kernel(x_ref, y_ref, *, n_rows, n_cols, block_rows, block_cols):
         m, total = carry
         x, _, _ = load(k * block_cols)
         m_new = jnp.maximum(m, jnp.max(x, axis=1))
-        shift = _finite_or_zero(m_new)
+        shift = finite_or_zero(m_new)
         total = total * jnp.exp(m - shift) + jnp.sum(jnp.exp(x - shift[:, None]), axis=1)
         return m_new, total
 
     init = (jnp.full((block_rows,), -jnp.inf, jnp.float32), jnp.zeros((block_rows,), jnp.float32))
     m, total = lax.fori_loop(0, n_chunks, accumulate, init)
-    shift = _finite_or_zero(m)
+    shift = finite_or_zero(m)
     inv_total = 1.0 / jnp.where(total > 0, total, 1.0)
 
     def write(k, carry):  # pass 2: normalized values
