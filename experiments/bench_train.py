@@ -147,6 +147,12 @@ def run_torch_peer(path: str) -> list[dict]:
         return json.loads(out.read_text())
 
 
+def kernel_lines(top) -> list[str]:
+    """`--show-kernels` lines of a row's top_kernels (name, ms, launches), both per step: a
+    launch count can be fractional (a kernel some steps run and others do not)."""
+    return [f"    {ms:8.2f} ms {count:7.2f}x  {name}" for name, ms, count in top]
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m experiments.bench_train", description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="experiment YAML (e.g. experiments/configs/gpt2-124m-h100.yaml)")
@@ -222,8 +228,7 @@ def main(argv=None):
         rows.append(row)
         print(_line(row), flush=True)
         if args.show_kernels:
-            for kname, ms, count in row.get("top_kernels", []):
-                print(f"    {ms:8.2f} ms {count:5d}x  {kname}")
+            print("\n".join(kernel_lines(row.get("top_kernels", []))))
 
     peer = None
     if peer_rows:

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from experiments.bench_train import run_torch_peer
+from experiments.bench_train import kernel_lines, run_torch_peer
 from pallas_kernels import _bench
 
 
@@ -48,6 +48,10 @@ def test_timeline_breakdown_classes_gaps_and_top_kernels():
                                 "gaps": (2 * 500 + 7000) / 2 / 1e6})
     assert top[0] == ("loop_add_fusion", 0.002, 2.0)  # both sites merged: ms and launches per run
     assert [name for name, _, _ in top] == ["loop_add_fusion", "nvjet_sm90_tst_128x128", "cudnn_flash_fprop"]
+    # --show-kernels prints them; counts are per step, so fractional (a crash on the H200 once)
+    lines = kernel_lines(top + [("splitKreduce", 0.25, 0.5)])
+    assert lines[0].split() == ["0.00", "ms", "2.00x", "loop_add_fusion"]
+    assert lines[-1].split() == ["0.25", "ms", "0.50x", "splitKreduce"]
 
 
 def test_traced_gpu_kernels_reads_a_trace():
