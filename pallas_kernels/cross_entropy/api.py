@@ -145,10 +145,11 @@ def cross_entropy(hidden, vocab_weight, labels, *, ignore_index=-100, z_loss=0.0
         chunk_size < 1, unknown reduction or backend, "triton" without a GPU or interpret=True.
     """
     _validate(hidden, vocab_weight, labels, ignore_index, z_loss, chunk_size, reduction, backend)
-    on_gpu = jax.default_backend() == "gpu"
-    if backend == "triton" and not (on_gpu or interpret):
-        raise ValueError("backend='triton' needs a GPU; pass interpret=True to run it on CPU")
-    kernel = backend == "triton" or (backend == "auto" and (on_gpu or interpret) and not _partitioned())
+    # "triton" raises without a GPU or interpret; "auto" takes the kernel where it runs, except
+    # under a partitioning mesh (see _partitioned), and the chunked XLA path otherwise.
+    runs = _api.triton_or_reference("triton" if backend == "triton" else "auto", interpret,
+                                    lambda reason: None) == "triton"
+    kernel = backend == "triton" or (backend == "auto" and runs and not _partitioned())
     if backend == "reference":
         return reference.cross_entropy(hidden, vocab_weight, labels, ignore_index=ignore_index,
                                        z_loss=z_loss, reduction=reduction)
