@@ -4,8 +4,10 @@ Times the real train step (llmjax.train.step.make_train_step, the one `experimen
 runs) on a fixed random batch: warm-up steps, then `--steps` steps dispatched back to back and
 ended by one block_until_ready, so the host never waits inside the timed window. Reports
 tokens/s, step time, MFU, memory, and on a GPU a kernel-time breakdown per step from a
-jax.profiler trace of three steps (matmul / attention / other kernels / gaps between kernels;
-`--show-kernels` lists the costliest).
+jax.profiler trace of three steps: GEMMs ("matmul", whichever layer they serve), attention
+kernels and their glue, then the other kernels by the model part their fusion came from (loss,
+norm, mlp activations, residual adds, optimizer, other; `MODEL_PARTS`), and the gaps between
+kernels (`--show-kernels` lists the costliest kernels).
 
 MFU = tokens/s x (6N + 12·L·d·T) / peak, N the matmul weights (PaLM appendix B). Two peaks are
 stated: the vendor's dense bf16 figure (989 TFLOP/s on an H100 SXM) and the bf16 matmul ceiling
@@ -56,10 +58,46 @@ def matmul_ceiling(n: int = 8192, reps: int = 10) -> float | None:
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
-def kernel_breakdown(step, state, batch, n_steps: int = 3) -> tuple[dict, list, object]:
+# The model part of a kernel that is neither a GEMM nor attention, from the Python frames XLA
+# keeps for its fusion (`_bench.hlo_source_frames`): the innermost frame that a rule names
+# decides. Rules: (part, function names, source path fragments).
+MODEL_PARTS = (
+    ("loss", ("lm_loss", "Transformer.head_loss"), ("pallas_kernels/cross_entropy/",)),
+    ("norm", ("Norm.__call__",), ("pallas_kernels/norms/",)),
+    ("attention", ("Attention.__call__", "Attention.project_qkv"), ("pallas_kernels/flash_attention/",)),
+    ("mlp", ("FeedForward.__call__",), ("llmjax/models/moe.py", "pallas_kernels/grouped_matmul/")),
+    ("optimizer", (), ("/optax/", "llmjax/train/optimizer.py")),
+    ("residual", ("Block.__call__",), ()),
+)
+# Pallas Triton kernels run under their own names, which no fusion carries.
+PALLAS_KERNEL_PARTS = (("norm", "norm"), ("cross_entropy", "loss"))
+
+
+def model_part(frames) -> str:
+    """The MODEL_PARTS part of a fusion's frames [(file, function)], innermost first; "other"
+    if no rule names any of them (embedding, gradient clipping's norm outside optax, ...)."""
+    for file, function in frames:
+        for part, functions, paths in MODEL_PARTS:
+            if function in functions or any(path in file for path in paths):
+                return part
+    return "other"
+
+
+def kernel_part(name: str, frames_by_kernel: dict) -> str:
+    """matmul / attention by the kernel's name (any model part's GEMM is "matmul"), else the
+    model part of the fusion it runs (or of a Pallas kernel by its name), else "other"."""
+    kind = _bench.kernel_class(name)
+    if kind != "other":
+        return kind
+    if name in frames_by_kernel:
+        return model_part(frames_by_kernel[name])
+    return next((part for key, part in PALLAS_KERNEL_PARTS if key in name.lower()), "other")
+
+
+def kernel_breakdown(step, state, batch, frames_by_kernel, n_steps: int = 3) -> tuple[dict, list, object]:
     """GPU kernel time per step from a jax.profiler trace of n_steps real steps (donating, back
-    to back): (ms by class plus "gaps", the 25 costliest kernels as (name, ms, launches) per
-    step, new state); see `_bench.timeline_breakdown`."""
+    to back): (ms by `kernel_part` plus "gaps", the 25 costliest kernels as (name, ms,
+    launches) per step, new state); see `_bench.timeline_breakdown`."""
     holder = [state]
 
     def run():
@@ -67,7 +105,8 @@ def kernel_breakdown(step, state, batch, n_steps: int = 3) -> tuple[dict, list, 
             holder[0], _ = step(holder[0], batch)
         jax.block_until_ready(holder[0])
 
-    ms, top = _bench.timeline_breakdown(_bench.traced_gpu_kernels(run), n_steps)
+    ms, top = _bench.timeline_breakdown(_bench.traced_gpu_kernels(run), n_steps,
+                                        classify=lambda name: kernel_part(name, frames_by_kernel))
     return ms, top, holder[0]
 
 
@@ -89,9 +128,11 @@ def bench_one(cfg, steps: int, warmup: int, breakdown: bool, hlo_path: pathlib.P
     compiled = step.lower(state, batch).compile()  # jit's call reuses this compile
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
+    breakdown = breakdown and jax.default_backend() == "gpu"
+    hlo_text = compiled.as_text() if hlo_path or breakdown else ""
     if hlo_path:
         hlo_path.parent.mkdir(parents=True, exist_ok=True)
-        hlo_path.write_text(compiled.as_text())
+        hlo_path.write_text(hlo_text)
     del compiled
     losses = []
     for _ in range(warmup):
@@ -115,8 +156,8 @@ def bench_one(cfg, steps: int, warmup: int, breakdown: bool, hlo_path: pathlib.P
                last_loss=losses[-1],
                compiled_bytes=dict(arguments=mem.argument_size_in_bytes, outputs=mem.output_size_in_bytes,
                                    temp=mem.temp_size_in_bytes, aliased=mem.alias_size_in_bytes))
-    if breakdown and jax.default_backend() == "gpu":
-        ms, top, state = kernel_breakdown(step, state, batch)
+    if breakdown:
+        ms, top, state = kernel_breakdown(step, state, batch, _bench.hlo_source_frames(hlo_text))
         row["kernel_ms"], row["top_kernels"] = ms, top
     stats = jax.devices()[0].memory_stats() or {}
     row["peak_bytes_in_use"] = stats.get("peak_bytes_in_use")
@@ -190,7 +231,7 @@ def plot(result, path):
     axes[0].set_title("throughput (red: torch.compile peer)")
     if breakdown:
         left = np.zeros(len(rows))
-        for part in ("matmul", "attention", "other", "gaps"):
+        for part in dict.fromkeys(k for r in rows for k in r.get("kernel_ms", {})):
             vals = np.array([r.get("kernel_ms", {}).get(part, 0.0) for r in rows])
             axes[1].barh([r["variant"] for r in rows], vals, left=left, label=part)
             left += vals

@@ -39,7 +39,8 @@ def _cupti_median_seconds(fn, arg_sets, reps):
 
 # Kernel classes of a CUPTI kernel list; first match wins, on lower-cased names.
 KERNEL_CLASSES = (
-    ("attention", ("sdpa", "fmha", "flash", "attention", "attn")),
+    # dot_do_o, convert_dq: cuDNN flash attention's backward helpers (rowsum(dO * O), dQ to bf16)
+    ("attention", ("sdpa", "fmha", "flash", "attention", "attn", "dot_do_o", "convert_dq")),
     ("matmul", ("gemm", "xmma", "nvjet", "cutlass", "cublas", "matmul", "wgmma", "dot")),
 )
 
@@ -80,15 +81,18 @@ def traced_gpu_kernels(run) -> list[tuple[str, int, int]]:
                    for event in line.events), key=lambda k: k[1])
 
 
-def timeline_breakdown(kernels, n_runs: int, top: int = 25) -> tuple[dict[str, float], list]:
-    """Per run of a traced timeline (`traced_gpu_kernels` over n_runs runs): ms by kernel_class
-    plus "gaps" (time between the first kernel's start and the last one's end with no kernel
-    running, overlaps counted once), and the `top` costliest kernels as (name without numeric
-    suffix, ms, launches) per run."""
-    ms = {"matmul": 0.0, "attention": 0.0, "other": 0.0, "gaps": 0.0}
+def timeline_breakdown(kernels, n_runs: int, top: int = 25,
+                       classify=kernel_class) -> tuple[dict[str, float], list]:
+    """Per run of a traced timeline (`traced_gpu_kernels` over n_runs runs): ms by
+    `classify(kernel name)` (kernel_class: matmul, attention, other) plus "gaps" (time between
+    the first kernel's start and the last one's end with no kernel running, overlaps counted
+    once), and the `top` costliest kernels as (name without numeric suffix, ms, launches) per run."""
+    ms = dict.fromkeys(("matmul", "attention", "other"), 0.0)
+    for name, _, duration in kernels:
+        part = classify(name)
+        ms[part] = ms.get(part, 0.0) + duration / 1e6 / n_runs
+    ms["gaps"] = 0.0
     by_name = kernels_by_name((name, duration / 1e6) for name, _, duration in kernels)
-    for name, (total, _) in by_name.items():
-        ms[kernel_class(name)] += total / n_runs
     busy_end = None
     for _, start, duration in kernels:  # sorted by start
         if busy_end is not None and start > busy_end:
@@ -97,6 +101,37 @@ def timeline_breakdown(kernels, n_runs: int, top: int = 25) -> tuple[dict[str, f
     rows = sorted(((name, round(total / n_runs, 3), round(count / n_runs, 2))
                    for name, (total, count) in by_name.items()), key=lambda r: -r[1])
     return ms, rows[:top]
+
+
+def hlo_source_frames(hlo_text: str) -> dict[str, list[tuple[str, str]]]:
+    """{kernel name: [(source file, function), ...], innermost call first} for each instruction
+    of a compiled module's text (`compiled.as_text()`) that carries a stack frame. XLA names a
+    GPU kernel after its fusion with "." as "_" (loop_add_fusion.25 runs as
+    loop_add_fusion_25), so this maps a traced kernel to the Python code that produced it."""
+    def table(title):  # the "<id> <text>" lines under a title line
+        block = re.search(rf"^{title}\n((?:\d+ .*\n?)*)", hlo_text, re.M)
+        return dict((int(i), text) for i, text in re.findall(r"^(\d+) (.*)$", block.group(1), re.M)) if block else {}
+
+    def fields(text):
+        return {key: int(value) for key, value in re.findall(r"(\w+)=(\d+)", text)}
+
+    files = {i: text.strip('"') for i, text in table("FileNames").items()}
+    functions = {i: text.strip('"') for i, text in table("FunctionNames").items()}
+    locations = {i: (files.get(f["file_name_id"], "?"), functions.get(f["function_name_id"], "?"))
+                 for i, f in ((i, fields(text)) for i, text in table("FileLocations").items())}
+    # The text gives each frame's parent as the parent's id + 1 (1: no parent).
+    parents = {i: (f["file_location_id"], f["parent_frame_id"] - 1)
+               for i, f in ((i, fields(text)) for i, text in table("StackFrames").items())}
+
+    def chain(frame):
+        calls = []
+        while frame in parents and len(calls) < len(parents):
+            location, frame = parents[frame]
+            calls.append(locations.get(location, ("?", "?")))
+        return calls
+
+    found = re.findall(r"^\s*(?:ROOT )?%([\w.\-]+) = [^\n]*?stack_frame_id=(\d+)", hlo_text, re.M)
+    return {name.replace(".", "_"): chain(int(frame)) for name, frame in found}
 
 
 def wall_seconds(fn, reps: int, statistic=statistics.median) -> float:

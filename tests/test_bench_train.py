@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from experiments.bench_train import kernel_lines, run_torch_peer
+from experiments.bench_train import kernel_lines, kernel_part, model_part, run_torch_peer
 from pallas_kernels import _bench
 
 
@@ -62,3 +62,82 @@ def test_traced_gpu_kernels_reads_a_trace():
         assert kernels and all(duration > 0 for _, _, duration in kernels)
     else:
         assert kernels == []
+
+
+HLO_TEXT = """HloModule jit_train_step
+
+FileNames
+1 "/src/llmjax/models/transformer.py"
+2 "/venv/optax/_src/update.py"
+
+FunctionNames
+1 "Transformer.loss"
+2 "Block.__call__"
+3 "Norm.__call__"
+4 "apply_updates"
+
+FileLocations
+1 {file_name_id=1 function_name_id=1 line=10 end_line=10 column=1 end_column=9}
+2 {file_name_id=1 function_name_id=2 line=20 end_line=20 column=1 end_column=9}
+3 {file_name_id=1 function_name_id=3 line=30 end_line=30 column=1 end_column=9}
+4 {file_name_id=2 function_name_id=4 line=40 end_line=40 column=1 end_column=9}
+
+StackFrames
+1 {file_location_id=1 parent_frame_id=1}
+2 {file_location_id=2 parent_frame_id=2}
+3 {file_location_id=3 parent_frame_id=3}
+4 {file_location_id=4 parent_frame_id=1}
+
+ENTRY %main (p: f32[4]) -> f32[4] {
+  %loop_add_fusion.25 = f32[4]{0} fusion(%p), kind=kLoop, calls=%c, metadata={op_name="jit(f)/add" stack_frame_id=4}
+  ROOT %input_reduce_fusion = f32[4]{0} fusion(%p), kind=kInput, calls=%d, metadata={op_name="jit(f)/jvp()/reduce_sum" stack_frame_id=3}
+  %copy.1 = f32[4]{0} copy(%p)
+}
+"""
+
+
+def test_hlo_source_frames_follow_parents_to_the_outermost_call():
+    frames = _bench.hlo_source_frames(HLO_TEXT)
+    assert set(frames) == {"loop_add_fusion_25", "input_reduce_fusion"}  # kernel names; copy has no frame
+    assert [fn for _, fn in frames["input_reduce_fusion"]] == ["Norm.__call__", "Block.__call__", "Transformer.loss"]
+    assert frames["loop_add_fusion_25"] == [("/venv/optax/_src/update.py", "apply_updates")]
+    assert model_part(frames["input_reduce_fusion"]) == "norm"
+    assert model_part(frames["loop_add_fusion_25"]) == "optimizer"
+    assert model_part(frames["input_reduce_fusion"][1:]) == "residual"  # Block.__call__'s own adds
+    assert model_part([("/src/x.py", "embed")]) == "other"
+
+
+def test_kernel_parts_by_name_then_by_fusion():
+    frames = _bench.hlo_source_frames(HLO_TEXT)
+    assert kernel_part("nvjet_sm90_tst_128x128_64x6_2x1_v_bz_TNT", frames) == "matmul"
+    assert kernel_part("void cudnn::fusion::compute_dot_do_o_specialized<true, 64>", frames) == "attention"
+    assert kernel_part("cudnn_generated_fort_native_sdpa_sm90_flash_bprop", frames) == "attention"
+    assert kernel_part("layer_norm_bwd__2", frames) == "norm"  # Pallas kernels: by their name
+    assert kernel_part("cross_entropy_chunk", frames) == "loss"
+    assert kernel_part("loop_add_fusion_25", frames) == "optimizer"
+    assert kernel_part("Memset 0", frames) == "other"
+
+
+def test_model_parts_of_a_compiled_train_step():
+    """On a real compiled step (CPU): every part the rules name is found, and a layer norm's
+    frames run Norm -> Block -> ... outward, so the parent ids are read the right way round."""
+    from llmjax.config import load_config
+    from llmjax.models import init_model, split_model
+    from llmjax.train.optimizer import lr_schedule, make_optimizer
+    from llmjax.train.step import init_train_state, make_train_step
+
+    cfg = load_config(overrides=["preset=gpt2-tiny"])
+    graphdef, params = split_model(init_model(cfg.model, seed=0))
+    optimizer = make_optimizer(cfg.optim, 10)
+    step = make_train_step(graphdef, optimizer, lr_schedule(cfg.optim, 10))
+    batch = jnp.zeros((1, 2, 17), jnp.int32)
+    text = step.lower(init_train_state(params, optimizer), batch).compile().as_text()
+    frames = _bench.hlo_source_frames(text)
+    parts = {model_part(calls) for calls in frames.values()}
+    assert {"loss", "norm", "attention", "mlp", "optimizer", "residual"} <= parts
+    norm_chains = [[fn for _, fn in calls] for calls in frames.values()
+                   if any(fn == "Norm.__call__" for _, fn in calls)]
+    assert norm_chains
+    for chain in norm_chains:
+        i = chain.index("Norm.__call__")
+        assert chain[i + 1] in ("Block.__call__", "Transformer._hidden_and_aux", "Transformer.hidden_states"), chain
