@@ -91,6 +91,7 @@ def timeline_breakdown(kernels, n_runs: int, top: int = 25,
     for name, _, duration in kernels:
         part = classify(name)
         ms[part] = ms.get(part, 0.0) + duration / 1e6 / n_runs
+    ms["other"] = ms.pop("other")  # the named parts first, then the rest, then the gaps
     ms["gaps"] = 0.0
     by_name = kernels_by_name((name, duration / 1e6) for name, _, duration in kernels)
     busy_end = None
