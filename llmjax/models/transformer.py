@@ -105,9 +105,10 @@ class Attention(nnx.Module):
         q, k, v = jax.lax.split(qkv, [cfg.n_heads // kv, 1, 1], axis=-2)
         return q.reshape(*x.shape[:-1], cfg.n_heads, h), k.squeeze(-2), v.squeeze(-2)
 
-    def __call__(self, x, positions, cache, mask=None):
+    def __call__(self, x, positions, cache, mask=None, fused: bool = True):
+        """fused: as in `project_qkv` (Block passes False when decoding)."""
         cfg, dt = self.cfg, x.dtype
-        q, k, v = self.project_qkv(x, fused=cache is None and cfg.fuse_projections)
+        q, k, v = self.project_qkv(x, fused)
         if cfg.family == "llama":
             cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -168,10 +169,10 @@ class Block(nnx.Module):
     def __call__(self, x, positions, cache, mask=None):
         """(x, cache) -> (x, cache, aux): aux is a dict of this block's auxiliary outputs
         (empty for the dense feed-forward; see `MoE.__call__`). `mask` as in hidden_states."""
-        y, cache = self.attn(self.attn_norm(x), positions, cache, mask)
+        fused = cache is None and self.fuse_projections  # see Attention.project_qkv
+        y, cache = self.attn(self.attn_norm(x), positions, cache, mask, fused)
         x = x + y
         h = self.mlp_norm(x)
-        fused = cache is None and self.fuse_projections
         if isinstance(self.mlp, MoE):
             y, aux = self.mlp(h)
             if self.shared_mlp is not None:
