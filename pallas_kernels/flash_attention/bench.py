@@ -29,14 +29,22 @@ class Impl:
     attend: object  # (q, k, v, causal) -> out
     peer: bool  # True for the implementations we compare against
     blocks: config.BlockSizes | None = None  # ours only; None: the default heuristic
+    mosaic_bwd: config.MosaicBwdBlocks | None = None  # ours: this backward over `blocks`
+
+    def blocks_for(self, q, k, causal):
+        """The BlockSizes ours runs at these operands (the tuned table's when blocks is None)."""
+        blocks = self.blocks or config.tuned_blocks(q.shape[1], k.shape[1], q.shape[3], causal,
+                                                    q.dtype)
+        return dataclasses.replace(blocks, mosaic_bwd=self.mosaic_bwd) if self.mosaic_bwd else blocks
 
 
-def _ours(backend, blocks=None):
+def _ours(backend, blocks=None, mosaic_bwd=None):
     def attend(q, k, v, causal):
         interpret = jax.default_backend() != "gpu"  # smoke runs on CPU
         return flash_attention(q, k, v, causal=causal, backend=backend, interpret=interpret,
-                               blocks=blocks)
-    return Impl(attend, peer=False, blocks=blocks)
+                               blocks=impl.blocks_for(q, k, causal) if mosaic_bwd else blocks)
+    impl = Impl(attend, peer=False, blocks=blocks, mosaic_bwd=mosaic_bwd)  # attend reads it
+    return impl
 
 
 def _jax_nn(implementation):
@@ -49,6 +57,8 @@ def _jax_nn(implementation):
 # "mosaic" is the Mosaic GPU forward and backward.
 IMPLS = {"triton": _ours("triton"), "mosaic": _ours("mosaic"), "cudnn": _jax_nn("cudnn"),
          "xla": _jax_nn("xla")}
+# The Mosaic forward, then the one-pass backward (MosaicBwdBlocks.one_pass; head_dim 128).
+_ONE_PASS = _ours("mosaic", mosaic_bwd=config.MosaicBwdBlocks(one_pass=True))
 
 
 def _tuning_impls():
@@ -123,6 +133,8 @@ _MOSAIC_BWD_VARIANTS = {
     "dq64x128_dkv64x64_s2": dict(block_kv_dq=128),
     "dq64x64_dkv128x64_s2": dict(block_q_dkv=128),
     "dq64x128_dkv128x64_s2": dict(block_kv_dq=128, block_q_dkv=128),
+    "one_pass_dkv64x64_s2": dict(one_pass=True),
+    "one_pass_dkv64x64_s3": dict(one_pass=True, max_concurrent_steps=3),
 }
 
 
@@ -158,6 +170,11 @@ PRESETS = {
     # Forward only, ours against cuDNN at D=64 (~1 min): to check a forward change quickly.
     "fwd_d64": (tuple(c for c in cases.BENCH_CASES_FULL if c.head_dim == 64),
                 {name: IMPLS[name] for name in ("mosaic", "cudnn")}, ("fwd",)),
+    # The one-pass backward against the two-kernel one and cuDNN, D=128 (fwd+bwd only).
+    "one_pass_d128": (tuple(c for c in cases.BENCH_CASES_FULL if c.head_dim == 128),
+                      {"mosaic": IMPLS["mosaic"], "mosaic_one_pass": _ONE_PASS,
+                       "cudnn": IMPLS["cudnn"]},
+                      ("fwd_bwd",)),
     "tune": (_S4K, None, MODES),
     "tune_bwd": (_S4K, None, ("fwd_bwd",)),
     # Mosaic forward tiles and overlap at 4k and 16k, D=128 (forward only; ~2 min on an H100).
@@ -178,12 +195,11 @@ def _program(attend, causal, mode):
 
 
 def _measure(case, name, impl, mode, args, reps):
-    blocks = impl.blocks or config.tuned_blocks(case.seq_q, case.seq_kv, case.head_dim, case.causal,
-                                                args[0].dtype)
+    blocks = None if impl.peer else impl.blocks_for(args[0], args[1], case.causal)
     row = dict(op="flash_attention", case=case.name, impl=name, mode=mode, peer=impl.peer,
                batch=case.batch, seq=case.seq_q, heads=case.heads, head_dim=case.head_dim,
                causal=case.causal, dtype=jnp.dtype(args[0].dtype).name,
-               config=None if impl.peer else repr(blocks))
+               config=None if blocks is None else repr(blocks))
     try:
         compiled = _program(impl.attend, case.causal, mode).lower(*args).compile()
         memory = compiled.memory_analysis()

@@ -95,6 +95,11 @@ MOSAIC_PERSISTENT_CPU_CASES = tuple(
 MOSAIC_BWD_CPU_CASES = (
     Case("t1_mqa_causal_d128", 1, 1, 1, 4, 1, 128, causal=True),
     Case("t129_mha_full", 1, 129, 129, 2, 2, 64),
+    # One-pass backward (head_dim 128): ragged full GQA, and causal over two query heads a group.
+    Case("t130_gqa2_full_one_pass", 1, 130, 130, 2, 1, 128,
+         blocks=BlockSizes(mosaic_bwd=MosaicBwdBlocks(one_pass=True))),
+    Case("t200_gqa2_causal_one_pass", 1, 200, 200, 4, 2, 128, causal=True,
+         blocks=BlockSizes(mosaic_bwd=MosaicBwdBlocks(one_pass=True))),
 )
 
 # Real sizes for the GPU run of the same contract (H=8 heads, kv_heads 1/2/8).
@@ -113,6 +118,11 @@ GPU_CASES = (
          blocks=BlockSizes(mosaic_bwd=MosaicBwdBlocks(block_kv_dq=128, block_q_dkv=128))),
     Case("gpu_t600_mqa_full_bwd_slots3", 1, 600, 700, 8, 1, 128,
          blocks=BlockSizes(mosaic_bwd=MosaicBwdBlocks(max_concurrent_steps=3))),
+    # The one-pass backward: ragged GQA full with T != S, and causal MHA.
+    Case("gpu_t1000_s1300_gqa2_full_one_pass", 2, 1000, 1300, 8, 2, 128,
+         blocks=BlockSizes(mosaic_bwd=MosaicBwdBlocks(one_pass=True))),
+    Case("gpu_t2048_mha_causal_one_pass", 2, 2048, 2048, 8, 8, 128, causal=True,
+         blocks=BlockSizes(mosaic_bwd=MosaicBwdBlocks(one_pass=True))),
     # Mosaic forward with intra-warpgroup overlap: causal with 3 slots, and ragged T != S at H=64.
     Case("gpu_t2048_mha_causal_overlap_slots3", 2, 2048, 2048, 8, 8, 128, causal=True,
          blocks=BlockSizes(mosaic=MosaicBlocks(block_kv=64, max_concurrent_steps=3, overlap=True))),

@@ -67,6 +67,10 @@ class MosaicBwdBlocks:
     step (of every query head in the GQA group). `max_concurrent_steps`: shared-memory slots of
     the streamed tiles in flight. The defaults are sized so a compute warpgroup's live fp32 tiles
     (two [64, 64] scores, dK and dV [64, H]: 192 registers a thread at H=128) fit its 232.
+    `one_pass`: no dQ kernel; the dK/dV kernel also forms dQ = dS K for each query block and
+    adds it into an fp32 buffer (FlashAttention-3: 5 matmuls a block pair instead of 7). Its
+    warpgroups share each step's dS through shared memory and each adds half of dQ's columns
+    (head_dim 128 only); the block_*_dq tiles are then unused.
     """
 
     block_q_dq: int = 64
@@ -74,9 +78,12 @@ class MosaicBwdBlocks:
     block_q_dkv: int = 64
     block_kv_dkv: int = 64
     max_concurrent_steps: int = 2
+    one_pass: bool = False
 
     def __post_init__(self):
         _check_mosaic_tiles(self, ("block_q_dq", "block_kv_dq", "block_q_dkv", "block_kv_dkv"))
+        if not isinstance(self.one_pass, bool):
+            raise ValueError(f"one_pass={self.one_pass!r} must be a bool")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,6 +11,14 @@ In both a third warpgroup issues the TMA copies into `max_concurrent_steps` slot
 barriers (FlashAttention-3, arXiv:2407.08608, section 3.1: producer-consumer): `*_full` (the
 copies of a slot landed) and `*_free` (both compute warpgroups are done with a slot).
 
+MosaicBwdBlocks.one_pass drops the dQ kernel (FlashAttention-3's backward, 5 matmuls a block
+pair instead of 7): each dK/dV step also forms dQ = dS K for its query block. The two compute
+warpgroups put their dS^T in SMEM (double-buffered by step parity, a barrier between them), each
+multiplies both by K's half of the head dim that is its own, and adds that [block_q, H / 2]
+fp32 partial into a zeroed fp32 buffer by TMA reduction; the caller scales and casts it. In
+interpret mode, which has no TMA reductions, each CTA writes its partials to a slice of its own
+and the caller sums the slices.
+
 Both recompute P = exp2(s * scale * log2 e - lse2) from the forward's base-2 lse, with
 delta = rowsum(dO * O): dS = P * (dO V^T - delta), dV = P^T dO, dK = scale * dS^T Q,
 dQ = scale * dS K. The dK/dV kernel works on transposed tiles, key rows first (S^T = K Q^T), so
@@ -182,9 +190,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, q_smem2,
         _stream(load, cta_steps, n_kv, slots, kv_free)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, k_smem2,
-                v_smem2, q_smem, do_smem, lse_smem, delta_smem, kv_full, q_full, do_full,
-                rows_free, *staging, scale, causal, group, blocks):
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, scale, causal, group,
+                blocks, interpret):
     """One CTA: 2 * block_kv key rows of one (batch, kv head), summed over its G query heads.
 
     q_ref, do_ref [B, Tp, N, H], k_ref, v_ref, dk_ref, dv_ref [B, Sp, K, H] in GMEM;
@@ -194,7 +201,19 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
     slot), do_full (dO and delta of a slot), rows_free (both compute warpgroups are done with a
     slot). staging [2, 2, block_kv, block_q] (P^T and dS^T of each compute warpgroup):
     interpret mode only.
+
+    blocks.one_pass adds, first among refs, dq_ref: fp32 [B, Tp, N, H], zeros on entry, which
+    each step's dQ partial is added to by TMA reduction (interpret mode, which has no TMA
+    reductions: [kv tiles, B, Tp, N, H], one slice per CTA, written once per row and summed by
+    the caller); and, after the barriers, ds_smem [2, 2, block_kv, block_q] (each warpgroup's
+    dS^T by step parity), dq_smem [2, block_q, H / 2] fp32 (each warpgroup's half of dQ's
+    columns) and the barrier ds_ready [2] (both warpgroups wrote a parity's dS^T).
     """
+    one_pass = blocks.one_pass
+    dq_ref, refs = (refs[0], refs[1:]) if one_pass else (None, refs)
+    (dk_ref, dv_ref, k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem, kv_full, q_full,
+     do_full, rows_free, *rest) = refs
+    ds_smem, dq_smem, ds_ready, *staging = rest if one_pass else (None, None, None, *rest)
     bq, bkv, slots = blocks.block_q_dkv, blocks.block_kv_dkv, blocks.max_concurrent_steps
     dtype = k_smem2.dtype
     batch, kv_head, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
@@ -210,7 +229,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
         plgpu.set_max_registers(232, action="increase")
         k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
         staged = bool(staging)
-        p_smem, ds_smem = (staging[0].at[0, wg], staging[0].at[1, wg]) if staged else (None, None)
+        p_smem, ds_t_smem = (staging[0].at[0, wg], staging[0].at[1, wg]) if staged else (None, None)
         kv_start = cta_start + wg * bkv
         rows = (batch, pl.ds(kv_start, bkv), kv_head)
         plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem, kv_full.at[wg])
@@ -220,13 +239,33 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
         zeros = plgpu.layout_cast(jnp.zeros(k_smem.shape, jnp.float32), plgpu.Layout.WGMMA)
         plgpu.barrier_wait(kv_full.at[wg])
 
-        def step(i, carry, first_step, masked):  # query block i
+        def add_dq(ds_pair, rows, head):
+            """dQ[rows, this warpgroup's half of the columns] += dS K over the CTA's 2 * block_kv
+            keys: dS^T of both warpgroups from SMEM, transposed, times their K tiles."""
+            dq_stage = dq_smem.at[wg]
+            half = dq_stage.shape[1]
+            cols = pl.ds(wg * half, half)
+            products = [(None, ds_pair.at[w].transpose((1, 0)), k_smem2.at[w, :, cols])
+                        for w in range(COMPUTE_WGS)]
+            dq = functools.reduce(jnp.add, _matmuls(*products, staged=staged))
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last step's copy read dq_stage
+            dq_stage[...] = dq
+            plgpu.commit_smem()
+            if interpret:  # this CTA's own slice; each (rows, head, cols) is written once
+                dst = dq_ref.at[lax.axis_index("kv_tiles"), batch, rows, head, cols]
+                plgpu.copy_smem_to_gmem(dq_stage, dst)
+            else:
+                plgpu.copy_smem_to_gmem(dq_stage, dq_ref.at[batch, rows, head, cols],
+                                        reduction_op="add")
+
+        def step(i, carry, g, masked):  # query block i of the group's query head g
             dk, dv = carry  # [block_kv, H] fp32 each
-            slot = lax.rem(first_step + i - first_q, slots)
+            step_index = g * per_head + i - first_q  # both compute warpgroups count alike
+            slot = lax.rem(step_index, slots)
             q_tile, do_tile = q_smem.at[slot], do_smem.at[slot]  # [block_q, H]
             plgpu.barrier_wait(q_full.at[slot])
             plgpu.barrier_wait(do_full.at[slot])
-            # Two wgmma groups a step: S^T and dP^T, then dV and dK.
+            # Two wgmma groups a step: S^T and dP^T, then dV and dK (one_pass: then dQ).
             s_t, dp_t = _matmuls((None, k_smem, q_tile.transpose((1, 0))),  # [block_kv, block_q]
                                  (None, v_smem, do_tile.transpose((1, 0))), staged=staged)
             lse2 = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
@@ -237,19 +276,30 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
                 q_pos = i * bq + _wgmma_iota(s_t.shape, 1)
                 p_t = jnp.where(q_pos >= k_pos, p_t, 0.0)
             ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, s_t.shape, [1]))
+            if one_pass:  # publish dS^T for the dQ product, which reads both warpgroups'
+                parity = lax.rem(step_index, 2)
+                ds_smem.at[parity, wg][...] = ds_t.astype(dtype)
+                plgpu.commit_smem()
+                plgpu.barrier_arrive(ds_ready.at[parity])
             dv, dk = _matmuls((dv, _operand(p_t.astype(dtype), p_smem), do_tile),
-                              (dk, _operand(ds_t.astype(dtype), ds_smem), q_tile), staged=staged)
+                              (dk, _operand(ds_t.astype(dtype), ds_t_smem), q_tile), staged=staged)
+            if one_pass:
+                plgpu.barrier_wait(ds_ready.at[parity])
+                add_dq(ds_smem.at[parity], pl.ds(i * bq, bq), kv_head * group + g)
             plgpu.barrier_arrive(rows_free.at[slot])
             return dk, dv
 
         def head_steps(g, carry):  # query head g of the group: diagonal blocks, then the rest
-            first_step = g * per_head
             carry = lax.fori_loop(first_q, visible, functools.partial(
-                step, first_step=first_step, masked=True), carry)
+                step, g=g, masked=True), carry)
             return lax.fori_loop(jnp.maximum(visible, first_q), n_q, functools.partial(
-                step, first_step=first_step, masked=False), carry)
+                step, g=g, masked=False), carry)
 
         dk, dv = lax.fori_loop(0, group, head_steps, (zeros, zeros))
+        if one_pass:  # the other warpgroup's last dQ product reads this K tile: wait for it
+            done = ds_ready.at[lax.rem(group * per_head, 2)]
+            plgpu.barrier_arrive(done)
+            plgpu.barrier_wait(done)
         k_smem[...] = (dk * scale).astype(dtype)
         v_smem[...] = dv.astype(dtype)
         plgpu.commit_smem()
@@ -280,12 +330,19 @@ def check_smem(blocks: MosaicBwdBlocks, head_dim: int, dtype):
     """Raise ValueError if a kernel's tiles overflow shared memory (GPU buffers, fp32 row stats)."""
     slots = blocks.max_concurrent_steps
     row_bytes = head_dim * jnp.dtype(dtype).itemsize
+    bq, bkv = blocks.block_q_dkv, blocks.block_kv_dkv
     needs = {  # kernel -> bytes: the rows each compute warpgroup owns + the streamed slots
-        "dQ": COMPUTE_WGS * blocks.block_q_dq * (2 * row_bytes + 8)
-        + slots * blocks.block_kv_dq * 2 * row_bytes,
-        "dK/dV": COMPUTE_WGS * blocks.block_kv_dkv * 2 * row_bytes
-        + slots * blocks.block_q_dkv * (2 * row_bytes + 8),
+        "dK/dV": COMPUTE_WGS * bkv * 2 * row_bytes + slots * bq * (2 * row_bytes + 8),
     }
+    if blocks.one_pass:  # dS^T of both warpgroups by step parity, their fp32 dQ halves
+        if head_dim != 128:
+            raise ValueError(f"mosaic backward one_pass needs head_dim=128 (each warpgroup adds "
+                             f"64 of dQ's columns); got head_dim={head_dim}")
+        needs["dK/dV"] += (2 * COMPUTE_WGS * bkv * bq * jnp.dtype(dtype).itemsize
+                           + COMPUTE_WGS * bq * head_dim // 2 * 4)
+    else:
+        needs["dQ"] = (COMPUTE_WGS * blocks.block_q_dq * (2 * row_bytes + 8)
+                       + slots * blocks.block_kv_dq * 2 * row_bytes)
     for kernel, nbytes in needs.items():
         if nbytes > SMEM_BYTES:
             raise ValueError(f"mosaic backward tiles {blocks} need {nbytes} bytes of shared memory "
@@ -305,8 +362,8 @@ def flash_backward(q, k, v, out, lse2, dout, *, scale: float, causal: bool,
     """Gradients (dq, dk, dv) in the dtypes of q, k, v; lse2 [B, N, T] is the forward's base-2 lse.
 
     Raises:
-      ValueError: dtype not bf16/fp16, head_dim not a multiple of 64, or tiles that overflow
-        shared memory.
+      ValueError: dtype not bf16/fp16, head_dim not a multiple of 64 (one_pass: not 128), or
+        tiles that overflow shared memory.
     """
     b, t, n, h = q.shape
     s, kv_heads = k.shape[1], k.shape[2]
@@ -335,6 +392,51 @@ def flash_backward(q, k, v, out, lse2, dout, *, scale: float, causal: bool,
                    else None),
     )
 
+    dq = None if blocks.one_pass else _dq_call(  # one_pass: the dK/dV kernel forms dQ
+        q, k, v, dout, lse2, delta, s, group, tiles, common, scale=scale, causal=causal,
+        blocks=blocks, interpret=interpret)
+
+    bq, bkv = blocks.block_q_dkv, blocks.block_kv_dkv
+    kv_tiles = s_pad // (COMPUTE_WGS * bkv)
+    operands = (q, k, v, dout, lse2, delta)
+    scratch = (
+        tiles(COMPUTE_WGS, bkv, h), tiles(COMPUTE_WGS, bkv, h),  # K, V (then dk, dv)
+        tiles(slots, bq, h), tiles(slots, bq, h),  # q, dO
+        plgpu.SMEM((slots, bq), jnp.float32), plgpu.SMEM((slots, bq), jnp.float32),  # lse, delta
+        plgpu.Barrier(num_arrivals=2, num_barriers=COMPUTE_WGS),  # kv_full: K, V
+        plgpu.Barrier(num_arrivals=2, num_barriers=slots),  # q_full: q, lse
+        plgpu.Barrier(num_arrivals=2, num_barriers=slots),  # do_full: dO, delta
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=slots),  # rows_free
+    )
+    if blocks.one_pass:
+        # fp32 dQ sums start at zero: a mutable array the kernel adds into (interpret mode: one
+        # slice per key tile, summed below).
+        dq_sums = jax.new_ref(jnp.zeros(((kv_tiles,) if interpret else ()) + q.shape, jnp.float32))
+        operands += (dq_sums,)
+        scratch += (tiles(2, COMPUTE_WGS, bkv, bq),  # dS^T by step parity
+                    plgpu.SMEM((COMPUTE_WGS, bq, h // 2), jnp.float32),  # each half of dQ
+                    plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=2))  # ds_ready
+    scratch += (tiles(2, COMPUTE_WGS, bkv, bq),) if interpret else ()  # P^T, dS^T staging
+    dk, dv = plgpu.kernel(
+        functools.partial(_dkv_kernel, scale=scale, causal=causal, group=group, blocks=blocks,
+                          interpret=bool(interpret)),
+        out_type=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
+        grid=(kv_heads, kv_tiles, b),
+        grid_names=("heads", "kv_tiles", "batch"),
+        scratch_types=scratch,
+        **common,
+    )(*operands)
+    if blocks.one_pass:
+        sums = dq_sums[...]
+        dq = ((sums.sum(0) if interpret else sums) * scale).astype(q.dtype)
+    return dq[:, :t], dk[:, :s], dv[:, :s]
+
+
+def _dq_call(q, k, v, dout, lse2, delta, seq_kv, group, tiles, common, *, scale, causal, blocks,
+             interpret):
+    """The dQ kernel over padded operands (see flash_backward)."""
+    b, t_pad, n, h = q.shape
+    slots = blocks.max_concurrent_steps
     bq, bkv = blocks.block_q_dq, blocks.block_kv_dq
     scratch = (
         tiles(COMPUTE_WGS, bq, h), tiles(COMPUTE_WGS, bq, h),  # q (then dq), dO
@@ -345,8 +447,8 @@ def flash_backward(q, k, v, out, lse2, dout, *, scale: float, causal: bool,
         plgpu.Barrier(num_barriers=slots),  # v_full
         plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=slots),  # kv_free
     ) + ((tiles(COMPUTE_WGS, bq, bkv),) if interpret else ())  # dS staging
-    dq = plgpu.kernel(
-        functools.partial(_dq_kernel, scale=scale, causal=causal, seq_kv=s, group=group,
+    return plgpu.kernel(
+        functools.partial(_dq_kernel, scale=scale, causal=causal, seq_kv=seq_kv, group=group,
                           blocks=blocks),
         out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
         grid=(n, t_pad // (COMPUTE_WGS * bq), b),
@@ -354,23 +456,3 @@ def flash_backward(q, k, v, out, lse2, dout, *, scale: float, causal: bool,
         scratch_types=scratch,
         **common,
     )(q, k, v, dout, lse2, delta)
-
-    bq, bkv = blocks.block_q_dkv, blocks.block_kv_dkv
-    scratch = (
-        tiles(COMPUTE_WGS, bkv, h), tiles(COMPUTE_WGS, bkv, h),  # K, V (then dk, dv)
-        tiles(slots, bq, h), tiles(slots, bq, h),  # q, dO
-        plgpu.SMEM((slots, bq), jnp.float32), plgpu.SMEM((slots, bq), jnp.float32),  # lse, delta
-        plgpu.Barrier(num_arrivals=2, num_barriers=COMPUTE_WGS),  # kv_full: K, V
-        plgpu.Barrier(num_arrivals=2, num_barriers=slots),  # q_full: q, lse
-        plgpu.Barrier(num_arrivals=2, num_barriers=slots),  # do_full: dO, delta
-        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=slots),  # rows_free
-    ) + ((tiles(2, COMPUTE_WGS, bkv, bq),) if interpret else ())  # P^T, dS^T staging
-    dk, dv = plgpu.kernel(
-        functools.partial(_dkv_kernel, scale=scale, causal=causal, group=group, blocks=blocks),
-        out_type=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
-        grid=(kv_heads, s_pad // (COMPUTE_WGS * bkv), b),
-        grid_names=("heads", "kv_tiles", "batch"),
-        scratch_types=scratch,
-        **common,
-    )(q, k, v, dout, lse2, delta)
-    return dq[:, :t], dk[:, :s], dv[:, :s]

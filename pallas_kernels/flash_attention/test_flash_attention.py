@@ -200,15 +200,18 @@ def _check_mosaic_forward(case):
 
 @pytest.mark.parametrize("case, dtype", [
     pytest.param(case, dtype, id=f"{case.name}-{jnp.dtype(dtype).name}")
-    for case, dtype in zip(cases.MOSAIC_BWD_CPU_CASES, (jnp.float16, jnp.bfloat16))])
+    for case, dtype in zip(cases.MOSAIC_BWD_CPU_CASES,
+                           (jnp.float16, jnp.bfloat16, jnp.bfloat16, jnp.float16))])
 def test_mosaic_backward_matches_reference(case, dtype):
-    """The Mosaic dQ and dK/dV kernels alone, fed the fp32 reference's output and lse (in interpret
-    mode on CPU, so no forward kernel is simulated): dq, dk, dv against the reference's."""
+    """The Mosaic dQ and dK/dV kernels alone (or the one-pass dK/dV kernel that forms dQ too),
+    fed the fp32 reference's output and lse (in interpret mode on CPU, so no forward kernel is
+    simulated): dq, dk, dv against the reference's."""
     q, k, v, dout, _ = _inputs(case, dtype)
     ref_out, ref_grads = _reference_result(case, dtype)
     _, lse = attention_reference(q, k, v, causal=case.causal, return_lse=True)
     backward = functools.partial(mosaic_bwd.flash_backward, scale=case.head_dim ** -0.5,
-                                 causal=case.causal, blocks=config.MosaicBwdBlocks(),
+                                 causal=case.causal,
+                                 blocks=(case.blocks or config.BlockSizes()).mosaic_bwd,
                                  interpret=not ON_GPU)
     grads = _jit(backward)(q, k, v, ref_out.astype(dtype), lse / np.log(2.0), dout)
     for name, grad, ref_grad, x in zip(("dq", "dk", "dv"), grads, ref_grads, (q, k, v)):
@@ -351,6 +354,12 @@ def test_bad_options_raise():
     with pytest.raises(ValueError, match=r"need \d+ bytes of shared memory in the dQ kernel"):
         flash_attention(*_qkv(dtype=jnp.bfloat16, q_shape=(1, 8, 4, 128), kv_shape=(1, 8, 2, 128)),
                         backend="mosaic", interpret=True, blocks=too_big)
+    with pytest.raises(ValueError, match=r"one_pass=1 must be a bool"):
+        config.MosaicBwdBlocks(one_pass=1)
+    one_pass = config.BlockSizes(mosaic_bwd=config.MosaicBwdBlocks(one_pass=True))
+    with pytest.raises(ValueError, match=r"one_pass needs head_dim=128 .* got head_dim=64"):
+        flash_attention(*_qkv(dtype=jnp.bfloat16, q_shape=(1, 8, 4, 64), kv_shape=(1, 8, 2, 64)),
+                        backend="mosaic", interpret=True, blocks=one_pass)
     too_big = config.BlockSizes(mosaic=config.MosaicBlocks(block_kv=256))
     with pytest.raises(ValueError, match=r"forward tiles .* need \d+ bytes of shared memory at "
                                          r"head_dim=128"):
@@ -387,11 +396,12 @@ def test_named_kernel_backend_on_cpu_without_interpret_raises(backend):
 _H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
 
 
-_MOSAIC_FWD = {"default": None, "overlap": config.MosaicBlocks(overlap=True),
-               "3wgs": config.MosaicBlocks(**_THREE_WGS)}
+_MOSAIC_BLOCKS = {"default": None, "overlap": config.BlockSizes(mosaic=config.MosaicBlocks(overlap=True)),
+                  "3wgs": config.BlockSizes(mosaic=config.MosaicBlocks(**_THREE_WGS)),
+                  "one_pass": config.BlockSizes(mosaic_bwd=config.MosaicBwdBlocks(one_pass=True))}
 
 
-@pytest.mark.parametrize("backend, dtype, causal, segmented, head_dim, fwd", [
+@pytest.mark.parametrize("backend, dtype, causal, segmented, head_dim, variant", [
     ("triton", jnp.bfloat16, True, False, 128, "default"),
     ("triton", jnp.float32, False, True, 64, "default"),
     ("triton", jnp.float16, True, True, 64, "default"),
@@ -399,14 +409,17 @@ _MOSAIC_FWD = {"default": None, "overlap": config.MosaicBlocks(overlap=True),
     ("mosaic", jnp.float16, False, False, 64, "default"),
     ("mosaic", jnp.bfloat16, True, False, 128, "overlap"),
     ("mosaic", jnp.bfloat16, False, False, 128, "overlap"),
-    ("mosaic", jnp.bfloat16, True, False, 64, "3wgs"), ("mosaic", jnp.float16, False, False, 64, "3wgs")])
-def test_kernels_lower_for_h100(backend, dtype, causal, segmented, head_dim, fwd, monkeypatch):
-    """The forward and both backward kernels pass Pallas's lowering for sm_90 on CPU (Triton IR;
+    ("mosaic", jnp.bfloat16, True, False, 64, "3wgs"), ("mosaic", jnp.float16, False, False, 64, "3wgs"),
+    ("mosaic", jnp.bfloat16, True, False, 128, "one_pass"),
+    ("mosaic", jnp.float16, False, False, 128, "one_pass")])
+def test_kernels_lower_for_h100(backend, dtype, causal, segmented, head_dim, variant, monkeypatch):
+    """The forward and backward kernels pass Pallas's lowering for sm_90 on CPU (Triton IR;
     Mosaic GPU with P, dS in registers and seeded accumulators, the path interpret mode cannot
-    take). `fwd`: the Mosaic forward's tiles, "overlap" its intra-warpgroup pipelining (S awaited
-    with P V in flight), "3wgs" that with three compute warpgroups. Compiling that to machine
-    code happens only on the GPU."""
-    blocks = None if _MOSAIC_FWD[fwd] is None else config.BlockSizes(mosaic=_MOSAIC_FWD[fwd])
+    take). `variant`: the Mosaic forward's "overlap" (intra-warpgroup pipelining: S awaited with
+    P V in flight), "3wgs" (that with three compute warpgroups), or the "one_pass" backward
+    (its dQ added into an fp32 buffer by TMA reduction, which interpret mode lacks). Compiling
+    that to machine code happens only on the GPU."""
+    blocks = _MOSAIC_BLOCKS[variant]
     b, t, s, n, kv_heads = 2, 1000, 1000 if causal or segmented else 1500, 8, 2
     q = jax.ShapeDtypeStruct((b, t, n, head_dim), dtype)
     kv = jax.ShapeDtypeStruct((b, s, kv_heads, head_dim), dtype)
@@ -428,5 +441,6 @@ def test_kernels_lower_for_h100(backend, dtype, causal, segmented, head_dim, fwd
         )(q, kv, kv, q, segment_ids)
     module = exported.mlir_module()
     ours, other = targets if backend == "triton" else targets[::-1]
-    assert module.count(f"@{ours}(") == 3  # forward, dQ, dK/dV: all of the named backend
+    kernels = 2 if variant == "one_pass" else 3  # forward, dQ (unless one pass), dK/dV
+    assert module.count(f"@{ours}(") == kernels  # all of the named backend
     assert module.count(f"@{other}(") == 0
