@@ -15,7 +15,8 @@ MosaicBwdBlocks.one_pass drops the dQ kernel (FlashAttention-3's backward, 5 mat
 pair instead of 7): each dK/dV step also forms dQ = dS K for its query block. The two compute
 warpgroups put their dS^T in SMEM (double-buffered by step parity, a barrier between them), each
 multiplies both by K's half of the head dim that is its own, and adds that [block_q, H / 2]
-fp32 partial into a zeroed fp32 buffer by TMA reduction; the caller scales and casts it. In
+fp32 partial into a zeroed fp32 buffer by TMA reduction; the caller scales and casts it. The
+order of those additions varies, so dQ is not bitwise reproducible from run to run. In
 interpret mode, which has no TMA reductions, each CTA writes its partials to a slice of its own
 and the caller sums the slices.
 
@@ -190,8 +191,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, q_smem2,
         _stream(load, cta_steps, n_kv, slots, kv_free)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, scale, causal, group,
-                blocks, interpret):
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, scale, causal, seq_kv,
+                group, blocks, interpret):
     """One CTA: 2 * block_kv key rows of one (batch, kv head), summed over its G query heads.
 
     q_ref, do_ref [B, Tp, N, H], k_ref, v_ref, dk_ref, dv_ref [B, Sp, K, H] in GMEM;
@@ -210,6 +211,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, scale, c
     columns) and the barrier ds_ready [2] (both warpgroups wrote a parity's dS^T).
     """
     one_pass = blocks.one_pass
+    ragged_keys = not causal and seq_kv < k_ref.shape[1]  # causal: T == S, padded keys are masked
     dq_ref, refs = (refs[0], refs[1:]) if one_pass else (None, refs)
     (dk_ref, dv_ref, k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem, kv_full, q_full,
      do_full, rows_free, *rest) = refs
@@ -238,6 +240,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, scale, c
         visible = jnp.minimum(lax.div(kv_start + bkv - 1 + bq - 1, bq), n_q) if causal else 0
         zeros = plgpu.layout_cast(jnp.zeros(k_smem.shape, jnp.float32), plgpu.Layout.WGMMA)
         plgpu.barrier_wait(kv_full.at[wg])
+        if one_pass:  # dQ reads the other warpgroup's K tile too
+            plgpu.barrier_wait(kv_full.at[1 - wg])
 
         def add_dq(ds_pair, rows, head):
             """dQ[rows, this warpgroup's half of the columns] += dS K over the CTA's 2 * block_kv
@@ -245,9 +249,12 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, scale, c
             dq_stage = dq_smem.at[wg]
             half = dq_stage.shape[1]
             cols = pl.ds(wg * half, half)
-            products = [(None, ds_pair.at[w].transpose((1, 0)), k_smem2.at[w, :, cols])
-                        for w in range(COMPUTE_WGS)]
-            dq = functools.reduce(jnp.add, _matmuls(*products, staged=staged))
+            def issue(acc_ref):  # both warpgroups' keys into one accumulator
+                for w in range(COMPUTE_WGS):
+                    plgpu.wgmma(acc_ref, ds_pair.at[w].transpose((1, 0)), k_smem2.at[w, :, cols])
+                return acc_ref[...]
+
+            dq = pl.run_scoped(issue, plgpu.ACC((bq, half), jnp.float32))
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last step's copy read dq_stage
             dq_stage[...] = dq
             plgpu.commit_smem()
@@ -275,6 +282,10 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, scale, c
                 k_pos = kv_start + _wgmma_iota(s_t.shape, 0)
                 q_pos = i * bq + _wgmma_iota(s_t.shape, 1)
                 p_t = jnp.where(q_pos >= k_pos, p_t, 0.0)
+            elif one_pass and ragged_keys:
+                # Padded keys (zero rows of K, V) only touch their own discarded dK/dV rows, but
+                # dQ reads their dS: P there can overflow (0 * inf is NaN), so it is zeroed.
+                p_t = jnp.where(kv_start + _wgmma_iota(s_t.shape, 0) < seq_kv, p_t, 0.0)
             ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, s_t.shape, [1]))
             if one_pass:  # publish dS^T for the dQ product, which reads both warpgroups'
                 parity = lax.rem(step_index, 2)
@@ -283,10 +294,10 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, scale, c
                 plgpu.barrier_arrive(ds_ready.at[parity])
             dv, dk = _matmuls((dv, _operand(p_t.astype(dtype), p_smem), do_tile),
                               (dk, _operand(ds_t.astype(dtype), ds_t_smem), q_tile), staged=staged)
+            plgpu.barrier_arrive(rows_free.at[slot])  # the dQ product reads no Q or dO
             if one_pass:
                 plgpu.barrier_wait(ds_ready.at[parity])
                 add_dq(ds_smem.at[parity], pl.ds(i * bq, bq), kv_head * group + g)
-            plgpu.barrier_arrive(rows_free.at[slot])
             return dk, dv
 
         def head_steps(g, carry):  # query head g of the group: diagonal blocks, then the rest
@@ -326,23 +337,32 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, scale, c
 SMEM_BYTES = 227 * 1024  # shared memory a CTA may allocate on an H100
 
 
+def _smem_bytes(*buffers: int) -> int:
+    """Shared memory of scratch buffers of these sizes: Pallas starts each at a 1 KiB boundary;
+    plus 1 KiB for the barriers."""
+    return sum(-(-nbytes // 1024) * 1024 for nbytes in buffers) + 1024
+
+
 def check_smem(blocks: MosaicBwdBlocks, head_dim: int, dtype):
-    """Raise ValueError if a kernel's tiles overflow shared memory (GPU buffers, fp32 row stats)."""
+    """Raise ValueError if a kernel's tiles overflow shared memory (the buffers flash_backward
+    allocates on a GPU)."""
     slots = blocks.max_concurrent_steps
-    row_bytes = head_dim * jnp.dtype(dtype).itemsize
+    itemsize = jnp.dtype(dtype).itemsize
+    row_bytes = head_dim * itemsize
     bq, bkv = blocks.block_q_dkv, blocks.block_kv_dkv
-    needs = {  # kernel -> bytes: the rows each compute warpgroup owns + the streamed slots
-        "dK/dV": COMPUTE_WGS * bkv * 2 * row_bytes + slots * bq * (2 * row_bytes + 8),
-    }
+    # K, V of each compute warpgroup; Q, dO, lse, delta slots
+    dkv = [COMPUTE_WGS * bkv * row_bytes] * 2 + [slots * bq * row_bytes] * 2 + [slots * bq * 4] * 2
     if blocks.one_pass:  # dS^T of both warpgroups by step parity, their fp32 dQ halves
         if head_dim != 128:
             raise ValueError(f"mosaic backward one_pass needs head_dim=128 (each warpgroup adds "
                              f"64 of dQ's columns); got head_dim={head_dim}")
-        needs["dK/dV"] += (2 * COMPUTE_WGS * bkv * bq * jnp.dtype(dtype).itemsize
-                           + COMPUTE_WGS * bq * head_dim // 2 * 4)
-    else:
-        needs["dQ"] = (COMPUTE_WGS * blocks.block_q_dq * (2 * row_bytes + 8)
-                       + slots * blocks.block_kv_dq * 2 * row_bytes)
+        dkv += [2 * COMPUTE_WGS * bkv * bq * itemsize, COMPUTE_WGS * bq * head_dim // 2 * 4]
+        needs = {"dK/dV": _smem_bytes(*dkv)}
+    else:  # dQ kernel: Q, dO, lse, delta of each compute warpgroup; K, V slots
+        bq_dq = blocks.block_q_dq
+        needs = {"dK/dV": _smem_bytes(*dkv), "dQ": _smem_bytes(
+            *[COMPUTE_WGS * bq_dq * row_bytes] * 2, *[COMPUTE_WGS * bq_dq * 4] * 2,
+            *[slots * blocks.block_kv_dq * row_bytes] * 2)}
     for kernel, nbytes in needs.items():
         if nbytes > SMEM_BYTES:
             raise ValueError(f"mosaic backward tiles {blocks} need {nbytes} bytes of shared memory "
@@ -418,8 +438,8 @@ def flash_backward(q, k, v, out, lse2, dout, *, scale: float, causal: bool,
                     plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=2))  # ds_ready
     scratch += (tiles(2, COMPUTE_WGS, bkv, bq),) if interpret else ()  # P^T, dS^T staging
     dk, dv = plgpu.kernel(
-        functools.partial(_dkv_kernel, scale=scale, causal=causal, group=group, blocks=blocks,
-                          interpret=bool(interpret)),
+        functools.partial(_dkv_kernel, scale=scale, causal=causal, seq_kv=s, group=group,
+                          blocks=blocks, interpret=bool(interpret)),
         out_type=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
         grid=(kv_heads, kv_tiles, b),
         grid_names=("heads", "kv_tiles", "batch"),

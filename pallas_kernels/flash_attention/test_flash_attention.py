@@ -219,6 +219,29 @@ def test_mosaic_backward_matches_reference(case, dtype):
         _assert_grad_close(grad, ref_grad, dtype, f"mosaic backward {name}")
 
 
+def test_mosaic_one_pass_backward_ignores_padded_keys():
+    """Ragged S, full attention, fp16, every real score far below 0: a padded key's
+    P = exp(0 - lse) (its K row is zero) is ~e^15, past fp16, and dQ reads that dS; it must be
+    masked, or dS K is inf * 0 = NaN in every row. (The two-kernel backward masks it in dQ.)"""
+    b, t, s, n, kv_heads, h = 1, 64, 130, 2, 1, 128
+    keys = jax.random.split(jax.random.key(5), 4)
+    u = jax.random.normal(keys[0], (h,), jnp.float32)
+    k = u + 0.1 * jax.random.normal(keys[1], (b, s, kv_heads, h), jnp.float32)
+    q = jnp.broadcast_to(-1.8 * u, (b, t, n, h))  # q . k / sqrt(h) ~ -20
+    v = jax.random.normal(keys[2], (b, s, kv_heads, h), jnp.float32)
+    dout = jax.random.normal(keys[3], (b, t, n, h), jnp.float32)
+    q, k, v, dout = (x.astype(jnp.float16) for x in (q, k, v, dout))
+    out, vjp = jax.vjp(lambda q, k, v: attention_reference(q, k, v), *(x.astype(jnp.float32)
+                                                                      for x in (q, k, v)))
+    _, lse = attention_reference(q, k, v, return_lse=True)
+    backward = functools.partial(mosaic_bwd.flash_backward, scale=h ** -0.5, causal=False,
+                                 blocks=config.MosaicBwdBlocks(one_pass=True), interpret=not ON_GPU)
+    grads = _jit(backward)(q, k, v, out.astype(jnp.float16), lse / np.log(2.0), dout)
+    for name, grad, ref_grad in zip(("dq", "dk", "dv"), grads, vjp(dout.astype(jnp.float32))):
+        assert np.isfinite(np.asarray(grad, np.float32)).all(), f"{name} not finite"
+        _assert_grad_close(grad, ref_grad, jnp.float16, f"one-pass backward {name}")
+
+
 # GPU matrix: each (backend, dtype) on the cases listed, not the full product (every test compiles
 # its own forward and backward kernels). Together: ragged T and S, T != S, GQA 1/2/=heads, causal
 # and full, H 64 and 128, segments; Triton in bf16/fp16/fp32, Mosaic in bf16/fp16.
