@@ -116,8 +116,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, q_smem2,
     batch, head, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
     cta_start = lax.axis_index("q_tiles") * (COMPUTE_WGS * bq)
     n_kv = k_ref.shape[1] // bkv
-    # K/V steps the CTA needs: causal stops at the block holding its last row's diagonal.
-    cta_steps = lax.div(cta_start + COMPUTE_WGS * bq + bkv - 1, bkv) if causal else n_kv
+    cta_steps = mosaic_fwd.tile_steps(cta_start, COMPUTE_WGS * bq, bkv, n_kv, causal)
     qk_scale = scale * LOG2E
 
     @pl.when(wg < COMPUTE_WGS)
@@ -133,12 +132,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, q_smem2,
         plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem, rows_full.at[wg])
         plgpu.copy_gmem_to_smem(lse_ref.at[row_stats], lse_smem2.at[wg], rows_full.at[wg])
         plgpu.copy_gmem_to_smem(delta_ref.at[row_stats], delta_smem2.at[wg], rows_full.at[wg])
-        if causal:
-            steps = lax.div(q_start + bq + bkv - 1, bkv)
-            first_masked = lax.div(q_start, bkv)  # blocks before it lie wholly below the diagonal
-        else:
-            steps = n_kv
-            first_masked = seq_kv // bkv  # only a ragged last block needs its keys masked
+        steps, first_masked = mosaic_fwd.warpgroup_steps(q_start, bq, bkv, n_kv, causal, seq_kv)
         plgpu.barrier_wait(rows_full.at[wg])
         lse2 = plgpu.load(lse_smem2.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))  # [block_q]
         delta = plgpu.load(delta_smem2.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))

@@ -113,7 +113,7 @@ def _kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, qo_smem2, k_smem, v_smem, lse
         tile = q_ref.shape[1] // (wgs * bq) - 1 - tile  # so the tail wave is light ones
     cta_start = tile * (wgs * bq)
     n_kv = k_ref.shape[1] // bkv
-    cta_steps = _tile_steps(cta_start, wgs * bq, bkv, n_kv, causal)
+    cta_steps = tile_steps(cta_start, wgs * bq, bkv, n_kv, causal)
 
     @pl.when(wg < wgs)
     def _compute():
@@ -157,10 +157,18 @@ def _kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, qo_smem2, k_smem, v_smem, lse
             plgpu.barrier_wait(v_free.at[lax.rem(j, slots)])
 
 
-def _tile_steps(cta_start, rows, bkv, n_kv, causal):
+def tile_steps(cta_start, rows, bkv, n_kv, causal):
     """K/V steps a tile of `rows` query rows from cta_start needs: causal stops at the block
     holding its last row's diagonal."""
     return lax.div(cta_start + rows + bkv - 1, bkv) if causal else n_kv
+
+
+def warpgroup_steps(q_start, bq, bkv, n_kv, causal, seq_kv):
+    """(K/V steps, first step that needs a key mask) of one warpgroup's bq query rows from
+    q_start. Causal: the blocks before the first masked one lie wholly below the diagonal;
+    full: only a ragged last block needs its keys masked."""
+    first_masked = lax.div(q_start, bkv) if causal else seq_kv // bkv
+    return tile_steps(q_start, bq, bkv, n_kv, causal), first_masked
 
 
 def _compute_tile(qo_smem, lse_smem, k_smem, v_smem, k_full, v_full, q_ready, k_free, v_free,
@@ -170,12 +178,7 @@ def _compute_tile(qo_smem, lse_smem, k_smem, v_smem, k_full, v_full, q_ready, k_
     overlapped; `opens` / `closes` as in _overlapped_loop), then O and the base-2 log-sum-exp
     through qo_smem / lse_smem to GMEM. The stores are issued, not awaited."""
     bq, bkv = blocks.block_q, blocks.block_kv
-    if causal:
-        steps = lax.div(q_start + bq + bkv - 1, bkv)
-        first_masked = lax.div(q_start, bkv)  # blocks before it lie wholly below the diagonal
-    else:
-        steps = cta_steps
-        first_masked = seq_kv // bkv  # only a ragged last block needs its keys masked
+    steps, first_masked = warpgroup_steps(q_start, bq, bkv, cta_steps, causal, seq_kv)
     loop = (functools.partial(_overlapped_loop, wgs=blocks.compute_wgs, opens=opens, closes=closes)
             if blocks.overlap else _ping_pong_loop)
     acc, m, l = loop(
@@ -221,7 +224,7 @@ def _persistent_kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, q_smem4, k_smem, v
         if causal:  # the tiles with the most K/V steps first, as in _kernel
             q_tile = q_tiles - 1 - q_tile
         cta_start = q_tile * (wgs * bq)
-        return batch, head, cta_start, _tile_steps(cta_start, wgs * bq, bkv, n_kv, causal)
+        return batch, head, cta_start, tile_steps(cta_start, wgs * bq, bkv, n_kv, causal)
 
     @pl.when(wg < wgs)
     def _compute():
