@@ -129,9 +129,11 @@ _FLASH_MOSAIC = [(64, 128, 2), (64, 128, 3), (64, 128, 4), (64, 192, 2), (64, 19
 # Three compute warpgroups (FA3's 192-row tile; overlap only): block_kv, slots. Head dim 64 only:
 # at 128 a warpgroup's O and two score tiles overflow its 160 registers.
 _FLASH_MOSAIC_3WG = [(128, 2), (128, 3), (64, 4), (192, 2)]
-# Mosaic backward: block_q_dq, block_kv_dq, block_q_dkv, block_kv_dkv, max_concurrent_steps.
+# Mosaic backward: block_q_dq, block_kv_dq, block_q_dkv, block_kv_dkv, max_concurrent_steps[,
+# one_pass].
 _FLASH_MOSAIC_BWD = [(64, 64, 64, 64, 2), (64, 64, 64, 64, 3), (64, 128, 64, 64, 2),
-                     (64, 64, 128, 64, 2), (64, 128, 128, 64, 2)]
+                     (64, 64, 128, 64, 2), (64, 128, 128, 64, 2),
+                     (64, 64, 64, 64, 2, True)]  # one pass (head_dim 128; 3 slots: 20% slower)
 
 
 def _fitting(make, candidates, head_dim, check):

@@ -237,27 +237,57 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, scale, c
         if one_pass:  # dQ reads the other warpgroup's K tile too
             plgpu.barrier_wait(kv_full.at[1 - wg])
 
-        def add_dq(ds_pair, rows, head):
-            """dQ[rows, this warpgroup's half of the columns] += dS K over the CTA's 2 * block_kv
-            keys: dS^T of both warpgroups from SMEM, transposed, times their K tiles."""
-            dq_stage = dq_smem.at[wg]
-            half = dq_stage.shape[1]
-            cols = pl.ds(wg * half, half)
-            def issue(acc_ref):  # both warpgroups' keys into one accumulator
-                for w in range(COMPUTE_WGS):
-                    plgpu.wgmma(acc_ref, ds_pair.at[w].transpose((1, 0)), k_smem2.at[w, :, cols])
-                return acc_ref[...]
+        dq_cols = pl.ds(wg * (k_smem.shape[1] // 2), k_smem.shape[1] // 2)  # this wg's half
 
-            dq = pl.run_scoped(issue, plgpu.ACC((bq, half), jnp.float32))
+        def issue_dq(acc_ref, ds_pair):
+            """dQ[:, dq_cols] of the step's query block += dS K over the CTA's 2 * block_kv keys:
+            dS^T of both warpgroups from SMEM, transposed, times their K tiles."""
+            for w in range(COMPUTE_WGS):
+                plgpu.wgmma(acc_ref, ds_pair.at[w].transpose((1, 0)), k_smem2.at[w, :, dq_cols])
+
+        def store_dq(dq, rows, head):
+            """Add this warpgroup's fp32 dQ partial [block_q, H / 2] into dq_ref by TMA."""
+            dq_stage = dq_smem.at[wg]
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last step's copy read dq_stage
             dq_stage[...] = dq
             plgpu.commit_smem()
             if interpret:  # this CTA's own slice; each (rows, head, cols) is written once
-                dst = dq_ref.at[lax.axis_index("kv_tiles"), batch, rows, head, cols]
+                dst = dq_ref.at[lax.axis_index("kv_tiles"), batch, rows, head, dq_cols]
                 plgpu.copy_smem_to_gmem(dq_stage, dst)
             else:
-                plgpu.copy_smem_to_gmem(dq_stage, dq_ref.at[batch, rows, head, cols],
+                plgpu.copy_smem_to_gmem(dq_stage, dq_ref.at[batch, rows, head, dq_cols],
                                         reduction_op="add")
+
+        def one_pass_matmuls(dk, dv, p_t, ds_t, q_tile, do_tile, parity, slot):
+            """dV += P^T dO, dK += dS^T Q and, once the other warpgroup's dS^T landed, this
+            step's dQ partial: all in flight together; the Q/dO slot is released as soon as dV
+            and dK are done (interpret mode: one product at a time)."""
+            ds_pair = ds_smem.at[parity]
+            dq_shape = (q_tile.shape[0], dq_smem.shape[2])
+            if staged:
+                dv, dk = _matmuls((dv, p_t, do_tile), (dk, ds_t, q_tile), staged=True)
+                plgpu.barrier_arrive(rows_free.at[slot])
+                plgpu.barrier_wait(ds_ready.at[parity])
+
+                def issue_alone(dq_acc):
+                    issue_dq(dq_acc, ds_pair)
+                    return dq_acc[...]
+                return dk, dv, pl.run_scoped(issue_alone, plgpu.ACC(dq_shape, jnp.float32))
+
+            def issue(dv_acc, dk_acc, dq_acc):
+                dv_acc[...], dk_acc[...] = dv, dk
+                plgpu.wgmma(dv_acc, p_t, do_tile)
+                plgpu.wgmma(dk_acc, ds_t, q_tile)
+                plgpu.barrier_wait(ds_ready.at[parity])
+                issue_dq(dq_acc, ds_pair)
+                # wgmma groups retire in order: with only dQ's two pending, dV and dK are done
+                dk_out = plgpu.wgmma_accumulator_load(dk_acc, wait_n=COMPUTE_WGS)
+                dv_out = plgpu.wgmma_accumulator_load(dv_acc, wait_n=None)
+                plgpu.barrier_arrive(rows_free.at[slot])
+                return dk_out, dv_out, dq_acc[...]
+
+            return pl.run_scoped(issue, *(plgpu.ACC(shape, jnp.float32)
+                                          for shape in (dv.shape, dk.shape, dq_shape)))
 
         def step(i, carry, g, masked):  # query block i of the group's query head g
             dk, dv = carry  # [block_kv, H] fp32 each
@@ -266,7 +296,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, scale, c
             q_tile, do_tile = q_smem.at[slot], do_smem.at[slot]  # [block_q, H]
             plgpu.barrier_wait(q_full.at[slot])
             plgpu.barrier_wait(do_full.at[slot])
-            # Two wgmma groups a step: S^T and dP^T, then dV and dK (one_pass: then dQ).
+            # Two wgmma groups a step: S^T and dP^T, then dV and dK (one_pass: and dQ).
             s_t, dp_t = _matmuls((None, k_smem, q_tile.transpose((1, 0))),  # [block_kv, block_q]
                                  (None, v_smem, do_tile.transpose((1, 0))), staged=staged)
             lse2 = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
@@ -281,17 +311,19 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, scale, c
                 # dQ reads their dS: P there can overflow (0 * inf is NaN), so it is zeroed.
                 p_t = jnp.where(kv_start + _wgmma_iota(s_t.shape, 0) < seq_kv, p_t, 0.0)
             ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, s_t.shape, [1]))
-            if one_pass:  # publish dS^T for the dQ product, which reads both warpgroups'
+            p_t, ds_t = p_t.astype(dtype), ds_t.astype(dtype)
+            if one_pass:  # publish dS^T: dQ reads both warpgroups'
                 parity = lax.rem(step_index, 2)
-                ds_smem.at[parity, wg][...] = ds_t.astype(dtype)
+                ds_smem.at[parity, wg][...] = ds_t
                 plgpu.commit_smem()
                 plgpu.barrier_arrive(ds_ready.at[parity])
-            dv, dk = _matmuls((dv, _operand(p_t.astype(dtype), p_smem), do_tile),
-                              (dk, _operand(ds_t.astype(dtype), ds_t_smem), q_tile), staged=staged)
-            plgpu.barrier_arrive(rows_free.at[slot])  # the dQ product reads no Q or dO
-            if one_pass:
-                plgpu.barrier_wait(ds_ready.at[parity])
-                add_dq(ds_smem.at[parity], pl.ds(i * bq, bq), kv_head * group + g)
+            p_t, ds_t = _operand(p_t, p_smem), _operand(ds_t, ds_t_smem)
+            if not one_pass:
+                dv, dk = _matmuls((dv, p_t, do_tile), (dk, ds_t, q_tile), staged=staged)
+                plgpu.barrier_arrive(rows_free.at[slot])
+                return dk, dv
+            dk, dv, dq = one_pass_matmuls(dk, dv, p_t, ds_t, q_tile, do_tile, parity, slot)
+            store_dq(dq, pl.ds(i * bq, bq), kv_head * group + g)
             return dk, dv
 
         def head_steps(g, carry):  # query head g of the group: diagonal blocks, then the rest
@@ -428,7 +460,10 @@ def flash_backward(q, k, v, out, lse2, dout, *, scale: float, causal: bool,
         dq_sums = jax.new_ref(jnp.zeros(((kv_tiles,) if interpret else ()) + q.shape, jnp.float32))
         operands += (dq_sums,)
         scratch += (tiles(2, COMPUTE_WGS, bkv, bq),  # dS^T by step parity
-                    plgpu.SMEM((COMPUTE_WGS, bq, h // 2), jnp.float32),  # each half of dQ
+                    # each half of dQ, fp32, in 128-byte swizzled rows (no bank conflicts
+                    # when stored from the wgmma layout)
+                    plgpu.SMEM((COMPUTE_WGS, bq, h // 2), jnp.float32, transforms=(
+                        plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))),
                     plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=2))  # ds_ready
     scratch += (tiles(2, COMPUTE_WGS, bkv, bq),) if interpret else ()  # P^T, dS^T staging
     dk, dv = plgpu.kernel(
