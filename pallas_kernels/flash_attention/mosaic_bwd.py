@@ -49,6 +49,12 @@ from pallas_kernels.flash_attention import mosaic_fwd
 from pallas_kernels.flash_attention.triton_fwd import LOG2E
 
 COMPUTE_WGS = 2  # compute warpgroups per CTA of both kernels; a third one issues the TMA copies
+# Registers a thread of each compute warpgroup / of the memory warpgroup (2 * compute + memory
+# <= 512, multiples of 8). The one-pass dK/dV kernel keeps a third accumulator (dQ) live and
+# spills at 232 (ptxas: 140-424 bytes a thread): FA3's 240 / 24 measured 1-6% faster there on
+# an H200 (B4 T4k and B1 T16k, full and causal); the two-kernel backward gained nothing from it.
+REGISTERS = (232, 40)
+ONE_PASS_REGISTERS = (240, 24)
 
 
 def _matmuls(*products, staged):
@@ -121,7 +127,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, q_smem2,
 
     @pl.when(wg < COMPUTE_WGS)
     def _compute():
-        plgpu.set_max_registers(232, action="increase")
+        plgpu.set_max_registers(REGISTERS[0], action="increase")
         q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
         staged = bool(staging)
         ds_smem = staging[0].at[wg] if staged else None
@@ -174,7 +180,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, q_smem2,
 
     @pl.when(wg == COMPUTE_WGS)
     def _memory():
-        plgpu.set_max_registers(40, action="decrease")
+        plgpu.set_max_registers(REGISTERS[1], action="decrease")
         kv_head = lax.div(head, group)
 
         def load(j, slot):
@@ -205,6 +211,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, scale, c
     columns) and the barrier ds_ready [2] (both warpgroups wrote a parity's dS^T).
     """
     one_pass = blocks.one_pass
+    registers = ONE_PASS_REGISTERS if one_pass else REGISTERS
     ragged_keys = not causal and seq_kv < k_ref.shape[1]  # causal: T == S, padded keys are masked
     dq_ref, refs = (refs[0], refs[1:]) if one_pass else (None, refs)
     (dk_ref, dv_ref, k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem, kv_full, q_full,
@@ -222,7 +229,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, scale, c
 
     @pl.when(wg < COMPUTE_WGS)
     def _compute():
-        plgpu.set_max_registers(232, action="increase")
+        plgpu.set_max_registers(registers[0], action="increase")
         k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
         staged = bool(staging)
         p_smem, ds_t_smem = (staging[0].at[0, wg], staging[0].at[1, wg]) if staged else (None, None)
@@ -346,7 +353,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, scale, c
 
     @pl.when(wg == COMPUTE_WGS)
     def _memory():
-        plgpu.set_max_registers(40, action="decrease")
+        plgpu.set_max_registers(registers[1], action="decrease")
 
         def load(j, slot):
             head = kv_head * group + lax.div(j, per_head)
