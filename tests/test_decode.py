@@ -1,5 +1,6 @@
 """KV-cache generation against full recomputation, and the samplers."""
 import dataclasses
+import importlib
 import json
 import math
 import re
@@ -84,6 +85,25 @@ def test_sampling_is_seeded():
     other_seed = generate(model, prompt, dataclasses.replace(cfg, seed=8))
     greedy = generate(model, prompt, dataclasses.replace(cfg, temperature=0.0))
     assert not np.array_equal(tokens, other_seed) and not np.array_equal(tokens, greedy)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_single_row_decoded_as_two_rows_matches(temperature, monkeypatch):
+    """A batch-1 prompt decoded as two identical rows (what a GPU does, see
+    doubles_single_row) gives one row of the same tokens, greedy and sampled."""
+    generate_module = importlib.import_module("llmjax.decode.generate")  # the package's
+    # `generate` attribute is the function
+    model = init_model(load_config(overrides=["preset=llama-tiny"]).model, seed=1)
+    prompt = jax.random.randint(jax.random.key(0), (1, 5), 0, 512, dtype=jnp.int32)
+    cfg = DecodeConfig(max_new_tokens=10, temperature=temperature, seed=3)
+    results = {}
+    for double in (False, True):
+        monkeypatch.setattr(generate_module, "doubles_single_row", lambda double=double: double)
+        results[double] = generate(model, prompt, cfg)
+    assert results[True].shape == (1, 15)
+    np.testing.assert_array_equal(results[True], results[False])
+    if temperature == 0.0:
+        np.testing.assert_array_equal(results[True], greedy_by_recompute(model, prompt, 10))
 
 
 def test_bench_decode_smoke(tmp_path):
