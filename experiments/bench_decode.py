@@ -24,9 +24,7 @@ Random weights (speed does not depend on them). `--smoke`: tiny models on a CPU 
 Writes benchmarks/results/decode[-smoke]_<device>_<date>.json and .png.
 """
 import argparse
-import dataclasses
 import datetime
-import functools
 import json
 import os
 import pathlib
@@ -87,22 +85,31 @@ def ms_per_token(model, batch, s, *, kernels=False) -> dict:
     prompt = _prompt(batch, s["prompt_len"], model.cfg.vocab_size)
     cfg = DecodeConfig(max_new_tokens=s["new_tokens"], temperature=0.0)
 
-    def run(params, n):  # weights as an argument: the profiler jits what it measures, and a
-        # closure's weights would become gigabytes of constants in that program
-        return generate(dataclasses.replace(model, params=params), prompt, cfg, steps=n)
+    def run(n):
+        return generate(model, prompt, cfg, steps=n)
 
     steps = s["new_tokens"] - 1  # N and 1 new tokens share one compiled program
-    out = dict(ms_per_token=(_bench.wall_seconds(lambda: run(model.params, s["new_tokens"]), s["reps"])
-                             - _bench.wall_seconds(lambda: run(model.params, 1), s["reps"])) / steps * 1e3)
+    out = dict(ms_per_token=(_bench.wall_seconds(lambda: run(s["new_tokens"]), s["reps"])
+                             - _bench.wall_seconds(lambda: run(1), s["reps"])) / steps * 1e3)
     if kernels and _bench.timer_name() == "cupti":
         from jax.experimental.mosaic.gpu import profiler
         try:
-            long, short = (profiler.measure(functools.partial(run, n=n), aggregate=False)(model.params)[1]
+            program, program_args = generate_program(model, prompt, cfg)
+            long, short = (profiler.measure(program, aggregate=False)(*program_args(n))[1]
                            for n in (s["new_tokens"], 1))
             out.update(kernels_per_token(long, short, steps))
         except Exception as e:  # the wall-clock number stands without it
             out["kernel_error"] = _bench.error_text(e)
     return out
+
+
+def generate_program(model, prompt, cfg: DecodeConfig):
+    """generate's compiled program and, for n new tokens, its arguments: a profiler times the
+    program itself, since wrapping generate in the profiler's own jit would drop the decode
+    loop's compiler options (JAX refuses them on a nested jit)."""
+    program = lower_generate(model, prompt, cfg).compile()
+    key = jax.random.key(cfg.seed)
+    return program, lambda n: (model.params, prompt, key, jnp.int32(n))
 
 
 def kernels_per_token(long, short, steps: int, shown: int = 30) -> dict:
