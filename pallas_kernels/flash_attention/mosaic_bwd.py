@@ -49,11 +49,11 @@ from pallas_kernels.flash_attention import mosaic_fwd
 from pallas_kernels.flash_attention.triton_fwd import LOG2E
 
 COMPUTE_WGS = 2  # compute warpgroups per CTA of both kernels; a third one issues the TMA copies
-# Registers a thread of each compute warpgroup / of the memory warpgroup (2 * compute + memory
-# <= 512, multiples of 8). The one-pass dK/dV kernel keeps a third accumulator (dQ) live and
-# spills at 232 (ptxas: 140-424 bytes a thread): FA3's 240 / 24 measured 1-6% faster there on
-# an H200 (B4 T4k and B1 T16k, full and causal); the two-kernel backward gained nothing from it.
-REGISTERS = (232, 40)
+# Registers a thread of each compute warpgroup / of the memory warpgroup: the forward's 232 / 40.
+# The one-pass dK/dV kernel keeps a third accumulator (dQ) live and spills at 232 (ptxas: 140-424
+# bytes a thread): FA3's 240 / 24 measured 1-6% faster there on an H200 (B4 T4k and B1 T16k,
+# full and causal); the two-kernel backward gained nothing from it.
+REGISTERS = mosaic_fwd.REGISTERS[COMPUTE_WGS]
 ONE_PASS_REGISTERS = (240, 24)
 
 
