@@ -106,7 +106,8 @@ def doubles_single_row() -> bool:
     activation to two rows before each small projection (`ops.dense`: XLA would turn the
     vector-matrix products into slow reductions) and those pads are kernels of their own; two
     rows from the prompt on need none. H200, Llama 1.1B: 1.19 -> 1.04 ms a token
-    (benchmarks/NOTES.md); the second row's cache and attention are ~1% of the bytes read."""
+    (benchmarks/NOTES.md). The price: the second row's KV cache (twice a batch-1 cache's memory;
+    its reads were ~1% of the bytes a token at a 256-token context)."""
     return jax.default_backend() == "gpu"
 
 
