@@ -99,6 +99,9 @@ def test_single_row_decoded_as_two_rows_matches(temperature, monkeypatch):
     results = {}
     for double in (False, True):
         monkeypatch.setattr(generate_module, "doubles_single_row", lambda double=double: double)
+        options = generate_module._generate_args(generate_module.prepare_decode(model), prompt, cfg,
+                                                 None, None)[1]
+        assert options["double"] is double  # the program below takes the doubled path
         results[double] = generate(model, prompt, cfg)
     assert results[True].shape == (1, 15)
     np.testing.assert_array_equal(results[True], results[False])

@@ -105,7 +105,7 @@ def doubles_single_row() -> bool:
     """Whether a batch-1 generate runs as two identical rows. On a GPU a one-row step pads its
     activation to two rows before each small projection (`ops.dense`: XLA would turn the
     vector-matrix products into slow reductions) and those pads are kernels of their own; two
-    rows from the prompt on need none. H200, Llama 1.1B: 1.19 -> 1.04 ms a token
+    rows after the (single-row) prefill need none. H200, Llama 1.1B: 1.19 -> 1.04 ms a token
     (benchmarks/NOTES.md). The price: the second row's KV cache (twice a batch-1 cache's memory;
     its reads were ~1% of the bytes a token at a 256-token context)."""
     return jax.default_backend() == "gpu"
@@ -116,23 +116,26 @@ def doubles_single_row() -> bool:
          compiler_options=DECODE_COMPILER_OPTIONS)
 def _generate(graphdef, params, prompt, key, steps, *, max_new_tokens, temperature, top_k, top_p, vocab_size,
               double):
-    """`double`: prompt is one row, decoded as two identical rows (see doubles_single_row)."""
+    """`double`: prompt is one row; it is prefilled once, then decoded as two identical rows (see
+    doubles_single_row)."""
     model = nnx.merge(graphdef, params)
     layers = split_layers(model)
-    if double:
-        prompt = jnp.concatenate([prompt, prompt])
     b, t0 = prompt.shape
     total = t0 + max_new_tokens
     sample_rows = partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p, vocab_size=vocab_size)
-
-    def sample(logits, key):  # the doubled row samples once, so both rows stay the same
-        return jnp.concatenate([sample_rows(logits[:1], key)] * 2) if double else sample_rows(logits, key)
 
     positions = jnp.broadcast_to(jnp.arange(t0, dtype=jnp.int32), (b, t0))
     hidden, caches = forward_hidden(model, layers, prompt, positions, init_layer_caches(model.cfg, b, total))
     keys = jax.random.split(key, max_new_tokens)
     tokens = jnp.zeros((b, total), jnp.int32).at[:, :t0].set(prompt)
-    tokens = tokens.at[:, t0].set(sample(model.logits(hidden[:, -1:])[:, 0], keys[0]))
+    tokens = tokens.at[:, t0].set(sample_rows(model.logits(hidden[:, -1:])[:, 0], keys[0]))
+    if double:  # caches [1, B, S, K, H] per layer
+        tokens = jnp.concatenate([tokens, tokens])
+        caches = jax.tree.map(lambda c: jnp.concatenate([c, c], axis=1), caches)
+        b = 2
+
+    def sample(logits, key):  # the doubled row samples once, so both rows stay the same
+        return jnp.concatenate([sample_rows(logits[:1], key)] * 2) if double else sample_rows(logits, key)
 
     def step(i, carry):  # token at position t0 + i is known; predict t0 + i + 1
         tokens, caches = carry

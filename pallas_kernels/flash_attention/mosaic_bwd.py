@@ -248,9 +248,11 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, scale, c
 
         def issue_dq(acc_ref, ds_pair):
             """dQ[:, dq_cols] of the step's query block += dS K over the CTA's 2 * block_kv keys:
-            dS^T of both warpgroups from SMEM, transposed, times their K tiles."""
+            dS^T of both warpgroups from SMEM, transposed, times their K tiles. Returns how many
+            wgmma groups it issued."""
             for w in range(COMPUTE_WGS):
                 plgpu.wgmma(acc_ref, ds_pair.at[w].transpose((1, 0)), k_smem2.at[w, :, dq_cols])
+            return COMPUTE_WGS
 
         def store_dq(dq, rows, head):
             """Add this warpgroup's fp32 dQ partial [block_q, H / 2] into dq_ref by TMA."""
@@ -286,9 +288,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, scale, c
                 plgpu.wgmma(dv_acc, p_t, do_tile)
                 plgpu.wgmma(dk_acc, ds_t, q_tile)
                 plgpu.barrier_wait(ds_ready.at[parity])
-                issue_dq(dq_acc, ds_pair)
-                # wgmma groups retire in order: with only dQ's two pending, dV and dK are done
-                dk_out = plgpu.wgmma_accumulator_load(dk_acc, wait_n=COMPUTE_WGS)
+                dq_groups = issue_dq(dq_acc, ds_pair)
+                # wgmma groups retire in order: with only dQ's pending, dV and dK are done
+                dk_out = plgpu.wgmma_accumulator_load(dk_acc, wait_n=dq_groups)
                 dv_out = plgpu.wgmma_accumulator_load(dv_acc, wait_n=None)
                 plgpu.barrier_arrive(rows_free.at[slot])
                 return dk_out, dv_out, dq_acc[...]
