@@ -40,7 +40,7 @@ from flax import nnx
 from llmjax.config import DecodeConfig, load_config
 from llmjax.data import load_dataset
 from llmjax.decode import generate, prepare_decode, speculative_generate
-from llmjax.decode.generate import lower_generate
+from llmjax.decode.generate import generate_program, lower_generate
 from llmjax.decode.quantize import perplexity
 from llmjax.decode.speculative import expected_tokens_per_round, truncated_draft
 from llmjax.models import init_model
@@ -101,15 +101,6 @@ def ms_per_token(model, batch, s, *, kernels=False) -> dict:
         except Exception as e:  # the wall-clock number stands without it
             out["kernel_error"] = _bench.error_text(e)
     return out
-
-
-def generate_program(model, prompt, cfg: DecodeConfig):
-    """generate's compiled program and, for n new tokens, its arguments: a profiler times the
-    program itself, since wrapping generate in the profiler's own jit would drop the decode
-    loop's compiler options (JAX refuses them on a nested jit)."""
-    program = lower_generate(model, prompt, cfg).compile()
-    key = jax.random.key(cfg.seed)
-    return program, lambda n: (model.params, prompt, key, jnp.int32(n))
 
 
 def kernels_per_token(long, short, steps: int, shown: int = 30) -> dict:

@@ -152,13 +152,13 @@ def test_decode_loop_has_no_per_step_weight_casts_or_layer_slices():
 def test_generate_program_takes_its_arguments_like_generate():
     """bench_decode profiles generate's compiled program (its jit's compiler options rule out a
     profiler's enclosing jit): the program and its argument builder give generate's tokens."""
-    from experiments import bench_decode
     from llmjax.decode import prepare_decode
+    from llmjax.decode.generate import generate_program
 
     model = prepare_decode(init_model(load_config(overrides=["preset=llama-tiny"]).model, seed=1))
     prompt = jax.random.randint(jax.random.key(0), (1, 4), 0, 512, dtype=jnp.int32)
     cfg = DecodeConfig(max_new_tokens=6, temperature=0.0)
-    program, args = bench_decode.generate_program(model, prompt, cfg)
+    program, args = generate_program(model, prompt, cfg)
     for n in (1, 6):
         np.testing.assert_array_equal(program(*args(n)), generate(model, prompt, cfg, steps=n))
 

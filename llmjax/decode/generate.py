@@ -183,6 +183,16 @@ def lower_generate(model, prompt, cfg: DecodeConfig, vocab_size: int | None = No
     return _generate.lower(*args, **options)
 
 
+def generate_program(model, prompt, cfg: DecodeConfig, vocab_size: int | None = None):
+    """`generate`'s compiled program and, for n new tokens, its arguments (generate's, less the
+    static ones): a profiler times the program itself, since wrapping generate in the
+    profiler's own jit would drop the decode loop's compiler options (JAX refuses them on a
+    nested jit)."""
+    model = prepare_decode(model)
+    program = lower_generate(model, prompt, cfg, vocab_size).compile()
+    return program, lambda n: _generate_args(model, prompt, cfg, None, vocab_size, steps=n)[0][1:]
+
+
 def generate(model, prompt, cfg: DecodeConfig, key=None, vocab_size: int | None = None,
              steps: int | None = None):
     """Continue `prompt` [B, T0] int32 by cfg.max_new_tokens tokens; returns [B, T0 + new].
