@@ -21,11 +21,13 @@ class DecodeCase:
 
 
 # CPU interpret mode: GQA 4/2 with an idle slot (length 0), a one-key and a ragged length;
-# multi-query attention (one kv head) with a full table; MHA.
+# multi-query attention (one kv head) with a full table; MHA; three heads a kv head (not a power
+# of 2: padded to 16 rows, where the others are repeated in the kernel).
 CPU_CASES = (
     DecodeCase("gqa4_2_ragged", 3, 4, 2, 16, 8, 6, lengths=(1, 45, 0)),
     DecodeCase("mqa8_1_full", 2, 8, 1, 32, 16, 4, lengths=(64, 17)),
     DecodeCase("mha4_4", 2, 4, 4, 16, 16, 3, lengths=(33, 48)),
+    DecodeCase("gqa6_2_padded", 2, 6, 2, 16, 8, 4, lengths=(30, 5)),
 )
 
 # GPU: Llama-1B-like heads (32/4, 64) and GPT-2 (12/12, 64), long and short contexts.

@@ -6,8 +6,8 @@ ones. One program per (sequence, kv head, split of the pages) holds the G query 
 share the kv head (GQA), walks its pages `pages_per_step` at a time with an online softmax,
 and writes a partial result; `merge_splits` combines the splits (flash-decoding).
 
-B batch, N query heads, K kv heads, G = N // K (padded to Gp), H head dim, P pool pages,
-bs page size, M pages per sequence (padded to splits * pages_per_split).
+B batch, N query heads, K kv heads, G = N // K (padded to Gp where G is not a power of 2), H head
+dim, P pool pages, bs page size, M pages per sequence (padded to splits * pages_per_split).
 """
 import functools
 import math
@@ -24,7 +24,7 @@ from pallas_kernels.decode_attention.config import DecodeBlocks
 LOG2E = math.log2(math.e)  # base 2 throughout: exp2 is the cheap exponential
 # Finite, not -inf: a fully masked step gives junk that the next real maximum wipes out.
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
-MIN_ROWS = 16  # Triton dots need at least 16 rows: the G query heads are padded up to this
+MIN_ROWS = 16  # Triton dots need at least 16 rows: fewer query heads are repeated up to this
 
 
 def _dot_precision(dtype):
@@ -39,6 +39,9 @@ def _decode_kernel(tables_ref, length_ref, q_ref, k_ref, v_ref, *refs, scale,
     tables_ref [pages_per_split] int32 (this split's page ids); length_ref [1] int32;
     q_ref [Gp, H]; k_ref, v_ref [P, bs, H] (this kv head); o_ref [Gp, H] fp32 (normalized
     within the split); m_ref, l_ref [Gp] fp32: base-2 running max and softmax denominator.
+    Gp < MIN_ROWS (a power of 2): the rows are computed MIN_ROWS / Gp times over, in one dot, and
+    one copy is written (the copies are bitwise equal: each row's arithmetic is its own). This
+    spares the caller a pad of q and a slice of the output, two kernels a layer.
     quantized: k_ref, v_ref are int8/fp8 codes and refs starts with ks_ref, vs_ref [P, bs] bf16 scales,
     cast to fp32 and applied as the pages are read (8-bit KV: (H + 2) / 2H of bf16's bytes per step).
     """
@@ -49,7 +52,10 @@ def _decode_kernel(tables_ref, length_ref, q_ref, k_ref, v_ref, *refs, scale,
     live_pages = jnp.clip(pl.cdiv(length, page_size) - first_page, 0, pages_per_split)
     keys_per_step = pages_per_step * page_size
     q = q_ref[...]  # [Gp, H]
-    head_dim = q.shape[-1]
+    rows, head_dim = q.shape
+    copies = max(1, MIN_ROWS // rows)
+    if copies > 1:
+        q = lax.broadcast_in_dim(q, (copies, rows, head_dim), (1, 2)).reshape(copies * rows, head_dim)
 
     def step(i, carry):
         acc, m, l = carry  # [Gp, H], [Gp], [Gp]
@@ -74,9 +80,10 @@ def _decode_kernel(tables_ref, length_ref, q_ref, k_ref, v_ref, *refs, scale,
     carry = (jnp.zeros(q.shape, jnp.float32), jnp.full(q.shape[:1], MASK_VALUE, jnp.float32),
              jnp.zeros(q.shape[:1], jnp.float32))
     acc, m, l = lax.fori_loop(0, pl.cdiv(live_pages, pages_per_step), step, carry)
-    o_ref[...] = acc / jnp.where(l > 0, l, 1.0)[:, None]  # an empty split writes zeros, l = 0
-    m_ref[...] = m
-    l_ref[...] = l
+    one_copy = lambda x: x.reshape(copies, rows, *x.shape[1:]).max(axis=0)  # noqa: E731
+    o_ref[...] = one_copy(acc / jnp.where(l > 0, l, 1.0)[:, None])  # an empty split: zeros, l = 0
+    m_ref[...] = one_copy(m)
+    l_ref[...] = one_copy(l)
 
 
 def decode_partials(q, k_pages, v_pages, block_tables, lengths, *, scale: float,
