@@ -1,5 +1,7 @@
 """Speculative decoding: greedy output equals the target's, sampled output follows the target's
 distribution (chi-square on a tiny vocabulary), and bad arguments are rejected."""
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +11,7 @@ from scipy import stats
 from llmjax.config import DecodeConfig, load_config
 from llmjax.decode import generate, speculative_generate
 from llmjax.decode.sampling import filter_logits
+from llmjax.decode.generate import doubled as generate_doubled
 from llmjax.decode.speculative import expected_tokens_per_round, truncated_draft
 from llmjax.models import init_model
 
@@ -36,6 +39,31 @@ def test_greedy_equals_target_greedy_generate():
     # The last round may overshoot by up to gamma tokens.
     for r in (unrelated, early_exit):
         assert np.all(r.accepted + r.rounds >= 19) and np.all(r.accepted + r.rounds <= 19 + 3)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.2])
+def test_single_row_draft_decoded_as_two_rows_matches(temperature, monkeypatch):
+    """A batch-1 draft run as two identical rows (what a GPU does, see doubles_single_row) gives
+    the same tokens and acceptance counts, greedy and sampled."""
+    module = importlib.import_module("llmjax.decode.speculative")
+    target = tiny(1)
+    # The target's first layer as draft gets some tokens accepted and some rejected (sampled at a
+    # low temperature: the random tiny models' distributions are near uniform at 1).
+    draft = truncated_draft(target, 1)
+    prompt = jax.random.randint(jax.random.key(0), (1, 5), 0, 512, dtype=jnp.int32)
+    cfg = DecodeConfig(max_new_tokens=12, temperature=temperature, seed=3)
+    results = {}
+    for double in (False, True):
+        doublings = []
+        monkeypatch.setattr(module, "doubles_single_row", lambda double=double: double)
+        monkeypatch.setattr(module, "doubled", lambda c: doublings.append(1) or generate_doubled(c))
+        results[double] = speculative_generate(target, draft, prompt, cfg, gamma=3)
+        assert bool(doublings) is double  # the doubled program was traced
+    single, two = results[False], results[True]
+    np.testing.assert_array_equal(two.tokens, single.tokens)
+    for name in ("rounds", "accepted", "rejected"):
+        np.testing.assert_array_equal(getattr(two, name), getattr(single, name))
+    assert single.accepted.sum() > 0 and single.rejected.sum() > 0  # both branches of a round ran
 
 
 def test_sampled_tokens_follow_the_target_distribution():

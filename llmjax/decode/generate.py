@@ -111,6 +111,12 @@ def doubles_single_row() -> bool:
     return jax.default_backend() == "gpu"
 
 
+def doubled(caches):
+    """Layer caches of one row (init_layer_caches: [1, B = 1, S, K, H] leaves), repeated to two
+    identical rows."""
+    return jax.tree.map(lambda c: jnp.concatenate([c, c], axis=1), caches)
+
+
 @partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p", "vocab_size",
                                    "double"),
          compiler_options=DECODE_COMPILER_OPTIONS)
@@ -129,10 +135,8 @@ def _generate(graphdef, params, prompt, key, steps, *, max_new_tokens, temperatu
     keys = jax.random.split(key, max_new_tokens)
     tokens = jnp.zeros((b, total), jnp.int32).at[:, :t0].set(prompt)
     tokens = tokens.at[:, t0].set(sample_rows(model.logits(hidden[:, -1:])[:, 0], keys[0]))
-    if double:  # caches [1, B, S, K, H] per layer
-        tokens = jnp.concatenate([tokens, tokens])
-        caches = jax.tree.map(lambda c: jnp.concatenate([c, c], axis=1), caches)
-        b = 2
+    if double:
+        tokens, caches, b = jnp.concatenate([tokens, tokens]), doubled(caches), 2
 
     def sample(logits, key):  # the doubled row samples once, so both rows stay the same
         return jnp.concatenate([sample_rows(logits[:1], key)] * 2) if double else sample_rows(logits, key)

@@ -9,6 +9,8 @@ target's greedy tokens. The whole generation is one device call: a `lax.while_lo
 
 Caches: rows before the last known token are in both caches; a rejected suffix needs no undo,
 since `attend_cached` hides slots past each query's position and the next round overwrites them.
+On a GPU a batch-1 draft decodes as two identical rows, as `generate` does (doubles_single_row):
+its one-token steps are the ones a single row slows down.
 """
 import dataclasses
 from functools import partial
@@ -19,8 +21,9 @@ import numpy as np
 from flax import nnx
 
 from llmjax.config import DecodeConfig
-from llmjax.decode.generate import (DECODE_COMPILER_OPTIONS, check_prompt, forward_hidden, graphdef_for,
-                                    init_layer_caches, prepare_decode, split_layers)
+from llmjax.decode.generate import (DECODE_COMPILER_OPTIONS, check_prompt, doubled, doubles_single_row,
+                                    forward_hidden, graphdef_for, init_layer_caches, prepare_decode,
+                                    split_layers)
 from llmjax.decode.sampling import filter_logits, greedy
 
 
@@ -53,8 +56,10 @@ def expected_tokens_per_round(alpha: float, gamma: int) -> float:
 
 
 def _speculate_row(target, draft, prompt, key, *, max_new_tokens, gamma, temperature, top_k, top_p,
-                   vocab_size):
-    """One sequence: prompt [1, T0] -> (tokens [1, T0 + new], rounds, accepted, rejected)."""
+                   vocab_size, double_draft):
+    """One sequence: prompt [1, T0] -> (tokens [1, T0 + new], rounds, accepted, rejected).
+    double_draft: the draft's cache holds two identical rows and each draft forward runs on both
+    (row 0 read)."""
     t0 = prompt.shape[1]
     total = t0 + max_new_tokens
     length = total + gamma  # a round may write gamma tokens past `total`
@@ -75,12 +80,16 @@ def _speculate_row(target, draft, prompt, key, *, max_new_tokens, gamma, tempera
         return target.logits(hidden), caches
 
     def run_draft(tokens, positions, caches):  # -> logits [V] of the last position, caches
+        if double_draft:
+            tokens, positions = jnp.concatenate([tokens, tokens]), jnp.concatenate([positions, positions])
         hidden, caches = forward_hidden(draft, draft_layers, tokens, positions, caches)
-        return draft.logits(hidden[:, -1:])[0, 0], caches
+        return draft.logits(hidden[:1, -1:])[0, 0], caches
 
     hidden, target_cache = forward_hidden(target, target_layers, prompt, at(0, t0),
                                           init_layer_caches(target.cfg, 1, length))
     _, draft_cache = forward_hidden(draft, draft_layers, prompt, at(0, t0), init_layer_caches(draft.cfg, 1, length))
+    if double_draft:  # the prompt is prefilled once
+        draft_cache = doubled(draft_cache)
     key, first_key = jax.random.split(key)
     first = sample(target.logits(hidden[:, -1:])[0, 0], first_key)
     tokens = jnp.zeros((1, length), jnp.int32).at[:, :t0].set(prompt).at[0, t0].set(first)
@@ -144,7 +153,7 @@ def _speculate_row(target, draft, prompt, key, *, max_new_tokens, gamma, tempera
 
 
 @partial(jax.jit, static_argnames=("target_def", "draft_def", "max_new_tokens", "gamma", "temperature",
-                                   "top_k", "top_p", "vocab_size"),
+                                   "top_k", "top_p", "vocab_size", "double_draft"),
          compiler_options=DECODE_COMPILER_OPTIONS)
 def _speculative(target_def, target_params, draft_def, draft_params, prompt, keys, **options):
     target, draft = nnx.merge(target_def, target_params), nnx.merge(draft_def, draft_params)
@@ -185,7 +194,7 @@ def speculative_generate(target, draft, prompt, cfg: DecodeConfig, *, gamma: int
     tokens, rounds, accepted, rejected = _speculative(
         target.graphdef, target.params, draft.graphdef, draft.params, prompt, keys,
         max_new_tokens=cfg.max_new_tokens, gamma=gamma, temperature=cfg.temperature, top_k=cfg.top_k,
-        top_p=cfg.top_p, vocab_size=vocab_size)
+        top_p=cfg.top_p, vocab_size=vocab_size, double_draft=prompt.shape[0] == 1 and doubles_single_row())
     return SpeculativeResult(tokens, np.asarray(rounds), np.asarray(accepted), np.asarray(rejected))
 
 
