@@ -44,6 +44,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels import mosaic_trace
 from pallas_kernels.flash_attention.config import MosaicBwdBlocks
 from pallas_kernels.flash_attention import mosaic_fwd
 from pallas_kernels.flash_attention.triton_fwd import LOG2E
@@ -141,6 +142,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, q_smem2,
     qk_scale = scale * LOG2E
 
     @pl.when(wg < COMPUTE_WGS)
+    @mosaic_trace.region("tile")
     def _compute():
         plgpu.set_max_registers(REGISTERS[0], action="increase")
         q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
@@ -159,6 +161,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, q_smem2,
         delta = plgpu.load(delta_smem2.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
         dq = plgpu.layout_cast(jnp.zeros(q_smem.shape, jnp.float32), plgpu.Layout.WGMMA)
 
+        @mosaic_trace.region("step")
         def step(j, dq, masked):  # dq [block_q, H] fp32
             slot = lax.rem(j, slots)
             k_tile, v_tile = k_smem.at[slot], v_smem.at[slot]  # [block_kv, H]
@@ -246,6 +249,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, scale, c
     qk_scale = scale * LOG2E
 
     @pl.when(wg < COMPUTE_WGS)
+    @mosaic_trace.region("tile")
     def _compute():
         plgpu.set_max_registers(registers[0], action="increase")
         k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
@@ -316,6 +320,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, scale, c
             return pl.run_scoped(issue, *(plgpu.ACC(shape, jnp.float32)
                                           for shape in (dv.shape, dk.shape, dq_shape)))
 
+        @mosaic_trace.region("step")
         def step(i, carry, g, masked):  # query block i of the group's query head g
             dk, dv = carry  # [block_kv, H] fp32 each
             step_index = g * per_head + i - first_q  # both compute warpgroups count alike
@@ -463,7 +468,7 @@ def flash_backward(q, k, v, out, lse2, dout, *, scale: float, causal: bool,
     common = dict(
         num_threads=COMPUTE_WGS + 1,
         thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
+        compiler_params=mosaic_trace.compiler_params(approx_math=True),
         # interpret="races" also runs the interpreter's race detector (slower).
         interpret=(plgpu.InterpretGPUParams(detect_races=interpret == "races") if interpret
                    else None),

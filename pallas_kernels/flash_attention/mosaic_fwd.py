@@ -25,6 +25,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels import mosaic_trace
 from pallas_kernels.flash_attention.config import MosaicBlocks
 from pallas_kernels.flash_attention.triton_fwd import LOG2E
 from pallas_kernels.norms.config import sm_count
@@ -171,6 +172,7 @@ def warpgroup_steps(q_start, bq, bkv, n_kv, causal, seq_kv):
     return tile_steps(q_start, bq, bkv, n_kv, causal), first_masked
 
 
+@mosaic_trace.region("tile")
 def _compute_tile(qo_smem, lse_smem, k_smem, v_smem, k_full, v_full, q_ready, k_free, v_free,
                   schedule, p_smem, out_ref, lse_ref, *, batch, head, wg, q_start, cta_steps, base,
                   scale, causal, seq_kv, blocks, opens=True, closes=True):
@@ -186,11 +188,12 @@ def _compute_tile(qo_smem, lse_smem, k_smem, v_smem, k_full, v_full, q_ready, k_
         steps=steps, first_masked=first_masked, cta_steps=cta_steps, qk_scale=scale * LOG2E,
         mask=functools.partial(_mask, q_start=q_start, causal=causal, seq_kv=seq_kv),
         slots=blocks.max_concurrent_steps, base=base)
-    qo_smem[...] = _rows_times(acc, 1.0 / l).astype(qo_smem.dtype)
-    lse_smem[...] = m + jnp.log(l) * (1 / math.log(2))  # base-2 log-sum-exp
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[batch, pl.ds(q_start, bq), head])
-    plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[batch, head, pl.ds(q_start, bq)])
+    with jax.named_scope("epilogue"):
+        qo_smem[...] = _rows_times(acc, 1.0 / l).astype(qo_smem.dtype)
+        lse_smem[...] = m + jnp.log(l) * (1 / math.log(2))  # base-2 log-sum-exp
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[batch, pl.ds(q_start, bq), head])
+        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[batch, head, pl.ds(q_start, bq)])
 
 
 def _persistent_kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, q_smem4, k_smem, v_smem, lse_smem2,
@@ -297,6 +300,7 @@ def _ping_pong_loop(qo_smem, k_smem, v_smem, k_full, v_full, q_ready, k_free, v_
     bkv = k_smem.shape[1]
     dtype = qo_smem.dtype
 
+    @mosaic_trace.region("take_turns")
     def take_turns():  # ping-pong: arrive, then wait until the other warpgroup arrives too
         plgpu.barrier_arrive(schedule)
         plgpu.barrier_wait(schedule)
@@ -308,6 +312,7 @@ def _ping_pong_loop(qo_smem, k_smem, v_smem, k_full, v_full, q_ready, k_free, v_
     plgpu.barrier_wait(k_full.at[lax.rem(base, slots)])
     pl.when(wg == 1)(take_turns)  # warpgroup 0 goes first
 
+    @mosaic_trace.region("step")
     def step(j, carry, masked):
         acc, m, l = carry  # [block_q, H], [block_q], [block_q] fp32
         slot = lax.rem(base + j, slots)
@@ -396,6 +401,7 @@ def _overlapped_loop(qo_smem, k_smem, v_smem, k_full, v_full, q_ready, k_free, v
     bkv = k_smem.shape[1]
     dtype = qo_smem.dtype
 
+    @mosaic_trace.region("wait_turn")
     def wait_turn():
         plgpu.barrier_wait(turn.at[wg])
 
@@ -417,6 +423,7 @@ def _overlapped_loop(qo_smem, k_smem, v_smem, k_full, v_full, q_ready, k_free, v
 
     plgpu.barrier_wait(q_ready)
 
+    @mosaic_trace.region("first_step")
     def first_step(s_ref):
         pl.when(jnp.logical_or(wg != 0, jnp.logical_not(opens)))(wait_turn)  # warpgroup 0 opens
         s_issue(s_ref, 0)
@@ -432,6 +439,7 @@ def _overlapped_loop(qo_smem, k_smem, v_smem, k_full, v_full, q_ready, k_free, v
     m, l, alpha, p16 = pl.run_scoped(first_step, plgpu.ACC((bq, bkv), jnp.float32))
     acc = plgpu.layout_cast(jnp.zeros((bq, head_dim), jnp.float32), plgpu.Layout.WGMMA)
 
+    @mosaic_trace.region("step")
     def step(j, carry, masked):
         acc, m, l, alpha, p16 = carry  # acc: steps < j-1; p16: P_{j-1}; alpha: alpha_{j-1}
 
@@ -459,6 +467,7 @@ def _overlapped_loop(qo_smem, k_smem, v_smem, k_full, v_full, q_ready, k_free, v
     acc, m, l, alpha, p16 = lax.fori_loop(unmasked_end, steps,
                                           functools.partial(step, masked=True), carry)
 
+    @mosaic_trace.region("last_pv")
     def last_pv(o_ref):
         wait_turn()
         rest = pv_issue(o_ref, acc, alpha, p16, steps - 1)
@@ -564,7 +573,7 @@ def flash_forward(q, k, v, *, scale: float, causal: bool, blocks: MosaicBlocks,
         num_threads=wgs + 1,
         thread_name="wg",
         scratch_types=scratch,
-        compiler_params=plgpu.CompilerParams(approx_math=True),
+        compiler_params=mosaic_trace.compiler_params(approx_math=True),
         # interpret="races" also runs the interpreter's race detector (slower).
         interpret=(plgpu.InterpretGPUParams(detect_races=interpret == "races") if interpret
                    else None),
