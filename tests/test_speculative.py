@@ -54,6 +54,7 @@ def test_single_row_draft_decoded_as_two_rows_matches(temperature, monkeypatch):
     cfg = DecodeConfig(max_new_tokens=12, temperature=temperature, seed=3)
     results = {}
     for double in (False, True):
+        module._speculative.clear_cache()  # so the program is traced here, with the spy below
         doublings = []
         monkeypatch.setattr(module, "doubles_single_row", lambda double=double: double)
         monkeypatch.setattr(module, "doubled", lambda c: doublings.append(1) or generate_doubled(c))

@@ -83,7 +83,7 @@ def _speculate_row(target, draft, prompt, key, *, max_new_tokens, gamma, tempera
         if double_draft:
             tokens, positions = jnp.concatenate([tokens, tokens]), jnp.concatenate([positions, positions])
         hidden, caches = forward_hidden(draft, draft_layers, tokens, positions, caches)
-        return draft.logits(hidden[:1, -1:])[0, 0], caches
+        return draft.logits(hidden[:, -1:])[0, 0], caches  # both rows: no one-row head product
 
     hidden, target_cache = forward_hidden(target, target_layers, prompt, at(0, t0),
                                           init_layer_caches(target.cfg, 1, length))

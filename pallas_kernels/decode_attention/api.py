@@ -63,14 +63,19 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, lengths, *, scale=
     tables = tables.reshape(b, splits, blocks.pages_per_split)
     group = n // kv_heads
     # Triton tiles are powers of 2: a group that is not one is padded to the next (>= 16) with
-    # zero query rows; a smaller power of 2 is repeated inside the kernel instead.
-    rows = group if group & (group - 1) == 0 else max(triton_decode.MIN_ROWS, pl.next_power_of_2(group))
-    qg = jnp.pad(q.reshape(b, kv_heads, group, h), ((0, 0), (0, 0), (0, rows - group), (0, 0)))
+    # zero query rows; a power of 2 under 16 is repeated inside the kernel instead.
+    qg = q.reshape(b, kv_heads, group, h)
+    padded = group & (group - 1) != 0
+    if padded:
+        rows = max(triton_decode.MIN_ROWS, pl.next_power_of_2(group))
+        qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - group), (0, 0)))
     o, m_stat, l_stat = triton_decode.decode_partials(
         qg, k_pages, v_pages, tables, lengths.astype(jnp.int32).reshape(b, 1), scale=scale,
         blocks=blocks, interpret=interpret, k_scales=k_scales, v_scales=v_scales)
     out = triton_decode.merge_splits(o, m_stat, l_stat)  # [B, K, Gp, H]
-    return out[:, :, :group].reshape(b, n, h).astype(q.dtype)
+    if padded:
+        out = out[:, :, :group]
+    return out.reshape(b, n, h).astype(q.dtype)
 
 
 def _validate(q, k_pages, v_pages, block_tables, lengths, *, backend, blocks):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import _testing
-from pallas_kernels.decode_attention import cases, config, paged_decode_attention, reference
+from pallas_kernels.decode_attention import cases, config, paged_decode_attention, reference, triton_decode
 
 ON_GPU = jax.default_backend() == "gpu"
 BACKENDS = [("reference", False), ("triton", not ON_GPU)]
@@ -92,6 +92,17 @@ def test_named_triton_backend_rejects_unsupported_head_dim():
     with pytest.raises(ValueError, match="head_dim=24 is not a power of 2"):
         paged_decode_attention(q, k_pages, k_pages, jnp.zeros((1, 2), jnp.int32),
                                jnp.ones((1,), jnp.int32), backend="triton", interpret=True)
+
+
+def test_kernel_rejects_rows_it_cannot_repeat_to_16():
+    """The kernel repeats a power-of-2 group under 16 rows; 3 rows must come padded."""
+    pages = jnp.zeros((3, 8, 1, 16))
+    with pytest.raises(ValueError, match="3 rows a kv head: under 16 they must be a power of 2"):
+        triton_decode.decode_partials(jnp.zeros((1, 1, 3, 16)), pages, pages,
+                                      jnp.zeros((1, 1, 2), jnp.int32), jnp.ones((1, 1), jnp.int32),
+                                      scale=0.25, blocks=config.DecodeBlocks(pages_per_step=1,
+                                                                             pages_per_split=2),
+                                      interpret=True)
 
 
 @pytest.mark.gpu

@@ -6,7 +6,8 @@ ones. One program per (sequence, kv head, split of the pages) holds the G query 
 share the kv head (GQA), walks its pages `pages_per_step` at a time with an online softmax,
 and writes a partial result; `merge_splits` combines the splits (flash-decoding).
 
-B batch, N query heads, K kv heads, G = N // K (padded to Gp where G is not a power of 2), H head
+B batch, N query heads, K kv heads, G = N // K, Gp the rows the kernel takes: G if G is a power
+of 2, else G zero-padded to max(16, next power of 2); R = max(Gp, 16) rows in its dots. H head
 dim, P pool pages, bs page size, M pages per sequence (padded to splits * pages_per_split).
 """
 import functools
@@ -24,7 +25,7 @@ from pallas_kernels.decode_attention.config import DecodeBlocks
 LOG2E = math.log2(math.e)  # base 2 throughout: exp2 is the cheap exponential
 # Finite, not -inf: a fully masked step gives junk that the next real maximum wipes out.
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
-MIN_ROWS = 16  # Triton dots need at least 16 rows: fewer query heads are repeated up to this
+MIN_ROWS = 16  # Triton dots need at least 16 rows: the kernel repeats fewer (a power of 2)
 
 
 def _dot_precision(dtype):
@@ -39,8 +40,8 @@ def _decode_kernel(tables_ref, length_ref, q_ref, k_ref, v_ref, *refs, scale,
     tables_ref [pages_per_split] int32 (this split's page ids); length_ref [1] int32;
     q_ref [Gp, H]; k_ref, v_ref [P, bs, H] (this kv head); o_ref [Gp, H] fp32 (normalized
     within the split); m_ref, l_ref [Gp] fp32: base-2 running max and softmax denominator.
-    Gp < MIN_ROWS (a power of 2): the rows are computed MIN_ROWS / Gp times over, in one dot, and
-    one copy is written (the copies are bitwise equal: each row's arithmetic is its own). This
+    Gp < MIN_ROWS (a power of 2): the R = MIN_ROWS rows of the dots are Gp rows repeated, and one
+    copy is written (the copies are bitwise equal: each row's arithmetic is its own). This
     spares the caller a pad of q and a slice of the output, two kernels a layer.
     quantized: k_ref, v_ref are int8/fp8 codes and refs starts with ks_ref, vs_ref [P, bs] bf16 scales,
     cast to fp32 and applied as the pages are read (8-bit KV: (H + 2) / 2H of bf16's bytes per step).
@@ -51,14 +52,14 @@ def _decode_kernel(tables_ref, length_ref, q_ref, k_ref, v_ref, *refs, scale,
     first_page = split * pages_per_split
     live_pages = jnp.clip(pl.cdiv(length, page_size) - first_page, 0, pages_per_split)
     keys_per_step = pages_per_step * page_size
-    q = q_ref[...]  # [Gp, H]
+    q = q_ref[...]  # [Gp, H], then [R, H]
     rows, head_dim = q.shape
     copies = max(1, MIN_ROWS // rows)
     if copies > 1:
         q = lax.broadcast_in_dim(q, (copies, rows, head_dim), (1, 2)).reshape(copies * rows, head_dim)
 
     def step(i, carry):
-        acc, m, l = carry  # [Gp, H], [Gp], [Gp]
+        acc, m, l = carry  # [R, H], [R], [R]
         pages = tables_ref[pl.ds(i * pages_per_step, pages_per_step)]  # [pages_per_step]
         k = k_ref[pages].reshape(keys_per_step, head_dim)  # [keys, H]
         v = v_ref[pages].reshape(keys_per_step, head_dim)
@@ -67,12 +68,12 @@ def _decode_kernel(tables_ref, length_ref, q_ref, k_ref, v_ref, *refs, scale,
             v_scale = vs_ref[pages].reshape(keys_per_step).astype(jnp.float32)
             k = (k.astype(jnp.float32) * k_scale[:, None]).astype(q.dtype)
             v = (v.astype(jnp.float32) * v_scale[:, None]).astype(q.dtype)
-        s = plgpu.dot(q, k, trans_b=True, precision=precision) * (scale * LOG2E)  # [Gp, keys]
+        s = plgpu.dot(q, k, trans_b=True, precision=precision) * (scale * LOG2E)  # [R, keys]
         tokens = (first_page + i * pages_per_step) * page_size + jnp.arange(keys_per_step)
         s = jnp.where((tokens < length)[None, :], s, MASK_VALUE)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         correction = jnp.exp2(m - m_new)
-        p = jnp.exp2(s - m_new[:, None])  # [Gp, keys]
+        p = jnp.exp2(s - m_new[:, None])  # [R, keys]
         l = l * correction + jnp.sum(p, axis=1)
         acc = acc * correction[:, None] + plgpu.dot(p.astype(v.dtype), v, precision=precision)
         return acc, m_new, l
@@ -91,13 +92,18 @@ def decode_partials(q, k_pages, v_pages, block_tables, lengths, *, scale: float,
     """Per-split partial attention.
 
     Args:
-      q: [B, K, Gp, H]; k_pages, v_pages: [P, bs, K, H]; block_tables: [B, splits,
+      q: [B, K, Gp, H] (Gp >= 16 or a power of 2); k_pages, v_pages: [P, bs, K, H]; block_tables: [B, splits,
         pages_per_split] int32 (valid page ids everywhere); lengths: [B, 1] int32;
       k_scales, v_scales: None, or [P, bs, K] bf16 scales of int8/fp8 pages.
     Returns:
       o [B, K, splits, Gp, H] fp32 and m, l [B, K, splits, Gp] fp32 (base-2 max, denominator).
+    Raises:
+      ValueError: Gp under 16 and not a power of 2 (its copies would not fill 16 rows).
     """
     b, kv_heads, gp, h = q.shape
+    if gp < MIN_ROWS and gp & (gp - 1):
+        raise ValueError(f"q holds {gp} rows a kv head: under {MIN_ROWS} they must be a power of 2 "
+                         f"(pad them with zero rows to {MIN_ROWS})")
     pool, page_size = k_pages.shape[:2]
     splits = block_tables.shape[1]
     kernel = functools.partial(_decode_kernel, scale=scale, page_size=page_size,

@@ -80,7 +80,8 @@ def _probs_and_dp(s_operands, dp_operands, probs):
     """(probs(S), dP) for S = a @ b and dP = c @ d (SMEM operands, fp32 from zero): both issued
     by wgmma at once, and probs (the softmax recompute's exp2) runs as soon as S lands, while
     dP's wgmma is still in flight (FlashAttention-3's backward order; on an H200 it took 3-6% off
-    the one-pass fwd+bwd at 4k-8k full attention and 5% off the two-kernel one at 8k causal)."""
+    the one-pass fwd+bwd at 4k-8k full attention and 5% off the two-kernel one at 8k causal).
+    No other wgmma group may be pending on entry: the wait for S counts dP's as the only one."""
     def issue(s_acc, dp_acc):
         plgpu.wgmma(s_acc, *s_operands)
         plgpu.wgmma(dp_acc, *dp_operands)
