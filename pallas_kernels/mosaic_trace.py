@@ -2,9 +2,10 @@
 the SMs (the tail wave, the gaps between one CTA and the next on an SM).
 
 Mosaic GPU's profiler (`CompilerParams.profile_space` / `profile_dir`) reads the GPU clock when a
-warpgroup enters and leaves each `jax.named_scope` region of a kernel and, after every call,
-writes the stamps as one Chrome-trace JSON (`<ns>-trace.json`; `pid` the SM, `tid` one
-warpgroup of one CTA; `summarize` explains its two clocks). Each stamp costs a few cycles, so a
+warpgroup enters and leaves each `jax.named_scope` region of a kernel and, after a call,
+writes the stamps as a Chrome-trace JSON (`<kernel>-<ns>-trace.json`, one file per kernel per
+compilation: a later call of the same program writes it only if it was deleted; `pid` the SM,
+`tid` one warpgroup of one CTA; `summarize` explains its two clocks). Each stamp costs a few cycles, so a
 trace shows the shape of the time, not the kernel's best speed. Outside `recording` the regions
 cost nothing.
 
@@ -35,8 +36,11 @@ _recording = contextvars.ContextVar("mosaic_trace_recording", default=None)
 
 @contextlib.contextmanager
 def recording(directory, regions: int = DEFAULT_REGIONS):
-    """Mosaic kernels traced inside this context write a trace per call into `directory`.
-    regions: how many named regions a warpgroup may enter per call; later ones are dropped.
+    """Mosaic kernels traced inside this context write their traces into `directory` when they
+    run (see the module docstring: one file per kernel, kept until deleted).
+    regions: how many named regions a warpgroup may enter per call; later ones are dropped
+    (each costs 16 bytes of shared memory a warpgroup, which the kernels' own shared-memory
+    checks do not count).
     JAX's tracing caches are cleared on entry and exit, so a function traced before (or
     after) does not bring (or keep) a program with the profiler off (or on)."""
     if not isinstance(regions, int) or regions < 1:
@@ -73,12 +77,12 @@ def region(name: str):
 
 
 def newest_trace(directory) -> pathlib.Path:
-    """The last trace written into `directory`.
+    """The trace written last into `directory`.
 
     Raises:
       FileNotFoundError: there is none (no Mosaic kernel ran inside `recording`).
     """
-    traces = sorted(pathlib.Path(directory).glob("*-trace.json"))
+    traces = sorted(pathlib.Path(directory).glob("*-trace.json"), key=lambda p: p.stat().st_mtime_ns)
     if not traces:
         raise FileNotFoundError(f"no *-trace.json in {directory}: did a Mosaic kernel, jitted "
                                 "inside mosaic_trace.recording, run on a GPU?")
@@ -103,9 +107,11 @@ def summarize(trace, *, warpgroups: int, clock_ghz: float | None = None) -> dict
     A trace's timestamps mix two clocks: each warpgroup's first stamp is the global timer (ns /
     1e3), the later ones add SM clock cycles / 1e3 to it. So a CTA's start is in microseconds and
     its length in cycles; the SM clock converts. Without clock_ghz it is estimated from the trace:
-    a CTA's cycles over the time to the next CTA's start on its SM is at most the clock (the
-    next one cannot start before it ends), so the largest such ratio is taken (gaps are then
-    measured beyond the shortest one).
+    a CTA's stamped cycles over the time to the next CTA's start on its SM is at most the clock
+    (the next one cannot start before it ends), so the largest such ratio is taken. It is a
+    lower bound: the unstamped set-up and wind-down of a CTA, and the global timer's rounding,
+    count as gap, so durations come out a few percent long and gaps short. Pass the measured
+    clock where it is known.
 
     Args:
       trace: a trace file's path, or its parsed JSON.
@@ -117,18 +123,18 @@ def summarize(trace, *, warpgroups: int, clock_ghz: float | None = None) -> dict
       seen, cta_us (mean, min, max), busy (the SMs' share of kernel_us inside a CTA), tail_idle
       (their share after their last CTA ended), gap_us (mean time from one CTA's end to the
       next one's start on an SM) and regions: per name, the mean microseconds per occurrence,
-      occurrences per CTA, and the mean total per CTA (summed over its warpgroups'
-      occurrences, divided by the warpgroups that entered it).
+      and per warpgroup that entered it in a CTA, the occurrences (per_cta) and their summed
+      microseconds (total_per_cta_us), averaged over the CTAs.
 
     Raises:
       ValueError: bad warpgroups or clock_ghz, a trace without regions, or no SM that ran two
-        CTAs to estimate the clock from.
+        CTAs to estimate the clock from (or an estimate outside 0.3-4 GHz).
     """
     data = json.loads(pathlib.Path(trace).read_text()) if not isinstance(trace, dict) else trace
     if not isinstance(warpgroups, int) or warpgroups < 1:
         raise ValueError(f"warpgroups={warpgroups!r} must be a positive int")
-    if clock_ghz is not None and not clock_ghz > 0:
-        raise ValueError(f"clock_ghz={clock_ghz!r} must be positive")
+    if clock_ghz is not None and not 0.3 <= clock_ghz <= 4.0:
+        raise ValueError(f"clock_ghz={clock_ghz!r} is not a GPU's SM clock in GHz (0.3-4)")
     intervals = list(_intervals(data["traceEvents"]))
     if not intervals:
         raise ValueError("the trace holds no regions: were the kernel's named scopes lowered?")
@@ -152,6 +158,9 @@ def summarize(trace, *, warpgroups: int, clock_ghz: float | None = None) -> dict
         if not ratios:
             raise ValueError("no SM ran two CTAs one after the other: pass clock_ghz")
         clock_ghz = max(ratios)
+        if not 0.3 <= clock_ghz <= 4.0:
+            raise ValueError(f"the clock estimated from back-to-back CTAs, {clock_ghz:.3g} GHz, is "
+                             "not an SM clock (0.3-4 GHz): pass clock_ghz")
     us = lambda cycles: cycles / (clock_ghz * 1e3)  # noqa: E731
     gaps, last_ends, durations = [], [], []
     for spans in by_sm.values():
@@ -173,7 +182,8 @@ def summarize(trace, *, warpgroups: int, clock_ghz: float | None = None) -> dict
     regions = {}
     for name, times in sorted(per_region.items()):
         totals = [total / len(entered[cta, name]) for cta, total in per_cta_region[name].items()]
-        regions[name] = dict(mean_us=statistics.fmean(times), per_cta=len(times) / len(ctas),
+        warpgroups_in = sum(len(entered[cta, name]) for cta in per_cta_region[name])
+        regions[name] = dict(mean_us=statistics.fmean(times), per_cta=len(times) / warpgroups_in,
                              total_per_cta_us=statistics.fmean(totals))
     return dict(clock_ghz=clock_ghz, kernel_us=kernel, sms=sms, ctas=len(ctas),
                 cta_us=dict(mean=statistics.fmean(durations), min=min(durations),
