@@ -24,7 +24,6 @@ Random weights (speed does not depend on them). `--smoke`: tiny models on a CPU 
 Writes benchmarks/results/decode[-smoke]_<device>_<date>.json and .png.
 """
 import argparse
-import datetime
 import json
 import os
 import pathlib
@@ -338,18 +337,16 @@ def main(argv=None):
             parser.error(f"--batches {args.batches}: every batch size must be >= 1")
         s = dict(s, batches=args.batches)
     env = _bench.environment()
-    device_slug = re.sub(r"[^a-z0-9]+", "_", env["device"].lower()).strip("_")
-    date = datetime.date.today().isoformat()
     parts = ["decode"] + (["smoke"] if args.smoke else []) + (args.models or []) + (
         args.sections if len(args.sections) < len(SECTIONS) else [])  # separate runs keep their files
-    stem = f"{'-'.join(parts)}_{device_slug}_{date}"
+    stem = _bench.results_stem("-".join(parts), env["device"], env["date"])
     args.out.mkdir(parents=True, exist_ok=True)
 
     def save(rows):  # after every section, so a run cut short keeps what it measured
         result = dict(**env, jaxlib=jaxlib.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""), settings=s,
                       gamma=args.gamma, rows=rows)
         (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str))
-        plot(rows, args.out / f"{stem}.png", f"decode on {env['device']}, jax {jax.__version__}, {date}")
+        plot(rows, args.out / f"{stem}.png", f"decode on {env['device']}, jax {jax.__version__}, {env['date']}")
 
     copy = copy_bandwidth(s["copy_mib"], s["reps"])
     print(f"copy bandwidth {copy['gbps']:.0f} GB/s", flush=True)

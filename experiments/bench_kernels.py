@@ -18,7 +18,6 @@ import importlib
 import json
 import pathlib
 import pkgutil
-import re
 import sys
 
 import jax
@@ -144,8 +143,7 @@ def main(argv=None):
     device = jax.devices()[0].device_kind
     date = datetime.date.today().isoformat()
     variant = args.kwargs.get("preset", args.fn if args.fn != "rows" else None)
-    device_slug = re.sub(r"[^a-z0-9]+", "_", device.lower()).strip("_")
-    stem = f"{args.op}{'-' + str(variant) if variant else ''}_{device_slug}_{date}"
+    stem = _bench.results_stem(f"{args.op}{'-' + str(variant) if variant else ''}", device, date)
     args.out.mkdir(parents=True, exist_ok=True)
     result = dict(op=args.op, fn=args.fn, options=args.kwargs, device=device, jax=jax.__version__,
                   jaxlib=jaxlib.__version__, date=date, timer=_bench.timer_name(), metric=METRICS[metric],

@@ -284,9 +284,8 @@ def main(argv=None):
     result = dict(config=config_name, overrides=args.overrides, device=device, jax=jax.__version__,
                   jaxlib=jaxlib.__version__, date=date, spec_peak_flops=spec_peak,
                   measured_matmul_flops=ceiling, rows=rows, peer=peer, peer_rows=peer_rows)
-    slug = re.sub(r"[^a-z0-9]+", "_", device.lower()).strip("_")
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"train-{config_name}_{slug}_{date}"
+    stem = args.out / _bench.results_stem(f"train-{config_name}", device, date)
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
     if any("tokens_per_s" in r for r in rows):
         plot(result, stem.with_suffix(".png"))

@@ -18,7 +18,6 @@ import datetime
 import importlib.util
 import json
 import pathlib
-import re
 import sys
 
 import jax
@@ -30,6 +29,7 @@ from llmjax.data import BatchIterator, load_dataset
 from llmjax.models import init_model, split_model
 from llmjax.train.optimizer import lr_schedule, make_optimizer
 from llmjax.train.step import init_train_state, make_train_step
+from pallas_kernels import _bench
 
 RESULTS = pathlib.Path("benchmarks/results")
 WINDOW = 20
@@ -115,9 +115,8 @@ def main(argv=None):
 
     device = jax.devices()[0].device_kind
     date = datetime.date.today().isoformat()
-    slug = re.sub(r"[^a-z0-9]+", "_", device.lower()).strip("_")
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"loss_curve-{pathlib.Path(args.config).stem}_{slug}_{date}"
+    stem = args.out / _bench.results_stem(f"loss_curve-{pathlib.Path(args.config).stem}", device, date)
     stem.with_suffix(".json").write_text(json.dumps(
         dict(config=pathlib.Path(args.config).stem, overrides=args.overrides, device=device, jax=jax.__version__,
              date=date, steps=args.steps, window=WINDOW, curves=curves, **summary), indent=1))

@@ -10,7 +10,6 @@ Perfetto opens, go to --trace-dir). GPU only: the profiler reads the GPU clocks.
 """
 import argparse
 import dataclasses
-import datetime
 import json
 import pathlib
 import re
@@ -149,15 +148,14 @@ def main(argv=None):
                                   clock_ghz=args.clock_ghz):
                 print(line(row), flush=True)
                 rows.append(row)
-    device = jax.devices()[0].device_kind
-    date = datetime.date.today().isoformat()
-    device_slug = re.sub(r"[^a-z0-9]+", "_", device.lower()).strip("_")
-    stem = f"attention-trace{'-' + args.label if args.label else ''}_{device_slug}_{date}"
+    env = _bench.environment()
+    stem = _bench.results_stem(f"attention-trace{'-' + args.label if args.label else ''}", env["device"],
+                               env["date"])
     args.out.mkdir(parents=True, exist_ok=True)
-    result = dict(mode=args.mode, device=device, jax=jax.__version__, jaxlib=jaxlib.__version__,
-                  date=date, timer=_bench.timer_name(), rows=rows)
+    result = dict(mode=args.mode, jaxlib=jaxlib.__version__, **env, rows=rows)
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str))
-    plot(rows, args.out / f"{stem}.png", f"flash attention phases on {device}, jax {jax.__version__}, {date}")
+    plot(rows, args.out / f"{stem}.png",
+         f"flash attention phases on {env['device']}, jax {env['jax']}, {env['date']}")
     print(f"wrote {args.out / stem}.json (and .png where a kernel was summarized)")
     return 0
 

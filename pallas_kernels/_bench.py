@@ -212,6 +212,12 @@ def environment() -> dict:
                 date=datetime.date.today().isoformat(), timer=timer_name())
 
 
+def results_stem(name: str, device: str, date: str) -> str:
+    """A result's file stem in benchmarks/results/: <name>_<device in lower snake case>_<date>."""
+    from pallas_kernels.autotune.table import device_key
+    return f"{name}_{device_key(device)}_{date}"
+
+
 def throughput(seconds: float, *, nbytes=None, flops=None) -> dict:
     """Row fields of one timing: time_ms, then bytes and gbps (given nbytes) or tflops (given flops)."""
     fields = dict(time_ms=seconds * 1e3)
