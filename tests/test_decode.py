@@ -98,7 +98,7 @@ def test_single_row_decoded_as_two_rows_matches(temperature, monkeypatch):
     cfg = DecodeConfig(max_new_tokens=10, temperature=temperature, seed=3)
     results = {}
     for double in (False, True):
-        monkeypatch.setattr(generate_module, "doubles_single_row", lambda double=double: double)
+        monkeypatch.setattr(generate_module, "doubles_single_row", lambda prompt, double=double: double)
         options = generate_module._generate_args(generate_module.prepare_decode(model), prompt, cfg,
                                                  None, None)[1]
         assert options["double"] is double  # the program below takes the doubled path

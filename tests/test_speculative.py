@@ -56,7 +56,7 @@ def test_single_row_draft_decoded_as_two_rows_matches(temperature, monkeypatch):
     for double in (False, True):
         module._speculative.clear_cache()  # so the program is traced here, with the spy below
         doublings = []
-        monkeypatch.setattr(module, "doubles_single_row", lambda double=double: double)
+        monkeypatch.setattr(module, "doubles_single_row", lambda prompt, double=double: double)
         monkeypatch.setattr(module, "doubled", lambda c: doublings.append(1) or generate_doubled(c))
         results[double] = speculative_generate(target, draft, prompt, cfg, gamma=3)
         assert bool(doublings) is double  # the doubled program was traced

@@ -101,14 +101,14 @@ DECODE_COMPILER_OPTIONS = {
 }
 
 
-def doubles_single_row() -> bool:
-    """Whether a batch-1 generate runs as two identical rows. On a GPU a one-row step pads its
-    activation to two rows before each small projection (`ops.dense`: XLA would turn the
-    vector-matrix products into slow reductions) and those pads are kernels of their own; two
-    rows after the (single-row) prefill need none. H200, Llama 1.1B: 1.19 -> 1.04 ms a token
+def doubles_single_row(prompt) -> bool:
+    """Whether a decode of `prompt` [B, T0] runs its one row as two identical rows: B = 1 on a
+    GPU. There a one-row step pads its activation to two rows before each small projection
+    (`ops.dense`: XLA would turn the vector-matrix products into slow reductions) and those pads
+    are kernels of their own; two rows after the (single-row) prefill need none. H200, Llama 1.1B: 1.19 -> 1.04 ms a token
     (benchmarks/NOTES.md). The price: the second row's KV cache (twice a batch-1 cache's memory;
     its reads were ~1% of the bytes a token at a 256-token context)."""
-    return jax.default_backend() == "gpu"
+    return prompt.shape[0] == 1 and jax.default_backend() == "gpu"
 
 
 def doubled(caches):
@@ -177,7 +177,7 @@ def _generate_args(model, prompt, cfg, key, vocab_size, steps=None):
         raise ValueError(f"steps={steps!r} must be an int in [1, decode.max_new_tokens={cfg.max_new_tokens}]")
     return (model.graphdef, model.params, prompt, key, jnp.int32(steps)), dict(
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-        vocab_size=vocab_size, double=prompt.shape[0] == 1 and doubles_single_row())
+        vocab_size=vocab_size, double=doubles_single_row(prompt))
 
 
 def lower_generate(model, prompt, cfg: DecodeConfig, vocab_size: int | None = None):

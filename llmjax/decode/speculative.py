@@ -194,7 +194,7 @@ def speculative_generate(target, draft, prompt, cfg: DecodeConfig, *, gamma: int
     tokens, rounds, accepted, rejected = _speculative(
         target.graphdef, target.params, draft.graphdef, draft.params, prompt, keys,
         max_new_tokens=cfg.max_new_tokens, gamma=gamma, temperature=cfg.temperature, top_k=cfg.top_k,
-        top_p=cfg.top_p, vocab_size=vocab_size, double_draft=prompt.shape[0] == 1 and doubles_single_row())
+        top_p=cfg.top_p, vocab_size=vocab_size, double_draft=doubles_single_row(prompt))
     return SpeculativeResult(tokens, np.asarray(rounds), np.asarray(accepted), np.asarray(rejected))
 
 
