@@ -38,7 +38,7 @@ from flax import nnx
 
 from llmjax.config import DecodeConfig, load_config
 from llmjax.data import load_dataset
-from llmjax.decode import generate, prepare_decode, speculative_generate
+from llmjax.decode import fused, generate, prepare_decode, speculative_generate
 from llmjax.decode.generate import generate_program, lower_generate
 from llmjax.decode.quantize import perplexity
 from llmjax.decode.speculative import expected_tokens_per_round, truncated_draft
@@ -79,10 +79,10 @@ def _prompt(batch, length, vocab, seed=0):
     return jax.random.randint(jax.random.key(seed), (batch, length), 0, vocab, dtype=jnp.int32)
 
 
-def ms_per_token(model, batch, s, *, kernels=False) -> dict:
+def ms_per_token(model, batch, s, *, kernels=False, fused_matvec=True) -> dict:
     """Greedy decode speed of `model` (a DecodeModel): wall (and, if asked on a GPU, kernel) time."""
     prompt = _prompt(batch, s["prompt_len"], model.cfg.vocab_size)
-    cfg = DecodeConfig(max_new_tokens=s["new_tokens"], temperature=0.0)
+    cfg = DecodeConfig(max_new_tokens=s["new_tokens"], temperature=0.0, fused_matvec=fused_matvec)
 
     def run(n):
         return generate(model, prompt, cfg, steps=n)
@@ -118,10 +118,11 @@ def kernels_per_token(long, short, steps: int, shown: int = 30) -> dict:
             "top_kernels_per_token": [(n, round(ms, 4), round(c, 2)) for n, ms, c in rows[:shown]]}
 
 
-def generate_hlo(model, s) -> str:
+def generate_hlo(model, s, fused_matvec=True) -> str:
     """The compiled batch-1 generate program's HLO text."""
     prompt = _prompt(1, s["prompt_len"], model.cfg.vocab_size)
-    lowered = lower_generate(model, prompt, DecodeConfig(max_new_tokens=s["new_tokens"], temperature=0.0))
+    lowered = lower_generate(model, prompt, DecodeConfig(max_new_tokens=s["new_tokens"], temperature=0.0,
+                                                         fused_matvec=fused_matvec))
     return lowered.compile().as_text()
 
 
@@ -145,29 +146,40 @@ def decode_rows(preset, s, bandwidth, hlo_dir: pathlib.Path | None = None) -> li
     for weights in ("bf16", "int8"):
         dm = prepare_decode(model, int8=weights == "int8", dtype="bfloat16")
         for batch in s["batches"] if weights == "bf16" else [1]:
-            row = dict(section="decode", model=preset, weights=weights, batch=batch,
-                       weight_bytes=dm.weight_bytes, **ms_per_token(dm, batch, s, kernels=batch == 1))
-            if batch == 1 and weights == "bf16":
-                hlo = generate_hlo(dm, s)
-                row["large_casts_and_copies"] = large_casts_and_copies(dm.cfg, hlo)
-                if hlo_dir is not None:  # the whole program, to read which ops the token loop runs
-                    (hlo_dir / f"generate-{preset}-b1.hlo.txt").write_text(hlo)
-            row["bytes_per_token"] = bytes_per_token(dm, batch, context)
-            # What the step reads as implemented: attention scans every cache slot, masked.
-            row["bytes_per_token_full_cache"] = bytes_per_token(dm, batch, s["prompt_len"] + s["new_tokens"])
-            row["roofline_ms"] = row["bytes_per_token"] / (bandwidth * 1e9) * 1e3
-            row["roofline_fraction"] = row["roofline_ms"] / row["ms_per_token"]
-            row["tokens_per_s"] = batch / row["ms_per_token"] * 1e3
-            rows.append(row)
-            print(f"decode {preset:11} {weights} batch {batch:3}: {row['ms_per_token']:.3f} ms/token, "
-                  f"roofline {row['roofline_ms']:.3f} ms ({row['roofline_fraction']:.0%}), "
-                  f"{row['tokens_per_s']:.0f} tokens/s"
-                  + (f", kernels {row['kernel_ms_per_token']:.3f} ms/token in "
-                     f"{row['kernel_launches_per_token']:.0f} launches" if "kernel_ms_per_token" in row else ""),
-                  flush=True)
-            for name, ms, launches in row.get("top_kernels_per_token", [])[:12]:
-                print(f"    {ms:8.4f} ms/token {launches:6.1f} launches/token  {name}")
+            # Where the fused matvec loop applies, batch 1 is also timed with XLA's layers (A/B).
+            both = batch == 1 and fused.applies(dm.cfg, batch)
+            for layers in ("fused", "xla") if both else ("fused" if fused.applies(dm.cfg, batch) else "xla",):
+                rows.append(_decode_row(dm, preset, weights, batch, layers, s, bandwidth, context, hlo_dir))
     return rows
+
+
+def _decode_row(dm, preset, weights, batch, layers, s, bandwidth, context, hlo_dir) -> dict:
+    """One decode row: ms/token of generate with `layers` ("fused": the fused matvec loop, "xla":
+    the model's own layers) beside the roofline."""
+    row = dict(section="decode", model=preset, weights=weights, batch=batch, layers=layers,
+               weight_bytes=dm.weight_bytes,
+               **ms_per_token(dm, batch, s, kernels=batch == 1, fused_matvec=layers == "fused"))
+    if batch == 1 and weights == "bf16":
+        hlo = generate_hlo(dm, s, fused_matvec=layers == "fused")
+        row["large_casts_and_copies"] = large_casts_and_copies(dm.cfg, hlo)
+        if hlo_dir is not None:  # the whole program, to read which ops the token loop runs
+            suffix = "-fused" if layers == "fused" else ""
+            (hlo_dir / f"generate-{preset}-b1{suffix}.hlo.txt").write_text(hlo)
+    row["bytes_per_token"] = bytes_per_token(dm, batch, context)
+    # What the step reads as implemented: attention scans every cache slot, masked.
+    row["bytes_per_token_full_cache"] = bytes_per_token(dm, batch, s["prompt_len"] + s["new_tokens"])
+    row["roofline_ms"] = row["bytes_per_token"] / (bandwidth * 1e9) * 1e3
+    row["roofline_fraction"] = row["roofline_ms"] / row["ms_per_token"]
+    row["tokens_per_s"] = batch / row["ms_per_token"] * 1e3
+    print(f"decode {preset:11} {weights} {layers:5} batch {batch:3}: {row['ms_per_token']:.3f} ms/token, "
+          f"roofline {row['roofline_ms']:.3f} ms ({row['roofline_fraction']:.0%}), "
+          f"{row['tokens_per_s']:.0f} tokens/s"
+          + (f", kernels {row['kernel_ms_per_token']:.3f} ms/token in "
+             f"{row['kernel_launches_per_token']:.0f} launches" if "kernel_ms_per_token" in row else ""),
+          flush=True)
+    for name, ms, launches in row.get("top_kernels_per_token", [])[:12]:
+        print(f"    {ms:8.4f} ms/token {launches:6.1f} launches/token  {name}")
+    return row
 
 
 def _damp_later_layers(model, keep: int, scale: float):
@@ -269,7 +281,7 @@ def plot(rows, path, title):
     fig, axes = plt.subplots(3, 2, figsize=(12, 12))
     decode = [r for r in rows if r["section"] == "decode"]
     ones = [r for r in decode if r["batch"] == 1]
-    labels = [f"{r['model']}\n{r['weights']}" for r in ones]
+    labels = [f"{r['model']}\n{r['weights']} {r['layers']}" for r in ones]
     x = np.arange(len(ones))
     axes[0, 0].bar(x - 0.2, [r["ms_per_token"] for r in ones], 0.4, label="measured")
     axes[0, 0].bar(x + 0.2, [r["roofline_ms"] for r in ones], 0.4, label="roofline")

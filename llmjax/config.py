@@ -248,13 +248,16 @@ class LoraConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class DecodeConfig:
-    """Sampling: temperature 0 is greedy; top_k 0 and top_p 1.0 turn those filters off."""
+    """Sampling: temperature 0 is greedy; top_k 0 and top_p 1.0 turn those filters off.
+    fused_matvec: `generate`'s token loop runs fused matrix-vector kernels (llmjax.decode.fused)
+    where they apply (a GPU, a dense Llama-family model, at most 16 rows); False keeps XLA's."""
 
     max_new_tokens: int = 200
     temperature: float = 0.8
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+    fused_matvec: bool = True
 
     def __post_init__(self):
         _check_positive("decode", self, ("max_new_tokens",))

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llmjax.config import DecodeConfig, ModelConfig
+from llmjax.decode import fused as fused_step
 from llmjax.decode.quantize import quantize_params
 from llmjax.decode.sampling import sample_logits
 from llmjax.models.kv_cache import init_cache
@@ -118,12 +119,12 @@ def doubled(caches):
 
 
 @partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p", "vocab_size",
-                                   "double"),
+                                   "double", "fused"),
          compiler_options=DECODE_COMPILER_OPTIONS)
 def _generate(graphdef, params, prompt, key, steps, *, max_new_tokens, temperature, top_k, top_p, vocab_size,
-              double):
+              double, fused):
     """`double`: prompt is one row; it is prefilled once, then decoded as two identical rows (see
-    doubles_single_row)."""
+    doubles_single_row). `fused`: the token loop runs `fused.step_logits` (the prefill does not)."""
     model = nnx.merge(graphdef, params)
     layers = split_layers(model)
     b, t0 = prompt.shape
@@ -137,6 +138,7 @@ def _generate(graphdef, params, prompt, key, steps, *, max_new_tokens, temperatu
     tokens = tokens.at[:, t0].set(sample_rows(model.logits(hidden[:, -1:])[:, 0], keys[0]))
     if double:
         tokens, caches, b = jnp.concatenate([tokens, tokens]), doubled(caches), 2
+    weights = fused_step.layer_weights(model, layers) if fused else None  # once, before the loop
 
     def sample(logits, key):  # the doubled row samples once, so both rows stay the same
         return jnp.concatenate([sample_rows(logits[:1], key)] * 2) if double else sample_rows(logits, key)
@@ -145,8 +147,13 @@ def _generate(graphdef, params, prompt, key, steps, *, max_new_tokens, temperatu
         tokens, caches = carry
         pos = t0 + i
         current = jax.lax.dynamic_slice_in_dim(tokens, pos, 1, axis=1)  # [B, 1]
-        hidden, caches = forward_hidden(model, layers, current, jnp.full((b, 1), pos, jnp.int32), caches)
-        nxt = sample(model.logits(hidden)[:, -1], keys[i + 1])
+        positions = jnp.full((b, 1), pos, jnp.int32)
+        if fused:
+            logits, caches = fused_step.step_logits(model, weights, current, positions, caches)
+        else:
+            hidden, caches = forward_hidden(model, layers, current, positions, caches)
+            logits = model.logits(hidden)[:, -1]
+        nxt = sample(logits, keys[i + 1])
         return jax.lax.dynamic_update_slice_in_dim(tokens, nxt[:, None], pos + 1, axis=1), caches
 
     tokens, _ = jax.lax.fori_loop(0, steps - 1, step, (tokens, caches))
@@ -175,9 +182,10 @@ def _generate_args(model, prompt, cfg, key, vocab_size, steps=None):
     steps = cfg.max_new_tokens if steps is None else steps
     if not isinstance(steps, int) or not 1 <= steps <= cfg.max_new_tokens:
         raise ValueError(f"steps={steps!r} must be an int in [1, decode.max_new_tokens={cfg.max_new_tokens}]")
+    fused = cfg.fused_matvec and fused_step.applies(model.cfg, prompt.shape[0])
     return (model.graphdef, model.params, prompt, key, jnp.int32(steps)), dict(
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-        vocab_size=vocab_size, double=doubles_single_row(prompt))
+        vocab_size=vocab_size, double=doubles_single_row(prompt) and not fused, fused=fused)
 
 
 def lower_generate(model, prompt, cfg: DecodeConfig, vocab_size: int | None = None):

@@ -1,0 +1,95 @@
+"""matvec: input checks, backend choice and row padding around the Pallas kernel.
+
+B rows, K input width, N outputs.
+"""
+import logging
+
+import jax.numpy as jnp
+
+from pallas_kernels import _api
+from pallas_kernels.matvec import config, reference, triton_matvec
+
+BACKENDS = ("auto", "reference", "triton")
+MAX_ROWS = triton_matvec.MIN_ROWS  # beyond 16 rows a decode step is a GEMM: use one
+
+_log = logging.getLogger(__name__)
+_warned: set[str] = set()
+
+
+def matvec(x, w, *, w_scale=None, norm_weight=None, eps: float = 1e-5, residual=None, gated: bool = False,
+           out_dtype=None, backend: str = "auto", interpret: bool = False, blocks: config.MatvecBlocks | None = None):
+    """y = x' W^T for a few rows x (a decode step's activations), with the layer's neighbours
+    fused: x' = RMSNorm(x) * norm_weight when norm_weight is given, else x.
+
+    Args:
+      x: [B, K], float32, bfloat16 or float16, 1 <= B <= 16.
+      w: [N, K] (out x in: each output column's weights contiguous), x's dtype or int8; gated:
+        [2, N, K], the gate and up projections of SwiGLU, and the result is silu(x' Wg^T) * x' Wu^T.
+      w_scale: int8 w only: [N] ([2, N] gated), the scale of each output column.
+      norm_weight: [K], or None for no norm. eps: the norm's epsilon.
+      residual: [B, N], added to the result (the block's residual stream).
+      out_dtype: the result's dtype for a plain projection (no gate, no residual), e.g. fp32
+        logits, rounded once from the fp32 accumulator; default x's.
+      backend: "auto" (the Triton kernel on a GPU or with interpret=True, else the reference;
+        shapes the kernel's blocks do not divide fall back, logged once), "reference", "triton".
+      blocks: `config.MatvecBlocks`; default `config.default_blocks(N, K)`.
+    Returns:
+      [B, N] in out_dtype (x's by default), rounded where the unfused layer rounds (reference.py).
+    Raises:
+      ValueError: bad rank, dtype, shape, backend or blocks; the message names the value.
+    """
+    _validate(x, w, w_scale, norm_weight, residual, gated, backend, blocks)
+    out_dtype = jnp.dtype(out_dtype or x.dtype)
+    if out_dtype != x.dtype and (gated or residual is not None):
+        raise ValueError(f"out_dtype={out_dtype.name} applies to a plain projection; a gated or residual "
+                         f"one returns x's dtype ({jnp.dtype(x.dtype).name})")
+    rows, k = x.shape
+    n = w.shape[-2]
+    blocks = blocks or config.default_blocks(n, k)
+    chosen = _api.triton_or_reference(backend, interpret, lambda why: _api.warn_once(
+        _log, _warned, f"matvec: {why}; using the reference"))
+    gap = config.kernel_gap(n, k, blocks)
+    if chosen == "triton" and gap:
+        if backend == "triton":
+            raise ValueError(f"matvec backend='triton': {gap}")
+        _api.warn_once(_log, _warned, f"matvec: {gap}; using the reference")
+        chosen = "reference"
+    if chosen == "reference":
+        return reference.matvec_reference(x, w, w_scale=w_scale, norm_weight=norm_weight, eps=eps,
+                                          residual=residual, gated=gated, out_dtype=out_dtype)
+    stacked = lambda a: a if a is None or gated else a[None]  # noqa: E731  the kernel's [G, ...]
+    padded = 1 << (rows - 1).bit_length()  # the kernel takes a power of 2 of rows
+    pad = lambda a: a if a is None or padded == rows else jnp.pad(a, ((0, padded - rows), (0, 0)))  # noqa: E731
+    y = triton_matvec.matvec_kernel(pad(x), stacked(w), w_scale=stacked(w_scale), norm_weight=norm_weight,
+                                    eps=eps, residual=pad(residual), out_dtype=out_dtype, blocks=blocks,
+                                    interpret=interpret)
+    return y if padded == rows else y[:rows]
+
+
+def _validate(x, w, w_scale, norm_weight, residual, gated, backend, blocks):
+    _api.check_backend(backend, BACKENDS)
+    if getattr(x, "ndim", None) != 2 or not 1 <= x.shape[0] <= MAX_ROWS:
+        raise ValueError(f"x must be [rows, K] with 1 <= rows <= {MAX_ROWS}; got shape "
+                         f"{getattr(x, 'shape', None)}")
+    _api.check_float_dtype("x", x)
+    want = 3 if gated else 2
+    if getattr(w, "ndim", None) != want or (gated and w.shape[0] != 2) or w.shape[-1] != x.shape[1]:
+        layout = "[2, N, K] (gate, up)" if gated else "[N, K]"
+        raise ValueError(f"w must be {layout} with K = x.shape[1] = {x.shape[1]}; got shape "
+                         f"{getattr(w, 'shape', None)}")
+    quantized = jnp.dtype(w.dtype) == jnp.int8
+    if not quantized and w.dtype != x.dtype:
+        raise ValueError(f"w dtype={jnp.dtype(w.dtype).name} must be x's ({jnp.dtype(x.dtype).name}) or int8")
+    if quantized != (w_scale is not None):
+        raise ValueError("w_scale goes with an int8 w and only with one; got "
+                         f"w dtype={jnp.dtype(w.dtype).name}, w_scale={'given' if w_scale is not None else None}")
+    if w_scale is not None and tuple(w_scale.shape) != tuple(w.shape[:-1]):
+        raise ValueError(f"w_scale must be {tuple(w.shape[:-1])} (one scale an output column); "
+                         f"got {tuple(w_scale.shape)}")
+    if norm_weight is not None and tuple(norm_weight.shape) != (x.shape[1],):
+        raise ValueError(f"norm_weight must be [{x.shape[1]}]; got {tuple(norm_weight.shape)}")
+    if residual is not None and (tuple(residual.shape) != (x.shape[0], w.shape[-2]) or residual.dtype != x.dtype):
+        raise ValueError(f"residual must be [{x.shape[0]}, {w.shape[-2]}] of x's dtype; got "
+                         f"{tuple(residual.shape)} {jnp.dtype(residual.dtype).name}")
+    if blocks is not None and not isinstance(blocks, config.MatvecBlocks):
+        raise ValueError(f"blocks={blocks!r} must be a config.MatvecBlocks or None")

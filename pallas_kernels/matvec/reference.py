@@ -1,0 +1,37 @@
+"""The definition of `matvec` in plain jnp, fp32 arithmetic with the model's rounding points.
+
+Each step rounds to x's dtype where the unfused decode step does (the norm's output, each
+projection's output, SwiGLU's product, the residual sum), so the kernel and the model's own
+layers agree to the last rounding of a half-precision value.
+"""
+import jax
+import jax.numpy as jnp
+
+
+def rms_normalized(x, norm_weight, eps):
+    """RMSNorm of the rows of x [B, K] with fp32 statistics, in x's dtype (as llmjax.ops.rms_norm)."""
+    x32 = x.astype(jnp.float32)
+    rstd = jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + eps)
+    return (x32 * rstd * norm_weight.astype(jnp.float32)).astype(x.dtype)
+
+
+def matvec_reference(x, w, *, w_scale=None, norm_weight=None, eps=1e-5, residual=None, gated=False,
+                     out_dtype=None):
+    """See `pallas_kernels.matvec.matvec`. Returns [B, N] in out_dtype (default x's)."""
+    dtype = x.dtype
+    plain = not gated and residual is None
+    if norm_weight is not None:
+        x = rms_normalized(x, norm_weight, eps)
+    weights = w if gated else w[None]  # [G, N, K]
+    y = jnp.einsum("bk,gnk->gbn", x.astype(jnp.float32), weights.astype(jnp.float32),
+                   precision=jax.lax.Precision.HIGHEST)
+    if w_scale is not None:
+        y = y * (w_scale if gated else w_scale[None]).astype(jnp.float32)[:, None, :]
+    y = y.astype(jnp.dtype(out_dtype or dtype) if plain else dtype)
+    if gated:
+        y = (jax.nn.silu(y[0].astype(jnp.float32)) * y[1].astype(jnp.float32)).astype(dtype)
+    else:
+        y = y[0]
+    if residual is not None:
+        y = (residual.astype(jnp.float32) + y.astype(jnp.float32)).astype(dtype)
+    return y

@@ -1,0 +1,117 @@
+"""Contract test for matvec: the Triton kernel (interpret mode on CPU, compiled on the GPU)
+against the fp32 reference, for each fused neighbour, int8 weights, and bad input."""
+import jax
+import jax.numpy as jnp
+import pytest
+
+from pallas_kernels import _testing
+from pallas_kernels.matvec import MatvecBlocks, matvec, reference
+from llmjax.decode.quantize import quantize
+
+ON_GPU = jax.default_backend() == "gpu"
+SMALL = MatvecBlocks(block_n=16, block_k=32)  # several K steps at the CPU shapes
+# Each fused neighbour alone, and as the decode layer combines them.
+FUSIONS = {"plain": {}, "norm": dict(norm=True), "residual": dict(residual=True),
+           "norm_gated": dict(norm=True, gated=True), "int8": dict(int8=True),
+           "int8_norm_gated": dict(int8=True, norm=True, gated=True),
+           "int8_residual": dict(int8=True, residual=True),
+           "fp32_logits": dict(norm=True, out_dtype=jnp.float32)}
+
+
+def make_inputs(name, rows, k, n, dtype, norm=False, residual=False, gated=False, int8=False, out_dtype=None):
+    """x [rows, K], w and the other options of one call; weights ~ 1/sqrt(K), outputs O(1)."""
+    x = jnp.asarray(_testing.normal(f"{name}/x", (rows, k)), dtype)
+    w = jnp.asarray(_testing.normal(f"{name}/w", (2, n, k) if gated else (n, k), k ** -0.5), jnp.float32)
+    options = dict(gated=gated, out_dtype=out_dtype)
+    if int8:
+        q = quantize(w, (w.ndim - 1,), dtype)
+        w, options["w_scale"] = q.values, q.scale[..., 0]
+    else:
+        w = w.astype(dtype)
+    if norm:
+        options["norm_weight"] = jnp.asarray(_testing.normal(f"{name}/g", (k,), 0.2, 1.0), dtype)
+    if residual:
+        options["residual"] = jnp.asarray(_testing.normal(f"{name}/r", (rows, n)), dtype)
+    return x, w, options
+
+
+def _check(name, rows, k, n, dtype, fusion, interpret, blocks=None):
+    x, w, options = make_inputs(name, rows, k, n, dtype, **FUSIONS[fusion])
+    out = matvec(x, w, backend="triton", interpret=interpret, blocks=blocks, **options)
+    ref = reference.matvec_reference(x, w, **options)
+    assert out.shape == (rows, n) and out.dtype == ref.dtype
+    _testing.assert_close(out, ref, jnp.float32 if dtype == jnp.float32 else jnp.bfloat16, f"{name} rows={rows}")
+
+
+@pytest.mark.parametrize("fusion", list(FUSIONS))
+@pytest.mark.parametrize("rows", [1, 2])
+def test_kernel_matches_reference_bf16(fusion, rows):
+    _check(f"cpu/{fusion}", rows, 128, 32, jnp.bfloat16, fusion, interpret=True, blocks=SMALL)
+
+
+@pytest.mark.parametrize("fusion", ["plain", "norm_gated", "residual"])
+def test_kernel_matches_reference_fp32(fusion):
+    _check(f"cpu32/{fusion}", 1, 96, 16, jnp.float32, fusion, interpret=True, blocks=SMALL)
+
+
+def test_rows_not_a_power_of_2_are_padded():
+    _check("cpu/rows3", 3, 64, 16, jnp.bfloat16, "norm_gated", interpret=True, blocks=SMALL)
+
+
+def test_reference_rounds_where_the_model_does():
+    """The norm's output is rounded to bf16 before the projection, as llmjax.ops.rms_norm's is."""
+    from llmjax import ops
+    x, w, options = make_inputs("round", 2, 64, 16, jnp.bfloat16, norm=True)
+    normed = ops.rms_norm(x, options["norm_weight"], eps=1e-5)
+    expected = jnp.einsum("bk,nk->bn", normed.astype(jnp.float32), w.astype(jnp.float32)).astype(jnp.bfloat16)
+    assert jnp.array_equal(reference.matvec_reference(x, w, norm_weight=options["norm_weight"]), expected)
+
+
+def test_shape_the_blocks_do_not_divide_falls_back_or_raises(caplog):
+    x, w, _ = make_inputs("ragged", 1, 64, 24, jnp.bfloat16)
+    out = matvec(x, w, interpret=True, blocks=SMALL)  # N = 24: not a multiple of block_n = 16
+    _testing.assert_close(out, reference.matvec_reference(x, w), jnp.bfloat16)
+    assert "block_n" in caplog.text
+    with pytest.raises(ValueError, match="N=24 is not a multiple of block_n=16"):
+        matvec(x, w, backend="triton", interpret=True, blocks=SMALL)
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda x, w: matvec(x[0], w), r"x must be \[rows, K\]"),
+    (lambda x, w: matvec(jnp.zeros((17, 64), jnp.bfloat16), w), "rows <= 16"),
+    (lambda x, w: matvec(x, w[:, :32]), "K = x.shape"),
+    (lambda x, w: matvec(x, w, gated=True), r"\[2, N, K\]"),
+    (lambda x, w: matvec(x, w.astype(jnp.float32)), "must be x's"),
+    (lambda x, w: matvec(x, w.astype(jnp.int8)), "w_scale goes with an int8 w"),
+    (lambda x, w: matvec(x, w.astype(jnp.int8), w_scale=jnp.ones((3,))), r"w_scale must be \(16,\)"),
+    (lambda x, w: matvec(x, w, norm_weight=jnp.ones((3,), jnp.bfloat16)), r"norm_weight must be \[64\]"),
+    (lambda x, w: matvec(x, w, residual=jnp.ones((1, 3), jnp.bfloat16)), r"residual must be \[1, 16\]"),
+    (lambda x, w: matvec(x, w, residual=jnp.ones((1, 16), jnp.bfloat16), out_dtype=jnp.float32), "plain projection"),
+    (lambda x, w: matvec(x, w, backend="cuda"), "backend='cuda' unknown"),
+    (lambda x, w: matvec(x, w, blocks=(16, 32)), "must be a config.MatvecBlocks"),
+])
+def test_bad_input_names_the_value(call, message):
+    x, w, _ = make_inputs("bad", 1, 64, 16, jnp.bfloat16)
+    with pytest.raises(ValueError, match=message):
+        call(x, w)
+
+
+def test_blocks_are_checked():
+    with pytest.raises(ValueError, match="block_n=24 must be a power of 2"):
+        MatvecBlocks(block_n=24)
+    with pytest.raises(ValueError, match=">= 16"):
+        MatvecBlocks(block_n=8)
+
+
+# Each fusion at the Llama 1.1B decode shape that uses it (D 2048, q|k|v 2560, F 5632, V 32000),
+# compiled, and GPT-2 small's fused q|k|v width (D 768: block_k 256).
+GPU_CASES = [("plain", 768, 2304), ("norm", 2048, 2560), ("residual", 2048, 2048), ("norm_gated", 2048, 5632),
+             ("int8", 2048, 2560), ("int8_norm_gated", 2048, 5632), ("int8_residual", 5632, 2048),
+             ("fp32_logits", 2048, 32000)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fusion,k,n", GPU_CASES)
+@pytest.mark.parametrize("rows", [1, 2, 3])
+def test_kernel_matches_reference_gpu(fusion, k, n, rows):
+    _check(f"gpu/{fusion}/{k}x{n}", rows, k, n, jnp.bfloat16, fusion, interpret=False)

@@ -1,0 +1,127 @@
+"""Matrix-vector products for decoding (Pallas, Triton lowering), with the layer's neighbours fused.
+
+A decode step multiplies a few activation rows by each weight once: the time is the weight's
+bytes over the memory bandwidth, plus a launch for each small kernel around it. This kernel
+takes the weight as [N, K] (out x in, so a program's rows are contiguous) and folds in the
+RMSNorm before a projection (prologue), SwiGLU's gate and up projections (two weights, one
+product) and the residual add after one (epilogue), and int8 weights with a scale per output
+column. One program computes block_n output columns for every row, walking K in block_k steps
+with Triton's software pipeline keeping num_stages weight tiles in flight.
+
+B rows (a power of 2 up to 16), K input width, N outputs, G weights (2 when gated).
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.matvec.config import MatvecBlocks
+
+MIN_ROWS = 16  # Triton dots need 16 rows: fewer rows (a power of 2) are repeated
+
+
+def _dot_precision(dtype):
+    """IEEE fp32 for fp32 inputs (Triton would use TF32 otherwise)."""
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+def _kernel(*refs, gated, quantized, normed, has_residual, eps, block_k, out_dtype):
+    """One program: out[:, block] for a block of block_n output columns.
+
+    Refs in order (optional ones only with their flag): x_ref [B, K]; w_ref [G, block_n, K]
+    (the dtype of x, or int8 when quantized); scale_ref [G, block_n] (quantized); norm_ref [K]
+    (normed); res_ref [B, block_n] (has_residual); o_ref [B, block_n].
+    """
+    refs = list(refs)
+    x_ref, w_ref = refs.pop(0), refs.pop(0)
+    scale_ref = refs.pop(0) if quantized else None
+    norm_ref = refs.pop(0) if normed else None
+    res_ref = refs.pop(0) if has_residual else None
+    (o_ref,) = refs
+    rows, k_dim = x_ref.shape
+    # A plain projection rounds once, to out_dtype; a gated or residual one rounds where the
+    # model's layers do (each projection to x's dtype first).
+    proj_dtype = x_ref.dtype if gated or has_residual else out_dtype
+    n_weights, block_n = w_ref.shape[:2]
+    dtype = x_ref.dtype
+    copies = max(1, MIN_ROWS // rows)
+    steps = k_dim // block_k
+
+    def repeated(v):  # [B, block_k] -> [copies * B, block_k]: B < 16 rows fill the dot's 16
+        if copies == 1:
+            return v
+        return lax.broadcast_in_dim(v, (copies, rows, v.shape[1]), (1, 2)).reshape(copies * rows, v.shape[1])
+
+    if normed:  # RMSNorm statistics first: x is a few KB, read again from cache below
+        def sum_squares(i, total):
+            xk = x_ref[:, pl.ds(i * block_k, block_k)].astype(jnp.float32)
+            return total + jnp.sum(xk * xk, axis=1)
+
+        rstd = lax.rsqrt(lax.fori_loop(0, steps, sum_squares, jnp.zeros((rows,), jnp.float32)) / k_dim + eps)
+
+    def step(i, accs):
+        cols = pl.ds(i * block_k, block_k)
+        xk = x_ref[:, cols]
+        if normed:  # rounded to x's dtype as the model's norm output is
+            xk = (xk.astype(jnp.float32) * rstd[:, None]
+                  * norm_ref[cols].astype(jnp.float32)[None, :]).astype(dtype)
+        xk = repeated(xk)
+        out = []
+        for g, acc in enumerate(accs):
+            wk = w_ref[g, :, cols]  # [block_n, block_k]
+            out.append(acc + plgpu.dot(xk, wk.astype(dtype), trans_b=True, precision=_dot_precision(dtype)))
+        return tuple(out)
+
+    zeros = jnp.zeros((copies * rows, block_n), jnp.float32)
+    accs = lax.fori_loop(0, steps, step, (zeros,) * n_weights)
+    ys = []
+    for g, acc in enumerate(accs):
+        y = acc.reshape(copies, rows, block_n).max(axis=0)  # the copies are bitwise equal
+        if quantized:
+            y = y * scale_ref[g, :].astype(jnp.float32)[None, :]
+        ys.append(y.astype(proj_dtype))
+    if gated:  # SwiGLU: silu(gate) * up
+        gate, up = ys[0].astype(jnp.float32), ys[1].astype(jnp.float32)
+        y = (gate / (1.0 + jnp.exp(-gate)) * up).astype(dtype)
+    else:
+        (y,) = ys
+    if has_residual:
+        y = (res_ref[...].astype(jnp.float32) + y.astype(jnp.float32)).astype(dtype)
+    o_ref[...] = y
+
+
+def matvec_kernel(x, w, *, w_scale, norm_weight, eps, residual, out_dtype, blocks: MatvecBlocks,
+                  interpret: bool):
+    """x [B, K] (B a power of 2 <= 16), w [G, N, K], w_scale [G, N] or None, norm_weight [K] or
+    None, residual [B, N] or None -> [B, N] in out_dtype. G = 2 is SwiGLU (gate, up)."""
+    rows, k_dim = x.shape
+    n_weights, n, _ = w.shape
+    bn = blocks.block_n
+    operands, specs = [x, w], [pl.BlockSpec((rows, k_dim), lambda i: (0, 0)),
+                               pl.BlockSpec((n_weights, bn, k_dim), lambda i: (0, i, 0))]
+    if w_scale is not None:
+        operands.append(w_scale)
+        specs.append(pl.BlockSpec((n_weights, bn), lambda i: (0, i)))
+    if norm_weight is not None:
+        operands.append(norm_weight)
+        specs.append(pl.BlockSpec((k_dim,), lambda i: (0,)))
+    columns = pl.BlockSpec((rows, bn), lambda i: (0, i))
+    if residual is not None:
+        operands.append(residual)
+        specs.append(columns)
+    kernel = functools.partial(_kernel, gated=n_weights == 2, quantized=w_scale is not None,
+                               normed=norm_weight is not None, has_residual=residual is not None,
+                               eps=eps, block_k=blocks.block_k, out_dtype=jnp.dtype(out_dtype))
+    return pl.pallas_call(
+        kernel,
+        grid=(n // bn,),
+        in_specs=specs,
+        out_specs=columns,
+        out_shape=jax.ShapeDtypeStruct((rows, n), out_dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
+        interpret=interpret,
+        name="matvec",
+    )(*operands)

@@ -1,0 +1,86 @@
+"""The fused decode step (llmjax.decode.fused) against the model's own layers."""
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from llmjax.config import DecodeConfig, load_config
+from llmjax.decode import fused, generate
+from llmjax.decode.generate import forward_hidden, init_layer_caches, prepare_decode, split_layers
+from llmjax.models import init_model
+from pallas_kernels import _testing
+
+TINY = ["preset=llama-tiny"]
+
+
+def _steps_both_ways(dm, prompt, steps, interpret):
+    """Prefill `prompt` with the model's layers, then run `steps` greedy steps twice from that
+    cache: the model's layers and the fused step. Returns both logits lists."""
+    net = nnx.merge(dm.graphdef, dm.params)
+    layers = split_layers(net)
+    b, t0 = prompt.shape
+    positions = jnp.broadcast_to(jnp.arange(t0, dtype=jnp.int32), (b, t0))
+    hidden, caches = forward_hidden(net, layers, prompt, positions, init_layer_caches(net.cfg, b, t0 + steps))
+    token = jnp.argmax(net.logits(hidden[:, -1:])[:, 0], -1)[:, None].astype(jnp.int32)
+    weights = fused.layer_weights(net, layers)
+    ours, theirs, caches_ours = [], [], caches
+    for i in range(steps):
+        pos = jnp.full((b, 1), t0 + i, jnp.int32)
+        logits, caches_ours = fused.step_logits(net, weights, token, pos, caches_ours, interpret=interpret)
+        hidden, caches = forward_hidden(net, layers, token, pos, caches)
+        ours.append(logits)
+        theirs.append(net.logits(hidden)[:, -1])
+        token = jnp.argmax(theirs[-1], -1)[:, None].astype(jnp.int32)
+    return ours, theirs
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["bf16", "int8"])
+def test_fused_step_matches_the_model_layers(int8):
+    """Two steps of the fused kernels (Pallas interpret mode) give the unfused step's logits."""
+    model = init_model(load_config(overrides=TINY).model, seed=1)
+    dm = prepare_decode(model, int8=int8, dtype="bfloat16")
+    prompt = jax.random.randint(jax.random.key(0), (2, 4), 0, 512, dtype=jnp.int32)
+    ours, theirs = _steps_both_ways(dm, prompt, 2, interpret=True)
+    for a, b in zip(ours, theirs):
+        assert a.dtype == jnp.float32 and a.shape == b.shape == (2, 512)
+        _testing.assert_close(a, b, jnp.bfloat16, "fused step logits")
+
+
+def test_generate_takes_the_fused_loop_where_it_applies(monkeypatch):
+    """generate with the fused loop (forced on; on a CPU the matvec falls back to its reference)
+    gives the unfused loop's greedy tokens, and decode.fused_matvec=false turns it off."""
+    generate_module = importlib.import_module("llmjax.decode.generate")
+    monkeypatch.setattr(fused, "applies", lambda cfg, rows: True)
+    model = init_model(load_config(overrides=TINY).model, seed=1)  # fp32: no near-ties from rounding
+    prompt = jax.random.randint(jax.random.key(0), (1, 5), 0, 512, dtype=jnp.int32)
+    results = {}
+    for on in (True, False):
+        cfg = DecodeConfig(max_new_tokens=8, temperature=0.0, fused_matvec=on)
+        options = generate_module._generate_args(prepare_decode(model), prompt, cfg, None, None)[1]
+        assert options["fused"] is on
+        results[on] = generate(model, prompt, cfg)
+    np.testing.assert_array_equal(results[True], results[False])
+
+
+def test_applies_only_to_dense_llama_on_a_gpu():
+    llama = load_config(overrides=[*TINY, "model.dtype=bfloat16"]).model
+    gpt2 = load_config(overrides=["preset=gpt2-tiny", "model.dtype=bfloat16"]).model
+    on_gpu = jax.default_backend() == "gpu"
+    assert fused.applies(llama, 1) is on_gpu
+    assert not fused.applies(llama, 17)  # more rows than the kernel's 16
+    assert not fused.applies(gpt2, 1)  # LayerNorm, GELU, biases
+    assert not fused.applies(load_config(overrides=TINY).model, 1)  # fp32
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("int8", [False, True], ids=["bf16", "int8"])
+def test_fused_step_matches_the_model_layers_gpu(int8):
+    model = init_model(load_config(overrides=["preset=llama-1b"]).model, seed=1)
+    dm = prepare_decode(model, int8=int8, dtype="bfloat16")
+    prompt = jax.random.randint(jax.random.key(0), (1, 16), 0, 32000, dtype=jnp.int32)
+    ours, theirs = _steps_both_ways(dm, prompt, 3, interpret=False)
+    for a, b in zip(ours, theirs):
+        _testing.assert_close(a, b, jnp.bfloat16, "fused step logits")
