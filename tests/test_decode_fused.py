@@ -16,24 +16,35 @@ from pallas_kernels import _testing
 TINY = ["preset=llama-tiny"]
 
 
-def _steps_both_ways(dm, prompt, steps, interpret):
-    """Prefill `prompt` with the model's layers, then run `steps` greedy steps twice from that
-    cache: the model's layers and the fused step. Returns both logits lists."""
+def _steps_both_ways(dm, prompt, tokens, interpret):
+    """Prefill `prompt` with the model's layers, then feed `tokens` [B, steps] one a step twice
+    from that cache: through the model's layers and through the fused step. Returns both lists
+    of logits."""
     net = nnx.merge(dm.graphdef, dm.params)
     layers = split_layers(net)
     b, t0 = prompt.shape
+    steps = tokens.shape[1]
     positions = jnp.broadcast_to(jnp.arange(t0, dtype=jnp.int32), (b, t0))
-    hidden, caches = forward_hidden(net, layers, prompt, positions, init_layer_caches(net.cfg, b, t0 + steps))
-    token = jnp.argmax(net.logits(hidden[:, -1:])[:, 0], -1)[:, None].astype(jnp.int32)
+    _, caches = forward_hidden(net, layers, prompt, positions, init_layer_caches(net.cfg, b, t0 + steps))
     weights = fused.layer_weights(net, layers)
+
+    @jax.jit
+    def fused_step(params, weights, token, pos, caches):
+        return fused.step_logits(nnx.merge(dm.graphdef, params), weights, token, pos, caches, interpret=interpret)
+
+    @jax.jit
+    def model_step(params, layers, token, pos, caches):
+        net = nnx.merge(dm.graphdef, params)
+        hidden, caches = forward_hidden(net, layers, token, pos, caches)
+        return net.logits(hidden)[:, -1], caches
+
     ours, theirs, caches_ours = [], [], caches
     for i in range(steps):
-        pos = jnp.full((b, 1), t0 + i, jnp.int32)
-        logits, caches_ours = fused.step_logits(net, weights, token, pos, caches_ours, interpret=interpret)
-        hidden, caches = forward_hidden(net, layers, token, pos, caches)
+        pos, token = jnp.full((b, 1), t0 + i, jnp.int32), tokens[:, i:i + 1]
+        logits, caches_ours = fused_step(dm.params, weights, token, pos, caches_ours)
         ours.append(logits)
-        theirs.append(net.logits(hidden)[:, -1])
-        token = jnp.argmax(theirs[-1], -1)[:, None].astype(jnp.int32)
+        logits, caches = model_step(dm.params, layers, token, pos, caches)
+        theirs.append(logits)
     return ours, theirs
 
 
@@ -42,8 +53,9 @@ def test_fused_step_matches_the_model_layers(int8):
     """Two steps of the fused kernels (Pallas interpret mode) give the unfused step's logits."""
     model = init_model(load_config(overrides=TINY).model, seed=1)
     dm = prepare_decode(model, int8=int8, dtype="bfloat16")
-    prompt = jax.random.randint(jax.random.key(0), (2, 4), 0, 512, dtype=jnp.int32)
-    ours, theirs = _steps_both_ways(dm, prompt, 2, interpret=True)
+    prompt, tokens = (jax.random.randint(jax.random.key(i), (2, n), 0, 512, dtype=jnp.int32)
+                      for i, n in ((0, 4), (1, 2)))
+    ours, theirs = _steps_both_ways(dm, prompt, tokens, interpret=True)
     for a, b in zip(ours, theirs):
         assert a.dtype == jnp.float32 and a.shape == b.shape == (2, 512)
         _testing.assert_close(a, b, jnp.bfloat16, "fused step logits")
@@ -77,10 +89,16 @@ def test_applies_only_to_dense_llama_on_a_gpu():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("int8", [False, True], ids=["bf16", "int8"])
-def test_fused_step_matches_the_model_layers_gpu(int8):
-    model = init_model(load_config(overrides=["preset=llama-1b"]).model, seed=1)
-    dm = prepare_decode(model, int8=int8, dtype="bfloat16")
-    prompt = jax.random.randint(jax.random.key(0), (1, 16), 0, 32000, dtype=jnp.int32)
-    ours, theirs = _steps_both_ways(dm, prompt, 3, interpret=False)
-    for a, b in zip(ours, theirs):
-        _testing.assert_close(a, b, jnp.bfloat16, "fused step logits")
+def test_fused_step_is_as_close_to_fp32_as_the_model_layers_gpu(int8):
+    """Llama 1.1B's shapes (random weights, 4 of its 22 layers): bf16 roundings in different places
+    drift apart over the layers (~2% in the logits at 22), so both bf16 steps are held against the
+    model's layers in fp32 (the same int8 weights where quantized): the fused step may not be
+    further off than the unfused one, with 25% slack."""
+    model = init_model(load_config(overrides=["preset=llama-1b", "model.n_layers=4"]).model, seed=1)
+    prompt, tokens = (jax.random.randint(jax.random.key(i), (1, n), 0, 32000, dtype=jnp.int32)
+                      for i, n in ((0, 16), (1, 3)))
+    ours, theirs = _steps_both_ways(prepare_decode(model, int8=int8, dtype="bfloat16"), prompt, tokens, False)
+    _, exact = _steps_both_ways(prepare_decode(model, int8=int8, dtype="float32"), prompt, tokens, False)
+    for a, b, ref in zip(ours, theirs, exact):
+        fused_error, unfused_error = _testing.relative_error(a, ref), _testing.relative_error(b, ref)
+        assert fused_error <= 1.25 * unfused_error + 1e-3, (fused_error, unfused_error)

@@ -50,7 +50,7 @@ def applies(cfg, rows: int) -> bool:
     model in half precision, at most 16 rows, and weight shapes the kernel's blocks divide."""
     return (jax.default_backend() == "gpu" and cfg.family == "llama" and not cfg.n_experts
             and rows <= MAX_ROWS and jnp.dtype(cfg.dtype) in (jnp.bfloat16, jnp.float16)
-            and all(matvec_config.kernel_gap(n, k, matvec_config.default_blocks(n, k)) is None
+            and all(matvec_config.kernel_gap(n, k, matvec_config.default_blocks(n, k, rows)) is None
                     for n, k in _weight_shapes(cfg)))
 
 

@@ -32,7 +32,7 @@ def matvec(x, w, *, w_scale=None, norm_weight=None, eps: float = 1e-5, residual=
         logits, rounded once from the fp32 accumulator; default x's.
       backend: "auto" (the Triton kernel on a GPU or with interpret=True, else the reference;
         shapes the kernel's blocks do not divide fall back, logged once), "reference", "triton".
-      blocks: `config.MatvecBlocks`; default `config.default_blocks(N, K)`.
+      blocks: `config.MatvecBlocks`; default `config.default_blocks(N, K, B)`.
     Returns:
       [B, N] in out_dtype (x's by default), rounded where the unfused layer rounds (reference.py).
     Raises:
@@ -45,7 +45,7 @@ def matvec(x, w, *, w_scale=None, norm_weight=None, eps: float = 1e-5, residual=
                          f"one returns x's dtype ({jnp.dtype(x.dtype).name})")
     rows, k = x.shape
     n = w.shape[-2]
-    blocks = blocks or config.default_blocks(n, k)
+    blocks = blocks or config.default_blocks(n, k, rows)
     chosen = _api.triton_or_reference(backend, interpret, lambda why: _api.warn_once(
         _log, _warned, f"matvec: {why}; using the reference"))
     gap = config.kernel_gap(n, k, blocks)

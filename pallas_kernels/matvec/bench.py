@@ -74,7 +74,7 @@ def _row(case, impl, rows, reps, blocks=None, label=None):
     row = dict(op="matvec", case=case.name, impl=label or impl, mode="fwd", rows=rows, k=case.k, n=case.n,
                **_bench.environment())
     if impl == "triton":
-        row["config"] = str(blocks or config.default_blocks(case.n, case.k))
+        row["config"] = str(blocks or config.default_blocks(case.n, case.k, rows))
     return _bench.add_bandwidth_timing(row, lambda: _timed_fn(case, impl, blocks),
                                        lambda n_sets: _arg_sets(case, rows, n_sets), reps,
                                        nbytes=nominal_bytes(case, rows))
@@ -85,18 +85,21 @@ def rows(case_names=None, impls=IMPLS, batch=1, reps=50):
     return [_row(c, impl, batch, reps) for c in _bench.select(cases.BENCH_CASES, case_names) for impl in impls]
 
 
-def sweep_rows(case_names=("gate_up_norm", "o_residual"), batch=1, reps=30):
-    """Block sweep for tuning, labelled triton[block_n,block_k,num_warps,num_stages], beside XLA."""
+def sweep_rows(case_names=("qkv_norm", "gate_up_norm", "down_residual"), batch=1, reps=20):
+    """Block sweep for tuning, labelled triton[block_n,block_k,dot|fma,num_warps,num_stages],
+    beside XLA."""
     out = []
     for case in _bench.select(cases.BENCH_CASES, list(case_names)):
         out.append(_row(case, "xla", batch, reps))
-        for bn in (16, 32):
-            for bk in (256, 512, 1024):
-                if case.k % bk:
-                    continue
-                for warps in (4, 8):
-                    for stages in (2, 3, 4, 6):
-                        blocks = config.MatvecBlocks(block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
-                        out.append(_row(case, "triton", batch, reps, blocks,
-                                        f"triton[{bn},{bk},{warps},{stages}]"))
+        for dot in (True, False):
+            for bn in (16, 32) if dot else (4, 8, 16):
+                for bk in (256, 512) if dot else (512, 1024, 2048):
+                    if case.k % bk:
+                        continue
+                    for warps in (4,) if dot else (4, 8):
+                        for stages in (2, 4) if dot else (1, 3):
+                            blocks = config.MatvecBlocks(block_n=bn, block_k=bk, dot=dot, num_warps=warps,
+                                                         num_stages=stages)
+                            out.append(_row(case, "triton", batch, reps, blocks, f"triton[{bn},{bk},"
+                                            f"{'dot' if dot else 'fma'},{warps},{stages}]"))
     return out

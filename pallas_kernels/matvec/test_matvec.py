@@ -10,6 +10,7 @@ from llmjax.decode.quantize import quantize
 
 ON_GPU = jax.default_backend() == "gpu"
 SMALL = MatvecBlocks(block_n=16, block_k=32)  # several K steps at the CPU shapes
+SMALL_FMA = MatvecBlocks(block_n=8, block_k=32, dot=False)
 # Each fused neighbour alone, and as the decode layer combines them.
 FUSIONS = {"plain": {}, "norm": dict(norm=True), "residual": dict(residual=True),
            "norm_gated": dict(norm=True, gated=True), "int8": dict(int8=True),
@@ -45,13 +46,20 @@ def _check(name, rows, k, n, dtype, fusion, interpret, blocks=None):
 
 @pytest.mark.parametrize("fusion", list(FUSIONS))
 @pytest.mark.parametrize("rows", [1, 2])
-def test_kernel_matches_reference_bf16(fusion, rows):
-    _check(f"cpu/{fusion}", rows, 128, 32, jnp.bfloat16, fusion, interpret=True, blocks=SMALL)
+@pytest.mark.parametrize("blocks", [SMALL, SMALL_FMA], ids=["dot", "fma"])
+def test_kernel_matches_reference_bf16(fusion, rows, blocks):
+    _check(f"cpu/{fusion}", rows, 128, 32, jnp.bfloat16, fusion, interpret=True, blocks=blocks)
 
 
 @pytest.mark.parametrize("fusion", ["plain", "norm_gated", "residual"])
-def test_kernel_matches_reference_fp32(fusion):
-    _check(f"cpu32/{fusion}", 1, 96, 16, jnp.float32, fusion, interpret=True, blocks=SMALL)
+@pytest.mark.parametrize("blocks", [SMALL, SMALL_FMA], ids=["dot", "fma"])
+def test_kernel_matches_reference_fp32(fusion, blocks):
+    _check(f"cpu32/{fusion}", 1, 96, 16, jnp.float32, fusion, interpret=True, blocks=blocks)
+
+
+@pytest.mark.parametrize("blocks", [SMALL, SMALL_FMA], ids=["dot", "fma"])
+def test_k_the_step_does_not_divide_is_masked(blocks):
+    _check("cpu/ragged_k", 1, 80, 16, jnp.bfloat16, "int8_norm_gated", interpret=True, blocks=blocks)
 
 
 def test_rows_not_a_power_of_2_are_padded():
@@ -99,8 +107,9 @@ def test_bad_input_names_the_value(call, message):
 def test_blocks_are_checked():
     with pytest.raises(ValueError, match="block_n=24 must be a power of 2"):
         MatvecBlocks(block_n=24)
-    with pytest.raises(ValueError, match=">= 16"):
+    with pytest.raises(ValueError, match=">= 16 with dot=True"):
         MatvecBlocks(block_n=8)
+    assert MatvecBlocks(block_n=8, dot=False).block_n == 8
 
 
 # Each fusion at the Llama 1.1B decode shape that uses it (D 2048, q|k|v 2560, F 5632, V 32000),
@@ -113,5 +122,7 @@ GPU_CASES = [("plain", 768, 2304), ("norm", 2048, 2560), ("residual", 2048, 2048
 @pytest.mark.gpu
 @pytest.mark.parametrize("fusion,k,n", GPU_CASES)
 @pytest.mark.parametrize("rows", [1, 2, 3])
-def test_kernel_matches_reference_gpu(fusion, k, n, rows):
-    _check(f"gpu/{fusion}/{k}x{n}", rows, k, n, jnp.bfloat16, fusion, interpret=False)
+@pytest.mark.parametrize("dot", [True, False], ids=["dot", "fma"])
+def test_kernel_matches_reference_gpu(fusion, k, n, rows, dot):
+    blocks = MatvecBlocks(block_n=16 if dot else 4, block_k=512 if dot else 2048, dot=dot)  # K 768, 5632: masked
+    _check(f"gpu/{fusion}/{k}x{n}", rows, k, n, jnp.bfloat16, fusion, interpret=False, blocks=blocks)

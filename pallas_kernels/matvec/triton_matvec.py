@@ -6,7 +6,9 @@ takes the weight as [N, K] (out x in, so a program's rows are contiguous) and fo
 RMSNorm before a projection (prologue), SwiGLU's gate and up projections (two weights, one
 product) and the residual add after one (epilogue), and int8 weights with a scale per output
 column. One program computes block_n output columns for every row, walking K in block_k steps
-with Triton's software pipeline keeping num_stages weight tiles in flight.
+with Triton's software pipeline keeping num_stages weight tiles in flight. The products run
+on tensor cores (rows repeated to a dot's 16) or, for one or two rows, as fp32 FMAs summed over
+each step (no shared-memory staging: more programs fit an SM).
 
 B rows (a power of 2 up to 16), K input width, N outputs, G weights (2 when gated).
 """
@@ -28,7 +30,7 @@ def _dot_precision(dtype):
     return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
-def _kernel(*refs, gated, quantized, normed, has_residual, eps, block_k, out_dtype):
+def _kernel(*refs, gated, quantized, normed, has_residual, eps, block_k, dot, out_dtype):
     """One program: out[:, block] for a block of block_n output columns.
 
     Refs in order (optional ones only with their flag): x_ref [B, K]; w_ref [G, block_n, K]
@@ -47,8 +49,18 @@ def _kernel(*refs, gated, quantized, normed, has_residual, eps, block_k, out_dty
     proj_dtype = x_ref.dtype if gated or has_residual else out_dtype
     n_weights, block_n = w_ref.shape[:2]
     dtype = x_ref.dtype
-    copies = max(1, MIN_ROWS // rows)
-    steps = k_dim // block_k
+    copies = max(1, MIN_ROWS // rows) if dot else 1
+    steps = pl.cdiv(k_dim, block_k)
+
+    def k_slice(ref, i, *lead):
+        """ref[*lead, step i's block_k columns], columns past K read as 0 (a ragged last step)."""
+        if k_dim % block_k == 0:
+            return ref[(*lead, pl.ds(i * block_k, block_k))]
+        # (an int index as an array: the interpreter's masked load takes no Python ints)
+        block = ref.at[(*(jnp.int32(x) if isinstance(x, int) else x for x in lead), pl.ds(i * block_k, block_k))]
+        shape = (*(d for d, index in zip(ref.shape, lead) if isinstance(index, slice)), block_k)
+        inside = i * block_k + jnp.arange(block_k) < k_dim
+        return plgpu.load(block, mask=jnp.broadcast_to(inside, shape), other=0)
 
     def repeated(v):  # [B, block_k] -> [copies * B, block_k]: B < 16 rows fill the dot's 16
         if copies == 1:
@@ -57,29 +69,32 @@ def _kernel(*refs, gated, quantized, normed, has_residual, eps, block_k, out_dty
 
     if normed:  # RMSNorm statistics first: x is a few KB, read again from cache below
         def sum_squares(i, total):
-            xk = x_ref[:, pl.ds(i * block_k, block_k)].astype(jnp.float32)
+            xk = k_slice(x_ref, i, slice(None)).astype(jnp.float32)
             return total + jnp.sum(xk * xk, axis=1)
 
         rstd = lax.rsqrt(lax.fori_loop(0, steps, sum_squares, jnp.zeros((rows,), jnp.float32)) / k_dim + eps)
 
     def step(i, accs):
-        cols = pl.ds(i * block_k, block_k)
-        xk = x_ref[:, cols]
+        xk = k_slice(x_ref, i, slice(None))
         if normed:  # rounded to x's dtype as the model's norm output is
             xk = (xk.astype(jnp.float32) * rstd[:, None]
-                  * norm_ref[cols].astype(jnp.float32)[None, :]).astype(dtype)
-        xk = repeated(xk)
+                  * k_slice(norm_ref, i).astype(jnp.float32)[None, :]).astype(dtype)
         out = []
         for g, acc in enumerate(accs):
-            wk = w_ref[g, :, cols]  # [block_n, block_k]
-            out.append(acc + plgpu.dot(xk, wk.astype(dtype), trans_b=True, precision=_dot_precision(dtype)))
+            wk = k_slice(w_ref, i, g, slice(None))  # [block_n, block_k]
+            if dot:
+                out.append(acc + plgpu.dot(repeated(xk), wk.astype(dtype), trans_b=True,
+                                           precision=_dot_precision(dtype)))
+            else:  # [B, 1, block_k] * [1, block_n, block_k], summed over the step's K
+                products = (xk.astype(jnp.float32)[:, None, :] * wk.astype(jnp.float32)[None, :, :])
+                out.append(acc + jnp.sum(products, axis=2))
         return tuple(out)
 
     zeros = jnp.zeros((copies * rows, block_n), jnp.float32)
     accs = lax.fori_loop(0, steps, step, (zeros,) * n_weights)
     ys = []
     for g, acc in enumerate(accs):
-        y = acc.reshape(copies, rows, block_n).max(axis=0)  # the copies are bitwise equal
+        y = acc if copies == 1 else acc.reshape(copies, rows, block_n).max(axis=0)  # copies: bitwise equal
         if quantized:
             y = y * scale_ref[g, :].astype(jnp.float32)[None, :]
         ys.append(y.astype(proj_dtype))
@@ -114,7 +129,8 @@ def matvec_kernel(x, w, *, w_scale, norm_weight, eps, residual, out_dtype, block
         specs.append(columns)
     kernel = functools.partial(_kernel, gated=n_weights == 2, quantized=w_scale is not None,
                                normed=norm_weight is not None, has_residual=residual is not None,
-                               eps=eps, block_k=blocks.block_k, out_dtype=jnp.dtype(out_dtype))
+                               eps=eps, block_k=blocks.block_k, dot=blocks.dot,
+                               out_dtype=jnp.dtype(out_dtype))
     return pl.pallas_call(
         kernel,
         grid=(n // bn,),
