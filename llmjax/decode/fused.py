@@ -5,13 +5,14 @@ around the GEMMs (norms, residual adds, SwiGLU, split-K reductions, the one-row 
 launch of a few microseconds. Here a block is four weight reads, each one kernel with its
 neighbours folded in:
 
-    qkv = RMSNorm(x) Wqkv          (norm in the prologue; q, k, v weights as one [N+2K)H, D])
+    qkv = rope(RMSNorm(x) Wqkv)    (norm in the prologue, rope of q and k in the epilogue; the
+                                    q, k, v weights as one [(N + 2K) H, D])
     x   = x + attention(...) Wo    (residual in the epilogue)
     h   = silu(RMSNorm(x) Wg) * (RMSNorm(x) Wu)   (norm, both projections and SwiGLU in one)
     x   = x + h Wdown
     logits = RMSNorm(x) Whead      (fp32)
 
-plus rope, the KV-cache writes and the decode attention kernel, as the unfused step has them.
+plus the KV-cache writes and the decode attention kernel, as the unfused step has them.
 The kernels read weights as [out, in] rows; `layer_weights` transposes them once per generate
 call, before the token loop. Llama family (RMSNorm, SwiGLU, no biases), dense, up to 16 rows.
 """
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llmjax.models import kv_cache
-from llmjax.models.transformer import apply_rope, rope_tables
+from llmjax.models.transformer import rope_tables
 from llmjax.ops import Int8Weight
 from pallas_kernels.matvec import config as matvec_config, matvec
 from pallas_kernels.matvec.api import MAX_ROWS
@@ -50,8 +51,9 @@ def applies(cfg, rows: int) -> bool:
     model in half precision, at most 16 rows, and weight shapes the kernel's blocks divide."""
     return (jax.default_backend() == "gpu" and cfg.family == "llama" and not cfg.n_experts
             and rows <= MAX_ROWS and jnp.dtype(cfg.dtype) in (jnp.bfloat16, jnp.float16)
-            and all(matvec_config.kernel_gap(n, k, matvec_config.default_blocks(n, k, rows)) is None
-                    for n, k in _weight_shapes(cfg)))
+            and all(matvec_config.kernel_gap(n, k, matvec_config.default_blocks(n, k, rows),
+                                             cfg.head_dim if i == 0 else None) is None
+                    for i, (n, k) in enumerate(_weight_shapes(cfg))))
 
 
 def layer_weights(model, layers) -> dict:
@@ -95,15 +97,15 @@ def step_logits(model, weights, tokens, positions, caches, *, interpret: bool = 
         return matvec(x, rows, w_scale=scale, eps=cfg.norm_eps, interpret=interpret, **options)
 
     x = model.embed_tokens(tokens, positions)[:, 0]  # [B, D]
-    cos, sin = rope_tables(positions, h, cfg.rope_theta)
+    cos, sin = (t.reshape(b, h // 2) for t in rope_tables(positions, h, cfg.rope_theta))
+    rope = (cos, sin, n + kv)  # q and k heads turned, v passed through
     updated = []
     for w, cache in zip(weights["layers"], caches):
-        qkv = project(x, w["qkv"], norm_weight=w["attn_norm"])
+        qkv = project(x, w["qkv"], norm_weight=w["attn_norm"], rope=rope)
         q, k, v = jnp.split(qkv, [n * h, (n + kv) * h], axis=-1)
-        q = apply_rope(q.reshape(b, 1, n, h), cos, sin)
-        k = apply_rope(k.reshape(b, 1, kv, h), cos, sin)
         layer_cache = jax.tree.map(lambda c: c[0], cache)  # drop the leading layer axis (of 1)
-        out, layer_cache = kv_cache.attend_cached(q, k, v.reshape(b, 1, kv, h), positions, layer_cache)
+        out, layer_cache = kv_cache.attend_cached(q.reshape(b, 1, n, h), k.reshape(b, 1, kv, h),
+                                                  v.reshape(b, 1, kv, h), positions, layer_cache)
         updated.append(jax.tree.map(lambda c: c[None], layer_cache))
         x = project(out.reshape(b, n * h), w["o"], residual=x)
         hidden = project(x, w["gate_up"], norm_weight=w["mlp_norm"], gated=True)

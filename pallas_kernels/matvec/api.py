@@ -17,7 +17,7 @@ _warned: set[str] = set()
 
 
 def matvec(x, w, *, w_scale=None, norm_weight=None, eps: float = 1e-5, residual=None, gated: bool = False,
-           out_dtype=None, backend: str = "auto", interpret: bool = False, blocks: config.MatvecBlocks | None = None):
+           out_dtype=None, rope=None, backend: str = "auto", interpret: bool = False, blocks: config.MatvecBlocks | None = None):
     """y = x' W^T for a few rows x (a decode step's activations), with the layer's neighbours
     fused: x' = RMSNorm(x) * norm_weight when norm_weight is given, else x.
 
@@ -30,6 +30,11 @@ def matvec(x, w, *, w_scale=None, norm_weight=None, eps: float = 1e-5, residual=
       residual: [B, N], added to the result (the block's residual stream).
       out_dtype: the result's dtype for a plain projection (no gate, no residual), e.g. fp32
         logits, rounded once from the fp32 accumulator; default x's.
+      rope: None, or (cos, sin, rotated_heads) to apply rotary embeddings to the result, a
+        projection to heads of H = 2 * cos.shape[-1] columns (q|k|v): cos, sin [B, H/2] fp32 (the
+        angles of each row's position), the first rotated_heads heads turned (halves layout, as
+        llmjax.models.transformer.apply_rope) and the rest (v) passed through. Not with gated or
+        residual.
       backend: "auto" (the Triton kernel on a GPU or with interpret=True, else the reference;
         shapes the kernel's blocks do not divide fall back, logged once), "reference", "triton".
       blocks: `config.MatvecBlocks`; default `config.default_blocks(N, K, B)`.
@@ -40,6 +45,10 @@ def matvec(x, w, *, w_scale=None, norm_weight=None, eps: float = 1e-5, residual=
     """
     _validate(x, w, w_scale, norm_weight, residual, gated, backend, blocks)
     out_dtype = jnp.dtype(out_dtype or x.dtype)
+    if rope is not None:
+        _validate_rope(rope, x, w, gated, residual)
+        if out_dtype != x.dtype:
+            raise ValueError(f"out_dtype={out_dtype.name} does not go with rope (the result is x's dtype)")
     if out_dtype != x.dtype and (gated or residual is not None):
         raise ValueError(f"out_dtype={out_dtype.name} applies to a plain projection; a gated or residual "
                          f"one returns x's dtype ({jnp.dtype(x.dtype).name})")
@@ -48,7 +57,7 @@ def matvec(x, w, *, w_scale=None, norm_weight=None, eps: float = 1e-5, residual=
     blocks = blocks or config.default_blocks(n, k, rows)
     chosen = _api.triton_or_reference(backend, interpret, lambda why: _api.warn_once(
         _log, _warned, f"matvec: {why}; using the reference"))
-    gap = config.kernel_gap(n, k, blocks)
+    gap = config.kernel_gap(n, k, blocks, None if rope is None else 2 * rope[0].shape[-1])
     if chosen == "triton" and gap:
         if backend == "triton":
             raise ValueError(f"matvec backend='triton': {gap}")
@@ -56,13 +65,14 @@ def matvec(x, w, *, w_scale=None, norm_weight=None, eps: float = 1e-5, residual=
         chosen = "reference"
     if chosen == "reference":
         return reference.matvec_reference(x, w, w_scale=w_scale, norm_weight=norm_weight, eps=eps,
-                                          residual=residual, gated=gated, out_dtype=out_dtype)
+                                          residual=residual, gated=gated, out_dtype=out_dtype, rope=rope)
     stacked = lambda a: a if a is None or gated else a[None]  # noqa: E731  the kernel's [G, ...]
     padded = 1 << (rows - 1).bit_length()  # the kernel takes a power of 2 of rows
     pad = lambda a: a if a is None or padded == rows else jnp.pad(a, ((0, padded - rows), (0, 0)))  # noqa: E731
     y = triton_matvec.matvec_kernel(pad(x), stacked(w), w_scale=stacked(w_scale), norm_weight=norm_weight,
                                     eps=eps, residual=pad(residual), out_dtype=out_dtype, blocks=blocks,
-                                    interpret=interpret)
+                                    interpret=interpret,
+                                    rope=None if rope is None else (pad(rope[0]), pad(rope[1]), rope[2]))
     return y if padded == rows else y[:rows]
 
 
@@ -93,3 +103,21 @@ def _validate(x, w, w_scale, norm_weight, residual, gated, backend, blocks):
                          f"{tuple(residual.shape)} {jnp.dtype(residual.dtype).name}")
     if blocks is not None and not isinstance(blocks, config.MatvecBlocks):
         raise ValueError(f"blocks={blocks!r} must be a config.MatvecBlocks or None")
+
+
+def _validate_rope(rope, x, w, gated, residual):
+    if not isinstance(rope, tuple) or len(rope) != 3:
+        raise ValueError(f"rope must be (cos, sin, rotated_heads); got {type(rope).__name__}")
+    cos, sin, heads = rope
+    if gated or residual is not None:
+        raise ValueError("rope applies to a plain projection (q|k|v), not with gated or residual")
+    rows, n = x.shape[0], w.shape[-2]
+    for name, table in (("cos", cos), ("sin", sin)):
+        if getattr(table, "ndim", None) != 2 or table.shape[0] != rows or table.dtype != jnp.float32:
+            raise ValueError(f"rope {name} must be fp32 [rows={rows}, head_dim / 2]; got "
+                             f"{getattr(table, 'shape', None)} {getattr(table, 'dtype', None)}")
+    if cos.shape != sin.shape or n % (2 * cos.shape[1]):
+        raise ValueError(f"rope cos {cos.shape} and sin {sin.shape} must match, and N={n} must be whole "
+                         f"heads of 2 * {cos.shape[1]} columns")
+    if not isinstance(heads, int) or not 0 <= heads <= n // (2 * cos.shape[1]):
+        raise ValueError(f"rope rotated_heads={heads!r} must be an int in [0, {n // (2 * cos.shape[1])}]")

@@ -37,9 +37,12 @@ def default_blocks(n: int, k: int, rows: int = 1) -> MatvecBlocks:
     return MatvecBlocks(block_n=16, block_k=min(MAX_BLOCK_K, 1 << (k - 1).bit_length()), num_stages=4)
 
 
-def kernel_gap(n: int, k: int, blocks: MatvecBlocks) -> str | None:
-    """Why the kernel cannot take an [N, K] weight with these blocks, or None if it can (a K
-    that block_k does not divide is masked)."""
+def kernel_gap(n: int, k: int, blocks: MatvecBlocks, head_dim: int | None = None) -> str | None:
+    """Why the kernel cannot take an [N, K] weight with these blocks (and rotary heads of
+    head_dim columns), or None if it can (a K that block_k does not divide is masked)."""
     if n % blocks.block_n:
         return f"N={n} is not a multiple of block_n={blocks.block_n}"
+    if head_dim is not None and (blocks.block_n < 2 or (head_dim // 2) % (blocks.block_n // 2)):
+        return (f"rotary heads of {head_dim} columns: a program takes block_n / 2 = {blocks.block_n // 2} "
+                "columns of each half, which must divide head_dim / 2")
     return None

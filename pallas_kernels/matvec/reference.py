@@ -16,7 +16,7 @@ def rms_normalized(x, norm_weight, eps):
 
 
 def matvec_reference(x, w, *, w_scale=None, norm_weight=None, eps=1e-5, residual=None, gated=False,
-                     out_dtype=None):
+                     out_dtype=None, rope=None):
     """See `pallas_kernels.matvec.matvec`. Returns [B, N] in out_dtype (default x's)."""
     dtype = x.dtype
     plain = not gated and residual is None
@@ -34,4 +34,19 @@ def matvec_reference(x, w, *, w_scale=None, norm_weight=None, eps=1e-5, residual
         y = y[0]
     if residual is not None:
         y = (residual.astype(jnp.float32) + y.astype(jnp.float32)).astype(dtype)
+    if rope is not None:
+        y = rotated(y, *rope)
     return y
+
+
+def rotated(y, cos, sin, rotated_heads: int):
+    """Rotary embedding of y [B, N] seen as heads of H = 2 * cos.shape[-1] columns (halves layout,
+    as llmjax.models.transformer.apply_rope), the first `rotated_heads` heads only; fp32 math."""
+    b, n = y.shape
+    half = cos.shape[-1]
+    heads = y.astype(jnp.float32).reshape(b, n // (2 * half), 2, half)
+    first, second = heads[:, :, 0], heads[:, :, 1]
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    turned = jnp.stack([first * cos - second * sin, second * cos + first * sin], axis=2)
+    keep = (jnp.arange(heads.shape[1]) < rotated_heads)[None, :, None, None]
+    return jnp.where(keep, turned, heads).reshape(b, n).astype(y.dtype)

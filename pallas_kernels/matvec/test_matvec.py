@@ -16,10 +16,13 @@ FUSIONS = {"plain": {}, "norm": dict(norm=True), "residual": dict(residual=True)
            "norm_gated": dict(norm=True, gated=True), "int8": dict(int8=True),
            "int8_norm_gated": dict(int8=True, norm=True, gated=True),
            "int8_residual": dict(int8=True, residual=True),
-           "fp32_logits": dict(norm=True, out_dtype=jnp.float32)}
+           "fp32_logits": dict(norm=True, out_dtype=jnp.float32),
+           "norm_rope": dict(norm=True, rope=True), "int8_norm_rope": dict(int8=True, norm=True, rope=True)}
+HEAD_DIM = {32: 16, 2560: 64}  # rotary head width by N in the rope cases (the last head is not turned)
 
 
-def make_inputs(name, rows, k, n, dtype, norm=False, residual=False, gated=False, int8=False, out_dtype=None):
+def make_inputs(name, rows, k, n, dtype, norm=False, residual=False, gated=False, int8=False, out_dtype=None,
+                rope=False):
     """x [rows, K], w and the other options of one call; weights ~ 1/sqrt(K), outputs O(1)."""
     x = jnp.asarray(_testing.normal(f"{name}/x", (rows, k)), dtype)
     w = jnp.asarray(_testing.normal(f"{name}/w", (2, n, k) if gated else (n, k), k ** -0.5), jnp.float32)
@@ -33,6 +36,10 @@ def make_inputs(name, rows, k, n, dtype, norm=False, residual=False, gated=False
         options["norm_weight"] = jnp.asarray(_testing.normal(f"{name}/g", (k,), 0.2, 1.0), dtype)
     if residual:
         options["residual"] = jnp.asarray(_testing.normal(f"{name}/r", (rows, n)), dtype)
+    if rope:
+        half = HEAD_DIM[n] // 2
+        angles = jnp.asarray(_testing.normal(f"{name}/angles", (rows, half), 100.0))
+        options["rope"] = (jnp.cos(angles), jnp.sin(angles), n // HEAD_DIM[n] - 1)
     return x, w, options
 
 
@@ -96,6 +103,11 @@ def test_shape_the_blocks_do_not_divide_falls_back_or_raises(caplog):
     (lambda x, w: matvec(x, w, residual=jnp.ones((1, 3), jnp.bfloat16)), r"residual must be \[1, 16\]"),
     (lambda x, w: matvec(x, w, residual=jnp.ones((1, 16), jnp.bfloat16), out_dtype=jnp.float32), "plain projection"),
     (lambda x, w: matvec(x, w, backend="cuda"), "backend='cuda' unknown"),
+    (lambda x, w: matvec(x, w, rope=(jnp.ones((1, 8)),) * 2), r"rope must be \(cos, sin, rotated_heads\)"),
+    (lambda x, w: matvec(x, w, rope=(jnp.ones((1, 8)), jnp.ones((1, 8)), 0),
+                         residual=jnp.ones((1, 16), jnp.bfloat16)), "not with gated or residual"),
+    (lambda x, w: matvec(x, w, rope=(jnp.ones((1, 8)), jnp.ones((1, 8)), 3)), "rotated_heads=3"),
+    (lambda x, w: matvec(x, w, rope=(jnp.ones((1, 6)), jnp.ones((1, 6)), 0)), "whole heads"),
     (lambda x, w: matvec(x, w, blocks=(16, 32)), "must be a config.MatvecBlocks"),
 ])
 def test_bad_input_names_the_value(call, message):
@@ -116,7 +128,7 @@ def test_blocks_are_checked():
 # compiled, and GPT-2 small's fused q|k|v width (D 768: block_k 256).
 GPU_CASES = [("plain", 768, 2304), ("norm", 2048, 2560), ("residual", 2048, 2048), ("norm_gated", 2048, 5632),
              ("int8", 2048, 2560), ("int8_norm_gated", 2048, 5632), ("int8_residual", 5632, 2048),
-             ("fp32_logits", 2048, 32000)]
+             ("fp32_logits", 2048, 32000), ("norm_rope", 2048, 2560), ("int8_norm_rope", 2048, 2560)]
 
 
 @pytest.mark.gpu

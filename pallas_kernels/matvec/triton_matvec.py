@@ -30,17 +30,22 @@ def _dot_precision(dtype):
     return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
-def _kernel(*refs, gated, quantized, normed, has_residual, eps, block_k, dot, out_dtype):
+def _kernel(*refs, gated, roped, quantized, normed, has_residual, eps, block_k, dot, out_dtype, rope_heads,
+            per_head):
     """One program: out[:, block] for a block of block_n output columns.
 
     Refs in order (optional ones only with their flag): x_ref [B, K]; w_ref [G, block_n, K]
     (the dtype of x, or int8 when quantized); scale_ref [G, block_n] (quantized); norm_ref [K]
-    (normed); res_ref [B, block_n] (has_residual); o_ref [B, block_n].
+    (normed); cos_ref, sin_ref [B, block_n] fp32 (roped); res_ref [B, block_n] (has_residual);
+    o_ref [B, block_n], or [B, 2, block_n] when roped.
+    roped: G = 2 holds the first and second halves of the same columns of one head (rotary
+    pairs), rotated when the program's head, program_id // per_head, is below rope_heads.
     """
     refs = list(refs)
     x_ref, w_ref = refs.pop(0), refs.pop(0)
     scale_ref = refs.pop(0) if quantized else None
     norm_ref = refs.pop(0) if normed else None
+    cos_ref, sin_ref = (refs.pop(0), refs.pop(0)) if roped else (None, None)
     res_ref = refs.pop(0) if has_residual else None
     (o_ref,) = refs
     rows, k_dim = x_ref.shape
@@ -98,6 +103,14 @@ def _kernel(*refs, gated, quantized, normed, has_residual, eps, block_k, dot, ou
         if quantized:
             y = y * scale_ref[g, :].astype(jnp.float32)[None, :]
         ys.append(y.astype(proj_dtype))
+    if roped:  # rotary embedding of the halves (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)
+        turned = pl.program_id(0) // per_head < rope_heads
+        cos = jnp.where(turned, cos_ref[...], 1.0)
+        sin = jnp.where(turned, sin_ref[...], 0.0)
+        first, second = ys[0].astype(jnp.float32), ys[1].astype(jnp.float32)
+        o_ref[:, 0, :] = (first * cos - second * sin).astype(dtype)
+        o_ref[:, 1, :] = (second * cos + first * sin).astype(dtype)
+        return
     if gated:  # SwiGLU: silu(gate) * up
         gate, up = ys[0].astype(jnp.float32), ys[1].astype(jnp.float32)
         y = (gate / (1.0 + jnp.exp(-gate)) * up).astype(dtype)
@@ -109,35 +122,60 @@ def _kernel(*refs, gated, quantized, normed, has_residual, eps, block_k, dot, ou
 
 
 def matvec_kernel(x, w, *, w_scale, norm_weight, eps, residual, out_dtype, blocks: MatvecBlocks,
-                  interpret: bool):
+                  interpret: bool, rope=None):
     """x [B, K] (B a power of 2 <= 16), w [G, N, K], w_scale [G, N] or None, norm_weight [K] or
-    None, residual [B, N] or None -> [B, N] in out_dtype. G = 2 is SwiGLU (gate, up)."""
+    None, residual [B, N] or None -> [B, N] in out_dtype. G = 2 is SwiGLU (gate, up).
+    rope: None or (cos, sin [B, H/2] fp32, rotated heads) with G = 1: each program takes
+    block_n / 2 rows from each half of one head, so it holds both members of its rotary pairs."""
     rows, k_dim = x.shape
     n_weights, n, _ = w.shape
     bn = blocks.block_n
-    operands, specs = [x, w], [pl.BlockSpec((rows, k_dim), lambda i: (0, 0)),
-                               pl.BlockSpec((n_weights, bn, k_dim), lambda i: (0, i, 0))]
+    per_head = 1
+    if rope is None:
+        grid = n // bn
+        weight_spec = pl.BlockSpec((n_weights, bn, k_dim), lambda i: (0, i, 0))
+        scale_spec = pl.BlockSpec((n_weights, bn), lambda i: (0, i))
+        columns = out_spec = pl.BlockSpec((rows, bn), lambda i: (0, i))
+        out_shape = (rows, n)
+    else:  # weights as [heads, 2, H/2, K]; program i: head i // per_head, part i % per_head
+        half = rope[0].shape[-1]
+        bn //= 2
+        per_head = half // bn
+        heads = n // (2 * half)
+        grid = heads * per_head
+        w = w.reshape(heads, 2, half, k_dim)
+        w_scale = None if w_scale is None else w_scale.reshape(heads, 2, half)
+        weight_spec = pl.BlockSpec((None, 2, bn, k_dim), lambda i: (i // per_head, 0, i % per_head, 0))
+        scale_spec = pl.BlockSpec((None, 2, bn), lambda i: (i // per_head, 0, i % per_head))
+        columns = pl.BlockSpec((rows, bn), lambda i: (0, i % per_head))  # of cos, sin
+        out_spec = pl.BlockSpec((rows, None, 2, bn), lambda i: (0, i // per_head, 0, i % per_head))
+        out_shape = (rows, heads, 2, half)
+    operands, specs = [x, w], [pl.BlockSpec((rows, k_dim), lambda i: (0, 0)), weight_spec]
     if w_scale is not None:
         operands.append(w_scale)
-        specs.append(pl.BlockSpec((n_weights, bn), lambda i: (0, i)))
+        specs.append(scale_spec)
     if norm_weight is not None:
         operands.append(norm_weight)
         specs.append(pl.BlockSpec((k_dim,), lambda i: (0,)))
-    columns = pl.BlockSpec((rows, bn), lambda i: (0, i))
+    if rope is not None:
+        operands += [rope[0], rope[1]]
+        specs += [columns, columns]
     if residual is not None:
         operands.append(residual)
         specs.append(columns)
-    kernel = functools.partial(_kernel, gated=n_weights == 2, quantized=w_scale is not None,
-                               normed=norm_weight is not None, has_residual=residual is not None,
-                               eps=eps, block_k=blocks.block_k, dot=blocks.dot,
-                               out_dtype=jnp.dtype(out_dtype))
-    return pl.pallas_call(
+    kernel = functools.partial(_kernel, gated=n_weights == 2, roped=rope is not None,
+                               quantized=w_scale is not None, normed=norm_weight is not None,
+                               has_residual=residual is not None, eps=eps, block_k=blocks.block_k,
+                               dot=blocks.dot, out_dtype=jnp.dtype(out_dtype),
+                               rope_heads=None if rope is None else rope[2], per_head=per_head)
+    y = pl.pallas_call(
         kernel,
-        grid=(n // bn,),
+        grid=(grid,),
         in_specs=specs,
-        out_specs=columns,
-        out_shape=jax.ShapeDtypeStruct((rows, n), out_dtype),
+        out_specs=out_spec,
+        out_shape=jax.ShapeDtypeStruct(out_shape, out_dtype),
         compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
         interpret=interpret,
         name="matvec",
     )(*operands)
+    return y.reshape(rows, n)
