@@ -17,7 +17,7 @@ _warned: set[str] = set()
 
 
 def matvec(x, w, *, w_scale=None, norm_weight=None, eps: float = 1e-5, residual=None, gated: bool = False,
-           out_dtype=None, rope=None, backend: str = "auto", interpret: bool = False, blocks: config.MatvecBlocks | None = None):
+           out_dtype=None, rope=None, head_groups=None, backend: str = "auto", interpret: bool = False, blocks: config.MatvecBlocks | None = None):
     """y = x' W^T for a few rows x (a decode step's activations), with the layer's neighbours
     fused: x' = RMSNorm(x) * norm_weight when norm_weight is given, else x.
 
@@ -35,18 +35,22 @@ def matvec(x, w, *, w_scale=None, norm_weight=None, eps: float = 1e-5, residual=
         angles of each row's position), the first rotated_heads heads turned (halves layout, as
         llmjax.models.transformer.apply_rope) and the rest (v) passed through. Not with gated or
         residual.
+      head_groups: with rope, the result split by heads into separate arrays (e.g. (N, K, K) for
+        q, k, v), written by the kernel directly, so no slice of one result follows it.
       backend: "auto" (the Triton kernel on a GPU or with interpret=True, else the reference;
         shapes the kernel's blocks do not divide fall back, logged once), "reference", "triton".
       blocks: `config.MatvecBlocks`; default `config.default_blocks(N, K, B)`.
     Returns:
-      [B, N] in out_dtype (x's by default), rounded where the unfused layer rounds (reference.py).
+      [B, N] (with head_groups, a tuple of [B, count * H]) in out_dtype (x's by default), rounded where the unfused layer rounds (reference.py).
     Raises:
       ValueError: bad rank, dtype, shape, backend or blocks; the message names the value.
     """
     _validate(x, w, w_scale, norm_weight, residual, gated, backend, blocks)
     out_dtype = jnp.dtype(out_dtype or x.dtype)
+    if head_groups is not None and rope is None:
+        raise ValueError("head_groups splits a rotary projection's heads; it needs rope")
     if rope is not None:
-        _validate_rope(rope, x, w, gated, residual)
+        _validate_rope(rope, x, w, gated, residual, head_groups)
         if out_dtype != x.dtype:
             raise ValueError(f"out_dtype={out_dtype.name} does not go with rope (the result is x's dtype)")
     if out_dtype != x.dtype and (gated or residual is not None):
@@ -64,15 +68,24 @@ def matvec(x, w, *, w_scale=None, norm_weight=None, eps: float = 1e-5, residual=
         _api.warn_once(_log, _warned, f"matvec: {gap}; using the reference")
         chosen = "reference"
     if chosen == "reference":
-        return reference.matvec_reference(x, w, w_scale=w_scale, norm_weight=norm_weight, eps=eps,
-                                          residual=residual, gated=gated, out_dtype=out_dtype, rope=rope)
+        y = reference.matvec_reference(x, w, w_scale=w_scale, norm_weight=norm_weight, eps=eps,
+                                       residual=residual, gated=gated, out_dtype=out_dtype, rope=rope)
+        if head_groups is None:
+            return y
+        width = 2 * rope[0].shape[-1]
+        bounds = [width * sum(head_groups[:i + 1]) for i in range(len(head_groups) - 1)]
+        return tuple(jnp.split(y, bounds, axis=-1))
     stacked = lambda a: a if a is None or gated else a[None]  # noqa: E731  the kernel's [G, ...]
     padded = 1 << (rows - 1).bit_length()  # the kernel takes a power of 2 of rows
     pad = lambda a: a if a is None or padded == rows else jnp.pad(a, ((0, padded - rows), (0, 0)))  # noqa: E731
     y = triton_matvec.matvec_kernel(pad(x), stacked(w), w_scale=stacked(w_scale), norm_weight=norm_weight,
                                     eps=eps, residual=pad(residual), out_dtype=out_dtype, blocks=blocks,
                                     interpret=interpret,
-                                    rope=None if rope is None else (pad(rope[0]), pad(rope[1]), rope[2]))
+                                    rope=None if rope is None else (pad(rope[0]), pad(rope[1]), rope[2]),
+                                    head_groups=head_groups)
+    if head_groups is not None:
+        ys = y if isinstance(y, tuple) else (y,)
+        return tuple(y if padded == rows else y[:rows] for y in ys)
     return y if padded == rows else y[:rows]
 
 
@@ -105,7 +118,7 @@ def _validate(x, w, w_scale, norm_weight, residual, gated, backend, blocks):
         raise ValueError(f"blocks={blocks!r} must be a config.MatvecBlocks or None")
 
 
-def _validate_rope(rope, x, w, gated, residual):
+def _validate_rope(rope, x, w, gated, residual, head_groups):
     if not isinstance(rope, tuple) or len(rope) != 3:
         raise ValueError(f"rope must be (cos, sin, rotated_heads); got {type(rope).__name__}")
     cos, sin, heads = rope
@@ -119,5 +132,10 @@ def _validate_rope(rope, x, w, gated, residual):
     if cos.shape != sin.shape or n % (2 * cos.shape[1]):
         raise ValueError(f"rope cos {cos.shape} and sin {sin.shape} must match, and N={n} must be whole "
                          f"heads of 2 * {cos.shape[1]} columns")
-    if not isinstance(heads, int) or not 0 <= heads <= n // (2 * cos.shape[1]):
-        raise ValueError(f"rope rotated_heads={heads!r} must be an int in [0, {n // (2 * cos.shape[1])}]")
+    total = n // (2 * cos.shape[1])
+    if not isinstance(heads, int) or not 0 <= heads <= total:
+        raise ValueError(f"rope rotated_heads={heads!r} must be an int in [0, {total}]")
+    if head_groups is not None and (not isinstance(head_groups, tuple) or sum(head_groups) != total
+                                    or any(not isinstance(c, int) or c < 1 for c in head_groups)):
+        raise ValueError(f"head_groups={head_groups!r} must be a tuple of positive ints summing to the "
+                         f"{total} heads")

@@ -69,6 +69,18 @@ def test_k_the_step_does_not_divide_is_masked(blocks):
     _check("cpu/ragged_k", 1, 80, 16, jnp.bfloat16, "int8_norm_gated", interpret=True, blocks=blocks)
 
 
+@pytest.mark.parametrize("blocks", [SMALL, SMALL_FMA], ids=["dot", "fma"])
+def test_rope_heads_split_into_groups(blocks):
+    """q, k, v as three outputs (head_groups) equal the one rotated result split by heads."""
+    x, w, options = make_inputs("groups", 2, 64, 32, jnp.bfloat16, norm=True, rope=True)
+    whole = reference.matvec_reference(x, w, **options)
+    q, k = matvec(x, w, backend="triton", interpret=True, blocks=blocks, head_groups=(1, 1), **options)
+    _testing.assert_close(jnp.concatenate([q, k], axis=-1), whole, jnp.bfloat16, "split q|k")
+    assert q.shape == k.shape == (2, 16)
+    ref_q, ref_k = matvec(x, w, backend="reference", head_groups=(1, 1), **options)
+    assert jnp.array_equal(ref_q, whole[:, :16]) and jnp.array_equal(ref_k, whole[:, 16:])
+
+
 def test_rows_not_a_power_of_2_are_padded():
     _check("cpu/rows3", 3, 64, 16, jnp.bfloat16, "norm_gated", interpret=True, blocks=SMALL)
 
@@ -108,6 +120,8 @@ def test_shape_the_blocks_do_not_divide_falls_back_or_raises(caplog):
                          residual=jnp.ones((1, 16), jnp.bfloat16)), "not with gated or residual"),
     (lambda x, w: matvec(x, w, rope=(jnp.ones((1, 8)), jnp.ones((1, 8)), 3)), "rotated_heads=3"),
     (lambda x, w: matvec(x, w, rope=(jnp.ones((1, 6)), jnp.ones((1, 6)), 0)), "whole heads"),
+    (lambda x, w: matvec(x, w, rope=(jnp.ones((1, 4)), jnp.ones((1, 4)), 0), head_groups=(1, 2)), "summing to the 2"),
+    (lambda x, w: matvec(x, w, head_groups=(1,)), "needs rope"),
     (lambda x, w: matvec(x, w, blocks=(16, 32)), "must be a config.MatvecBlocks"),
 ])
 def test_bad_input_names_the_value(call, message):
@@ -129,6 +143,16 @@ def test_blocks_are_checked():
 GPU_CASES = [("plain", 768, 2304), ("norm", 2048, 2560), ("residual", 2048, 2048), ("norm_gated", 2048, 5632),
              ("int8", 2048, 2560), ("int8_norm_gated", 2048, 5632), ("int8_residual", 5632, 2048),
              ("fp32_logits", 2048, 32000), ("norm_rope", 2048, 2560), ("int8_norm_rope", 2048, 2560)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("int8", [False, True], ids=["bf16", "int8"])
+@pytest.mark.parametrize("rows", [1, 2])
+def test_rope_heads_split_into_q_k_v_gpu(int8, rows):
+    x, w, options = make_inputs("gpu/groups", rows, 2048, 2560, jnp.bfloat16, norm=True, rope=True, int8=int8)
+    q, k, v = matvec(x, w, backend="triton", head_groups=(32, 4, 4), **options)
+    whole = reference.matvec_reference(x, w, **options)
+    _testing.assert_close(jnp.concatenate([q, k, v], axis=-1), whole, jnp.bfloat16, "split q|k|v")
 
 
 @pytest.mark.gpu

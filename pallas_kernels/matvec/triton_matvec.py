@@ -31,15 +31,16 @@ def _dot_precision(dtype):
 
 
 def _kernel(*refs, gated, roped, quantized, normed, has_residual, eps, block_k, dot, out_dtype, rope_heads,
-            per_head):
+            per_head, head_groups):
     """One program: out[:, block] for a block of block_n output columns.
 
     Refs in order (optional ones only with their flag): x_ref [B, K]; w_ref [G, block_n, K]
     (the dtype of x, or int8 when quantized); scale_ref [G, block_n] (quantized); norm_ref [K]
     (normed); cos_ref, sin_ref [B, block_n] fp32 (roped); res_ref [B, block_n] (has_residual);
-    o_ref [B, block_n], or [B, 2, block_n] when roped.
+    o_ref [B, block_n], or when roped one [B, 2, block_n] block per group of head_groups.
     roped: G = 2 holds the first and second halves of the same columns of one head (rotary
-    pairs), rotated when the program's head, program_id // per_head, is below rope_heads.
+    pairs), rotated when the program's head, program_id // per_head, is below rope_heads; the
+    result goes to the output of the group holding that head (head_groups: heads per output).
     """
     refs = list(refs)
     x_ref, w_ref = refs.pop(0), refs.pop(0)
@@ -47,7 +48,7 @@ def _kernel(*refs, gated, roped, quantized, normed, has_residual, eps, block_k, 
     norm_ref = refs.pop(0) if normed else None
     cos_ref, sin_ref = (refs.pop(0), refs.pop(0)) if roped else (None, None)
     res_ref = refs.pop(0) if has_residual else None
-    (o_ref,) = refs
+    o_refs = refs
     rows, k_dim = x_ref.shape
     # A plain projection rounds once, to out_dtype; a gated or residual one rounds where the
     # model's layers do (each projection to x's dtype first).
@@ -104,12 +105,21 @@ def _kernel(*refs, gated, roped, quantized, normed, has_residual, eps, block_k, 
             y = y * scale_ref[g, :].astype(jnp.float32)[None, :]
         ys.append(y.astype(proj_dtype))
     if roped:  # rotary embedding of the halves (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)
-        turned = pl.program_id(0) // per_head < rope_heads
-        cos = jnp.where(turned, cos_ref[...], 1.0)
-        sin = jnp.where(turned, sin_ref[...], 0.0)
+        head = pl.program_id(0) // per_head
+        cos = jnp.where(head < rope_heads, cos_ref[...], 1.0)
+        sin = jnp.where(head < rope_heads, sin_ref[...], 0.0)
         first, second = ys[0].astype(jnp.float32), ys[1].astype(jnp.float32)
-        o_ref[:, 0, :] = (first * cos - second * sin).astype(dtype)
-        o_ref[:, 1, :] = (second * cos + first * sin).astype(dtype)
+        first, second = (first * cos - second * sin).astype(dtype), (second * cos + first * sin).astype(dtype)
+        if len(o_refs) == 1:
+            o_refs[0][:, 0, :], o_refs[0][:, 1, :] = first, second
+            return
+        start = 0
+        for o_ref, count in zip(o_refs, head_groups):
+            @pl.when((head >= start) & (head < start + count))
+            def _(o_ref=o_ref):
+                o_ref[:, 0, :] = first
+                o_ref[:, 1, :] = second
+            start += count
         return
     if gated:  # SwiGLU: silu(gate) * up
         gate, up = ys[0].astype(jnp.float32), ys[1].astype(jnp.float32)
@@ -118,15 +128,17 @@ def _kernel(*refs, gated, roped, quantized, normed, has_residual, eps, block_k, 
         (y,) = ys
     if has_residual:
         y = (res_ref[...].astype(jnp.float32) + y.astype(jnp.float32)).astype(dtype)
+    (o_ref,) = o_refs
     o_ref[...] = y
 
 
 def matvec_kernel(x, w, *, w_scale, norm_weight, eps, residual, out_dtype, blocks: MatvecBlocks,
-                  interpret: bool, rope=None):
+                  interpret: bool, rope=None, head_groups=None):
     """x [B, K] (B a power of 2 <= 16), w [G, N, K], w_scale [G, N] or None, norm_weight [K] or
     None, residual [B, N] or None -> [B, N] in out_dtype. G = 2 is SwiGLU (gate, up).
     rope: None or (cos, sin [B, H/2] fp32, rotated heads) with G = 1: each program takes
-    block_n / 2 rows from each half of one head, so it holds both members of its rotary pairs."""
+    block_n / 2 rows from each half of one head, so it holds both members of its rotary pairs;
+    the result is then one [B, count * H] array per count of head_groups (default: all heads)."""
     rows, k_dim = x.shape
     n_weights, n, _ = w.shape
     bn = blocks.block_n
@@ -135,21 +147,30 @@ def matvec_kernel(x, w, *, w_scale, norm_weight, eps, residual, out_dtype, block
         grid = n // bn
         weight_spec = pl.BlockSpec((n_weights, bn, k_dim), lambda i: (0, i, 0))
         scale_spec = pl.BlockSpec((n_weights, bn), lambda i: (0, i))
-        columns = out_spec = pl.BlockSpec((rows, bn), lambda i: (0, i))
-        out_shape = (rows, n)
+        columns = pl.BlockSpec((rows, bn), lambda i: (0, i))
+        out_specs, out_shapes = [columns], [(rows, n)]
     else:  # weights as [heads, 2, H/2, K]; program i: head i // per_head, part i % per_head
         half = rope[0].shape[-1]
         bn //= 2
         per_head = half // bn
         heads = n // (2 * half)
+        head_groups = head_groups or (heads,)
         grid = heads * per_head
         w = w.reshape(heads, 2, half, k_dim)
         w_scale = None if w_scale is None else w_scale.reshape(heads, 2, half)
         weight_spec = pl.BlockSpec((None, 2, bn, k_dim), lambda i: (i // per_head, 0, i % per_head, 0))
         scale_spec = pl.BlockSpec((None, 2, bn), lambda i: (i // per_head, 0, i % per_head))
         columns = pl.BlockSpec((rows, bn), lambda i: (0, i % per_head))  # of cos, sin
-        out_spec = pl.BlockSpec((rows, None, 2, bn), lambda i: (0, i // per_head, 0, i % per_head))
-        out_shape = (rows, heads, 2, half)
+        if len(head_groups) == 1:
+            out_specs = [pl.BlockSpec((rows, None, 2, bn), lambda i: (0, i // per_head, 0, i % per_head))]
+            out_shapes = [(rows, heads, 2, half)]
+        else:  # a program outside a group maps to one of its blocks and leaves it unwritten
+            out_specs, out_shapes, start = [], [], 0
+            for count in head_groups:
+                out_specs.append(pl.BlockSpec((rows, None, 2, bn), lambda i, start=start, count=count: (
+                    0, jnp.clip(i // per_head - start, 0, count - 1), 0, i % per_head)))
+                out_shapes.append((rows, count, 2, half))
+                start += count
     operands, specs = [x, w], [pl.BlockSpec((rows, k_dim), lambda i: (0, 0)), weight_spec]
     if w_scale is not None:
         operands.append(w_scale)
@@ -167,15 +188,17 @@ def matvec_kernel(x, w, *, w_scale, norm_weight, eps, residual, out_dtype, block
                                quantized=w_scale is not None, normed=norm_weight is not None,
                                has_residual=residual is not None, eps=eps, block_k=blocks.block_k,
                                dot=blocks.dot, out_dtype=jnp.dtype(out_dtype),
-                               rope_heads=None if rope is None else rope[2], per_head=per_head)
-    y = pl.pallas_call(
+                               rope_heads=None if rope is None else rope[2], per_head=per_head,
+                               head_groups=head_groups)
+    ys = pl.pallas_call(
         kernel,
         grid=(grid,),
         in_specs=specs,
-        out_specs=out_spec,
-        out_shape=jax.ShapeDtypeStruct(out_shape, out_dtype),
+        out_specs=out_specs,
+        out_shape=[jax.ShapeDtypeStruct(shape, out_dtype) for shape in out_shapes],
         compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
         interpret=interpret,
         name="matvec",
     )(*operands)
-    return y.reshape(rows, n)
+    ys = [y.reshape(rows, -1) for y in ys]
+    return ys[0] if len(ys) == 1 else tuple(ys)
