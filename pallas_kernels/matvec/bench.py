@@ -1,6 +1,6 @@
 """matvec benchmarks: ours (the fused Triton kernel) vs XLA running the same layer math the way
-the model's unfused decode step does (llmjax.ops: RMSNorm, a GEMM with the one-row pad, SwiGLU,
-the residual add), in one run; rows, no files.
+the model's unfused decode step does (RMSNorm, a GEMM with the one-row pad as llmjax.ops.dense
+has it, SwiGLU, the residual add), in one run; rows, no files.
 
 GB/s counts the bytes a fused implementation must move (nominal, the same for every impl): the
 weights (+ int8 scales), x, the norm weight, the residual and the output.
@@ -9,10 +9,11 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import _bench
-from pallas_kernels.matvec import cases, config, matvec
+from pallas_kernels.matvec import cases, config, matvec, reference
 from pallas_kernels.matvec.cases import MatvecCase
 
 IMPLS = ("triton", "xla")
+XLA_GEMV_TO_REDUCE_BELOW = 10_000_000  # as llmjax.ops (kernels import nothing from llmjax)
 
 
 def nominal_bytes(case: MatvecCase, rows: int) -> int:
@@ -41,23 +42,30 @@ def _arg_sets(case: MatvecCase, rows: int, n_sets: int):
     return sets
 
 
+def _dense(x, w, scale, out_dtype):
+    """x [B, K] times w [N, K]^T the way llmjax.ops.dense runs a decode projection: an int8 w
+    converted inside the GEMM and its scales applied to the fp32 result; one row of a small
+    product padded to two, so XLA keeps a GEMM instead of rewriting it into reductions."""
+    if scale is not None:
+        return (_dense(x, w.astype(x.dtype), None, jnp.float32) * scale.astype(jnp.float32)).astype(out_dtype)
+    small = x.size + w.size < XLA_GEMV_TO_REDUCE_BELOW
+    rows = jnp.concatenate([x, jnp.zeros_like(x)]) if x.shape[0] == 1 and small else x
+    y = jnp.matmul(rows, w.T, preferred_element_type=out_dtype)
+    return y[:x.shape[0]]
+
+
 def _xla(case: MatvecCase):
-    """The unfused decode step's math for this case, through llmjax.ops as the model runs it."""
-    from llmjax import ops
+    """The unfused decode step's math for this case, each step its own XLA op as the model has it."""
 
     def run(x, w, scale, norm, residual):
         if norm is not None:
-            x = ops.rms_norm(x, norm, eps=1e-5)
+            x = reference.rms_normalized(x, norm, 1e-5)
         out_dtype = jnp.float32 if case.logits else x.dtype
-
-        def project(w, scale):  # the model's [in, out] layout
-            weight = w.T if scale is None else ops.Int8Weight(w.T, scale[None, :])
-            return ops.dense(x, weight, out_dtype=out_dtype)
         if case.gated:
-            y = jax.nn.silu(project(w[0], None if scale is None else scale[0])) * project(
-                w[1], None if scale is None else scale[1])
+            gate, up = (_dense(x, w[i], None if scale is None else scale[i], out_dtype) for i in (0, 1))
+            y = jax.nn.silu(gate) * up
         else:
-            y = project(w, scale)
+            y = _dense(x, w, scale, out_dtype)
         return y if residual is None else residual + y
     return run
 
