@@ -250,7 +250,8 @@ class LoraConfig:
 class DecodeConfig:
     """Sampling: temperature 0 is greedy; top_k 0 and top_p 1.0 turn those filters off.
     fused_matvec: `generate`'s token loop runs fused matrix-vector kernels (llmjax.decode.fused)
-    where they apply (a GPU, a dense Llama-family model, at most 16 rows); False keeps XLA's."""
+    where they apply (a GPU, a dense Llama-family model in half precision, batch 1); False keeps
+    XLA's."""
 
     max_new_tokens: int = 200
     temperature: float = 0.8

@@ -82,7 +82,7 @@ def test_applies_only_to_dense_llama_on_a_gpu():
     gpt2 = load_config(overrides=["preset=gpt2-tiny", "model.dtype=bfloat16"]).model
     on_gpu = jax.default_backend() == "gpu"
     assert fused.applies(llama, 1) is on_gpu
-    assert not fused.applies(llama, 17)  # more rows than the kernel's 16
+    assert not fused.applies(llama, 2)  # batches over 1 keep XLA's layers (not yet measured faster)
     assert not fused.applies(gpt2, 1)  # LayerNorm, GELU, biases
     assert not fused.applies(load_config(overrides=TINY).model, 1)  # fp32
 

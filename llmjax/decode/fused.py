@@ -14,7 +14,8 @@ neighbours folded in:
 
 plus the KV-cache writes and the decode attention kernel, as the unfused step has them.
 The kernels read weights as [out, in] rows; `layer_weights` transposes them once per generate
-call, before the token loop. Llama family (RMSNorm, SwiGLU, no biases), dense, up to 16 rows.
+call, before the token loop (a second copy of the layer weights while generate runs). Llama
+family (RMSNorm, SwiGLU, no biases), dense, up to 16 rows; generate uses it for one.
 """
 import math
 
@@ -26,7 +27,6 @@ from llmjax.models import kv_cache
 from llmjax.models.transformer import rope_tables
 from llmjax.ops import Int8Weight
 from pallas_kernels.matvec import config as matvec_config, matvec
-from pallas_kernels.matvec.api import MAX_ROWS
 
 
 def _as_rows(value, n_in: int):
@@ -47,10 +47,11 @@ def _weight_shapes(cfg) -> list[tuple[int, int]]:
 
 
 def applies(cfg, rows: int) -> bool:
-    """Whether `step_logits` serves this model and batch on this machine: a GPU, a dense Llama-family
-    model in half precision, at most 16 rows, and weight shapes the kernel's blocks divide."""
+    """Whether `generate` runs `step_logits`: on a GPU, for a dense Llama-family model in half
+    precision, one row (the case measured faster than XLA's layers; step_logits itself takes up to
+    16), and weight shapes the kernel's blocks divide."""
     return (jax.default_backend() == "gpu" and cfg.family == "llama" and not cfg.n_experts
-            and rows <= MAX_ROWS and jnp.dtype(cfg.dtype) in (jnp.bfloat16, jnp.float16)
+            and rows == 1 and jnp.dtype(cfg.dtype) in (jnp.bfloat16, jnp.float16)
             and all(matvec_config.kernel_gap(n, k, matvec_config.default_blocks(n, k, rows),
                                              cfg.head_dim if i == 0 else None) is None
                     for i, (n, k) in enumerate(_weight_shapes(cfg))))
