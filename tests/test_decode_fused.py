@@ -85,6 +85,9 @@ def test_applies_only_to_dense_llama_on_a_gpu():
     assert not fused.applies(llama, 2)  # batches over 1 keep XLA's layers (not yet measured faster)
     assert not fused.applies(gpt2, 1)  # LayerNorm, GELU, biases
     assert not fused.applies(load_config(overrides=TINY).model, 1)  # fp32
+    model = init_model(load_config(overrides=["preset=gpt2-tiny"]).model)
+    with pytest.raises(ValueError, match="family='gpt2'"):
+        fused.layer_weights(model, split_layers(model))
 
 
 @pytest.mark.gpu

@@ -61,7 +61,16 @@ def layer_weights(model, layers) -> dict:
     """The step's weights from a model and its `split_layers` states: per layer the q|k|v rows
     [(N + 2K) H, D], o [D, N H], gate|up [2, F, D], down [D, F] (each with its int8 scales
     or None) and the two norm scales; the head [V, D] and the final norm. Computed once, before
-    the token loop (inside it XLA would redo the transposes every step)."""
+    the token loop (inside it XLA would redo the transposes every step).
+
+    Raises:
+      ValueError: a model that is not a dense Llama-family one (LayerNorm, GELU, biases and
+        experts have no fused step).
+    """
+    cfg = model.cfg
+    if cfg.family != "llama" or cfg.n_experts:
+        raise ValueError(f"the fused decode step takes a dense Llama-family model; got family="
+                         f"{cfg.family!r}, n_experts={cfg.n_experts}")
     block_def, _ = nnx.split(model.blocks)
     out = []
     for state in layers:
@@ -79,7 +88,7 @@ def layer_weights(model, layers) -> dict:
     if model.lm_head is None:  # tied: the embedding [V, D] is already out x in
         embed = model.embed.get_value()
         head = ((embed.values, embed.scale.reshape(-1)) if isinstance(embed, Int8Weight)
-                else (embed.astype(model.cfg.dtype), None))
+                else (embed.astype(cfg.dtype), None))
     else:
         head = _as_rows(jax.tree.map(lambda a: a[None], model.lm_head.get_value()), 1)
     return dict(layers=out, head=head, final_norm=model.final_norm.scale[...])
