@@ -1,4 +1,5 @@
-"""The fused decode step (llmjax.decode.fused) against the model's own layers."""
+"""The fused decode step (llmjax.decode.fused) against the model's own layers, and the matvec
+reference's pieces against the model code they restate."""
 import importlib
 
 import jax
@@ -7,26 +8,29 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from llmjax import ops
 from llmjax.config import DecodeConfig, load_config
 from llmjax.decode import fused, generate
 from llmjax.decode.generate import forward_hidden, init_layer_caches, prepare_decode, split_layers
 from llmjax.models import init_model
+from llmjax.models.transformer import apply_rope, rope_tables
 from pallas_kernels import _testing
+from pallas_kernels.matvec import reference
 
 TINY = ["preset=llama-tiny"]
 
 
-def _steps_both_ways(dm, prompt, tokens, interpret):
-    """Prefill `prompt` with the model's layers, then feed `tokens` [B, steps] one a step twice
-    from that cache: through the model's layers and through the fused step. Returns both lists
-    of logits."""
+def _steps_both_ways(dm, prompt, tokens, interpret, fused_too=True):
+    """Prefill `prompt` with the model's layers, then feed `tokens` [B, steps] one a step from
+    that cache through the model's layers and (fused_too) through the fused step. Returns
+    (fused logits, model logits, fused caches, model caches), lists of steps for the logits."""
     net = nnx.merge(dm.graphdef, dm.params)
     layers = split_layers(net)
     b, t0 = prompt.shape
     steps = tokens.shape[1]
     positions = jnp.broadcast_to(jnp.arange(t0, dtype=jnp.int32), (b, t0))
     _, caches = forward_hidden(net, layers, prompt, positions, init_layer_caches(net.cfg, b, t0 + steps))
-    weights = fused.layer_weights(net, layers)
+    weights = fused.layer_weights(net, layers) if fused_too else None
 
     @jax.jit
     def fused_step(params, weights, token, pos, caches):
@@ -41,24 +45,36 @@ def _steps_both_ways(dm, prompt, tokens, interpret):
     ours, theirs, caches_ours = [], [], caches
     for i in range(steps):
         pos, token = jnp.full((b, 1), t0 + i, jnp.int32), tokens[:, i:i + 1]
-        logits, caches_ours = fused_step(dm.params, weights, token, pos, caches_ours)
-        ours.append(logits)
+        if fused_too:
+            logits, caches_ours = fused_step(dm.params, weights, token, pos, caches_ours)
+            ours.append(logits)
         logits, caches = model_step(dm.params, layers, token, pos, caches)
         theirs.append(logits)
-    return ours, theirs
+    return ours, theirs, caches_ours, caches
 
 
-@pytest.mark.parametrize("int8", [False, True], ids=["bf16", "int8"])
-def test_fused_step_matches_the_model_layers(int8):
-    """Two steps of the fused kernels (Pallas interpret mode) give the unfused step's logits."""
-    model = init_model(load_config(overrides=TINY).model, seed=1)
+def _check_caches(ours, theirs, dtype):
+    """Every layer's cached keys and values (rope'd keys included) as the model's layers wrote them."""
+    for mine, model in zip(ours, theirs):
+        for name in ("k", "v"):
+            _testing.assert_close(mine[name], model[name], dtype, f"cached {name}")
+
+
+@pytest.mark.parametrize("rows,int8,tied", [(2, False, False), (2, True, False), (1, False, True),
+                                            (1, True, True)],
+                         ids=["bf16-2rows", "int8-2rows", "bf16-1row-tied", "int8-1row-tied"])
+def test_fused_step_matches_the_model_layers(rows, int8, tied):
+    """Two steps of the fused kernels (Pallas interpret mode; one row takes the FMA path, two the
+    tensor-core one) give the unfused step's logits and KV cache."""
+    model = init_model(load_config(overrides=[*TINY, f"model.tie_embeddings={tied}"]).model, seed=1)
     dm = prepare_decode(model, int8=int8, dtype="bfloat16")
-    prompt, tokens = (jax.random.randint(jax.random.key(i), (2, n), 0, 512, dtype=jnp.int32)
+    prompt, tokens = (jax.random.randint(jax.random.key(i), (rows, n), 0, 512, dtype=jnp.int32)
                       for i, n in ((0, 4), (1, 2)))
-    ours, theirs = _steps_both_ways(dm, prompt, tokens, interpret=True)
+    ours, theirs, caches_ours, caches = _steps_both_ways(dm, prompt, tokens, interpret=True)
     for a, b in zip(ours, theirs):
-        assert a.dtype == jnp.float32 and a.shape == b.shape == (2, 512)
+        assert a.dtype == jnp.float32 and a.shape == b.shape == (rows, 512)
         _testing.assert_close(a, b, jnp.bfloat16, "fused step logits")
+    _check_caches(caches_ours, caches, jnp.bfloat16)
 
 
 def test_generate_takes_the_fused_loop_where_it_applies(monkeypatch):
@@ -72,22 +88,37 @@ def test_generate_takes_the_fused_loop_where_it_applies(monkeypatch):
     for on in (True, False):
         cfg = DecodeConfig(max_new_tokens=8, temperature=0.0, fused_matvec=on)
         options = generate_module._generate_args(prepare_decode(model), prompt, cfg, None, None)[1]
-        assert options["fused"] is on
+        assert options["fused_matvec"] is on
         results[on] = generate(model, prompt, cfg)
     np.testing.assert_array_equal(results[True], results[False])
 
 
-def test_applies_only_to_dense_llama_on_a_gpu():
-    llama = load_config(overrides=[*TINY, "model.dtype=bfloat16"]).model
-    gpt2 = load_config(overrides=["preset=gpt2-tiny", "model.dtype=bfloat16"]).model
-    on_gpu = jax.default_backend() == "gpu"
-    assert fused.applies(llama, 1) is on_gpu
+def test_applies_only_to_dense_half_precision_llama_at_batch_1(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # the checks past the platform's
+    config = lambda *o: load_config(overrides=list(o)).model  # noqa: E731
+    llama = config(*TINY, "model.dtype=bfloat16")
+    assert fused.applies(llama, 1)
     assert not fused.applies(llama, 2)  # batches over 1 keep XLA's layers (not yet measured faster)
-    assert not fused.applies(gpt2, 1)  # LayerNorm, GELU, biases
-    assert not fused.applies(load_config(overrides=TINY).model, 1)  # fp32
-    model = init_model(load_config(overrides=["preset=gpt2-tiny"]).model)
+    assert not fused.applies(config("preset=gpt2-tiny", "model.dtype=bfloat16"), 1)  # LayerNorm, GELU, biases
+    assert not fused.applies(config(*TINY), 1)  # fp32
+    assert not fused.applies(config(*TINY, "model.dtype=bfloat16", "model.n_experts=4"), 1)
+    assert not fused.applies(config(*TINY, "model.dtype=bfloat16", "model.d_mlp=98"), 1)  # 4 columns a program
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert not fused.applies(llama, 1)
+    model = init_model(config("preset=gpt2-tiny"))
     with pytest.raises(ValueError, match="family='gpt2'"):
         fused.layer_weights(model, split_layers(model))
+
+
+def test_matvec_reference_restates_the_model_code():
+    """The kernel reference's norm and rope are bit for bit the model's (ops.rms_norm,
+    transformer.apply_rope), so the fused step and the model round in the same places."""
+    x = jnp.asarray(_testing.normal("restate/x", (3, 64)), jnp.bfloat16)
+    g = jnp.asarray(_testing.normal("restate/g", (64,), 0.2, 1.0), jnp.bfloat16)
+    assert jnp.array_equal(reference.rms_normalized(x, g, 1e-5), ops.rms_norm(x, g, eps=1e-5))
+    cos, sin = rope_tables(jnp.array([[3], [70], [500]], jnp.int32), 16, 10000.0)  # [3, 1, 1, 8]
+    turned = reference.rotated(x, cos[:, 0, 0], sin[:, 0, 0], rotated_heads=4)  # all 4 heads of 16
+    assert jnp.array_equal(turned, apply_rope(x.reshape(3, 1, 4, 16), cos, sin).reshape(3, 64))
 
 
 @pytest.mark.gpu
@@ -96,12 +127,15 @@ def test_fused_step_is_as_close_to_fp32_as_the_model_layers_gpu(int8):
     """Llama 1.1B's shapes (random weights, 4 of its 22 layers): bf16 roundings in different places
     drift apart over the layers (~2% in the logits at 22), so both bf16 steps are held against the
     model's layers in fp32 (the same int8 weights where quantized): the fused step may not be
-    further off than the unfused one, with 25% slack."""
+    further off than the unfused one, with 25% slack; its KV cache matches the model's."""
     model = init_model(load_config(overrides=["preset=llama-1b", "model.n_layers=4"]).model, seed=1)
     prompt, tokens = (jax.random.randint(jax.random.key(i), (1, n), 0, 32000, dtype=jnp.int32)
                       for i, n in ((0, 16), (1, 3)))
-    ours, theirs = _steps_both_ways(prepare_decode(model, int8=int8, dtype="bfloat16"), prompt, tokens, False)
-    _, exact = _steps_both_ways(prepare_decode(model, int8=int8, dtype="float32"), prompt, tokens, False)
+    ours, theirs, caches_ours, caches = _steps_both_ways(prepare_decode(model, int8=int8, dtype="bfloat16"),
+                                                         prompt, tokens, False)
+    _, exact, _, _ = _steps_both_ways(prepare_decode(model, int8=int8, dtype="float32"), prompt, tokens, False,
+                                      fused_too=False)
     for a, b, ref in zip(ours, theirs, exact):
         fused_error, unfused_error = _testing.relative_error(a, ref), _testing.relative_error(b, ref)
         assert fused_error <= 1.25 * unfused_error + 1e-3, (fused_error, unfused_error)
+    _check_caches(caches_ours, caches, jnp.bfloat16)

@@ -57,6 +57,15 @@ def applies(cfg, rows: int) -> bool:
                     for i, (n, k) in enumerate(_weight_shapes(cfg))))
 
 
+def weights_supported(params) -> bool:
+    """Whether every weight is a plain array on one device or an Int8Weight (layer_weights reads
+    those; NF4 codes or sharded weights would need their own path)."""
+    leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, Int8Weight))
+    arrays = [leaf.values if isinstance(leaf, Int8Weight) else leaf for leaf in leaves]
+    return all(isinstance(a, jax.Array) and (isinstance(b, Int8Weight) or jnp.issubdtype(a.dtype, jnp.floating))
+               and len(a.devices()) == 1 for a, b in zip(arrays, leaves))
+
+
 def layer_weights(model, layers) -> dict:
     """The step's weights from a model and its `split_layers` states: per layer the q|k|v rows
     [(N + 2K) H, D], o [D, N H], gate|up [2, F, D], down [D, F] (each with its int8 scales
@@ -103,8 +112,8 @@ def step_logits(model, weights, tokens, positions, caches, *, interpret: bool = 
     n, kv, h = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
 
     def project(x, weight, **options):
-        rows, scale = weight
-        return matvec(x, rows, w_scale=scale, eps=cfg.norm_eps, interpret=interpret, **options)
+        weight_rows, scale = weight
+        return matvec(x, weight_rows, w_scale=scale, eps=cfg.norm_eps, interpret=interpret, **options)
 
     x = model.embed_tokens(tokens, positions)[:, 0]  # [B, D]
     cos, sin = (t.reshape(b, h // 2) for t in rope_tables(positions, h, cfg.rope_theta))

@@ -119,12 +119,13 @@ def doubled(caches):
 
 
 @partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p", "vocab_size",
-                                   "double", "fused"),
+                                   "double", "fused_matvec"),
          compiler_options=DECODE_COMPILER_OPTIONS)
 def _generate(graphdef, params, prompt, key, steps, *, max_new_tokens, temperature, top_k, top_p, vocab_size,
-              double, fused):
+              double, fused_matvec):
     """`double`: prompt is one row; it is prefilled once, then decoded as two identical rows (see
-    doubles_single_row). `fused`: the token loop runs `fused.step_logits` (the prefill does not)."""
+    doubles_single_row). `fused_matvec`: the token loop runs `fused.step_logits` (the prefill
+    does not)."""
     model = nnx.merge(graphdef, params)
     layers = split_layers(model)
     b, t0 = prompt.shape
@@ -138,7 +139,7 @@ def _generate(graphdef, params, prompt, key, steps, *, max_new_tokens, temperatu
     tokens = tokens.at[:, t0].set(sample_rows(model.logits(hidden[:, -1:])[:, 0], keys[0]))
     if double:
         tokens, caches, b = jnp.concatenate([tokens, tokens]), doubled(caches), 2
-    weights = fused_step.layer_weights(model, layers) if fused else None  # once, before the loop
+    weights = fused_step.layer_weights(model, layers) if fused_matvec else None  # once, before the loop
 
     def sample(logits, key):  # the doubled row samples once, so both rows stay the same
         return jnp.concatenate([sample_rows(logits[:1], key)] * 2) if double else sample_rows(logits, key)
@@ -148,7 +149,7 @@ def _generate(graphdef, params, prompt, key, steps, *, max_new_tokens, temperatu
         pos = t0 + i
         current = jax.lax.dynamic_slice_in_dim(tokens, pos, 1, axis=1)  # [B, 1]
         positions = jnp.full((b, 1), pos, jnp.int32)
-        if fused:
+        if fused_matvec:
             logits, caches = fused_step.step_logits(model, weights, current, positions, caches)
         else:
             hidden, caches = forward_hidden(model, layers, current, positions, caches)
@@ -182,10 +183,11 @@ def _generate_args(model, prompt, cfg, key, vocab_size, steps=None):
     steps = cfg.max_new_tokens if steps is None else steps
     if not isinstance(steps, int) or not 1 <= steps <= cfg.max_new_tokens:
         raise ValueError(f"steps={steps!r} must be an int in [1, decode.max_new_tokens={cfg.max_new_tokens}]")
-    fused = cfg.fused_matvec and fused_step.applies(model.cfg, prompt.shape[0])
+    fused = (cfg.fused_matvec and fused_step.applies(model.cfg, prompt.shape[0])
+             and fused_step.weights_supported(model.params))
     return (model.graphdef, model.params, prompt, key, jnp.int32(steps)), dict(
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-        vocab_size=vocab_size, double=doubles_single_row(prompt) and not fused, fused=fused)
+        vocab_size=vocab_size, double=doubles_single_row(prompt) and not fused, fused_matvec=fused)
 
 
 def lower_generate(model, prompt, cfg: DecodeConfig, vocab_size: int | None = None):

@@ -3,14 +3,16 @@
 B rows, K input width, N outputs.
 """
 import logging
+import operator
 
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels import _api
 from pallas_kernels.matvec import config, reference, triton_matvec
 
 BACKENDS = ("auto", "reference", "triton")
-MAX_ROWS = triton_matvec.MIN_ROWS  # beyond 16 rows a decode step is a GEMM: use one
+MAX_ROWS = 16  # a decode step's rows; beyond them the product is a GEMM: use one
 
 _log = logging.getLogger(__name__)
 _warned: set[str] = set()
@@ -39,6 +41,7 @@ def matvec(x, w, *, w_scale=None, norm_weight=None, eps: float = 1e-5, residual=
         q, k, v), written by the kernel directly, so no slice of one result follows it.
       backend: "auto" (the Triton kernel on a GPU or with interpret=True, else the reference;
         shapes the kernel's blocks do not divide fall back, logged once), "reference", "triton".
+      interpret: run the Triton kernel in Pallas interpret mode (CPU tests).
       blocks: `config.MatvecBlocks`; default `config.default_blocks(N, K, B)`.
     Returns:
       [B, N] (with head_groups, a tuple of [B, count * H]) in out_dtype (x's by default), rounded where the unfused layer rounds (reference.py).
@@ -47,20 +50,26 @@ def matvec(x, w, *, w_scale=None, norm_weight=None, eps: float = 1e-5, residual=
     """
     _validate(x, w, w_scale, norm_weight, residual, gated, backend, blocks)
     out_dtype = jnp.dtype(out_dtype or x.dtype)
+    if out_dtype not in _api.FLOAT_DTYPES:
+        raise ValueError(f"out_dtype={out_dtype.name} unsupported; use float32, bfloat16 or float16")
+    if not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"eps={eps!r} must be a positive number")
     if head_groups is not None and rope is None:
         raise ValueError("head_groups splits a rotary projection's heads; it needs rope")
     if rope is not None:
         _validate_rope(rope, x, w, gated, residual, head_groups)
         if out_dtype != x.dtype:
             raise ValueError(f"out_dtype={out_dtype.name} does not go with rope (the result is x's dtype)")
+        rope = (rope[0], rope[1], operator.index(rope[2]))
+        head_groups = None if head_groups is None else tuple(map(operator.index, head_groups))
     if out_dtype != x.dtype and (gated or residual is not None):
         raise ValueError(f"out_dtype={out_dtype.name} applies to a plain projection; a gated or residual "
                          f"one returns x's dtype ({jnp.dtype(x.dtype).name})")
     rows, k = x.shape
     n = w.shape[-2]
-    blocks = blocks or config.default_blocks(n, k, rows)
     chosen = _api.triton_or_reference(backend, interpret, lambda why: _api.warn_once(
         _log, _warned, f"matvec: {why}; using the reference"))
+    blocks = blocks or config.default_blocks(n, k, rows)
     gap = config.kernel_gap(n, k, blocks, None if rope is None else 2 * rope[0].shape[-1])
     if chosen == "triton" and gap:
         if backend == "triton":
@@ -106,16 +115,37 @@ def _validate(x, w, w_scale, norm_weight, residual, gated, backend, blocks):
     if quantized != (w_scale is not None):
         raise ValueError("w_scale goes with an int8 w and only with one; got "
                          f"w dtype={jnp.dtype(w.dtype).name}, w_scale={'given' if w_scale is not None else None}")
-    if w_scale is not None and tuple(w_scale.shape) != tuple(w.shape[:-1]):
-        raise ValueError(f"w_scale must be {tuple(w.shape[:-1])} (one scale an output column); "
-                         f"got {tuple(w_scale.shape)}")
-    if norm_weight is not None and tuple(norm_weight.shape) != (x.shape[1],):
-        raise ValueError(f"norm_weight must be [{x.shape[1]}]; got {tuple(norm_weight.shape)}")
-    if residual is not None and (tuple(residual.shape) != (x.shape[0], w.shape[-2]) or residual.dtype != x.dtype):
+    if w_scale is not None and (_shape(w_scale) != tuple(w.shape[:-1]) or not _floating(w_scale)):
+        raise ValueError(f"w_scale must be a float array {tuple(w.shape[:-1])} (one scale an output "
+                         f"column); got {_shape(w_scale)} {getattr(w_scale, 'dtype', None)}")
+    if norm_weight is not None and (_shape(norm_weight) != (x.shape[1],) or not _floating(norm_weight)):
+        raise ValueError(f"norm_weight must be a float array [{x.shape[1]}]; got {_shape(norm_weight)} "
+                         f"{getattr(norm_weight, 'dtype', None)}")
+    if residual is not None and (_shape(residual) != (x.shape[0], w.shape[-2])
+                                 or getattr(residual, "dtype", None) != x.dtype):
         raise ValueError(f"residual must be [{x.shape[0]}, {w.shape[-2]}] of x's dtype; got "
-                         f"{tuple(residual.shape)} {jnp.dtype(residual.dtype).name}")
+                         f"{_shape(residual)} {getattr(residual, 'dtype', None)}")
     if blocks is not None and not isinstance(blocks, config.MatvecBlocks):
         raise ValueError(f"blocks={blocks!r} must be a config.MatvecBlocks or None")
+
+
+def _shape(a):
+    shape = getattr(a, "shape", None)
+    return None if shape is None else tuple(shape)
+
+
+def _floating(a) -> bool:
+    return jnp.issubdtype(getattr(a, "dtype", jnp.int32), jnp.floating)
+
+
+def _count(value) -> int | None:
+    """value as an int if it is an integer (Python, numpy or jax scalar; not a bool), else None."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 def _validate_rope(rope, x, w, gated, residual, head_groups):
@@ -133,9 +163,10 @@ def _validate_rope(rope, x, w, gated, residual, head_groups):
         raise ValueError(f"rope cos {cos.shape} and sin {sin.shape} must match, and N={n} must be whole "
                          f"heads of 2 * {cos.shape[1]} columns")
     total = n // (2 * cos.shape[1])
-    if not isinstance(heads, int) or not 0 <= heads <= total:
+    if _count(heads) is None or not 0 <= _count(heads) <= total:
         raise ValueError(f"rope rotated_heads={heads!r} must be an int in [0, {total}]")
-    if head_groups is not None and (not isinstance(head_groups, tuple) or sum(head_groups) != total
-                                    or any(not isinstance(c, int) or c < 1 for c in head_groups)):
+    if head_groups is not None and (not isinstance(head_groups, tuple)
+                                    or any(_count(c) is None or _count(c) < 1 for c in head_groups)
+                                    or sum(map(int, head_groups)) != total):
         raise ValueError(f"head_groups={head_groups!r} must be a tuple of positive ints summing to the "
                          f"{total} heads")

@@ -11,7 +11,7 @@ class MatvecBlocks:
     """block_n: output columns (weight rows) a program computes; block_k: input columns per
     step of its loop over K; dot: multiply on tensor cores (the rows repeated to 16; block_n and
     block_k >= 16), else in fp32 FMAs with a sum over each step; num_warps, num_stages: Triton
-    launch options (num_stages: weight tiles in flight). Powers of 2."""
+    launch options (num_stages: weight tiles in flight). Powers of 2, but num_stages."""
     block_n: int = 16
     block_k: int = MAX_BLOCK_K
     dot: bool = True
@@ -34,7 +34,7 @@ def default_blocks(n: int, k: int, rows: int = 1) -> MatvecBlocks:
     if rows == 1:
         return MatvecBlocks(block_n=4, block_k=min(2048, 1 << (k - 1).bit_length()), dot=False,
                             num_stages=1)
-    return MatvecBlocks(block_n=16, block_k=min(MAX_BLOCK_K, 1 << (k - 1).bit_length()), num_stages=4)
+    return MatvecBlocks(block_n=16, block_k=max(16, min(MAX_BLOCK_K, 1 << (k - 1).bit_length())), num_stages=4)
 
 
 def kernel_gap(n: int, k: int, blocks: MatvecBlocks, head_dim: int | None = None) -> str | None:

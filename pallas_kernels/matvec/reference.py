@@ -1,8 +1,9 @@
 """The definition of `matvec` in plain jnp, fp32 arithmetic with the model's rounding points.
 
 Each step rounds to x's dtype where the unfused decode step does (the norm's output, each
-projection's output, SwiGLU's product, the residual sum), so the kernel and the model's own
-layers agree to the last rounding of a half-precision value.
+projection's output, the residual sum, rope's result). SwiGLU is computed in fp32 and rounded
+once, where XLA may round silu(gate) before the product; elsewhere the kernel and the model's
+layers differ only in the order of their fp32 sums.
 """
 import jax
 import jax.numpy as jnp

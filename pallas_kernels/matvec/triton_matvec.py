@@ -7,8 +7,8 @@ RMSNorm before a projection (prologue), SwiGLU's gate and up projections (two we
 product) and the residual add after one (epilogue), and int8 weights with a scale per output
 column. One program computes block_n output columns for every row, walking K in block_k steps
 with Triton's software pipeline keeping num_stages weight tiles in flight. The products run
-on tensor cores (rows repeated to a dot's 16) or, for one or two rows, as fp32 FMAs summed over
-each step (no shared-memory staging: more programs fit an SM).
+on tensor cores (rows repeated to a dot's 16) or as fp32 FMAs summed over each step (no
+shared-memory staging: more programs fit an SM; the default for one row).
 
 B rows (a power of 2 up to 16), K input width, N outputs, G weights (2 when gated).
 """
