@@ -108,6 +108,9 @@ def test_applies_only_to_dense_half_precision_llama_at_batch_1(monkeypatch):
     model = init_model(config("preset=gpt2-tiny"))
     with pytest.raises(ValueError, match="family='gpt2'"):
         fused.layer_weights(model, split_layers(model))
+    tiny = init_model(config(*TINY))
+    assert fused.weights_supported(prepare_decode(tiny, int8=True, dtype="bfloat16").params)
+    assert not fused.weights_supported({"codes": jnp.zeros((4,), jnp.uint8)})  # e.g. NF4 codes
 
 
 def test_matvec_reference_restates_the_model_code():
