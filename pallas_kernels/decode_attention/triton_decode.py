@@ -20,17 +20,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels._triton import MIN_DOT_ROWS, dot_precision, one_copy, repeat_rows, row_copies
 from pallas_kernels.decode_attention.config import DecodeBlocks
 
 LOG2E = math.log2(math.e)  # base 2 throughout: exp2 is the cheap exponential
 # Finite, not -inf: a fully masked step gives junk that the next real maximum wipes out.
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
-MIN_ROWS = 16  # Triton dots need at least 16 rows: the kernel repeats fewer (a power of 2)
-
-
-def _dot_precision(dtype):
-    """IEEE fp32 for fp32 inputs (Triton would use TF32 otherwise)."""
-    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+MIN_ROWS = MIN_DOT_ROWS  # Triton dots need at least 16 rows: the kernel repeats fewer (a power of 2)
 
 
 def _decode_kernel(tables_ref, length_ref, q_ref, k_ref, v_ref, *refs, scale,
@@ -54,9 +50,8 @@ def _decode_kernel(tables_ref, length_ref, q_ref, k_ref, v_ref, *refs, scale,
     keys_per_step = pages_per_step * page_size
     q = q_ref[...]  # [Gp, H], then [R, H]
     rows, head_dim = q.shape
-    copies = max(1, MIN_ROWS // rows)
-    if copies > 1:
-        q = lax.broadcast_in_dim(q, (copies, rows, head_dim), (1, 2)).reshape(copies * rows, head_dim)
+    copies = row_copies(rows)
+    q = repeat_rows(q, copies)
 
     def step(i, carry):
         acc, m, l = carry  # [R, H], [R], [R]
@@ -81,10 +76,9 @@ def _decode_kernel(tables_ref, length_ref, q_ref, k_ref, v_ref, *refs, scale,
     carry = (jnp.zeros(q.shape, jnp.float32), jnp.full(q.shape[:1], MASK_VALUE, jnp.float32),
              jnp.zeros(q.shape[:1], jnp.float32))
     acc, m, l = lax.fori_loop(0, pl.cdiv(live_pages, pages_per_step), step, carry)
-    one_copy = lambda x: x.reshape(copies, rows, *x.shape[1:]).max(axis=0)  # noqa: E731
-    o_ref[...] = one_copy(acc / jnp.where(l > 0, l, 1.0)[:, None])  # an empty split: zeros, l = 0
-    m_ref[...] = one_copy(m)
-    l_ref[...] = one_copy(l)
+    o_ref[...] = one_copy(acc / jnp.where(l > 0, l, 1.0)[:, None], copies)  # an empty split: zeros, l = 0
+    m_ref[...] = one_copy(m, copies)
+    l_ref[...] = one_copy(l, copies)
 
 
 def decode_partials(q, k_pages, v_pages, block_tables, lengths, *, scale: float,
@@ -109,7 +103,7 @@ def decode_partials(q, k_pages, v_pages, block_tables, lengths, *, scale: float,
     kernel = functools.partial(_decode_kernel, scale=scale, page_size=page_size,
                                pages_per_step=blocks.pages_per_step,
                                pages_per_split=blocks.pages_per_split,
-                               precision=_dot_precision(q.dtype), quantized=k_scales is not None)
+                               precision=dot_precision(q.dtype), quantized=k_scales is not None)
     # Grid axes: (sequence bi, kv head ki, split si).
     table_spec = pl.BlockSpec((None, None, blocks.pages_per_split), lambda bi, ki, si: (bi, si, 0))
     length_spec = pl.BlockSpec((None, 1), lambda bi, ki, si: (bi, 0))

@@ -21,8 +21,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.flash_attention.config import BlockSizes
-from pallas_kernels.flash_attention.triton_fwd import (LOG2E, cdiv, dot_precision, kv_block_ranges,
-                                                       load_rows, store_rows, tile_mask)
+from pallas_kernels._triton import dot_precision
+from pallas_kernels.flash_attention.triton_fwd import (LOG2E, cdiv, kv_block_ranges, load_rows, store_rows,
+                                                       tile_mask)
 
 
 def _probs_and_dscores(q, k, v, do, lse2, delta, *, qk_scale, mask, precision):

@@ -18,6 +18,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels._triton import dot_precision
 from pallas_kernels.flash_attention.config import BlockSizes
 
 LOG2E = math.log2(math.e)  # we work in base 2: e^x = 2^(x log2 e), and exp2 is the cheap one.
@@ -29,11 +30,6 @@ MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 def cdiv(a, b: int):
     """Ceiling division for non-negative traced ints (`//` on program ids does not lower)."""
     return lax.div(a + (b - 1), b)
-
-
-def dot_precision(dtype):
-    """Triton turns fp32 dots into TF32 by default; ask for IEEE fp32 so fp32 stays fp32."""
-    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
 def _row_mask(valid, ndim):

@@ -13,7 +13,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.matmul.config import TritonBlocks
-from pallas_kernels.matmul.triton_matmul import dot_precision
+from pallas_kernels._triton import dot_precision
 
 
 def _kernel(first_tile_ref, tiles_ref, x_ref, dy_ref, dw_ref, *, tile_m, precision):

@@ -16,7 +16,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.matmul.config import TritonBlocks
-from pallas_kernels.matmul.triton_matmul import dot_precision, grouped_tile
+from pallas_kernels._triton import dot_precision
+from pallas_kernels.matmul.triton_matmul import grouped_tile
 
 
 def _kernel(tile_group_ref, x_ref, w_ref, y_ref, *, n_groups, block_k, transpose_w, precision,

@@ -16,6 +16,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels._triton import dot_precision
 from pallas_kernels.matmul.config import TritonBlocks
 
 
@@ -27,11 +28,6 @@ def grouped_tile(program, m_tiles, n_tiles, group_m):
     rows_in_group = jnp.minimum(m_tiles - first_row, group_m)
     within = lax.rem(program, per_group)
     return first_row + lax.rem(within, rows_in_group), lax.div(within, rows_in_group)
-
-
-def dot_precision(dtype):
-    """Triton turns fp32 dots into TF32 by default; ask for IEEE fp32 so fp32 stays fp32."""
-    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
 def _kernel(a_ref, b_ref, *refs, block_k, scaled, precision):

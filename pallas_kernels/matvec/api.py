@@ -19,7 +19,8 @@ _warned: set[str] = set()
 
 
 def matvec(x, w, *, w_scale=None, norm_weight=None, eps: float = 1e-5, residual=None, gated: bool = False,
-           out_dtype=None, rope=None, head_groups=None, backend: str = "auto", interpret: bool = False, blocks: config.MatvecBlocks | None = None):
+           out_dtype=None, rope=None, head_groups=None, backend: str = "auto", interpret: bool = False,
+           blocks: config.MatvecBlocks | None = None):
     """y = x' W^T for a few rows x (a decode step's activations), with the layer's neighbours
     fused: x' = RMSNorm(x) * norm_weight when norm_weight is given, else x.
 
@@ -44,7 +45,8 @@ def matvec(x, w, *, w_scale=None, norm_weight=None, eps: float = 1e-5, residual=
       interpret: run the Triton kernel in Pallas interpret mode (CPU tests).
       blocks: `config.MatvecBlocks`; default `config.default_blocks(N, K, B)`.
     Returns:
-      [B, N] (with head_groups, a tuple of [B, count * H]) in out_dtype (x's by default), rounded where the unfused layer rounds (reference.py).
+      [B, N] (with head_groups, a tuple of [B, count * H]) in out_dtype (x's by default), rounded
+      where the unfused layer rounds (reference.py).
     Raises:
       ValueError: bad rank, dtype, shape, backend or blocks; the message names the value.
     """
@@ -81,21 +83,18 @@ def matvec(x, w, *, w_scale=None, norm_weight=None, eps: float = 1e-5, residual=
                                        residual=residual, gated=gated, out_dtype=out_dtype, rope=rope)
         if head_groups is None:
             return y
-        width = 2 * rope[0].shape[-1]
-        bounds = [width * sum(head_groups[:i + 1]) for i in range(len(head_groups) - 1)]
+        bounds = 2 * rope[0].shape[-1] * np.cumsum(head_groups)[:-1]
         return tuple(jnp.split(y, bounds, axis=-1))
     stacked = lambda a: a if a is None or gated else a[None]  # noqa: E731  the kernel's [G, ...]
     padded = 1 << (rows - 1).bit_length()  # the kernel takes a power of 2 of rows
     pad = lambda a: a if a is None or padded == rows else jnp.pad(a, ((0, padded - rows), (0, 0)))  # noqa: E731
-    y = triton_matvec.matvec_kernel(pad(x), stacked(w), w_scale=stacked(w_scale), norm_weight=norm_weight,
-                                    eps=eps, residual=pad(residual), out_dtype=out_dtype, blocks=blocks,
-                                    interpret=interpret,
-                                    rope=None if rope is None else (pad(rope[0]), pad(rope[1]), rope[2]),
-                                    head_groups=head_groups)
-    if head_groups is not None:
-        ys = y if isinstance(y, tuple) else (y,)
-        return tuple(y if padded == rows else y[:rows] for y in ys)
-    return y if padded == rows else y[:rows]
+    ys = triton_matvec.matvec_kernel(pad(x), stacked(w), w_scale=stacked(w_scale), norm_weight=norm_weight,
+                                     eps=eps, residual=pad(residual), out_dtype=out_dtype, blocks=blocks,
+                                     interpret=interpret,
+                                     rope=None if rope is None else (pad(rope[0]), pad(rope[1]), rope[2]),
+                                     head_groups=head_groups)
+    ys = tuple(y if padded == rows else y[:rows] for y in ys)
+    return ys if head_groups is not None else ys[0]
 
 
 def _validate(x, w, w_scale, norm_weight, residual, gated, backend, blocks):

@@ -20,14 +20,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels._triton import dot_precision, one_copy, repeat_rows, row_copies
 from pallas_kernels.matvec.config import MatvecBlocks
 
-MIN_ROWS = 16  # Triton dots need 16 rows: fewer rows (a power of 2) are repeated
-
-
-def _dot_precision(dtype):
-    """IEEE fp32 for fp32 inputs (Triton would use TF32 otherwise)."""
-    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
 def _kernel(*refs, gated, roped, quantized, normed, has_residual, eps, block_k, dot, out_dtype, rope_heads,
@@ -55,7 +50,7 @@ def _kernel(*refs, gated, roped, quantized, normed, has_residual, eps, block_k, 
     proj_dtype = x_ref.dtype if gated or has_residual else out_dtype
     n_weights, block_n = w_ref.shape[:2]
     dtype = x_ref.dtype
-    copies = max(1, MIN_ROWS // rows) if dot else 1
+    copies = row_copies(rows) if dot else 1  # rows under a dot's 16 are repeated
     steps = pl.cdiv(k_dim, block_k)
 
     def k_slice(ref, i, *lead):
@@ -67,11 +62,6 @@ def _kernel(*refs, gated, roped, quantized, normed, has_residual, eps, block_k, 
         shape = (*(d for d, index in zip(ref.shape, lead) if isinstance(index, slice)), block_k)
         inside = i * block_k + jnp.arange(block_k) < k_dim
         return plgpu.load(block, mask=jnp.broadcast_to(inside, shape), other=0)
-
-    def repeated(v):  # [B, block_k] -> [copies * B, block_k]: B < 16 rows fill the dot's 16
-        if copies == 1:
-            return v
-        return lax.broadcast_in_dim(v, (copies, rows, v.shape[1]), (1, 2)).reshape(copies * rows, v.shape[1])
 
     if normed:  # RMSNorm statistics first: x is a few KB, read again from cache below
         def sum_squares(i, total):
@@ -89,8 +79,8 @@ def _kernel(*refs, gated, roped, quantized, normed, has_residual, eps, block_k, 
         for g, acc in enumerate(accs):
             wk = k_slice(w_ref, i, g, slice(None))  # [block_n, block_k]
             if dot:
-                out.append(acc + plgpu.dot(repeated(xk), wk.astype(dtype), trans_b=True,
-                                           precision=_dot_precision(dtype)))
+                out.append(acc + plgpu.dot(repeat_rows(xk, copies), wk.astype(dtype), trans_b=True,
+                                           precision=dot_precision(dtype)))
             else:  # [B, 1, block_k] * [1, block_n, block_k], summed over the step's K
                 products = (xk.astype(jnp.float32)[:, None, :] * wk.astype(jnp.float32)[None, :, :])
                 out.append(acc + jnp.sum(products, axis=2))
@@ -100,7 +90,7 @@ def _kernel(*refs, gated, roped, quantized, normed, has_residual, eps, block_k, 
     accs = lax.fori_loop(0, steps, step, (zeros,) * n_weights)
     ys = []
     for g, acc in enumerate(accs):
-        y = acc if copies == 1 else acc.reshape(copies, rows, block_n).max(axis=0)  # copies: bitwise equal
+        y = one_copy(acc, copies)
         if quantized:
             y = y * scale_ref[g, :].astype(jnp.float32)[None, :]
         ys.append(y.astype(proj_dtype))
@@ -135,10 +125,10 @@ def _kernel(*refs, gated, roped, quantized, normed, has_residual, eps, block_k, 
 def matvec_kernel(x, w, *, w_scale, norm_weight, eps, residual, out_dtype, blocks: MatvecBlocks,
                   interpret: bool, rope=None, head_groups=None):
     """x [B, K] (B a power of 2 <= 16), w [G, N, K], w_scale [G, N] or None, norm_weight [K] or
-    None, residual [B, N] or None -> [B, N] in out_dtype. G = 2 is SwiGLU (gate, up).
+    None, residual [B, N] or None -> a tuple of one [B, N] in out_dtype. G = 2 is SwiGLU (gate, up).
     rope: None or (cos, sin [B, H/2] fp32, rotated heads) with G = 1: each program takes
     block_n / 2 rows from each half of one head, so it holds both members of its rotary pairs;
-    the result is then one [B, count * H] array per count of head_groups (default: all heads)."""
+    the tuple then holds one [B, count * H] array per count of head_groups (default: all heads)."""
     rows, k_dim = x.shape
     n_weights, n, _ = w.shape
     bn = blocks.block_n
@@ -200,5 +190,4 @@ def matvec_kernel(x, w, *, w_scale, norm_weight, eps, residual, out_dtype, block
         interpret=interpret,
         name="matvec",
     )(*operands)
-    ys = [y.reshape(rows, -1) for y in ys]
-    return ys[0] if len(ys) == 1 else tuple(ys)
+    return tuple(y.reshape(rows, -1) for y in ys)
