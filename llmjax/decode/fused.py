@@ -39,11 +39,11 @@ def _as_rows(value, n_in: int):
     return value.reshape(math.prod(value.shape[:n_in]), -1).T, None
 
 
-def _weight_shapes(cfg) -> list[tuple[int, int]]:
-    """(N, K) of each matrix the step multiplies by."""
+def _weight_shapes(cfg) -> list[tuple[int, int, int | None]]:
+    """(N, K, rotary head width or None) of each matrix the step multiplies by."""
     qkv = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
-    return [(qkv, cfg.d_model), (cfg.d_model, cfg.n_heads * cfg.head_dim), (cfg.d_mlp, cfg.d_model),
-            (cfg.d_model, cfg.d_mlp), (cfg.vocab_size, cfg.d_model)]
+    return [(qkv, cfg.d_model, cfg.head_dim), (cfg.d_model, cfg.n_heads * cfg.head_dim, None),
+            (cfg.d_mlp, cfg.d_model, None), (cfg.d_model, cfg.d_mlp, None), (cfg.vocab_size, cfg.d_model, None)]
 
 
 def applies(cfg, rows: int) -> bool:
@@ -52,9 +52,8 @@ def applies(cfg, rows: int) -> bool:
     16), and weight shapes the kernel's blocks divide."""
     return (jax.default_backend() == "gpu" and cfg.family == "llama" and not cfg.n_experts
             and rows == 1 and jnp.dtype(cfg.dtype) in (jnp.bfloat16, jnp.float16)
-            and all(matvec_config.kernel_gap(n, k, matvec_config.default_blocks(n, k, rows),
-                                             cfg.head_dim if i == 0 else None) is None
-                    for i, (n, k) in enumerate(_weight_shapes(cfg))))
+            and all(matvec_config.kernel_gap(n, k, matvec_config.default_blocks(n, k, rows), head_dim) is None
+                    for n, k, head_dim in _weight_shapes(cfg)))
 
 
 def weights_supported(params) -> bool:
