@@ -12,6 +12,7 @@ from llmjax import ops
 from llmjax.config import DecodeConfig, load_config
 from llmjax.decode import fused, generate
 from llmjax.decode.generate import forward_hidden, init_layer_caches, prepare_decode, split_layers
+from llmjax.decode.quantize import quantize
 from llmjax.models import init_model
 from llmjax.models.transformer import apply_rope, rope_tables
 from pallas_kernels import _testing
@@ -114,14 +115,19 @@ def test_applies_only_to_dense_half_precision_llama_at_batch_1(monkeypatch):
 
 
 def test_matvec_reference_restates_the_model_code():
-    """The kernel reference's norm and rope are bit for bit the model's (ops.rms_norm,
-    transformer.apply_rope), so the fused step and the model round in the same places."""
+    """The kernel reference's norm, rope and int8 quantization are bit for bit the model's
+    (ops.rms_norm, transformer.apply_rope, decode.quantize), so the fused step and the model round
+    in the same places."""
     x = jnp.asarray(_testing.normal("restate/x", (3, 64)), jnp.bfloat16)
     g = jnp.asarray(_testing.normal("restate/g", (64,), 0.2, 1.0), jnp.bfloat16)
     assert jnp.array_equal(reference.rms_normalized(x, g, 1e-5), ops.rms_norm(x, g, eps=1e-5))
     cos, sin = rope_tables(jnp.array([[3], [70], [500]], jnp.int32), 16, 10000.0)  # [3, 1, 1, 8]
     turned = reference.rotated(x, cos[:, 0, 0], sin[:, 0, 0], rotated_heads=4)  # all 4 heads of 16
     assert jnp.array_equal(turned, apply_rope(x.reshape(3, 1, 4, 16), cos, sin).reshape(3, 64))
+    w = jnp.asarray(_testing.normal("restate/w", (16, 64)), jnp.float32).at[3].set(0.0)
+    values, scale = reference.quantize_rows(w, jnp.bfloat16)
+    model = quantize(w, (1,), jnp.bfloat16)
+    assert jnp.array_equal(values, model.values) and jnp.array_equal(scale, model.scale[:, 0])
 
 
 @pytest.mark.gpu

@@ -31,8 +31,7 @@ def _arg_sets(case: MatvecCase, rows: int, n_sets: int):
         shape = (2, case.n, case.k) if case.gated else (case.n, case.k)
         w = jax.random.normal(k[0], shape, jnp.float32) * case.k ** -0.5
         if case.int8:
-            scale = jnp.max(jnp.abs(w), axis=-1) / 127
-            w, scale = jnp.round(w / scale[..., None]).astype(jnp.int8), scale.astype(jnp.bfloat16)
+            w, scale = reference.quantize_rows(w, jnp.bfloat16)
         else:
             w, scale = w.astype(jnp.bfloat16), None
         x = jax.random.normal(k[1], (rows, case.k), jnp.bfloat16)

@@ -16,6 +16,15 @@ def rms_normalized(x, norm_weight, eps):
     return (x32 * rstd * norm_weight.astype(jnp.float32)).astype(x.dtype)
 
 
+def quantize_rows(w, scale_dtype):
+    """Symmetric absmax int8 of w [..., N, K] with one scale an output row (over K), as
+    llmjax.decode.quantize makes the model's: (int8 values, scales [..., N] in scale_dtype)."""
+    w32 = w.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(w32), axis=-1) / 127.0
+    scale = jnp.where(scale == 0, 1.0, scale)  # an all-zero row
+    return jnp.clip(jnp.round(w32 / scale[..., None]), -127, 127).astype(jnp.int8), scale.astype(scale_dtype)
+
+
 def matvec_reference(x, w, *, w_scale=None, norm_weight=None, eps=1e-5, residual=None, gated=False,
                      out_dtype=None, rope=None):
     """See `pallas_kernels.matvec.matvec`. Returns [B, N] in out_dtype (default x's)."""

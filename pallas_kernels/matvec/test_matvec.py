@@ -24,9 +24,8 @@ def make_inputs(name, rows, k, n, dtype, norm=False, residual=False, gated=False
     x = jnp.asarray(_testing.normal(f"{name}/x", (rows, k)), dtype)
     w = jnp.asarray(_testing.normal(f"{name}/w", (2, n, k) if gated else (n, k), k ** -0.5), jnp.float32)
     options = dict(gated=gated, out_dtype=out_dtype)
-    if int8:  # absmax over K, one scale an output column
-        scale = jnp.max(jnp.abs(w), axis=-1) / 127
-        w, options["w_scale"] = jnp.round(w / scale[..., None]).astype(jnp.int8), scale.astype(dtype)
+    if int8:
+        w, options["w_scale"] = reference.quantize_rows(w, dtype)
     else:
         w = w.astype(dtype)
     if norm:
