@@ -61,16 +61,20 @@ def _check_caches(ours, theirs, dtype):
             _testing.assert_close(mine[name], model[name], dtype, f"cached {name}")
 
 
-@pytest.mark.parametrize("rows,int8,tied", [(2, False, False), (2, True, False), (1, False, True),
-                                            (1, True, True)],
-                         ids=["bf16-2rows", "int8-2rows", "bf16-1row-tied", "int8-1row-tied"])
-def test_fused_step_matches_the_model_layers(rows, int8, tied):
+@pytest.mark.parametrize("rows,int8,tied,prompt_len", [
+    (2, False, False, 4), (2, True, False, 14), (1, False, True, 14), (1, True, True, 4)],
+    ids=["bf16-2rows", "int8-2rows-in-place", "bf16-1row-tied-in-place", "int8-1row-tied"])
+def test_fused_step_matches_the_model_layers(rows, int8, tied, prompt_len):
     """Two steps of the fused kernels (Pallas interpret mode; one row takes the FMA path, two the
-    tensor-core one) give the unfused step's logits and KV cache."""
+    tensor-core one) give the unfused step's logits and KV cache. A cache of 16 positions (prompt
+    14) is written by the q|k|v kernel in place and read by the decode kernel; one of 6 positions
+    (no page size for the decode kernel) takes attend_cached."""
     model = init_model(load_config(overrides=[*TINY, f"model.tie_embeddings={tied}"]).model, seed=1)
     dm = prepare_decode(model, int8=int8, dtype="bfloat16")
     prompt, tokens = (jax.random.randint(jax.random.key(i), (rows, n), 0, 512, dtype=jnp.int32)
-                      for i, n in ((0, 4), (1, 2)))
+                      for i, n in ((0, prompt_len), (1, 2)))
+    cache = init_layer_caches(nnx.merge(dm.graphdef, dm.params).cfg, rows, prompt_len + 2)[0]
+    assert fused.writes_in_place(jax.tree.map(lambda c: c[0], cache), jnp.bfloat16) == (prompt_len == 14)
     ours, theirs, caches_ours, caches = _steps_both_ways(dm, prompt, tokens, interpret=True)
     for a, b in zip(ours, theirs):
         assert a.dtype == jnp.float32 and a.shape == b.shape == (rows, 512)
@@ -131,15 +135,17 @@ def test_matvec_reference_restates_the_model_code():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("prompt_len", [16, 29], ids=["attend-cached", "in-place"])
 @pytest.mark.parametrize("int8", [False, True], ids=["bf16", "int8"])
-def test_fused_step_is_as_close_to_fp32_as_the_model_layers_gpu(int8):
+def test_fused_step_is_as_close_to_fp32_as_the_model_layers_gpu(int8, prompt_len):
     """Llama 1.1B's shapes (random weights, 4 of its 22 layers): bf16 roundings in different places
     drift apart over the layers (~2% in the logits at 22), so both bf16 steps are held against the
     model's layers in fp32 (the same int8 weights where quantized): the fused step may not be
-    further off than the unfused one, with 25% slack; its KV cache matches the model's."""
+    further off than the unfused one, with 25% slack; its KV cache matches the model's. A cache
+    of 19 positions takes attend_cached, one of 32 the in-place write and the decode kernel."""
     model = init_model(load_config(overrides=["preset=llama-1b", "model.n_layers=4"]).model, seed=1)
     prompt, tokens = (jax.random.randint(jax.random.key(i), (1, n), 0, 32000, dtype=jnp.int32)
-                      for i, n in ((0, 16), (1, 3)))
+                      for i, n in ((0, prompt_len), (1, 3)))
     ours, theirs, caches_ours, caches = _steps_both_ways(prepare_decode(model, int8=int8, dtype="bfloat16"),
                                                          prompt, tokens, False)
     _, exact, _, _ = _steps_both_ways(prepare_decode(model, int8=int8, dtype="float32"), prompt, tokens, False,

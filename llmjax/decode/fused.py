@@ -5,14 +5,15 @@ around the GEMMs (norms, residual adds, SwiGLU, split-K reductions, the one-row 
 launch of a few microseconds. Here a block is four weight reads, each one kernel with its
 neighbours folded in:
 
-    qkv = rope(RMSNorm(x) Wqkv)    (norm in the prologue, rope of q and k in the epilogue; the
-                                    q, k, v weights as one [(N + 2K) H, D])
+    q   = rope(RMSNorm(x) Wqkv)    (norm in the prologue, rope of q and k in the epilogue; the
+                                    q, k, v weights as one [(N + 2K) H, D]; k and v stored
+                                    straight into the KV cache at this token's slot)
     x   = x + attention(...) Wo    (residual in the epilogue)
     h   = silu(RMSNorm(x) Wg) * (RMSNorm(x) Wu)   (norm, both projections and SwiGLU in one)
     x   = x + h Wdown
     logits = RMSNorm(x) Whead      (fp32)
 
-plus the KV-cache writes and the decode attention kernel, as the unfused step has them.
+plus the decode attention kernel over the cache.
 The kernels read weights as [out, in] rows; `layer_weights` transposes them once per generate
 call, before the token loop (a second copy of the layer weights while generate runs). Llama
 family (RMSNorm, SwiGLU, no biases), dense, up to 16 rows; generate uses it for one.
@@ -102,6 +103,14 @@ def layer_weights(model, layers) -> dict:
     return dict(layers=out, head=head, final_norm=model.final_norm.scale[...])
 
 
+def writes_in_place(layer_cache: dict, dtype) -> bool:
+    """Whether the q|k|v kernel writes k and v into this layer's cache itself and the decode
+    kernel reads it: a contiguous cache in the activations' dtype with a page size for that
+    kernel. Others (paged, int8 KV, lengths the kernel has no tile for) take `attend_cached`."""
+    return (not kv_cache.is_paged(layer_cache) and set(layer_cache) == {"k", "v"}
+            and layer_cache["k"].dtype == dtype and kv_cache.decode_page_size(layer_cache["k"].shape) is not None)
+
+
 def step_logits(model, weights, tokens, positions, caches, *, interpret: bool = False):
     """One decode step: tokens, positions [B, 1] -> fp32 logits [B, V] and the updated layer
     caches (`init_layer_caches` layout). weights: from `layer_weights`. interpret: run the
@@ -119,11 +128,17 @@ def step_logits(model, weights, tokens, positions, caches, *, interpret: bool = 
     rope = (cos, sin, n + kv)  # q and k heads turned, v passed through
     updated = []
     for w, cache in zip(weights["layers"], caches):
-        qkv = project(x, w["qkv"], norm_weight=w["attn_norm"], rope=rope)
-        q, k, v = jnp.split(qkv, [n * h, (n + kv) * h], axis=-1)
         layer_cache = jax.tree.map(lambda c: c[0], cache)  # drop the leading layer axis (of 1)
-        out, layer_cache = kv_cache.attend_cached(q.reshape(b, 1, n, h), k.reshape(b, 1, kv, h),
-                                                  v.reshape(b, 1, kv, h), positions, layer_cache)
+        qkv = dict(norm_weight=w["attn_norm"], rope=rope, head_groups=(n, kv, kv))
+        if writes_in_place(layer_cache, x.dtype):  # k and v go straight from the kernel into the cache
+            q, cache_k, cache_v = project(x, w["qkv"], caches=(layer_cache["k"], layer_cache["v"]),
+                                          cache_slot=positions[0, 0], **qkv)
+            layer_cache = {"k": cache_k, "v": cache_v}
+            out = kv_cache.decode_over_pages(q.reshape(b, 1, n, h), cache_k, cache_v, positions, interpret=interpret)
+        else:
+            q, k, v = project(x, w["qkv"], **qkv)
+            out, layer_cache = kv_cache.attend_cached(q.reshape(b, 1, n, h), k.reshape(b, 1, kv, h),
+                                                      v.reshape(b, 1, kv, h), positions, layer_cache)
         updated.append(jax.tree.map(lambda c: c[None], layer_cache))
         x = project(out.reshape(b, n * h), w["o"], residual=x)
         hidden = project(x, w["gate_up"], norm_weight=w["mlp_norm"], gated=True)

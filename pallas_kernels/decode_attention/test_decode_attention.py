@@ -60,13 +60,24 @@ def test_split_merge_matches_contiguous():
     _check(cases.CPU_CASES[0], jnp.float32, "triton", not ON_GPU, blocks)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("case", cases.CPU_CASES, ids=lambda c: c.name)
+def test_one_split_needs_no_merge(case, dtype):
+    """A split over the whole table writes the result in q's dtype with no merge after it."""
+    table = 1 << (case.pages_per_seq - 1).bit_length()
+    blocks = config.DecodeBlocks(pages_per_step=2, pages_per_split=table)
+    _check(case, dtype, "triton", not ON_GPU, blocks)
+
+
 def test_reference_matches_jax_attention():
-    """The contiguous reference against jax.nn.dot_product_attention with key lengths."""
+    """The contiguous reference against jax.nn.dot_product_attention with key lengths (fp32
+    matmuls asked for: on a GPU XLA's default is TF32, which this fp32 tolerance rejects)."""
     case = cases.CPU_CASES[1]
     q, k, v, *_, lengths = make_inputs(case, jnp.float32)
     ours = jax.jit(reference.contiguous_decode_attention)(q, k, v, lengths)
-    theirs = jax.jit(lambda q, k, v, n: jax.nn.dot_product_attention(
-        q[:, None], k, v, key_value_seq_lengths=n)[:, 0])(q, k, v, lengths)
+    with jax.default_matmul_precision("highest"):
+        theirs = jax.jit(lambda q, k, v, n: jax.nn.dot_product_attention(
+            q[:, None], k, v, key_value_seq_lengths=n)[:, 0])(q, k, v, lengths)
     _testing.assert_close(ours, theirs, jnp.float32)
 
 

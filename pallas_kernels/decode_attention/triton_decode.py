@@ -34,7 +34,7 @@ def _decode_kernel(tables_ref, length_ref, q_ref, k_ref, v_ref, *refs, scale,
     """One (sequence, kv head, split) program.
 
     tables_ref [pages_per_split] int32 (this split's page ids); length_ref [1] int32;
-    q_ref [Gp, H]; k_ref, v_ref [P, bs, H] (this kv head); o_ref [Gp, H] fp32 (normalized
+    q_ref [Gp, H]; k_ref, v_ref [P, bs, H] (this kv head); o_ref [Gp, H] (fp32, or q's dtype with one split; normalized
     within the split); m_ref, l_ref [Gp] fp32: base-2 running max and softmax denominator.
     Gp < MIN_ROWS (a power of 2): the R = MIN_ROWS rows of the dots are Gp rows repeated, and one
     copy is written (the copies are bitwise equal: each row's arithmetic is its own). This
@@ -76,7 +76,7 @@ def _decode_kernel(tables_ref, length_ref, q_ref, k_ref, v_ref, *refs, scale,
     carry = (jnp.zeros(q.shape, jnp.float32), jnp.full(q.shape[:1], MASK_VALUE, jnp.float32),
              jnp.zeros(q.shape[:1], jnp.float32))
     acc, m, l = lax.fori_loop(0, pl.cdiv(live_pages, pages_per_step), step, carry)
-    o_ref[...] = one_copy(acc / jnp.where(l > 0, l, 1.0)[:, None], copies)  # an empty split: zeros, l = 0
+    o_ref[...] = one_copy(acc / jnp.where(l > 0, l, 1.0)[:, None], copies).astype(o_ref.dtype)  # empty: zeros, l = 0
     m_ref[...] = one_copy(m, copies)
     l_ref[...] = one_copy(l, copies)
 
@@ -90,7 +90,8 @@ def decode_partials(q, k_pages, v_pages, block_tables, lengths, *, scale: float,
         pages_per_split] int32 (valid page ids everywhere); lengths: [B, 1] int32;
       k_scales, v_scales: None, or [P, bs, K] bf16 scales of int8/fp8 pages.
     Returns:
-      o [B, K, splits, Gp, H] fp32 and m, l [B, K, splits, Gp] fp32 (base-2 max, denominator).
+      o [B, K, splits, Gp, H] and m, l [B, K, splits, Gp] fp32 (base-2 max, denominator). o is
+      fp32 for the merge, or q's dtype with one split: then it is the attention's result.
     Raises:
       ValueError: Gp under 16 and not a power of 2 (its copies would not fill 16 rows).
     """
@@ -118,7 +119,7 @@ def decode_partials(q, k_pages, v_pages, block_tables, lengths, *, scale: float,
         grid=(b, kv_heads, splits),
         in_specs=[table_spec, length_spec, q_spec, page_spec, page_spec] + [scale_spec] * len(scales),
         out_specs=[out_spec, stat_spec, stat_spec],
-        out_shape=[jax.ShapeDtypeStruct((b, kv_heads, splits, gp, h), jnp.float32),
+        out_shape=[jax.ShapeDtypeStruct((b, kv_heads, splits, gp, h), q.dtype if splits == 1 else jnp.float32),
                    jax.ShapeDtypeStruct((b, kv_heads, splits, gp), jnp.float32),
                    jax.ShapeDtypeStruct((b, kv_heads, splits, gp), jnp.float32)],
         compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps,

@@ -5,6 +5,7 @@ B rows, K input width, N outputs.
 import logging
 import operator
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -19,8 +20,8 @@ _warned: set[str] = set()
 
 
 def matvec(x, w, *, w_scale=None, norm_weight=None, eps: float = 1e-5, residual=None, gated: bool = False,
-           out_dtype=None, rope=None, head_groups=None, backend: str = "auto", interpret: bool = False,
-           blocks: config.MatvecBlocks | None = None):
+           out_dtype=None, rope=None, head_groups=None, caches=None, cache_slot=None, backend: str = "auto",
+           interpret: bool = False, blocks: config.MatvecBlocks | None = None):
     """y = x' W^T for a few rows x (a decode step's activations), with the layer's neighbours
     fused: x' = RMSNorm(x) * norm_weight when norm_weight is given, else x.
 
@@ -45,8 +46,9 @@ def matvec(x, w, *, w_scale=None, norm_weight=None, eps: float = 1e-5, residual=
       interpret: run the Triton kernel in Pallas interpret mode (CPU tests).
       blocks: `config.MatvecBlocks`; default `config.default_blocks(N, K, B)`.
     Returns:
-      [B, N] (with head_groups, a tuple of [B, count * H]) in out_dtype (x's by default), rounded
-      where the unfused layer rounds (reference.py).
+      [B, N] (with head_groups, a tuple of [B, count * H], the cached groups' updated caches in
+      their places) in out_dtype (x's by default), rounded where the unfused layer rounds
+      (reference.py).
     Raises:
       ValueError: bad rank, dtype, shape, backend or blocks; the message names the value.
     """
@@ -64,6 +66,7 @@ def matvec(x, w, *, w_scale=None, norm_weight=None, eps: float = 1e-5, residual=
             raise ValueError(f"out_dtype={out_dtype.name} does not go with rope (the result is x's dtype)")
         rope = (rope[0], rope[1], operator.index(rope[2]))
         head_groups = None if head_groups is None else tuple(map(operator.index, head_groups))
+    caches = _validate_caches(caches, cache_slot, x, head_groups, None if rope is None else 2 * rope[0].shape[-1])
     if out_dtype != x.dtype and (gated or residual is not None):
         raise ValueError(f"out_dtype={out_dtype.name} applies to a plain projection; a gated or residual "
                          f"one returns x's dtype ({jnp.dtype(x.dtype).name})")
@@ -84,17 +87,59 @@ def matvec(x, w, *, w_scale=None, norm_weight=None, eps: float = 1e-5, residual=
         if head_groups is None:
             return y
         bounds = 2 * rope[0].shape[-1] * np.cumsum(head_groups)[:-1]
-        return tuple(jnp.split(y, bounds, axis=-1))
+        return _write_caches(jnp.split(y, bounds, axis=-1), caches, cache_slot)
     stacked = lambda a: a if a is None or gated else a[None]  # noqa: E731  the kernel's [G, ...]
     padded = 1 << (rows - 1).bit_length()  # the kernel takes a power of 2 of rows
+    # The cache blocks span the rows: padded rows (not a power of 2) store their groups afterwards.
+    in_kernel = caches if padded == rows else ()
     pad = lambda a: a if a is None or padded == rows else jnp.pad(a, ((0, padded - rows), (0, 0)))  # noqa: E731
     ys = triton_matvec.matvec_kernel(pad(x), stacked(w), w_scale=stacked(w_scale), norm_weight=norm_weight,
                                      eps=eps, residual=pad(residual), out_dtype=out_dtype, blocks=blocks,
                                      interpret=interpret,
                                      rope=None if rope is None else (pad(rope[0]), pad(rope[1]), rope[2]),
-                                     head_groups=head_groups)
-    ys = tuple(y if padded == rows else y[:rows] for y in ys)
-    return ys if head_groups is not None else ys[0]
+                                     head_groups=head_groups, caches=in_kernel,
+                                     cache_slot=None if not in_kernel else jnp.reshape(cache_slot, (1,)).astype(jnp.int32))
+    if head_groups is None:
+        return ys[0] if padded == rows else ys[0][:rows]
+    if in_kernel:
+        return ys
+    return _write_caches([y[:rows] for y in ys], caches, cache_slot)
+
+
+def _write_caches(groups, caches, cache_slot):
+    """The result tuple: the last len(caches) groups [B, count * H] stored at cache_slot of their
+    caches [B, S, count, H] (the kernel's in-place write, as jnp)."""
+    groups = list(groups)
+    start = len(groups) - len(caches)
+    for i, cache in enumerate(caches):
+        rows = groups[start + i].reshape(cache.shape[0], 1, *cache.shape[2:])
+        groups[start + i] = jax.lax.dynamic_update_slice_in_dim(cache, rows.astype(cache.dtype), cache_slot, axis=1)
+    return tuple(groups)
+
+
+def _validate_caches(caches, cache_slot, x, head_groups, head_dim) -> tuple:
+    """caches as a tuple (empty for none), checked against head_groups and x."""
+    if caches is None:
+        if cache_slot is not None:
+            raise ValueError("cache_slot goes with caches; got cache_slot without caches")
+        return ()
+    if head_groups is None or not isinstance(caches, tuple) or not 1 <= len(caches) < len(head_groups):
+        raise ValueError(f"caches must be a tuple of 1 to len(head_groups) - 1 arrays, one for each of the last "
+                         f"groups, and need head_groups; got {type(caches).__name__} of "
+                         f"{len(caches) if isinstance(caches, tuple) else '?'} with head_groups={head_groups}")
+    rows = x.shape[0]
+    seq = getattr(caches[0], "shape", (None, None))[1]
+    for count, cache in zip(head_groups[len(head_groups) - len(caches):], caches):
+        shape = _shape(cache)
+        if shape != (rows, seq, count, head_dim) or cache.dtype != x.dtype:
+            raise ValueError(f"each cache must be [rows={rows}, S, heads of its group={count}, head_dim={head_dim}] "
+                             f"of x's dtype with one S for all; got {shape} {getattr(cache, 'dtype', None)}")
+    if (getattr(cache_slot, "ndim", 0) != 0 or not jnp.issubdtype(getattr(cache_slot, "dtype", type(cache_slot)),
+                                                                  jnp.integer)):
+        raise ValueError(f"cache_slot must be an int scalar (the rows' position); got {cache_slot!r}")
+    if _count(cache_slot) is not None and not 0 <= cache_slot < seq:
+        raise ValueError(f"cache_slot={cache_slot} is outside the caches' {seq} positions")
+    return caches
 
 
 def _validate(x, w, w_scale, norm_weight, residual, gated, backend, blocks):

@@ -1,5 +1,6 @@
 """Contract test for matvec: the Triton kernel (interpret mode on CPU, compiled on the GPU)
 against the fp32 reference, for each fused neighbour, int8 weights, and bad input."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -8,6 +9,8 @@ from pallas_kernels import _testing
 from pallas_kernels.matvec import MatvecBlocks, api, matvec, reference
 SMALL = MatvecBlocks(block_n=16, block_k=32)  # several K steps at the CPU shapes
 SMALL_FMA = MatvecBlocks(block_n=8, block_k=32, dot=False)
+ROPE = (jnp.ones((1, 4)), jnp.zeros((1, 4)), 1)  # the bad-input cases' rotary tables: 2 heads of 8
+CACHE = jnp.zeros((1, 5, 1, 8), jnp.bfloat16)
 # Each fused neighbour alone, and as the decode layer combines them.
 FUSIONS = {"plain": {}, "norm": dict(norm=True), "residual": dict(residual=True),
            "norm_gated": dict(norm=True, gated=True), "int8": dict(int8=True),
@@ -15,7 +18,7 @@ FUSIONS = {"plain": {}, "norm": dict(norm=True), "residual": dict(residual=True)
            "int8_residual": dict(int8=True, residual=True),
            "fp32_logits": dict(norm=True, out_dtype=jnp.float32),
            "norm_rope": dict(norm=True, rope=True), "int8_norm_rope": dict(int8=True, norm=True, rope=True)}
-HEAD_DIM = {32: 16, 2560: 64}  # rotary head width by N in the rope cases (the last head is not turned)
+HEAD_DIM = {32: 16, 48: 16, 2560: 64}  # rotary head width by N in the rope cases (the last head is not turned)
 
 
 def make_inputs(name, rows, k, n, dtype, norm=False, residual=False, gated=False, int8=False, out_dtype=None,
@@ -77,6 +80,33 @@ def test_rope_heads_split_into_groups(blocks):
     assert jnp.array_equal(ref_q, whole[:, :16]) and jnp.array_equal(ref_k, whole[:, 16:])
 
 
+def _check_cache_write(name, rows, k, n, groups, seq, slot, blocks, interpret, int8=False):
+    """The last two head groups written into [rows, seq, count, H] caches at `slot` (traced): the
+    slot holds the reference's heads, every other slot is unchanged bit for bit."""
+    x, w, options = make_inputs(name, rows, k, n, jnp.bfloat16, norm=True, rope=True, int8=int8)
+    head_dim = HEAD_DIM[n]
+    caches = tuple(jnp.asarray(_testing.normal(f"{name}/cache{i}", (rows, seq, count, head_dim)), jnp.bfloat16)
+                   for i, count in enumerate(groups[1:]))
+    call = jax.jit(lambda x, caches, slot: matvec(x, w, backend="triton", interpret=interpret, blocks=blocks,
+                                                  head_groups=groups, caches=caches, cache_slot=slot, **options))
+    q, *written = call(x, caches, jnp.int32(slot))
+    whole = reference.matvec_reference(x, w, **options)
+    parts = jnp.split(whole, head_dim * np.cumsum(groups)[:-1], axis=-1)
+    _testing.assert_close(q, parts[0], jnp.bfloat16, f"{name} q")
+    for part, cache, new in zip(parts[1:], caches, written):
+        assert new.shape == cache.shape and new.dtype == cache.dtype
+        _testing.assert_close(new[:, slot].reshape(rows, -1), part, jnp.bfloat16, f"{name} cached slot")
+        others = jnp.arange(seq) != slot
+        assert jnp.array_equal(new[:, others], cache[:, others])
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3])
+@pytest.mark.parametrize("blocks", [SMALL, SMALL_FMA], ids=["dot", "fma"])
+def test_k_and_v_written_into_their_caches(rows, blocks):
+    """head_groups (q, k, v) with caches for k and v (3 rows: padded, written after the kernel)."""
+    _check_cache_write("cpu/cache", rows, 64, 48, (1, 1, 1), seq=6, slot=4, blocks=blocks, interpret=True)
+
+
 def test_rows_not_a_power_of_2_are_padded():
     _check("cpu/rows3", 3, 64, 16, jnp.bfloat16, "norm_gated", interpret=True, blocks=SMALL)
 
@@ -115,9 +145,19 @@ def test_shape_the_blocks_do_not_divide_falls_back_or_raises(caplog, monkeypatch
     (lambda x, w: matvec(x, w, rope=(jnp.ones((1, 6)), jnp.ones((1, 6)), 0)), "whole heads"),
     (lambda x, w: matvec(x, w, rope=(jnp.ones((1, 4)), jnp.ones((1, 4)), 0), head_groups=(1, 2)), "summing to the 2"),
     (lambda x, w: matvec(x, w, head_groups=(1,)), "needs rope"),
+    (lambda x, w: matvec(x, w, rope=ROPE, head_groups=(1, 1), caches=[CACHE], cache_slot=0), "caches must be a tuple"),
+    (lambda x, w: matvec(x, w, rope=ROPE, head_groups=(1, 1), caches=(CACHE, CACHE), cache_slot=0),
+     "caches must be a tuple of 1 to"),
+    (lambda x, w: matvec(x, w, rope=ROPE, head_groups=(1, 1), caches=(CACHE[:, :, :, :4],), cache_slot=0),
+     "head_dim=8"),
+    (lambda x, w: matvec(x, w, rope=ROPE, head_groups=(1, 1), caches=(CACHE.astype(jnp.float32),), cache_slot=0),
+     "of x's dtype"),
+    (lambda x, w: matvec(x, w, rope=ROPE, head_groups=(1, 1), caches=(CACHE,), cache_slot=5), "cache_slot=5 is outside"),
+    (lambda x, w: matvec(x, w, rope=ROPE, head_groups=(1, 1), caches=(CACHE,), cache_slot=1.0), "must be an int scalar"),
+    (lambda x, w: matvec(x, w, rope=ROPE, head_groups=(1, 1), cache_slot=0), "cache_slot goes with caches"),
     (lambda x, w: matvec(x, w, blocks=(16, 32)), "must be a config.MatvecBlocks"),
 ])
-def test_bad_input_names_the_value(call, message):
+def test_bad_input_names_the_value(call, message):  # ROPE: 2 heads of 8 over N = 16
     x, w, _ = make_inputs("bad", 1, 64, 16, jnp.bfloat16)
     with pytest.raises(ValueError, match=message):
         call(x, w)
@@ -162,6 +202,15 @@ def test_rope_heads_split_into_q_k_v_gpu(int8, rows):
     q, k, v = matvec(x, w, backend="triton", head_groups=(32, 4, 4), **options)
     whole = reference.matvec_reference(x, w, **options)
     _testing.assert_close(jnp.concatenate([q, k, v], axis=-1), whole, jnp.bfloat16, "split q|k|v")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("int8", [False, True], ids=["bf16", "int8"])
+@pytest.mark.parametrize("rows", [1, 2])
+def test_k_and_v_written_into_their_caches_gpu(int8, rows):
+    fma = MatvecBlocks(block_n=4, block_k=2048, dot=False, num_stages=1)
+    _check_cache_write("gpu/cache", rows, 2048, 2560, (32, 4, 4), seq=384, slot=200, blocks=fma,
+                       interpret=False, int8=int8)
 
 
 @pytest.mark.gpu

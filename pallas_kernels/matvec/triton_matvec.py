@@ -26,13 +26,16 @@ from pallas_kernels.matvec.config import MatvecBlocks
 
 
 def _kernel(*refs, gated, roped, quantized, normed, has_residual, eps, block_k, dot, out_dtype, rope_heads,
-            per_head, head_groups):
+            per_head, head_groups, n_cached):
     """One program: out[:, block] for a block of block_n output columns.
 
     Refs in order (optional ones only with their flag): x_ref [B, K]; w_ref [G, block_n, K]
     (the dtype of x, or int8 when quantized); scale_ref [G, block_n] (quantized); norm_ref [K]
-    (normed); cos_ref, sin_ref [B, block_n] fp32 (roped); res_ref [B, block_n] (has_residual);
-    o_ref [B, block_n], or when roped one [B, 2, block_n] block per group of head_groups.
+    (normed); cos_ref, sin_ref [B, block_n] fp32 (roped); slot_ref [1] int32 (n_cached);
+    res_ref [B, block_n] (has_residual); the n_cached caches' input refs (aliased to the last
+    outputs, which are written instead); o_ref [B, block_n], or when roped one [B, 2, block_n]
+    block per group of head_groups, the last n_cached of them [B, S, 2, block_n] cache blocks
+    written at sequence slot slot_ref[0].
     roped: G = 2 holds the first and second halves of the same columns of one head (rotary
     pairs), rotated when the program's head, program_id // per_head, is below rope_heads; the
     result goes to the output of the group holding that head (head_groups: heads per output).
@@ -42,8 +45,9 @@ def _kernel(*refs, gated, roped, quantized, normed, has_residual, eps, block_k, 
     scale_ref = refs.pop(0) if quantized else None
     norm_ref = refs.pop(0) if normed else None
     cos_ref, sin_ref = (refs.pop(0), refs.pop(0)) if roped else (None, None)
+    slot_ref = refs.pop(0) if n_cached else None
     res_ref = refs.pop(0) if has_residual else None
-    o_refs = refs
+    o_refs = refs[n_cached:]  # past the caches' inputs
     rows, k_dim = x_ref.shape
     # A plain projection rounds once, to out_dtype; a gated or residual one rounds where the
     # model's layers do (each projection to x's dtype first).
@@ -104,11 +108,12 @@ def _kernel(*refs, gated, roped, quantized, normed, has_residual, eps, block_k, 
             o_refs[0][:, 0, :], o_refs[0][:, 1, :] = first, second
             return
         start = 0
-        for o_ref, count in zip(o_refs, head_groups):
+        for index, (o_ref, count) in enumerate(zip(o_refs, head_groups)):
             @pl.when((head >= start) & (head < start + count))
-            def _(o_ref=o_ref):
-                o_ref[:, 0, :] = first
-                o_ref[:, 1, :] = second
+            def _(o_ref=o_ref, cached=index >= len(head_groups) - n_cached):
+                at = (slice(None), slot_ref[0]) if cached else (slice(None),)  # a cache: this token's slot
+                o_ref[(*at, 0, slice(None))] = first
+                o_ref[(*at, 1, slice(None))] = second
             start += count
         return
     if gated:  # SwiGLU: silu(gate) * up
@@ -123,12 +128,14 @@ def _kernel(*refs, gated, roped, quantized, normed, has_residual, eps, block_k, 
 
 
 def matvec_kernel(x, w, *, w_scale, norm_weight, eps, residual, out_dtype, blocks: MatvecBlocks,
-                  interpret: bool, rope=None, head_groups=None):
+                  interpret: bool, rope=None, head_groups=None, caches=(), cache_slot=None):
     """x [B, K] (B a power of 2 <= 16), w [G, N, K], w_scale [G, N] or None, norm_weight [K] or
     None, residual [B, N] or None -> a tuple of one [B, N] in out_dtype. G = 2 is SwiGLU (gate, up).
     rope: None or (cos, sin [B, H/2] fp32, rotated heads) with G = 1: each program takes
     block_n / 2 rows from each half of one head, so it holds both members of its rotary pairs;
-    the tuple then holds one [B, count * H] array per count of head_groups (default: all heads)."""
+    the tuple then holds one [B, count * H] array per count of head_groups (default: all heads).
+    caches: with rope, [B, S, count, H] arrays for the last groups of head_groups, written at
+    sequence slot cache_slot ([1] int32) in place (aliased) and returned in those groups' places."""
     rows, k_dim = x.shape
     n_weights, n, _ = w.shape
     bn = blocks.block_n
@@ -156,10 +163,18 @@ def matvec_kernel(x, w, *, w_scale, norm_weight, eps, residual, out_dtype, block
             out_shapes = [(rows, heads, 2, half)]
         else:  # a program outside a group maps to one of its blocks and leaves it unwritten
             out_specs, out_shapes, start = [], [], 0
-            for count in head_groups:
-                out_specs.append(pl.BlockSpec((rows, None, 2, bn), lambda i, start=start, count=count: (
-                    0, jnp.clip(i // per_head - start, 0, count - 1), 0, i % per_head)))
-                out_shapes.append((rows, count, 2, half))
+            for index, count in enumerate(head_groups):
+                cached = index >= len(head_groups) - len(caches)
+                in_group = lambda i, start=start, count=count: jnp.clip(i // per_head - start, 0, count - 1)  # noqa: E731
+                if cached:  # the whole sequence axis: the slot is a value, not known to the grid
+                    seq = caches[0].shape[1]
+                    out_specs.append(pl.BlockSpec((rows, seq, None, 2, bn), lambda i, in_group=in_group: (
+                        0, 0, in_group(i), 0, i % per_head)))
+                    out_shapes.append((rows, seq, count, 2, half))
+                else:
+                    out_specs.append(pl.BlockSpec((rows, None, 2, bn), lambda i, in_group=in_group: (
+                        0, in_group(i), 0, i % per_head)))
+                    out_shapes.append((rows, count, 2, half))
                 start += count
     operands, specs = [x, w], [pl.BlockSpec((rows, k_dim), lambda i: (0, 0)), weight_spec]
     if w_scale is not None:
@@ -171,23 +186,32 @@ def matvec_kernel(x, w, *, w_scale, norm_weight, eps, residual, out_dtype, block
     if rope is not None:
         operands += [rope[0], rope[1]]
         specs += [columns, columns]
+    if caches:
+        operands.append(cache_slot)
+        specs.append(pl.BlockSpec((1,), lambda i: (0,)))
     if residual is not None:
         operands.append(residual)
         specs.append(columns)
+    first_cache = len(operands)
+    operands += [c.reshape(out_shapes[-len(caches) + j]) for j, c in enumerate(caches)]
+    specs += out_specs[len(out_specs) - len(caches):]
     kernel = functools.partial(_kernel, gated=n_weights == 2, roped=rope is not None,
                                quantized=w_scale is not None, normed=norm_weight is not None,
                                has_residual=residual is not None, eps=eps, block_k=blocks.block_k,
                                dot=blocks.dot, out_dtype=jnp.dtype(out_dtype),
                                rope_heads=None if rope is None else rope[2], per_head=per_head,
-                               head_groups=head_groups)
+                               head_groups=head_groups, n_cached=len(caches))
     ys = pl.pallas_call(
         kernel,
         grid=(grid,),
         in_specs=specs,
         out_specs=out_specs,
         out_shape=[jax.ShapeDtypeStruct(shape, out_dtype) for shape in out_shapes],
+        input_output_aliases={first_cache + j: len(out_shapes) - len(caches) + j for j in range(len(caches))},
         compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
         interpret=interpret,
         name="matvec",
     )(*operands)
-    return tuple(y.reshape(rows, -1) for y in ys)
+    n_plain = len(ys) - len(caches)
+    return (*(y.reshape(rows, -1) for y in ys[:n_plain]),
+            *(y.reshape(c.shape) for y, c in zip(ys[n_plain:], caches)))
