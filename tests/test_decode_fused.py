@@ -16,7 +16,7 @@ from llmjax.decode.quantize import quantize
 from llmjax.models import init_model
 from llmjax.models.transformer import apply_rope, rope_tables
 from pallas_kernels import _testing
-from pallas_kernels.matvec import reference
+from pallas_kernels.matvec import matvec, reference
 
 TINY = ["preset=llama-tiny"]
 
@@ -64,7 +64,7 @@ def _check_caches(ours, theirs, dtype):
 @pytest.mark.parametrize("rows,int8,tied,prompt_len", [
     (2, False, False, 4), (2, True, False, 14), (1, False, True, 14), (1, True, True, 4)],
     ids=["bf16-2rows", "int8-2rows-in-place", "bf16-1row-tied-in-place", "int8-1row-tied"])
-def test_fused_step_matches_the_model_layers(rows, int8, tied, prompt_len):
+def test_fused_step_matches_the_model_layers(rows, int8, tied, prompt_len, monkeypatch):
     """Two steps of the fused kernels (Pallas interpret mode; one row takes the FMA path, two the
     tensor-core one) give the unfused step's logits and KV cache. A cache of 16 positions (prompt
     14) is written by the q|k|v kernel in place and read by the decode kernel; one of 6 positions
@@ -73,9 +73,17 @@ def test_fused_step_matches_the_model_layers(rows, int8, tied, prompt_len):
     dm = prepare_decode(model, int8=int8, dtype="bfloat16")
     prompt, tokens = (jax.random.randint(jax.random.key(i), (rows, n), 0, 512, dtype=jnp.int32)
                       for i, n in ((0, prompt_len), (1, 2)))
-    cache = init_layer_caches(nnx.merge(dm.graphdef, dm.params).cfg, rows, prompt_len + 2)[0]
-    assert fused.writes_in_place(jax.tree.map(lambda c: c[0], cache), jnp.bfloat16) == (prompt_len == 14)
+    qkv_caches = []  # each q|k|v call's caches argument, recorded as the fused step is traced
+
+    def spy(x, w, **options):
+        if "head_groups" in options:
+            qkv_caches.append(options.get("caches"))
+        return matvec(x, w, **options)
+
+    monkeypatch.setattr(fused, "matvec", spy)
     ours, theirs, caches_ours, caches = _steps_both_ways(dm, prompt, tokens, interpret=True)
+    assert qkv_caches and len(qkv_caches) % model.cfg.n_layers == 0  # a call a layer in each trace
+    assert all((caches is not None) == (prompt_len == 14) for caches in qkv_caches)
     for a, b in zip(ours, theirs):
         assert a.dtype == jnp.float32 and a.shape == b.shape == (rows, 512)
         _testing.assert_close(a, b, jnp.bfloat16, "fused step logits")

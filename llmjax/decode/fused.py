@@ -7,13 +7,16 @@ neighbours folded in:
 
     q   = rope(RMSNorm(x) Wqkv)    (norm in the prologue, rope of q and k in the epilogue; the
                                     q, k, v weights as one [(N + 2K) H, D]; k and v stored
-                                    straight into the KV cache at this token's slot)
+                                    into the KV cache at this token's slot by the same kernel)
     x   = x + attention(...) Wo    (residual in the epilogue)
     h   = silu(RMSNorm(x) Wg) * (RMSNorm(x) Wu)   (norm, both projections and SwiGLU in one)
     x   = x + h Wdown
     logits = RMSNorm(x) Whead      (fp32)
 
-plus the decode attention kernel over the cache.
+plus the decode attention kernel over the cache. That holds for a contiguous cache in the
+model's dtype that the decode kernel reads (`kv_cache.decode_kernel_reads`: generate's own);
+other caches (paged, int8 KV, lengths without a page size) get q, k, v back from the kernel
+and `attend_cached` writes and reads them.
 The kernels read weights as [out, in] rows; `layer_weights` transposes them once per generate
 call, before the token loop (a second copy of the layer weights while generate runs). Llama
 family (RMSNorm, SwiGLU, no biases), dense, up to 16 rows; generate uses it for one.
@@ -103,14 +106,6 @@ def layer_weights(model, layers) -> dict:
     return dict(layers=out, head=head, final_norm=model.final_norm.scale[...])
 
 
-def writes_in_place(layer_cache: dict, dtype) -> bool:
-    """Whether the q|k|v kernel writes k and v into this layer's cache itself and the decode
-    kernel reads it: a contiguous cache in the activations' dtype with a page size for that
-    kernel. Others (paged, int8 KV, lengths the kernel has no tile for) take `attend_cached`."""
-    return (not kv_cache.is_paged(layer_cache) and set(layer_cache) == {"k", "v"}
-            and layer_cache["k"].dtype == dtype and kv_cache.decode_page_size(layer_cache["k"].shape) is not None)
-
-
 def step_logits(model, weights, tokens, positions, caches, *, interpret: bool = False):
     """One decode step: tokens, positions [B, 1] -> fp32 logits [B, V] and the updated layer
     caches (`init_layer_caches` layout). weights: from `layer_weights`. interpret: run the
@@ -130,7 +125,7 @@ def step_logits(model, weights, tokens, positions, caches, *, interpret: bool = 
     for w, cache in zip(weights["layers"], caches):
         layer_cache = jax.tree.map(lambda c: c[0], cache)  # drop the leading layer axis (of 1)
         qkv = dict(norm_weight=w["attn_norm"], rope=rope, head_groups=(n, kv, kv))
-        if writes_in_place(layer_cache, x.dtype):  # k and v go straight from the kernel into the cache
+        if kv_cache.decode_kernel_reads(layer_cache, x.dtype):  # k and v go from the kernel into the cache
             q, cache_k, cache_v = project(x, w["qkv"], caches=(layer_cache["k"], layer_cache["v"]),
                                           cache_slot=positions[0, 0], **qkv)
             layer_cache = {"k": cache_k, "v": cache_v}

@@ -57,8 +57,7 @@ def attend_cached(q, k, v, positions, cache: dict):
     start = positions[0, 0]
     cache_k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), start, axis=1)
     cache_v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), start, axis=1)
-    if (q.shape[1] == 1 and jax.default_backend() == "gpu" and cache_k.dtype == q.dtype
-            and decode_page_size(cache_k.shape) is not None):
+    if q.shape[1] == 1 and jax.default_backend() == "gpu" and decode_kernel_reads(cache, q.dtype):
         out = decode_over_pages(q, cache_k, cache_v, positions)
         return out, {"k": cache_k, "v": cache_v}
     slots = jnp.arange(cache_k.shape[1])
@@ -66,6 +65,13 @@ def attend_cached(q, k, v, positions, cache: dict):
     dt = q.dtype
     out = ops.attention(q, cache_k.astype(dt), cache_v.astype(dt), causal=False, impl="xla", mask=mask)
     return out, {"k": cache_k, "v": cache_v}
+
+
+def decode_kernel_reads(cache: dict, dtype) -> bool:
+    """Whether `decode_over_pages` can read this layer's cache for queries of `dtype`: contiguous,
+    in that dtype, with a page size for the kernel."""
+    return (not is_paged(cache) and set(cache) == {"k", "v"} and cache["k"].dtype == dtype
+            and decode_page_size(cache["k"].shape) is not None)
 
 
 def decode_page_size(cache_shape) -> int | None:

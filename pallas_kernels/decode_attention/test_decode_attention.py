@@ -62,11 +62,27 @@ def test_split_merge_matches_contiguous():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("case", cases.CPU_CASES, ids=lambda c: c.name)
-def test_one_split_needs_no_merge(case, dtype):
-    """A split over the whole table writes the result in q's dtype with no merge after it."""
+def test_one_split_needs_no_merge(case, dtype, monkeypatch):
+    """A split over the whole table (here in two-page steps) writes the result in q's dtype, and
+    no merge runs after it; more splits are merged."""
+    def no_merge(*args):
+        raise AssertionError("one split was merged")
+
+    monkeypatch.setattr(triton_decode, "merge_splits", no_merge)
     table = 1 << (case.pages_per_seq - 1).bit_length()
-    blocks = config.DecodeBlocks(pages_per_step=2, pages_per_split=table)
-    _check(case, dtype, "triton", not ON_GPU, blocks)
+    _check(case, dtype, "triton", not ON_GPU, config.DecodeBlocks(pages_per_step=2, pages_per_split=table))
+    q, _, _, k_pages, v_pages, tables, lengths = make_inputs(case, dtype)
+    group = case.heads // case.kv_heads
+    qg = q.reshape(case.batch, case.kv_heads, group, case.head_dim)
+    if group & (group - 1):
+        qg = jnp.pad(qg, ((0, 0), (0, 0), (0, 16 - group), (0, 0)))
+    split_tables = jnp.pad(tables, ((0, 0), (0, table - case.pages_per_seq)))
+    for splits in (1, 2):
+        o, m, l = triton_decode.decode_partials(
+            qg, k_pages, v_pages, split_tables.reshape(case.batch, splits, table // splits),
+            lengths.reshape(-1, 1), scale=0.25, blocks=config.DecodeBlocks(pages_per_step=1, pages_per_split=table // splits),
+            interpret=not ON_GPU)
+        assert o.shape[2] == splits and o.dtype == (dtype if splits == 1 else jnp.float32)
 
 
 def test_reference_matches_jax_attention():

@@ -91,7 +91,8 @@ def decode_partials(q, k_pages, v_pages, block_tables, lengths, *, scale: float,
       k_scales, v_scales: None, or [P, bs, K] bf16 scales of int8/fp8 pages.
     Returns:
       o [B, K, splits, Gp, H] and m, l [B, K, splits, Gp] fp32 (base-2 max, denominator). o is
-      fp32 for the merge, or q's dtype with one split: then it is the attention's result.
+      fp32 for the merge, or q's dtype with one split: then it is the attention's result (and
+      m, l, a few bytes a row, go unread).
     Raises:
       ValueError: Gp under 16 and not a power of 2 (its copies would not fill 16 rows).
     """

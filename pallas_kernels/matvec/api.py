@@ -41,6 +41,15 @@ def matvec(x, w, *, w_scale=None, norm_weight=None, eps: float = 1e-5, residual=
         residual.
       head_groups: with rope, the result split by heads into separate arrays (e.g. (N, K, K) for
         q, k, v), written by the kernel directly, so no slice of one result follows it.
+      caches, cache_slot: with head_groups, a decode step's KV-cache write. caches: a tuple of
+        [B, S, count, H] arrays in x's dtype, one for each of the last len(caches) groups (k, v);
+        cache_slot: an int scalar, the rows' position; a traced one outside [0, S) is taken in as
+        lax.dynamic_update_slice takes its index (negative counts from the end, then clipped),
+        a concrete one outside raises. Those groups are stored
+        at [:, cache_slot] of their caches instead of returned, and the updated caches take
+        their places in the result. The kernel writes them in place (aliased): under jit with
+        the caches donated or carried through a loop no cache is copied; otherwise XLA copies
+        each cache once a call. Rows that are not a power of 2 are written after the kernel.
       backend: "auto" (the Triton kernel on a GPU or with interpret=True, else the reference;
         shapes the kernel's blocks do not divide fall back, logged once), "reference", "triton".
       interpret: run the Triton kernel in Pallas interpret mode (CPU tests).
@@ -50,7 +59,8 @@ def matvec(x, w, *, w_scale=None, norm_weight=None, eps: float = 1e-5, residual=
       their places) in out_dtype (x's by default), rounded where the unfused layer rounds
       (reference.py).
     Raises:
-      ValueError: bad rank, dtype, shape, backend or blocks; the message names the value.
+      ValueError: bad rank, dtype, shape, backend, blocks, caches or cache_slot; the message names
+        the value.
     """
     _validate(x, w, w_scale, norm_weight, residual, gated, backend, blocks)
     out_dtype = jnp.dtype(out_dtype or x.dtype)
@@ -98,12 +108,21 @@ def matvec(x, w, *, w_scale=None, norm_weight=None, eps: float = 1e-5, residual=
                                      interpret=interpret,
                                      rope=None if rope is None else (pad(rope[0]), pad(rope[1]), rope[2]),
                                      head_groups=head_groups, caches=in_kernel,
-                                     cache_slot=None if not in_kernel else jnp.reshape(cache_slot, (1,)).astype(jnp.int32))
+                                     cache_slot=None if not in_kernel else _clipped_slot(cache_slot, caches))
     if head_groups is None:
         return ys[0] if padded == rows else ys[0][:rows]
     if in_kernel:
         return ys
     return _write_caches([y[:rows] for y in ys], caches, cache_slot)
+
+
+def _clipped_slot(cache_slot, caches):
+    """cache_slot as the kernel's [1] int32, taken into the caches' positions as
+    lax.dynamic_update_slice takes its index (the jnp write's): a negative one counts from the
+    end, then it is clipped. A pointer store has no bounds of its own."""
+    seq = caches[0].shape[1]
+    slot = jnp.asarray(cache_slot, jnp.int32)
+    return jnp.clip(jnp.where(slot < 0, slot + seq, slot), 0, seq - 1).reshape(1)
 
 
 def _write_caches(groups, caches, cache_slot):
@@ -124,16 +143,19 @@ def _validate_caches(caches, cache_slot, x, head_groups, head_dim) -> tuple:
             raise ValueError("cache_slot goes with caches; got cache_slot without caches")
         return ()
     if head_groups is None or not isinstance(caches, tuple) or not 1 <= len(caches) < len(head_groups):
+        count = len(caches) if isinstance(caches, (tuple, list)) else "?"
         raise ValueError(f"caches must be a tuple of 1 to len(head_groups) - 1 arrays, one for each of the last "
-                         f"groups, and need head_groups; got {type(caches).__name__} of "
-                         f"{len(caches) if isinstance(caches, tuple) else '?'} with head_groups={head_groups}")
+                         f"groups, and need head_groups; got a {type(caches).__name__} of {count} with "
+                         f"head_groups={head_groups}")
     rows = x.shape[0]
-    seq = getattr(caches[0], "shape", (None, None))[1]
-    for count, cache in zip(head_groups[len(head_groups) - len(caches):], caches):
+    seq = None
+    for i, (count, cache) in enumerate(zip(head_groups[len(head_groups) - len(caches):], caches)):
         shape = _shape(cache)
-        if shape != (rows, seq, count, head_dim) or cache.dtype != x.dtype:
-            raise ValueError(f"each cache must be [rows={rows}, S, heads of its group={count}, head_dim={head_dim}] "
-                             f"of x's dtype with one S for all; got {shape} {getattr(cache, 'dtype', None)}")
+        seq = seq if seq is not None or shape is None or len(shape) != 4 else shape[1]
+        if shape != (rows, seq, count, head_dim) or getattr(cache, "dtype", None) != x.dtype:
+            raise ValueError(f"caches[{i}] must be [rows={rows}, S, heads of its group={count}, head_dim={head_dim}] "
+                             f"of x's dtype ({jnp.dtype(x.dtype).name}), one S for all; got shape {shape}, "
+                             f"dtype {getattr(cache, 'dtype', None)}")
     if (getattr(cache_slot, "ndim", 0) != 0 or not jnp.issubdtype(getattr(cache_slot, "dtype", type(cache_slot)),
                                                                   jnp.integer)):
         raise ValueError(f"cache_slot must be an int scalar (the rows' position); got {cache_slot!r}")

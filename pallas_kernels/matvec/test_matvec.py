@@ -18,7 +18,7 @@ FUSIONS = {"plain": {}, "norm": dict(norm=True), "residual": dict(residual=True)
            "int8_residual": dict(int8=True, residual=True),
            "fp32_logits": dict(norm=True, out_dtype=jnp.float32),
            "norm_rope": dict(norm=True, rope=True), "int8_norm_rope": dict(int8=True, norm=True, rope=True)}
-HEAD_DIM = {32: 16, 48: 16, 2560: 64}  # rotary head width by N in the rope cases (the last head is not turned)
+HEAD_DIM = {32: 16, 48: 16, 96: 16, 2560: 64}  # rotary head width by N in the rope cases (the last head is not turned)
 
 
 def make_inputs(name, rows, k, n, dtype, norm=False, residual=False, gated=False, int8=False, out_dtype=None,
@@ -100,11 +100,27 @@ def _check_cache_write(name, rows, k, n, groups, seq, slot, blocks, interpret, i
         assert jnp.array_equal(new[:, others], cache[:, others])
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3])
+@pytest.mark.parametrize("rows,slot", [(1, 0), (2, 5), (3, 4)])
 @pytest.mark.parametrize("blocks", [SMALL, SMALL_FMA], ids=["dot", "fma"])
-def test_k_and_v_written_into_their_caches(rows, blocks):
-    """head_groups (q, k, v) with caches for k and v (3 rows: padded, written after the kernel)."""
-    _check_cache_write("cpu/cache", rows, 64, 48, (1, 1, 1), seq=6, slot=4, blocks=blocks, interpret=True)
+def test_k_and_v_written_into_their_caches(rows, slot, blocks):
+    """head_groups (q, k, v) of two heads each, with caches for k and v, at the first, the last
+    and a middle slot (3 rows: padded, so written after the kernel)."""
+    _check_cache_write("cpu/cache", rows, 64, 96, (2, 2, 2), seq=6, slot=slot, blocks=blocks, interpret=True)
+
+
+def test_a_traced_slot_outside_the_cache_lands_where_dynamic_update_slice_puts_it():
+    """-1 counts from the end, 9 is clipped to the last slot, as lax.dynamic_update_slice (the
+    reference's write) does: the kernel's pointer store must not land outside its own slots."""
+    x, w, options = make_inputs("cpu/clip", 1, 64, 48, jnp.bfloat16, rope=True)
+    caches = (jnp.zeros((1, 4, 1, 16), jnp.bfloat16),) * 2
+    call = lambda backend, slot: jax.jit(lambda slot: matvec(  # noqa: E731
+        x, w, backend=backend, interpret=True, blocks=SMALL_FMA, head_groups=(1, 1, 1), caches=caches,
+        cache_slot=slot, **options))(jnp.int32(slot))
+    for slot, kept in ((-1, 3), (9, 3)):
+        ours, ref = call("triton", slot), call("reference", slot)
+        for mine, theirs in zip(ours[1:], ref[1:]):
+            assert jnp.any(mine[:, kept] != 0)
+            _testing.assert_close(mine, theirs, jnp.bfloat16, f"slot {slot}")
 
 
 def test_rows_not_a_power_of_2_are_padded():
@@ -155,6 +171,14 @@ def test_shape_the_blocks_do_not_divide_falls_back_or_raises(caplog, monkeypatch
     (lambda x, w: matvec(x, w, rope=ROPE, head_groups=(1, 1), caches=(CACHE,), cache_slot=5), "cache_slot=5 is outside"),
     (lambda x, w: matvec(x, w, rope=ROPE, head_groups=(1, 1), caches=(CACHE,), cache_slot=1.0), "must be an int scalar"),
     (lambda x, w: matvec(x, w, rope=ROPE, head_groups=(1, 1), cache_slot=0), "cache_slot goes with caches"),
+    (lambda x, w: matvec(x, w, rope=ROPE, head_groups=(1, 1), caches=(CACHE,), cache_slot=-1), "cache_slot=-1 is outside"),
+    (lambda x, w: matvec(x, w, rope=ROPE, head_groups=(1, 1), caches=(CACHE[0],), cache_slot=0),
+     r"caches\[0\] must be .* got shape \(5, 1, 8\)"),
+    (lambda x, w: matvec(x, w, rope=ROPE, head_groups=(1, 1), caches=(None,), cache_slot=0), r"caches\[0\] must be"),
+    (lambda x, w: matvec(x, w, rope=ROPE, head_groups=(1, 1), caches=(jnp.zeros((2, 5, 1, 8), jnp.bfloat16),),
+                         cache_slot=0), r"rows=1"),
+    (lambda x, w: matvec(x, jnp.concatenate([w, w[:8]]), rope=(jnp.ones((1, 4)), jnp.zeros((1, 4)), 1), head_groups=(1, 1, 1),
+                         caches=(CACHE, CACHE[:, :4]), cache_slot=0), r"caches\[1\] must be .* one S for all"),
     (lambda x, w: matvec(x, w, blocks=(16, 32)), "must be a config.MatvecBlocks"),
 ])
 def test_bad_input_names_the_value(call, message):  # ROPE: 2 heads of 8 over N = 16

@@ -138,6 +138,8 @@ def matvec_kernel(x, w, *, w_scale, norm_weight, eps, residual, out_dtype, block
     sequence slot cache_slot ([1] int32) in place (aliased) and returned in those groups' places."""
     rows, k_dim = x.shape
     n_weights, n, _ = w.shape
+    if caches and (rope is None or len(head_groups or ()) <= len(caches)):
+        raise ValueError(f"{len(caches)} caches need rope and more head_groups than caches; got {head_groups}")
     bn = blocks.block_n
     per_head = 1
     if rope is None:
