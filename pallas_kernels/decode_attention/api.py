@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _api
+from pallas_kernels._triton import MIN_DOT_ROWS
 from pallas_kernels.decode_attention import config, reference, triton_decode
 
 BACKENDS = ("auto", "reference", "triton")
@@ -67,7 +68,7 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, lengths, *, scale=
     qg = q.reshape(b, kv_heads, group, h)
     padded = group & (group - 1) != 0
     if padded:
-        rows = max(triton_decode.MIN_ROWS, pl.next_power_of_2(group))
+        rows = max(MIN_DOT_ROWS, pl.next_power_of_2(group))
         qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - group), (0, 0)))
     o, m_stat, l_stat = triton_decode.decode_partials(
         qg, k_pages, v_pages, tables, lengths.astype(jnp.int32).reshape(b, 1), scale=scale,

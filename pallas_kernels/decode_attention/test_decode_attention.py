@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import _testing
+from pallas_kernels._triton import MIN_DOT_ROWS
 from pallas_kernels.decode_attention import cases, config, paged_decode_attention, reference, triton_decode
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -75,7 +76,7 @@ def test_one_split_needs_no_merge(case, dtype, monkeypatch):
     group = case.heads // case.kv_heads
     qg = q.reshape(case.batch, case.kv_heads, group, case.head_dim)
     if group & (group - 1):
-        qg = jnp.pad(qg, ((0, 0), (0, 0), (0, 16 - group), (0, 0)))
+        qg = jnp.pad(qg, ((0, 0), (0, 0), (0, MIN_DOT_ROWS - group), (0, 0)))
     split_tables = jnp.pad(tables, ((0, 0), (0, table - case.pages_per_seq)))
     for splits in (1, 2):
         o, m, l = triton_decode.decode_partials(

@@ -26,7 +26,6 @@ from pallas_kernels.decode_attention.config import DecodeBlocks
 LOG2E = math.log2(math.e)  # base 2 throughout: exp2 is the cheap exponential
 # Finite, not -inf: a fully masked step gives junk that the next real maximum wipes out.
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
-MIN_ROWS = MIN_DOT_ROWS  # Triton dots need at least 16 rows: the kernel repeats fewer (a power of 2)
 
 
 def _decode_kernel(tables_ref, length_ref, q_ref, k_ref, v_ref, *refs, scale,
@@ -34,9 +33,9 @@ def _decode_kernel(tables_ref, length_ref, q_ref, k_ref, v_ref, *refs, scale,
     """One (sequence, kv head, split) program.
 
     tables_ref [pages_per_split] int32 (this split's page ids); length_ref [1] int32;
-    q_ref [Gp, H]; k_ref, v_ref [P, bs, H] (this kv head); o_ref [Gp, H] (fp32, or q's dtype with one split; normalized
-    within the split); m_ref, l_ref [Gp] fp32: base-2 running max and softmax denominator.
-    Gp < MIN_ROWS (a power of 2): the R = MIN_ROWS rows of the dots are Gp rows repeated, and one
+    q_ref [Gp, H]; k_ref, v_ref [P, bs, H] (this kv head); o_ref [Gp, H] (fp32, or q's dtype
+    with one split; normalized within the split); m_ref, l_ref [Gp] fp32: base-2 running max and softmax denominator.
+    Gp < MIN_DOT_ROWS (a power of 2): the R = MIN_DOT_ROWS rows of the dots are Gp rows repeated, and one
     copy is written (the copies are bitwise equal: each row's arithmetic is its own). This
     spares the caller a pad of q and a slice of the output, two kernels a layer.
     quantized: k_ref, v_ref are int8/fp8 codes and refs starts with ks_ref, vs_ref [P, bs] bf16 scales,
@@ -97,9 +96,9 @@ def decode_partials(q, k_pages, v_pages, block_tables, lengths, *, scale: float,
       ValueError: Gp under 16 and not a power of 2 (its copies would not fill 16 rows).
     """
     b, kv_heads, gp, h = q.shape
-    if gp < MIN_ROWS and gp & (gp - 1):
-        raise ValueError(f"q holds {gp} rows a kv head: under {MIN_ROWS} they must be a power of 2 "
-                         f"(pad them with zero rows to {MIN_ROWS})")
+    if gp < MIN_DOT_ROWS and gp & (gp - 1):
+        raise ValueError(f"q holds {gp} rows a kv head: under {MIN_DOT_ROWS} they must be a power of 2 "
+                         f"(pad them with zero rows to {MIN_DOT_ROWS})")
     pool, page_size = k_pages.shape[:2]
     splits = block_tables.shape[1]
     kernel = functools.partial(_decode_kernel, scale=scale, page_size=page_size,

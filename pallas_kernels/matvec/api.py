@@ -148,10 +148,10 @@ def _validate_caches(caches, cache_slot, x, head_groups, head_dim) -> tuple:
                          f"groups, and need head_groups; got a {type(caches).__name__} of {count} with "
                          f"head_groups={head_groups}")
     rows = x.shape[0]
-    seq = None
+    first = _shape(caches[0])
+    seq = first[1] if first is not None and len(first) == 4 else None
     for i, (count, cache) in enumerate(zip(head_groups[len(head_groups) - len(caches):], caches)):
         shape = _shape(cache)
-        seq = seq if seq is not None or shape is None or len(shape) != 4 else shape[1]
         if shape != (rows, seq, count, head_dim) or getattr(cache, "dtype", None) != x.dtype:
             raise ValueError(f"caches[{i}] must be [rows={rows}, S, heads of its group={count}, head_dim={head_dim}] "
                              f"of x's dtype ({jnp.dtype(x.dtype).name}), one S for all; got shape {shape}, "

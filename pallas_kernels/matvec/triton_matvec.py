@@ -24,7 +24,6 @@ from pallas_kernels._triton import dot_precision, one_copy, repeat_rows, row_cop
 from pallas_kernels.matvec.config import MatvecBlocks
 
 
-
 def _kernel(*refs, gated, roped, quantized, normed, has_residual, eps, block_k, dot, out_dtype, rope_heads,
             per_head, head_groups, n_cached):
     """One program: out[:, block] for a block of block_n output columns.
@@ -138,8 +137,6 @@ def matvec_kernel(x, w, *, w_scale, norm_weight, eps, residual, out_dtype, block
     sequence slot cache_slot ([1] int32) in place (aliased) and returned in those groups' places."""
     rows, k_dim = x.shape
     n_weights, n, _ = w.shape
-    if caches and (rope is None or len(head_groups or ()) <= len(caches)):
-        raise ValueError(f"{len(caches)} caches need rope and more head_groups than caches; got {head_groups}")
     bn = blocks.block_n
     per_head = 1
     if rope is None:
