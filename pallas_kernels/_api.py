@@ -28,13 +28,20 @@ def warn_once(log, warned: set[str], message: str) -> None:
         log.warning(message)
 
 
+def platform() -> str:
+    """The platform the code is built for: "gpu" inside an abstract mesh of GPUs (lowering for a GPU
+    from a host without one, as `pallas_kernels.triton_compile` does), else jax's default backend."""
+    abstract = jax.sharding.get_abstract_mesh().abstract_device
+    return "gpu" if abstract is not None and abstract.platform == "gpu" else jax.default_backend()
+
+
 def triton_or_reference(backend: str, interpret: bool, warn) -> str:
     """Resolve "auto", "triton" or "reference" by where the Triton kernels run: on a GPU, or on any
     device with interpret=True. Without either, "auto" gives "reference" after warn(reason) and
     "triton" raises ValueError."""
     if backend == "reference":
         return "reference"
-    if interpret or jax.default_backend() == "gpu":
+    if interpret or platform() == "gpu":
         return "triton"
     if backend == "triton":
         raise ValueError("backend='triton' needs a GPU; pass interpret=True to run it on CPU")

@@ -231,7 +231,7 @@ def grouped_matmul(x, w, group_sizes, *, out_dtype=None, backend="auto", interpr
     _api.check_backend(backend, BACKENDS)
     if backend == "xla":
         return jax.lax.ragged_dot(x, w, group_sizes, preferred_element_type=out_dtype)
-    if backend == "auto" and jax.default_backend() == "gpu" and not interpret:
+    if backend == "auto" and _api.platform() == "gpu" and not interpret:
         backend = auto_backend(x.dtype)
     if backend in ("auto", "triton"):
         backend = _api.triton_or_reference(backend, interpret, functools.partial(
