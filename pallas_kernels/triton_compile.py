@@ -24,8 +24,11 @@ from jax._src.lib.triton import dialect as triton_dialect
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
 H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132)
-REGISTERS_PER_SM = 65536
-SHARED_PER_SM = 227 * 1024  # the most one block may take on sm_90
+# An sm_90 SM (CUDA's occupancy rules): registers are given out 8 a thread at a time, and each
+# block also holds 1 KB of shared memory the system reserves.
+REGISTERS_PER_SM, REGISTER_UNIT = 65536, 8
+SHARED_PER_SM, SHARED_PER_BLOCK, SHARED_RESERVED = 228 * 1024, 227 * 1024, 1024
+THREADS_PER_SM, BLOCKS_PER_SM = 2048, 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,11 +45,14 @@ class KernelBuild:
 
     @property
     def blocks_per_sm(self) -> int:
-        """Blocks resident on one SM at once by registers and shared memory (warp and block caps
-        aside); 0 means the launch cannot run."""
-        by_registers = REGISTERS_PER_SM // (self.registers * 32 * self.num_warps)
-        by_shared = SHARED_PER_SM // self.shared_bytes if self.shared_bytes else by_registers
-        return min(by_registers, by_shared)
+        """Blocks resident on one SM at once, by registers, shared memory, threads and the block
+        cap; 0 means the launch cannot run."""
+        threads = 32 * self.num_warps
+        if self.shared_bytes > SHARED_PER_BLOCK:
+            return 0
+        registers = -(-self.registers // REGISTER_UNIT) * REGISTER_UNIT
+        return min(REGISTERS_PER_SM // (registers * threads), SHARED_PER_SM // (self.shared_bytes + SHARED_RESERVED),
+                   THREADS_PER_SM // threads, BLOCKS_PER_SM)
 
 
 def triton_modules(fn, *args, device=H100, **jit_kwargs) -> list[dict]:
@@ -76,13 +82,13 @@ def triton_modules(fn, *args, device=H100, **jit_kwargs) -> list[dict]:
     return modules
 
 
-def compile_module(module: dict, *, capability: int = 90) -> KernelBuild:
-    """Compile one module from `triton_modules` to SASS for sm_`capability`; raises what the
-    compiler raises (a kernel that does not compile)."""
+def compile_module(module: dict) -> KernelBuild:
+    """Compile one module from `triton_modules` to sm_90a SASS; raises what the compiler raises (a
+    kernel that does not compile), or RuntimeError with ptxas's message."""
     import triton  # the dev extra's; imported here so the rest of the package never needs it
     from triton.backends.compiler import GPUTarget
 
-    target = GPUTarget("cuda", capability, 32)
+    target = GPUTarget("cuda", 90, 32)
     with tempfile.TemporaryDirectory() as tmp:
         source = os.path.join(tmp, f"{module['name']}.ttir")  # Triton reads IR as text; the suffix says which
         with open(source, "w") as f:
@@ -92,16 +98,16 @@ def compile_module(module: dict, *, capability: int = 90) -> KernelBuild:
         ptx, cubin = os.path.join(tmp, "kernel.ptx"), os.path.join(tmp, "kernel.cubin")
         with open(ptx, "w") as f:
             f.write(kernel.asm["ptx"])
+        # ptxas again, for its -v report (Triton runs it without -v and keeps no log).
         tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-        arch = f"sm_{capability}a" if capability == 90 else f"sm_{capability}"
-        report = subprocess.run([os.path.join(tools, "ptxas"), "-v", f"--gpu-name={arch}", ptx, "-o", cubin],
-                                capture_output=True, text=True, check=True).stderr
-        sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", cubin],
-                              capture_output=True, text=True, check=True).stdout
+        report = _tool(os.path.join(tools, "ptxas"), "-v", "--gpu-name=sm_90a", ptx, "-o", cubin).stderr
+        sass = _tool(os.path.join(tools, "cuobjdump"), "-sass", cubin).stdout
 
     def number(pattern):
         found = re.search(pattern, report)
-        return int(found.group(1)) if found else 0
+        if found is None:
+            raise RuntimeError(f"no {pattern!r} in ptxas's report for {module['name']}:\n{report}")
+        return int(found.group(1))
 
     return KernelBuild(name=module["name"], num_warps=module["num_warps"], num_stages=module["num_stages"],
                        registers=number(r"Used (\d+) registers"),
@@ -110,7 +116,14 @@ def compile_module(module: dict, *, capability: int = 90) -> KernelBuild:
                        sass=sass)
 
 
-def compile_triton_kernels(fn, *args, device=H100, capability: int = 90, **jit_kwargs) -> list[KernelBuild]:
-    """Every Pallas Triton kernel of jax.jit(fn, **jit_kwargs)(*args), compiled for sm_`capability`,
-    in program order."""
-    return [compile_module(m, capability=capability) for m in triton_modules(fn, *args, device=device, **jit_kwargs)]
+def _tool(*command):
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{os.path.basename(command[0])} failed ({done.returncode}):\n{done.stderr}")
+    return done
+
+
+def compile_triton_kernels(fn, *args, **jit_kwargs) -> list[KernelBuild]:
+    """Every Pallas Triton kernel of jax.jit(fn, **jit_kwargs)(*args) lowered for an H100, compiled
+    to sm_90a SASS, in program order."""
+    return [compile_module(m) for m in triton_modules(fn, *args, **jit_kwargs)]

@@ -27,7 +27,10 @@ _is_hopper = _api.targets_hopper
 
 
 def _supports_fp8() -> bool:
-    """Triton's fp8 dot needs compute capability >= 8.9 (Ada, Hopper and later)."""
+    """Triton's fp8 dot needs compute capability >= 8.9 (Ada, Hopper and later): the GPU of the
+    abstract mesh when lowering for one (its known kinds are Hopper), else the first device."""
+    if jax.sharding.get_abstract_mesh().abstract_device is not None:
+        return _api.targets_hopper()
     capability = getattr(jax.devices()[0], "compute_capability", None)
     return capability is not None and tuple(map(int, capability.split("."))) >= (8, 9)
 
