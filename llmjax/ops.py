@@ -175,6 +175,24 @@ def rms_norm(x, weight, *, eps: float, impl: str = "xla"):
     return y.astype(x.dtype)
 
 
+def add_norm(x, residual, weight, bias=None, *, eps: float, impl: str = "xla"):
+    """The pre-norm block's residual add and the norm after it: (norm(x + residual), x + residual),
+    LayerNorm with a bias, RMSNorm without. The sum is rounded to x's dtype, as a separate add
+    would round it. `impl`: `xla`, or `pallas` (one kernel reads x and residual once and writes
+    both outputs, where XLA would write the sum and read it back; it normalizes the fp32 sum
+    before rounding, so normed can differ from xla's in the last bit).
+    """
+    if impl == "pallas":
+        dt = x.dtype
+        if bias is None:
+            return pallas_norms.rms_norm_residual(x, residual, weight.astype(dt), eps=eps)
+        return pallas_norms.layer_norm_residual(x, residual, weight.astype(dt), bias.astype(dt), eps=eps)
+    total = x + residual
+    if bias is None:
+        return rms_norm(total, weight, eps=eps), total
+    return layer_norm(total, weight, bias, eps=eps), total
+
+
 def lm_loss(hidden, vocab_weight, targets, *, impl: str = "xla"):
     """Mean next-token cross-entropy of hidden [B, T, D] against targets [B, T].
 

@@ -43,6 +43,11 @@ class Norm(nnx.Module):
             return ops.rms_norm(x, self.scale[...], eps=self.eps, impl=self.impl)
         return ops.layer_norm(x, self.scale[...], self.bias[...], eps=self.eps, impl=self.impl)
 
+    def add(self, x, residual):
+        """(norm(x + residual), x + residual), fused where norm_impl allows (`ops.add_norm`)."""
+        bias = None if self.bias is None else self.bias[...]
+        return ops.add_norm(x, residual, self.scale[...], bias, eps=self.eps, impl=self.impl)
+
 
 def rope_tables(positions, head_dim: int, theta: float):
     """cos, sin of rotary angles: positions [B, T] -> two [B, T, 1, H/2] fp32 arrays."""
@@ -166,20 +171,24 @@ class Block(nnx.Module):
         self.shared_mlp = (FeedForward(dataclasses.replace(cfg, d_mlp=cfg.n_shared_experts * cfg.d_mlp), rngs)
                            if cfg.n_experts and cfg.n_shared_experts else None)
 
-    def __call__(self, x, positions, cache, mask=None):
-        """(x, cache) -> (x, cache, aux): aux is a dict of this block's auxiliary outputs
-        (empty for the dense feed-forward; see `MoE.__call__`). `mask` as in hidden_states."""
+    def __call__(self, x, pending, positions, cache, mask=None):
+        """(x, pending, cache) -> (x, pending, cache, aux). The block's input is x + pending and
+        its output is the returned x + pending: each residual add is left to the norm after it,
+        which does it in the same pass (`Norm.add`); pending=None for nothing to add. aux is a
+        dict of this block's auxiliary outputs (empty for the dense feed-forward; see
+        `MoE.__call__`). `mask` as in hidden_states."""
         fused = cache is None and self.fuse_projections  # see Attention.project_qkv
-        y, cache = self.attn(self.attn_norm(x), positions, cache, mask, fused)
-        x = x + y
-        h = self.mlp_norm(x)
+        h, x = (self.attn_norm(x), x) if pending is None else self.attn_norm.add(x, pending)
+        y, cache = self.attn(h, positions, cache, mask, fused)
+        h, x = self.mlp_norm.add(x, y)
         if isinstance(self.mlp, MoE):
             y, aux = self.mlp(h)
             if self.shared_mlp is not None:
                 y = y + self.shared_mlp(h, fused=fused)
         else:
             y, aux = self.mlp(h, fused=fused), {}
-        return constrain(x + y, (BATCH, LENGTH, ACT_EMBED)), cache, aux
+        return (constrain(x, (BATCH, LENGTH, ACT_EMBED)), constrain(y, (BATCH, LENGTH, ACT_EMBED)), cache,
+                aux)
 
 
 class Transformer(nnx.Module):
@@ -226,16 +235,18 @@ class Transformer(nnx.Module):
 
         # A plain lax.scan over the stacked block state: works under any outer transform
         # (jit, fori_loop, grad), where nnx.scan rejects modules from another trace level.
-        def layer(x, per_layer):
+        # The carry is (x, pending): the stream is x + pending, and each block leaves its last
+        # residual add to the next block's first norm (Block.__call__).
+        def layer(carry, per_layer):
             state, layer_cache = per_layer
-            x, layer_cache, aux = nnx.merge(block_def, state)(x, positions, layer_cache, mask)
-            return x, (layer_cache, aux)
+            x, pending, layer_cache, aux = nnx.merge(block_def, state)(*carry, positions, layer_cache, mask)
+            return (x, pending), (layer_cache, aux)
 
         if self.cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[self.cfg.remat])
         if self.cfg.scan_layers or cache is not None:  # decoding keeps the scan: in-place cache updates
-            x, (cache, aux) = jax.lax.scan(layer, x, (block_state, cache))
-            return x, cache, aux
+            (x, pending), (cache, aux) = jax.lax.scan(layer, (x, jnp.zeros_like(x)), (block_state, cache))
+            return x + pending, cache, aux
         # Unrolled: XLA keeps the saved activations as plain buffers instead of copying them into
         # stacked scan outputs. The stacked weights are cut with lax.split, whose gradient is one
         # concatenate; the gradient of `a[i]` is `a` padded with zeros, and the L pads are summed:
@@ -244,13 +255,13 @@ class Transformer(nnx.Module):
         leaves, treedef = jax.tree.flatten(block_state)
         n_layers = leaves[0].shape[0]
         pieces = [jax.lax.split(a, [1] * n_layers) for a in leaves]
-        outs = []
+        outs, carry = [], (x, None)
         for i in range(n_layers):
             state = treedef.unflatten([p[i].reshape(p[i].shape[1:]) for p in pieces])
-            x, out = layer(x, (state, None))
+            carry, out = layer(carry, (state, None))
             outs.append(out)
         _, aux = jax.tree.map(lambda *a: jnp.stack(a), *outs)
-        return x, None, aux
+        return carry[0] + carry[1], None, aux
 
     def hidden_states(self, tokens, positions=None, cache=None, mask=None):
         """Final-norm hidden states [B, T, D] and the updated cache.
