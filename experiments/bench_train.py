@@ -63,7 +63,7 @@ def matmul_ceiling(n: int = 8192, reps: int = 10) -> float | None:
 # decides. Rules: (part, function names, source path fragments).
 MODEL_PARTS = (
     ("loss", ("lm_loss", "Transformer.head_loss"), ("pallas_kernels/cross_entropy/",)),
-    ("norm", ("Norm.__call__",), ("pallas_kernels/norms/",)),
+    ("norm", ("Norm.__call__", "Norm.add"), ("pallas_kernels/norms/",)),  # Norm.add: the residual add too
     ("attention", ("Attention.__call__", "Attention.project_qkv"), ("pallas_kernels/flash_attention/",)),
     ("mlp", ("FeedForward.__call__",), ("llmjax/models/moe.py", "pallas_kernels/grouped_matmul/")),
     ("optimizer", (), ("/optax/", "llmjax/train/optimizer.py")),

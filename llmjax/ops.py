@@ -177,10 +177,12 @@ def rms_norm(x, weight, *, eps: float, impl: str = "xla"):
 
 def add_norm(x, residual, weight, bias=None, *, eps: float, impl: str = "xla"):
     """The pre-norm block's residual add and the norm after it: (norm(x + residual), x + residual),
-    LayerNorm with a bias, RMSNorm without. The sum is rounded to x's dtype, as a separate add
-    would round it. `impl`: `xla`, or `pallas` (one kernel reads x and residual once and writes
-    both outputs, where XLA would write the sum and read it back; it normalizes the fp32 sum
-    before rounding, so normed can differ from xla's in the last bit).
+    LayerNorm with a bias, RMSNorm without; x and residual of one dtype. The returned sum is
+    rounded to x's dtype. `impl`: `xla`, or `pallas` (one kernel reads x and residual once and
+    writes both outputs, where XLA may write the sum and read it back). Both may normalize the
+    sum before its rounding (pallas always; XLA when it fuses the add into the norm, under its
+    default excess precision), so normed can differ from the norm of the rounded sum in the
+    last bits.
     """
     if impl == "pallas":
         dt = x.dtype

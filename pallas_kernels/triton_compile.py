@@ -5,11 +5,14 @@ not: whether each kernel compiles, and the registers, spills and shared memory i
     for build in compile_triton_kernels(my_fn, *shape_dtype_structs):
         print(build)  # KernelBuild(name='matvec', num_warps=4, registers=62, spill_bytes=0, ...)
 
-The function is lowered for an abstract H100 (so the kernels pick their Triton path as on the GPU);
-each Triton module in the lowered program is compiled by the `triton` package's compiler (to PTX)
-and its `ptxas` (to SASS), which report the resources. Needs the `triton` package (Linux x86-64; in
-the `dev` extra). On a GPU, XLA compiles the same Triton IR with its own copy of Triton, so the
-figures match a GPU build up to the difference between the two Triton versions.
+The function is lowered for an abstract H100, so the kernels called with backend "auto" or
+"triton" take their Triton path as on the GPU; each Triton module in the lowered program is
+compiled by the `triton` package's compiler (to PTX) and its `ptxas` (to SASS), which report the
+resources. Needs the `triton` package (Linux x86-64; in the `dev` extra). On a GPU, XLA compiles
+the same Triton IR with its own copy of Triton, so the figures match a GPU build up to the
+difference between the two Triton versions. Two limits: the kernels get their heuristic configs
+(the autotune table is read only on a GPU), and model code that chooses a kernel by
+`jax.default_backend()` (llmjax.ops, the decode loop) takes its CPU path here.
 """
 import dataclasses
 import os
@@ -50,7 +53,7 @@ class KernelBuild:
         threads = 32 * self.num_warps
         if self.shared_bytes > SHARED_PER_BLOCK:
             return 0
-        registers = -(-self.registers // REGISTER_UNIT) * REGISTER_UNIT
+        registers = max(-(-self.registers // REGISTER_UNIT), 1) * REGISTER_UNIT
         return min(REGISTERS_PER_SM // (registers * threads), SHARED_PER_SM // (self.shared_bytes + SHARED_RESERVED),
                    THREADS_PER_SM // threads, BLOCKS_PER_SM)
 

@@ -104,23 +104,31 @@ def test_fused_loss_and_pallas_norms_match_xla(preset):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), g0, g1)
 
 
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
 @pytest.mark.parametrize("bias", [False, True], ids=["rms", "layer"])
-def test_add_norm_is_the_residual_add_then_the_norm(bias):
-    """ops.add_norm, which the blocks call for every residual add: with xla, exactly x + r and the
-    norm of that bf16 sum; with pallas (a CPU runs its reference), the same sum and the norm of
-    the fp32 sum, within bf16 rounding."""
+def test_add_norm_is_the_residual_add_then_the_norm(bias, impl):
+    """ops.add_norm, which the blocks call for every residual add, jitted as the model runs it:
+    the sum is x + r rounded to bf16 exactly; normed is the norm of the sum within bf16 rounding
+    (XLA may fuse the add and skip its rounding; pallas, on a CPU its reference, normalizes the
+    fp32 sum); and the gradient reaches x and r alike, as that of the unfused add and norm does."""
     from llmjax import ops
 
-    keys = jax.random.split(jax.random.key(7), 4)
-    x, r = (jax.random.normal(k, (3, 5, 64), jnp.float32).astype(jnp.bfloat16) for k in keys[:2])
-    w = 1 + 0.1 * jax.random.normal(keys[2], (64,))
-    b = 0.1 * jax.random.normal(keys[3], (64,)) if bias else None
+    keys = jax.random.split(jax.random.key(7), 5)
+    x, r, dy = (jax.random.normal(k, (3, 5, 64), jnp.float32).astype(jnp.bfloat16) for k in keys[:3])
+    w = 1 + 0.1 * jax.random.normal(keys[3], (64,))
+    b = 0.1 * jax.random.normal(keys[4], (64,)) if bias else None
     norm = (lambda v: ops.layer_norm(v, w, b, eps=1e-5)) if bias else (lambda v: ops.rms_norm(v, w, eps=1e-5))
-    normed, total = ops.add_norm(x, r, w, b, eps=1e-5)
-    assert jnp.array_equal(total, x + r) and jnp.array_equal(normed, norm(x + r))
-    fused, fused_total = ops.add_norm(x, r, w, b, eps=1e-5, impl="pallas")
-    assert jnp.array_equal(fused_total, x + r) and fused.dtype == jnp.bfloat16
-    np.testing.assert_allclose(np.asarray(fused, np.float32), np.asarray(normed, np.float32), rtol=2e-2, atol=2e-2)
+    fused = jax.jit(lambda x, r: ops.add_norm(x, r, w, b, eps=1e-5, impl=impl))
+    normed, total = fused(x, r)
+    assert jnp.array_equal(total, x + r) and normed.dtype == jnp.bfloat16
+    close = lambda a, e: np.testing.assert_allclose(  # noqa: E731
+        np.asarray(a, np.float32), np.asarray(e, np.float32), rtol=2e-2, atol=2e-2)
+    close(normed, norm(x + r))
+    dx, dr = jax.grad(lambda x, r: jnp.vdot(fused(x, r)[0].astype(jnp.float32), dy.astype(jnp.float32)),
+                      argnums=(0, 1))(x, r)
+    expected = jax.grad(lambda s: jnp.vdot(norm(s).astype(jnp.float32), dy.astype(jnp.float32)))(x + r)
+    assert jnp.array_equal(dx, dr)
+    close(dx, expected)
 
 
 @pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny"])

@@ -187,8 +187,8 @@ class Block(nnx.Module):
                 y = y + self.shared_mlp(h, fused=fused)
         else:
             y, aux = self.mlp(h, fused=fused), {}
-        return (constrain(x, (BATCH, LENGTH, ACT_EMBED)), constrain(y, (BATCH, LENGTH, ACT_EMBED)), cache,
-                aux)
+        x, y = (constrain(a, (BATCH, LENGTH, ACT_EMBED)) for a in (x, y))
+        return x, y, cache, aux
 
 
 class Transformer(nnx.Module):
@@ -236,16 +236,23 @@ class Transformer(nnx.Module):
         # A plain lax.scan over the stacked block state: works under any outer transform
         # (jit, fori_loop, grad), where nnx.scan rejects modules from another trace level.
         # The carry is (x, pending): the stream is x + pending, and each block leaves its last
-        # residual add to the next block's first norm (Block.__call__).
+        # residual add to the next block's first norm (Block.__call__). The scan's carry needs a
+        # fixed structure, so "nothing pending" is zeros there and None in the unrolled loop.
         def layer(carry, per_layer):
             state, layer_cache = per_layer
             x, pending, layer_cache, aux = nnx.merge(block_def, state)(*carry, positions, layer_cache, mask)
             return (x, pending), (layer_cache, aux)
 
+        step = layer
         if self.cfg.remat != "none":
-            layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[self.cfg.remat])
+            checkpointed = jax.checkpoint(layer, policy=_REMAT_POLICIES[self.cfg.remat])
+
+            def step(carry, per_layer):  # the sum crosses the remat boundary: it saves one input, not two
+                x, pending = carry
+                return checkpointed((x if pending is None else x + pending, None), per_layer)
+
         if self.cfg.scan_layers or cache is not None:  # decoding keeps the scan: in-place cache updates
-            (x, pending), (cache, aux) = jax.lax.scan(layer, (x, jnp.zeros_like(x)), (block_state, cache))
+            (x, pending), (cache, aux) = jax.lax.scan(step, (x, jnp.zeros_like(x)), (block_state, cache))
             return x + pending, cache, aux
         # Unrolled: XLA keeps the saved activations as plain buffers instead of copying them into
         # stacked scan outputs. The stacked weights are cut with lax.split, whose gradient is one
@@ -258,7 +265,7 @@ class Transformer(nnx.Module):
         outs, carry = [], (x, None)
         for i in range(n_layers):
             state = treedef.unflatten([p[i].reshape(p[i].shape[1:]) for p in pieces])
-            carry, out = layer(carry, (state, None))
+            carry, out = step(carry, (state, None))
             outs.append(out)
         _, aux = jax.tree.map(lambda *a: jnp.stack(a), *outs)
         return carry[0] + carry[1], None, aux

@@ -27,9 +27,9 @@ _is_hopper = _api.targets_hopper
 
 
 def _supports_fp8() -> bool:
-    """Triton's fp8 dot needs compute capability >= 8.9 (Ada, Hopper and later): the GPU of the
-    abstract mesh when lowering for one (its known kinds are Hopper), else the first device."""
-    if jax.sharding.get_abstract_mesh().abstract_device is not None:
+    """Triton's fp8 dot needs compute capability >= 8.9 (Ada, Hopper and later): the local GPU's;
+    lowering for a GPU from a host without one, whether the abstract mesh's GPU is a Hopper."""
+    if jax.default_backend() != "gpu":
         return _api.targets_hopper()
     capability = getattr(jax.devices()[0], "compute_capability", None)
     return capability is not None and tuple(map(int, capability.split("."))) >= (8, 9)
@@ -72,8 +72,9 @@ def _choose_backend(backend, dtype, interpret):
             raise ValueError(f"backend='mosaic' needs an sm_90 GPU (Hopper) or interpret=True; got "
                              f"{jax.devices()[0].device_kind!r}")
     if fp8 and not interpret and not _supports_fp8():
+        abstract = jax.sharding.get_abstract_mesh().abstract_device
         raise ValueError(f"float8_e4m3fn matmuls need compute capability >= 8.9; got "
-                         f"{jax.devices()[0].device_kind!r}")
+                         f"{(abstract or jax.devices()[0]).device_kind!r}")
     return backend
 
 
