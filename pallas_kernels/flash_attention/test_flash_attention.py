@@ -18,6 +18,7 @@ from pallas_kernels._testing import TOLERANCE, assert_close
 from pallas_kernels.flash_attention import api, cases, config, mosaic_bwd, mosaic_fwd, triton_fwd
 from pallas_kernels.flash_attention.api import flash_attention
 from pallas_kernels.flash_attention.reference import attention_reference
+from pallas_kernels.triton_compile import H100
 
 ON_GPU = jax.default_backend() == "gpu"
 # Interpret-mode kernels are big XLA programs; on CPU most of a test is their compile time.
@@ -416,9 +417,6 @@ def test_named_kernel_backend_on_cpu_without_interpret_raises(backend):
         flash_attention(*_qkv(dtype=jnp.bfloat16), backend=backend)
 
 
-_H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
-
-
 _MOSAIC_BLOCKS = {"default": None, "overlap": config.BlockSizes(mosaic=config.MosaicBlocks(overlap=True)),
                   "3wgs": config.BlockSizes(mosaic=config.MosaicBlocks(**_THREE_WGS)),
                   "one_pass": config.BlockSizes(mosaic_bwd=config.MosaicBwdBlocks(one_pass=True))}
@@ -457,7 +455,7 @@ def test_kernels_lower_for_h100(backend, dtype, causal, segmented, head_dim, var
     monkeypatch.setattr(api, "_platform", lambda: "gpu")
     monkeypatch.setattr(api, "_is_hopper", lambda: True)
     targets = ("__gpu$xla.gpu.triton", "mosaic_gpu_v2")
-    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=_H100)):
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=H100)):
         exported = jax.export.export(
             jax.jit(fwd_bwd), platforms=["cuda"],
             disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(c) for c in targets],
