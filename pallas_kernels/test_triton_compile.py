@@ -21,7 +21,8 @@ from pallas_kernels.matmul import matmul, scaled_matmul
 from pallas_kernels.matvec import config as matvec_config, matvec
 from pallas_kernels.norms import layer_norm, layer_norm_residual, rms_norm, rms_norm_residual
 from pallas_kernels.softmax import softmax
-from pallas_kernels.triton_compile import KernelBuild, compile_triton_kernels, triton_modules
+from pallas_kernels.triton_compile import (KernelBuild, compile_triton_kernels, loop_loads, sass_instructions,
+                                             triton_modules)
 
 pytest.importorskip("triton", reason="needs the triton package, which has wheels for Linux x86-64 only "
                                      "(pip install -e '.[dev]')")
@@ -233,3 +234,36 @@ def test_blocks_per_sm_arithmetic(registers, warps, shared, blocks):
     build = KernelBuild(name="k", num_warps=warps, num_stages=1, registers=registers, spill_bytes=0,
                         stack_bytes=0, shared_bytes=shared, sass="")
     assert build.blocks_per_sm == blocks
+
+
+# Two instructions of a real sm_90a build (cuobjdump -sass): a constant load whose result signals
+# scoreboard 1, and the add that reads its register, waiting on scoreboard 1 first.
+_LDC_THEN_USE = """
+        /*0000*/                   LDC R1, c[0x0][0x28] ;                 /* 0x00000a00ff017b82 */
+                                                                          /* 0x000e700000000800 */
+        /*00b0*/                   VIADD R1, R1, 0xfffffff0 ;             /* 0xfffffff001017836 */
+                                                                          /* 0x002fe20000000000 */
+"""
+
+
+def test_sass_scheduling_bits_read_as_the_data_flow_says():
+    load, add = sass_instructions(_LDC_THEN_USE)
+    assert (load.address, load.text, load.writes, load.waits) == (0, "LDC R1, c[0x0][0x28]", 1, frozenset())
+    assert (add.address, add.writes, add.waits) == (0xB0, None, frozenset({1}))
+
+
+def _loop(refill_waited):
+    """A made-up loop: a 16-byte load on scoreboard 5, an FFMA, then (if refill_waited) a MOV that
+    waits on scoreboard 5 before the branch back; the loop's first FFMA waits on 5 in any case."""
+    encode = lambda writes, waits: (((waits << 11) | (writes << 5)) << 41)  # noqa: E731  control bits
+    rows = [(0x10, "FFMA R8, R4, R9, R8", encode(7, 1 << 5)), (0x20, "LDG.E.128 R4, desc[UR8][R2.64]", encode(5, 0)),
+            (0x30, "MOV R10, R4" if refill_waited else "NOP", encode(7, (1 << 5) if refill_waited else 0)),
+            (0x40, "@P0 BRA 0x10", encode(7, 0))]
+    return "".join(f"/*{a:04x}*/ {text} ; /* 0x{0:016x} */\n /* 0x{hi:016x} */\n" for a, text, hi in rows)
+
+
+def test_loop_loads_tells_a_carried_load_from_a_waited_one():
+    carried, = loop_loads(_loop(refill_waited=False))
+    waited, = loop_loads(_loop(refill_waited=True))
+    assert (carried.loads, carried.waited_same_pass, carried.innermost) == (1, 0, True)
+    assert (waited.loads, waited.waited_same_pass) == (1, 1)

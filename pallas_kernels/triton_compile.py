@@ -10,9 +10,11 @@ The function is lowered for an abstract H100, so the kernels called with backend
 compiled by the `triton` package's compiler (to PTX) and its `ptxas` (to SASS), which report the
 resources. Needs the `triton` package (Linux x86-64; in the `dev` extra). On a GPU, XLA compiles
 the same Triton IR with its own copy of Triton, so the figures match a GPU build up to the
-difference between the two Triton versions. Two limits: the kernels get their heuristic configs
-(the autotune table is read only on a GPU), and model code that chooses a kernel by
-`jax.default_backend()` (llmjax.ops, the decode loop) takes its CPU path here.
+difference between the two Triton versions. `loop_loads(build.sass)` reads the SASS's
+scheduling bits: for each loop, how many of its global loads are waited for before it goes round
+(a loop meant to keep loads in flight across steps wants none). Two limits: the kernels get
+their heuristic configs (the autotune table is read only on a GPU), and model code that chooses
+a kernel by `jax.default_backend()` (llmjax.ops, the decode loop) takes its CPU path here.
 """
 import dataclasses
 import os
@@ -130,3 +132,69 @@ def compile_triton_kernels(fn, *args, **jit_kwargs) -> list[KernelBuild]:
     """Every Pallas Triton kernel of jax.jit(fn, **jit_kwargs)(*args) lowered for an H100, compiled
     to sm_90a SASS, in program order."""
     return [compile_module(m) for m in triton_modules(fn, *args, **jit_kwargs)]
+
+
+# Reading the SASS: Volta and later encode an instruction in 128 bits whose top 23 carry its
+# scheduling (bits 105-108 stall cycles, 109 yield, 110-112 the scoreboard a variable-latency
+# result signals, 113-115 the one its source reads release, 116-121 the scoreboards it waits
+# for, 122-125 operand reuse), as described by the published reverse-engineering of these
+# encodings (Jia et al., "Dissecting the NVIDIA Volta GPU Architecture via Microbenchmarking",
+# and the assemblers built on it). A scoreboard is a count: waiting on one waits for every
+# result still in flight on it.
+NO_SCOREBOARD = 7
+
+
+@dataclasses.dataclass(frozen=True)
+class Instruction:
+    address: int
+    text: str  # e.g. "@!P4 LDG.E.128 R4, desc[UR8][R18.64]"
+    writes: int | None  # the scoreboard its result signals (None: fixed latency)
+    waits: frozenset  # the scoreboards it waits for before it issues
+
+
+def sass_instructions(sass: str) -> list[Instruction]:
+    """The instructions of cuobjdump -sass output, with their scoreboards."""
+    lines = sass.splitlines()
+    found = []
+    for line, following in zip(lines, lines[1:]):
+        head = re.search(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;\s*/\* 0x[0-9a-f]{16} \*/", line)
+        tail = re.fullmatch(r"\s*/\* (0x[0-9a-f]{16}) \*/", following)
+        if head and tail:
+            control = int(tail.group(1), 16) >> 41
+            writes = (control >> 5) & 7
+            found.append(Instruction(int(head.group(1), 16), head.group(2),
+                                     None if writes == NO_SCOREBOARD else writes,
+                                     frozenset(b for b in range(6) if control >> (11 + b) & 1)))
+    return found
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopLoads:
+    """The loads matching a pattern inside one loop (a backward branch) and where each is first
+    waited for: later in the same pass (it cannot overlap the next pass) or in the next one."""
+    start: int  # address of the loop's first instruction
+    length: int  # instructions
+    loads: int
+    waited_same_pass: int
+    innermost: bool  # no other loop with such loads inside it
+
+
+def loop_loads(sass: str, pattern: str = r"LDG\.E\.128 ") -> list[LoopLoads]:
+    """For every loop of the kernel holding loads that match `pattern` (default plain 16-byte
+    global loads), how many of them are waited for before the loop goes round. A loop meant to
+    keep loads in flight across its steps (software prefetch into registers) wants none."""
+    code = sass_instructions(sass)
+    index = {ins.address: i for i, ins in enumerate(code)}
+    loops = []
+    for end, ins in enumerate(code):
+        branch = re.search(r"\bBRA (?:!?U?P\d, )?0x([0-9a-f]+)", ins.text)
+        if not branch or int(branch.group(1), 16) >= ins.address or int(branch.group(1), 16) not in index:
+            continue
+        body = code[index[int(branch.group(1), 16)]:end + 1]
+        loads = [i for i, b in enumerate(body) if re.search(pattern, b.text) and b.writes is not None]
+        if loads:
+            same = sum(any(body[i].writes in later.waits for later in body[i + 1:]) for i in loads)
+            loops.append((body[0].address, ins.address, len(body), len(loads), same))
+    return [LoopLoads(start, length, loads, same, innermost=not any(
+        start <= other[0] and other[1] <= end and other[:2] != (start, end) for other in loops))
+        for start, end, length, loads, same in loops]
