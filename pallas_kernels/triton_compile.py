@@ -188,9 +188,10 @@ def loop_loads(sass: str, pattern: str = r"LDG\.E\.128 ") -> list[LoopLoads]:
     loops = []
     for end, ins in enumerate(code):
         branch = re.search(r"\bBRA (?:!?U?P\d, )?0x([0-9a-f]+)", ins.text)
-        if not branch or int(branch.group(1), 16) >= ins.address or int(branch.group(1), 16) not in index:
+        target = int(branch.group(1), 16) if branch else None
+        if target is None or target >= ins.address or target not in index:
             continue
-        body = code[index[int(branch.group(1), 16)]:end + 1]
+        body = code[index[target]:end + 1]
         loads = [i for i, b in enumerate(body) if re.search(pattern, b.text) and b.writes is not None]
         if loads:
             same = sum(any(body[i].writes in later.waits for later in body[i + 1:]) for i in loads)
