@@ -202,7 +202,8 @@ def parse_args(argv):
     p.add_argument("--variants", default="", help="';'-separated override sets, each 'k=v,k=v', timed after the base")
     p.add_argument("--torch-peer", default=None, help="path of the torch peer script to run first, or of "
                    "the .json results its run wrote")
-    p.add_argument("--peer-name", default=None, help="name of the peer's row to compare with (e.g. gpt2-124M)")
+    p.add_argument("--peer-name", default=None, help="name of the peer's row to compare with (default: the "
+                   "row whose name begins the config's, gpt2-124M for gpt2-124m-h100)")
     p.add_argument("--no-breakdown", action="store_true", help="skip the traced kernel breakdown")
     p.add_argument("--show-kernels", action="store_true", help="print each variant's costliest kernels")
     p.add_argument("--out", type=pathlib.Path, default=RESULTS)
@@ -244,9 +245,25 @@ def plot(result, path):
     plt.close(fig)
 
 
+def matching_peer(peer_rows: list[dict], name: str | None, config_name: str) -> dict | None:
+    """The peer's row to compare with: the one named `name`, else the one whose name begins the
+    config's (gpt2-350M for gpt2-350m-h100); None, with a message, where none matches."""
+    names = [r["name"] for r in peer_rows]
+    if name is not None:
+        if name not in names:
+            raise SystemExit(f"--peer-name {name!r} is not a row of the peer's results; it has {names}")
+        return peer_rows[names.index(name)]
+    found = [r for r in peer_rows if config_name.lower().startswith(r["name"].lower())]
+    if len(found) != 1:
+        print(f"torch peer: no row matches config {config_name!r} (rows {names}); pass --peer-name")
+        return None
+    return found[0]
+
+
 def main(argv=None):
     args = parse_args(argv)
     peer_rows = run_torch_peer(args.torch_peer) if args.torch_peer else []
+    peer = matching_peer(peer_rows, args.peer_name, pathlib.Path(args.config).stem) if peer_rows else None
     device = jax.devices()[0].device_kind
     ceiling = matmul_ceiling()
     spec_peak = device_peak_flops()
@@ -271,9 +288,7 @@ def main(argv=None):
         if args.show_kernels:
             print("\n".join(kernel_lines(row.get("top_kernels", []))))
 
-    peer = None
-    if peer_rows:
-        peer = next((r for r in peer_rows if r["name"] == args.peer_name), peer_rows[0])
+    if peer:
         for r in rows:
             if "tokens_per_s" in r:
                 r["vs_torch"] = r["tokens_per_s"] / peer["tok_s"]

@@ -252,14 +252,19 @@ def test_sass_scheduling_bits_read_as_the_data_flow_says():
     assert (add.address, add.writes, add.waits) == (0xB0, None, frozenset({1}))
 
 
+def _sass(rows):
+    """Made-up SASS from (address, text, writes, waits mask) rows: the control bits in the high
+    word of each instruction as cuobjdump prints them (7: signals no scoreboard)."""
+    encode = lambda writes, waits: (((waits << 11) | (writes << 5)) << 41)  # noqa: E731
+    return "".join(f"/*{a:04x}*/ {text} ; /* 0x{0:016x} */\n /* 0x{encode(w, m):016x} */\n" for a, text, w, m in rows)
+
+
 def _loop(refill_waited):
     """A made-up loop: a 16-byte load on scoreboard 5, an FFMA, then (if refill_waited) a MOV that
     waits on scoreboard 5 before the branch back; the loop's first FFMA waits on 5 in any case."""
-    encode = lambda writes, waits: (((waits << 11) | (writes << 5)) << 41)  # noqa: E731  control bits
-    rows = [(0x10, "FFMA R8, R4, R9, R8", encode(7, 1 << 5)), (0x20, "LDG.E.128 R4, desc[UR8][R2.64]", encode(5, 0)),
-            (0x30, "MOV R10, R4" if refill_waited else "NOP", encode(7, (1 << 5) if refill_waited else 0)),
-            (0x40, "@P0 BRA 0x10", encode(7, 0))]
-    return "".join(f"/*{a:04x}*/ {text} ; /* 0x{0:016x} */\n /* 0x{hi:016x} */\n" for a, text, hi in rows)
+    return _sass([(0x10, "FFMA R8, R4, R9, R8", 7, 1 << 5), (0x20, "LDG.E.128 R4, desc[UR8][R2.64]", 5, 0),
+                  (0x30, "MOV R10, R4" if refill_waited else "NOP", 7, (1 << 5) if refill_waited else 0),
+                  (0x40, "@P0 BRA 0x10", 7, 0)])
 
 
 def test_loop_loads_tells_a_carried_load_from_a_waited_one():
@@ -267,3 +272,27 @@ def test_loop_loads_tells_a_carried_load_from_a_waited_one():
     waited, = loop_loads(_loop(refill_waited=True))
     assert (carried.loads, carried.waited_same_pass, carried.innermost) == (1, 0, True)
     assert (waited.loads, waited.waited_same_pass) == (1, 1)
+    assert carried.in_flight_after_wait == 0  # the top's wait drains the one load in flight
+
+
+def test_loop_loads_counts_what_stays_in_flight_through_a_wait():
+    """A pass uses slot A's registers, refills A, uses B's, refills B. With both on scoreboard 5,
+    a plain wait before A's use also waits for B's load (the loop drains each pass) and B's use
+    needs no wait; DEPBAR.LE SB5, 1 before each use leaves the other slot's load in flight; so
+    does a plain wait when B has a scoreboard of its own. A branch with a modifier closes a loop."""
+    load_a, load_b = "LDG.E.128 R4, desc[UR8][R2.64]", "LDG.E.128 R12, desc[UR8][R6.64]"
+    use_a, use_b = "FFMA R8, R4, R9, R8", "FFMA R8, R12, R9, R8"
+    drained, = loop_loads(_sass([(0x10, use_a, 7, 1 << 5), (0x20, load_a, 5, 0), (0x30, use_b, 7, 0),
+                                 (0x40, load_b, 5, 0), (0x50, "@P0 BRA 0x10", 7, 0)]))
+    depbar, = loop_loads(_sass([(0x10, "DEPBAR.LE SB5, 0x1", 7, 0), (0x20, use_a, 7, 0), (0x30, load_a, 5, 0),
+                                (0x40, "DEPBAR.LE SB5, 0x1", 7, 0), (0x50, use_b, 7, 0), (0x60, load_b, 5, 0),
+                                (0x70, "@!P1 BRA.U 0x10", 7, 0)]))
+    split, = loop_loads(_sass([(0x10, use_a, 7, 1 << 5), (0x20, load_a, 5, 0), (0x30, use_b, 7, 1 << 4),
+                               (0x40, load_b, 4, 0), (0x50, "@P0 BRA 0x10", 7, 0)]))
+    assert (drained.loads, drained.waited_same_pass, drained.in_flight_after_wait) == (2, 0, 0)
+    assert (depbar.loads, depbar.waited_same_pass, depbar.in_flight_after_wait) == (2, 0, 1)
+    assert (split.loads, split.waited_same_pass, split.in_flight_after_wait) == (2, 0, 1)
+    # B's use waiting plainly on 5 (after A's refill) waits for that refill in its own pass
+    same, = loop_loads(_sass([(0x10, use_a, 7, 1 << 5), (0x20, load_a, 5, 0), (0x30, use_b, 7, 1 << 5),
+                              (0x40, load_b, 5, 0), (0x50, "@P0 BRA 0x10", 7, 0)]))
+    assert (same.waited_same_pass, same.in_flight_after_wait) == (1, 0)

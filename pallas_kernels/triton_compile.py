@@ -12,7 +12,8 @@ resources. Needs the `triton` package (Linux x86-64; in the `dev` extra). On a G
 the same Triton IR with its own copy of Triton, so the figures match a GPU build up to the
 difference between the two Triton versions. `loop_loads(build.sass)` reads the SASS's
 scheduling bits: for each loop, how many of its global loads are waited for before it goes round
-(a loop meant to keep loads in flight across steps wants none). Two limits: the kernels get
+(a loop meant to keep loads in flight across steps wants none) and how many stay in flight
+through its waits (loads that share a scoreboard are waited for together). Two limits: the kernels get
 their heuristic configs (the autotune table is read only on a GPU), and model code that chooses
 a kernel by `jax.default_backend()` (llmjax.ops, the decode loop) takes its CPU path here.
 """
@@ -170,32 +171,71 @@ def sass_instructions(sass: str) -> list[Instruction]:
 
 @dataclasses.dataclass(frozen=True)
 class LoopLoads:
-    """The loads matching a pattern inside one loop (a backward branch) and where each is first
-    waited for: later in the same pass (it cannot overlap the next pass) or in the next one."""
+    """The loads matching a pattern inside one loop (a backward branch): where each is first
+    waited for (later in the same pass: it cannot overlap the next pass), and how many of them
+    may still be in flight once the loop's waits on their scoreboards clear (a plain wait lets
+    none through, `DEPBAR.LE SBn, c` lets c; loads sharing a scoreboard drain together)."""
     start: int  # address of the loop's first instruction
     length: int  # instructions
     loads: int
     waited_same_pass: int
+    in_flight_after_wait: int | None  # the fewest over the loop's waits; None: not waited in it
     innermost: bool  # no other loop with such loads inside it
+
+
+def _waits(ins: Instruction) -> dict[int, int]:
+    """Scoreboard -> how many of its operations may stay outstanding once `ins` may issue."""
+    left = dict.fromkeys(ins.waits, 0)
+    depbar = re.match(r"DEPBAR\.LE SB(\d), (0x[0-9a-f]+|\d+)", ins.text)
+    if depbar:
+        board = int(depbar.group(1))
+        left[board] = min(left.get(board, 1 << 30), int(depbar.group(2), 0))
+    return left
+
+
+def _steady_pass(body: list[Instruction], pattern: str) -> tuple[int, int | None]:
+    """A loop's second pass, run after its first from nothing in flight: how many of its matching
+    loads it waits for itself, and the fewest of them in flight right after a wait on one of their
+    scoreboards. Each scoreboard is a queue of the operations that signal it, done in order."""
+    matches = [bool(re.search(pattern, ins.text)) for ins in body]
+    load_boards = {ins.writes for ins, match in zip(body, matches) if match}
+    queues = {board: [] for board in range(6)}  # (matching load, issued in the second pass)
+    same, fewest = 0, None
+    for second in (False, True):
+        for ins, match in zip(body, matches):
+            for board, left in _waits(ins).items():
+                queue = queues[board]
+                cut = len(queue) - min(left, len(queue))
+                done, queues[board] = queue[:cut], queue[cut:]
+                if second and board in load_boards:
+                    same += sum(mine and now for mine, now in done)
+                    in_flight = sum(mine for queue in queues.values() for mine, _ in queue)
+                    fewest = in_flight if fewest is None else min(fewest, in_flight)
+            if ins.writes is not None:
+                queues[ins.writes].append((match, second))
+    return same, fewest
 
 
 def loop_loads(sass: str, pattern: str = r"LDG\.E\.128 ") -> list[LoopLoads]:
     """For every loop of the kernel holding loads that match `pattern` (default plain 16-byte
-    global loads), how many of them are waited for before the loop goes round. A loop meant to
-    keep loads in flight across its steps (software prefetch into registers) wants none."""
+    global loads), how many of them are waited for before the loop goes round, and how many
+    stay in flight through its waits. A loop meant to keep loads in flight across its steps
+    (software prefetch into registers) wants none of the first and more than 0 of the second.
+    A loop is a branch (BRA, with any modifier or predicate) to an earlier address."""
     code = sass_instructions(sass)
     index = {ins.address: i for i, ins in enumerate(code)}
     loops = []
     for end, ins in enumerate(code):
-        branch = re.search(r"\bBRA (?:!?U?P\d, )?0x([0-9a-f]+)", ins.text)
+        branch = re.search(r"\bBRA(?:\.\w+)* (?:!?U?P\d, )?0x([0-9a-f]+)", ins.text)
         target = int(branch.group(1), 16) if branch else None
         if target is None or target >= ins.address or target not in index:
             continue
         body = code[index[target]:end + 1]
         loads = [i for i, b in enumerate(body) if re.search(pattern, b.text) and b.writes is not None]
-        if loads:
-            same = sum(any(body[i].writes in later.waits for later in body[i + 1:]) for i in loads)
-            loops.append((body[0].address, ins.address, len(body), len(loads), same))
-    return [LoopLoads(start, length, loads, same, innermost=not any(
+        if not loads:
+            continue
+        same, in_flight = _steady_pass(body, pattern)
+        loops.append((body[0].address, ins.address, len(body), len(loads), same, in_flight))
+    return [LoopLoads(start, length, loads, same, in_flight, innermost=not any(
         start <= other[0] and other[1] <= end and other[:2] != (start, end) for other in loops))
-        for start, end, length, loads, same in loops]
+        for start, end, length, loads, same, in_flight in loops]

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from experiments.bench_train import kernel_lines, kernel_part, model_part, run_torch_peer
+from experiments.bench_train import kernel_lines, kernel_part, matching_peer, model_part, run_torch_peer
 from pallas_kernels import _bench
 
 
@@ -144,3 +144,15 @@ def test_model_parts_of_a_compiled_train_step():
         assert chain[i + 1] in ("Block.__call__", "Transformer._hidden_and_aux", "Transformer.hidden_states"), chain
     add_norms = [calls for calls in frames.values() if any(fn == "Norm.add" for _, fn in calls)]
     assert add_norms and all(model_part(calls) == "norm" for calls in add_norms)  # the fused residual add too
+
+
+def test_peer_row_matches_the_config():
+    """The peer script reports every size; a config is compared with its own (gpt2-350m-h100 was
+    once set against the first row, the 124M one)."""
+    rows = [{"name": "gpt2-124M", "tok_s": 5e5}, {"name": "gpt2-350M", "tok_s": 1.9e5}]
+    assert matching_peer(rows, None, "gpt2-350m-h100")["name"] == "gpt2-350M"
+    assert matching_peer(rows, None, "gpt2-124m-h100")["name"] == "gpt2-124M"
+    assert matching_peer(rows, "gpt2-124M", "gpt2-350m-h100")["name"] == "gpt2-124M"
+    assert matching_peer(rows, None, "llama-1b-h100") is None
+    with pytest.raises(SystemExit, match="'gpt2-1B' is not a row"):
+        matching_peer(rows, "gpt2-1B", "gpt2-350m-h100")
