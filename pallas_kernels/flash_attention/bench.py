@@ -167,6 +167,9 @@ PRESETS = {
     "table": (cases.BENCH_CASES_FULL, _TABLE_IMPLS, MODES),
     **{f"table_d{h}": (tuple(c for c in cases.BENCH_CASES_FULL if c.head_dim == h), _TABLE_IMPLS,
                        MODES) for h in (64, 128)},
+    # The cases of the speed targets (S >= 4k, D 128, full and causal), ours against cuDNN (~2 min).
+    "targets_d128": (tuple(c for c in cases.BENCH_CASES_FULL if c.head_dim == 128 and c.seq_q >= 4096),
+                     {name: IMPLS[name] for name in ("mosaic", "cudnn")}, MODES),
     # Forward only, ours against cuDNN at D=64 (~1 min): to check a forward change quickly.
     "fwd_d64": (tuple(c for c in cases.BENCH_CASES_FULL if c.head_dim == 64),
                 {name: IMPLS[name] for name in ("mosaic", "cudnn")}, ("fwd",)),
