@@ -296,3 +296,19 @@ def test_loop_loads_counts_what_stays_in_flight_through_a_wait():
     same, = loop_loads(_sass([(0x10, use_a, 7, 1 << 5), (0x20, load_a, 5, 0), (0x30, use_b, 7, 1 << 5),
                               (0x40, load_b, 5, 0), (0x50, "@P0 BRA 0x10", 7, 0)]))
     assert (same.waited_same_pass, same.in_flight_after_wait) == (1, 0)
+
+
+def test_loop_loads_follows_cp_async_groups():
+    """cp.async copies (LDGSTS) signal no scoreboard: LDGDEPBAR commits those issued since the last
+    one as a group on its scoreboard (0), and DEPBAR.LE SB0, n waits until n groups are left.
+    A pass that copies two tiles and keeps one group in flight through its wait (a 3-stage
+    software pipeline) has two copies in flight there; waiting down to 0 groups drains it."""
+    def pipeline(left):
+        return _sass([(0x10, f"DEPBAR.LE SB0, {left:#x}", 7, 0), (0x20, "LDS.128 R4, [R2]", 7, 0),
+                      (0x30, "LDGSTS.E.BYPASS.128 [R3], desc[UR8][R6.64]", 7, 0),
+                      (0x40, "LDGSTS.E.BYPASS.128 [R3+0x10], desc[UR8][R6.64+0x10]", 7, 0),
+                      (0x50, "LDGDEPBAR", 0, 0), (0x60, "@P0 BRA 0x10", 7, 0)])
+    ahead, = loop_loads(pipeline(1), "LDGSTS")
+    drained, = loop_loads(pipeline(0), "LDGSTS")
+    assert (ahead.loads, ahead.waited_same_pass, ahead.in_flight_after_wait) == (2, 0, 2)
+    assert (drained.waited_same_pass, drained.in_flight_after_wait) == (0, 0)

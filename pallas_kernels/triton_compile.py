@@ -193,34 +193,47 @@ def _waits(ins: Instruction) -> dict[int, int]:
     return left
 
 
+PASSES = 8  # a software pipeline keeps its loads up to a few passes ahead
+
+
 def _steady_pass(body: list[Instruction], pattern: str) -> tuple[int, int | None]:
-    """A loop's second pass, run after its first from nothing in flight: how many of its matching
-    loads it waits for itself, and the fewest of them in flight right after a wait on one of their
-    scoreboards. Each scoreboard is a queue of the operations that signal it, done in order."""
+    """A loop's pass in its steady state (the last of PASSES run from nothing in flight): how many
+    of its matching loads it waits for itself, and the fewest of them in flight right after a
+    wait on one of their scoreboards. Each scoreboard is a queue of the operations that signal it, done in order. A
+    matching load that signals none (an LDGSTS, cp.async) joins the group the next LDGDEPBAR
+    commits, which is one operation on the scoreboard LDGDEPBAR signals."""
     matches = [bool(re.search(pattern, ins.text)) for ins in body]
-    load_boards = {ins.writes for ins, match in zip(body, matches) if match}
-    queues = {board: [] for board in range(6)}  # (matching load, issued in the second pass)
-    same, fewest = 0, None
-    for second in (False, True):
+    grouped = any(match and ins.writes is None for ins, match in zip(body, matches))
+    load_boards = {ins.writes for ins, match in zip(body, matches)
+                   if ins.writes is not None and (match or grouped and ins.text.startswith("LDGDEPBAR"))}
+    queues = {board: [] for board in range(6)}  # (matching loads it holds, issued in the last pass)
+    uncommitted, same, fewest = 0, 0, None
+    for second in [False] * (PASSES - 1) + [True]:
         for ins, match in zip(body, matches):
             for board, left in _waits(ins).items():
                 queue = queues[board]
                 cut = len(queue) - min(left, len(queue))
                 done, queues[board] = queue[:cut], queue[cut:]
                 if second and board in load_boards:
-                    same += sum(mine and now for mine, now in done)
-                    in_flight = sum(mine for queue in queues.values() for mine, _ in queue)
+                    same += sum(loads for loads, now in done if now)
+                    in_flight = uncommitted + sum(loads for queue in queues.values() for loads, _ in queue)
                     fewest = in_flight if fewest is None else min(fewest, in_flight)
-            if ins.writes is not None:
-                queues[ins.writes].append((match, second))
+            if ins.writes is None:
+                uncommitted += match
+            elif ins.text.startswith("LDGDEPBAR"):
+                queues[ins.writes].append((uncommitted, second))
+                uncommitted = 0
+            else:
+                queues[ins.writes].append((int(match), second))
     return same, fewest
 
 
 def loop_loads(sass: str, pattern: str = r"LDG\.E\.128 ") -> list[LoopLoads]:
     """For every loop of the kernel holding loads that match `pattern` (default plain 16-byte
-    global loads), how many of them are waited for before the loop goes round, and how many
-    stay in flight through its waits. A loop meant to keep loads in flight across its steps
-    (software prefetch into registers) wants none of the first and more than 0 of the second.
+    global loads into registers; "LDGSTS" for cp.async copies into shared memory), how many of
+    them are waited for before the loop goes round, and how many stay in flight through its
+    waits. A loop meant to keep loads in flight across its steps (software prefetch) wants none
+    of the first and more than 0 of the second.
     A loop is a branch (BRA, with any modifier or predicate) to an earlier address."""
     code = sass_instructions(sass)
     index = {ins.address: i for i, ins in enumerate(code)}
@@ -231,7 +244,7 @@ def loop_loads(sass: str, pattern: str = r"LDG\.E\.128 ") -> list[LoopLoads]:
         if target is None or target >= ins.address or target not in index:
             continue
         body = code[index[target]:end + 1]
-        loads = [i for i, b in enumerate(body) if re.search(pattern, b.text) and b.writes is not None]
+        loads = [i for i, b in enumerate(body) if re.search(pattern, b.text)]
         if not loads:
             continue
         same, in_flight = _steady_pass(body, pattern)
