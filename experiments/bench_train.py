@@ -246,18 +246,20 @@ def plot(result, path):
 
 
 def matching_peer(peer_rows: list[dict], name: str | None, config_name: str) -> dict | None:
-    """The peer's row to compare with: the one named `name`, else the one whose name begins the
-    config's (gpt2-350M for gpt2-350m-h100); None, with a message, where none matches."""
+    """The peer's row to compare with: the one named `name`, else the longest whose name begins
+    the config's at a '-' (gpt2-350M for gpt2-350m-h100; not gpt2-3); None, with a message, where
+    none matches."""
     names = [r["name"] for r in peer_rows]
     if name is not None:
         if name not in names:
             raise SystemExit(f"--peer-name {name!r} is not a row of the peer's results; it has {names}")
         return peer_rows[names.index(name)]
-    found = [r for r in peer_rows if config_name.lower().startswith(r["name"].lower())]
-    if len(found) != 1:
+    config = config_name.lower()
+    found = [r for r in peer_rows if (config + "-").startswith(r["name"].lower() + "-")]  # whole words
+    if not found:
         print(f"torch peer: no row matches config {config_name!r} (rows {names}); pass --peer-name")
         return None
-    return found[0]
+    return max(found, key=lambda r: len(r["name"]))
 
 
 def main(argv=None):

@@ -312,3 +312,17 @@ def test_loop_loads_follows_cp_async_groups():
     drained, = loop_loads(pipeline(0), "LDGSTS")
     assert (ahead.loads, ahead.waited_same_pass, ahead.in_flight_after_wait) == (2, 0, 2)
     assert (drained.waited_same_pass, drained.in_flight_after_wait) == (0, 0)
+
+
+def test_loop_loads_reads_every_form_of_wait_and_commit():
+    """DEPBAR.LE SB0, n, {5} also drains scoreboard 5; a predicated LDGDEPBAR still commits and is
+    no load even for a pattern "LDG"; a scoreboard the loop never waits on is not counted (its
+    loads would pile up pass after pass in the model)."""
+    listed, = loop_loads(_sass([(0x10, "DEPBAR.LE SB0, 0x0, {5}", 7, 0), (0x20, "FFMA R8, R4, R9, R8", 7, 0),
+                                (0x30, "LDG.E.128 R4, desc[UR8][R2.64]", 5, 0), (0x40, "@P0 BRA 0x10", 7, 0)]))
+    assert (listed.waited_same_pass, listed.in_flight_after_wait) == (0, 0)
+    copies, = loop_loads(_sass([(0x10, "DEPBAR.LE SB0, 0x1", 7, 0),
+                                (0x20, "LDGSTS.E.BYPASS.128 [R3], desc[UR8][R6.64]", 7, 0),
+                                (0x30, "@P1 LDGDEPBAR", 0, 0), (0x40, "LDG.E.64 R10, desc[UR8][R12.64]", 4, 0),
+                                (0x50, "@P0 BRA 0x10", 7, 0)]), "LDG")
+    assert (copies.loads, copies.in_flight_after_wait) == (2, 1)  # the copy and the unwaited LDG.E.64

@@ -186,11 +186,23 @@ class LoopLoads:
 def _waits(ins: Instruction) -> dict[int, int]:
     """Scoreboard -> how many of its operations may stay outstanding once `ins` may issue."""
     left = dict.fromkeys(ins.waits, 0)
-    depbar = re.match(r"DEPBAR\.LE SB(\d), (0x[0-9a-f]+|\d+)", ins.text)
+    # DEPBAR.LE SBn, c[, {m,...}]: n down to c outstanding, each listed m down to 0 (any predicate)
+    depbar = re.search(r"\bDEPBAR\.LE SB(\d), (0x[0-9a-f]+|\d+)(?:, \{([\d,]+)\})?", ins.text)
     if depbar:
         board = int(depbar.group(1))
         left[board] = min(left.get(board, 1 << 30), int(depbar.group(2), 0))
+        left.update(dict.fromkeys((int(m) for m in (depbar.group(3) or "").split(",") if m), 0))
     return left
+
+
+def _commits(ins: Instruction) -> bool:
+    """LDGDEPBAR: the cp.async copies issued since the last one become a group on its scoreboard."""
+    return re.search(r"\bLDGDEPBAR\b", ins.text) is not None
+
+
+def _matching(body: list[Instruction], pattern: str) -> list[bool]:
+    """Which instructions are the loads `pattern` names (never the LDGDEPBAR commits)."""
+    return [re.search(pattern, ins.text) is not None and not _commits(ins) for ins in body]
 
 
 PASSES = 8  # a software pipeline keeps its loads up to a few passes ahead
@@ -202,10 +214,12 @@ def _steady_pass(body: list[Instruction], pattern: str) -> tuple[int, int | None
     wait on one of their scoreboards. Each scoreboard is a queue of the operations that signal it, done in order. A
     matching load that signals none (an LDGSTS, cp.async) joins the group the next LDGDEPBAR
     commits, which is one operation on the scoreboard LDGDEPBAR signals."""
-    matches = [bool(re.search(pattern, ins.text)) for ins in body]
+    matches = _matching(body, pattern)
     grouped = any(match and ins.writes is None for ins, match in zip(body, matches))
     load_boards = {ins.writes for ins, match in zip(body, matches)
-                   if ins.writes is not None and (match or grouped and ins.text.startswith("LDGDEPBAR"))}
+                   if ins.writes is not None and (match or grouped and _commits(ins))}
+    # Loads on a scoreboard the loop never waits on would pile up pass after pass: not counted.
+    waited = load_boards & {board for ins in body for board in _waits(ins)}
     queues = {board: [] for board in range(6)}  # (matching loads it holds, issued in the last pass)
     uncommitted, same, fewest = 0, 0, None
     for second in [False] * (PASSES - 1) + [True]:
@@ -216,11 +230,11 @@ def _steady_pass(body: list[Instruction], pattern: str) -> tuple[int, int | None
                 done, queues[board] = queue[:cut], queue[cut:]
                 if second and board in load_boards:
                     same += sum(loads for loads, now in done if now)
-                    in_flight = uncommitted + sum(loads for queue in queues.values() for loads, _ in queue)
+                    in_flight = uncommitted + sum(loads for board in waited for loads, _ in queues[board])
                     fewest = in_flight if fewest is None else min(fewest, in_flight)
             if ins.writes is None:
                 uncommitted += match
-            elif ins.text.startswith("LDGDEPBAR"):
+            elif _commits(ins):
                 queues[ins.writes].append((uncommitted, second))
                 uncommitted = 0
             else:
@@ -244,11 +258,10 @@ def loop_loads(sass: str, pattern: str = r"LDG\.E\.128 ") -> list[LoopLoads]:
         if target is None or target >= ins.address or target not in index:
             continue
         body = code[index[target]:end + 1]
-        loads = [i for i, b in enumerate(body) if re.search(pattern, b.text)]
-        if not loads:
+        if not any(_matching(body, pattern)):
             continue
         same, in_flight = _steady_pass(body, pattern)
-        loops.append((body[0].address, ins.address, len(body), len(loads), same, in_flight))
+        loops.append((body[0].address, ins.address, len(body), sum(_matching(body, pattern)), same, in_flight))
     return [LoopLoads(start, length, loads, same, in_flight, innermost=not any(
         start <= other[0] and other[1] <= end and other[:2] != (start, end) for other in loops))
         for start, end, length, loads, same, in_flight in loops]

@@ -154,5 +154,7 @@ def test_peer_row_matches_the_config():
     assert matching_peer(rows, None, "gpt2-124m-h100")["name"] == "gpt2-124M"
     assert matching_peer(rows, "gpt2-124M", "gpt2-350m-h100")["name"] == "gpt2-124M"
     assert matching_peer(rows, None, "llama-1b-h100") is None
+    assert matching_peer(rows + [{"name": "gpt2", "tok_s": 1.0}], None, "gpt2-350m-h100")["name"] == "gpt2-350M"
+    assert matching_peer([{"name": "gpt2-3", "tok_s": 1.0}], None, "gpt2-350m-h100") is None
     with pytest.raises(SystemExit, match="'gpt2-1B' is not a row"):
         matching_peer(rows, "gpt2-1B", "gpt2-350m-h100")
