@@ -208,37 +208,38 @@ def _matching(body: list[Instruction], pattern: str) -> list[bool]:
 PASSES = 8  # a software pipeline keeps its loads up to a few passes ahead
 
 
-def _steady_pass(body: list[Instruction], pattern: str) -> tuple[int, int | None]:
+def _steady_pass(body: list[Instruction], matches: list[bool]) -> tuple[int, int | None]:
     """A loop's pass in its steady state (the last of PASSES run from nothing in flight): how many
-    of its matching loads it waits for itself, and the fewest of them in flight right after a
-    wait on one of their scoreboards. Each scoreboard is a queue of the operations that signal it, done in order. A
-    matching load that signals none (an LDGSTS, cp.async) joins the group the next LDGDEPBAR
-    commits, which is one operation on the scoreboard LDGDEPBAR signals."""
-    matches = _matching(body, pattern)
+    of its matching loads (`matches`, one flag an instruction) it waits for itself, and the fewest
+    of them in flight right after a wait on one of their scoreboards. Each scoreboard is a queue
+    of the operations that signal it, done in order. A matching load that signals none (an
+    LDGSTS, cp.async) joins the group the next LDGDEPBAR commits, which is one operation on the
+    scoreboard LDGDEPBAR signals."""
     grouped = any(match and ins.writes is None for ins, match in zip(body, matches))
     load_boards = {ins.writes for ins, match in zip(body, matches)
                    if ins.writes is not None and (match or grouped and _commits(ins))}
+    waits = [_waits(ins) for ins in body]
     # Loads on a scoreboard the loop never waits on would pile up pass after pass: not counted.
-    waited = load_boards & {board for ins in body for board in _waits(ins)}
+    waited = load_boards & {board for wait in waits for board in wait}
     queues = {board: [] for board in range(6)}  # (matching loads it holds, issued in the last pass)
     uncommitted, same, fewest = 0, 0, None
-    for second in [False] * (PASSES - 1) + [True]:
-        for ins, match in zip(body, matches):
-            for board, left in _waits(ins).items():
+    for last in [False] * (PASSES - 1) + [True]:
+        for ins, match, wait in zip(body, matches, waits):
+            for board, left in wait.items():
                 queue = queues[board]
                 cut = len(queue) - min(left, len(queue))
                 done, queues[board] = queue[:cut], queue[cut:]
-                if second and board in load_boards:
+                if last and board in load_boards:
                     same += sum(loads for loads, now in done if now)
-                    in_flight = uncommitted + sum(loads for board in waited for loads, _ in queues[board])
+                    in_flight = uncommitted + sum(loads for w in waited for loads, _ in queues[w])
                     fewest = in_flight if fewest is None else min(fewest, in_flight)
             if ins.writes is None:
                 uncommitted += match
             elif _commits(ins):
-                queues[ins.writes].append((uncommitted, second))
+                queues[ins.writes].append((uncommitted, last))
                 uncommitted = 0
             else:
-                queues[ins.writes].append((int(match), second))
+                queues[ins.writes].append((int(match), last))
     return same, fewest
 
 
@@ -258,10 +259,10 @@ def loop_loads(sass: str, pattern: str = r"LDG\.E\.128 ") -> list[LoopLoads]:
         if target is None or target >= ins.address or target not in index:
             continue
         body = code[index[target]:end + 1]
-        if not any(_matching(body, pattern)):
-            continue
-        same, in_flight = _steady_pass(body, pattern)
-        loops.append((body[0].address, ins.address, len(body), sum(_matching(body, pattern)), same, in_flight))
+        matches = _matching(body, pattern)
+        if any(matches):
+            same, in_flight = _steady_pass(body, matches)
+            loops.append((body[0].address, ins.address, len(body), sum(matches), same, in_flight))
     return [LoopLoads(start, length, loads, same, in_flight, innermost=not any(
         start <= other[0] and other[1] <= end and other[:2] != (start, end) for other in loops))
         for start, end, length, loads, same, in_flight in loops]
