@@ -409,6 +409,16 @@ def merge_dicts(base: dict, extra: dict) -> dict:
 
 def config_from_dict(raw: dict) -> ExperimentConfig:
     """Build a validated ExperimentConfig from a nested dict (YAML-shaped), applying `preset`."""
+    return build_config(ExperimentConfig, with_preset(raw))
+
+
+def with_preset(raw: dict) -> dict:
+    """A copy of a YAML-shaped dict whose `model` section sits on top of its named `preset`
+    (the preset fills what the section leaves out).
+
+    Raises:
+      ConfigError: an unknown preset name (the closest known one suggested).
+    """
     from llmjax.presets import PRESETS
 
     raw = dict(raw or {})
@@ -418,7 +428,7 @@ def config_from_dict(raw: dict) -> ExperimentConfig:
             close = difflib.get_close_matches(str(preset), PRESETS, n=1)
             raise ConfigError("preset", preset, "one of " + ", ".join(PRESETS), close[0] if close else None)
         raw["model"] = merge_dicts(PRESETS[preset], raw.get("model") or {})
-    return build_config(ExperimentConfig, raw)
+    return raw
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> ExperimentConfig:

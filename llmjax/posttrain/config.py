@@ -4,7 +4,6 @@ YAML < CLI). Errors are `ConfigError`s naming the dotted key.
 """
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,8 +18,8 @@ from llmjax.config import (
     build_config,
     merge_dicts,
     parse_overrides,
+    with_preset,
 )
-from llmjax.presets import PRESETS
 
 REWARDS = ("model", "target_token")
 
@@ -100,10 +99,4 @@ def load_posttrain_config(path=None, overrides=()) -> PosttrainConfig:
             raise ConfigError("--config", str(path), "an existing YAML file")
         raw = yaml.safe_load(Path(path).read_text()) or {}
     raw = merge_dicts(raw, parse_overrides(list(overrides)))
-    preset = raw.get("preset")
-    if preset is not None:
-        if preset not in PRESETS:
-            close = difflib.get_close_matches(str(preset), PRESETS, n=1)
-            raise ConfigError("preset", preset, "one of " + ", ".join(PRESETS), close[0] if close else None)
-        raw["model"] = merge_dicts(PRESETS[preset], raw.get("model") or {})
-    return build_config(PosttrainConfig, raw)
+    return build_config(PosttrainConfig, with_preset(raw))
