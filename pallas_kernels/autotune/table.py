@@ -3,7 +3,8 @@
 table.json maps device -> kernel -> shape key -> {"config": {field: value}, timings}. A kernel
 asks `best_config(kernel, key, default)`, where `default` is its heuristic config (a frozen
 dataclass): it gets the default with the table's fields applied, or the default itself when the
-table has no entry for this device and shape (always so on CPU). Shape keys come from the
+table has no entry for this device (or another device on its chip, `CHIP_FAMILIES`) and shape
+(always so on CPU). Shape keys come from the
 `*_key` functions below, so the tuner and the kernels agree on them; sizes are bucketed to the
 next power of two, so a shape near a tuned one shares its entry.
 """
@@ -76,9 +77,28 @@ def load(path=None) -> dict:
     return _load_cached(str(path), os.path.getmtime(path))
 
 
+# Devices built on one chip share tuned tiles: same SMs, shared memory and clocks, they differ in
+# memory size and bandwidth. A device with no entry of its own for a kernel and shape takes a
+# sibling's, matched by device-key prefix. Measured: the H100 with the H200's flash entries, D 64
+# full forward 1k 353 -> 437 TFLOP/s, 16k 441 -> 524 (benchmarks/NOTES.md, fifteenth session).
+CHIP_FAMILIES = (("nvidia_h100", "nvidia_h200", "nvidia_gh200"),)  # GH100 (Hopper)
+
+
+def siblings(device: str, devices) -> list[str]:
+    """The devices among `devices` (table keys) on the same chip as `device`, itself excluded."""
+    family = next((f for f in CHIP_FAMILIES if device.startswith(f)), ())
+    return [d for d in devices if d != device and d.startswith(family)] if family else []
+
+
 def lookup(kernel: str, key: str, *, device_kind: str | None = None, path=None) -> dict | None:
-    """The table entry for (device, kernel, key), or None."""
-    return load(path).get(device_key(device_kind), {}).get(kernel, {}).get(key)
+    """The table entry for (device, kernel, key), else a sibling device's (`CHIP_FAMILIES`), or None."""
+    entries = load(path)
+    device = device_key(device_kind)
+    for name in (device, *siblings(device, entries)):
+        entry = entries.get(name, {}).get(kernel, {}).get(key)
+        if entry is not None:
+            return entry
+    return None
 
 
 def config_fields(config) -> dict:

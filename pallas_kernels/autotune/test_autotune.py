@@ -52,8 +52,22 @@ def test_lookup_from_a_temporary_table(tmp_path):
     other_key = table.flash_attention_key(1024, 1024, 128, True, jnp.bfloat16)
     assert table.best_config("flash_attention", other_key, default, device_kind=H100,
                              path=path) is default
-    assert table.best_config("flash_attention", key, default, device_kind="NVIDIA H200",
+    # Another device on the same chip takes the entry; another chip does not.
+    assert table.best_config("flash_attention", key, default, device_kind="NVIDIA H200", path=path) == tuned
+    assert table.best_config("flash_attention", key, default, device_kind="NVIDIA A100-SXM4-80GB",
                              path=path) is default
+
+
+def test_own_entry_before_a_sibling_devices(tmp_path):
+    default = matmul_config.TritonBlocks()
+    path = write_table(tmp_path / "t.json", {
+        "nvidia_h200": {"matmul_triton": {"k1": {"config": {"num_warps": 4}}, "k2": {"config": {"num_warps": 4}}}},
+        "nvidia_h100_80gb_hbm3": {"matmul_triton": {"k1": {"config": {"num_warps": 2}}}}})
+    assert table.best_config("matmul_triton", "k1", default, device_kind=H100, path=path).num_warps == 2
+    assert table.best_config("matmul_triton", "k2", default, device_kind=H100, path=path).num_warps == 4
+    assert table.siblings("nvidia_h100_80gb_hbm3", ["nvidia_h200", "nvidia_a100", "nvidia_h100_80gb_hbm3"]) == [
+        "nvidia_h200"]
+    assert table.siblings("nvidia_a100", ["nvidia_h200"]) == []
 
 
 def test_stale_entry_falls_back_with_one_warning(tmp_path, caplog):
