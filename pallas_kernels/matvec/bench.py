@@ -101,7 +101,7 @@ def sweep_rows(case_names=("qkv_norm", "gate_up_norm", "down_residual"), batch=1
         for dot in (True, False):
             for bn in (16, 32) if dot else (4, 8, 16):
                 for bk in (256, 512) if dot else (512, 1024, 2048):  # a ragged last K step is masked
-                    for warps in (4,) if dot else (4, 8):
+                    for warps in (4,) if dot else (1, 2, 4, 8):  # 1 warp a program: no barriers in its sums
                         for stages in (2, 4) if dot else (1, 3):
                             blocks = config.MatvecBlocks(block_n=bn, block_k=bk, dot=dot, num_warps=warps,
                                                          num_stages=stages)
