@@ -4,9 +4,9 @@ table.json maps device -> kernel -> shape key -> {"config": {field: value}, timi
 asks `best_config(kernel, key, default)`, where `default` is its heuristic config (a frozen
 dataclass): it gets the default with the table's fields applied, or the default itself when the
 table has no entry for this device (or another device on its chip, `CHIP_FAMILIES`) and shape
-(always so on CPU). Shape keys come from the
-`*_key` functions below, so the tuner and the kernels agree on them; sizes are bucketed to the
-next power of two, so a shape near a tuned one shares its entry.
+(always so on CPU). Shape keys come from the `*_key` functions below, so the tuner and the
+kernels agree on them; sizes are bucketed to the next power of two, so a shape near a tuned one
+shares its entry.
 """
 import dataclasses
 import functools
