@@ -58,7 +58,7 @@ def test_lookup_from_a_temporary_table(tmp_path):
                              path=path) is default
 
 
-def test_own_entry_before_a_sibling_devices(tmp_path):
+def test_own_entry_wins_over_a_sibling_devices_entry(tmp_path):
     default = matmul_config.TritonBlocks()
     path = write_table(tmp_path / "t.json", {
         "nvidia_h200": {"matmul_triton": {"k1": {"config": {"num_warps": 4}}, "k2": {"config": {"num_warps": 4}}}},
