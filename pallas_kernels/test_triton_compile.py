@@ -98,13 +98,14 @@ def _decode(name, batch, pages_per_seq, page, codes=None, blocks=None):
     return Case(name, fn, args, ("paged_decode_attention",))
 
 
-def _contiguous_decode(q, cache_k, cache_v, lengths):
+def _contiguous_decode(q, cache_k, cache_v, lengths, split_counts=None):
     """The decode loop's read of a contiguous cache [B, S, K, H]: pages of 64, row b's page i is
     b * S / 64 + i (as llmjax.models.kv_cache.decode_over_pages)."""
     b, length = cache_k.shape[:2]
     tables = jnp.arange(b * length // 64, dtype=I32).reshape(b, length // 64)
     pages = lambda c: c.reshape(b * length // 64, 64, KV, H)  # noqa: E731
-    return paged_decode_attention(q, pages(cache_k), pages(cache_v), tables, lengths, backend="triton")
+    return paged_decode_attention(q, pages(cache_k), pages(cache_v), tables, lengths, backend="triton",
+                                  split_counts=split_counts)
 
 
 def _matvec(name, fn, *args):
@@ -169,6 +170,8 @@ CASES = (
     # (32 splits at batch 1), and int8 pages in one split (q's dtype out, no merge).
     Case("decode_attention_contiguous_llama", _contiguous_decode,
          (_spec((1, N, H)), CACHE, CACHE, _spec((1,), I32)), ("paged_decode_attention",)),
+    Case("decode_attention_contiguous_llama_merge_in_kernel", _contiguous_decode,
+         (_spec((1, N, H)), CACHE, CACHE, _spec((1,), I32), _spec((1, KV), I32)), ("paged_decode_attention",)),
     _decode("decode_attention_paged_llama_default_splits", 1, 128, 16),
     _decode("decode_attention_paged_int8_one_split", 1, 128, 16, codes=jnp.int8,
             blocks=DecodeBlocks(pages_per_step=4, pages_per_split=128)),

@@ -13,8 +13,9 @@ neighbours folded in:
     x   = x + h Wdown
     logits = RMSNorm(x) Whead      (fp32)
 
-plus the decode attention kernel over the cache. That holds for a contiguous cache in the
-model's dtype that the decode kernel reads (`kv_cache.decode_kernel_reads`: generate's own);
+plus the decode attention kernel over the cache (its splits merged by the last of them). That
+holds for a contiguous cache in the model's dtype that the decode kernel reads
+(`kv_cache.decode_kernel_reads`: generate's own);
 other caches (paged, int8 KV, lengths without a page size) get q, k, v back from the kernel
 and `attend_cached` writes and reads them.
 The kernels read weights as [out, in] rows; `layer_weights` transposes them once per generate
@@ -121,6 +122,9 @@ def step_logits(model, weights, tokens, positions, caches, *, interpret: bool = 
     x = model.embed_tokens(tokens, positions)[:, 0]  # [B, D]
     cos, sin = (t.reshape(b, h // 2) for t in rope_tables(positions, h, cfg.rope_theta))
     rope = (cos, sin, n + kv)  # q and k heads turned, v passed through
+    # Arrival counts of the attention splits: the last split of a kv head merges them in the
+    # kernel and resets its count, so one zeroed buffer serves every layer of the step.
+    split_counts = jnp.zeros((b, kv), jnp.int32)
     updated = []
     for w, cache in zip(weights["layers"], caches):
         layer_cache = jax.tree.map(lambda c: c[0], cache)  # drop the leading layer axis (of 1)
@@ -129,7 +133,8 @@ def step_logits(model, weights, tokens, positions, caches, *, interpret: bool = 
             q, cache_k, cache_v = project(x, w["qkv"], caches=(layer_cache["k"], layer_cache["v"]),
                                           cache_slot=positions[0, 0], **qkv)
             layer_cache = {"k": cache_k, "v": cache_v}
-            out = kv_cache.decode_over_pages(q.reshape(b, 1, n, h), cache_k, cache_v, positions, interpret=interpret)
+            out, split_counts = kv_cache.decode_over_pages(q.reshape(b, 1, n, h), cache_k, cache_v, positions,
+                                                           interpret=interpret, split_counts=split_counts)
         else:
             q, k, v = project(x, w["qkv"], **qkv)
             out, layer_cache = kv_cache.attend_cached(q.reshape(b, 1, n, h), k.reshape(b, 1, kv, h),

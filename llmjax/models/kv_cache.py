@@ -82,12 +82,14 @@ def decode_page_size(cache_shape) -> int | None:
     return next((p for p in (64, 32, 16) if length % p == 0 and not kernel_gap(head_dim, p)), None)
 
 
-def decode_over_pages(q, cache_k, cache_v, positions, *, backend="auto", interpret=False):
+def decode_over_pages(q, cache_k, cache_v, positions, *, backend="auto", interpret=False, split_counts=None):
     """One new query per row (q [B, 1, N, H]) over a contiguous cache [B, S, K, H] that already
     holds its key: the paged decode kernel with the cache read as pages (row b's page i is
     b * S / bs + i). It reads only positions 0..positions[b, 0], where XLA's masked attention
     over all S slots is ~5 kernels (scores, max, sum, weights, output); on an H200, Llama 1.1B
-    at batch 1: 1.63 -> 1.51 ms/token, 405 -> 318 kernels a token. Returns [B, 1, N, H].
+    at batch 1: 1.63 -> 1.51 ms/token, 405 -> 318 kernels a token. Returns [B, 1, N, H], or
+    with split_counts ([B, K] int32 zeros: the splits merged inside the kernel, see
+    `paged_decode_attention`) (that, split_counts) for the next layer's call.
 
     Raises:
       ValueError: q not one token a row, or a cache shape the kernel has no tile for.
@@ -101,9 +103,11 @@ def decode_over_pages(q, cache_k, cache_v, positions, *, backend="auto", interpr
     per_row = length // page
     tables = jnp.arange(b * per_row, dtype=jnp.int32).reshape(b, per_row)
     as_pages = lambda c: c.astype(q.dtype).reshape(b * per_row, page, kv_heads, head_dim)  # noqa: E731
-    out = paged_decode_attention(q[:, 0], as_pages(cache_k), as_pages(cache_v), tables,
-                                 positions[:, 0] + 1, backend=backend, interpret=interpret)
-    return out[:, None]
+    result = paged_decode_attention(q[:, 0], as_pages(cache_k), as_pages(cache_v), tables, positions[:, 0] + 1,
+                                    backend=backend, interpret=interpret, split_counts=split_counts)
+    if split_counts is None:
+        return result[:, None]
+    return result[0][:, None], result[1]
 
 
 def write_pages(pages, new, positions, block_tables, seq_lens):

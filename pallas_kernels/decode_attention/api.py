@@ -20,7 +20,8 @@ _warned: set[str] = set()
 
 
 def paged_decode_attention(q, k_pages, v_pages, block_tables, lengths, *, scale=None,
-                           k_scales=None, v_scales=None, backend="auto", interpret=False, blocks=None):
+                           k_scales=None, v_scales=None, backend="auto", interpret=False, blocks=None,
+                           split_counts=None):
     """Attention of one new query token per sequence over its keys held in pages.
 
     Args:
@@ -39,21 +40,31 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, lengths, *, scale=
         jnp, fp32), "triton" (raises where it cannot run).
       interpret: run the Pallas kernel in interpret mode (CPU tests).
       blocks: `config.DecodeBlocks`; default `config.default_blocks`.
+      split_counts: None, or [B, K] int32 zeros: the kernel's splits are then merged inside it
+        by the last split program of each (sequence, kv head), which counts arrivals here and
+        leaves zeros again (one launch a call, not three; where the splits' partials would not
+        fit its registers, `triton_decode.MAX_MERGE_ELEMENTS`, the merge runs after the kernel
+        and the counts stay untouched, as with the reference backend).
     Returns:
-      [B, N, H] in q's dtype.
+      [B, N, H] in q's dtype; with split_counts, (that, split_counts) to pass to the next call
+      (the kernel updates the buffer in place).
     Raises:
       ValueError: bad rank, dtype, shapes, backend or blocks; the message names the value.
     """
     _validate(q, k_pages, v_pages, block_tables, lengths, backend=backend, blocks=blocks)
     _validate_scales(k_pages, k_scales, v_scales)
     b, n, h = q.shape
+    counted = split_counts is not None
+    if counted and (split_counts.shape != (b, k_pages.shape[2]) or split_counts.dtype != jnp.int32):
+        raise ValueError(f"split_counts must be int32 of shape (batch, kv_heads) = {(b, k_pages.shape[2])}; "
+                         f"got shape {split_counts.shape}, dtype {split_counts.dtype}")
     pool, page_size, kv_heads, _ = k_pages.shape
     scale = h ** -0.5 if scale is None else float(scale)
     chosen = _choose_backend(backend, head_dim=h, page_size=page_size, interpret=interpret)
     if chosen == "reference":
         out = reference.paged_decode_attention_reference(q, k_pages, v_pages, block_tables, lengths,
                                                          scale=scale, k_scales=k_scales, v_scales=v_scales)
-        return out.astype(q.dtype)
+        return (out.astype(q.dtype), split_counts) if counted else out.astype(q.dtype)
     m = block_tables.shape[1]
     blocks = blocks or config.default_blocks(b, kv_heads, m, page_size)
     splits = pl.cdiv(m, blocks.pages_per_split)
@@ -70,14 +81,18 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, lengths, *, scale=
     if padded:
         rows = max(MIN_DOT_ROWS, pl.next_power_of_2(group))
         qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - group), (0, 0)))
-    o, m_stat, l_stat = triton_decode.decode_partials(
+    results = triton_decode.decode_partials(
         qg, k_pages, v_pages, tables, lengths.astype(jnp.int32).reshape(b, 1), scale=scale,
-        blocks=blocks, interpret=interpret, k_scales=k_scales, v_scales=v_scales)
-    # One split is the whole softmax (no merge: two kernels fewer, the decode step's latency).
-    out = o[:, :, 0] if splits == 1 else triton_decode.merge_splits(o, m_stat, l_stat)  # [B, K, Gp, H]
+        blocks=blocks, interpret=interpret, k_scales=k_scales, v_scales=v_scales, split_counts=split_counts)
+    if len(results) == 2:
+        out, split_counts = results  # merged in the kernel
+    else:  # one split is the whole softmax (no merge: two kernels fewer, the decode step's latency)
+        o, m_stat, l_stat = results
+        out = o[:, :, 0] if splits == 1 else triton_decode.merge_splits(o, m_stat, l_stat)  # [B, K, Gp, H]
     if padded:
         out = out[:, :, :group]
-    return out.reshape(b, n, h).astype(q.dtype)
+    out = out.reshape(b, n, h).astype(q.dtype)
+    return (out, split_counts) if counted else out
 
 
 def _validate(q, k_pages, v_pages, block_tables, lengths, *, backend, blocks):

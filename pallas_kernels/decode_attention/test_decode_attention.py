@@ -35,17 +35,25 @@ def make_inputs(case, dtype):
             jnp.asarray(lengths, jnp.int32))
 
 
-def _check(case, dtype, backend, interpret, blocks=None):
+def _check(case, dtype, backend, interpret, blocks=None, merge_in_kernel=False):
+    """The kernel against contiguous attention; merge_in_kernel: twice through one count buffer
+    (the splits merged by their last program), which must be zeros again after each call."""
     q, k, v, k_pages, v_pages, tables, lengths = make_inputs(case, dtype)
     attend = jax.jit(functools.partial(paged_decode_attention, backend=backend,
                                        interpret=interpret, blocks=blocks))
-    out = attend(q, k_pages, v_pages, tables, lengths)
-    assert out.shape == q.shape and out.dtype == dtype
     # The twin: contiguous attention on the un-paged keys (fp32, from the same rounded values).
     expected = jax.jit(reference.contiguous_decode_attention)(q, k, v, lengths)
-    _testing.assert_close(out, expected, dtype, f"{case.name} {backend}")
-    idle = np.asarray(lengths) == 0
-    assert np.all(np.asarray(out, np.float32)[idle] == 0), "length-0 rows must be zeros"
+    counts = jnp.zeros((case.batch, case.kv_heads), jnp.int32)
+    for _ in range(2 if merge_in_kernel else 1):
+        if merge_in_kernel:
+            out, counts = attend(q, k_pages, v_pages, tables, lengths, split_counts=counts)
+            assert not np.any(np.asarray(counts)), "the last split program leaves its count at zero"
+        else:
+            out = attend(q, k_pages, v_pages, tables, lengths)
+        assert out.shape == q.shape and out.dtype == dtype
+        _testing.assert_close(out, expected, dtype, f"{case.name} {backend}")
+        idle = np.asarray(lengths) == 0
+        assert np.all(np.asarray(out, np.float32)[idle] == 0), "length-0 rows must be zeros"
 
 
 @pytest.mark.parametrize("backend,interpret", BACKENDS, ids=[b for b, _ in BACKENDS])
@@ -59,6 +67,23 @@ def test_split_merge_matches_contiguous():
     """Several splits of two-page steps (the flash-decoding merge) on the ragged GQA case."""
     blocks = config.DecodeBlocks(pages_per_step=2, pages_per_split=2)
     _check(cases.CPU_CASES[0], jnp.float32, "triton", not ON_GPU, blocks)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("case", cases.CPU_CASES, ids=lambda c: c.name)
+def test_merge_in_kernel_matches_contiguous(case, dtype):
+    """One split a page (3-6 of them, not a power of 2 for most cases), merged by the split
+    program that counts last; idle rows (length 0) and splits past a length merge to zeros."""
+    _check(case, dtype, "triton", not ON_GPU, config.DecodeBlocks(pages_per_step=1, pages_per_split=1),
+           merge_in_kernel=True)
+
+
+def test_merge_in_kernel_rejects_bad_counts():
+    case = cases.CPU_CASES[0]
+    q, _, _, k_pages, v_pages, tables, lengths = make_inputs(case, jnp.float32)
+    with pytest.raises(ValueError, match=r"split_counts must be int32 of shape \(batch, kv_heads\) = \(3, 2\)"):
+        paged_decode_attention(q, k_pages, v_pages, tables, lengths, interpret=True,
+                               split_counts=jnp.zeros((3, 4), jnp.int32))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
@@ -134,10 +159,11 @@ def test_kernel_rejects_rows_it_cannot_repeat_to_16():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("merge_in_kernel", [False, True], ids=["merge_after", "merge_in_kernel"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("case", cases.GPU_CASES, ids=lambda c: c.name)
-def test_matches_contiguous_gpu(case, dtype):
-    _check(case, dtype, "triton", False)
+def test_matches_contiguous_gpu(case, dtype, merge_in_kernel):
+    _check(case, dtype, "triton", False, merge_in_kernel=merge_in_kernel)
 
 
 @pytest.mark.gpu

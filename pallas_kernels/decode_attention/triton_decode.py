@@ -23,13 +23,17 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels._triton import MIN_DOT_ROWS, dot_precision, one_copy, repeat_rows, row_copies
 from pallas_kernels.decode_attention.config import DecodeBlocks
 
+# The in-kernel merge holds every split's partial [Sp, Gp, H] fp32 in one program's registers;
+# past this many elements (64 KB) it would spill, and the merge runs after the kernel instead.
+MAX_MERGE_ELEMENTS = 16384
 LOG2E = math.log2(math.e)  # base 2 throughout: exp2 is the cheap exponential
 # Finite, not -inf: a fully masked step gives junk that the next real maximum wipes out.
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 
 def _decode_kernel(tables_ref, length_ref, q_ref, k_ref, v_ref, *refs, scale,
-                   page_size, pages_per_step, pages_per_split, precision, quantized):
+                   page_size, pages_per_step, pages_per_split, precision, quantized, splits, merge_in_kernel,
+                   interpret):
     """One (sequence, kv head, split) program.
 
     tables_ref [pages_per_split] int32 (this split's page ids); length_ref [1] int32;
@@ -40,8 +44,16 @@ def _decode_kernel(tables_ref, length_ref, q_ref, k_ref, v_ref, *refs, scale,
     spares the caller a pad of q and a slice of the output, two kernels a layer.
     quantized: k_ref, v_ref are int8/fp8 codes and refs starts with ks_ref, vs_ref [P, bs] bf16 scales,
     cast to fp32 and applied as the pages are read (8-bit KV: (H + 2) / 2H of bf16's bytes per step).
+    merge_in_kernel: refs end with count_in_ref (aliased to count_ref), o_ref, m_ref, l_ref
+    spanning Sp = next power of 2 of `splits` (this program writes its split's row), out_ref
+    [Gp, H] in q's dtype and count_ref [1] int32 (zero on entry and on exit).
     """
-    ks_ref, vs_ref, o_ref, m_ref, l_ref = refs if quantized else (None, None, *refs)
+    refs = list(refs)
+    ks_ref, vs_ref = (refs.pop(0), refs.pop(0)) if quantized else (None, None)
+    if merge_in_kernel:
+        _, o_ref, m_ref, l_ref, out_ref, count_ref = refs
+    else:
+        o_ref, m_ref, l_ref = refs
     split = pl.program_id(2)
     length = length_ref[0]
     first_page = split * pages_per_split
@@ -75,14 +87,32 @@ def _decode_kernel(tables_ref, length_ref, q_ref, k_ref, v_ref, *refs, scale,
     carry = (jnp.zeros(q.shape, jnp.float32), jnp.full(q.shape[:1], MASK_VALUE, jnp.float32),
              jnp.zeros(q.shape[:1], jnp.float32))
     acc, m, l = lax.fori_loop(0, pl.cdiv(live_pages, pages_per_step), step, carry)
-    o_ref[...] = one_copy(acc / jnp.where(l > 0, l, 1.0)[:, None], copies).astype(o_ref.dtype)  # empty: zeros, l = 0
-    m_ref[...] = one_copy(m, copies)
-    l_ref[...] = one_copy(l, copies)
+    o = one_copy(acc / jnp.where(l > 0, l, 1.0)[:, None], copies).astype(o_ref.dtype)  # empty: zeros, l = 0
+    m, l = one_copy(m, copies), one_copy(l, copies)
+    if not merge_in_kernel:
+        o_ref[...], m_ref[...], l_ref[...] = o, m, l
+        return
+    o_ref[split], m_ref[split], l_ref[split] = o, m, l
+    # Every thread's partial is stored before the count's release (the barrier orders them);
+    # the atomic is acquire-release at GPU scope, so the program that counts last sees every
+    # split's partial. It reads them past L1 (volatile): L1 is not kept coherent across SMs.
+    if not interpret:  # (the interpreter runs programs one after another, and has no barrier)
+        plgpu.debug_barrier()
+    arrived = plgpu.atomic_add(count_ref, jnp.int32(0), jnp.int32(1))
+
+    @pl.when(arrived == splits - 1)
+    def _():
+        live = jnp.arange(o_ref.shape[0]) < splits  # the rows past `splits` were never written
+        read = lambda ref, other: plgpu.load(  # noqa: E731
+            ref, mask=jnp.broadcast_to(live.reshape(-1, *(1,) * (len(ref.shape) - 1)), ref.shape),
+            other=other, volatile=True)
+        out_ref[...] = merge_splits(read(o_ref, 0.0), read(m_ref, MASK_VALUE), read(l_ref, 0.0)).astype(out_ref.dtype)
+        count_ref[0] = jnp.int32(0)
 
 
 def decode_partials(q, k_pages, v_pages, block_tables, lengths, *, scale: float,
-                    blocks: DecodeBlocks, interpret: bool, k_scales=None, v_scales=None):
-    """Per-split partial attention.
+                    blocks: DecodeBlocks, interpret: bool, k_scales=None, v_scales=None, split_counts=None):
+    """Per-split partial attention, or with split_counts the merged attention.
 
     Args:
       q: [B, K, Gp, H] (Gp >= 16 or a power of 2); k_pages, v_pages: [P, bs, K, H]; block_tables: [B, splits,
@@ -92,6 +122,9 @@ def decode_partials(q, k_pages, v_pages, block_tables, lengths, *, scale: float,
       o [B, K, splits, Gp, H] and m, l [B, K, splits, Gp] fp32 (base-2 max, denominator). o is
       fp32 for the merge, or q's dtype with one split: then it is the attention's result (and
       m, l, a few bytes a row, go unread).
+      With split_counts ([B, K] int32 zeros), more than one split and partials that fit
+      MAX_MERGE_ELEMENTS: (out [B, K, Gp, H] in q's dtype, merged by the last split program of
+      each (sequence, kv head), split_counts: zeros again, the same buffer updated in place).
     Raises:
       ValueError: Gp under 16 and not a power of 2 (its copies would not fill 16 rows).
     """
@@ -101,10 +134,13 @@ def decode_partials(q, k_pages, v_pages, block_tables, lengths, *, scale: float,
                          f"(pad them with zero rows to {MIN_DOT_ROWS})")
     pool, page_size = k_pages.shape[:2]
     splits = block_tables.shape[1]
+    merge_in_kernel = (split_counts is not None and splits > 1
+                       and pl.next_power_of_2(splits) * gp * h <= MAX_MERGE_ELEMENTS)
     kernel = functools.partial(_decode_kernel, scale=scale, page_size=page_size,
                                pages_per_step=blocks.pages_per_step,
                                pages_per_split=blocks.pages_per_split,
-                               precision=dot_precision(q.dtype), quantized=k_scales is not None)
+                               precision=dot_precision(q.dtype), quantized=k_scales is not None,
+                               splits=splits, merge_in_kernel=merge_in_kernel, interpret=interpret)
     # Grid axes: (sequence bi, kv head ki, split si).
     table_spec = pl.BlockSpec((None, None, blocks.pages_per_split), lambda bi, ki, si: (bi, si, 0))
     length_spec = pl.BlockSpec((None, 1), lambda bi, ki, si: (bi, 0))
@@ -112,21 +148,42 @@ def decode_partials(q, k_pages, v_pages, block_tables, lengths, *, scale: float,
     page_spec = pl.BlockSpec((pool, page_size, None, h), lambda bi, ki, si: (0, 0, ki, 0))
     scale_spec = pl.BlockSpec((pool, page_size, None), lambda bi, ki, si: (0, 0, ki))
     scales = () if k_scales is None else (k_scales, v_scales)
-    out_spec = pl.BlockSpec((None, None, None, gp, h), lambda bi, ki, si: (bi, ki, si, 0, 0))
-    stat_spec = pl.BlockSpec((None, None, None, gp), lambda bi, ki, si: (bi, ki, si, 0))
-    return pl.pallas_call(
+    in_specs = [table_spec, length_spec, q_spec, page_spec, page_spec] + [scale_spec] * len(scales)
+    if merge_in_kernel:  # each program sees every split's row of the partials (Sp: a power of 2)
+        parts = pl.next_power_of_2(splits)
+        count_spec = pl.BlockSpec((None, 1), lambda bi, ki, si: (bi, ki))
+        in_specs.append(count_spec)
+        out_specs = [pl.BlockSpec((None, None, parts, gp, h), lambda bi, ki, si: (bi, ki, 0, 0, 0)),
+                     pl.BlockSpec((None, None, parts, gp), lambda bi, ki, si: (bi, ki, 0, 0)),
+                     pl.BlockSpec((None, None, parts, gp), lambda bi, ki, si: (bi, ki, 0, 0)),
+                     pl.BlockSpec((None, None, gp, h), lambda bi, ki, si: (bi, ki, 0, 0)), count_spec]
+        out_shape = [jax.ShapeDtypeStruct((b, kv_heads, parts, gp, h), jnp.float32),
+                     jax.ShapeDtypeStruct((b, kv_heads, parts, gp), jnp.float32),
+                     jax.ShapeDtypeStruct((b, kv_heads, parts, gp), jnp.float32),
+                     jax.ShapeDtypeStruct((b, kv_heads, gp, h), q.dtype),
+                     jax.ShapeDtypeStruct((b, kv_heads), jnp.int32)]
+        operands, aliases = (split_counts,), {len(in_specs) - 1: 4}
+    else:
+        out_spec = pl.BlockSpec((None, None, None, gp, h), lambda bi, ki, si: (bi, ki, si, 0, 0))
+        stat_spec = pl.BlockSpec((None, None, None, gp), lambda bi, ki, si: (bi, ki, si, 0))
+        out_specs = [out_spec, stat_spec, stat_spec]
+        out_shape = [jax.ShapeDtypeStruct((b, kv_heads, splits, gp, h), q.dtype if splits == 1 else jnp.float32),
+                     jax.ShapeDtypeStruct((b, kv_heads, splits, gp), jnp.float32),
+                     jax.ShapeDtypeStruct((b, kv_heads, splits, gp), jnp.float32)]
+        operands, aliases = (), {}
+    outs = pl.pallas_call(
         kernel,
         grid=(b, kv_heads, splits),
-        in_specs=[table_spec, length_spec, q_spec, page_spec, page_spec] + [scale_spec] * len(scales),
-        out_specs=[out_spec, stat_spec, stat_spec],
-        out_shape=[jax.ShapeDtypeStruct((b, kv_heads, splits, gp, h), q.dtype if splits == 1 else jnp.float32),
-                   jax.ShapeDtypeStruct((b, kv_heads, splits, gp), jnp.float32),
-                   jax.ShapeDtypeStruct((b, kv_heads, splits, gp), jnp.float32)],
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps,
                                              num_stages=blocks.num_stages),
         interpret=interpret,
         name="paged_decode_attention",
-    )(block_tables, lengths, q, k_pages, v_pages, *scales)
+    )(block_tables, lengths, q, k_pages, v_pages, *scales, *operands)
+    return tuple(outs[3:]) if merge_in_kernel else tuple(outs)
 
 
 def merge_splits(o, m, l):
