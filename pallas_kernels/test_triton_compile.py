@@ -179,7 +179,10 @@ CASES = (
     _matvec("matvec_qkv_norm_rope_caches", _qkv, _spec((1, D)), _spec(((N + 2 * KV) * H, D)), _spec((D,)),
             ROPE, ROPE, CACHE, CACHE, _spec((), I32)),
     _matvec("matvec_gate_up_norm_swiglu", _gate_up, _spec((1, D)), _spec((2, F, D)), _spec((D,))),
-    _matvec("matvec_down_residual", _down, _spec((1, F)), _spec((D, F)), _spec((1, D))),
+    # down holds its residual from the start (read first: no round trip after the sums): 8 bytes
+    # of stack, in the build that measured 0.5% faster in the decode loop on an H100.
+    Case("matvec_down_residual", _down, (_spec((1, F)), _spec((D, F)), _spec((1, D))), ("matvec",),
+         spills=(("matvec", 8),)),
     _matvec("matvec_head_norm_fp32", _head, _spec((1, D)), _spec((V, D)), _spec((D,))),
     _matvec("matvec_int8_gate_up", _int8_gate_up, _spec((1, D)), _spec((2, F, D), jnp.int8),
             _spec((2, F), F32), _spec((D,))),

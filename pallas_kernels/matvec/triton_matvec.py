@@ -55,6 +55,11 @@ def _kernel(*refs, gated, roped, quantized, normed, has_residual, eps, block_k, 
     dtype = x_ref.dtype
     copies = row_copies(rows) if dot else 1  # rows under a dot's 16 are repeated
     steps = pl.cdiv(k_dim, block_k)
+    # The epilogue's small operands are read first: loads are issued in program order, and read
+    # after the sums each would be one more memory round trip at the end of every program.
+    residual = res_ref[...] if has_residual else None
+    cos, sin = (cos_ref[...], sin_ref[...]) if roped else (None, None)
+    slot = slot_ref[0] if n_cached else None
 
     def k_slice(ref, i, *lead):
         """ref[*lead, step i's block_k columns], columns past K read as 0 (a ragged last step)."""
@@ -99,8 +104,8 @@ def _kernel(*refs, gated, roped, quantized, normed, has_residual, eps, block_k, 
         ys.append(y.astype(proj_dtype))
     if roped:  # rotary embedding of the halves (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)
         head = pl.program_id(0) // per_head
-        cos = jnp.where(head < rope_heads, cos_ref[...], 1.0)
-        sin = jnp.where(head < rope_heads, sin_ref[...], 0.0)
+        cos = jnp.where(head < rope_heads, cos, 1.0)
+        sin = jnp.where(head < rope_heads, sin, 0.0)
         first, second = ys[0].astype(jnp.float32), ys[1].astype(jnp.float32)
         first, second = (first * cos - second * sin).astype(dtype), (second * cos + first * sin).astype(dtype)
         if len(o_refs) == 1:
@@ -110,7 +115,7 @@ def _kernel(*refs, gated, roped, quantized, normed, has_residual, eps, block_k, 
         for index, (o_ref, count) in enumerate(zip(o_refs, head_groups)):
             @pl.when((head >= start) & (head < start + count))
             def _(o_ref=o_ref, cached=index >= len(head_groups) - n_cached):
-                at = (slice(None), slot_ref[0]) if cached else (slice(None),)  # a cache: this token's slot
+                at = (slice(None), slot) if cached else (slice(None),)  # a cache: this token's slot
                 o_ref[(*at, 0, slice(None))] = first
                 o_ref[(*at, 1, slice(None))] = second
             start += count
@@ -121,7 +126,7 @@ def _kernel(*refs, gated, roped, quantized, normed, has_residual, eps, block_k, 
     else:
         (y,) = ys
     if has_residual:
-        y = (res_ref[...].astype(jnp.float32) + y.astype(jnp.float32)).astype(dtype)
+        y = (residual.astype(jnp.float32) + y.astype(jnp.float32)).astype(dtype)
     (o_ref,) = o_refs
     o_ref[...] = y
 
