@@ -16,6 +16,7 @@ from llmjax.decode.quantize import quantize
 from llmjax.models import init_model
 from llmjax.models.transformer import apply_rope, rope_tables
 from pallas_kernels import _testing
+from pallas_kernels.decode_attention import triton_decode
 from pallas_kernels.matvec import matvec, reference
 
 TINY = ["preset=llama-tiny"]
@@ -62,12 +63,13 @@ def _check_caches(ours, theirs, dtype):
 
 
 @pytest.mark.parametrize("rows,int8,tied,prompt_len", [
-    (2, False, False, 4), (2, True, False, 14), (1, False, True, 14), (1, True, True, 4)],
+    (2, False, False, 4), (2, True, False, 14), (1, False, True, 126), (1, True, True, 4)],
     ids=["bf16-2rows", "int8-2rows-in-place", "bf16-1row-tied-in-place", "int8-1row-tied"])
 def test_fused_step_matches_the_model_layers(rows, int8, tied, prompt_len, monkeypatch):
     """Two steps of the fused kernels (Pallas interpret mode; one row takes the FMA path, two the
-    tensor-core one) give the unfused step's logits and KV cache. A cache of 16 positions (prompt
-    14) is written by the q|k|v kernel in place and read by the decode kernel; one of 6 positions
+    tensor-core one) give the unfused step's logits and KV cache. Caches of 16 positions (prompt
+    14) and 128 (prompt 126: two pages of 64, two splits that the decode kernel merges itself)
+    are written by the q|k|v kernel in place and read by the decode kernel; one of 6 positions
     (no page size for the decode kernel) takes attend_cached."""
     model = init_model(load_config(overrides=[*TINY, f"model.tie_embeddings={tied}"]).model, seed=1)
     dm = prepare_decode(model, int8=int8, dtype="bfloat16")
@@ -81,9 +83,19 @@ def test_fused_step_matches_the_model_layers(rows, int8, tied, prompt_len, monke
         return matvec(x, w, **options)
 
     monkeypatch.setattr(fused, "matvec", spy)
+    merged, partials = [], triton_decode.decode_partials  # whether each decode kernel merged its splits
+
+    def decode_spy(*args, **kwargs):
+        results = partials(*args, **kwargs)
+        merged.append(len(results) == 2)
+        return results
+
+    monkeypatch.setattr(triton_decode, "decode_partials", decode_spy)
     ours, theirs, caches_ours, caches = _steps_both_ways(dm, prompt, tokens, interpret=True)
     assert qkv_caches and len(qkv_caches) % model.cfg.n_layers == 0  # a call a layer in each trace
-    assert all((caches is not None) == (prompt_len == 14) for caches in qkv_caches)
+    assert all((caches is not None) == (prompt_len > 4) for caches in qkv_caches)
+    assert bool(merged) == (prompt_len > 4)  # the decode kernel reads every cache with a page size
+    assert all(m == (prompt_len == 126) for m in merged)
     for a, b in zip(ours, theirs):
         assert a.dtype == jnp.float32 and a.shape == b.shape == (rows, 512)
         _testing.assert_close(a, b, jnp.bfloat16, "fused step logits")
@@ -143,14 +155,15 @@ def test_matvec_reference_restates_the_model_code():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("prompt_len", [16, 29], ids=["attend-cached", "in-place"])
+@pytest.mark.parametrize("prompt_len", [16, 29, 381], ids=["attend-cached", "in-place", "in-place-merged-splits"])
 @pytest.mark.parametrize("int8", [False, True], ids=["bf16", "int8"])
 def test_fused_step_is_as_close_to_fp32_as_the_model_layers_gpu(int8, prompt_len):
     """Llama 1.1B's shapes (random weights, 4 of its 22 layers): bf16 roundings in different places
     drift apart over the layers (~2% in the logits at 22), so both bf16 steps are held against the
     model's layers in fp32 (the same int8 weights where quantized): the fused step may not be
     further off than the unfused one, with 25% slack; its KV cache matches the model's. A cache
-    of 19 positions takes attend_cached, one of 32 the in-place write and the decode kernel."""
+    of 19 positions takes attend_cached, one of 32 the in-place write and the decode kernel, one
+    of 384 (the benchmark's) that with six splits merged inside the decode kernel."""
     model = init_model(load_config(overrides=["preset=llama-1b", "model.n_layers=4"]).model, seed=1)
     prompt, tokens = (jax.random.randint(jax.random.key(i), (1, n), 0, 32000, dtype=jnp.int32)
                       for i, n in ((0, prompt_len), (1, 3)))

@@ -87,9 +87,9 @@ def decode_over_pages(q, cache_k, cache_v, positions, *, backend="auto", interpr
     holds its key: the paged decode kernel with the cache read as pages (row b's page i is
     b * S / bs + i). It reads only positions 0..positions[b, 0], where XLA's masked attention
     over all S slots is ~5 kernels (scores, max, sum, weights, output); on an H200, Llama 1.1B
-    at batch 1: 1.63 -> 1.51 ms/token, 405 -> 318 kernels a token. Returns [B, 1, N, H], or
-    with split_counts ([B, K] int32 zeros: the splits merged inside the kernel, see
-    `paged_decode_attention`) (that, split_counts) for the next layer's call.
+    at batch 1: 1.63 -> 1.51 ms/token, 405 -> 318 kernels a token. Returns [B, 1, N, H].
+    With split_counts ([B, K] int32 zeros; `paged_decode_attention` says how the kernel uses
+    them) it returns (that, the counts), the counts for the next layer's call.
 
     Raises:
       ValueError: q not one token a row, or a cache shape the kernel has no tile for.

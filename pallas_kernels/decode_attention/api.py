@@ -40,14 +40,13 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, lengths, *, scale=
         jnp, fp32), "triton" (raises where it cannot run).
       interpret: run the Pallas kernel in interpret mode (CPU tests).
       blocks: `config.DecodeBlocks`; default `config.default_blocks`.
-      split_counts: None, or [B, K] int32 zeros: the kernel's splits are then merged inside it
-        by the last split program of each (sequence, kv head), which counts arrivals here and
-        leaves zeros again (one launch a call, not three; where the splits' partials would not
-        fit its registers, `triton_decode.MAX_MERGE_ELEMENTS`, the merge runs after the kernel
-        and the counts stay untouched, as with the reference backend).
+      split_counts: None, or [B, K] int32 zeros: the last split program of each (sequence, kv
+        head) to finish, counted here, merges the splits inside the kernel (one launch a call
+        instead of three) and sets its count back to zero. Where the kernel does not merge
+        (`triton_decode.merges_in_kernel`: one split, or partials too large for its registers;
+        the reference backend) the counts pass through untouched.
     Returns:
-      [B, N, H] in q's dtype; with split_counts, (that, split_counts) to pass to the next call
-      (the kernel updates the buffer in place).
+      [B, N, H] in q's dtype. With split_counts: (that, the counts), the counts for the next call.
     Raises:
       ValueError: bad rank, dtype, shapes, backend or blocks; the message names the value.
     """
@@ -84,8 +83,8 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, lengths, *, scale=
     results = triton_decode.decode_partials(
         qg, k_pages, v_pages, tables, lengths.astype(jnp.int32).reshape(b, 1), scale=scale,
         blocks=blocks, interpret=interpret, k_scales=k_scales, v_scales=v_scales, split_counts=split_counts)
-    if len(results) == 2:
-        out, split_counts = results  # merged in the kernel
+    if counted and triton_decode.merges_in_kernel(splits, qg.shape[2], h, blocks.num_warps):
+        out, split_counts = results
     else:  # one split is the whole softmax (no merge: two kernels fewer, the decode step's latency)
         o, m_stat, l_stat = results
         out = o[:, :, 0] if splits == 1 else triton_decode.merge_splits(o, m_stat, l_stat)  # [B, K, Gp, H]

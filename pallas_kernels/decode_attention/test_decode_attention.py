@@ -35,25 +35,37 @@ def make_inputs(case, dtype):
             jnp.asarray(lengths, jnp.int32))
 
 
-def _check(case, dtype, backend, interpret, blocks=None, merge_in_kernel=False):
-    """The kernel against contiguous attention; merge_in_kernel: twice through one count buffer
-    (the splits merged by their last program), which must be zeros again after each call."""
+def _check(case, dtype, backend, interpret, blocks=None, counts=None):
+    """The kernel against contiguous attention. counts: [B, K] int32 zeros, passed as split_counts
+    twice in a row (the second call gets the counts the first returned, zeros again)."""
     q, k, v, k_pages, v_pages, tables, lengths = make_inputs(case, dtype)
     attend = jax.jit(functools.partial(paged_decode_attention, backend=backend,
                                        interpret=interpret, blocks=blocks))
     # The twin: contiguous attention on the un-paged keys (fp32, from the same rounded values).
     expected = jax.jit(reference.contiguous_decode_attention)(q, k, v, lengths)
-    counts = jnp.zeros((case.batch, case.kv_heads), jnp.int32)
-    for _ in range(2 if merge_in_kernel else 1):
-        if merge_in_kernel:
+    for _ in range(1 if counts is None else 2):
+        if counts is None:
+            out = attend(q, k_pages, v_pages, tables, lengths)
+        else:
             out, counts = attend(q, k_pages, v_pages, tables, lengths, split_counts=counts)
             assert not np.any(np.asarray(counts)), "the last split program leaves its count at zero"
-        else:
-            out = attend(q, k_pages, v_pages, tables, lengths)
         assert out.shape == q.shape and out.dtype == dtype
         _testing.assert_close(out, expected, dtype, f"{case.name} {backend}")
         idle = np.asarray(lengths) == 0
         assert np.all(np.asarray(out, np.float32)[idle] == 0), "length-0 rows must be zeros"
+
+
+def _spy_on_merges(monkeypatch) -> list[bool]:
+    """Records, for each kernel call, whether it merged its splits itself (two results)."""
+    merged, partials = [], triton_decode.decode_partials
+
+    def spy(*args, **kwargs):
+        results = partials(*args, **kwargs)
+        merged.append(len(results) == 2)
+        return results
+
+    monkeypatch.setattr(triton_decode, "decode_partials", spy)
+    return merged
 
 
 @pytest.mark.parametrize("backend,interpret", BACKENDS, ids=[b for b, _ in BACKENDS])
@@ -71,11 +83,24 @@ def test_split_merge_matches_contiguous():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("case", cases.CPU_CASES, ids=lambda c: c.name)
-def test_merge_in_kernel_matches_contiguous(case, dtype):
+def test_merge_in_kernel_matches_contiguous(case, dtype, monkeypatch):
     """One split a page (3-6 of them, not a power of 2 for most cases), merged by the split
-    program that counts last; idle rows (length 0) and splits past a length merge to zeros."""
+    program that counts last; idle rows (length 0) and splits past a length merge to zeros.
+    The interpreter runs the splits in order, so which program arrives last varies only on a GPU."""
+    merged = _spy_on_merges(monkeypatch)
     _check(case, dtype, "triton", not ON_GPU, config.DecodeBlocks(pages_per_step=1, pages_per_split=1),
-           merge_in_kernel=True)
+           counts=jnp.zeros((case.batch, case.kv_heads), jnp.int32))
+    assert merged == [True], "the kernel did not merge its splits"
+
+
+def test_merge_stays_after_the_kernel_where_partials_would_spill(monkeypatch):
+    """Past MAX_MERGE_VALUES_PER_THREAD the merge runs after the kernel and the counts pass through."""
+    monkeypatch.setattr(triton_decode, "MAX_MERGE_VALUES_PER_THREAD", 1)
+    merged = _spy_on_merges(monkeypatch)
+    case = cases.CPU_CASES[0]
+    _check(case, jnp.float32, "triton", not ON_GPU, config.DecodeBlocks(pages_per_step=1, pages_per_split=1),
+           counts=jnp.zeros((case.batch, case.kv_heads), jnp.int32))
+    assert merged == [False]
 
 
 def test_merge_in_kernel_rejects_bad_counts():
@@ -162,8 +187,11 @@ def test_kernel_rejects_rows_it_cannot_repeat_to_16():
 @pytest.mark.parametrize("merge_in_kernel", [False, True], ids=["merge_after", "merge_in_kernel"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("case", cases.GPU_CASES, ids=lambda c: c.name)
-def test_matches_contiguous_gpu(case, dtype, merge_in_kernel):
-    _check(case, dtype, "triton", False, merge_in_kernel=merge_in_kernel)
+def test_matches_contiguous_gpu(case, dtype, merge_in_kernel, monkeypatch):
+    merged = _spy_on_merges(monkeypatch)
+    _check(case, dtype, "triton", False,
+           counts=jnp.zeros((case.batch, case.kv_heads), jnp.int32) if merge_in_kernel else None)
+    assert merged == [merge_in_kernel]
 
 
 @pytest.mark.gpu

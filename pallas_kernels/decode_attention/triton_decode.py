@@ -23,9 +23,9 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels._triton import MIN_DOT_ROWS, dot_precision, one_copy, repeat_rows, row_copies
 from pallas_kernels.decode_attention.config import DecodeBlocks
 
-# The in-kernel merge holds every split's partial [Sp, Gp, H] fp32 in one program's registers;
-# past this many elements (64 KB) it would spill, and the merge runs after the kernel instead.
-MAX_MERGE_ELEMENTS = 16384
+# The in-kernel merge holds every split's partial [Sp, Gp, H] fp32 in one program's registers:
+# past this many a thread it would spill, and the merge runs after the kernel instead.
+MAX_MERGE_VALUES_PER_THREAD = 128
 LOG2E = math.log2(math.e)  # base 2 throughout: exp2 is the cheap exponential
 # Finite, not -inf: a fully masked step gives junk that the next real maximum wipes out.
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
@@ -46,7 +46,10 @@ def _decode_kernel(tables_ref, length_ref, q_ref, k_ref, v_ref, *refs, scale,
     cast to fp32 and applied as the pages are read (8-bit KV: (H + 2) / 2H of bf16's bytes per step).
     merge_in_kernel: refs end with count_in_ref (aliased to count_ref), o_ref, m_ref, l_ref
     spanning Sp = next power of 2 of `splits` (this program writes its split's row), out_ref
-    [Gp, H] in q's dtype and count_ref [1] int32 (zero on entry and on exit).
+    [Gp, H] in q's dtype and count_ref [1] int32 (zero on entry and on exit). Every program
+    holds the merge's registers, though only the last to arrive runs it.
+    interpret: Pallas interpret mode, which runs the programs one after another (so the last
+    split always arrives last) and has no barrier to lower.
     """
     refs = list(refs)
     ks_ref, vs_ref = (refs.pop(0), refs.pop(0)) if quantized else (None, None)
@@ -93,10 +96,12 @@ def _decode_kernel(tables_ref, length_ref, q_ref, k_ref, v_ref, *refs, scale,
         o_ref[...], m_ref[...], l_ref[...] = o, m, l
         return
     o_ref[split], m_ref[split], l_ref[split] = o, m, l
-    # Every thread's partial is stored before the count's release (the barrier orders them);
-    # the atomic is acquire-release at GPU scope, so the program that counts last sees every
-    # split's partial. It reads them past L1 (volatile): L1 is not kept coherent across SMs.
-    if not interpret:  # (the interpreter runs programs one after another, and has no barrier)
+    # Every thread's partial is stored before the count's release: `debug_barrier` is a barrier
+    # of this program's threads only (bar.sync), which orders their stores before the atomic
+    # that one thread then runs, acquire-release at GPU scope (cumulative over the stores the
+    # barrier ordered). So the program that counts last sees every split's partial; it reads
+    # them volatile, past L1, which needs no acquire of its own to be current.
+    if not interpret:
         plgpu.debug_barrier()
     arrived = plgpu.atomic_add(count_ref, jnp.int32(0), jnp.int32(1))
 
@@ -108,6 +113,13 @@ def _decode_kernel(tables_ref, length_ref, q_ref, k_ref, v_ref, *refs, scale,
             other=other, volatile=True)
         out_ref[...] = merge_splits(read(o_ref, 0.0), read(m_ref, MASK_VALUE), read(l_ref, 0.0)).astype(out_ref.dtype)
         count_ref[0] = jnp.int32(0)
+
+
+def merges_in_kernel(splits: int, rows: int, head_dim: int, num_warps: int) -> bool:
+    """Whether the kernel, given arrival counts, merges its splits itself: more than one split,
+    and every split's partial [Sp, rows, head_dim] fp32 fits MAX_MERGE_VALUES_PER_THREAD a thread."""
+    values = pl.next_power_of_2(splits) * rows * head_dim
+    return splits > 1 and values <= MAX_MERGE_VALUES_PER_THREAD * 32 * num_warps
 
 
 def decode_partials(q, k_pages, v_pages, block_tables, lengths, *, scale: float,
@@ -122,9 +134,9 @@ def decode_partials(q, k_pages, v_pages, block_tables, lengths, *, scale: float,
       o [B, K, splits, Gp, H] and m, l [B, K, splits, Gp] fp32 (base-2 max, denominator). o is
       fp32 for the merge, or q's dtype with one split: then it is the attention's result (and
       m, l, a few bytes a row, go unread).
-      With split_counts ([B, K] int32 zeros), more than one split and partials that fit
-      MAX_MERGE_ELEMENTS: (out [B, K, Gp, H] in q's dtype, merged by the last split program of
-      each (sequence, kv head), split_counts: zeros again, the same buffer updated in place).
+      With split_counts ([B, K] int32, zeros) where `merges_in_kernel`: (out [B, K, Gp, H] in
+      q's dtype, merged by the last split program of each (sequence, kv head); split_counts,
+      zeros again: the same buffer, updated in place).
     Raises:
       ValueError: Gp under 16 and not a power of 2 (its copies would not fill 16 rows).
     """
@@ -134,8 +146,7 @@ def decode_partials(q, k_pages, v_pages, block_tables, lengths, *, scale: float,
                          f"(pad them with zero rows to {MIN_DOT_ROWS})")
     pool, page_size = k_pages.shape[:2]
     splits = block_tables.shape[1]
-    merge_in_kernel = (split_counts is not None and splits > 1
-                       and pl.next_power_of_2(splits) * gp * h <= MAX_MERGE_ELEMENTS)
+    merge_in_kernel = split_counts is not None and merges_in_kernel(splits, gp, h, blocks.num_warps)
     kernel = functools.partial(_decode_kernel, scale=scale, page_size=page_size,
                                pages_per_step=blocks.pages_per_step,
                                pages_per_split=blocks.pages_per_split,
