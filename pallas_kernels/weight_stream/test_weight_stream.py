@@ -1,0 +1,61 @@
+"""weight_stream: tile assignment and input checks on the CPU, the kernel lowered for Hopper on the
+CPU, and run against its reference on the GPU."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import _testing
+from pallas_kernels.weight_stream import reference, stream_weights
+from pallas_kernels.weight_stream.mosaic_stream import TILE_K, TILE_N, steps_per_phase, tile_of
+
+# One Llama 1.1B layer's reads: q|k|v, o, gate|up, down.
+LAYER = ((2560, 2048), (2048, 2048), (11264, 2048), (2048, 5632))
+
+
+@pytest.mark.parametrize("concurrent", [1, 2, 4])
+@pytest.mark.parametrize("n,k", LAYER + ((32000, 2048),))
+def test_every_tile_is_read_in_whole_rounds(n, k, concurrent):
+    ctas = 132
+    steps = steps_per_phase(n, k, ctas, concurrent)
+    assert steps % concurrent == 0 and (steps - concurrent) * ctas < (n // TILE_N) * (k // TILE_K)
+    cta, step = np.meshgrid(np.arange(ctas), np.arange(steps))
+    rows, cols = tile_of(cta, step, n, k, ctas)
+    read = set(zip(np.ravel(rows).tolist(), np.ravel(cols).tolist()))
+    assert read == {(r, c) for r in range(n // TILE_N) for c in range(k // TILE_K)}
+
+
+@pytest.mark.parametrize("barriers", [True, False])
+@pytest.mark.parametrize("concurrent", [2, 4])
+def test_lowers_for_hopper(barriers, concurrent):
+    """The layer's four reads as one persistent Mosaic GPU kernel, lowered for a GPU on this host
+    (PTX needs the GPU plugin: the GPU test below compiles and runs it)."""
+    specs = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in LAYER + ((8, TILE_K),)]
+    lowered = jax.jit(lambda *a: stream_weights(list(a[:-1]), a[-1], concurrent=concurrent, barriers=barriers)
+                      ).trace(*specs).lower(lowering_platforms=("cuda",))
+    assert "mosaic_gpu" in lowered.as_text()
+
+
+@pytest.mark.parametrize("weights,x,match", [
+    ([], (8, 256), "non-empty list"),
+    ([(64, 200)], (8, 256), r"\(0, \(64, 200\)"),
+    ([(96, 256)], (8, 256), r"\(0, \(96, 256\)"),
+    ([(64, 256)], (4, 256), r"x must be bfloat16 of shape \(8, 256\)"),
+])
+def test_bad_input_is_rejected(weights, x, match):
+    with pytest.raises(ValueError, match=match):
+        stream_weights([jnp.zeros(s, jnp.bfloat16) for s in weights], jnp.zeros(x, jnp.bfloat16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("barriers", [True, False])
+@pytest.mark.parametrize("concurrent", [2, 4])
+def test_matches_reference_gpu(barriers, concurrent):
+    """Three phases of other sizes (fewer tiles than CTAs in two): each CTA's last product."""
+    shapes = ((128, 512), (256, 256), (64 * 40, 768))
+    weights = [jnp.asarray(_testing.normal(f"stream/w{i}", s), jnp.bfloat16) for i, s in enumerate(shapes)]
+    x = jnp.asarray(_testing.normal("stream/x", (8, TILE_K)), jnp.bfloat16)
+    ctas = jax.devices()[0].core_count
+    out = jax.jit(lambda w, x: stream_weights(w, x, concurrent=concurrent, barriers=barriers))(weights, x)
+    expected = reference.last_products(weights, x, ctas=ctas, concurrent=concurrent)
+    _testing.assert_close(out, expected, jnp.float32, "last products")
