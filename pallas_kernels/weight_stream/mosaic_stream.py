@@ -30,6 +30,7 @@ X_ROWS = 8  # wgmma's smallest N
 SWIZZLE = 128  # bytes: the tiles' shared-memory layout, as wgmma reads them
 TRANSFORMS = (plgpu.TilingTransform((8, SWIZZLE // 2)), plgpu.SwizzleTransform(SWIZZLE))
 H100_SMS = 132
+MAX_CONCURRENT = 6  # tile slots: 192 of the 227 KB of shared memory a CTA may take
 
 
 def steps_per_phase(n: int, k: int, ctas: int, concurrent: int) -> int:
@@ -57,12 +58,14 @@ def _kernel(*refs, shapes, ctas, concurrent, barriers):
         plgpu.barrier_wait(x_barrier.at[0])
 
     def pipeline(p, n, k):
+        steps = steps_per_phase(n, k, ctas, concurrent)
+        last_phase = p == len(shapes) - 1
+
         def body(indices, w_smem):
             (step,) = indices
             if barriers and p:  # every CTA has finished the phase before: its outputs are this one's inputs
                 @pl.when(step == 0)
                 def _():
-                    pl.semaphore_signal(done, 1)
                     pl.semaphore_wait(done, p * ctas, decrement=False)
 
             def product(acc):
@@ -71,12 +74,16 @@ def _kernel(*refs, shapes, ctas, concurrent, barriers):
                 return acc[...]
 
             out_gmem[cta] = pl.run_scoped(product, plgpu.ACC((TILE_N, X_ROWS), jnp.float32))
+            if barriers and not last_phase:  # signalled as soon as done, not when the next tile lands
+                @pl.when(step == steps - 1)
+                def _():
+                    pl.semaphore_signal(done, 1)
 
-        state = (plgpu.PipelinePipeline.START if p == 0 else plgpu.PipelinePipeline.STOP
-                 if p == len(shapes) - 1 else plgpu.PipelinePipeline.STEADY)
+        state = (None if len(shapes) == 1 else plgpu.PipelinePipeline.START if p == 0
+                 else plgpu.PipelinePipeline.STOP if last_phase else plgpu.PipelinePipeline.STEADY)
         spec = plgpu.BlockSpec((TILE_N, TILE_K), lambda step: tile_of(cta, step, n, k, ctas), transforms=TRANSFORMS)
         return plgpu.emit_pipeline_warp_specialized(
-            body, grid=(steps_per_phase(n, k, ctas, concurrent),), in_specs=[spec],
+            body, grid=(steps,), in_specs=[spec],
             max_concurrent_steps=concurrent, memory_registers=40, wg_axis="wg", num_compute_wgs=1,
             pipeline_state=state)
 
@@ -95,7 +102,7 @@ def stream_weights(weights, x, *, concurrent: int = 2, barriers: bool = True, ct
     Args:
       weights: [N, K] bfloat16 matrices, N a multiple of 64 and K of 256 (a decode step's reads).
       x: [8, 256] bfloat16, multiplied by every tile.
-      concurrent: tiles in flight a CTA (shared-memory slots of 32 KB).
+      concurrent: tiles in flight a CTA (shared-memory slots of 32 KB), 1 to MAX_CONCURRENT.
       barriers: a grid barrier before each phase after the first, as dependent phases need.
       ctas: CTAs (one an SM; all must be resident at once or the barrier never opens); default
         the device's SM count (an H100's 132 where there is no GPU, for lowering).
@@ -112,8 +119,8 @@ def stream_weights(weights, x, *, concurrent: int = 2, barriers: bool = True, ct
                          f"K % {TILE_K} == 0; got (index, shape, dtype) {bad or 'none'}")
     if x.shape != (X_ROWS, TILE_K) or x.dtype != jnp.bfloat16:
         raise ValueError(f"x must be bfloat16 of shape {(X_ROWS, TILE_K)}; got {x.shape}, {x.dtype}")
-    if concurrent < 1:
-        raise ValueError(f"concurrent={concurrent} must be >= 1")
+    if not 1 <= concurrent <= MAX_CONCURRENT:
+        raise ValueError(f"concurrent={concurrent} must be in [1, {MAX_CONCURRENT}] (32 KB of shared memory each)")
     ctas = ctas or (jax.devices()[0].core_count if jax.default_backend() == "gpu" else H100_SMS)
     kernel = plgpu.kernel(
         lambda *refs: _kernel(*refs, shapes=shapes, ctas=ctas, concurrent=concurrent, barriers=barriers),

@@ -47,15 +47,31 @@ def test_bad_input_is_rejected(weights, x, match):
         stream_weights([jnp.zeros(s, jnp.bfloat16) for s in weights], jnp.zeros(x, jnp.bfloat16))
 
 
+@pytest.mark.parametrize("concurrent", [0, 7])
+def test_slots_out_of_range_are_rejected(concurrent):
+    with pytest.raises(ValueError, match=f"concurrent={concurrent} must be in \\[1, 6\\]"):
+        stream_weights([jnp.zeros((64, 256), jnp.bfloat16)], jnp.zeros((8, 256), jnp.bfloat16), concurrent=concurrent)
+
+
+def test_one_matrix_lowers():
+    """A single phase is a plain pipeline (no chain to start or stop), and needs no barrier."""
+    specs = (jax.ShapeDtypeStruct((2048, 2048), jnp.bfloat16), jax.ShapeDtypeStruct((8, TILE_K), jnp.bfloat16))
+    lowered = jax.jit(lambda w, x: stream_weights([w], x)).trace(*specs).lower(lowering_platforms=("cuda",))
+    assert "mosaic_gpu" in lowered.as_text()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("barriers", [True, False])
 @pytest.mark.parametrize("concurrent", [2, 4])
 def test_matches_reference_gpu(barriers, concurrent):
-    """Three phases of other sizes (fewer tiles than CTAs in two): each CTA's last product."""
-    shapes = ((128, 512), (256, 256), (64 * 40, 768))
+    """Phases of different step counts (the first longest, one with fewer tiles than CTAs); the
+    last with between (concurrent - 1) and concurrent tiles a CTA, so the first half of the CTAs
+    end on tiles of their own (the rest on the clamped last one): their offsets are checked too."""
+    ctas = jax.devices()[0].core_count
+    last_rows = -(-(2 * concurrent - 1) * ctas // 6)  # 3 column blocks: (concurrent - 1/2) tiles a CTA
+    shapes = ((64 * 40, 2048), (128, 512), (64 * last_rows, 768))
     weights = [jnp.asarray(_testing.normal(f"stream/w{i}", s), jnp.bfloat16) for i, s in enumerate(shapes)]
     x = jnp.asarray(_testing.normal("stream/x", (8, TILE_K)), jnp.bfloat16)
-    ctas = jax.devices()[0].core_count
     out = jax.jit(lambda w, x: stream_weights(w, x, concurrent=concurrent, barriers=barriers))(weights, x)
     expected = reference.last_products(weights, x, ctas=ctas, concurrent=concurrent)
     _testing.assert_close(out, expected, jnp.float32, "last products")
