@@ -63,3 +63,19 @@ def backend_dtype_params(backends, dtypes):
                 continue
             params.append(pytest.param(*fields, dtype, id=f"{fields[0]}-{jnp.dtype(dtype).name}"))
     return params
+
+
+def record_split_merges(monkeypatch) -> list[bool]:
+    """Spies on the paged decode kernel: for each call, whether it merged its splits itself
+    (it then returns two results, not the three partials)."""
+    from pallas_kernels.decode_attention import triton_decode
+
+    merged, partials = [], triton_decode.decode_partials
+
+    def spy(*args, **kwargs):
+        results = partials(*args, **kwargs)
+        merged.append(len(results) == 2)
+        return results
+
+    monkeypatch.setattr(triton_decode, "decode_partials", spy)
+    return merged

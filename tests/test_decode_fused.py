@@ -16,7 +16,6 @@ from llmjax.decode.quantize import quantize
 from llmjax.models import init_model
 from llmjax.models.transformer import apply_rope, rope_tables
 from pallas_kernels import _testing
-from pallas_kernels.decode_attention import triton_decode
 from pallas_kernels.matvec import matvec, reference
 
 TINY = ["preset=llama-tiny"]
@@ -83,14 +82,7 @@ def test_fused_step_matches_the_model_layers(rows, int8, tied, prompt_len, monke
         return matvec(x, w, **options)
 
     monkeypatch.setattr(fused, "matvec", spy)
-    merged, partials = [], triton_decode.decode_partials  # whether each decode kernel merged its splits
-
-    def decode_spy(*args, **kwargs):
-        results = partials(*args, **kwargs)
-        merged.append(len(results) == 2)
-        return results
-
-    monkeypatch.setattr(triton_decode, "decode_partials", decode_spy)
+    merged = _testing.record_split_merges(monkeypatch)  # whether each decode kernel merged its splits
     ours, theirs, caches_ours, caches = _steps_both_ways(dm, prompt, tokens, interpret=True)
     assert qkv_caches and len(qkv_caches) % model.cfg.n_layers == 0  # a call a layer in each trace
     assert all((caches is not None) == (prompt_len > 4) for caches in qkv_caches)

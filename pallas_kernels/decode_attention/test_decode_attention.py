@@ -55,19 +55,6 @@ def _check(case, dtype, backend, interpret, blocks=None, counts=None):
         assert np.all(np.asarray(out, np.float32)[idle] == 0), "length-0 rows must be zeros"
 
 
-def _spy_on_merges(monkeypatch) -> list[bool]:
-    """Records, for each kernel call, whether it merged its splits itself (two results)."""
-    merged, partials = [], triton_decode.decode_partials
-
-    def spy(*args, **kwargs):
-        results = partials(*args, **kwargs)
-        merged.append(len(results) == 2)
-        return results
-
-    monkeypatch.setattr(triton_decode, "decode_partials", spy)
-    return merged
-
-
 @pytest.mark.parametrize("backend,interpret", BACKENDS, ids=[b for b, _ in BACKENDS])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("case", cases.CPU_CASES, ids=lambda c: c.name)
@@ -87,7 +74,7 @@ def test_merge_in_kernel_matches_contiguous(case, dtype, monkeypatch):
     """One split a page (3-6 of them, not a power of 2 for most cases), merged by the split
     program that counts last; idle rows (length 0) and splits past a length merge to zeros.
     The interpreter runs the splits in order, so which program arrives last varies only on a GPU."""
-    merged = _spy_on_merges(monkeypatch)
+    merged = _testing.record_split_merges(monkeypatch)
     _check(case, dtype, "triton", not ON_GPU, config.DecodeBlocks(pages_per_step=1, pages_per_split=1),
            counts=jnp.zeros((case.batch, case.kv_heads), jnp.int32))
     assert merged == [True], "the kernel did not merge its splits"
@@ -96,7 +83,7 @@ def test_merge_in_kernel_matches_contiguous(case, dtype, monkeypatch):
 def test_merge_stays_after_the_kernel_where_partials_would_spill(monkeypatch):
     """Past MAX_MERGE_VALUES_PER_THREAD the merge runs after the kernel and the counts pass through."""
     monkeypatch.setattr(triton_decode, "MAX_MERGE_VALUES_PER_THREAD", 1)
-    merged = _spy_on_merges(monkeypatch)
+    merged = _testing.record_split_merges(monkeypatch)
     case = cases.CPU_CASES[0]
     _check(case, jnp.float32, "triton", not ON_GPU, config.DecodeBlocks(pages_per_step=1, pages_per_split=1),
            counts=jnp.zeros((case.batch, case.kv_heads), jnp.int32))
@@ -188,7 +175,7 @@ def test_kernel_rejects_rows_it_cannot_repeat_to_16():
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("case", cases.GPU_CASES, ids=lambda c: c.name)
 def test_matches_contiguous_gpu(case, dtype, merge_in_kernel, monkeypatch):
-    merged = _spy_on_merges(monkeypatch)
+    merged = _testing.record_split_merges(monkeypatch)
     _check(case, dtype, "triton", False,
            counts=jnp.zeros((case.batch, case.kv_heads), jnp.int32) if merge_in_kernel else None)
     assert merged == [merge_in_kernel]
