@@ -1,0 +1,43 @@
+"""decode_step benchmark: Llama 1.1B's 22 layers and head (2.07 GB of bf16 weights) as one chain
+of dependent phases in the persistent kernel, attention replaced by q itself, beside the bare
+weight stream with grid barriers (`weight_stream`, the ceiling of this design) and XLA copying
+the same bytes, in one run.
+
+GB/s counts the weights once. bench_decode's roofline for the whole step (weights and KV cache
+at the measured copy bandwidth) was 0.706 ms on an H100; 80% of it is 0.883 ms.
+"""
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import _bench
+from pallas_kernels.decode_step import run_phases
+from pallas_kernels.decode_step.chains import llama_without_attention
+from pallas_kernels.weight_stream import stream_weights
+from pallas_kernels.weight_stream.mosaic_stream import TILE_K
+
+LLAMA_1B = dict(d=2048, heads_dim=2048, qkv=2560, mlp=5632, vocab=32000)
+
+
+def rows(layers=22, concurrents=(2, 4), reps=10):
+    """One dict per variant: the chain per slot count, the bare stream at 4 slots, the copy."""
+    shapes, phases, sizes = llama_without_attention(layers, **LLAMA_1B)
+    keys = jax.random.split(jax.random.key(0), len(shapes) + 2)
+    weights = [(jax.random.normal(key, s, jnp.float32) * s[1] ** -0.5).astype(jnp.bfloat16)
+               for key, s in zip(keys, shapes)]
+    norms = jnp.ones((2 * layers + 1, LLAMA_1B["d"]), jnp.float32)
+    h0 = jax.random.normal(keys[-2], (LLAMA_1B["d"],), jnp.float32)
+    x = jax.random.normal(keys[-1], (8, TILE_K), jnp.bfloat16)
+    nbytes = sum(w.nbytes for w in weights)
+    case = f"llama-1b-{layers}-layers"
+    out = []
+    for concurrent in concurrents:
+        row = dict(op="decode_step", case=case, impl=f"chain[{concurrent}]", mode="fwd", **_bench.environment())
+        fn = lambda c=concurrent: jax.jit(lambda w, n, h: run_phases(w, n, h, phases, sizes, concurrent=c))  # noqa: E731
+        out.append(_bench.add_bandwidth_timing(row, fn, lambda n: [(weights, norms, h0)], reps, nbytes=nbytes))
+    stream = dict(op="decode_step", case=case, impl="weight_stream[4,barriers]", mode="fwd", **_bench.environment())
+    out.append(_bench.add_bandwidth_timing(stream, lambda: jax.jit(lambda w, x: stream_weights(w, x, concurrent=4)),
+                                           lambda n: [(weights, x)], reps, nbytes=nbytes))
+    copy = dict(op="decode_step", case=case, impl="xla_copy", mode="fwd", peer=True, **_bench.environment())
+    out.append(_bench.add_bandwidth_timing(copy, lambda: jax.jit(lambda w: [a + 1 for a in w]),
+                                           lambda n: [(weights,)], reps, nbytes=2 * nbytes))
+    return out
