@@ -20,24 +20,26 @@ LLAMA_1B = dict(d=2048, heads_dim=2048, qkv=2560, mlp=5632, vocab=32000)
 
 def rows(layers=22, concurrents=(2, 4), reps=10):
     """One dict per variant: the chain per slot count, the bare stream at 4 slots, the copy."""
-    shapes, phases, sizes = llama_without_attention(layers, **LLAMA_1B)
+    shapes, norm_shapes, *chain = llama_without_attention(layers, **LLAMA_1B)
     keys = jax.random.split(jax.random.key(0), len(shapes) + 2)
-    weights = [(jax.random.normal(key, s, jnp.float32) * s[1] ** -0.5).astype(jnp.bfloat16)
+    weights = [(jax.random.normal(key, s, jnp.float32) * s[-1] ** -0.5).astype(jnp.bfloat16)
                for key, s in zip(keys, shapes)]
-    norms = jnp.ones((2 * layers + 1, LLAMA_1B["d"]), jnp.float32)
-    h0 = jax.random.normal(keys[-2], (LLAMA_1B["d"],), jnp.float32)
+    norms = [jnp.ones(s, jnp.float32) for s in norm_shapes]
+    inputs = {"h": jax.random.normal(keys[-2], (LLAMA_1B["d"],), jnp.float32)}
     x = jax.random.normal(keys[-1], (8, TILE_K), jnp.bfloat16)
+    matrices = [w[layer] for layer in range(layers) for w in weights[:-1]] + weights[-1:]  # in the chain's order
     nbytes = sum(w.nbytes for w in weights)
     case = f"llama-1b-{layers}-layers"
     out = []
     for concurrent in concurrents:
         row = dict(op="decode_step", case=case, impl=f"chain[{concurrent}]", mode="fwd", **_bench.environment())
-        fn = lambda c=concurrent: jax.jit(lambda w, n, h: run_phases(w, n, h, phases, sizes, concurrent=c))  # noqa: E731
-        out.append(_bench.add_bandwidth_timing(row, fn, lambda n: [(weights, norms, h0)], reps, nbytes=nbytes))
+        fn = lambda c=concurrent: jax.jit(  # noqa: E731
+            lambda w, n, i: run_phases(w, n, i, *chain, layers=layers, concurrent=c))
+        out.append(_bench.add_bandwidth_timing(row, fn, lambda n: [(weights, norms, inputs)], reps, nbytes=nbytes))
     stream = dict(op="decode_step", case=case, impl="weight_stream[4,barriers]", mode="fwd", **_bench.environment())
     out.append(_bench.add_bandwidth_timing(stream, lambda: jax.jit(lambda w, x: stream_weights(w, x, concurrent=4)),
-                                           lambda n: [(weights, x)], reps, nbytes=nbytes))
+                                           lambda n: [(matrices, x)], reps, nbytes=nbytes))
     copy = dict(op="decode_step", case=case, impl="xla_copy", mode="fwd", peer=True, **_bench.environment())
     out.append(_bench.add_bandwidth_timing(copy, lambda: jax.jit(lambda w: [a + 1 for a in w]),
-                                           lambda n: [(weights,)], reps, nbytes=2 * nbytes))
+                                           lambda n: [(matrices,)], reps, nbytes=2 * nbytes))
     return out

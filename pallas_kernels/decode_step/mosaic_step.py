@@ -20,7 +20,10 @@ Each phase, on each CTA:
 Tile t of an [N, K] matrix covers rows 64 (t // (K/256)) and columns 256 (t % (K/256)); CTA c
 takes tiles c, c + C, ... (`weight_stream.tile_of`), padded to a whole number of slot rounds on
 every CTA (the chained pipelines need it); the padding steps read a tile again and add nothing.
-The accumulators start at zero: each CTA zeroes its share before the first phase's barrier.
+The activations live in one fp32 workspace that the caller zeroes (with the step's input in
+place) and the kernel updates in place. A step's layers share one traced body: the phases of a
+layer run in a loop over layers, the chain's pipelines carrying on from one layer to the next,
+so the kernel compiles one layer, not all of them.
 
 Pallas interpret mode (the CPU tests) has no semaphores and no TMA reduction: there the kernel
 runs on one CTA, which orders its phases itself, and adds with a load and a store.
@@ -38,62 +41,71 @@ from pallas_kernels.weight_stream.mosaic_stream import (
 
 ROWS = plgpu.Layout.WGMMA.reduce(1)  # a tile's 64 row sums
 COLUMNS = plgpu.Layout.WGMMA.reduce(0)  # the 256 entries of x a tile multiplies, one per column
-ZERO_BLOCK = 512  # floats: the accumulators are zeroed by TMA copies of this many
+
+
+@dataclasses.dataclass(frozen=True)
+class Vector:
+    """An fp32 activation vector of length n, one row per layer for rows > 1: a phase of layer
+    l names (vector, delta) for row l + delta - first."""
+    n: int
+    rows: int = 1
+    first: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
 class Phase:
-    """out += W x (+ residual), W = weights[weight] of shape [N, K].
+    """out += W x (+ residual), W = weights[weight] ([N, K], or [layers, N, K] in the layer loop,
+    where layer l reads W[l]).
 
-    x is built from the activations `source` (a name in the kernel's layout) as
-      "norm":   RMSNorm(source[:K]) * norms[norm]
+    x is built from the vector `source` as
+      "norm":   RMSNorm(source[:K]) * norms[norm] (row l of a [layers, K] scale in the loop)
       "swiglu": silu(source[:K]) * source[K:2K]
       "copy":   source[:K]
-    each rounded to bf16. `residual` (a name, or None) is added to out once.
+    rounded to bf16. `residual`, or None, is added to out once. Vectors are named as a name (the
+    layer's own row) or (name, delta).
     """
     weight: int
     x: str
-    source: str
-    out: str
+    source: str | tuple[str, int]
+    out: str | tuple[str, int]
     norm: int | None = None
-    residual: str | None = None
+    residual: str | tuple[str, int] | None = None
 
 
-def layout_of(sizes: dict[str, int], ctas: int) -> tuple[dict[str, int], int]:
-    """Offsets of the named fp32 vectors in one workspace, and its length: a whole number of
-    ZERO_BLOCK blocks on each of `ctas` CTAs."""
+def _named(ref) -> tuple[str, int]:
+    return (ref, 0) if isinstance(ref, str) else ref
+
+
+def layout_of(vectors: dict[str, Vector]) -> tuple[dict[str, int], int]:
+    """Offsets of the named vectors in one workspace, and its length."""
     offsets, end = {}, 0
-    for name, size in sizes.items():
+    for name, v in vectors.items():
         offsets[name] = end
-        end += size
-    per_cta = pl.cdiv(end, ctas * ZERO_BLOCK) * ZERO_BLOCK
-    return offsets, per_cta * ctas
+        end += v.n * v.rows
+    return offsets, end
 
 
-def _build_x(phase: Phase, k: int, vector, norms, x_smem, eps: float):
-    """x of a phase, rounded to bf16, into x_smem[:k] (fp32)."""
-    v = vector(phase.source, k)
-    if phase.x == "norm":
-        rstd = lax.rsqrt(jnp.sum(v * v) / k + eps)
-        v = v * rstd * norms.at[phase.norm][...]
-    elif phase.x == "swiglu":
-        up = vector(phase.source, k, start=k)
-        v = v * jax.nn.sigmoid(v) * up
-    x_smem.at[pl.ds(0, k)][...] = v.astype(jnp.bfloat16).astype(jnp.float32)
-
-
-def _kernel(*refs, phases, shapes, offsets, size, ctas, concurrent, eps, interpret):
+def _kernel(*refs, layer_phases, final_phases, shapes, vectors, offsets, layers, ctas, concurrent, eps,
+            interpret):
     n_weights = len(shapes)
-    weights, (h0, norms, acts, x_smem, y_smem, zeros_smem) = refs[:n_weights], refs[n_weights:]
-    compute_wg = 0  # the pipelines' memory warpgroup is the last one
+    weights, (norms, acts, x_smem, y_smem) = refs[:n_weights], refs[n_weights:]
     cta = lax.axis_index("sm")
     done = None if interpret else pl.get_global(plgpu.SemaphoreType.REGULAR)  # phases done, summed over CTAs
 
-    def vector_ref(name, start, length):
-        return h0.at[pl.ds(start, length)] if name == "h0" else acts.at[pl.ds(offsets[name] + start, length)]
+    def vector_ref(ref, layer, start, length):
+        name, delta = _named(ref)
+        row = layer + delta - vectors[name].first if vectors[name].rows > 1 else 0
+        return acts.at[pl.ds(offsets[name] + row * vectors[name].n + start, length)]
 
-    def vector(name, length, start=0):
-        return vector_ref(name, start, length)[...]
+    def build_x(phase, k, layer, in_loop):
+        """x of a phase, rounded to bf16, into x_smem[:k] (fp32)."""
+        v = vector_ref(phase.source, layer, 0, k)[...]
+        if phase.x == "norm":
+            scale = norms[phase.norm].at[layer if in_loop else 0]
+            v = v * lax.rsqrt(jnp.sum(v * v) / k + eps) * scale[...]
+        elif phase.x == "swiglu":
+            v = v * jax.nn.sigmoid(v) * vector_ref(phase.source, layer, k, k)[...]
+        x_smem.at[pl.ds(0, k)][...] = v.astype(jnp.bfloat16).astype(jnp.float32)
 
     def accumulate(dst, y):
         if interpret:  # one CTA: nothing else adds to dst
@@ -104,34 +116,23 @@ def _kernel(*refs, phases, shapes, offsets, size, ctas, concurrent, eps, interpr
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(y_smem, dst, reduction_op="add")
 
-    @pl.when(lax.axis_index("wg") == compute_wg)
-    def _():
-        share = size // ctas
-        if interpret:
-            acts.at[pl.ds(cta * share, share)][...] = jnp.zeros((share,), jnp.float32)
-            return
-        # With TMA, as the adds will be: the same proxy orders the zeros before them.
-        zeros_smem[...] = jnp.zeros((ZERO_BLOCK,), jnp.float32)
-        plgpu.commit_smem()
-        for block in range(share // ZERO_BLOCK):
-            plgpu.copy_smem_to_gmem(zeros_smem, acts.at[pl.ds(cta * share + block * ZERO_BLOCK, ZERO_BLOCK)])
-        plgpu.wait_smem_to_gmem(0)
-        pl.semaphore_signal(done, 1)
-
-    def pipeline(p, phase):
-        n, k = shapes[phase.weight]
+    def pipeline(phase, in_loop, layer_of, number_of, state):
+        """The pipeline of one phase; layer_of() and number_of() give its layer and its place in
+        the chain, as traced in the loop."""
+        n, k = shapes[phase.weight][-2:]
         steps = steps_per_phase(n, k, ctas, concurrent)
-        tiles, chunks = (n // TILE_N) * (k // TILE_K), k // TILE_K
+        tiles = (n // TILE_N) * (k // TILE_K)
 
         def body(indices, w_smem):
             (step,) = indices
+            layer = layer_of()
 
             @pl.when(step == 0)
             def _():
-                if not interpret:  # every CTA has finished the phase before (or the zeroing)
-                    pl.semaphore_wait(done, (p + 1) * ctas, decrement=False)
-                plgpu.commit_smem()  # the last phase's reads of x_smem are done
-                _build_x(phase, k, vector, norms, x_smem, eps)
+                if not interpret:  # every CTA has finished the phases before
+                    pl.semaphore_wait(done, number_of() * ctas, decrement=False)
+                plgpu.commit_smem()  # every thread is done with the last phase's x
+                build_x(phase, k, layer, in_loop)
                 plgpu.commit_smem()
 
             @pl.when(cta + step * ctas < tiles)
@@ -141,9 +142,10 @@ def _kernel(*refs, phases, shapes, offsets, size, ctas, concurrent, eps, interpr
                 w = plgpu.load(w_smem, layout=plgpu.Layout.WGMMA).astype(jnp.float32)
                 y = jnp.sum(w * x[None, :], axis=1)
                 if phase.residual is not None:  # once per row, on the first column block
-                    res = plgpu.load(vector_ref(phase.residual, rows * TILE_N, TILE_N), layout=ROWS, optimized=False)
+                    res = plgpu.load(vector_ref(phase.residual, layer, rows * TILE_N, TILE_N), layout=ROWS,
+                                     optimized=False)
                     y = y + res * jnp.where(cols == 0, 1.0, 0.0)
-                accumulate(acts.at[pl.ds(offsets[phase.out] + rows * TILE_N, TILE_N)], y)
+                accumulate(vector_ref(phase.out, layer, rows * TILE_N, TILE_N), y)
 
             if not interpret:
                 @pl.when(step == steps - 1)
@@ -151,73 +153,101 @@ def _kernel(*refs, phases, shapes, offsets, size, ctas, concurrent, eps, interpr
                     plgpu.wait_smem_to_gmem(0)  # this CTA's adds have landed
                     pl.semaphore_signal(done, 1)
 
-        last = len(phases) - 1
-        state = (None if len(phases) == 1 else plgpu.PipelinePipeline.START if p == 0
-                 else plgpu.PipelinePipeline.STOP if p == last else plgpu.PipelinePipeline.STEADY)
-        spec = plgpu.BlockSpec((TILE_N, TILE_K), lambda step: tile_of(cta, step, n, k, ctas), transforms=TRANSFORMS)
+        if in_loop:
+            spec = plgpu.BlockSpec((None, TILE_N, TILE_K),
+                                   lambda step: (layer_of(), *tile_of(cta, step, n, k, ctas)), transforms=TRANSFORMS)
+        else:
+            spec = plgpu.BlockSpec((TILE_N, TILE_K), lambda step: tile_of(cta, step, n, k, ctas), transforms=TRANSFORMS)
         return plgpu.emit_pipeline_warp_specialized(
             body, grid=(steps,), in_specs=[spec],
             max_concurrent_steps=concurrent, memory_registers=40, wg_axis="wg", num_compute_wgs=1,
             pipeline_state=state)
 
-    pipelines = [pipeline(p, phase) for p, phase in enumerate(phases)]
+    chain = len(layer_phases) * layers + len(final_phases)
+    first = layer_phases[0] if layers else final_phases[0]
 
     def run(slots):  # one ring of slots shared by every phase: its tiles all have one shape
-        for run_phase, phase in zip(pipelines, phases):
-            run_phase(weights[phase.weight], allocations=slots)
+        def layer_body(layer, carry):
+            for p, phase in enumerate(layer_phases):
+                start = (layer == 0) if p == 0 else False
+                state = (None if chain == 1 else
+                         jnp.where(start, plgpu.PipelinePipeline.START, plgpu.PipelinePipeline.STEADY))
+                pipeline(phase, True, lambda: layer, lambda p=p: layer * len(layer_phases) + p, state)(
+                    weights[phase.weight], allocations=slots)
+            return carry
 
-    pl.run_scoped(run, pipelines[0].get_allocations(weights[phases[0].weight]), collective_axes="wg")
+        if layers:
+            lax.fori_loop(0, layers, layer_body, None)
+        for p, phase in enumerate(final_phases):
+            number = len(layer_phases) * layers + p
+            state = (None if chain == 1 else plgpu.PipelinePipeline.START if number == 0
+                     else plgpu.PipelinePipeline.STOP if number == chain - 1 else plgpu.PipelinePipeline.STEADY)
+            pipeline(phase, False, lambda: layers, lambda number=number: number, state)(
+                weights[phase.weight], allocations=slots)
+
+    w0 = weights[first.weight]
+    w0 = w0.at[0] if layers else w0
+    pl.run_scoped(run, pipeline(first, False, lambda: 0, lambda: 0, None).get_allocations(w0), collective_axes="wg")
 
 
-def run_phases(weights, norms, h0, phases, sizes, *, eps: float = 1e-5, concurrent: int = 4,
-               ctas: int | None = None, interpret: bool = False):
-    """Run a chain of phases in one persistent kernel; returns the fp32 activations by name.
+def run_phases(weights, norms, inputs, layer_phases, final_phases, vectors, *, layers: int, eps: float = 1e-5,
+               concurrent: int = 4, ctas: int | None = None, interpret: bool = False):
+    """Run `layers` rounds of layer_phases, then final_phases, in one persistent kernel.
 
     Args:
-      weights: [N, K] bfloat16 matrices, N a multiple of 64 and K of 256.
-      norms: [M, D] fp32 RMSNorm scales ("norm" phases pick a row).
-      h0: [D] fp32, the input vector (the name "h0" in phases).
-      phases: Phase list, in order.
-      sizes: name -> length of every activation vector the phases write (all start at zero).
+      weights: bfloat16 matrices, [layers, N, K] for layer phases and [N, K] for final ones, N a
+        multiple of 64 and K of 256.
+      norms: fp32 RMSNorm scales, [layers, K] for layer phases and [1, K] for final ones.
+      inputs: name -> fp32 [n], written to the first row of that vector before the kernel (every
+        other entry of every vector starts at zero).
+      layer_phases, final_phases: Phase lists, in order.
+      vectors: name -> Vector, every vector the phases name.
+      layers: rounds of layer_phases (final phases run as layer `layers`).
       eps: RMSNorm epsilon.
       concurrent: weight tiles in flight a CTA (32 KB of shared memory each).
       ctas: CTAs, all resident at once; default the device's SM count (an H100's 132 where there
         is no GPU, for lowering), and 1 in interpret mode (which has no grid barrier).
     Returns:
-      dict name -> fp32 vector.
+      dict name -> fp32 [rows, n] (all of each vector's rows).
     Raises:
-      ValueError: weights of the wrong shape or dtype, phases naming unknown vectors, or concurrent
-        out of range.
+      ValueError: weights of the wrong shape or dtype, phases naming unknown vectors or x kinds,
+        or concurrent out of range.
     """
     shapes = [tuple(w.shape) for w in weights]
     bad = [(i, w.shape, w.dtype) for i, w in enumerate(weights)
-           if w.ndim != 2 or w.shape[0] % TILE_N or w.shape[1] % TILE_K or w.dtype != jnp.bfloat16]
+           if w.ndim not in (2, 3) or w.shape[-2] % TILE_N or w.shape[-1] % TILE_K or w.dtype != jnp.bfloat16]
     if not weights or bad:
-        raise ValueError(f"weights must be a non-empty list of bfloat16 [N, K] with N % {TILE_N} == 0 and "
-                         f"K % {TILE_K} == 0; got (index, shape, dtype) {bad or 'none'}")
+        raise ValueError(f"weights must be a non-empty list of bfloat16 [N, K] or [layers, N, K] with N % {TILE_N} "
+                         f"== 0 and K % {TILE_K} == 0; got (index, shape, dtype) {bad or 'none'}")
     if not 1 <= concurrent <= MAX_CONCURRENT:
         raise ValueError(f"concurrent={concurrent} must be in [1, {MAX_CONCURRENT}] (32 KB of shared memory each)")
-    known = set(sizes) | {"h0"}
-    unknown = [(i, name) for i, ph in enumerate(phases) for name in (ph.source, ph.out, ph.residual)
-               if name is not None and name not in known]
-    if unknown or any(ph.x not in ("norm", "swiglu", "copy") for ph in phases):
-        raise ValueError(f"phases name vectors {sorted(known)} and x in norm/swiglu/copy; got unknown "
+    if not final_phases:
+        raise ValueError("final_phases must not be empty: the chain's last pipeline stops it")
+    phases = list(layer_phases) + list(final_phases)
+    unknown = [(i, _named(r)[0]) for i, ph in enumerate(phases) for r in (ph.source, ph.out, ph.residual)
+               if r is not None and _named(r)[0] not in vectors]
+    if not phases or unknown or any(ph.x not in ("norm", "swiglu", "copy") for ph in phases):
+        raise ValueError(f"phases name vectors {sorted(vectors)} and x in norm/swiglu/copy; got unknown "
                          f"(phase, name) {unknown} and x {[ph.x for ph in phases]}")
     if interpret:
         ctas = 1
     ctas = ctas or (jax.devices()[0].core_count if jax.default_backend() == "gpu" else H100_SMS)
-    offsets, size = layout_of(sizes, ctas)
-    k_max = max(shapes[ph.weight][1] for ph in phases)
+    offsets, size = layout_of(vectors)
+    workspace = jnp.zeros((size,), jnp.float32)
+    for name, value in inputs.items():
+        workspace = lax.dynamic_update_slice(workspace, value.astype(jnp.float32), (offsets[name],))
+    workspace = jax.new_ref(workspace)
+    k_max = max(shapes[ph.weight][-1] for ph in phases)
     kernel = plgpu.kernel(
-        lambda *refs: _kernel(*refs, phases=tuple(phases), shapes=shapes, offsets=offsets, size=size, ctas=ctas,
+        lambda *refs: _kernel(*refs, layer_phases=tuple(layer_phases), final_phases=tuple(final_phases),
+                              shapes=shapes, vectors=vectors, offsets=offsets, layers=layers, ctas=ctas,
                               concurrent=concurrent, eps=eps, interpret=interpret),
-        out_type=jax.ShapeDtypeStruct((size,), jnp.float32), grid=(ctas,), grid_names=("sm",),
-        num_threads=2, thread_name="wg",
-        scratch_types=[plgpu.SMEM((k_max,), jnp.float32), plgpu.SMEM((TILE_N,), jnp.float32),
-                       plgpu.SMEM((ZERO_BLOCK,), jnp.float32)],
+        out_type=(), grid=(ctas,), grid_names=("sm",), num_threads=2, thread_name="wg",
+        scratch_types=[plgpu.SMEM((k_max,), jnp.float32), plgpu.SMEM((TILE_N,), jnp.float32)],
         interpret=_interpret_params() if interpret else None)
-    acts = kernel(*weights, h0, norms)
-    return {name: acts[offsets[name]:offsets[name] + n] for name, n in sizes.items()}
+    kernel(*weights, norms, workspace)
+    acts = workspace[...]
+    return {name: acts[offsets[name]:offsets[name] + v.n * v.rows].reshape(v.rows, v.n) for name, v in vectors.items()}
 
 
 def _interpret_params():

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import pytest
 
 from pallas_kernels import _testing
-from pallas_kernels.decode_step import Phase, reference, run_phases
+from pallas_kernels.decode_step import Phase, Vector, reference, run_phases
 from pallas_kernels.decode_step.chains import llama_without_attention
 
 SMALL = dict(layers=2, d=256, heads_dim=256, qkv=384, mlp=512, vocab=512)
@@ -14,45 +14,55 @@ LLAMA_1B = dict(d=2048, heads_dim=2048, qkv=2560, mlp=5632, vocab=32000)
 
 
 def _problem(name, layers, d, heads_dim, qkv, mlp, vocab):
-    shapes, phases, sizes = llama_without_attention(layers, d, heads_dim, qkv, mlp, vocab)
-    weights = [jnp.asarray(_testing.normal(f"{name}/w{i}", s, scale=s[1] ** -0.5), jnp.bfloat16)
+    """(weights, norms, inputs), (layer phases, final phases, vectors), layers."""
+    shapes, norm_shapes, layer_phases, final_phases, vectors = llama_without_attention(
+        layers, d, heads_dim, qkv, mlp, vocab)
+    weights = [jnp.asarray(_testing.normal(f"{name}/w{i}", s, scale=s[-1] ** -0.5), jnp.bfloat16)
                for i, s in enumerate(shapes)]
-    norms = jnp.asarray(_testing.normal(f"{name}/norms", (2 * layers + 1, d), scale=0.1, shift=1.0))
-    h0 = jnp.asarray(_testing.normal(f"{name}/h0", (d,)))
-    return weights, norms, h0, phases, sizes
+    norms = [jnp.asarray(_testing.normal(f"{name}/norm{i}", s, scale=0.1, shift=1.0)) for i, s in enumerate(norm_shapes)]
+    inputs = {"h": jnp.asarray(_testing.normal(f"{name}/h0", (d,)))}
+    return (weights, norms, inputs), (layer_phases, final_phases, vectors), layers
 
 
-def _check(out, expected):
+def _run(problem, **options):
+    arrays, chain, layers = problem
+    return jax.jit(lambda *a: run_phases(*a, *chain, layers=layers, **options))(*arrays)
+
+
+def _check(out, problem):
+    arrays, chain, layers = problem
+    expected = reference.run_phases(*arrays, *chain, layers=layers)
     for name in expected:
         _testing.assert_close(out[name], expected[name], jnp.float32, name)
 
 
 def test_matches_reference_interpret():
     """Norms, SwiGLU, residuals, K-split adds and the head, each phase reading the one before."""
-    args = _problem("chain/small", **SMALL)
-    _check(run_phases(*args, interpret=True), reference.run_phases(*args))
+    problem = _problem("chain/small", **SMALL)
+    _check(_run(problem, interpret=True), problem)
 
 
 def test_llama_layer_lowers_for_hopper():
-    """A Llama 1.1B layer and head as one kernel on an H100's 132 SMs, lowered on this host (PTX
-    needs the GPU plugin: the GPU tests compile and run it)."""
-    shapes, phases, sizes = llama_without_attention(1, **LLAMA_1B)
-    specs = ([jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in shapes], jax.ShapeDtypeStruct((3, 2048), jnp.float32),
-             jax.ShapeDtypeStruct((2048,), jnp.float32))
-    lowered = jax.jit(lambda w, n, h: run_phases(w, n, h, phases, sizes)).trace(*specs).lower(
-        lowering_platforms=("cuda",))
+    """Llama 1.1B's 22 layers and head as one kernel on an H100's 132 SMs, lowered on this host
+    (PTX needs the GPU plugin: the GPU tests compile and run it)."""
+    shapes, norm_shapes, *chain = llama_without_attention(22, **LLAMA_1B)
+    specs = ([jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in shapes],
+             [jax.ShapeDtypeStruct(s, jnp.float32) for s in norm_shapes], {"h": jax.ShapeDtypeStruct((2048,), jnp.float32)})
+    lowered = jax.jit(lambda *a: run_phases(*a, *chain, layers=22)).trace(*specs).lower(lowering_platforms=("cuda",))
     assert "mosaic_gpu" in lowered.as_text()
 
 
 @pytest.mark.parametrize("change,match", [
     (dict(weights=[jnp.zeros((64, 200), jnp.bfloat16)]), r"\(0, \(64, 200\)"),
-    (dict(phases=[Phase(0, "norm", "h0", "nowhere", norm=0)]), r"\(0, 'nowhere'\)"),
-    (dict(phases=[Phase(0, "gelu", "h0", "y")]), r"x \['gelu'\]"),
+    (dict(final_phases=[Phase(0, "norm", "h", "nowhere", norm=0)]), r"\(0, 'nowhere'\)"),
+    (dict(final_phases=[Phase(0, "gelu", "h", "y")]), r"x \['gelu'\]"),
+    (dict(final_phases=[]), r"final_phases must not be empty"),
     (dict(concurrent=7), r"concurrent=7 must be in \[1, 6\]"),
 ])
 def test_bad_input_is_rejected(change, match):
-    args = dict(weights=[jnp.zeros((64, 256), jnp.bfloat16)], norms=jnp.ones((1, 256)), h0=jnp.ones((256,)),
-                phases=[Phase(0, "norm", "h0", "y", norm=0)], sizes={"y": 64})
+    args = dict(weights=[jnp.zeros((64, 256), jnp.bfloat16)], norms=[jnp.ones((1, 256))], inputs={"h": jnp.ones((256,))},
+                layer_phases=[], final_phases=[Phase(0, "norm", "h", "y", norm=0)],
+                vectors={"h": Vector(256), "y": Vector(64)}, layers=0)
     args.update(change)
     with pytest.raises(ValueError, match=match):
         run_phases(**args)
@@ -62,6 +72,5 @@ def test_bad_input_is_rejected(change, match):
 @pytest.mark.parametrize("concurrent", [2, 4])
 @pytest.mark.parametrize("dims", [SMALL, dict(layers=2, **LLAMA_1B)], ids=["small", "llama-1b-2-layers"])
 def test_matches_reference_gpu(dims, concurrent):
-    args = _problem(f"chain/{dims['d']}", **dims)
-    out = jax.jit(lambda w, n, h: run_phases(w, n, h, args[3], args[4], concurrent=concurrent))(*args[:3])
-    _check(out, reference.run_phases(*args))
+    problem = _problem(f"chain/{dims['d']}", **dims)
+    _check(_run(problem, concurrent=concurrent), problem)
