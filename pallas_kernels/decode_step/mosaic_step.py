@@ -9,8 +9,9 @@ barrier that orders the two.
 
 Each phase, on each CTA:
 - at its first step, waits until every CTA has finished the phase before (a count on a global
-  semaphore), then builds its whole input x once into shared memory, rounded to bf16 as the
-  weights' products want it: RMSNorm(v) * g, or silu(gate) * up, or a copy;
+  semaphore), then builds its input x once into shared memory, rounded to bf16 as the weights'
+  products want it: RMSNorm(v) * g (all of x: the statistic needs it), or silu(gate) * up, or a
+  copy (only the 256-entry chunks its own tiles take);
 - multiplies each of its tiles on the CUDA cores (a [64, 256] tile times its 256 entries of x,
   summed along the row: batch 1 leaves the tensor cores nothing to do), adds the residual on
   the tiles of the first 256 columns, and adds the 64 sums into the output with a TMA
@@ -97,15 +98,36 @@ def _kernel(*refs, layer_phases, final_phases, shapes, vectors, offsets, layers,
         row = layer + delta - vectors[name].first if vectors[name].rows > 1 else 0
         return acts.at[pl.ds(offsets[name] + row * vectors[name].n + start, length)]
 
-    def build_x(phase, k, layer, in_loop):
-        """x of a phase, rounded to bf16, into x_smem[:k] (fp32)."""
-        v = vector_ref(phase.source, layer, 0, k)[...]
-        if phase.x == "norm":
-            scale = norms[phase.norm].at[layer if in_loop else 0]
-            v = v * lax.rsqrt(jnp.sum(v * v) / k + eps) * scale[...]
-        elif phase.x == "swiglu":
-            v = v * jax.nn.sigmoid(v) * vector_ref(phase.source, layer, k, k)[...]
-        x_smem.at[pl.ds(0, k)][...] = v.astype(jnp.bfloat16).astype(jnp.float32)
+    def slotted(phase, k, steps):
+        """Whether a phase builds only its CTA's chunks of x, one slot a step (fewer than all of
+        x), rather than all of x (which a norm's statistic needs anyway)."""
+        return phase.x != "norm" and steps * TILE_K < k
+
+    def build_x(phase, n, k, steps, layer, in_loop):
+        """x of a phase, rounded to bf16, into x_smem (fp32): at column offsets, or at step
+        offsets if slotted. Every load is issued before any arithmetic: one round trip to L2."""
+        def finish(v, scale=None, up=None):
+            if phase.x == "norm":
+                v = v * lax.rsqrt(jnp.sum(v * v) / k + eps) * scale
+            elif phase.x == "swiglu":
+                v = v * jax.nn.sigmoid(v) * up
+            return v.astype(jnp.bfloat16).astype(jnp.float32)
+
+        if not slotted(phase, k, steps):
+            loads = [vector_ref(phase.source, layer, 0, k)[...]]
+            if phase.x == "norm":
+                loads.append(norms[phase.norm].at[layer if in_loop else 0][...])
+            elif phase.x == "swiglu":
+                loads.append(None)
+                loads.append(vector_ref(phase.source, layer, k, k)[...])
+            x_smem.at[pl.ds(0, k)][...] = finish(*loads)
+            return
+        chunk = lambda start: plgpu.load(vector_ref(phase.source, layer, start, TILE_K),  # noqa: E731
+                                         layout=COLUMNS, optimized=False)
+        starts = [tile_of(cta, step, n, k, ctas)[1] * TILE_K for step in range(steps)]
+        loads = [(chunk(start), chunk(k + start) if phase.x == "swiglu" else None) for start in starts]
+        for step, (v, up) in enumerate(loads):
+            x_smem.at[pl.ds(step * TILE_K, TILE_K)][...] = finish(v, up=up)
 
     def accumulate(dst, y):
         if interpret:  # one CTA: nothing else adds to dst
@@ -132,13 +154,14 @@ def _kernel(*refs, layer_phases, final_phases, shapes, vectors, offsets, layers,
                 if not interpret:  # every CTA has finished the phases before
                     pl.semaphore_wait(done, number_of() * ctas, decrement=False)
                 plgpu.commit_smem()  # every thread is done with the last phase's x
-                build_x(phase, k, layer, in_loop)
+                build_x(phase, n, k, steps, layer, in_loop)
                 plgpu.commit_smem()
 
             @pl.when(cta + step * ctas < tiles)
             def _():
                 rows, cols = tile_of(cta, step, n, k, ctas)
-                x = plgpu.load(x_smem.at[pl.ds(cols * TILE_K, TILE_K)], layout=COLUMNS)
+                offset = step if slotted(phase, k, steps) else cols
+                x = plgpu.load(x_smem.at[pl.ds(offset * TILE_K, TILE_K)], layout=COLUMNS)
                 w = plgpu.load(w_smem, layout=plgpu.Layout.WGMMA).astype(jnp.float32)
                 y = jnp.sum(w * x[None, :], axis=1)
                 if phase.residual is not None:  # once per row, on the first column block
