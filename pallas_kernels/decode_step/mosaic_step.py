@@ -122,8 +122,7 @@ def _kernel(*refs, layer_phases, final_phases, shapes, vectors, offsets, layers,
                 loads.append(vector_ref(phase.source, layer, k, k)[...])
             x_smem.at[pl.ds(0, k)][...] = finish(*loads)
             return
-        chunk = lambda start: plgpu.load(vector_ref(phase.source, layer, start, TILE_K),  # noqa: E731
-                                         layout=COLUMNS, optimized=False)
+        chunk = lambda start: vector_ref(phase.source, layer, start, TILE_K)[...]  # noqa: E731
         starts = [tile_of(cta, step, n, k, ctas)[1] * TILE_K for step in range(steps)]
         loads = [(chunk(start), chunk(k + start) if phase.x == "swiglu" else None) for start in starts]
         for step, (v, up) in enumerate(loads):
