@@ -11,15 +11,24 @@ import jax.numpy as jnp
 
 from pallas_kernels import _bench
 from pallas_kernels.decode_step import run_phases
-from pallas_kernels.decode_step.chains import llama_without_attention
+from pallas_kernels.decode_step.chains import llama, llama_without_attention
 from pallas_kernels.weight_stream import stream_weights
 from pallas_kernels.weight_stream.mosaic_stream import TILE_K
 
 LLAMA_1B = dict(d=2048, heads_dim=2048, qkv=2560, mlp=5632, vocab=32000)
 
 
-def rows(layers=22, concurrents=(2, 4), reps=10):
-    """One dict per variant: the chain per slot count, the bare stream at 4 slots, the copy."""
+def _cache(layers, length, pos):
+    """A [layers, length, 4, 64] K and V cache holding `pos` positions, and the (pos, rope) inputs."""
+    keys = jax.random.split(jax.random.key(1), 2)
+    k, v = (jax.random.normal(key, (layers, length, 4, 64), jnp.float32).astype(jnp.bfloat16) for key in keys)
+    angles = pos * 10000.0 ** (-jnp.arange(0, 64, 2) / 64)
+    return k, v, jnp.array([pos], jnp.int32), jnp.stack([jnp.cos(angles), jnp.sin(angles)])
+
+
+def rows(layers=22, concurrents=(2, 4), reps=10, cache_len=384):
+    """One dict per variant: the step with attention (a cache of cache_len positions, the last
+    one new) and the chain without it per slot count, the bare stream at 4 slots, the copy."""
     shapes, norm_shapes, *chain = llama_without_attention(layers, **LLAMA_1B)
     keys = jax.random.split(jax.random.key(0), len(shapes) + 2)
     weights = [(jax.random.normal(key, s, jnp.float32) * s[-1] ** -0.5).astype(jnp.bfloat16)
@@ -31,7 +40,16 @@ def rows(layers=22, concurrents=(2, 4), reps=10):
     nbytes = sum(w.nbytes for w in weights)
     case = f"llama-1b-{layers}-layers"
     out = []
+    step_shapes, _, *step_chain = llama(layers, d=LLAMA_1B["d"], mlp=LLAMA_1B["mlp"], vocab=LLAMA_1B["vocab"])
+    assert step_shapes == shapes  # the same weights: only o's input differs
+    cache = _cache(layers, cache_len, cache_len - 1)
+    cache_bytes = 2 * cache[0][:, :cache_len - 1].nbytes
     for concurrent in concurrents:
+        row = dict(op="decode_step", case=case, impl=f"step[{concurrent}]", mode="fwd", **_bench.environment())
+        fn = lambda c=concurrent: jax.jit(  # noqa: E731
+            lambda w, n, i, cache: run_phases(w, n, i, *step_chain, layers=layers, cache=cache, concurrent=c))
+        out.append(_bench.add_bandwidth_timing(row, fn, lambda n: [(weights, norms, inputs, cache)], reps,
+                                               nbytes=nbytes + cache_bytes))
         row = dict(op="decode_step", case=case, impl=f"chain[{concurrent}]", mode="fwd", **_bench.environment())
         fn = lambda c=concurrent: jax.jit(  # noqa: E731
             lambda w, n, i: run_phases(w, n, i, *chain, layers=layers, concurrent=c))

@@ -1,5 +1,6 @@
 """Phase chains of a Llama decode step, for the tests and the benchmark."""
-from pallas_kernels.decode_step.mosaic_step import Phase, Vector
+from pallas_kernels.decode_step import attention as attn
+from pallas_kernels.decode_step.mosaic_step import Attention, Phase, Vector
 
 
 def llama_without_attention(layers: int, d: int, heads_dim: int, qkv: int, mlp: int, vocab: int):
@@ -17,4 +18,18 @@ def llama_without_attention(layers: int, d: int, heads_dim: int, qkv: int, mlp: 
     final_phases = [Phase(4, "norm", "h", "logits", norm=2)]
     vectors = dict(h=Vector(d, layers + 1), qkv=Vector(qkv, layers), mid=Vector(d, layers),
                    gate_up=Vector(2 * mlp, layers), logits=Vector(vocab))
+    return shapes, norm_shapes, layer_phases, final_phases, vectors
+
+
+def llama(layers: int, d: int, mlp: int, vocab: int):
+    """A Llama step with Llama 1.1B's attention shape (32 q heads over 4 kv heads, 64 dims), as
+    llama_without_attention but o reads the attention output, computed over the cache at the
+    start of the o phase. Also writes vector "new_kv" (per layer the new token's rotated k and
+    its v, head g's at 128 g) for the caller to store into the cache."""
+    qkv = (attn.Q_HEADS + 2 * attn.KV_HEADS) * attn.HEAD_DIM
+    shapes, norm_shapes, layer_phases, final_phases, vectors = llama_without_attention(
+        layers, d, attn.Q_HEADS * attn.HEAD_DIM, qkv, mlp, vocab)
+    layer_phases[1] = Phase(1, "copy", "attn", "mid", residual="h", attention=Attention("qkv", "attn", "new_kv"))
+    vectors.update(attn=Vector(attn.Q_HEADS * attn.HEAD_DIM, layers),
+                   new_kv=Vector(2 * attn.KV_HEADS * attn.HEAD_DIM, layers))
     return shapes, norm_shapes, layer_phases, final_phases, vectors

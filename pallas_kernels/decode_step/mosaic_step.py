@@ -37,6 +37,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.decode_step import attention as attn
 from pallas_kernels.weight_stream.mosaic_stream import (
     H100_SMS, MAX_CONCURRENT, TILE_K, TILE_N, TRANSFORMS, steps_per_phase, tile_of)
 
@@ -51,6 +52,17 @@ class Vector:
     n: int
     rows: int = 1
     first: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Attention:
+    """Run before a phase, after its wait: decode attention of the layer's q over its KV cache
+    and the new token (`attention.attention_unit`, one kv head a CTA), from the vector `qkv`
+    into `out`, the new token's rotated k and v into `new_kv` (k, v of head g at 128 g); then a
+    grid barrier of its own."""
+    qkv: str
+    out: str
+    new_kv: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +83,7 @@ class Phase:
     out: str | tuple[str, int]
     norm: int | None = None
     residual: str | tuple[str, int] | None = None
+    attention: Attention | None = None
 
 
 def _named(ref) -> tuple[str, int]:
@@ -86,10 +99,15 @@ def layout_of(vectors: dict[str, Vector]) -> tuple[dict[str, int], int]:
     return offsets, end
 
 
+def _barriers(phase: Phase) -> int:
+    """Grid barriers a phase waits at: its own, and one after its attention."""
+    return 1 + (phase.attention is not None)
+
+
 def _kernel(*refs, layer_phases, final_phases, shapes, vectors, offsets, layers, ctas, concurrent, eps,
             interpret):
     n_weights = len(shapes)
-    weights, (norms, acts, x_smem, y_smem) = refs[:n_weights], refs[n_weights:]
+    weights, (norms, cache, acts, x_smem, y_smem, attn_scratch) = refs[:n_weights], refs[n_weights:]
     cta = lax.axis_index("sm")
     done = None if interpret else pl.get_global(plgpu.SemaphoreType.REGULAR)  # phases done, summed over CTAs
 
@@ -137,6 +155,21 @@ def _kernel(*refs, layer_phases, final_phases, shapes, vectors, offsets, layers,
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(y_smem, dst, reduction_op="add")
 
+    def attend(spec: Attention, layer):
+        k_cache, v_cache, pos, rope = cache
+        scratch = attn.AttnScratch(*attn_scratch)
+
+        def unit(g):
+            attn.attention_unit(g, vector_ref(spec.qkv, layer, 0, vectors[spec.qkv].n), k_cache.at[layer],
+                                v_cache.at[layer], pos, rope.at[0], rope.at[1],
+                                vector_ref(spec.out, layer, 0, vectors[spec.out].n),
+                                vector_ref(spec.new_kv, layer, 0, vectors[spec.new_kv].n), scratch)
+
+        if interpret:  # the one CTA takes every kv head
+            pl.loop(0, attn.KV_HEADS)(unit)
+        else:
+            pl.when(cta < attn.KV_HEADS)(lambda: unit(cta))
+
     def pipeline(phase, in_loop, layer_of, number_of, state):
         """The pipeline of one phase; layer_of() and number_of() give its layer and its place in
         the chain, as traced in the loop."""
@@ -152,6 +185,11 @@ def _kernel(*refs, layer_phases, final_phases, shapes, vectors, offsets, layers,
             def _():
                 if not interpret:  # every CTA has finished the phases before
                     pl.semaphore_wait(done, number_of() * ctas, decrement=False)
+                if phase.attention is not None:
+                    attend(phase.attention, layer)
+                    if not interpret:
+                        pl.semaphore_signal(done, 1)
+                        pl.semaphore_wait(done, (number_of() + 1) * ctas, decrement=False)
                 plgpu.commit_smem()  # every thread is done with the last phase's x
                 build_x(phase, n, k, steps, layer, in_loop)
                 plgpu.commit_smem()
@@ -186,6 +224,8 @@ def _kernel(*refs, layer_phases, final_phases, shapes, vectors, offsets, layers,
             pipeline_state=state)
 
     chain = len(layer_phases) * layers + len(final_phases)
+    per_layer = sum(map(_barriers, layer_phases))
+    before = [sum(map(_barriers, layer_phases[:p])) for p in range(len(layer_phases))]
     first = layer_phases[0] if layers else final_phases[0]
 
     def run(slots):  # one ring of slots shared by every phase: its tiles all have one shape
@@ -194,7 +234,7 @@ def _kernel(*refs, layer_phases, final_phases, shapes, vectors, offsets, layers,
                 start = (layer == 0) if p == 0 else False
                 state = (None if chain == 1 else
                          jnp.where(start, plgpu.PipelinePipeline.START, plgpu.PipelinePipeline.STEADY))
-                pipeline(phase, True, lambda: layer, lambda p=p: layer * len(layer_phases) + p, state)(
+                pipeline(phase, True, lambda: layer, lambda p=p: layer * per_layer + before[p], state)(
                     weights[phase.weight], allocations=slots)
             return carry
 
@@ -202,9 +242,10 @@ def _kernel(*refs, layer_phases, final_phases, shapes, vectors, offsets, layers,
             lax.fori_loop(0, layers, layer_body, None)
         for p, phase in enumerate(final_phases):
             number = len(layer_phases) * layers + p
+            barrier = per_layer * layers + sum(map(_barriers, final_phases[:p]))
             state = (None if chain == 1 else plgpu.PipelinePipeline.START if number == 0
                      else plgpu.PipelinePipeline.STOP if number == chain - 1 else plgpu.PipelinePipeline.STEADY)
-            pipeline(phase, False, lambda: layers, lambda number=number: number, state)(
+            pipeline(phase, False, lambda: layers, lambda barrier=barrier: barrier, state)(
                 weights[phase.weight], allocations=slots)
 
     w0 = weights[first.weight]
@@ -212,8 +253,8 @@ def _kernel(*refs, layer_phases, final_phases, shapes, vectors, offsets, layers,
     pl.run_scoped(run, pipeline(first, False, lambda: 0, lambda: 0, None).get_allocations(w0), collective_axes="wg")
 
 
-def run_phases(weights, norms, inputs, layer_phases, final_phases, vectors, *, layers: int, eps: float = 1e-5,
-               concurrent: int = 4, ctas: int | None = None, interpret: bool = False):
+def run_phases(weights, norms, inputs, layer_phases, final_phases, vectors, *, layers: int, cache=None,
+               eps: float = 1e-5, concurrent: int = 4, ctas: int | None = None, interpret: bool = False):
     """Run `layers` rounds of layer_phases, then final_phases, in one persistent kernel.
 
     Args:
@@ -225,6 +266,9 @@ def run_phases(weights, norms, inputs, layer_phases, final_phases, vectors, *, l
       layer_phases, final_phases: Phase lists, in order.
       vectors: name -> Vector, every vector the phases name.
       layers: rounds of layer_phases (final phases run as layer `layers`).
+      cache: for phases with attention, (k, v, pos, rope): the layers' caches, bfloat16
+        [layers, T, 4, 64] (T a multiple of 64, positions [0, pos) valid), pos int32 [1] (the new
+        token's position) and rope fp32 [2, 32] (cos and sin of its angles).
       eps: RMSNorm epsilon.
       concurrent: weight tiles in flight a CTA (32 KB of shared memory each).
       ctas: CTAs, all resident at once; default the device's SM count (an H100's 132 where there
@@ -233,7 +277,7 @@ def run_phases(weights, norms, inputs, layer_phases, final_phases, vectors, *, l
       dict name -> fp32 [rows, n] (all of each vector's rows).
     Raises:
       ValueError: weights of the wrong shape or dtype, phases naming unknown vectors or x kinds,
-        or concurrent out of range.
+        attention without a cache of the shapes above, or concurrent out of range.
     """
     shapes = [tuple(w.shape) for w in weights]
     bad = [(i, w.shape, w.dtype) for i, w in enumerate(weights)
@@ -251,6 +295,9 @@ def run_phases(weights, norms, inputs, layer_phases, final_phases, vectors, *, l
     if not phases or unknown or any(ph.x not in ("norm", "swiglu", "copy") for ph in phases):
         raise ValueError(f"phases name vectors {sorted(vectors)} and x in norm/swiglu/copy; got unknown "
                          f"(phase, name) {unknown} and x {[ph.x for ph in phases]}")
+    attends = any(ph.attention is not None for ph in phases)
+    if attends:
+        _check_cache(cache, layers)
     if interpret:
         ctas = 1
     ctas = ctas or (jax.devices()[0].core_count if jax.default_backend() == "gpu" else H100_SMS)
@@ -265,11 +312,23 @@ def run_phases(weights, norms, inputs, layer_phases, final_phases, vectors, *, l
                               shapes=shapes, vectors=vectors, offsets=offsets, layers=layers, ctas=ctas,
                               concurrent=concurrent, eps=eps, interpret=interpret),
         out_type=(), grid=(ctas,), grid_names=("sm",), num_threads=2, thread_name="wg",
-        scratch_types=[plgpu.SMEM((k_max,), jnp.float32), plgpu.SMEM((TILE_N,), jnp.float32)],
+        scratch_types=[plgpu.SMEM((k_max,), jnp.float32), plgpu.SMEM((TILE_N,), jnp.float32),
+                       attn.scratch_types() if attends else []],
         interpret=_interpret_params() if interpret else None)
-    kernel(*weights, norms, workspace)
+    kernel(*weights, norms, tuple(cache) if attends else (), workspace)
     acts = workspace[...]
     return {name: acts[offsets[name]:offsets[name] + v.n * v.rows].reshape(v.rows, v.n) for name, v in vectors.items()}
+
+
+def _check_cache(cache, layers: int):
+    shapes = None if cache is None or len(cache) != 4 else [(tuple(a.shape), a.dtype) for a in cache]
+    heads = (attn.KV_HEADS, attn.HEAD_DIM)
+    if (shapes is None or len(shapes[0][0]) != 4 or shapes[0][0][0] != layers or shapes[0][0][2:] != heads
+            or shapes[0][0][1] % attn.BLOCK or shapes[1] != shapes[0] or shapes[0][1] != jnp.bfloat16
+            or shapes[2] != ((1,), jnp.int32) or shapes[3] != ((2, attn.HEAD_DIM // 2), jnp.float32)):
+        raise ValueError(f"attention needs cache=(k, v, pos, rope): k and v bfloat16 [layers={layers}, T, "
+                         f"{heads[0]}, {heads[1]}] with T % {attn.BLOCK} == 0, pos int32 [1], rope float32 "
+                         f"[2, {attn.HEAD_DIM // 2}]; got (shape, dtype) {shapes}")
 
 
 def _interpret_params():

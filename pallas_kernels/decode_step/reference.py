@@ -2,10 +2,34 @@
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.decode_step import attention as attn
 from pallas_kernels.decode_step.mosaic_step import _named
 
 
-def run_phases(weights, norms, inputs, layer_phases, final_phases, vectors, *, layers: int, eps: float = 1e-5):
+def _rotate(x, cos, sin):
+    """HF Llama rotary ("rotate half") of [..., 64] by the angles' cos, sin [32]."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def attention(qkv, k_cache, v_cache, pos: int, rope):
+    """(attention output [2048], new_kv [512]) of one layer: q and the new k rotated, softmax
+    over cache positions [0, pos) and the new token, GQA (q head h reads kv head h // 8)."""
+    hd, kv = attn.HEAD_DIM, attn.KV_HEADS
+    q_len = attn.Q_HEADS * hd
+    q = _rotate(qkv[:q_len].reshape(attn.Q_HEADS, hd), *rope)
+    k_new = _rotate(qkv[q_len:q_len + kv * hd].reshape(kv, hd), *rope)
+    v_new = qkv[q_len + kv * hd:].reshape(kv, hd)
+    keys = jnp.concatenate([k_cache[:pos].astype(jnp.float32), k_new[None]])  # [pos + 1, kv, hd]
+    values = jnp.concatenate([v_cache[:pos].astype(jnp.float32), v_new[None]])
+    keys, values = (jnp.repeat(a, attn.Q_PER_KV, axis=1) for a in (keys, values))
+    scores = jnp.einsum("hd,thd->ht", q, keys, precision="highest") / hd ** 0.5
+    out = jnp.einsum("ht,thd->hd", jax.nn.softmax(scores, axis=-1), values, precision="highest")
+    return out.reshape(-1), jnp.stack([k_new, v_new], axis=1).reshape(-1)
+
+
+def run_phases(weights, norms, inputs, layer_phases, final_phases, vectors, *, layers: int, cache=None,
+               eps: float = 1e-5):
     acts = {name: jnp.zeros((v.rows, v.n), jnp.float32) for name, v in vectors.items()}
     for name, value in inputs.items():
         acts[name] = acts[name].at[0].set(value.astype(jnp.float32))
@@ -15,6 +39,14 @@ def run_phases(weights, norms, inputs, layer_phases, final_phases, vectors, *, l
         return name, (layer + delta - vectors[name].first if vectors[name].rows > 1 else 0)
 
     def run(phase, layer, in_loop):
+        if phase.attention is not None:
+            k_cache, v_cache, pos, rope = cache
+            spec = phase.attention
+            name, r = row(spec.qkv, layer)
+            out, new_kv = attention(acts[name][r], k_cache[layer], v_cache[layer], int(pos[0]), rope)
+            for vec, value in ((spec.out, out), (spec.new_kv, new_kv)):
+                name, r = row(vec, layer)
+                acts[name] = acts[name].at[r].set(value)
         w = weights[phase.weight][layer] if in_loop else weights[phase.weight]
         n, k = w.shape
         v = acts[row(phase.source, layer)[0]][row(phase.source, layer)[1]]

@@ -3,11 +3,12 @@ jnp reference: in Pallas interpret mode on the CPU (one CTA), lowered for Hopper
 on all SMs of the GPU (K split over CTAs, grid barriers, TMA reduce-adds)."""
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from pallas_kernels import _testing
-from pallas_kernels.decode_step import Phase, Vector, reference, run_phases
-from pallas_kernels.decode_step.chains import llama_without_attention
+from pallas_kernels.decode_step import Attention, Phase, Vector, reference, run_phases
+from pallas_kernels.decode_step.chains import llama, llama_without_attention
 
 SMALL = dict(layers=2, d=256, heads_dim=256, qkv=384, mlp=512, vocab=512)
 LLAMA_1B = dict(d=2048, heads_dim=2048, qkv=2560, mlp=5632, vocab=32000)
@@ -24,14 +25,31 @@ def _problem(name, layers, d, heads_dim, qkv, mlp, vocab):
     return (weights, norms, inputs), (layer_phases, final_phases, vectors), layers
 
 
+def _with_attention(name, layers, d, mlp, vocab, cache_len, pos):
+    """A Llama problem with attention over a cache holding `pos` positions (NaN past them:
+    unwritten slots must not leak into the outputs)."""
+    shapes, norm_shapes, *chain = llama(layers, d, mlp, vocab)
+    weights = [jnp.asarray(_testing.normal(f"{name}/w{i}", s, scale=s[-1] ** -0.5), jnp.bfloat16)
+               for i, s in enumerate(shapes)]
+    norms = [jnp.asarray(_testing.normal(f"{name}/norm{i}", s, scale=0.1, shift=1.0)) for i, s in enumerate(norm_shapes)]
+    inputs = {"h": jnp.asarray(_testing.normal(f"{name}/h0", (d,)))}
+    k, v = (np.asarray(_testing.normal(f"{name}/{kv}", (layers, cache_len, 4, 64))) for kv in "kv")
+    k[:, pos:] = v[:, pos:] = np.nan
+    angles = pos * 10000.0 ** (-np.arange(0, 64, 2) / 64)
+    cache = (jnp.asarray(k, jnp.bfloat16), jnp.asarray(v, jnp.bfloat16), jnp.asarray([pos], jnp.int32),
+             jnp.asarray(np.stack([np.cos(angles), np.sin(angles)]), jnp.float32))
+    return (weights, norms, inputs), tuple(chain), layers, cache
+
+
 def _run(problem, **options):
-    arrays, chain, layers = problem
+    arrays, chain, layers, *cache = problem
+    options.update(cache=cache[0]) if cache else None
     return jax.jit(lambda *a: run_phases(*a, *chain, layers=layers, **options))(*arrays)
 
 
 def _check(out, problem, dtype=jnp.float32):
-    arrays, chain, layers = problem
-    expected = reference.run_phases(*arrays, *chain, layers=layers)
+    arrays, chain, layers, *cache = problem
+    expected = reference.run_phases(*arrays, *chain, layers=layers, cache=cache[0] if cache else None)
     for name in expected:
         _testing.assert_close(out[name], expected[name], dtype, name)
 
@@ -40,6 +58,14 @@ def test_matches_reference_interpret():
     """Norms, SwiGLU, residuals, K-split adds and the head, each phase reading the one before."""
     problem = _problem("chain/small", **SMALL)
     _check(_run(problem, interpret=True), problem)
+
+
+@pytest.mark.parametrize("pos", [0, 70])
+def test_with_attention_matches_reference_interpret(pos):
+    """Attention (rotary, GQA, the cache and the new token; p in bf16: bf16 tolerance) between
+    the q|k|v and o phases, for an empty cache and one ending mid-chunk."""
+    problem = _with_attention(f"attn/{pos}", layers=2, d=256, mlp=512, vocab=512, cache_len=128, pos=pos)
+    _check(_run(problem, interpret=True), problem, jnp.bfloat16)
 
 
 def test_llama_layer_lowers_for_hopper():
@@ -52,11 +78,21 @@ def test_llama_layer_lowers_for_hopper():
     assert "mosaic_gpu" in lowered.as_text()
 
 
+def test_llama_with_attention_lowers_for_hopper():
+    problem = _with_attention("attn/lower", layers=2, d=2048, mlp=5632, vocab=32000, cache_len=384, pos=200)
+    arrays, chain, layers, cache = problem
+    lowered = jax.jit(lambda *a: run_phases(*a, *chain, layers=layers, cache=cache, concurrent=2)).trace(
+        *arrays).lower(lowering_platforms=("cuda",))
+    assert "mosaic_gpu" in lowered.as_text()
+
+
 @pytest.mark.parametrize("change,match", [
     (dict(weights=[jnp.zeros((64, 200), jnp.bfloat16)]), r"\(0, \(64, 200\)"),
     (dict(final_phases=[Phase(0, "norm", "h", "nowhere", norm=0)]), r"\(0, 'nowhere'\)"),
     (dict(final_phases=[Phase(0, "gelu", "h", "y")]), r"x \['gelu'\]"),
     (dict(final_phases=[]), r"final_phases must not be empty"),
+    (dict(final_phases=[Phase(0, "norm", "h", "y", norm=0, attention=Attention("h", "y", "y"))]),
+     r"attention needs cache=\(k, v, pos, rope\).*got \(shape, dtype\) None"),
     (dict(concurrent=7), r"concurrent=7 must be in \[1, 6\]"),
 ])
 def test_bad_input_is_rejected(change, match):
@@ -78,3 +114,14 @@ def test_matches_reference_gpu(dims, concurrent):
     Llama layers' o and down phases build only their CTAs' chunks of x; the small ones all of it."""
     problem = _problem(f"chain/{dims['d']}", **dims)
     _check(_run(problem, concurrent=concurrent), problem, jnp.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pos", [0, 200])
+@pytest.mark.parametrize("dims", [dict(d=256, mlp=512, vocab=512), dict(d=2048, mlp=5632, vocab=32000)],
+                         ids=["small", "llama-1b"])
+def test_with_attention_matches_reference_gpu(dims, pos):
+    """Two layers with attention on all SMs: kv heads on CTAs 0-3, the other CTAs waiting at its
+    barrier; the benchmark's 384-position cache."""
+    problem = _with_attention(f"attn/{dims['d']}/{pos}", layers=2, cache_len=384, pos=pos, **dims)
+    _check(_run(problem, concurrent=2), problem, jnp.bfloat16)

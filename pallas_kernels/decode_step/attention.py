@@ -1,0 +1,197 @@
+"""Decode attention inside the persistent step (Pallas Mosaic GPU): one kv head on one warpgroup.
+
+For kv head g of Llama 1.1B's shape (32 q heads in groups of 8 over 4 kv heads, 64 dims): rotary
+on the group's q heads and on the new k, then softmax attention over the layer's cache
+positions [0, pos) and the new token. Scores and outputs are [64, 64] wgmma tiles whose row r < 8
+is q head 8g + r (the other rows zero: batch 1 leaves the tensor cores idle anyway). The new
+token goes first, as an extra chunk whose only unmasked key is its own k at row 8, so the
+running max is finite from the start; then 64-position chunks of the cache stream in by TMA
+through a ring of `slots` buffers, masked past pos.
+
+Written against interpret mode's limits as well as Hopper's: p goes to the MMA through shared
+memory (interpret mode's wgmma takes A only from there), and every P V product starts from a
+fresh accumulator, added in registers.
+"""
+import dataclasses
+import math
+
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+HEAD_DIM = 64
+Q_PER_KV = 8
+KV_HEADS = 4
+Q_HEADS = Q_PER_KV * KV_HEADS
+BLOCK = 64  # cache positions per chunk
+NEW_ROW = 8  # row (= key column) of the new token in the extra K / V tile
+SWIZZLE = 128
+TRANSFORMS = (plgpu.TilingTransform((8, SWIZZLE // 2)), plgpu.SwizzleTransform(SWIZZLE))
+LOG2E = math.log2(math.e)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttnScratch:
+    """Shared memory and barriers the unit uses while it runs (`scratch_types`, in field order)."""
+    rot: object       # fp32 [2, 32]      TMA target: cos, sin
+    x: object         # fp32 [72, 64]     register <-> layout staging (unswizzled)
+    q_tile: object    # bf16 [64, 64]     swizzled, wgmma A
+    k_new: object     # bf16 [64, 64]     swizzled, the extra K tile, then p
+    v_new: object     # bf16 [64, 64]     swizzled, the extra V tile
+    k_slots: object   # bf16 [S, 64, 64]  swizzled, cache K chunks
+    v_slots: object   # bf16 [S, 64, 64]  swizzled, cache V chunks
+    stage_bar: object  # Barrier(num_barriers=2): cos, sin
+    k_bar: object     # Barrier(num_barriers=S)
+    v_bar: object     # Barrier(num_barriers=S)
+
+
+def scratch_types(slots: int = 2):
+    """The unit's scratch (~74 KB at 2 slots), in AttnScratch field order."""
+    f32, bf16 = jnp.float32, jnp.bfloat16
+    return [
+            plgpu.SMEM((2, HEAD_DIM // 2), f32),
+            plgpu.SMEM((72, HEAD_DIM), f32),
+            plgpu.SMEM((BLOCK, HEAD_DIM), bf16, transforms=TRANSFORMS),
+            plgpu.SMEM((BLOCK, HEAD_DIM), bf16, transforms=TRANSFORMS),
+            plgpu.SMEM((BLOCK, HEAD_DIM), bf16, transforms=TRANSFORMS),
+            plgpu.SMEM((slots, BLOCK, HEAD_DIM), bf16, transforms=TRANSFORMS),
+            plgpu.SMEM((slots, BLOCK, HEAD_DIM), bf16, transforms=TRANSFORMS),
+            plgpu.Barrier(num_barriers=2),
+            plgpu.Barrier(num_barriers=slots),
+            plgpu.Barrier(num_barriers=slots),
+    ]
+
+
+def _iota(dim):
+    return plgpu.broadcasted_iota(jnp.int32, (BLOCK, HEAD_DIM), dim, layout=plgpu.Layout.WGMMA)
+
+
+def _load_wgmma(ref):
+    # optimized=False: the staging buffer is also accessed with WG_STRIDED layouts, so it must stay
+    # untiled/unswizzled, and no "optimized" WGMMA transfer exists for that (layout inference then
+    # fails, or in the full unit searches for many minutes).
+    return plgpu.load(ref, layout=plgpu.Layout.WGMMA, optimized=False)
+
+
+def attention_unit(g, qkv, k_cache, v_cache, pos_ref, cos, sin, attn_out, new_kv, s: AttnScratch):
+    """Attention of q heads 8g..8g+7 over kv head g (g a traced int in [0, 4): a Python int
+    unrolls and layout inference slows to minutes). qkv [2560], attn_out [2048] and new_kv [512]
+    are fp32 vectors in global memory; new_kv gets (rotated k, v) of head g at 128 g."""
+    slots = s.k_slots.shape[0]
+
+    # 1. cos, sin -> SMEM by TMA (a WGMMA-column vector load only reads SMEM).
+    plgpu.copy_gmem_to_smem(cos, s.rot.at[0], s.stage_bar.at[0])
+    plgpu.copy_gmem_to_smem(sin, s.rot.at[1], s.stage_bar.at[1])
+
+    pos = pos_ref[0]
+    n_chunks = lax.div(pos + (BLOCK - 1), BLOCK)
+
+    def fetch(chunk, slot):
+        plgpu.copy_gmem_to_smem(k_cache.at[pl.ds(chunk * BLOCK, BLOCK), g], s.k_slots.at[slot], s.k_bar.at[slot])
+        plgpu.copy_gmem_to_smem(v_cache.at[pl.ds(chunk * BLOCK, BLOCK), g], s.v_slots.at[slot], s.v_bar.at[slot])
+
+    for i in range(slots):  # the cache chunks stream in while the new token is prepared
+        pl.when(i < n_chunks)(lambda i=i: fetch(i, i))
+
+    # 2. The features into rows of x: rows 0..7 the q heads, row 8 k, row 9 v. Plain loads (the
+    #    caller's grid barrier gives acquire semantics), reshaped as values: interpret mode rejects
+    #    ref reshapes. A WG_STRIDED array needs a multiple of 128 elements, so k and v come as
+    #    128-entry windows ending at them, stored v first so that k's window overwrites v's other
+    #    half, and q last over k's.
+    strided = lambda shape: plgpu.Layout.WG_STRIDED(shape, vec_size=1)
+    group = Q_PER_KV * HEAD_DIM
+    def window(first, rows):  # qkv[first : first + rows] as [rows // 64, 64]
+        return plgpu.load(qkv.at[pl.ds(first, rows)], layout=strided((rows,))).reshape(rows // HEAD_DIM, HEAD_DIM)
+    k_at, v_at = Q_HEADS * HEAD_DIM, (Q_HEADS + KV_HEADS) * HEAD_DIM  # where k and v start in qkv
+    s.x[pl.ds(NEW_ROW, 2)] = window(v_at + (g - 1) * HEAD_DIM, 2 * HEAD_DIM)  # (the entries before, v_g)
+    s.x[pl.ds(NEW_ROW - 1, 2)] = window(k_at + (g - 1) * HEAD_DIM, 2 * HEAD_DIM)  # (the entries before, k_g)
+    s.x[pl.ds(0, Q_PER_KV)] = window(g * group, group)
+    plgpu.barrier_wait(s.stage_bar.at[0])
+    plgpu.barrier_wait(s.stage_bar.at[1])
+
+    # 3. Rotary on the two column halves (WGMMA layout, cos / sin broadcast down the rows).
+    half = HEAD_DIM // 2
+    col_layout = plgpu.Layout.WGMMA.reduce(0)
+    wg = lambda v: plgpu.layout_cast(v, plgpu.Layout.WGMMA)  # pins layouts: inference search is slow
+    c = wg(lax.broadcast_in_dim(plgpu.load(s.rot.at[0], layout=col_layout), (BLOCK, half), [1]))
+    sn = wg(lax.broadcast_in_dim(plgpu.load(s.rot.at[1], layout=col_layout), (BLOCK, half), [1]))
+    rows = plgpu.broadcasted_iota(jnp.int32, (BLOCK, half), 0, layout=plgpu.Layout.WGMMA)
+    x1 = _load_wgmma(s.x.at[pl.ds(0, BLOCK), pl.ds(0, half)])
+    x2 = _load_wgmma(s.x.at[pl.ds(0, BLOCK), pl.ds(half, half)])
+    keep = rows == NEW_ROW + 1  # v is not rotated
+    s.x[pl.ds(0, BLOCK), pl.ds(0, half)] = wg(jnp.where(keep, x1, wg(wg(x1 * c) - wg(x2 * sn))))
+    s.x[pl.ds(0, BLOCK), pl.ds(half, half)] = wg(jnp.where(keep, x2, wg(wg(x2 * c) + wg(x1 * sn))))
+
+    # 4. new_kv <- (rotated k, v); the q tile (scaled) and the extra K / V tiles -> swizzled bf16.
+    new_kv.at[pl.ds(g * 2 * HEAD_DIM, 2 * HEAD_DIM)][...] = plgpu.load(
+            s.x.at[pl.ds(NEW_ROW, 2)], layout=strided((2, HEAD_DIM))).reshape(2 * HEAD_DIM)
+    row = _iota(0)
+    xr = _load_wgmma(s.x.at[pl.ds(0, BLOCK)])
+    s.q_tile[...] = jnp.where(row < Q_PER_KV, xr * (1.0 / math.sqrt(HEAD_DIM)), 0.0).astype(jnp.bfloat16)
+    s.k_new[...] = jnp.where(row == NEW_ROW, xr, 0.0).astype(jnp.bfloat16)
+    xv = _load_wgmma(s.x.at[pl.ds(1, BLOCK)])  # row 8 of this view is x row 9: v
+    s.v_new[...] = jnp.where(row == NEW_ROW, xv, 0.0).astype(jnp.bfloat16)
+    plgpu.commit_smem()
+
+    # 5. Online softmax over [new token] + cache chunks.
+    col = _iota(1)
+
+    def step(k_tile, v_tile, mask, carry):
+        acc, m, l = carry
+
+        def qk(acc_ref):
+            plgpu.wgmma(acc_ref, s.q_tile, k_tile.T)
+            plgpu.wgmma_wait(0)
+            return acc_ref[...]
+
+        sc = pl.run_scoped(qk, plgpu.ACC((BLOCK, BLOCK), jnp.float32))
+        sc = jnp.where(mask, sc * LOG2E, -jnp.inf)
+        m_new = jnp.maximum(m, sc.max(axis=1))
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(sc - lax.broadcast_in_dim(m_new, sc.shape, [0]))
+        l = l * alpha + p.sum(axis=1)
+
+        # p goes through SMEM (the k_new tile, free once the first step's QK is done): interpret
+        # mode's wgmma reads A only from SMEM. And a fresh zero accumulator, added in registers:
+        # run_state(ACC.init(acc)) discharges to a `wgmma` primitive interpret mode cannot run.
+        s.k_new[...] = p.astype(jnp.bfloat16)
+        plgpu.commit_smem()
+
+        def pv(acc_ref):
+            plgpu.wgmma(acc_ref, s.k_new, v_tile)
+            plgpu.wgmma_wait(0)
+            return acc_ref[...]
+
+        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pl.run_scoped(pv, plgpu.ACC((BLOCK, HEAD_DIM), jnp.float32))
+        return acc, m_new, l
+
+    row_layout = plgpu.Layout.WGMMA.reduce(1)
+    carry = (plgpu.layout_cast(jnp.zeros((BLOCK, HEAD_DIM), jnp.float32), plgpu.Layout.WGMMA),
+                      plgpu.layout_cast(jnp.full((BLOCK,), -jnp.inf, jnp.float32), row_layout),
+                      plgpu.layout_cast(jnp.zeros((BLOCK,), jnp.float32), row_layout))
+    carry = step(s.k_new, s.v_new, col == NEW_ROW, carry)
+
+    def chunk_body(chunk, carry):
+        slot = lax.rem(chunk, slots)
+        plgpu.barrier_wait(s.k_bar.at[slot])
+        plgpu.barrier_wait(s.v_bar.at[slot])
+        v_tile = s.v_slots.at[slot]
+
+        @pl.when(chunk == n_chunks - 1)
+        def _():  # zero V rows at positions >= pos: p is 0 there, but 0 * NaN garbage is NaN
+            v = plgpu.load(v_tile, layout=plgpu.Layout.WGMMA)
+            v_tile[...] = jnp.where(_iota(0) + chunk * BLOCK < pos, v, jnp.zeros_like(v))
+            plgpu.commit_smem()
+
+        carry = step(s.k_slots.at[slot], v_tile, col + chunk * BLOCK < pos, carry)
+        # wgmma_wait(0) above: the slot's reads are done, refill it.
+        pl.when(chunk + slots < n_chunks)(lambda: fetch(chunk + slots, slot))
+        return carry
+
+    acc, m, l = lax.fori_loop(0, n_chunks, chunk_body, carry)
+
+    # 6. Normalise; rows 0..7 -> attn_out[512g + 64h + d].
+    s.x[pl.ds(0, BLOCK)] = acc / lax.broadcast_in_dim(l, acc.shape, [0])
+    attn_out.at[pl.ds(g * group, group)][...] = plgpu.load(
+            s.x.at[pl.ds(0, Q_PER_KV)], layout=strided((Q_PER_KV, HEAD_DIM))).reshape(group)
