@@ -74,10 +74,22 @@ def _load_wgmma(ref):
     return plgpu.load(ref, layout=plgpu.Layout.WGMMA, optimized=False)
 
 
-def attention_unit(g, qkv, k_cache, v_cache, pos_ref, cos, sin, attn_out, new_kv, s: AttnScratch):
-    """Attention of q heads 8g..8g+7 over kv head g (g a traced int in [0, 4): a Python int
-    unrolls and layout inference slows to minutes). qkv [2560], attn_out [2048] and new_kv [512]
-    are fp32 vectors in global memory; new_kv gets (rotated k, v) of head g at 128 g."""
+def chunk_range(n_chunks, split, splits):
+    """The cache chunks [first, end) of one split: whole shares of ceil(n_chunks / splits)."""
+    share = (n_chunks + splits - 1) // splits
+    first = split * share
+    return first, jnp.minimum(n_chunks, first + share)
+
+
+def attention_unit(g, split, splits: int, qkv, k_cache, v_cache, pos_ref, cos, sin, out, new_kv, s: AttnScratch):
+    """Attention of q heads 8g..8g+7 over kv head g, split `split` of `splits` of the cache
+    (`chunk_range`; split 0 also takes the new token). g and split are traced ints (Python ints
+    unroll and layout inference slows to minutes). qkv [2560], out and new_kv [512] are fp32
+    vectors in global memory; new_kv gets (rotated k, v) of head g at 128 g. With one split, out
+    [2048] gets the output; with more, out [2 splits, 2048] gets partials: row `split` the
+    split's normalised output, row splits + split its log2-sum-exp2 of the scaled scores per
+    head, repeated over the head's 64 entries (-inf, with a zero output, for a split with no
+    positions)."""
     slots = s.k_slots.shape[0]
 
     # 1. cos, sin -> SMEM by TMA (a WGMMA-column vector load only reads SMEM).
@@ -86,13 +98,15 @@ def attention_unit(g, qkv, k_cache, v_cache, pos_ref, cos, sin, attn_out, new_kv
 
     pos = pos_ref[0]
     n_chunks = lax.div(pos + (BLOCK - 1), BLOCK)
+    first, end = chunk_range(n_chunks, split, splits)
+    count = jnp.maximum(end - first, 0)
 
     def fetch(chunk, slot):
         plgpu.copy_gmem_to_smem(k_cache.at[pl.ds(chunk * BLOCK, BLOCK), g], s.k_slots.at[slot], s.k_bar.at[slot])
         plgpu.copy_gmem_to_smem(v_cache.at[pl.ds(chunk * BLOCK, BLOCK), g], s.v_slots.at[slot], s.v_bar.at[slot])
 
     for i in range(slots):  # the cache chunks stream in while the new token is prepared
-        pl.when(i < n_chunks)(lambda i=i: fetch(i, i))
+        pl.when(i < count)(lambda i=i: fetch(first + i, i))
 
     # 2. The features into rows of x: rows 0..7 the q heads, row 8 k, row 9 v. Plain loads (the
     #    caller's grid barrier gives acquire semantics), reshaped as values: interpret mode rejects
@@ -101,8 +115,10 @@ def attention_unit(g, qkv, k_cache, v_cache, pos_ref, cos, sin, attn_out, new_kv
     #    half, and q last over k's.
     strided = lambda shape: plgpu.Layout.WG_STRIDED(shape, vec_size=1)
     group = Q_PER_KV * HEAD_DIM
-    def window(first, rows):  # qkv[first : first + rows] as [rows // 64, 64]
-        return plgpu.load(qkv.at[pl.ds(first, rows)], layout=strided((rows,))).reshape(rows // HEAD_DIM, HEAD_DIM)
+
+    def window(start, rows):  # qkv[start : start + rows] as [rows // 64, 64]
+        return plgpu.load(qkv.at[pl.ds(start, rows)], layout=strided((rows,))).reshape(rows // HEAD_DIM, HEAD_DIM)
+
     k_at, v_at = Q_HEADS * HEAD_DIM, (Q_HEADS + KV_HEADS) * HEAD_DIM  # where k and v start in qkv
     s.x[pl.ds(NEW_ROW, 2)] = window(v_at + (g - 1) * HEAD_DIM, 2 * HEAD_DIM)  # (the entries before, v_g)
     s.x[pl.ds(NEW_ROW - 1, 2)] = window(k_at + (g - 1) * HEAD_DIM, 2 * HEAD_DIM)  # (the entries before, k_g)
@@ -148,8 +164,9 @@ def attention_unit(g, qkv, k_cache, v_cache, pos_ref, cos, sin, attn_out, new_kv
         sc = pl.run_scoped(qk, plgpu.ACC((BLOCK, BLOCK), jnp.float32))
         sc = jnp.where(mask, sc * LOG2E, -jnp.inf)
         m_new = jnp.maximum(m, sc.max(axis=1))
-        alpha = jnp.exp2(m - m_new)
-        p = jnp.exp2(sc - lax.broadcast_in_dim(m_new, sc.shape, [0]))
+        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # a row with nothing unmasked yet stays 0
+        alpha = jnp.exp2(m - m_safe)
+        p = jnp.exp2(sc - lax.broadcast_in_dim(m_safe, sc.shape, [0]))
         l = l * alpha + p.sum(axis=1)
 
         # p goes through SMEM (the k_new tile, free once the first step's QK is done): interpret
@@ -168,12 +185,12 @@ def attention_unit(g, qkv, k_cache, v_cache, pos_ref, cos, sin, attn_out, new_kv
 
     row_layout = plgpu.Layout.WGMMA.reduce(1)
     carry = (plgpu.layout_cast(jnp.zeros((BLOCK, HEAD_DIM), jnp.float32), plgpu.Layout.WGMMA),
-                      plgpu.layout_cast(jnp.full((BLOCK,), -jnp.inf, jnp.float32), row_layout),
-                      plgpu.layout_cast(jnp.zeros((BLOCK,), jnp.float32), row_layout))
-    carry = step(s.k_new, s.v_new, col == NEW_ROW, carry)
+             plgpu.layout_cast(jnp.full((BLOCK,), -jnp.inf, jnp.float32), row_layout),
+             plgpu.layout_cast(jnp.zeros((BLOCK,), jnp.float32), row_layout))
+    carry = step(s.k_new, s.v_new, col == NEW_ROW + BLOCK * (split != 0), carry)  # split 0's only
 
-    def chunk_body(chunk, carry):
-        slot = lax.rem(chunk, slots)
+    def chunk_body(i, carry):
+        chunk, slot = first + i, lax.rem(i, slots)
         plgpu.barrier_wait(s.k_bar.at[slot])
         plgpu.barrier_wait(s.v_bar.at[slot])
         v_tile = s.v_slots.at[slot]
@@ -186,12 +203,22 @@ def attention_unit(g, qkv, k_cache, v_cache, pos_ref, cos, sin, attn_out, new_kv
 
         carry = step(s.k_slots.at[slot], v_tile, col + chunk * BLOCK < pos, carry)
         # wgmma_wait(0) above: the slot's reads are done, refill it.
-        pl.when(chunk + slots < n_chunks)(lambda: fetch(chunk + slots, slot))
+        pl.when(i + slots < count)(lambda: fetch(chunk + slots, slot))
         return carry
 
-    acc, m, l = lax.fori_loop(0, n_chunks, chunk_body, carry)
+    acc, m, l = lax.fori_loop(0, count, chunk_body, carry)
 
-    # 6. Normalise; rows 0..7 -> attn_out[512g + 64h + d].
-    s.x[pl.ds(0, BLOCK)] = acc / lax.broadcast_in_dim(l, acc.shape, [0])
-    attn_out.at[pl.ds(g * group, group)][...] = plgpu.load(
+    # 6. Normalise; rows 0..7 -> out[512g + 64h + d] (of row `split`, and the log-sum-exp of
+    #    row splits + split, if split).
+    def store(rows_value, at):
+        plgpu.commit_smem()  # every thread is done reading x
+        s.x[pl.ds(0, BLOCK)] = rows_value
+        plgpu.commit_smem()
+        out.at[pl.ds(at + g * group, group)][...] = plgpu.load(
             s.x.at[pl.ds(0, Q_PER_KV)], layout=strided((Q_PER_KV, HEAD_DIM))).reshape(group)
+
+    total = Q_HEADS * HEAD_DIM
+    l_rows = lax.broadcast_in_dim(l, acc.shape, [0])
+    store(jnp.where(l_rows > 0, acc / l_rows, 0.0), split * total if splits > 1 else 0)
+    if splits > 1:
+        store(lax.broadcast_in_dim(m + jnp.log2(l), acc.shape, [0]), (splits + split) * total)

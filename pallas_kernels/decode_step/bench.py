@@ -26,9 +26,10 @@ def _cache(layers, length, pos):
     return k, v, jnp.array([pos], jnp.int32), jnp.stack([jnp.cos(angles), jnp.sin(angles)])
 
 
-def rows(layers=22, concurrents=(2, 4), reps=10, cache_len=384):
+def rows(layers=22, concurrents=(2, 4), reps=10, cache_len=384, attention_splits=(1, 6)):
     """One dict per variant: the step with attention (a cache of cache_len positions, the last
-    one new) and the chain without it per slot count, the bare stream at 4 slots, the copy."""
+    one new) per split count and the chain without it, per slot count; the bare stream at 4
+    slots, the copy."""
     shapes, norm_shapes, *chain = llama_without_attention(layers, **LLAMA_1B)
     keys = jax.random.split(jax.random.key(0), len(shapes) + 2)
     weights = [(jax.random.normal(key, s, jnp.float32) * s[-1] ** -0.5).astype(jnp.bfloat16)
@@ -40,16 +41,17 @@ def rows(layers=22, concurrents=(2, 4), reps=10, cache_len=384):
     nbytes = sum(w.nbytes for w in weights)
     case = f"llama-1b-{layers}-layers"
     out = []
-    step_shapes, _, *step_chain = llama(layers, d=LLAMA_1B["d"], mlp=LLAMA_1B["mlp"], vocab=LLAMA_1B["vocab"])
-    assert step_shapes == shapes  # the same weights: only o's input differs
     cache = _cache(layers, cache_len, cache_len - 1)
     cache_bytes = 2 * cache[0][:, :cache_len - 1].nbytes
     for concurrent in concurrents:
-        row = dict(op="decode_step", case=case, impl=f"step[{concurrent}]", mode="fwd", **_bench.environment())
-        fn = lambda c=concurrent: jax.jit(  # noqa: E731
-            lambda w, n, i, cache: run_phases(w, n, i, *step_chain, layers=layers, cache=cache, concurrent=c))
-        out.append(_bench.add_bandwidth_timing(row, fn, lambda n: [(weights, norms, inputs, cache)], reps,
-                                               nbytes=nbytes + cache_bytes))
+        for splits in attention_splits:
+            _, _, *step_chain = llama(layers, LLAMA_1B["d"], LLAMA_1B["mlp"], LLAMA_1B["vocab"], attention_splits=splits)
+            row = dict(op="decode_step", case=case, impl=f"step[{concurrent},{splits} splits]", mode="fwd",
+                       **_bench.environment())
+            fn = lambda c=concurrent, chain=step_chain: jax.jit(  # noqa: E731
+                lambda w, n, i, cache: run_phases(w, n, i, *chain, layers=layers, cache=cache, concurrent=c))
+            out.append(_bench.add_bandwidth_timing(row, fn, lambda n: [(weights, norms, inputs, cache)], reps,
+                                                   nbytes=nbytes + cache_bytes))
         row = dict(op="decode_step", case=case, impl=f"chain[{concurrent}]", mode="fwd", **_bench.environment())
         fn = lambda c=concurrent: jax.jit(  # noqa: E731
             lambda w, n, i: run_phases(w, n, i, *chain, layers=layers, concurrent=c))

@@ -30,6 +30,7 @@ Pallas interpret mode (the CPU tests) has no semaphores and no TMA reduction: th
 runs on one CTA, which orders its phases itself, and adds with a load and a store.
 """
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -57,12 +58,14 @@ class Vector:
 @dataclasses.dataclass(frozen=True)
 class Attention:
     """Run before a phase, after its wait: decode attention of the layer's q over its KV cache
-    and the new token (`attention.attention_unit`, one kv head a CTA), from the vector `qkv`
-    into `out`, the new token's rotated k and v into `new_kv` (k, v of head g at 128 g); then a
-    grid barrier of its own."""
+    and the new token (`attention.attention_unit` on CTA g splits + s for kv head g, split s of
+    the cache), from the vector `qkv` into `out`, the new token's rotated k and v into `new_kv`
+    (k, v of head g at 128 g); then a grid barrier of its own. With splits > 1, out holds the
+    splits' partials, which a "merge" phase combines."""
     qkv: str
     out: str
     new_kv: str
+    splits: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +77,8 @@ class Phase:
       "norm":   RMSNorm(source[:K]) * norms[norm] (row l of a [layers, K] scale in the loop)
       "swiglu": silu(source[:K]) * source[K:2K]
       "copy":   source[:K]
+      "merge":  the attention partials source [2 S, K] merged (sum over splits s of o_s 2^lse_s
+                over the sum of 2^lse_s, rows 0..S-1 the o_s, rows S..2S-1 the lse_s)
     rounded to bf16. `residual`, or None, is added to out once. Vectors are named as a name (the
     layer's own row) or (name, delta).
     """
@@ -124,27 +129,35 @@ def _kernel(*refs, layer_phases, final_phases, shapes, vectors, offsets, layers,
     def build_x(phase, n, k, steps, layer, in_loop):
         """x of a phase, rounded to bf16, into x_smem (fp32): at column offsets, or at step
         offsets if slotted. Every load is issued before any arithmetic: one round trip to L2."""
-        def finish(v, scale=None, up=None):
+        parts = vectors[_named(phase.source)[0]].n // k  # rows of source: 2 for SwiGLU, 2 S to merge
+
+        def finish(v, scale=None):
             if phase.x == "norm":
-                v = v * lax.rsqrt(jnp.sum(v * v) / k + eps) * scale
+                v = v[0] * lax.rsqrt(jnp.sum(v[0] * v[0]) / k + eps) * scale
             elif phase.x == "swiglu":
-                v = v * jax.nn.sigmoid(v) * up
+                v = v[0] * jax.nn.sigmoid(v[0]) * v[1]
+            elif phase.x == "merge":
+                outs, lses = v[:parts // 2], v[parts // 2:]
+                top = functools.reduce(jnp.maximum, lses)
+                weights = [jnp.exp2(lse - top) for lse in lses]
+                v = sum(o * w for o, w in zip(outs, weights)) / sum(weights)
+            else:
+                v = v[0]
             return v.astype(jnp.bfloat16).astype(jnp.float32)
 
+        def load(start, length):  # the source's rows a phase reads, at [start, start + length)
+            rows = 1 if phase.x in ("norm", "copy") else parts
+            return [vector_ref(phase.source, layer, row * k + start, length)[...] for row in range(rows)]
+
         if not slotted(phase, k, steps):
-            loads = [vector_ref(phase.source, layer, 0, k)[...]]
-            if phase.x == "norm":
-                loads.append(norms[phase.norm].at[layer if in_loop else 0][...])
-            elif phase.x == "swiglu":
-                loads.append(None)
-                loads.append(vector_ref(phase.source, layer, k, k)[...])
-            x_smem.at[pl.ds(0, k)][...] = finish(*loads)
+            v = load(0, k)
+            scale = norms[phase.norm].at[layer if in_loop else 0][...] if phase.x == "norm" else None
+            x_smem.at[pl.ds(0, k)][...] = finish(v, scale)
             return
-        chunk = lambda start: vector_ref(phase.source, layer, start, TILE_K)[...]  # noqa: E731
         starts = [tile_of(cta, step, n, k, ctas)[1] * TILE_K for step in range(steps)]
-        loads = [(chunk(start), chunk(k + start) if phase.x == "swiglu" else None) for start in starts]
-        for step, (v, up) in enumerate(loads):
-            x_smem.at[pl.ds(step * TILE_K, TILE_K)][...] = finish(v, up=up)
+        loads = [load(start, TILE_K) for start in starts]
+        for step, v in enumerate(loads):
+            x_smem.at[pl.ds(step * TILE_K, TILE_K)][...] = finish(v)
 
     def accumulate(dst, y):
         if interpret:  # one CTA: nothing else adds to dst
@@ -159,16 +172,18 @@ def _kernel(*refs, layer_phases, final_phases, shapes, vectors, offsets, layers,
         k_cache, v_cache, pos, rope = cache
         scratch = attn.AttnScratch(*attn_scratch)
 
-        def unit(g):
-            attn.attention_unit(g, vector_ref(spec.qkv, layer, 0, vectors[spec.qkv].n), k_cache.at[layer],
+        def unit(u):
+            attn.attention_unit(u // spec.splits, u % spec.splits, spec.splits,
+                                vector_ref(spec.qkv, layer, 0, vectors[spec.qkv].n), k_cache.at[layer],
                                 v_cache.at[layer], pos, rope.at[0], rope.at[1],
                                 vector_ref(spec.out, layer, 0, vectors[spec.out].n),
                                 vector_ref(spec.new_kv, layer, 0, vectors[spec.new_kv].n), scratch)
 
-        if interpret:  # the one CTA takes every kv head
-            pl.loop(0, attn.KV_HEADS)(unit)
+        units = attn.KV_HEADS * spec.splits
+        if interpret:  # the one CTA takes every unit
+            pl.loop(0, units)(unit)
         else:
-            pl.when(cta < attn.KV_HEADS)(lambda: unit(cta))
+            pl.when(cta < units)(lambda: unit(cta))
 
     def pipeline(phase, in_loop, layer_of, number_of, state):
         """The pipeline of one phase; layer_of() and number_of() give its layer and its place in
@@ -292,8 +307,8 @@ def run_phases(weights, norms, inputs, layer_phases, final_phases, vectors, *, l
     phases = list(layer_phases) + list(final_phases)
     unknown = [(i, _named(r)[0]) for i, ph in enumerate(phases) for r in (ph.source, ph.out, ph.residual)
                if r is not None and _named(r)[0] not in vectors]
-    if not phases or unknown or any(ph.x not in ("norm", "swiglu", "copy") for ph in phases):
-        raise ValueError(f"phases name vectors {sorted(vectors)} and x in norm/swiglu/copy; got unknown "
+    if not phases or unknown or any(ph.x not in ("norm", "swiglu", "copy", "merge") for ph in phases):
+        raise ValueError(f"phases name vectors {sorted(vectors)} and x in norm/swiglu/copy/merge; got unknown "
                          f"(phase, name) {unknown} and x {[ph.x for ph in phases]}")
     attends = any(ph.attention is not None for ph in phases)
     if attends:
@@ -301,6 +316,9 @@ def run_phases(weights, norms, inputs, layer_phases, final_phases, vectors, *, l
     if interpret:
         ctas = 1
     ctas = ctas or (jax.devices()[0].core_count if jax.default_backend() == "gpu" else H100_SMS)
+    units = max((attn.KV_HEADS * ph.attention.splits for ph in phases if ph.attention is not None), default=0)
+    if not interpret and units > ctas:
+        raise ValueError(f"attention on {units} CTAs (4 kv heads x splits) needs as many; ctas={ctas}")
     offsets, size = layout_of(vectors)
     workspace = jnp.zeros((size,), jnp.float32)
     for name, value in inputs.items():

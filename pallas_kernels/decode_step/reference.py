@@ -1,4 +1,6 @@
 """What run_phases computes, in plain jnp."""
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -12,9 +14,10 @@ def _rotate(x, cos, sin):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def attention(qkv, k_cache, v_cache, pos: int, rope):
-    """(attention output [2048], new_kv [512]) of one layer: q and the new k rotated, softmax
-    over cache positions [0, pos) and the new token, GQA (q head h reads kv head h // 8)."""
+def attention(qkv, k_cache, v_cache, pos: int, rope, splits: int = 1):
+    """(attention output, new_kv [512]) of one layer: q and the new k rotated, softmax over
+    cache positions [0, pos) and the new token, GQA (q head h reads kv head h // 8). The output
+    is [2048], or with splits > 1 the splits' partials [2 splits * 2048] (attention_unit)."""
     hd, kv = attn.HEAD_DIM, attn.KV_HEADS
     q_len = attn.Q_HEADS * hd
     q = _rotate(qkv[:q_len].reshape(attn.Q_HEADS, hd), *rope)
@@ -23,9 +26,24 @@ def attention(qkv, k_cache, v_cache, pos: int, rope):
     keys = jnp.concatenate([k_cache[:pos].astype(jnp.float32), k_new[None]])  # [pos + 1, kv, hd]
     values = jnp.concatenate([v_cache[:pos].astype(jnp.float32), v_new[None]])
     keys, values = (jnp.repeat(a, attn.Q_PER_KV, axis=1) for a in (keys, values))
-    scores = jnp.einsum("hd,thd->ht", q, keys, precision="highest") / hd ** 0.5
-    out = jnp.einsum("ht,thd->hd", jax.nn.softmax(scores, axis=-1), values, precision="highest")
-    return out.reshape(-1), jnp.stack([k_new, v_new], axis=1).reshape(-1)
+    scores = jnp.einsum("hd,thd->ht", q, keys, precision="highest") / hd ** 0.5  # [heads, pos + 1]
+    new_kv = jnp.stack([k_new, v_new], axis=1).reshape(-1)
+    if splits == 1:
+        out = jnp.einsum("ht,thd->hd", jax.nn.softmax(scores, axis=-1), values, precision="highest")
+        return out.reshape(-1), new_kv
+    n_chunks = -(-pos // attn.BLOCK)
+    outs, lses = [], []
+    for split in range(splits):  # split 0 takes the new token (the last key) too
+        first, end = (int(i) for i in attn.chunk_range(n_chunks, split, splits))
+        taken = [t for t in range(first * attn.BLOCK, min(pos, max(end, first) * attn.BLOCK))] + [pos] * (split == 0)
+        s = scores[:, taken] * math.log2(math.e)
+        top = s.max(axis=1, initial=-jnp.inf, keepdims=True)
+        p = jnp.exp2(s - jnp.where(jnp.isfinite(top), top, 0.0))
+        total = p.sum(axis=1, keepdims=True)
+        o = jnp.einsum("ht,thd->hd", p, values[jnp.asarray(taken, jnp.int32)], precision="highest")
+        outs.append(jnp.where(total > 0, o / jnp.where(total > 0, total, 1.0), 0.0).reshape(-1))
+        lses.append(jnp.broadcast_to(top + jnp.log2(total), (attn.Q_HEADS, hd)).reshape(-1))
+    return jnp.concatenate(outs + lses), new_kv
 
 
 def run_phases(weights, norms, inputs, layer_phases, final_phases, vectors, *, layers: int, cache=None,
@@ -43,7 +61,7 @@ def run_phases(weights, norms, inputs, layer_phases, final_phases, vectors, *, l
             k_cache, v_cache, pos, rope = cache
             spec = phase.attention
             name, r = row(spec.qkv, layer)
-            out, new_kv = attention(acts[name][r], k_cache[layer], v_cache[layer], int(pos[0]), rope)
+            out, new_kv = attention(acts[name][r], k_cache[layer], v_cache[layer], int(pos[0]), rope, spec.splits)
             for vec, value in ((spec.out, out), (spec.new_kv, new_kv)):
                 name, r = row(vec, layer)
                 acts[name] = acts[name].at[r].set(value)
@@ -55,6 +73,10 @@ def run_phases(weights, norms, inputs, layer_phases, final_phases, vectors, *, l
             v = v[:k] * jax.lax.rsqrt(jnp.mean(v[:k] * v[:k]) + eps) * scale
         elif phase.x == "swiglu":
             v = jax.nn.silu(v[:k]) * v[k:2 * k]
+        elif phase.x == "merge":
+            outs, lses = jnp.split(v.reshape(-1, k), 2)
+            shares = jnp.exp2(lses - lses.max(axis=0))
+            v = (outs * shares).sum(axis=0) / shares.sum(axis=0)
         y = jnp.matmul(w.astype(jnp.float32), v[:k].astype(jnp.bfloat16).astype(jnp.float32), precision="highest")
         if phase.residual is not None:
             name, r = row(phase.residual, layer)

@@ -25,10 +25,10 @@ def _problem(name, layers, d, heads_dim, qkv, mlp, vocab):
     return (weights, norms, inputs), (layer_phases, final_phases, vectors), layers
 
 
-def _with_attention(name, layers, d, mlp, vocab, cache_len, pos):
+def _with_attention(name, layers, d, mlp, vocab, cache_len, pos, splits=1):
     """A Llama problem with attention over a cache holding `pos` positions (NaN past them:
-    unwritten slots must not leak into the outputs)."""
-    shapes, norm_shapes, *chain = llama(layers, d, mlp, vocab)
+    unwritten slots must not leak into the outputs), on `splits` CTAs a kv head."""
+    shapes, norm_shapes, *chain = llama(layers, d, mlp, vocab, attention_splits=splits)
     weights = [jnp.asarray(_testing.normal(f"{name}/w{i}", s, scale=s[-1] ** -0.5), jnp.bfloat16)
                for i, s in enumerate(shapes)]
     norms = [jnp.asarray(_testing.normal(f"{name}/norm{i}", s, scale=0.1, shift=1.0)) for i, s in enumerate(norm_shapes)]
@@ -51,7 +51,10 @@ def _check(out, problem, dtype=jnp.float32):
     arrays, chain, layers, *cache = problem
     expected = reference.run_phases(*arrays, *chain, layers=layers, cache=cache[0] if cache else None)
     for name in expected:
-        _testing.assert_close(out[name], expected[name], dtype, name)
+        got, want = np.asarray(out[name]), np.asarray(expected[name])
+        empty = np.isneginf(want)  # the log-sum-exp of an attention split with no positions
+        np.testing.assert_array_equal(np.isneginf(got), empty, err_msg=f"{name}: -inf where the reference has it")
+        _testing.assert_close(np.where(empty, 0.0, got), np.where(empty, 0.0, want), dtype, name)
 
 
 def test_matches_reference_interpret():
@@ -60,11 +63,14 @@ def test_matches_reference_interpret():
     _check(_run(problem, interpret=True), problem)
 
 
-@pytest.mark.parametrize("pos", [0, 70])
-def test_with_attention_matches_reference_interpret(pos):
+@pytest.mark.parametrize("pos,splits", [(0, 1), (70, 1), (70, 2), (130, 4)])
+def test_with_attention_matches_reference_interpret(pos, splits):
     """Attention (rotary, GQA, the cache and the new token; p in bf16: bf16 tolerance) between
-    the q|k|v and o phases, for an empty cache and one ending mid-chunk."""
-    problem = _with_attention(f"attn/{pos}", layers=2, d=256, mlp=512, vocab=512, cache_len=128, pos=pos)
+    the q|k|v and o phases, for an empty cache and one ending mid-chunk; split over the cache's
+    chunks and merged by the o phase, one split a chunk or with splits left empty (130
+    positions, 3 chunks, 4 splits)."""
+    problem = _with_attention(f"attn/{pos}/{splits}", layers=2, d=256, mlp=512, vocab=512, cache_len=192, pos=pos,
+                              splits=splits)
     _check(_run(problem, interpret=True), problem, jnp.bfloat16)
 
 
@@ -78,8 +84,10 @@ def test_llama_layer_lowers_for_hopper():
     assert "mosaic_gpu" in lowered.as_text()
 
 
-def test_llama_with_attention_lowers_for_hopper():
-    problem = _with_attention("attn/lower", layers=2, d=2048, mlp=5632, vocab=32000, cache_len=384, pos=200)
+@pytest.mark.parametrize("splits", [1, 6])
+def test_llama_with_attention_lowers_for_hopper(splits):
+    problem = _with_attention("attn/lower", layers=2, d=2048, mlp=5632, vocab=32000, cache_len=384, pos=200,
+                              splits=splits)
     arrays, chain, layers, cache = problem
     lowered = jax.jit(lambda *a: run_phases(*a, *chain, layers=layers, cache=cache, concurrent=2)).trace(
         *arrays).lower(lowering_platforms=("cuda",))
@@ -120,8 +128,9 @@ def test_matches_reference_gpu(dims, concurrent):
 @pytest.mark.parametrize("pos", [0, 200])
 @pytest.mark.parametrize("dims", [dict(d=256, mlp=512, vocab=512), dict(d=2048, mlp=5632, vocab=32000)],
                          ids=["small", "llama-1b"])
-def test_with_attention_matches_reference_gpu(dims, pos):
-    """Two layers with attention on all SMs: kv heads on CTAs 0-3, the other CTAs waiting at its
-    barrier; the benchmark's 384-position cache."""
-    problem = _with_attention(f"attn/{dims['d']}/{pos}", layers=2, cache_len=384, pos=pos, **dims)
+@pytest.mark.parametrize("splits", [1, 6])
+def test_with_attention_matches_reference_gpu(dims, pos, splits):
+    """Two layers with attention on all SMs: kv heads (and splits of the cache) on the first
+    CTAs, the others waiting at its barrier; the benchmark's 384-position cache."""
+    problem = _with_attention(f"attn/{dims['d']}/{pos}", layers=2, cache_len=384, pos=pos, splits=splits, **dims)
     _check(_run(problem, concurrent=2), problem, jnp.bfloat16)
