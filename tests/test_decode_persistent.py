@@ -1,0 +1,106 @@
+"""The persistent decode step (llmjax.decode.persistent: one Mosaic GPU kernel a token) against
+the model's own layers."""
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from llmjax.config import load_config
+from llmjax.decode import persistent
+from llmjax.decode.generate import forward_hidden, init_layer_caches, prepare_decode, split_layers
+from llmjax.models import init_model
+from pallas_kernels import _testing
+
+# Llama 1.1B's attention shape (the kernel's), two layers and a narrow MLP and vocabulary.
+SMALL_1B = ["preset=llama-1b", "model.n_layers=2", "model.d_mlp=256", "model.vocab_size=256",
+            "model.max_seq_len=256"]
+
+
+def _steps_both_ways(dm, prompt, tokens, interpret, attention_splits=1, persistent_too=True):
+    """Prefill `prompt` with the model's layers, then feed `tokens` [1, steps] one a step through
+    the model's layers and (persistent_too) the persistent step. Returns (persistent logits,
+    model logits, persistent (k, v) cache, model caches)."""
+    net = nnx.merge(dm.graphdef, dm.params)
+    layers = split_layers(net)
+    t0, steps = prompt.shape[1], tokens.shape[1]
+    positions = jnp.arange(t0, dtype=jnp.int32)[None]
+    _, caches = forward_hidden(net, layers, prompt, positions, init_layer_caches(net.cfg, 1, t0 + steps))
+    weights = persistent.step_weights(net, layers) if persistent_too else None
+    cache_ours = persistent.stack_caches(caches)
+
+    @jax.jit
+    def persistent_step(params, weights, token, pos, cache):
+        return persistent.step_logits(nnx.merge(dm.graphdef, params), weights, token, pos, cache,
+                                      attention_splits=attention_splits, interpret=interpret)
+
+    @jax.jit
+    def model_step(params, layers, token, pos, caches):
+        net = nnx.merge(dm.graphdef, params)
+        hidden, caches = forward_hidden(net, layers, token, pos, caches)
+        return net.logits(hidden)[:, -1], caches
+
+    ours, theirs = [], []
+    for i in range(steps):
+        pos, token = jnp.full((1, 1), t0 + i, jnp.int32), tokens[:, i:i + 1]
+        if persistent_too:
+            logits, cache_ours = persistent_step(dm.params, weights, token, pos, cache_ours)
+            ours.append(logits)
+        logits, caches = model_step(dm.params, layers, token, pos, caches)
+        theirs.append(logits)
+    return ours, theirs, cache_ours, caches
+
+
+def _check_cache(ours, theirs):
+    """The persistent step's (k, v) cache holds what the model's layers wrote, position by position."""
+    for mine, name in zip(ours, ("k", "v")):
+        model = jnp.concatenate([c[name][:, 0] for c in theirs])  # [layers, S, K, H]
+        _testing.assert_close(mine[:, :model.shape[1]], model, jnp.bfloat16, f"cached {name}")
+
+
+def test_persistent_step_matches_the_model_layers():
+    """Two steps after a 70-token prompt (two cache chunks, the second part full), in Pallas
+    interpret mode: the logits and the cache the model's layers give, at bf16 tolerance."""
+    model = init_model(load_config(overrides=SMALL_1B).model, seed=1)
+    dm = prepare_decode(model, dtype="bfloat16")
+    prompt, tokens = (jax.random.randint(jax.random.key(i), (1, n), 0, 256, dtype=jnp.int32) for i, n in ((0, 70), (1, 2)))
+    ours, theirs, cache_ours, caches = _steps_both_ways(dm, prompt, tokens, interpret=True)
+    for a, b in zip(ours, theirs):
+        assert a.shape == b.shape == (1, 256) and a.dtype == jnp.float32
+        _testing.assert_close(a, b, jnp.bfloat16, "persistent step logits")
+    _check_cache(cache_ours, caches)
+
+
+def test_applies_to_the_kernels_shape_only():
+    config = lambda *o: load_config(overrides=list(o)).model  # noqa: E731
+    assert persistent.shape_fits(config("preset=llama-1b"))
+    assert not persistent.shape_fits(config("preset=llama-tiny"))  # 4 heads over 2
+    assert not persistent.shape_fits(config("preset=gpt2-tiny"))
+    assert not persistent.applies(config("preset=llama-1b"), rows=2)
+
+
+def test_int8_weights_are_rejected():
+    model = init_model(load_config(overrides=SMALL_1B).model, seed=1)
+    dm = prepare_decode(model, int8=True, dtype="bfloat16")
+    net = nnx.merge(dm.graphdef, dm.params)
+    with pytest.raises(ValueError, match="reads bfloat16 weights; got int8"):
+        persistent.step_weights(net, split_layers(net))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("attention_splits", [1, 6])
+@pytest.mark.parametrize("prompt_len", [29, 381])
+def test_persistent_step_is_as_close_to_fp32_as_the_model_layers_gpu(prompt_len, attention_splits):
+    """Llama 1.1B's shapes (random weights, 4 of its 22 layers), as the fused step's GPU test: the
+    persistent step may not be further off the model's fp32 layers than the bf16 layers are,
+    with 25% slack; its cache matches theirs."""
+    model = init_model(load_config(overrides=["preset=llama-1b", "model.n_layers=4"]).model, seed=1)
+    prompt, tokens = (jax.random.randint(jax.random.key(i), (1, n), 0, 32000, dtype=jnp.int32)
+                      for i, n in ((0, prompt_len), (1, 3)))
+    ours, theirs, cache_ours, caches = _steps_both_ways(prepare_decode(model, dtype="bfloat16"), prompt, tokens,
+                                                        False, attention_splits)
+    _, exact, _, _ = _steps_both_ways(prepare_decode(model, dtype="float32"), prompt, tokens, False,
+                                      persistent_too=False)
+    for a, b, ref in zip(ours, theirs, exact):
+        ours_error, layers_error = _testing.relative_error(a, ref), _testing.relative_error(b, ref)
+        assert ours_error <= 1.25 * layers_error + 1e-3, (ours_error, layers_error)
+    _check_cache(cache_ours, caches)
