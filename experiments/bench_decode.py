@@ -38,7 +38,7 @@ from flax import nnx
 
 from llmjax.config import DecodeConfig, load_config
 from llmjax.data import load_dataset
-from llmjax.decode import fused, generate, prepare_decode, speculative_generate
+from llmjax.decode import fused, generate, persistent, prepare_decode, speculative_generate
 from llmjax.decode.generate import generate_program, lower_generate
 from llmjax.decode.quantize import perplexity
 from llmjax.decode.speculative import expected_tokens_per_round, truncated_draft
@@ -79,10 +79,17 @@ def _prompt(batch, length, vocab, seed=0):
     return jax.random.randint(jax.random.key(seed), (batch, length), 0, vocab, dtype=jnp.int32)
 
 
-def ms_per_token(model, batch, s, *, kernels=False, fused_matvec=True) -> dict:
+def _decode_config(s, layers: str) -> DecodeConfig:
+    """Greedy decoding of s["new_tokens"] with the token loop's `layers`: "persistent", "fused"
+    or "xla" (each where it applies)."""
+    return DecodeConfig(max_new_tokens=s["new_tokens"], temperature=0.0, fused_matvec=layers == "fused",
+                        persistent_step=layers == "persistent")
+
+
+def ms_per_token(model, batch, s, *, kernels=False, layers="fused") -> dict:
     """Greedy decode speed of `model` (a DecodeModel): wall (and, if asked on a GPU, kernel) time."""
     prompt = _prompt(batch, s["prompt_len"], model.cfg.vocab_size)
-    cfg = DecodeConfig(max_new_tokens=s["new_tokens"], temperature=0.0, fused_matvec=fused_matvec)
+    cfg = _decode_config(s, layers)
 
     def run(n):
         return generate(model, prompt, cfg, steps=n)
@@ -118,11 +125,10 @@ def kernels_per_token(long, short, steps: int, shown: int = 30) -> dict:
             "top_kernels_per_token": [(n, round(ms, 4), round(c, 2)) for n, ms, c in rows[:shown]]}
 
 
-def generate_hlo(model, s, fused_matvec=True) -> str:
+def generate_hlo(model, s, layers="fused") -> str:
     """The compiled batch-1 generate program's HLO text."""
     prompt = _prompt(1, s["prompt_len"], model.cfg.vocab_size)
-    lowered = lower_generate(model, prompt, DecodeConfig(max_new_tokens=s["new_tokens"], temperature=0.0,
-                                                         fused_matvec=fused_matvec))
+    lowered = lower_generate(model, prompt, _decode_config(s, layers))
     return lowered.compile().as_text()
 
 
@@ -146,23 +152,26 @@ def decode_rows(preset, s, bandwidth, hlo_dir: pathlib.Path | None = None) -> li
     for weights in ("bf16", "int8"):
         dm = prepare_decode(model, int8=weights == "int8", dtype="bfloat16")
         for batch in s["batches"] if weights == "bf16" else [1]:
-            # Where the fused matvec loop applies (batch 1), it is timed beside XLA's layers (A/B).
-            for layers in ("fused", "xla") if fused.applies(dm.cfg, batch) else ("xla",):
+            # Where the persistent step and the fused matvec loop apply (batch 1), they are timed
+            # beside XLA's layers (A/B).
+            kinds = (("persistent",) if weights == "bf16" and persistent.applies(dm.cfg, batch) else ()) + (
+                ("fused",) if fused.applies(dm.cfg, batch) else ()) + ("xla",)
+            for layers in kinds:
                 rows.append(_decode_row(dm, preset, weights, batch, layers, s, bandwidth, context, hlo_dir))
     return rows
 
 
 def _decode_row(dm, preset, weights, batch, layers, s, bandwidth, context, hlo_dir) -> dict:
-    """One decode row: ms/token of generate with `layers` ("fused": the fused matvec loop, "xla":
-    the model's own layers) beside the roofline."""
+    """One decode row: ms/token of generate with `layers` ("persistent": one kernel a step,
+    "fused": the fused matvec loop, "xla": the model's own layers) beside the roofline."""
     row = dict(section="decode", model=preset, weights=weights, batch=batch, layers=layers,
                weight_bytes=dm.weight_bytes,
-               **ms_per_token(dm, batch, s, kernels=batch == 1, fused_matvec=layers == "fused"))
+               **ms_per_token(dm, batch, s, kernels=batch == 1, layers=layers))
     if batch == 1 and weights == "bf16":
-        hlo = generate_hlo(dm, s, fused_matvec=layers == "fused")
+        hlo = generate_hlo(dm, s, layers=layers)
         row["large_casts_and_copies"] = large_casts_and_copies(dm.cfg, hlo)
         if hlo_dir is not None:  # the whole program, to read which ops the token loop runs
-            suffix = "-fused" if layers == "fused" else ""
+            suffix = "" if layers == "xla" else f"-{layers}"
             (hlo_dir / f"generate-{preset}-b1{suffix}.hlo.txt").write_text(hlo)
     row["bytes_per_token"] = bytes_per_token(dm, batch, context)
     # What the step reads as implemented: attention scans every cache slot, masked.
@@ -170,7 +179,7 @@ def _decode_row(dm, preset, weights, batch, layers, s, bandwidth, context, hlo_d
     row["roofline_ms"] = row["bytes_per_token"] / (bandwidth * 1e9) * 1e3
     row["roofline_fraction"] = row["roofline_ms"] / row["ms_per_token"]
     row["tokens_per_s"] = batch / row["ms_per_token"] * 1e3
-    print(f"decode {preset:11} {weights} {layers:5} batch {batch:3}: {row['ms_per_token']:.3f} ms/token, "
+    print(f"decode {preset:11} {weights} {layers:10} batch {batch:3}: {row['ms_per_token']:.3f} ms/token, "
           f"roofline {row['roofline_ms']:.3f} ms ({row['roofline_fraction']:.0%}), "
           f"{row['tokens_per_s']:.0f} tokens/s"
           + (f", kernels {row['kernel_ms_per_token']:.3f} ms/token in "

@@ -251,7 +251,11 @@ class DecodeConfig:
     """Sampling: temperature 0 is greedy; top_k 0 and top_p 1.0 turn those filters off.
     fused_matvec: `generate`'s token loop runs fused matrix-vector kernels (llmjax.decode.fused)
     where they apply (a GPU, a dense Llama-family model in half precision, batch 1); False keeps
-    XLA's."""
+    XLA's.
+    persistent_step: the token loop runs each step as one persistent kernel
+    (llmjax.decode.persistent) where it applies (as fused_matvec, in bfloat16, with Llama 1.1B's
+    attention shape), before fused_matvec. Off by default: so far slower than the fused loop
+    (benchmarks/NOTES.md)."""
 
     max_new_tokens: int = 200
     temperature: float = 0.8
@@ -259,6 +263,7 @@ class DecodeConfig:
     top_p: float = 1.0
     seed: int = 0
     fused_matvec: bool = True
+    persistent_step: bool = False
 
     def __post_init__(self):
         _check_positive("decode", self, ("max_new_tokens",))

@@ -105,7 +105,7 @@ def test_generate_takes_the_fused_loop_where_it_applies(monkeypatch):
     for on in (True, False):
         cfg = DecodeConfig(max_new_tokens=8, temperature=0.0, fused_matvec=on)
         options = generate_module._generate_args(prepare_decode(model), prompt, cfg, None, None)[1]
-        assert options["fused_matvec"] is on
+        assert options["step_kind"] == ("fused" if on else "xla")
         results[on] = generate(model, prompt, cfg)
     np.testing.assert_array_equal(results[True], results[False])
 

@@ -1,12 +1,14 @@
 """The persistent decode step (llmjax.decode.persistent: one Mosaic GPU kernel a token) against
 the model's own layers."""
+import importlib
+
 import jax
 import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from llmjax.config import load_config
-from llmjax.decode import persistent
+from llmjax.config import DecodeConfig, load_config
+from llmjax.decode import fused, persistent
 from llmjax.decode.generate import forward_hidden, init_layer_caches, prepare_decode, split_layers
 from llmjax.models import init_model
 from pallas_kernels import _testing
@@ -104,3 +106,22 @@ def test_persistent_step_is_as_close_to_fp32_as_the_model_layers_gpu(prompt_len,
         ours_error, layers_error = _testing.relative_error(a, ref), _testing.relative_error(b, ref)
         assert ours_error <= 1.25 * layers_error + 1e-3, (ours_error, layers_error)
     _check_cache(cache_ours, caches)
+
+
+def test_generate_picks_the_persistent_step_where_asked_and_it_applies(monkeypatch):
+    """decode.persistent_step routes the token loop to the persistent step where it applies (forced
+    here), before the fused loop; int8 weights and the default keep the fused one."""
+    generate_module = importlib.import_module("llmjax.decode.generate")
+    monkeypatch.setattr(persistent, "applies", lambda cfg, rows: True)
+    monkeypatch.setattr(fused, "applies", lambda cfg, rows: True)
+    model = init_model(load_config(overrides=["preset=llama-tiny"]).model, seed=1)
+    prompt = jnp.zeros((1, 5), jnp.int32)
+
+    def kind(int8=False, **options):
+        cfg = DecodeConfig(max_new_tokens=4, temperature=0.0, **options)
+        return generate_module._generate_args(prepare_decode(model, int8=int8), prompt, cfg, None, None)[1]["step_kind"]
+
+    assert kind(persistent_step=True) == "persistent"
+    assert kind() == "fused"
+    assert kind(persistent_step=True, int8=True) == "fused"
+    assert kind(persistent_step=True, fused_matvec=False) == "persistent"

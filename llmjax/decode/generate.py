@@ -14,9 +14,11 @@ from flax import nnx
 
 from llmjax.config import DecodeConfig, ModelConfig
 from llmjax.decode import fused as fused_step
+from llmjax.decode import persistent as persistent_step
 from llmjax.decode.quantize import quantize_params
 from llmjax.decode.sampling import sample_logits
 from llmjax.models.kv_cache import init_cache
+from llmjax.ops import Int8Weight
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,13 +121,14 @@ def doubled(caches):
 
 
 @partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p", "vocab_size",
-                                   "double", "fused_matvec"),
+                                   "double", "step_kind"),
          compiler_options=DECODE_COMPILER_OPTIONS)
 def _generate(graphdef, params, prompt, key, steps, *, max_new_tokens, temperature, top_k, top_p, vocab_size,
-              double, fused_matvec):
+              double, step_kind):
     """`double`: prompt is one row; it is prefilled once, then decoded as two identical rows (see
-    doubles_single_row). `fused_matvec`: the token loop runs `fused.step_logits` (the prefill
-    does not)."""
+    doubles_single_row). `step_kind`: the token loop runs "fused" (`fused.step_logits`),
+    "persistent" (`persistent.step_logits`) or "xla" (the model's layers); the prefill runs the
+    model's layers."""
     model = nnx.merge(graphdef, params)
     layers = split_layers(model)
     b, t0 = prompt.shape
@@ -139,7 +142,11 @@ def _generate(graphdef, params, prompt, key, steps, *, max_new_tokens, temperatu
     tokens = tokens.at[:, t0].set(sample_rows(model.logits(hidden[:, -1:])[:, 0], keys[0]))
     if double:
         tokens, caches, b = jnp.concatenate([tokens, tokens]), doubled(caches), 2
-    weights = fused_step.layer_weights(model, layers) if fused_matvec else None  # once, before the loop
+    # Once, before the loop: the kernels' weight layouts, and the persistent step's one cache.
+    weights = (fused_step.layer_weights(model, layers) if step_kind == "fused" else
+               persistent_step.step_weights(model, layers) if step_kind == "persistent" else None)
+    if step_kind == "persistent":
+        caches = persistent_step.stack_caches(caches)
 
     def sample(logits, key):  # the doubled row samples once, so both rows stay the same
         return jnp.concatenate([sample_rows(logits[:1], key)] * 2) if double else sample_rows(logits, key)
@@ -149,8 +156,10 @@ def _generate(graphdef, params, prompt, key, steps, *, max_new_tokens, temperatu
         pos = t0 + i
         current = jax.lax.dynamic_slice_in_dim(tokens, pos, 1, axis=1)  # [B, 1]
         positions = jnp.full((b, 1), pos, jnp.int32)
-        if fused_matvec:
+        if step_kind == "fused":
             logits, caches = fused_step.step_logits(model, weights, current, positions, caches)
+        elif step_kind == "persistent":
+            logits, caches = persistent_step.step_logits(model, weights, current, positions, caches)
         else:
             hidden, caches = forward_hidden(model, layers, current, positions, caches)
             logits = model.logits(hidden)[:, -1]
@@ -183,11 +192,18 @@ def _generate_args(model, prompt, cfg, key, vocab_size, steps=None):
     steps = cfg.max_new_tokens if steps is None else steps
     if not isinstance(steps, int) or not 1 <= steps <= cfg.max_new_tokens:
         raise ValueError(f"steps={steps!r} must be an int in [1, decode.max_new_tokens={cfg.max_new_tokens}]")
-    fused = (cfg.fused_matvec and fused_step.applies(model.cfg, prompt.shape[0])
-             and fused_step.weights_supported(model.params))
+    kernels = fused_step.weights_supported(model.params)
+    int8 = any(isinstance(leaf, Int8Weight) for leaf in
+               jax.tree.leaves(model.params, is_leaf=lambda x: isinstance(x, Int8Weight)))
+    if cfg.persistent_step and kernels and not int8 and persistent_step.applies(model.cfg, prompt.shape[0]):
+        step_kind = "persistent"
+    elif cfg.fused_matvec and kernels and fused_step.applies(model.cfg, prompt.shape[0]):
+        step_kind = "fused"
+    else:
+        step_kind = "xla"
     return (model.graphdef, model.params, prompt, key, jnp.int32(steps)), dict(
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-        vocab_size=vocab_size, double=doubles_single_row(prompt) and not fused, fused_matvec=fused)
+        vocab_size=vocab_size, double=doubles_single_row(prompt) and step_kind == "xla", step_kind=step_kind)
 
 
 def lower_generate(model, prompt, cfg: DecodeConfig, vocab_size: int | None = None):
