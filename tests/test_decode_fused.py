@@ -1,57 +1,32 @@
 """The fused decode step (llmjax.decode.fused) against the model's own layers, and the matvec
 reference's pieces against the model code they restate."""
+import functools
 import importlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from llmjax import ops
 from llmjax.config import DecodeConfig, load_config
 from llmjax.decode import fused, generate
-from llmjax.decode.generate import forward_hidden, init_layer_caches, prepare_decode, split_layers
+from llmjax.decode.generate import prepare_decode, split_layers
 from llmjax.decode.quantize import quantize
 from llmjax.models import init_model
 from llmjax.models.transformer import apply_rope, rope_tables
 from pallas_kernels import _testing
 from pallas_kernels.matvec import matvec, reference
+from tests.decode_steps import steps_both_ways
 
 TINY = ["preset=llama-tiny"]
 
 
 def _steps_both_ways(dm, prompt, tokens, interpret, fused_too=True):
-    """Prefill `prompt` with the model's layers, then feed `tokens` [B, steps] one a step from
-    that cache through the model's layers and (fused_too) through the fused step. Returns
-    (fused logits, model logits, fused caches, model caches), lists of steps for the logits."""
-    net = nnx.merge(dm.graphdef, dm.params)
-    layers = split_layers(net)
-    b, t0 = prompt.shape
-    steps = tokens.shape[1]
-    positions = jnp.broadcast_to(jnp.arange(t0, dtype=jnp.int32), (b, t0))
-    _, caches = forward_hidden(net, layers, prompt, positions, init_layer_caches(net.cfg, b, t0 + steps))
-    weights = fused.layer_weights(net, layers) if fused_too else None
-
-    @jax.jit
-    def fused_step(params, weights, token, pos, caches):
-        return fused.step_logits(nnx.merge(dm.graphdef, params), weights, token, pos, caches, interpret=interpret)
-
-    @jax.jit
-    def model_step(params, layers, token, pos, caches):
-        net = nnx.merge(dm.graphdef, params)
-        hidden, caches = forward_hidden(net, layers, token, pos, caches)
-        return net.logits(hidden)[:, -1], caches
-
-    ours, theirs, caches_ours = [], [], caches
-    for i in range(steps):
-        pos, token = jnp.full((b, 1), t0 + i, jnp.int32), tokens[:, i:i + 1]
-        if fused_too:
-            logits, caches_ours = fused_step(dm.params, weights, token, pos, caches_ours)
-            ours.append(logits)
-        logits, caches = model_step(dm.params, layers, token, pos, caches)
-        theirs.append(logits)
-    return ours, theirs, caches_ours, caches
+    """steps_both_ways with the fused step (interpret: Pallas interpret mode)."""
+    kernel = ((lambda net, layers, caches: (fused.layer_weights(net, layers), caches)),
+              functools.partial(fused.step_logits, interpret=interpret))
+    return steps_both_ways(dm, prompt, tokens, kernel if fused_too else None)
 
 
 def _check_caches(ours, theirs, dtype):

@@ -1,5 +1,6 @@
 """The persistent decode step (llmjax.decode.persistent: one Mosaic GPU kernel a token) against
 the model's own layers."""
+import functools
 import importlib
 
 import jax
@@ -9,9 +10,10 @@ from flax import nnx
 
 from llmjax.config import DecodeConfig, load_config
 from llmjax.decode import fused, persistent
-from llmjax.decode.generate import forward_hidden, init_layer_caches, prepare_decode, split_layers
+from llmjax.decode.generate import prepare_decode, split_layers
 from llmjax.models import init_model
 from pallas_kernels import _testing
+from tests.decode_steps import steps_both_ways
 
 # Llama 1.1B's attention shape (the kernel's), two layers and a narrow MLP and vocabulary.
 SMALL_1B = ["preset=llama-1b", "model.n_layers=2", "model.d_mlp=256", "model.vocab_size=256",
@@ -19,37 +21,10 @@ SMALL_1B = ["preset=llama-1b", "model.n_layers=2", "model.d_mlp=256", "model.voc
 
 
 def _steps_both_ways(dm, prompt, tokens, interpret, attention_splits=1, persistent_too=True):
-    """Prefill `prompt` with the model's layers, then feed `tokens` [1, steps] one a step through
-    the model's layers and (persistent_too) the persistent step. Returns (persistent logits,
-    model logits, persistent (k, v) cache, model caches)."""
-    net = nnx.merge(dm.graphdef, dm.params)
-    layers = split_layers(net)
-    t0, steps = prompt.shape[1], tokens.shape[1]
-    positions = jnp.arange(t0, dtype=jnp.int32)[None]
-    _, caches = forward_hidden(net, layers, prompt, positions, init_layer_caches(net.cfg, 1, t0 + steps))
-    weights = persistent.step_weights(net, layers) if persistent_too else None
-    cache_ours = persistent.stack_caches(caches)
-
-    @jax.jit
-    def persistent_step(params, weights, token, pos, cache):
-        return persistent.step_logits(nnx.merge(dm.graphdef, params), weights, token, pos, cache,
-                                      attention_splits=attention_splits, interpret=interpret)
-
-    @jax.jit
-    def model_step(params, layers, token, pos, caches):
-        net = nnx.merge(dm.graphdef, params)
-        hidden, caches = forward_hidden(net, layers, token, pos, caches)
-        return net.logits(hidden)[:, -1], caches
-
-    ours, theirs = [], []
-    for i in range(steps):
-        pos, token = jnp.full((1, 1), t0 + i, jnp.int32), tokens[:, i:i + 1]
-        if persistent_too:
-            logits, cache_ours = persistent_step(dm.params, weights, token, pos, cache_ours)
-            ours.append(logits)
-        logits, caches = model_step(dm.params, layers, token, pos, caches)
-        theirs.append(logits)
-    return ours, theirs, cache_ours, caches
+    """steps_both_ways with the persistent step (interpret: Pallas interpret mode)."""
+    kernel = ((lambda net, layers, caches: (persistent.step_weights(net, layers), persistent.stack_caches(caches))),
+              functools.partial(persistent.step_logits, attention_splits=attention_splits, interpret=interpret))
+    return steps_both_ways(dm, prompt, tokens, kernel if persistent_too else None)
 
 
 def _check_cache(ours, theirs):
