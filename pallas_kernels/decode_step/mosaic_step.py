@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.decode_step import attention as attn
@@ -102,6 +103,20 @@ def layout_of(vectors: dict[str, Vector]) -> tuple[dict[str, int], int]:
         offsets[name] = end
         end += v.n * v.rows
     return offsets, end
+
+
+@plgpu.inline_mgpu()
+def _fence(ctx):
+    """Every thread's writes before a semaphore signal: Pallas's signal is a relaxed add with its
+    release fence after it, so without this a CTA waiting on the count may read stale values
+    (CUDA's __threadfence before the block's atomic)."""
+    del ctx
+    mgpu_utils.inline_ptx("fence.acq_rel.gpu;", has_side_effects=True)
+
+
+def _signal(done):
+    _fence()
+    pl.semaphore_signal(done, 1)
 
 
 def _barriers(phase: Phase) -> int:
@@ -203,7 +218,7 @@ def _kernel(*refs, layer_phases, final_phases, shapes, vectors, offsets, layers,
                 if phase.attention is not None:
                     attend(phase.attention, layer)
                     if not interpret:
-                        pl.semaphore_signal(done, 1)
+                        _signal(done)
                         pl.semaphore_wait(done, (number_of() + 1) * ctas, decrement=False)
                 plgpu.commit_smem()  # every thread is done with the last phase's x
                 build_x(phase, n, k, steps, layer, in_loop)
@@ -226,7 +241,7 @@ def _kernel(*refs, layer_phases, final_phases, shapes, vectors, offsets, layers,
                 @pl.when(step == steps - 1)
                 def _():
                     plgpu.wait_smem_to_gmem(0)  # this CTA's adds have landed
-                    pl.semaphore_signal(done, 1)
+                    _signal(done)
 
         if in_loop:
             spec = plgpu.BlockSpec((None, TILE_N, TILE_K),
