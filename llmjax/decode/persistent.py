@@ -22,10 +22,11 @@ from pallas_kernels.weight_stream.mosaic_stream import TILE_K, TILE_N
 
 
 def applies(cfg, rows: int) -> bool:
-    """Whether the persistent step takes this model: on a GPU, one row, a dense Llama-family
-    model in bfloat16 with the kernel's attention shape and weights its tiles divide."""
-    return (jax.default_backend() == "gpu" and rows == 1 and shape_fits(cfg)
-            and jnp.dtype(cfg.dtype) == jnp.bfloat16)
+    """Whether the persistent step takes this model: on a Hopper GPU (wgmma, TMA reduce-adds),
+    one row, a dense Llama-family model in bfloat16 with the kernel's attention shape and
+    weights its tiles divide."""
+    return (jax.default_backend() == "gpu" and getattr(jax.devices()[0], "compute_capability", None) == "9.0"
+            and rows == 1 and shape_fits(cfg) and jnp.dtype(cfg.dtype) == jnp.bfloat16)
 
 
 def shape_fits(cfg) -> bool:

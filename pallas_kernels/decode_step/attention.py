@@ -46,20 +46,25 @@ class AttnScratch:
     v_bar: object     # Barrier(num_barriers=S)
 
 
+def scratch_bytes(slots: int = 2) -> int:
+    """Bytes of `scratch_types(slots)` (before alignment)."""
+    return 4 * (HEAD_DIM + 72 * HEAD_DIM) + 2 * BLOCK * HEAD_DIM * (3 + 2 * slots)
+
+
 def scratch_types(slots: int = 2):
     """The unit's scratch (~74 KB at 2 slots), in AttnScratch field order."""
     f32, bf16 = jnp.float32, jnp.bfloat16
     return [
-            plgpu.SMEM((2, HEAD_DIM // 2), f32),
-            plgpu.SMEM((72, HEAD_DIM), f32),
-            plgpu.SMEM((BLOCK, HEAD_DIM), bf16, transforms=TRANSFORMS),
-            plgpu.SMEM((BLOCK, HEAD_DIM), bf16, transforms=TRANSFORMS),
-            plgpu.SMEM((BLOCK, HEAD_DIM), bf16, transforms=TRANSFORMS),
-            plgpu.SMEM((slots, BLOCK, HEAD_DIM), bf16, transforms=TRANSFORMS),
-            plgpu.SMEM((slots, BLOCK, HEAD_DIM), bf16, transforms=TRANSFORMS),
-            plgpu.Barrier(num_barriers=2),
-            plgpu.Barrier(num_barriers=slots),
-            plgpu.Barrier(num_barriers=slots),
+        plgpu.SMEM((2, HEAD_DIM // 2), f32),
+        plgpu.SMEM((72, HEAD_DIM), f32),
+        plgpu.SMEM((BLOCK, HEAD_DIM), bf16, transforms=TRANSFORMS),
+        plgpu.SMEM((BLOCK, HEAD_DIM), bf16, transforms=TRANSFORMS),
+        plgpu.SMEM((BLOCK, HEAD_DIM), bf16, transforms=TRANSFORMS),
+        plgpu.SMEM((slots, BLOCK, HEAD_DIM), bf16, transforms=TRANSFORMS),
+        plgpu.SMEM((slots, BLOCK, HEAD_DIM), bf16, transforms=TRANSFORMS),
+        plgpu.Barrier(num_barriers=2),
+        plgpu.Barrier(num_barriers=slots),
+        plgpu.Barrier(num_barriers=slots),
     ]
 
 
@@ -140,8 +145,12 @@ def attention_unit(g, split, splits: int, qkv, k_cache, v_cache, pos_ref, cos, s
     s.x[pl.ds(0, BLOCK), pl.ds(half, half)] = wg(jnp.where(keep, x2, wg(wg(x2 * c) + wg(x1 * sn))))
 
     # 4. new_kv <- (rotated k, v); the q tile (scaled) and the extra K / V tiles -> swizzled bf16.
-    new_kv.at[pl.ds(g * 2 * HEAD_DIM, 2 * HEAD_DIM)][...] = plgpu.load(
+    @pl.when(split == 0)  # one writer a head
+    def _():
+        new_kv.at[pl.ds(g * 2 * HEAD_DIM, 2 * HEAD_DIM)][...] = plgpu.load(
             s.x.at[pl.ds(NEW_ROW, 2)], layout=strided((2, HEAD_DIM))).reshape(2 * HEAD_DIM)
+
+
     row = _iota(0)
     xr = _load_wgmma(s.x.at[pl.ds(0, BLOCK)])
     s.q_tile[...] = jnp.where(row < Q_PER_KV, xr * (1.0 / math.sqrt(HEAD_DIM)), 0.0).astype(jnp.bfloat16)

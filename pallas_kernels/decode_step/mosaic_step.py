@@ -26,6 +26,10 @@ place) and the kernel updates in place. A step's layers share one traced body: t
 layer run in a loop over layers, the chain's pipelines carrying on from one layer to the next,
 so the kernel compiles one layer, not all of them.
 
+The grid barriers need every CTA resident at once (one an SM, launched as an ordinary grid):
+a kernel that holds SMs on another stream meanwhile could keep a CTA from starting, and the
+others would wait for it forever.
+
 Pallas interpret mode (the CPU tests) has no semaphores and no TMA reduction: there the kernel
 runs on one CTA, which orders its phases itself, and adds with a load and a store.
 """
@@ -36,13 +40,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.mosaic.gpu import utils as mgpu_utils
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.decode_step import attention as attn
 from pallas_kernels.weight_stream.mosaic_stream import (
     H100_SMS, MAX_CONCURRENT, TILE_K, TILE_N, TRANSFORMS, steps_per_phase, tile_of)
 
+SMEM_BYTES = 232_448  # shared memory a Hopper CTA may take
+SMEM_SLACK = 4096  # barriers and alignment, over the buffers' own bytes
 ROWS = plgpu.Layout.WGMMA.reduce(1)  # a tile's 64 row sums
 COLUMNS = plgpu.Layout.WGMMA.reduce(0)  # the 256 entries of x a tile multiplies, one per column
 
@@ -105,18 +110,26 @@ def layout_of(vectors: dict[str, Vector]) -> tuple[dict[str, int], int]:
     return offsets, end
 
 
-@plgpu.inline_mgpu()
-def _fence(ctx):
-    """Every thread's writes before a semaphore signal: Pallas's signal is a relaxed add with its
-    release fence after it, so without this a CTA waiting on the count may read stale values
-    (CUDA's __threadfence before the block's atomic)."""
-    del ctx
-    mgpu_utils.inline_ptx("fence.acq_rel.gpu;", has_side_effects=True)
-
-
 def _signal(done):
-    _fence()
-    pl.semaphore_signal(done, 1)
+    """A release (after a warpgroup barrier) of every thread's writes: GPU scope, as the waits."""
+    plgpu.semaphore_signal(done, 1, memory_scope="gpu")
+
+
+def _wait(done, count):
+    plgpu.semaphore_wait(done, count, decrement=False, memory_scope="gpu")
+
+
+def _slotted(phase: Phase, k: int, steps: int) -> bool:
+    """Whether a phase builds only its CTA's chunks of x, one slot a step (fewer than all of x),
+    rather than all of x (which a norm's statistic needs anyway)."""
+    return phase.x != "norm" and steps * TILE_K < k
+
+
+def _x_length(phase: Phase, shape, ctas: int, concurrent: int) -> int:
+    """Entries of x_smem the phase fills."""
+    n, k = shape[-2:]
+    steps = steps_per_phase(n, k, ctas, concurrent)
+    return steps * TILE_K if _slotted(phase, k, steps) else k
 
 
 def _barriers(phase: Phase) -> int:
@@ -136,11 +149,6 @@ def _kernel(*refs, layer_phases, final_phases, shapes, vectors, offsets, layers,
         row = layer + delta - vectors[name].first if vectors[name].rows > 1 else 0
         return acts.at[pl.ds(offsets[name] + row * vectors[name].n + start, length)]
 
-    def slotted(phase, k, steps):
-        """Whether a phase builds only its CTA's chunks of x, one slot a step (fewer than all of
-        x), rather than all of x (which a norm's statistic needs anyway)."""
-        return phase.x != "norm" and steps * TILE_K < k
-
     def build_x(phase, n, k, steps, layer, in_loop):
         """x of a phase, rounded to bf16, into x_smem (fp32): at column offsets, or at step
         offsets if slotted. Every load is issued before any arithmetic: one round trip to L2."""
@@ -154,8 +162,8 @@ def _kernel(*refs, layer_phases, final_phases, shapes, vectors, offsets, layers,
             elif phase.x == "merge":
                 outs, lses = v[:parts // 2], v[parts // 2:]
                 top = functools.reduce(jnp.maximum, lses)
-                weights = [jnp.exp2(lse - top) for lse in lses]
-                v = sum(o * w for o, w in zip(outs, weights)) / sum(weights)
+                shares = [jnp.exp2(lse - top) for lse in lses]
+                v = sum(o * w for o, w in zip(outs, shares)) / sum(shares)
             else:
                 v = v[0]
             return v.astype(jnp.bfloat16).astype(jnp.float32)
@@ -164,7 +172,7 @@ def _kernel(*refs, layer_phases, final_phases, shapes, vectors, offsets, layers,
             rows = 1 if phase.x in ("norm", "copy") else parts
             return [vector_ref(phase.source, layer, row * k + start, length)[...] for row in range(rows)]
 
-        if not slotted(phase, k, steps):
+        if not _slotted(phase, k, steps):
             v = load(0, k)
             scale = norms[phase.norm].at[layer if in_loop else 0][...] if phase.x == "norm" else None
             x_smem.at[pl.ds(0, k)][...] = finish(v, scale)
@@ -214,12 +222,12 @@ def _kernel(*refs, layer_phases, final_phases, shapes, vectors, offsets, layers,
             @pl.when(step == 0)
             def _():
                 if not interpret:  # every CTA has finished the phases before
-                    pl.semaphore_wait(done, number_of() * ctas, decrement=False)
+                    _wait(done, number_of() * ctas)
                 if phase.attention is not None:
                     attend(phase.attention, layer)
                     if not interpret:
                         _signal(done)
-                        pl.semaphore_wait(done, (number_of() + 1) * ctas, decrement=False)
+                        _wait(done, (number_of() + 1) * ctas)
                 plgpu.commit_smem()  # every thread is done with the last phase's x
                 build_x(phase, n, k, steps, layer, in_loop)
                 plgpu.commit_smem()
@@ -227,7 +235,7 @@ def _kernel(*refs, layer_phases, final_phases, shapes, vectors, offsets, layers,
             @pl.when(cta + step * ctas < tiles)
             def _():
                 rows, cols = tile_of(cta, step, n, k, ctas)
-                offset = step if slotted(phase, k, steps) else cols
+                offset = step if _slotted(phase, k, steps) else cols
                 x = plgpu.load(x_smem.at[pl.ds(offset * TILE_K, TILE_K)], layout=COLUMNS)
                 w = plgpu.load(w_smem, layout=plgpu.Layout.WGMMA).astype(jnp.float32)
                 y = jnp.sum(w * x[None, :], axis=1)
@@ -319,6 +327,10 @@ def run_phases(weights, norms, inputs, layer_phases, final_phases, vectors, *, l
         raise ValueError(f"concurrent={concurrent} must be in [1, {MAX_CONCURRENT}] (32 KB of shared memory each)")
     if not final_phases:
         raise ValueError("final_phases must not be empty: the chain's last pipeline stops it")
+    if layers and not layer_phases:
+        raise ValueError(f"layers={layers} needs layer_phases to run")
+    if any(ph.attention is not None for ph in final_phases):
+        raise ValueError("attention reads a layer's cache: only layer phases may have it")
     phases = list(layer_phases) + list(final_phases)
     unknown = [(i, _named(r)[0]) for i, ph in enumerate(phases) for r in (ph.source, ph.out, ph.residual)
                if r is not None and _named(r)[0] not in vectors]
@@ -339,13 +351,19 @@ def run_phases(weights, norms, inputs, layer_phases, final_phases, vectors, *, l
     for name, value in inputs.items():
         workspace = lax.dynamic_update_slice(workspace, value.astype(jnp.float32), (offsets[name],))
     workspace = jax.new_ref(workspace)
-    k_max = max(shapes[ph.weight][-1] for ph in phases)
+    x_length = max(_x_length(ph, shapes[ph.weight], ctas, concurrent) for ph in phases)
+    smem = (concurrent * TILE_N * TILE_K * 2 + 4 * (x_length + TILE_N) + (attn.scratch_bytes() if attends else 0)
+            + SMEM_SLACK)
+    if smem > SMEM_BYTES:
+        raise ValueError(f"concurrent={concurrent} needs ~{smem} bytes of shared memory a CTA (32 KB a slot, "
+                         f"{4 * x_length} for x{', ~74 KB for attention' if attends else ''}), over the "
+                         f"{SMEM_BYTES} a Hopper CTA has: use fewer slots")
     kernel = plgpu.kernel(
         lambda *refs: _kernel(*refs, layer_phases=tuple(layer_phases), final_phases=tuple(final_phases),
                               shapes=shapes, vectors=vectors, offsets=offsets, layers=layers, ctas=ctas,
                               concurrent=concurrent, eps=eps, interpret=interpret),
         out_type=(), grid=(ctas,), grid_names=("sm",), num_threads=2, thread_name="wg",
-        scratch_types=[plgpu.SMEM((k_max,), jnp.float32), plgpu.SMEM((TILE_N,), jnp.float32),
+        scratch_types=[plgpu.SMEM((x_length,), jnp.float32), plgpu.SMEM((TILE_N,), jnp.float32),
                        attn.scratch_types() if attends else []],
         interpret=_interpret_params() if interpret else None)
     kernel(*weights, norms, tuple(cache) if attends else (), workspace)

@@ -84,6 +84,18 @@ def test_llama_layer_lowers_for_hopper():
     assert "mosaic_gpu" in lowered.as_text()
 
 
+def test_slots_past_shared_memory_are_rejected():
+    """Four slots fit beside the attention's scratch (x takes only the chunks it needs); five do not."""
+    arrays, chain, layers, cache = _with_attention("attn/smem", layers=1, d=2048, mlp=5632, vocab=32000,
+                                                   cache_len=64, pos=1)
+    specs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), (arrays, cache))
+    lower = lambda c: jax.jit(lambda a, k: run_phases(*a, *chain, layers=layers, cache=k, concurrent=c)).trace(  # noqa: E731
+        *specs)
+    lower(4)
+    with pytest.raises(ValueError, match=r"concurrent=5 needs ~\d+ bytes of shared memory.*use fewer slots"):
+        lower(5)
+
+
 def test_llama_with_attention_lowers_for_hopper():
     """Six splits a kv head, merged by the o phase (one split, the default, ran on the GPU)."""
     problem = _with_attention("attn/lower", layers=2, d=2048, mlp=5632, vocab=32000, cache_len=384, pos=200,
@@ -100,7 +112,11 @@ def test_llama_with_attention_lowers_for_hopper():
     (dict(final_phases=[Phase(0, "gelu", "h", "y")]), r"x \['gelu'\]"),
     (dict(final_phases=[]), r"final_phases must not be empty"),
     (dict(final_phases=[Phase(0, "norm", "h", "y", norm=0, attention=Attention("h", "y", "y"))]),
+     r"only layer phases may have it"),
+    (dict(layer_phases=[Phase(0, "norm", "h", "y", norm=0, attention=Attention("h", "y", "y"))], layers=1,
+          weights=[jnp.zeros((1, 64, 256), jnp.bfloat16)]),
      r"attention needs cache=\(k, v, pos, rope\).*got \(shape, dtype\) None"),
+    (dict(layers=2), r"layers=2 needs layer_phases"),
     (dict(concurrent=7), r"concurrent=7 must be in \[1, 6\]"),
 ])
 def test_bad_input_is_rejected(change, match):
