@@ -15,8 +15,9 @@ from llmjax.models import init_model
 from pallas_kernels import _testing
 from tests.decode_steps import steps_both_ways
 
-# Llama 1.1B's attention shape (the kernel's), two layers and a narrow MLP and vocabulary.
-SMALL_1B = ["preset=llama-1b", "model.n_layers=2", "model.d_mlp=256", "model.vocab_size=256",
+# Llama 1.1B's attention shape (the kernel's), one layer (decode_step's tests loop over two) and a
+# narrow MLP and vocabulary.
+SMALL_1B = ["preset=llama-1b", "model.n_layers=1", "model.d_mlp=256", "model.vocab_size=256",
             "model.max_seq_len=256"]
 
 
