@@ -44,7 +44,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.decode_step import attention as attn
 from pallas_kernels.weight_stream.mosaic_stream import (
-    H100_SMS, MAX_CONCURRENT, TILE_K, TILE_N, TRANSFORMS, steps_per_phase, tile_of)
+    H100_SMS, TILE_K, TILE_N, TRANSFORMS, chain_state, check_concurrent, check_weights, steps_per_phase, tile_of)
 
 SMEM_BYTES = 232_448  # shared memory a Hopper CTA may take
 SMEM_SLACK = 4096  # barriers and alignment, over the buffers' own bytes
@@ -279,10 +279,8 @@ def _kernel(*refs, layer_phases, final_phases, shapes, vectors, offsets, layers,
         if layers:
             lax.fori_loop(0, layers, layer_body, None)
         for p, phase in enumerate(final_phases):
-            number = len(layer_phases) * layers + p
             barrier = per_layer * layers + sum(map(_barriers, final_phases[:p]))
-            state = (None if chain == 1 else plgpu.PipelinePipeline.START if number == 0
-                     else plgpu.PipelinePipeline.STOP if number == chain - 1 else plgpu.PipelinePipeline.STEADY)
+            state = chain_state(len(layer_phases) * layers + p, chain)
             pipeline(phase, False, lambda: layers, lambda barrier=barrier: barrier, state)(
                 weights[phase.weight], allocations=slots)
 
@@ -317,14 +315,9 @@ def run_phases(weights, norms, inputs, layer_phases, final_phases, vectors, *, l
       ValueError: weights of the wrong shape or dtype, phases naming unknown vectors or x kinds,
         attention without a cache of the shapes above, or concurrent out of range.
     """
+    check_weights(weights, stacked=True)
+    check_concurrent(concurrent)
     shapes = [tuple(w.shape) for w in weights]
-    bad = [(i, w.shape, w.dtype) for i, w in enumerate(weights)
-           if w.ndim not in (2, 3) or w.shape[-2] % TILE_N or w.shape[-1] % TILE_K or w.dtype != jnp.bfloat16]
-    if not weights or bad:
-        raise ValueError(f"weights must be a non-empty list of bfloat16 [N, K] or [layers, N, K] with N % {TILE_N} "
-                         f"== 0 and K % {TILE_K} == 0; got (index, shape, dtype) {bad or 'none'}")
-    if not 1 <= concurrent <= MAX_CONCURRENT:
-        raise ValueError(f"concurrent={concurrent} must be in [1, {MAX_CONCURRENT}] (32 KB of shared memory each)")
     if not final_phases:
         raise ValueError("final_phases must not be empty: the chain's last pipeline stops it")
     if layers and not layer_phases:
@@ -334,7 +327,7 @@ def run_phases(weights, norms, inputs, layer_phases, final_phases, vectors, *, l
     phases = list(layer_phases) + list(final_phases)
     unknown = [(i, _named(r)[0]) for i, ph in enumerate(phases) for r in (ph.source, ph.out, ph.residual)
                if r is not None and _named(r)[0] not in vectors]
-    if not phases or unknown or any(ph.x not in ("norm", "swiglu", "copy", "merge") for ph in phases):
+    if unknown or any(ph.x not in ("norm", "swiglu", "copy", "merge") for ph in phases):
         raise ValueError(f"phases name vectors {sorted(vectors)} and x in norm/swiglu/copy/merge; got unknown "
                          f"(phase, name) {unknown} and x {[ph.x for ph in phases]}")
     attends = any(ph.attention is not None for ph in phases)

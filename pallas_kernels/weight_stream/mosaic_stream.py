@@ -33,6 +33,31 @@ H100_SMS = 132
 MAX_CONCURRENT = 6  # tile slots: 192 of the 227 KB of shared memory a CTA may take
 
 
+def check_weights(weights, *, stacked: bool = False):
+    """Raise ValueError unless `weights` is a non-empty list of bfloat16 [N, K] (or, if stacked,
+    [layers, N, K]) matrices whose tiles divide them."""
+    ndims = (2, 3) if stacked else (2,)
+    bad = [(i, w.shape, w.dtype) for i, w in enumerate(weights)
+           if w.ndim not in ndims or w.shape[-2] % TILE_N or w.shape[-1] % TILE_K or w.dtype != jnp.bfloat16]
+    if not weights or bad:
+        shapes = "[N, K] or [layers, N, K]" if stacked else "[N, K]"
+        raise ValueError(f"weights must be a non-empty list of bfloat16 {shapes} with N % {TILE_N} == 0 and "
+                         f"K % {TILE_K} == 0; got (index, shape, dtype) {bad or 'none'}")
+
+
+def check_concurrent(concurrent: int):
+    if not 1 <= concurrent <= MAX_CONCURRENT:
+        raise ValueError(f"concurrent={concurrent} must be in [1, {MAX_CONCURRENT}] (32 KB of shared memory each)")
+
+
+def chain_state(number: int, count: int):
+    """The pipeline_state of pipeline `number` of `count` chained ones (None for a lone one)."""
+    if count == 1:
+        return None
+    return (plgpu.PipelinePipeline.START if number == 0 else plgpu.PipelinePipeline.STOP if number == count - 1
+            else plgpu.PipelinePipeline.STEADY)
+
+
 def steps_per_phase(n: int, k: int, ctas: int, concurrent: int) -> int:
     """Pipeline steps of an [n, k] phase on each of `ctas` CTAs, a multiple of `concurrent`."""
     per_cta = pl.cdiv((n // TILE_N) * (k // TILE_K), ctas)
@@ -79,8 +104,7 @@ def _kernel(*refs, shapes, ctas, concurrent, barriers):
                 def _():
                     pl.semaphore_signal(done, 1)
 
-        state = (None if len(shapes) == 1 else plgpu.PipelinePipeline.START if p == 0
-                 else plgpu.PipelinePipeline.STOP if last_phase else plgpu.PipelinePipeline.STEADY)
+        state = chain_state(p, len(shapes))
         spec = plgpu.BlockSpec((TILE_N, TILE_K), lambda step: tile_of(cta, step, n, k, ctas), transforms=TRANSFORMS)
         return plgpu.emit_pipeline_warp_specialized(
             body, grid=(steps,), in_specs=[spec],
@@ -111,16 +135,11 @@ def stream_weights(weights, x, *, concurrent: int = 2, barriers: bool = True, ct
     Raises:
       ValueError: a weight or x of the wrong shape or dtype, or concurrent < 1.
     """
+    check_weights(weights)
     shapes = [tuple(w.shape) for w in weights]
-    bad = [(i, w.shape, w.dtype) for i, w in enumerate(weights)
-           if w.ndim != 2 or w.shape[0] % TILE_N or w.shape[1] % TILE_K or w.dtype != jnp.bfloat16]
-    if not weights or bad:
-        raise ValueError(f"weights must be a non-empty list of bfloat16 [N, K] with N % {TILE_N} == 0 and "
-                         f"K % {TILE_K} == 0; got (index, shape, dtype) {bad or 'none'}")
     if x.shape != (X_ROWS, TILE_K) or x.dtype != jnp.bfloat16:
         raise ValueError(f"x must be bfloat16 of shape {(X_ROWS, TILE_K)}; got {x.shape}, {x.dtype}")
-    if not 1 <= concurrent <= MAX_CONCURRENT:
-        raise ValueError(f"concurrent={concurrent} must be in [1, {MAX_CONCURRENT}] (32 KB of shared memory each)")
+    check_concurrent(concurrent)
     ctas = ctas or (jax.devices()[0].core_count if jax.default_backend() == "gpu" else H100_SMS)
     kernel = plgpu.kernel(
         lambda *refs: _kernel(*refs, shapes=shapes, ctas=ctas, concurrent=concurrent, barriers=barriers),
