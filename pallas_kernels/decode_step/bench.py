@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import _bench
-from pallas_kernels.decode_step import run_phases
+from pallas_kernels.decode_step import reference, run_phases
 from pallas_kernels.decode_step.chains import llama, llama_without_attention
 from pallas_kernels.weight_stream import stream_weights
 from pallas_kernels.weight_stream.mosaic_stream import TILE_K
@@ -22,8 +22,7 @@ def _cache(layers, length, pos):
     """A [layers, length, 4, 64] K and V cache holding `pos` positions, and the (pos, rope) inputs."""
     keys = jax.random.split(jax.random.key(1), 2)
     k, v = (jax.random.normal(key, (layers, length, 4, 64), jnp.float32).astype(jnp.bfloat16) for key in keys)
-    angles = pos * 10000.0 ** (-jnp.arange(0, 64, 2) / 64)
-    return k, v, jnp.array([pos], jnp.int32), jnp.stack([jnp.cos(angles), jnp.sin(angles)])
+    return k, v, jnp.array([pos], jnp.int32), reference.rope(pos)
 
 
 def rows(layers=22, concurrents=(2, 4), reps=10, cache_len=384, attention_splits=(1, 6)):

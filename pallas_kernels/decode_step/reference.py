@@ -6,12 +6,13 @@ import jax.numpy as jnp
 
 from pallas_kernels.decode_step import attention as attn
 from pallas_kernels.decode_step.mosaic_step import _named
+from pallas_kernels.matvec.reference import rotated
 
 
-def _rotate(x, cos, sin):
-    """HF Llama rotary ("rotate half") of [..., 64] by the angles' cos, sin [32]."""
-    x1, x2 = jnp.split(x, 2, axis=-1)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+def rope(pos: int, theta: float = 10000.0):
+    """fp32 [2, 32]: cos and sin of a position's rotary angles (the kernel's `rope` input)."""
+    angles = pos * theta ** (-jnp.arange(0, attn.HEAD_DIM, 2, dtype=jnp.float32) / attn.HEAD_DIM)
+    return jnp.stack([jnp.cos(angles), jnp.sin(angles)])
 
 
 def attention(qkv, k_cache, v_cache, pos: int, rope, splits: int = 1):
@@ -20,8 +21,8 @@ def attention(qkv, k_cache, v_cache, pos: int, rope, splits: int = 1):
     is [2048], or with splits > 1 the splits' partials [2 splits * 2048] (attention_unit)."""
     hd, kv = attn.HEAD_DIM, attn.KV_HEADS
     q_len = attn.Q_HEADS * hd
-    q = _rotate(qkv[:q_len].reshape(attn.Q_HEADS, hd), *rope)
-    k_new = _rotate(qkv[q_len:q_len + kv * hd].reshape(kv, hd), *rope)
+    q_k = rotated(qkv[None, :q_len + kv * hd], rope[:1], rope[1:], attn.Q_HEADS + kv)[0]
+    q, k_new = q_k[:q_len].reshape(attn.Q_HEADS, hd), q_k[q_len:].reshape(kv, hd)
     v_new = qkv[q_len + kv * hd:].reshape(kv, hd)
     keys = jnp.concatenate([k_cache[:pos].astype(jnp.float32), k_new[None]])  # [pos + 1, kv, hd]
     values = jnp.concatenate([v_cache[:pos].astype(jnp.float32), v_new[None]])

@@ -35,9 +35,8 @@ def _with_attention(name, layers, d, mlp, vocab, cache_len, pos, splits=1):
     inputs = {"h": jnp.asarray(_testing.normal(f"{name}/h0", (d,)))}
     k, v = (np.asarray(_testing.normal(f"{name}/{kv}", (layers, cache_len, 4, 64))) for kv in "kv")
     k[:, pos:] = v[:, pos:] = np.nan
-    angles = pos * 10000.0 ** (-np.arange(0, 64, 2) / 64)
     cache = (jnp.asarray(k, jnp.bfloat16), jnp.asarray(v, jnp.bfloat16), jnp.asarray([pos], jnp.int32),
-             jnp.asarray(np.stack([np.cos(angles), np.sin(angles)]), jnp.float32))
+             reference.rope(pos))
     return (weights, norms, inputs), tuple(chain), layers, cache
 
 
