@@ -18,7 +18,6 @@ from llmjax.decode import persistent as persistent_step
 from llmjax.decode.quantize import quantize_params
 from llmjax.decode.sampling import sample_logits
 from llmjax.models.kv_cache import init_cache
-from llmjax.ops import Int8Weight
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,12 +191,11 @@ def _generate_args(model, prompt, cfg, key, vocab_size, steps=None):
     steps = cfg.max_new_tokens if steps is None else steps
     if not isinstance(steps, int) or not 1 <= steps <= cfg.max_new_tokens:
         raise ValueError(f"steps={steps!r} must be an int in [1, decode.max_new_tokens={cfg.max_new_tokens}]")
-    kernels = fused_step.weights_supported(model.params)
-    int8 = any(isinstance(leaf, Int8Weight) for leaf in
-               jax.tree.leaves(model.params, is_leaf=lambda x: isinstance(x, Int8Weight)))
-    if cfg.persistent_step and kernels and not int8 and persistent_step.applies(model.cfg, prompt.shape[0]):
+    rows = prompt.shape[0]
+    if (cfg.persistent_step and persistent_step.applies(model.cfg, rows)
+            and persistent_step.weights_supported(model.params)):
         step_kind = "persistent"
-    elif cfg.fused_matvec and kernels and fused_step.applies(model.cfg, prompt.shape[0]):
+    elif cfg.fused_matvec and fused_step.applies(model.cfg, rows) and fused_step.weights_supported(model.params):
         step_kind = "fused"
     else:
         step_kind = "xla"

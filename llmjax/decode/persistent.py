@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from llmjax.decode import fused
 from llmjax.models.transformer import rope_tables
+from llmjax.ops import Int8Weight
 from pallas_kernels.decode_step import attention as kernel_attention
 from pallas_kernels.decode_step import run_phases
 from pallas_kernels.decode_step.chains import llama
@@ -35,6 +36,13 @@ def shape_fits(cfg) -> bool:
     return (cfg.family == "llama" and not cfg.n_experts and cfg.n_heads == kernel_attention.Q_HEADS
             and cfg.n_kv_heads == kernel_attention.KV_HEADS and cfg.head_dim == kernel_attention.HEAD_DIM
             and cfg.d_model % TILE_K == 0 and cfg.d_mlp % TILE_K == 0 and cfg.vocab_size % TILE_N == 0)
+
+
+def weights_supported(params) -> bool:
+    """Whether the kernel reads these weights: `fused.weights_supported`'s, none of them int8
+    (its tiles are bfloat16)."""
+    leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, Int8Weight))
+    return fused.weights_supported(params) and not any(isinstance(leaf, Int8Weight) for leaf in leaves)
 
 
 def step_weights(model, layers) -> dict:
