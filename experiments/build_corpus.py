@@ -90,8 +90,9 @@ def main(argv: list[str] | None = None) -> None:
     if not paths:
         raise SystemExit(f"no .md plays under {plays_dir}")
     docs = [play_to_text(p.read_text(encoding="utf-8"), title_from_stem(p.stem)) for p in paths]
-    if any(DOC_SEPARATOR in d for d in docs):
-        raise SystemExit("a play contains the document separator (form feed line)")
+    clashes = [p.name for p, d in zip(paths, docs) if DOC_SEPARATOR in d]
+    if clashes:
+        raise SystemExit(f"plays {clashes} contain the document separator (form feed line)")
 
     ASSETS.mkdir(parents=True, exist_ok=True)
     data = DOC_SEPARATOR.join(docs).encode("utf-8")

@@ -272,8 +272,11 @@ def main(argv=None):
     args.batch_size = args.batch_size or max(1, round(1e6 / args.seq_len))
     if args.batch_size % args.grad_accum:
         parser.error(f"--grad-accum {args.grad_accum} must divide --batch-size {args.batch_size}")
-    if not (0 < args.mfu <= 1 and 0 < args.headroom <= 1 and args.gpus > 0 and args.pp_microbatches > 0):
-        parser.error("--mfu and --headroom must be in (0, 1], --gpus and --pp-microbatches > 0")
+    bad = [f"--{name.replace('_', '-')} {value}" for name, value, ok in (
+        ("mfu", args.mfu, 0 < args.mfu <= 1), ("headroom", args.headroom, 0 < args.headroom <= 1),
+        ("gpus", args.gpus, args.gpus > 0), ("pp_microbatches", args.pp_microbatches, args.pp_microbatches > 0)) if not ok]
+    if bad:
+        parser.error(f"{', '.join(bad)}: --mfu and --headroom must be in (0, 1], --gpus and --pp-microbatches > 0")
     print(report(args))
     return 0
 

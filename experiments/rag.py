@@ -142,7 +142,7 @@ def plot_kv(ax, rows):
     ax.set_ylabel(f"perplexity change vs {rows[0]['kv_dtype']} KV (%)")
 
 
-def print_answer(answer, passages):
+def print_answer(answer):
     for passage, score in answer.hits:
         mark = "*" if passage.id in answer.used else " "
         print(f"{mark} [{passage.id} {passage.title}] score {score:.3f}\n    "
@@ -192,7 +192,7 @@ def main(argv=None):
             retrieve = make_retriever(args.retriever, passages, model, tokenizer, index)
             engine = Engine(model, EngineConfig(max_slots=1, prefill_slots=1, chunk_size=64))
             pipeline = RagPipeline(passages, tokenizer, engine, retrieve, max_new_tokens=args.max_new_tokens)
-            print_answer(pipeline.answer(args.query, args.k), passages)
+            print_answer(pipeline.answer(args.query, args.k))
     except (RagError, CorpusError, CheckpointError) as e:
         sys.exit(f"error: {e}")
 

@@ -30,9 +30,6 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def all_steps(self) -> list[int]:
-        return list(self._manager.all_steps())
-
     def save(self, step: int, state, meta: dict):
         """Start saving `state` (a pytree of arrays) and `meta` (JSON-able) as `step`."""
         self._manager.save(step, args=ocp.args.Composite(

@@ -133,8 +133,8 @@ class DataConfig:
     def __post_init__(self):
         if self.seq_len is not None:
             _check_positive("data", self, ("seq_len",))
-        if not 0.0 < self.val_fraction < 0.5:
-            raise ConfigError("data.val_fraction", self.val_fraction, "a fraction in (0, 0.5)")
+        if not 0.0 < self.val_fraction <= 0.5:  # as split_train_val takes it
+            raise ConfigError("data.val_fraction", self.val_fraction, "a fraction in (0, 0.5]")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -173,9 +173,13 @@ def test_pallas_attention_refuses_an_explicit_mask():
 def test_auto_attention_uses_cudnn_only_where_it_applies(dtype, head_dim, has_mask, on_gpu, expected):
     from llmjax import ops
     assert ops.auto_attention_impl(dtype, head_dim, has_mask=has_mask, on_gpu=on_gpu, hopper=True) == expected
-    # Before Hopper cuDNN's flash attention stops at head dim 128.
+
+
+def test_auto_attention_before_hopper_stops_cudnn_at_head_dim_128():
+    from llmjax import ops
     assert ops.auto_attention_impl(jnp.bfloat16, 256, has_mask=False, on_gpu=True, hopper=True) == "cudnn"
     assert ops.auto_attention_impl(jnp.bfloat16, 256, has_mask=False, on_gpu=True, hopper=False) == "xla"
+    assert ops.auto_attention_impl(jnp.bfloat16, 128, has_mask=False, on_gpu=True, hopper=False) == "cudnn"
 
 
 @pytest.mark.parametrize("x_shape, w_shape, n_contract", [

@@ -65,8 +65,8 @@ class PosttrainConfig:
         _check_positive("", self, ("n_examples", "seq_len", "steps", "batch_size", "eval_every", "rm_steps",
                                    "prompt_tokens", "prompts_per_iter", "group_size", "max_new_tokens",
                                    "qlora_block"))
-        if not 0.0 < self.val_fraction < 0.5:
-            raise ConfigError("val_fraction", self.val_fraction, "a fraction in (0, 0.5)")
+        if not 0.0 < self.val_fraction <= 0.5:
+            raise ConfigError("val_fraction", self.val_fraction, "a fraction in (0, 0.5]")
         if self.beta < 0 or self.temperature <= 0 or self.clip_eps <= 0:
             raise ConfigError("beta/temperature/clip_eps", (self.beta, self.temperature, self.clip_eps),
                               "beta >= 0, temperature > 0, clip_eps > 0")

@@ -1,4 +1,4 @@
-"""Flash-attention benchmark: CASES x IMPLS x {fwd, fwd_bwd} -> rows. No argparse, no files.
+"""Flash-attention benchmark: cases x IMPLS x {fwd, fwd_bwd} -> rows. No argparse, no files.
 
 `experiments/bench_kernels.py flash_attention` calls `rows()` and writes the results.
 B batch, T query length, S key length, N heads, H head dim.
@@ -13,7 +13,6 @@ from pallas_kernels.flash_attention import cases, config
 from pallas_kernels.flash_attention.api import flash_attention
 
 MODES = ("fwd", "fwd_bwd")
-CASES = cases.BENCH_CASES
 
 
 def attention_flops(case: cases.Case, mode: str) -> float:

@@ -16,7 +16,6 @@ IMPLS = {
     "triton": lambda x, r, w: api.rms_norm_residual(x, r, w, backend="triton"),  # Pallas-Triton
     "xla": reference.rms_norm_residual,
 }
-MODES = ("fwd",)  # triton_call has no autodiff rule
 
 
 def rows(case_names=None, impls=tuple(IMPLS), dtype=jnp.bfloat16, reps=50):

@@ -50,7 +50,7 @@ def test_smallest_layout_prefers_less_model_parallelism():
 def test_bad_arguments_exit_with_a_message(capsys):
     with pytest.raises(SystemExit):
         main(["--params", "1e9", "--tokens", "1e9", "--mfu", "1.5"])
-    assert "--mfu" in capsys.readouterr().err
+    assert "--mfu 1.5:" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", sorted(GPT3))

@@ -18,7 +18,7 @@ from sharding.mesh import check_divisibility, make_mesh
 from sharding.placement import (format_shardings, logical_to_spec, param_logical_names,
                                 shard_batch, state_shardings)
 from sharding.rules import PRESETS, get_rules, mesh_axes_of, validate_rules
-from tests.sharding.conftest import FAMILIES, LAYOUTS, MICRO_BATCH
+from tests.sharding.conftest import FAMILIES, LAYOUTS
 
 TOL = 1e-5  # DESIGN.md: sharded == unsharded within 1e-5 in fp32 after 3 steps
 
@@ -237,4 +237,3 @@ def test_shard_batch_splits_the_micro_batch_axis():
     batch = shard_batch(np.zeros((2, 8, 17), np.int32), make_mesh(LAYOUTS["fsdp_tp"]), "fsdp_tp")
     assert batch.sharding.spec == P(None, ("data", "fsdp"), None)
     assert batch.sharding.shard_shape(batch.shape) == (2, 4, 17)
-    assert MICRO_BATCH == 8
