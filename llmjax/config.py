@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import numbers
 import types
 import typing
 from dataclasses import dataclass, field
@@ -266,9 +267,16 @@ class DecodeConfig:
     persistent_step: bool = False
 
     def __post_init__(self):
+        for name in ("max_new_tokens", "top_k", "seed"):  # a float here would be truncated downstream
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ConfigError(f"decode.{name}", value, "an integer")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, numbers.Real) or not math.isfinite(
+                self.temperature):
+            raise ConfigError("decode.temperature", self.temperature, "a finite number >= 0")
         _check_positive("decode", self, ("max_new_tokens",))
         _check_positive("decode", self, ("temperature", "top_k", "seed"), allow_zero=True)
-        if not 0.0 < self.top_p <= 1.0:
+        if not isinstance(self.top_p, numbers.Real) or not 0.0 < self.top_p <= 1.0:
             raise ConfigError("decode.top_p", self.top_p, "a number in (0, 1]")
 
 

@@ -2,6 +2,7 @@
 `generate`, with and without prefix caching and with forced preemption; bad requests rejected
 while the others are served."""
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -177,6 +178,10 @@ def test_bad_requests_are_rejected_while_serving(model, greedy):
         (([1, 600], 5, None), r"token ids must be in \[0, 512\)"),
         ((["a"], 5, None), "must be integer token ids"),
         (([1, 2], 5, {"seed": 2**40}), r"seed=1099511627776 must be < 2\*\*31"),
+        (([1, 2], 5, {"top_k": 2**31}), r"top_k=2147483648 must be < 2\*\*31"),  # would overflow int32 in a step
+        (([1, 2], 5, {"top_k": 2.5}), r"decode.top_k=2.5.*an integer"),
+        (([1, 2], 5, {"temperature": float("nan")}), r"decode.temperature=nan.*a finite number"),
+        (([1, 2], 5, {"seed": None}), r"decode.seed=None.*an integer"),
     ]
     for (prompt, n, sampling), match in bad:
         with pytest.raises(RequestError, match=match):
@@ -188,6 +193,24 @@ def test_bad_requests_are_rejected_while_serving(model, greedy):
     for rid, req in zip(good, (LIGHT[0], LIGHT[1])):
         n = 5 if rid == good[0] else 4
         assert engine.finished[rid].generated == greedy(req.prompt)[:n]
+
+
+def test_admission_reserves_the_blocks_of_the_requests_it_admits(model):
+    """Requests admitted in one step are counted against the free blocks together: one that
+    would not fit beside those admitted before it waits, rather than being admitted and then
+    preempted before it computed anything."""
+    engine = Engine(model, dataclasses.replace(CFG, prefix_caching=False))
+    engine.submit(list(range(100)), 10, {"temperature": 0.0})  # 13 of the 16 blocks
+    while not engine.running or engine.running[0].num_computed < 100:
+        engine.step()
+    assert engine.allocator.num_available() == 3
+    engine.submit(list(range(200, 216)), 2, {"temperature": 0.0})  # 2 blocks each
+    engine.submit(list(range(300, 316)), 2, {"temperature": 0.0})
+    engine.step()
+    assert [s.preemptions for s in engine.running] == [0, 0] and len(engine.running) == 2
+    assert [(s.preemptions, s.num_computed) for s in engine.waiting] == [(0, 0)]
+    engine.run()
+    assert len(engine.finished) == 3 and engine.allocator.num_available() == 16
 
 
 def test_engine_config_rejects_a_pool_smaller_than_one_sequence(model):
@@ -211,3 +234,23 @@ def test_sample_rows_filters():
     draws = {int(fn(logits, jax.random.split(jax.random.key(i), 4), jnp.ones(4), jnp.full(4, 3),
                     jnp.ones(4))[3]) for i in range(30)}
     assert draws <= set(top3.tolist()) and len(draws) > 1
+
+
+def test_serve_bench_writes_its_rows_json_and_plot(tmp_path):
+    """`python -m experiments.serve_bench` on a tiny trace: both variants serve every request,
+    and the record holds the percentiles (ordered) and the paged vs contiguous KV waste."""
+    from experiments import serve_bench
+    argv = ["--requests", "6", "--rate", "50", "--max-seq-len", "64", "--prompt-len", "4", "12", "--output-len", "2",
+            "6", "--prefix-len", "8", "--prefixes", "2", "--slots", "4", "--block-size", "4", "--num-blocks", "64",
+            "--chunk-size", "8", "--out", str(tmp_path)]
+    assert serve_bench.main(argv) == 0
+    (path,) = tmp_path.glob("serve_bench-llama-tiny_*.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["prefix_cache", "no_prefix_cache"]
+    for r in rows:
+        assert r["requests"] == 6 and r["output_tok_per_s"] > 0
+        assert r["ttft_p50_ms"] <= r["ttft_p90_ms"] <= r["ttft_p99_ms"]
+        assert r["tpot_p50_ms"] <= r["tpot_p90_ms"] <= r["tpot_p99_ms"]
+        assert 0 <= r["kv_waste_paged"] < r["kv_waste_contiguous"] < 1
+    assert path.with_suffix(".png").stat().st_size > 0
+    assert serve_bench.main(argv[:-2] + ["--slots", "0", "--out", str(tmp_path)]) == 2  # a bad engine config

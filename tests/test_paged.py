@@ -75,6 +75,7 @@ def test_block_hashes_chain_over_the_whole_prefix():
     # The same block after a different prefix is a different block of KV.
     assert paged.block_hashes([9, 9, 9, 9] + tokens[4:8], 4)[1] != hashes[1]
     assert paged.block_hashes(tokens[:8], 4) == hashes
+    assert all(isinstance(h, bytes) and len(h) == 32 for h in hashes)  # SHA-256: no crafted collisions
 
 
 @jax.default_matmul_precision("highest")  # IEEE fp32 on a GPU too (XLA's dots would use TF32)

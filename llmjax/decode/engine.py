@@ -67,7 +67,7 @@ class Sequence:
     arrival: float
     tokens: list[int] = dataclasses.field(default_factory=list)
     blocks: list[int] = dataclasses.field(default_factory=list)
-    hashes: list[int] = dataclasses.field(default_factory=list)  # of its full, computed blocks
+    hashes: list[bytes] = dataclasses.field(default_factory=list)  # of its full, computed blocks
     num_computed: int = 0  # positions whose KV is in the cache
     cached_tokens: int = 0  # prompt positions found in the prefix cache (all admissions)
     preemptions: int = 0
@@ -200,8 +200,9 @@ class Engine:
             options = DecodeConfig(max_new_tokens=int(max_new_tokens), **sampling)
         except ConfigError as e:
             raise RequestError(f"bad sampling option: {e}") from None
-        if options.seed >= 2**31:  # the step carries seeds as int32
-            raise RequestError(f"seed={options.seed} must be < 2**31")
+        for name in ("top_k", "seed"):  # the step carries them as int32
+            if getattr(options, name) >= 2**31:
+                raise RequestError(f"{name}={getattr(options, name)} must be < 2**31")
         seq = Sequence(id=next(self._ids), prompt=prompt, max_new_tokens=int(max_new_tokens),
                        sampling=options, stop_tokens=stop_tokens,
                        arrival=time.perf_counter() if arrival is None else arrival,
@@ -251,6 +252,7 @@ class Engine:
     def _admit(self) -> None:
         """Move waiting requests into free slots while the pool has blocks for their first chunk."""
         bs = self.cfg.block_size
+        reserved = 0  # blocks the requests admitted in this call will take for their first chunks
         while self.waiting and len(self.running) < self.cfg.max_slots:
             seq = self.waiting[0]
             # Reuse cached full blocks of the known tokens, leaving >= 1 token to compute.
@@ -264,9 +266,10 @@ class Engine:
             seq.num_computed = len(seq.blocks) * bs
             first_chunk = min(self.cfg.chunk_size, len(seq.tokens) - seq.num_computed)
             needed = -(-(seq.num_computed + first_chunk) // bs) - len(seq.blocks)
-            if self.running and needed > self.allocator.num_available():
+            if self.running and needed > self.allocator.num_available() - reserved:
                 self._free(seq)  # wait for blocks; give back the cached ones for now
                 return
+            reserved += needed
             seq.cached_tokens += seq.num_computed
             self.running.append(self.waiting.popleft())
 

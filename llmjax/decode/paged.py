@@ -9,6 +9,7 @@ prefix share its blocks; blocks nobody references stay cached until the pool nee
 least recently used first.
 """
 import collections
+import hashlib
 
 import jax.numpy as jnp
 import numpy as np
@@ -16,13 +17,16 @@ import numpy as np
 from pallas_kernels.decode_attention.reference import SCALE_DTYPE
 
 
-def block_hashes(tokens, block_size: int, parent: int | None = None) -> list[int]:
-    """Chain hashes of the full blocks of `tokens`: hash i covers tokens[: (i + 1) * block_size],
-    so equal hashes mean equal whole prefixes, not just equal blocks. `parent`: the hash of the
-    blocks before `tokens` (to extend a chain)."""
+def block_hashes(tokens, block_size: int, parent: bytes | None = None) -> list[bytes]:
+    """Chain digests of the full blocks of `tokens`: digest i covers tokens[: (i + 1) * block_size],
+    so equal digests mean equal whole prefixes, not just equal blocks. `parent`: the digest of the
+    blocks before `tokens` (to extend a chain). SHA-256, not Python's hash(): that is unsalted for
+    integers, so a prompt could be built offline to collide with another user's prefix and be
+    served its KV blocks."""
     hashes = []
     for end in range(block_size, len(tokens) + 1, block_size):
-        parent = hash((parent, tuple(int(t) for t in tokens[end - block_size:end])))
+        block = np.asarray(tokens[end - block_size:end], np.int64).tobytes()
+        parent = hashlib.sha256((parent or b"") + block).digest()
         hashes.append(parent)
     return hashes
 
@@ -41,8 +45,8 @@ class BlockAllocator:
         self.num_blocks, self.block_size, self.prefix_caching = num_blocks, block_size, prefix_caching
         self.free = collections.deque(range(num_blocks))
         self.ref_counts = np.zeros(num_blocks, np.int64)
-        self.block_of_hash: dict[int, int] = {}
-        self.hash_of_block: dict[int, int] = {}
+        self.block_of_hash: dict[bytes, int] = {}
+        self.hash_of_block: dict[int, bytes] = {}
         self.evictable: collections.OrderedDict[int, None] = collections.OrderedDict()  # LRU first
 
     def num_available(self) -> int:
@@ -76,7 +80,7 @@ class BlockAllocator:
             else:
                 self.free.append(block)
 
-    def lookup(self, block_hash: int) -> int | None:
+    def lookup(self, block_hash: bytes) -> int | None:
         """The cached block holding this prefix hash with one more reference, or None."""
         block = self.block_of_hash.get(block_hash) if self.prefix_caching else None
         if block is not None:
@@ -84,7 +88,7 @@ class BlockAllocator:
             self.ref_counts[block] += 1
         return block
 
-    def register(self, block: int, block_hash: int) -> None:
+    def register(self, block: int, block_hash: bytes) -> None:
         """Name a full, written block by its prefix hash (first writer wins on duplicates)."""
         if self.prefix_caching and block_hash not in self.block_of_hash and block not in self.hash_of_block:
             self.block_of_hash[block_hash] = block
