@@ -59,9 +59,10 @@ def test_samplers():
     greedy = jnp.argmax(logits, -1)
     keys = jax.random.split(jax.random.key(1), 20)
     np.testing.assert_array_equal(sample_logits(logits, keys[0], temperature=0.0), greedy)
-    for key in keys:  # top_k=1 and a tiny top_p both leave only the argmax
+    for key in keys:  # top_k=1, a tiny top_p and a tiny temperature all leave only the argmax
         np.testing.assert_array_equal(sample_logits(logits, key, top_k=1), greedy)
         np.testing.assert_array_equal(sample_logits(logits, key, top_p=1e-6), greedy)
+        np.testing.assert_array_equal(sample_logits(logits, key, temperature=1e-39, top_p=0.5), greedy)
     # top_k=5: every draw is among the 5 largest logits of its row, and more than one occurs.
     draws = np.stack([sample_logits(logits, k, top_k=5) for k in keys])
     top5 = np.argsort(-np.asarray(logits), -1)[:, :5]

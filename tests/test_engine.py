@@ -230,6 +230,8 @@ def test_sample_rows_filters():
     out = fn(logits, keys, jnp.array([0.0, 1.0, 1.0, 1.0]), jnp.array([0, 1, 0, 3]),
              jnp.array([1.0, 1.0, 1e-6, 1.0]))
     np.testing.assert_array_equal(np.asarray(out)[:3], greedy[:3])
+    tiny = fn(logits, keys, jnp.full(4, 1e-39), jnp.zeros(4, jnp.int32), jnp.full(4, 0.5))  # no logit overflows
+    np.testing.assert_array_equal(tiny, greedy)
     top3 = np.argsort(-np.asarray(logits[3]))[:3]
     draws = {int(fn(logits, jax.random.split(jax.random.key(i), 4), jnp.ones(4), jnp.full(4, 3),
                     jnp.ones(4))[3]) for i in range(30)}

@@ -85,7 +85,8 @@ def sample_rows(logits, keys, temperature, top_k, top_p):
     compiled step serves any mix): temperature 0 is greedy, top_k 0 and top_p 1 are off; the
     filters match `llmjax.decode.sampling.sample_logits`."""
     vocab = logits.shape[-1]
-    x = logits.astype(jnp.float32) / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+    x = logits.astype(jnp.float32)
+    x = (x - jnp.max(x, axis=-1, keepdims=True)) / jnp.where(temperature > 0, temperature, 1.0)[:, None]  # as filter_logits
     descending = -jnp.sort(-x, axis=-1)
     kth = jnp.take_along_axis(descending, jnp.clip(top_k - 1, 0, vocab - 1)[:, None], axis=-1)
     x = jnp.where((top_k[:, None] > 0) & (x < kth), -jnp.inf, x)

@@ -12,9 +12,12 @@ def filter_logits(logits, *, temperature: float, top_k: int = 0, top_p: float = 
     probability reaches top_p (Holtzman et al. 2019); vocab_size (the tokenizer's) drops ids at
     or past it, for padded embedding tables. temperature must be > 0 (0 means greedy: argmax).
     """
-    logits = logits.astype(jnp.float32) / temperature
+    logits = logits.astype(jnp.float32)
     if vocab_size is not None and vocab_size < logits.shape[-1]:
         logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, -jnp.inf)
+    # Shifted to a row maximum of 0 before tempering (the distribution is the same): a tiny
+    # temperature then sends the other logits to -inf instead of every positive one to +inf.
+    logits = (logits - jnp.max(logits, axis=-1, keepdims=True)) / temperature
     if top_k > 0:
         kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][..., -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
