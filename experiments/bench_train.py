@@ -209,7 +209,7 @@ def parse_args(argv):
     p.add_argument("--out", type=pathlib.Path, default=RESULTS)
     p.add_argument("--hlo-dir", type=pathlib.Path, help="write each variant's compiled HLO text here")
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # key=value overrides may follow options
     if args.steps < 1 or args.warmup < 1:
         p.error(f"--steps and --warmup must be >= 1; got {args.steps}, {args.warmup}")
     return args

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 
 from llmjax.train.flops import PEAK_BF16_FLOPS
@@ -259,6 +260,16 @@ def main(argv=None):
                         help="pipeline microbatches per step, for the bubble column (default 16)")
     parser.add_argument("--headroom", type=float, default=0.9, help="usable fraction of GPU memory")
     args = parser.parse_args(argv)
+    given = lambda name: getattr(args, name) is not None  # noqa: E731
+    bad = [f"--{name.replace('_', '-')} {getattr(args, name)}" for name, ok in (
+        *((name, lambda v: math.isfinite(v) and v > 0) for name in (
+            "params", "tokens", "gpus", "seq_len", "micro_batch", "layers", "d_model", "heads", "batch_size",
+            "grad_accum", "link_gbps", "nvlink_gbps", "pp_microbatches")),
+        ("mfu", lambda v: 0 < v <= 1), ("headroom", lambda v: 0 < v <= 1),
+        ("link_latency_us", lambda v: math.isfinite(v) and v >= 0)) if given(name) and not ok(getattr(args, name))]
+    if bad:
+        parser.error(f"{', '.join(bad)}: counts, sizes and bandwidths must be finite and > 0, --mfu and --headroom "
+                     "in (0, 1], --link-latency-us finite and >= 0")
     if args.model:
         n_params, layers, d_model, heads, batch = GPT3[args.model]
         for key, value in (("params", n_params), ("layers", layers), ("d_model", d_model), ("heads", heads),
@@ -272,11 +283,6 @@ def main(argv=None):
     args.batch_size = args.batch_size or max(1, round(1e6 / args.seq_len))
     if args.batch_size % args.grad_accum:
         parser.error(f"--grad-accum {args.grad_accum} must divide --batch-size {args.batch_size}")
-    bad = [f"--{name.replace('_', '-')} {value}" for name, value, ok in (
-        ("mfu", args.mfu, 0 < args.mfu <= 1), ("headroom", args.headroom, 0 < args.headroom <= 1),
-        ("gpus", args.gpus, args.gpus > 0), ("pp_microbatches", args.pp_microbatches, args.pp_microbatches > 0)) if not ok]
-    if bad:
-        parser.error(f"{', '.join(bad)}: --mfu and --headroom must be in (0, 1], --gpus and --pp-microbatches > 0")
     print(report(args))
     return 0
 

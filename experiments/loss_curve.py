@@ -93,7 +93,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--out", type=pathlib.Path, default=RESULTS)
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # key=value overrides may follow options
     if args.steps <= 2 * WINDOW:
         p.error(f"--steps must exceed {2 * WINDOW} (two {WINDOW}-step running-mean windows); got {args.steps}")
     cfg = load_config(args.config, [*args.overrides, f"train.steps={args.steps}"])

@@ -3,6 +3,7 @@
 import argparse
 import sys
 
+from llmjax.checkpoint import CheckpointError
 from llmjax.config import ConfigError
 from llmjax.posttrain.config import load_posttrain_config
 
@@ -13,10 +14,10 @@ def main_for(stage: str, run, summary, argv=None) -> int:
                                      epilog="Overrides are dotted keys, e.g. steps=100 model.n_layers=4.")
     parser.add_argument("--config", help=f"YAML file (experiments/configs/{stage}*.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides may follow options
     try:
         result = run(load_posttrain_config(args.config, args.overrides))
-    except (ConfigError, ValueError) as e:
+    except (ConfigError, CheckpointError, ValueError) as e:  # CheckpointError: init_from without a checkpoint
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(summary(result))

@@ -172,6 +172,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not (args.query or args.eval or args.reuse or args.kv):
         parser.error("give --query, --eval, --reuse or --kv")
+    small = [f"--{name.replace('_', '-')} {getattr(args, name)}"
+             for name in ("k", "max_words", "max_new_tokens", "questions", "windows", "reps") if getattr(args, name) < 1]
+    if small:
+        parser.error(f"{', '.join(small)}: counts must be >= 1")
     try:
         passages = load_passages(args.corpus, args.max_words)
         model, tokenizer = load_model(args.run)

@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import math
 import pathlib
 import re
 import sys
@@ -53,7 +54,24 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=pathlib.Path, default=RESULTS)
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    return p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # key=value overrides may follow options
+    bad = [f"--{name} {value}" for name, value, ok in (
+        ("requests", args.requests, args.requests >= 1),
+        ("rate", args.rate, math.isfinite(args.rate) and args.rate > 0),
+        ("prompt-len", args.prompt_len, 1 <= args.prompt_len[0] <= args.prompt_len[1]),
+        ("output-len", args.output_len, 1 <= args.output_len[0] <= args.output_len[1]),
+        ("prefix-len", args.prefix_len, args.prefix_len >= 0),
+        ("prefixes", args.prefixes, args.prefixes >= 1),
+        ("shared-fraction", args.shared_fraction, 0 <= args.shared_fraction <= 1),
+        ("temperature", args.temperature, math.isfinite(args.temperature) and args.temperature >= 0)) if not ok]
+    if bad:
+        p.error(f"{', '.join(bad)}: --requests and --prefixes must be >= 1, --rate a finite number > 0, "
+                "--prompt-len and --output-len 1 <= MIN <= MAX, --prefix-len >= 0, --shared-fraction in [0, 1], "
+                "--temperature a finite number >= 0")
+    owned = [o for o in args.overrides if o.split("=")[0] in ("preset", "model.max_seq_len")]
+    if owned:
+        p.error(f"{owned}: give the model with --preset and the context with --max-seq-len")
+    return args
 
 
 def make_trace(args, vocab: int, context: int) -> list[dict]:

@@ -620,7 +620,7 @@ def main(argv=None):
     parser.add_argument("--link-gbps", type=float, help="--auto: link GB/s instead of measuring it")
     parser.add_argument("--memory-gb", type=float, help="--auto: memory per device (default: the device's)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides may follow options
     if args.top < 1 or args.spread < 0 or args.steps < 1 or args.rounds < 1 or not 0 < args.mfu <= 1:
         parser.error(f"--top {args.top}, --steps {args.steps} and --rounds {args.rounds} must be >= 1, "
                      f"--spread {args.spread} >= 0 and --mfu {args.mfu} in (0, 1]")

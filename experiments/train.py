@@ -53,9 +53,11 @@ def main(argv=None):
                              "Hugging Face checkpoint folder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (eval lines still print)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides may follow options
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.stop_after is not None and not 1 <= args.stop_after <= cfg.train.steps:
+            raise ConfigError("--stop-after", args.stop_after, f"a step in [1, train.steps={cfg.train.steps}]")
         distributed.initialize(cfg.mesh)  # several processes: join before any device is touched
         init_params = None
         if args.init_from_hf:  # on resume too: the architecture, and a LoRA run's frozen base

@@ -24,7 +24,7 @@ class Checkpointer:
 
     def __init__(self, directory: str | Path, keep: int = 2):
         self.directory = Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=False)  # reading makes no folder
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
     def latest_step(self) -> int | None:
@@ -32,6 +32,7 @@ class Checkpointer:
 
     def save(self, step: int, state, meta: dict):
         """Start saving `state` (a pytree of arrays) and `meta` (JSON-able) as `step`."""
+        self.directory.mkdir(parents=True, exist_ok=True)
         self._manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
 

@@ -37,13 +37,14 @@ def _check_choice(key: str, value: str, choices: tuple[str, ...]):
 
 
 def _check_positive(prefix: str, obj, names: tuple[str, ...], allow_zero=False):
-    """Raise ConfigError for the first field of `names` below 0 (or at 0 unless allow_zero);
-    keys are `prefix.name`, or `name` for a top-level config (prefix "")."""
+    """Raise ConfigError for the first field of `names` that is not a finite number > 0 (>= 0 if
+    allow_zero: NaN and inf fail too); keys are `prefix.name`, or `name` for a top-level config
+    (prefix "")."""
     for name in names:
         v = getattr(obj, name)
-        if v < 0 or (v == 0 and not allow_zero):
+        if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
             raise ConfigError(f"{prefix}.{name}" if prefix else name, v,
-                              "a number >= 0" if allow_zero else "a number > 0")
+                              "a finite number >= 0" if allow_zero else "a finite number > 0")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -271,8 +272,7 @@ class DecodeConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise ConfigError(f"decode.{name}", value, "an integer")
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, numbers.Real) or not math.isfinite(
-                self.temperature):
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, numbers.Real):
             raise ConfigError("decode.temperature", self.temperature, "a finite number >= 0")
         _check_positive("decode", self, ("max_new_tokens",))
         _check_positive("decode", self, ("temperature", "top_k", "seed"), allow_zero=True)
@@ -296,6 +296,8 @@ class ExperimentConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self):
+        if not self.name or self.name in (".", "..") or "/" in self.name:  # the run's folder under out_dir
+            raise ConfigError("name", self.name, "a non-empty folder name without '/'")
         if self.data.seq_len is None:  # resolve once, so the saved config is explicit
             object.__setattr__(self, "data", dataclasses.replace(self.data, seq_len=self.model.max_seq_len))
         if self.data.seq_len > self.model.max_seq_len:
@@ -450,13 +452,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ex
     Raises:
       ConfigError: missing file, unknown key, wrong type, impossible combination.
     """
-    raw: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError("--config", str(path), "an existing YAML file")
-        raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_yaml_config(path) if path is not None else {}
     return config_from_dict(merge_dicts(raw, parse_overrides(list(overrides))))
+
+
+def read_yaml_config(path: str | Path) -> dict:
+    """A --config file's contents: a YAML mapping (empty file: {}).
+
+    Raises:
+      ConfigError: a missing file, invalid YAML, or YAML that is not a mapping.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("--config", str(path), "an existing YAML file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError("--config", str(path), f"valid YAML ({' '.join(str(e).split())})") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError("--config", str(path), f"a YAML mapping of keys to values; got a {type(raw).__name__}")
+    return raw or {}
 
 
 def config_to_dict(cfg) -> dict:

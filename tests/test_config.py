@@ -81,3 +81,13 @@ def test_pipeline_mesh_is_a_valid_config():
     assert cfg.mesh.shape == (4, 1, 2, 1, 1, 1)
     with pytest.raises(ConfigError, match="n_layers=2 is not divisible by mesh.pipeline=4"):
         load_config(overrides=["preset=gpt2-tiny", "mesh.pipeline=4", "mesh.data=2", "train.batch_size=16"])
+
+
+def test_a_config_file_that_is_not_a_yaml_mapping_is_named(tmp_path):
+    broken, listed = tmp_path / "broken.yaml", tmp_path / "listed.yaml"
+    broken.write_text("train:\n  steps: [1,\n")
+    listed.write_text("- train\n- steps\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml.*valid YAML \(.*line 3"):
+        load_config(broken)
+    with pytest.raises(ConfigError, match=r"listed.yaml.*a YAML mapping of keys to values; got a list"):
+        load_config(listed)

@@ -238,7 +238,7 @@ def test_sample_rows_filters():
     assert draws <= set(top3.tolist()) and len(draws) > 1
 
 
-def test_serve_bench_writes_its_rows_json_and_plot(tmp_path):
+def test_serve_bench_writes_its_rows_json_and_plot(tmp_path, capsys):
     """`python -m experiments.serve_bench` on a tiny trace: both variants serve every request,
     and the record holds the percentiles (ordered) and the paged vs contiguous KV waste."""
     from experiments import serve_bench
@@ -256,3 +256,8 @@ def test_serve_bench_writes_its_rows_json_and_plot(tmp_path):
         assert 0 <= r["kv_waste_paged"] < r["kv_waste_contiguous"] < 1
     assert path.with_suffix(".png").stat().st_size > 0
     assert serve_bench.main(argv[:-2] + ["--slots", "0", "--out", str(tmp_path)]) == 2  # a bad engine config
+    for wrong, named in ((["--rate", "nan"], "--rate nan"), (["--requests", "0"], "--requests 0"),
+                         (["--prompt-len", "16", "8"], "--prompt-len [16, 8]"), (["preset=gpt2-tiny"], "--preset")):
+        with pytest.raises(SystemExit):  # argparse's exit 2, with the value named
+            serve_bench.main(argv + wrong)
+        assert named in capsys.readouterr().err

@@ -265,8 +265,19 @@ def test_bad_configs_name_the_key(tmp_path, capsys):
         load_posttrain_config(None, ["preset=gpt2-tiny", "prompt_tokens=60", "max_new_tokens=100"])
     with pytest.raises(ConfigError, match="did you mean 'beta'"):
         load_posttrain_config(None, ["betta=0.1"])
+    for override in ("beta=nan", "temperature=inf", "clip_eps=0"):
+        with pytest.raises(ConfigError, match=override.split("=")[0]):
+            load_posttrain_config(None, [override])
+    with pytest.raises(ConfigError, match=r"target_token=99999 .*\[0, model.vocab_size=512\)"):
+        load_posttrain_config(None, ["preset=gpt2-tiny", "reward=target_token", "target_token=99999"])
     assert main_for("sft", lambda cfg: None, str, ["seq_len=0"]) == 2
     assert "seq_len=0" in capsys.readouterr().err
+    from llmjax.posttrain.run import load_start
+    from llmjax.posttrain.sft import run_sft
+    assert main_for("sft", run_sft, str, ["preset=gpt2-tiny", "seq_len=16", f"out_dir={tmp_path}"]) == 2
+    assert "0 of 256 fit seq_len=16" in capsys.readouterr().err and not any(tmp_path.iterdir())
+    assert main_for("sft", load_start, str, ["preset=gpt2-tiny", f"init_from={tmp_path}"]) == 2  # no run there
+    assert str(tmp_path) in capsys.readouterr().err
 
 
 @pytest.mark.gpu

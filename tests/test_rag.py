@@ -146,3 +146,13 @@ def test_pipeline_answers_within_the_context(tiny_model):
         pipeline.answer("x" * 200)
     with pytest.raises(RagError, match="question is empty"):
         pipeline.answer("  ")
+
+
+@pytest.mark.parametrize("argv, named", [(["--eval", "--questions", "0"], "--questions 0"),
+                                         (["--query", "who", "--k", "0"], "--k 0"),
+                                         (["--kv", "--windows", "0", "--reps", "0"], "--windows 0, --reps 0")])
+def test_cli_counts_below_one_are_named(argv, named, capsys):
+    from experiments import rag as rag_cli
+    with pytest.raises(SystemExit):
+        rag_cli.main(argv)
+    assert f"{named}: counts must be >= 1" in capsys.readouterr().err

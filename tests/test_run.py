@@ -97,7 +97,8 @@ def test_divergence_found_at_a_later_log_point_names_the_first_bad_step(tmp_path
     bad = int(re.search(r"at step (\d+);", str(info.value)).group(1))
     assert [s for s, _ in losses(cfg.run_dir)] == list(range(1, bad))
     assert all(np.isfinite(loss) for _, loss in losses(cfg.run_dir))
-    steps = [int(p.name) for p in (cfg.run_dir / "checkpoints").iterdir() if p.name.isdigit()]
+    folder = cfg.run_dir / "checkpoints"  # made at the first save
+    steps = [int(p.name) for p in folder.iterdir() if p.name.isdigit()] if folder.exists() else []
     assert all(s < bad and s % 4 == 0 for s in steps)
 
 
@@ -171,9 +172,41 @@ def test_existing_run_needs_resume_and_corrupt_checkpoint_is_named(tmp_path, cor
     assert train_cli.main(["--resume", *tiny(tmp_path, corpus, "train.steps=3")]) == 2
 
 
+def test_a_run_that_cannot_start_leaves_its_folder_as_it_was(tmp_path, corpus):
+    """A resume that cannot restore (the model changed) keeps the run's config.yaml, so the run
+    still loads; a new run that fails before its first step writes no folder; a new run into
+    the folder of one that stopped before its first checkpoint is refused, not mixed in."""
+    cfg = load_config(overrides=tiny(tmp_path, corpus, "train.steps=3"))
+    train(cfg, progress=False)
+    saved = (cfg.run_dir / "config.yaml").read_text()
+    with pytest.raises(CheckpointError, match="cannot restore step 3"):
+        train(load_config(overrides=tiny(tmp_path, corpus, "train.steps=3", "model.n_layers=3")), resume=True,
+              progress=False)
+    assert (cfg.run_dir / "config.yaml").read_text() == saved and load_run(cfg.run_dir)
+    failing = load_config(overrides=tiny(tmp_path, corpus, "name=pp", "lora.rank=2", "mesh.pipeline=2"))
+    with pytest.raises(ConfigError, match="lora.rank=2"):
+        train(failing, progress=False)
+    assert not failing.run_dir.exists()
+    diverging = load_config(overrides=tiny(tmp_path, corpus, "name=nan", "optim.lr=1e12", "optim.grad_clip=0",
+                                           "optim.warmup_steps=0", "train.checkpoint_every=100"))
+    with pytest.raises(TrainingDiverged):
+        train(diverging, progress=False)
+    with pytest.raises(ConfigError, match="stopped before its first checkpoint"):
+        train(diverging, progress=False)
+
+
+@pytest.mark.parametrize("override", ["optim.lr=nan", "optim.grad_clip=nan", "optim.weight_decay=inf",
+                                      "model.norm_eps=nan", "name=", "name=a/b"])
+def test_non_finite_numbers_and_bad_names_are_config_errors(override):
+    with pytest.raises(ConfigError, match=re.escape(override.split("=")[0])):
+        load_config(overrides=["preset=gpt2-tiny", override])
+
+
 def test_cli_reports_config_errors(capsys):
-    assert train_cli.main(["model.n_layer=2"]) == 2
+    assert train_cli.main(["--no-progress", "model.n_layer=2"]) == 2  # overrides may follow options
     assert "did you mean 'model.n_layers'" in capsys.readouterr().err
+    assert train_cli.main(["--stop-after", "0", "preset=gpt2-tiny"]) == 2
+    assert "--stop-after=0 is invalid: allowed a step in [1, train.steps=" in capsys.readouterr().err
     assert generate_cli.main(["--run", "/no/such/run"]) == 2
     assert "not a run folder" in capsys.readouterr().err
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from llmjax.config import (
     ConfigError,
     _check_positive,
@@ -18,6 +16,7 @@ from llmjax.config import (
     build_config,
     merge_dicts,
     parse_overrides,
+    read_yaml_config,
     with_preset,
 )
 
@@ -67,11 +66,13 @@ class PosttrainConfig:
                                    "qlora_block"))
         if not 0.0 < self.val_fraction <= 0.5:
             raise ConfigError("val_fraction", self.val_fraction, "a fraction in (0, 0.5]")
-        if self.beta < 0 or self.temperature <= 0 or self.clip_eps <= 0:
-            raise ConfigError("beta/temperature/clip_eps", (self.beta, self.temperature, self.clip_eps),
-                              "beta >= 0, temperature > 0, clip_eps > 0")
+        _check_positive("", self, ("beta",), allow_zero=True)
+        _check_positive("", self, ("temperature", "clip_eps"))
         if self.reward not in REWARDS:
             raise ConfigError("reward", self.reward, "one of " + ", ".join(REWARDS))
+        if self.reward == "target_token" and not 0 <= self.target_token < self.model.vocab_size:
+            raise ConfigError("target_token", self.target_token,
+                              f"a token id in [0, model.vocab_size={self.model.vocab_size})")
         if self.qlora and self.lora.rank < 1:
             raise ConfigError("lora.rank", self.lora.rank, "at least 1 with qlora=true (QLoRA trains adapters)")
         if self.prompt_tokens + self.max_new_tokens > self.model.max_seq_len:
@@ -93,10 +94,6 @@ def load_posttrain_config(path=None, overrides=()) -> PosttrainConfig:
     Raises:
       ConfigError: missing file, unknown key, wrong type, impossible combination.
     """
-    raw = {}
-    if path is not None:
-        if not Path(path).is_file():
-            raise ConfigError("--config", str(path), "an existing YAML file")
-        raw = yaml.safe_load(Path(path).read_text()) or {}
+    raw = read_yaml_config(path) if path is not None else {}
     raw = merge_dicts(raw, parse_overrides(list(overrides)))
     return build_config(PosttrainConfig, with_preset(raw))

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llmjax.config import ConfigError
 from llmjax.posttrain.chat import encode_chat, instruction_examples
 from llmjax.posttrain.forward import token_logprobs
 from llmjax.posttrain.packing import pack_examples, pad_examples
@@ -35,10 +36,19 @@ def sft_loss(params, graphdef, batch):
 
 def sft_batches(cfg, tokenizer, docs):
     """(train, val) batches (`packing.FIELDS` dicts of [N, T] arrays) of generated examples;
-    examples longer than the context are left out (the generator does not know the tokenizer)."""
+    examples longer than the context are left out (the generator does not know the tokenizer).
+
+    Raises:
+      ConfigError: fewer than 2 examples fit seq_len (one for val, one to train on).
+    """
     examples = [encode_chat(tokenizer, e.prompt, e.response)
                 for e in instruction_examples(docs, cfg.n_examples, cfg.seed)]
-    examples = [e for e in examples if len(e[0]) - 1 <= cfg.seq_len]
+    fitting = [e for e in examples if len(e[0]) - 1 <= cfg.seq_len]
+    if len(fitting) < 2:
+        raise ConfigError("n_examples", cfg.n_examples, f"enough examples to train on: {len(fitting)} of "
+                          f"{len(examples)} fit seq_len={cfg.seq_len} and 2 are needed (one for val); raise "
+                          "n_examples or seq_len")
+    examples = fitting
     n_val = max(1, int(len(examples) * cfg.val_fraction))
     make = pack_examples if cfg.pack else pad_examples
     return make(examples[n_val:], cfg.seq_len), pad_examples(examples[:n_val], cfg.seq_len)

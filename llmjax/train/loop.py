@@ -111,10 +111,16 @@ def train(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = 
     if data.tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError("model.vocab_size", cfg.model.vocab_size,
                           f"at least the tokenizer's vocabulary, {data.tokenizer.vocab_size}")
+    pipelined = cfg.mesh.pipeline > 1
+    if pipelined and cfg.lora.rank > 0:
+        raise ConfigError("lora.rank", cfg.lora.rank, "0 with mesh.pipeline > 1 (LoRA has no pipeline step yet)")
     ckpt = Checkpointer(run_dir / "checkpoints", keep=tc.keep_checkpoints)
     if not resume and ckpt.latest_step() is not None:
         raise ConfigError("name", cfg.name, f"a new run name: {run_dir} already has checkpoints "
                           "(pass --resume to continue it)")
+    if not resume and (run_dir / "metrics.jsonl").exists():  # its records would mix with this run's
+        raise ConfigError("name", cfg.name, f"a new run name: {run_dir} holds a run that stopped before its "
+                          "first checkpoint (metrics.jsonl); remove that folder or choose another name")
 
     graphdef, params = split_model(init_model(cfg.model, seed=tc.seed))
     if init_params is not None:
@@ -123,15 +129,10 @@ def train(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = 
     base = None  # the frozen params of a LoRA run
     if lora_cfg is not None:
         base, params = params, lora.init_adapters(params, lora_cfg, jax.random.key(tc.seed))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
     optimizer = make_optimizer(cfg.optim, tc.steps)
     state = init_train_state(params, optimizer)
     batches = BatchIterator(data.train, tc.batch_size, seed=tc.seed)
     mesh = rules = None
-    pipelined = cfg.mesh.pipeline > 1
-    if pipelined and lora_cfg is not None:
-        raise ConfigError("lora.rank", lora_cfg.rank, "0 with mesh.pipeline > 1 (LoRA has no pipeline step yet)")
     if math.prod(cfg.mesh.shape) > 1:  # sharded: lay the state out by its logical names
         mesh, rules = make_mesh(cfg.mesh), cfg.mesh.rules
         if pipelined:
@@ -147,6 +148,8 @@ def train(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = 
         _check_same_base(meta.get("lora_base"), base_print, ckpt.directory)
         batches.restore(meta["data"])
     start = int(jax.device_get(state["step"]))
+    run_dir.mkdir(parents=True, exist_ok=True)  # only now: a run that cannot start leaves its folder as it was
+    save_config(cfg, run_dir / "config.yaml")
 
     if pipelined:
         train_step = make_pipeline_train_step(graphdef, optimizer, lr_schedule(cfg.optim, tc.steps), mesh=mesh,

@@ -51,6 +51,9 @@ def test_bad_arguments_exit_with_a_message(capsys):
     with pytest.raises(SystemExit):
         main(["--params", "1e9", "--tokens", "1e9", "--mfu", "1.5"])
     assert "--mfu 1.5:" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # zero and NaN sizes are named, not defaulted or divided by
+        main(["--params", "1e9", "--tokens", "nan", "--d-model", "0", "--seq-len", "0"])
+    assert "--tokens nan, --seq-len 0, --d-model 0:" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", sorted(GPT3))
