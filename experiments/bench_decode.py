@@ -345,7 +345,8 @@ def main(argv=None):
     parser.add_argument("--batches", nargs="+", type=int, help="batch sizes of the bf16 decode rows "
                         "(default: 1 4 16 64; --smoke: 1 2)")
     parser.add_argument("--gamma", type=int, default=4, help="draft tokens per speculative round")
-    parser.add_argument("--ppl-run", default="runs/shakespeare", help="trained run for the perplexity rows")
+    parser.add_argument("--ppl-run", help="trained run for the perplexity rows (default runs/shakespeare, "
+                        "skipped if absent)")
     parser.add_argument("--kv-model", help="preset for the kv rows (default llama-1b; --smoke: llama-tiny)")
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="results folder")
@@ -353,6 +354,14 @@ def main(argv=None):
                         help="also write each model's compiled batch-1 generate program here")
     args = parser.parse_args(argv)
     s = SETTINGS["smoke" if args.smoke else "full"]
+    if args.gamma < 1:
+        parser.error(f"--gamma {args.gamma}: the draft proposes at least 1 token a round")
+    from llmjax.presets import PRESETS
+    unknown = [m for m in (args.models or []) + ([args.kv_model] if args.kv_model else []) if m not in PRESETS]
+    if unknown:
+        parser.error(f"--models/--kv-model {unknown}: not presets; known: {', '.join(PRESETS)}")
+    if args.ppl_run is not None and not pathlib.Path(args.ppl_run).is_dir():
+        parser.error(f"--ppl-run {args.ppl_run}: no such run folder")
     if args.batches:
         if min(args.batches) < 1:
             parser.error(f"--batches {args.batches}: every batch size must be >= 1")
@@ -377,7 +386,7 @@ def main(argv=None):
     sections = dict(decode=lambda: [r for preset in args.models or s["models"]
                                     for r in decode_rows(preset, s, copy["gbps"], args.hlo_dir)],
                     speculative=lambda: speculative_rows(s, args.gamma),
-                    perplexity=lambda: perplexity_rows(args.ppl_run, s),
+                    perplexity=lambda: perplexity_rows(args.ppl_run or "runs/shakespeare", s),
                     kv=lambda: kv_rows(s, args.kv_model or s["kv_model"]))
     for name in SECTIONS:
         if name in args.sections:

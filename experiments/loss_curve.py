@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llmjax.config import load_config
+from llmjax.config import ConfigError, load_config
 from llmjax.data import BatchIterator, load_dataset
 from llmjax.models import init_model, split_model
 from llmjax.train.optimizer import lr_schedule, make_optimizer
@@ -96,7 +96,12 @@ def main(argv=None):
     args = p.parse_intermixed_args(argv)  # key=value overrides may follow options
     if args.steps <= 2 * WINDOW:
         p.error(f"--steps must exceed {2 * WINDOW} (two {WINDOW}-step running-mean windows); got {args.steps}")
-    cfg = load_config(args.config, [*args.overrides, f"train.steps={args.steps}"])
+    if not pathlib.Path(args.torch_peer).is_file():  # checked now, not after our whole run
+        p.error(f"--torch-peer {args.torch_peer}: no such file")
+    try:
+        cfg = load_config(args.config, [*args.overrides, f"train.steps={args.steps}"])
+    except ConfigError as e:
+        p.error(str(e))
     if cfg.model.family != "gpt2":
         p.error(f"the torch peer is a GPT-2; model.family={cfg.model.family!r} is not comparable")
     data = load_dataset(cfg.data.corpus, cfg.data.tokenizer, cfg.data.seq_len, cfg.data.val_fraction)

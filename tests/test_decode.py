@@ -130,6 +130,15 @@ def test_bench_decode_smoke(tmp_path):
     assert spec[0]["alpha"] > spec[1]["alpha"] and 1 <= spec[1]["tokens_per_round"] <= spec[0]["tokens_per_round"]
 
 
+@pytest.mark.parametrize("argv, named", [(["--gamma", "0"], "--gamma 0"), (["--models", "gpt2-tni"], "['gpt2-tni']"),
+                                         (["--ppl-run", "/no/such/run"], "--ppl-run /no/such/run")])
+def test_bench_decode_names_bad_options_before_measuring(argv, named, capsys):
+    from experiments import bench_decode
+    with pytest.raises(SystemExit):
+        bench_decode.main(["--smoke", *argv])
+    assert named in capsys.readouterr().err
+
+
 def test_decode_loop_has_no_per_step_weight_casts_or_layer_slices():
     """The compiled generate program, checked the way bench_decode checks it on a GPU: with
     weights prepared once, no weight-sized convert or dynamic-slice (a stacked-layer slice)
