@@ -49,9 +49,12 @@ class Checkpointer:
         Raises:
           CheckpointError: no checkpoint, or the files are unreadable / do not match.
         """
-        step = self.latest_step() if step is None else step
-        if step is None:
+        steps = sorted(self._manager.all_steps())
+        if not steps:
             raise CheckpointError(f"no checkpoint found in {self.directory}")
+        step = steps[-1] if step is None else step
+        if step not in steps:
+            raise CheckpointError(f"no checkpoint of step {step} in {self.directory}; it holds steps {steps}")
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(
