@@ -44,9 +44,12 @@ def main(argv=None):
     parser.add_argument("--seed", type=int)
     parser.add_argument("--step", type=int, help="checkpoint step (default: newest)")
     parser.add_argument("--draft", help="draft model (run or Hugging Face folder) for speculative decoding")
-    parser.add_argument("--gamma", type=int, default=4, help="draft tokens per speculative round")
+    parser.add_argument("--gamma", type=int, help="draft tokens per speculative round (with --draft; default 4)")
     parser.add_argument("--int8", action="store_true", help="int8 weight-only quantization of the matmul weights")
     args = parser.parse_args(argv)
+    if args.gamma is not None and not args.draft:
+        parser.error(f"--gamma {args.gamma} needs --draft (the model that proposes the tokens)")
+    args.gamma = 4 if args.gamma is None else args.gamma
     try:
         decode, model, tokenizer = load_model(args.run or args.hf, args.step)
         decode = decode or DecodeConfig()

@@ -22,3 +22,8 @@ def main_for(stage: str, run, summary, argv=None) -> int:
         return 2
     print(summary(result))
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit("experiments.posttrain is the shared command line of python -m experiments.sft, .dpo and .rlhf; "
+             "run one of those")

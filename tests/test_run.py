@@ -212,6 +212,9 @@ def test_cli_reports_config_errors(capsys):
     assert "--stop-after=0 is invalid: allowed a step in [1, train.steps=" in capsys.readouterr().err
     assert generate_cli.main(["--run", "/no/such/run"]) == 2
     assert "not a run folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        generate_cli.main(["--run", "/no/such/run", "--gamma", "2"])
+    assert "--gamma 2 needs --draft" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("layout", [["mesh.fsdp=8", "mesh.rules=fsdp"], ["mesh.data=2", "mesh.tensor=4", "mesh.rules=tp"]])
