@@ -33,8 +33,12 @@ def export_hf(cfg, params, path):
     """Write `params` (a LoRA run's merged params) as a Hugging Face checkpoint folder, with
     the run's tokenizer.json when it has one (BPE), and say where."""
     tokenizer = load_tokenizer(cfg.data.tokenizer)
-    save_hf(cfg.model, params, path, tokenizer=tokenizer if hasattr(tokenizer, "save") else None)
-    print(f"wrote Hugging Face checkpoint {path} (python -m experiments.generate --hf {path})")
+    savable = hasattr(tokenizer, "save")
+    save_hf(cfg.model, params, path, tokenizer=tokenizer if savable else None)
+    use = (f"python -m experiments.generate --hf {path}" if savable else  # generate --hf needs its tokenizer.json
+           f"no tokenizer.json for data.tokenizer={cfg.data.tokenizer}: decode the run with "
+           f"python -m experiments.generate --run {cfg.run_dir}")
+    print(f"wrote Hugging Face checkpoint {path} ({use})")
 
 
 def main(argv=None):

@@ -194,6 +194,7 @@ def test_lora_finetune_reports_trainable_count_and_loss_falls(finetuned):
     cfg = load_config(root / "lora" / "config.yaml")
     n = expected_count(cfg.model, 4, ALL)
     assert f": {n:,} trainable params" in out, out
+    assert "no tokenizer.json for data.tokenizer=bytes: decode the run with python -m experiments.generate --run" in out
     records = read_metrics(root / "lora")
     assert [r["step"] for r in records] == list(range(1, 13))
     first, last = records[0]["train_loss"], np.mean([r["train_loss"] for r in records[-3:]])

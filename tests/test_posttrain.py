@@ -276,6 +276,9 @@ def test_bad_configs_name_the_key(tmp_path, capsys):
     from llmjax.posttrain.sft import run_sft
     assert main_for("sft", run_sft, str, ["preset=gpt2-tiny", "seq_len=16", f"out_dir={tmp_path}"]) == 2
     assert "0 of 256 fit seq_len=16" in capsys.readouterr().err and not any(tmp_path.iterdir())
+    from llmjax.posttrain.dpo import run_dpo
+    assert main_for("dpo", run_dpo, str, ["preset=gpt2-tiny", "seq_len=16", f"out_dir={tmp_path}"]) == 2
+    assert "enough preference pairs: 0 of 256 fit seq_len=16" in capsys.readouterr().err
     assert main_for("sft", load_start, str, ["preset=gpt2-tiny", f"init_from={tmp_path}"]) == 2  # no run there
     assert str(tmp_path) in capsys.readouterr().err
 

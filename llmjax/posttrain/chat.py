@@ -121,7 +121,8 @@ def preference_pairs(docs: list[str], n: int, seed: int = 0, max_lines: int = 2)
             out.append(Preference(e.prompt, e.response, rejected))
         if len(out) == n:
             return out
-    raise ValueError(f"could make only {len(out)} of {n} preference pairs from this corpus")
+    raise ValueError(f"could make only {len(out)} of n_examples={n} preference pairs from this corpus; "
+                     "lower n_examples")
 
 
 def fits(tokenizer, prompt: str, response: str, seq_len: int) -> bool:

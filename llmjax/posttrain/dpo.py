@@ -14,6 +14,7 @@ import functools
 import jax
 import numpy as np
 
+from llmjax.config import ConfigError
 from llmjax.posttrain.chat import Preference, encode_chat, fits, preference_pairs
 from llmjax.posttrain.forward import token_logprobs
 from llmjax.posttrain.packing import pad_examples
@@ -68,9 +69,18 @@ def _pair_loss(graphdef, beta, params, batch):
 
 def generated_pairs(cfg, tokenizer, docs) -> list[Preference]:
     """cfg.n_examples generated preference pairs, less those whose chosen or rejected
-    example does not fit cfg.seq_len (the generator does not know the tokenizer)."""
-    return [p for p in preference_pairs(docs, cfg.n_examples, cfg.seed)
-            if fits(tokenizer, p.prompt, p.chosen, cfg.seq_len) and fits(tokenizer, p.prompt, p.rejected, cfg.seq_len)]
+    example does not fit cfg.seq_len (the generator does not know the tokenizer).
+
+    Raises:
+      ConfigError: fewer than 2 pairs fit (one is held out, one trains).
+    """
+    pairs = preference_pairs(docs, cfg.n_examples, cfg.seed)
+    fitting = [p for p in pairs
+               if fits(tokenizer, p.prompt, p.chosen, cfg.seq_len) and fits(tokenizer, p.prompt, p.rejected, cfg.seq_len)]
+    if len(fitting) < 2:
+        raise ConfigError("n_examples", cfg.n_examples, f"enough preference pairs: {len(fitting)} of {len(pairs)} "
+                          f"fit seq_len={cfg.seq_len} and 2 are needed (one held out); raise n_examples or seq_len")
+    return fitting
 
 
 def pair_rows(batch, pair_ids, n_pairs):
