@@ -14,11 +14,10 @@ import functools
 import jax
 import numpy as np
 
-from llmjax.config import ConfigError
 from llmjax.posttrain.chat import Preference, encode_chat, fits, preference_pairs
 from llmjax.posttrain.forward import token_logprobs
 from llmjax.posttrain.packing import pad_examples
-from llmjax.posttrain.run import RunLog, load_start, map_rows, trainable_tree
+from llmjax.posttrain.run import RunLog, check_enough_fit, load_start, map_rows, trainable_tree
 from llmjax.posttrain.step import init_state, make_step
 from llmjax.train.optimizer import make_optimizer
 
@@ -77,9 +76,7 @@ def generated_pairs(cfg, tokenizer, docs) -> list[Preference]:
     pairs = preference_pairs(docs, cfg.n_examples, cfg.seed)
     fitting = [p for p in pairs
                if fits(tokenizer, p.prompt, p.chosen, cfg.seq_len) and fits(tokenizer, p.prompt, p.rejected, cfg.seq_len)]
-    if len(fitting) < 2:
-        raise ConfigError("n_examples", cfg.n_examples, f"enough preference pairs: {len(fitting)} of {len(pairs)} "
-                          f"fit seq_len={cfg.seq_len} and 2 are needed (one held out); raise n_examples or seq_len")
+    check_enough_fit(cfg, len(fitting), len(pairs), "preference pairs")
     return fitting
 
 

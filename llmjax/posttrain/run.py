@@ -39,6 +39,14 @@ def load_start(cfg: PosttrainConfig):
     return cfg, tokenizer, graphdef, params, load_corpus(cfg.corpus)
 
 
+def check_enough_fit(cfg: PosttrainConfig, fitting: int, made: int, what: str):
+    """Raise ConfigError unless at least 2 of the `made` generated `what` fit cfg.seq_len (one
+    held out, one to train on); the generators do not know the tokenizer, so some may not."""
+    if fitting < 2:
+        raise ConfigError("n_examples", cfg.n_examples, f"enough {what}: {fitting} of {made} fit "
+                          f"seq_len={cfg.seq_len} and 2 are needed (one held out); raise n_examples or seq_len")
+
+
 def trainable_tree(cfg: PosttrainConfig, params):
     """(trainable, frozen, to_params, report): what the optimizer updates. Full fine-tuning
     trains the params; lora.rank >= 1 trains adapters on the frozen params; qlora stores

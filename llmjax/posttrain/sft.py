@@ -13,11 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llmjax.config import ConfigError
 from llmjax.posttrain.chat import encode_chat, instruction_examples
 from llmjax.posttrain.forward import token_logprobs
 from llmjax.posttrain.packing import pack_examples, pad_examples
-from llmjax.posttrain.run import RunLog, load_start, map_rows, trainable_tree
+from llmjax.posttrain.run import RunLog, check_enough_fit, load_start, map_rows, trainable_tree
 from llmjax.posttrain.step import init_state, make_step
 from llmjax.train.optimizer import make_optimizer
 
@@ -44,10 +43,7 @@ def sft_batches(cfg, tokenizer, docs):
     examples = [encode_chat(tokenizer, e.prompt, e.response)
                 for e in instruction_examples(docs, cfg.n_examples, cfg.seed)]
     fitting = [e for e in examples if len(e[0]) - 1 <= cfg.seq_len]
-    if len(fitting) < 2:
-        raise ConfigError("n_examples", cfg.n_examples, f"enough examples to train on: {len(fitting)} of "
-                          f"{len(examples)} fit seq_len={cfg.seq_len} and 2 are needed (one for val); raise "
-                          "n_examples or seq_len")
+    check_enough_fit(cfg, len(fitting), len(examples), "examples")
     examples = fitting
     n_val = max(1, int(len(examples) * cfg.val_fraction))
     make = pack_examples if cfg.pack else pad_examples
