@@ -260,16 +260,17 @@ def main(argv=None):
                         help="pipeline microbatches per step, for the bubble column (default 16)")
     parser.add_argument("--headroom", type=float, default=0.9, help="usable fraction of GPU memory")
     args = parser.parse_args(argv)
-    given = lambda name: getattr(args, name) is not None  # noqa: E731
-    bad = [f"--{name.replace('_', '-')} {getattr(args, name)}" for name, ok in (
-        *((name, lambda v: math.isfinite(v) and v > 0) for name in (
-            "params", "tokens", "gpus", "seq_len", "micro_batch", "layers", "d_model", "heads", "batch_size",
-            "grad_accum", "link_gbps", "nvlink_gbps", "pp_microbatches")),
-        ("mfu", lambda v: 0 < v <= 1), ("headroom", lambda v: 0 < v <= 1),
-        ("link_latency_us", lambda v: math.isfinite(v) and v >= 0)) if given(name) and not ok(getattr(args, name))]
+    positive = ("params", "tokens", "gpus", "seq_len", "micro_batch", "layers", "d_model", "heads", "batch_size",
+                "grad_accum", "link_gbps", "nvlink_gbps", "pp_microbatches")  # None: not given, a default follows
+    bad = [name for name in positive
+           if getattr(args, name) is not None and not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0)]
+    bad += [name for name in ("mfu", "headroom") if not 0 < getattr(args, name) <= 1]
+    if not (math.isfinite(args.link_latency_us) and args.link_latency_us >= 0):
+        bad.append("link_latency_us")
     if bad:
-        parser.error(f"{', '.join(bad)}: counts, sizes and bandwidths must be finite and > 0, --mfu and --headroom "
-                     "in (0, 1], --link-latency-us finite and >= 0")
+        named = ", ".join(f"--{name.replace('_', '-')} {getattr(args, name)}" for name in bad)
+        parser.error(f"{named}: counts, sizes and bandwidths must be finite and > 0, --mfu and --headroom in (0, 1], "
+                     "--link-latency-us finite and >= 0")
     if args.model:
         n_params, layers, d_model, heads, batch = GPT3[args.model]
         for key, value in (("params", n_params), ("layers", layers), ("d_model", d_model), ("heads", heads),
