@@ -68,7 +68,8 @@ def run_phases(weights, norms, inputs, layer_phases, final_phases, vectors, *, l
                 acts[name] = acts[name].at[r].set(value)
         w = weights[phase.weight][layer] if in_loop else weights[phase.weight]
         n, k = w.shape
-        v = acts[row(phase.source, layer)[0]][row(phase.source, layer)[1]]
+        name, r = row(phase.source, layer)
+        v = acts[name][r]
         if phase.x == "norm":
             scale = norms[phase.norm][layer if in_loop else 0]
             v = v[:k] * jax.lax.rsqrt(jnp.mean(v[:k] * v[:k]) + eps) * scale
