@@ -73,10 +73,12 @@ def stack_caches(caches) -> tuple:
     return tuple(jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (k, v))
 
 
-def step_logits(model, weights, tokens, positions, cache, *, attention_splits: int = 1, interpret: bool = False):
+def step_logits(model, weights, tokens, positions, cache, *, attention_splits: int = 1, concurrent: int = 2,
+                interpret: bool = False):
     """One decode step: tokens, positions [1, 1] -> fp32 logits [1, V] and the updated (k, v)
     cache (`stack_caches`). weights: from `step_weights`. attention_splits: CTAs a kv head
-    (the cache's chunks split between them). interpret: Pallas interpret mode (CPU tests)."""
+    (the cache's chunks split between them). concurrent: weight tiles in flight a CTA.
+    interpret: Pallas interpret mode (CPU tests)."""
     cfg = model.cfg
     n_layers = cfg.n_layers
     shapes, _, *chain = llama(n_layers, cfg.d_model, cfg.d_mlp, cfg.vocab_size, attention_splits=attention_splits)
@@ -86,7 +88,7 @@ def step_logits(model, weights, tokens, positions, cache, *, attention_splits: i
     k, v = cache
     out = run_phases(weights["weights"], weights["norms"], {"h": h0}, *chain, layers=n_layers,
                      cache=(k, v, pos.reshape(1), jnp.stack([cos.reshape(-1), sin.reshape(-1)])),
-                     eps=cfg.norm_eps, concurrent=2, interpret=interpret)
+                     eps=cfg.norm_eps, concurrent=concurrent, interpret=interpret)
     new_kv = out["new_kv"].reshape(n_layers, cfg.n_kv_heads, 2, cfg.head_dim).astype(k.dtype)  # (k, v) a head
     k = jax.lax.dynamic_update_slice(k, new_kv[:, None, :, 0], (0, pos, 0, 0))
     v = jax.lax.dynamic_update_slice(v, new_kv[:, None, :, 1], (0, pos, 0, 0))

@@ -2,13 +2,14 @@
 
 The step is a chain of phases, each a matrix-vector product whose input is the output of the
 phases before it: x -> W x accumulated into a vector of fp32 activations in global memory. One
-CTA an SM runs the whole chain, and its memory warpgroup streams every phase's [64, 256] weight
-tiles with TMA through one chain of warp-specialized pipelines (as `weight_stream` measured),
-so the next phase's tiles are already landing while the compute warpgroup waits at the grid
-barrier that orders the two.
+CTA an SM runs the whole chain as two warpgroups. The memory warpgroup streams every phase's
+[64, 256] weight tiles with TMA into a ring of shared-memory slots, one loop over the whole
+step that waits only for a slot to be free, so the next phase's tiles are already landing
+while the compute warpgroup waits at the grid barrier that orders the two. The compute
+warpgroup runs the phases.
 
 Each phase, on each CTA:
-- at its first step, waits until every CTA has finished the phase before (a count on a global
+- first waits until every CTA has finished the phase before (a count on a global
   semaphore), then builds its input x once into shared memory, rounded to bf16 as the weights'
   products want it: RMSNorm(v) * g (all of x: the statistic needs it), or silu(gate) * up, or a
   copy (only the 256-entry chunks its own tiles take);
@@ -18,13 +19,15 @@ Each phase, on each CTA:
   reduce-add (so the K-split of a matrix over CTAs needs no second pass);
 - after its last tile, waits for its adds to land and signals the semaphore.
 
-Tile t of an [N, K] matrix covers rows 64 (t // (K/256)) and columns 256 (t % (K/256)); CTA c
-takes tiles c, c + C, ... (`weight_stream.tile_of`), padded to a whole number of slot rounds on
-every CTA (the chained pipelines need it); the padding steps read a tile again and add nothing.
+Tile t of an [N, K] matrix covers rows 64 (t // (K/256)) and columns 256 (t % (K/256)). Of C
+CTAs, tile t goes to CTA (t + r) mod C, the rotation r moving on by each phase's remainder
+(tiles mod C), so the CTAs' counts differ by at most one over any run of phases and no phase
+is padded (chained `emit_pipeline_warp_specialized` pipelines must round every phase up to a
+multiple of the slots: 648 steps a CTA at 4 slots for Llama 1.1B, where this takes 479). Both
+warpgroups walk the same schedule; one tile counter across the step names each tile's slot.
 The activations live in one fp32 workspace that the caller zeroes (with the step's input in
 place) and the kernel updates in place. A step's layers share one traced body: the phases of a
-layer run in a loop over layers, the chain's pipelines carrying on from one layer to the next,
-so the kernel compiles one layer, not all of them.
+layer run in a loop over layers, so the kernel compiles one layer, not all of them.
 
 The grid barriers need every CTA resident at once (one an SM, launched as an ordinary grid):
 a kernel that holds SMs on another stream meanwhile could keep a CTA from starting, and the
@@ -44,7 +47,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.decode_step import attention as attn
 from pallas_kernels.weight_stream.mosaic_stream import (
-    H100_SMS, TILE_K, TILE_N, TRANSFORMS, chain_state, check_concurrent, check_weights, steps_per_phase, tile_of)
+    H100_SMS, TILE_K, TILE_N, TRANSFORMS, check_concurrent, check_weights)
 
 SMEM_BYTES = 232_448  # shared memory a Hopper CTA may take
 SMEM_SLACK = 4096  # barriers and alignment, over the buffers' own bytes
@@ -120,16 +123,28 @@ def _wait(done, count):
 
 
 def _slotted(phase: Phase, k: int, steps: int) -> bool:
-    """Whether a phase builds only its CTA's chunks of x, one slot a step (fewer than all of x),
+    """Whether a phase builds only its CTA's chunks of x, one a tile (fewer than all of x),
     rather than all of x (which a norm's statistic needs anyway)."""
     return phase.x != "norm" and steps * TILE_K < k
 
 
-def _x_length(phase: Phase, shape, ctas: int, concurrent: int) -> int:
-    """Entries of x_smem the phase fills."""
+def tile_share(cta, rotation, tiles: int, ctas: int):
+    """(first tile, count) of CTA `cta` in a phase of `tiles` tiles: it takes tiles first,
+    first + ctas, ..., tile t going to CTA (t + rotation) mod ctas (rotation in [0, ctas))."""
+    first = lax.rem(cta - rotation + ctas, ctas)
+    return first, tiles // ctas + jnp.where(first < tiles % ctas, 1, 0)
+
+
+def _most_tiles(shape, ctas: int) -> int:
+    """The most tiles of an [N, K] phase any CTA takes."""
     n, k = shape[-2:]
-    steps = steps_per_phase(n, k, ctas, concurrent)
-    return steps * TILE_K if _slotted(phase, k, steps) else k
+    return pl.cdiv((n // TILE_N) * (k // TILE_K), ctas)
+
+
+def _x_length(phase: Phase, shape, ctas: int) -> int:
+    """Entries of x_smem the phase fills."""
+    steps = _most_tiles(shape, ctas)
+    return steps * TILE_K if _slotted(phase, shape[-1], steps) else shape[-1]
 
 
 def _barriers(phase: Phase) -> int:
@@ -140,19 +155,27 @@ def _barriers(phase: Phase) -> int:
 def _kernel(*refs, layer_phases, final_phases, shapes, vectors, offsets, layers, ctas, concurrent, eps,
             interpret):
     n_weights = len(shapes)
-    weights, (norms, cache, acts, x_smem, y_smem, attn_scratch) = refs[:n_weights], refs[n_weights:]
+    weights, (norms, cache, acts, x_smem, y_smem, attn_scratch, w_slots, produced, consumed) = (
+        refs[:n_weights], refs[n_weights:])
     cta = lax.axis_index("sm")
     done = None if interpret else pl.get_global(plgpu.SemaphoreType.REGULAR)  # phases done, summed over CTAs
+    tiles = [(s[-2] // TILE_N) * (s[-1] // TILE_K) for s in shapes]
+    extra = lambda phases: sum(tiles[ph.weight] % ctas for ph in phases)  # noqa: E731
+    per_layer_extra = extra(layer_phases)
+
+    def rotation_of(layer, in_loop, p):
+        return lax.rem(layer * per_layer_extra + extra((layer_phases if in_loop else final_phases)[:p]), ctas)
 
     def vector_ref(ref, layer, start, length):
         name, delta = _named(ref)
         row = layer + delta - vectors[name].first if vectors[name].rows > 1 else 0
         return acts.at[pl.ds(offsets[name] + row * vectors[name].n + start, length)]
 
-    def build_x(phase, n, k, steps, layer, in_loop):
-        """x of a phase, rounded to bf16, into x_smem (fp32): at column offsets, or at step
+    def build_x(phase, n, k, first, layer, in_loop):
+        """x of a phase, rounded to bf16, into x_smem (fp32): at column offsets, or at tile
         offsets if slotted. Every load is issued before any arithmetic: one round trip to L2."""
         parts = vectors[_named(phase.source)[0]].n // k  # rows of source: 2 for SwiGLU, 2 S to merge
+        steps = _most_tiles((n, k), ctas)
 
         def finish(v, scale=None):
             if phase.x == "norm":
@@ -177,10 +200,11 @@ def _kernel(*refs, layer_phases, final_phases, shapes, vectors, offsets, layers,
             scale = norms[phase.norm].at[layer if in_loop else 0][...] if phase.x == "norm" else None
             x_smem.at[pl.ds(0, k)][...] = finish(v, scale)
             return
-        starts = [tile_of(cta, step, n, k, ctas)[1] * TILE_K for step in range(steps)]
+        last = (n // TILE_N) * (k // TILE_K) - 1  # past a CTA's count: any chunk, never used
+        starts = [lax.rem(jnp.minimum(first + i * ctas, last), k // TILE_K) * TILE_K for i in range(steps)]
         loads = [load(start, TILE_K) for start in starts]
-        for step, v in enumerate(loads):
-            x_smem.at[pl.ds(step * TILE_K, TILE_K)][...] = finish(v)
+        for i, v in enumerate(loads):
+            x_smem.at[pl.ds(i * TILE_K, TILE_K)][...] = finish(v)
 
     def accumulate(dst, y):
         if interpret:  # one CTA: nothing else adds to dst
@@ -208,85 +232,91 @@ def _kernel(*refs, layer_phases, final_phases, shapes, vectors, offsets, layers,
         else:
             pl.when(cta < units)(lambda: unit(cta))
 
-    def pipeline(phase, in_loop, layer_of, number_of, state):
-        """The pipeline of one phase; layer_of() and number_of() give its layer and its place in
-        the chain, as traced in the loop."""
-        n, k = shapes[phase.weight][-2:]
-        steps = steps_per_phase(n, k, ctas, concurrent)
-        tiles = (n // TILE_N) * (k // TILE_K)
-
-        def body(indices, w_smem):
-            (step,) = indices
-            layer = layer_of()
-
-            @pl.when(step == 0)
-            def _():
-                if not interpret:  # every CTA has finished the phases before
-                    _wait(done, number_of() * ctas)
-                if phase.attention is not None:
-                    attend(phase.attention, layer)
-                    if not interpret:
-                        _signal(done)
-                        _wait(done, (number_of() + 1) * ctas)
-                plgpu.commit_smem()  # every thread is done with the last phase's x
-                build_x(phase, n, k, steps, layer, in_loop)
-                plgpu.commit_smem()
-
-            @pl.when(cta + step * ctas < tiles)
-            def _():
-                rows, cols = tile_of(cta, step, n, k, ctas)
-                offset = step if _slotted(phase, k, steps) else cols
-                x = plgpu.load(x_smem.at[pl.ds(offset * TILE_K, TILE_K)], layout=COLUMNS)
-                w = plgpu.load(w_smem, layout=plgpu.Layout.WGMMA).astype(jnp.float32)
-                y = jnp.sum(w * x[None, :], axis=1)
-                if phase.residual is not None:  # once per row, on the first column block
-                    res = plgpu.load(vector_ref(phase.residual, layer, rows * TILE_N, TILE_N), layout=ROWS,
-                                     optimized=False)
-                    y = y + res * jnp.where(cols == 0, 1.0, 0.0)
-                accumulate(vector_ref(phase.out, layer, rows * TILE_N, TILE_N), y)
-
-            if not interpret:
-                @pl.when(step == steps - 1)
-                def _():
-                    plgpu.wait_smem_to_gmem(0)  # this CTA's adds have landed
-                    _signal(done)
-
-        if in_loop:
-            spec = plgpu.BlockSpec((None, TILE_N, TILE_K),
-                                   lambda step: (layer_of(), *tile_of(cta, step, n, k, ctas)), transforms=TRANSFORMS)
-        else:
-            spec = plgpu.BlockSpec((TILE_N, TILE_K), lambda step: tile_of(cta, step, n, k, ctas), transforms=TRANSFORMS)
-        return plgpu.emit_pipeline_warp_specialized(
-            body, grid=(steps,), in_specs=[spec],
-            max_concurrent_steps=concurrent, memory_registers=40, wg_axis="wg", num_compute_wgs=1,
-            pipeline_state=state)
-
-    chain = len(layer_phases) * layers + len(final_phases)
     per_layer = sum(map(_barriers, layer_phases))
     before = [sum(map(_barriers, layer_phases[:p])) for p in range(len(layer_phases))]
-    first = layer_phases[0] if layers else final_phases[0]
 
-    def run(slots):  # one ring of slots shared by every phase: its tiles all have one shape
-        def layer_body(layer, carry):
+    def phases_of(side):
+        """Run side(phase, layer, in_loop, number, rotation, count) over the chain, the layer loop
+        and then the final phases (number: grid barriers before the phase; count: the tiles this
+        CTA took before it, whose slot and barrier parity the next tile follows). Both
+        warpgroups walk it: the same schedule, the same count."""
+        def layer_body(layer, count):
             for p, phase in enumerate(layer_phases):
-                start = (layer == 0) if p == 0 else False
-                state = (None if chain == 1 else
-                         jnp.where(start, plgpu.PipelinePipeline.START, plgpu.PipelinePipeline.STEADY))
-                pipeline(phase, True, lambda: layer, lambda p=p: layer * per_layer + before[p], state)(
-                    weights[phase.weight], allocations=slots)
-            return carry
+                count = side(phase, layer, True, layer * per_layer + before[p], rotation_of(layer, True, p), count)
+            return count
 
-        if layers:
-            lax.fori_loop(0, layers, layer_body, None)
+        count = lax.fori_loop(0, layers, layer_body, jnp.int32(0)) if layers else jnp.int32(0)
         for p, phase in enumerate(final_phases):
-            barrier = per_layer * layers + sum(map(_barriers, final_phases[:p]))
-            state = chain_state(len(layer_phases) * layers + p, chain)
-            pipeline(phase, False, lambda: layers, lambda barrier=barrier: barrier, state)(
-                weights[phase.weight], allocations=slots)
+            number = per_layer * layers + sum(map(_barriers, final_phases[:p]))
+            count = side(phase, layers, False, number, rotation_of(layers, False, p), count)
+        return count
 
-    w0 = weights[first.weight]
-    w0 = w0.at[0] if layers else w0
-    pl.run_scoped(run, pipeline(first, False, lambda: 0, lambda: 0, None).get_allocations(w0), collective_axes="wg")
+    def compute(phase, layer, in_loop, number, rotation, count):
+        n, k = shapes[phase.weight][-2:]
+        first, mine = tile_share(cta, rotation, tiles[phase.weight], ctas)
+        if not interpret:  # every CTA has finished the phases before
+            _wait(done, number * ctas)
+        if phase.attention is not None:
+            attend(phase.attention, layer)
+            if not interpret:
+                _signal(done)
+                _wait(done, (number + 1) * ctas)
+        plgpu.commit_smem()  # every thread is done with the last phase's x
+        build_x(phase, n, k, first, layer, in_loop)
+        plgpu.commit_smem()
+        slotted = _slotted(phase, k, _most_tiles((n, k), ctas))
+
+        def tile(i, count):
+            slot = lax.rem(count, concurrent)
+            plgpu.barrier_wait(produced.at[slot])
+            t = first + i * ctas
+            rows, cols = t // (k // TILE_K), lax.rem(t, k // TILE_K)
+            x = plgpu.load(x_smem.at[pl.ds((i if slotted else cols) * TILE_K, TILE_K)], layout=COLUMNS)
+            w_tile = plgpu.load(w_slots.at[slot], layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+            y = jnp.sum(w_tile * x[None, :], axis=1)
+            plgpu.barrier_arrive(consumed.at[slot])  # the tile is in registers: its slot may refill
+            if phase.residual is not None:  # once per row, on the first column block
+                res = plgpu.load(vector_ref(phase.residual, layer, rows * TILE_N, TILE_N), layout=ROWS,
+                                 optimized=False)
+                y = y + res * jnp.where(cols == 0, 1.0, 0.0)
+            accumulate(vector_ref(phase.out, layer, rows * TILE_N, TILE_N), y)
+            return count + 1
+
+        count = lax.fori_loop(0, mine, tile, count)
+        if not interpret:
+            plgpu.wait_smem_to_gmem(0)  # this CTA's adds have landed
+            _signal(done)
+        return count
+
+    def fetch(phase, layer, in_loop, number, rotation, count):
+        k = shapes[phase.weight][-1]
+        first, mine = tile_share(cta, rotation, tiles[phase.weight], ctas)
+        w = weights[phase.weight].at[layer] if in_loop else weights[phase.weight]
+
+        def tile(i, count):
+            slot = lax.rem(count, concurrent)
+            pl.when(count >= concurrent)(lambda: plgpu.barrier_wait(consumed.at[slot]))  # its last tile is read
+            t = first + i * ctas
+            rows, cols = t // (k // TILE_K), lax.rem(t, k // TILE_K)
+            plgpu.copy_gmem_to_smem(w.at[pl.ds(rows * TILE_N, TILE_N), pl.ds(cols * TILE_K, TILE_K)],
+                                    w_slots.at[slot], produced.at[slot])
+            return count + 1
+
+        return lax.fori_loop(0, mine, tile, count)
+
+    @pl.when(lax.axis_index("wg") == 0)
+    def _():
+        plgpu.set_max_registers(256, action="increase")  # a thread's most; the memory warpgroup needs few
+        phases_of(compute)
+
+    @pl.when(lax.axis_index("wg") == 1)
+    def _():
+        plgpu.set_max_registers(40, action="decrease")
+        count = phases_of(fetch)
+
+        @pl.loop(jnp.maximum(count - concurrent, 0), count)
+        def _(i):  # the last tiles' releases: every barrier phase observed, as the hardware wants at exit
+            plgpu.barrier_wait(consumed.at[lax.rem(i, concurrent)])
 
 
 def run_phases(weights, norms, inputs, layer_phases, final_phases, vectors, *, layers: int, cache=None,
@@ -318,8 +348,8 @@ def run_phases(weights, norms, inputs, layer_phases, final_phases, vectors, *, l
     check_weights(weights, stacked=True)
     check_concurrent(concurrent)
     shapes = [tuple(w.shape) for w in weights]
-    if not final_phases:
-        raise ValueError("final_phases must not be empty: the chain's last pipeline stops it")
+    if not final_phases and not (layers and layer_phases):
+        raise ValueError(f"nothing to run: layers={layers}, {len(layer_phases)} layer phases, no final phases")
     if layers and not layer_phases:
         raise ValueError(f"layers={layers} needs layer_phases to run")
     if any(ph.attention is not None for ph in final_phases):
@@ -344,7 +374,7 @@ def run_phases(weights, norms, inputs, layer_phases, final_phases, vectors, *, l
     for name, value in inputs.items():
         workspace = lax.dynamic_update_slice(workspace, value.astype(jnp.float32), (offsets[name],))
     workspace = jax.new_ref(workspace)
-    x_length = max(_x_length(ph, shapes[ph.weight], ctas, concurrent) for ph in phases)
+    x_length = max(_x_length(ph, shapes[ph.weight], ctas) for ph in phases)
     smem = (concurrent * TILE_N * TILE_K * 2 + 4 * (x_length + TILE_N) + (attn.scratch_bytes() if attends else 0)
             + SMEM_SLACK)
     if smem > SMEM_BYTES:
@@ -357,7 +387,9 @@ def run_phases(weights, norms, inputs, layer_phases, final_phases, vectors, *, l
                               concurrent=concurrent, eps=eps, interpret=interpret),
         out_type=(), grid=(ctas,), grid_names=("sm",), num_threads=2, thread_name="wg",
         scratch_types=[plgpu.SMEM((x_length,), jnp.float32), plgpu.SMEM((TILE_N,), jnp.float32),
-                       attn.scratch_types() if attends else []],
+                       attn.scratch_types() if attends else [],
+                       plgpu.SMEM((concurrent, TILE_N, TILE_K), jnp.bfloat16, transforms=TRANSFORMS),
+                       plgpu.Barrier(num_barriers=concurrent), plgpu.Barrier(num_barriers=concurrent)],
         interpret=_interpret_params() if interpret else None)
     kernel(*weights, norms, tuple(cache) if attends else (), workspace)
     acts = workspace[...]

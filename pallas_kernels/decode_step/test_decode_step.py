@@ -9,6 +9,7 @@ import pytest
 from pallas_kernels import _testing
 from pallas_kernels.decode_step import Attention, Phase, Vector, reference, run_phases
 from pallas_kernels.decode_step.chains import llama, llama_without_attention
+from pallas_kernels.decode_step.mosaic_step import tile_share
 
 SMALL = dict(layers=2, d=256, heads_dim=256, qkv=384, mlp=512, vocab=512)
 LLAMA_1B = dict(d=2048, heads_dim=2048, qkv=2560, mlp=5632, vocab=32000)
@@ -73,6 +74,32 @@ def test_with_attention_matches_reference_interpret(pos, splits):
     _check(_run(problem, interpret=True), problem, jnp.bfloat16)
 
 
+@pytest.mark.parametrize("tiles", [1, 7, 131, 132, 133, 320, 4000])
+@pytest.mark.parametrize("rotation", [0, 5, 131])
+def test_tile_share_takes_every_tile_once(tiles, rotation):
+    """On 132 CTAs (interpret mode runs one): each tile on one CTA, (t + rotation) mod 132, and
+    the CTAs' counts within one of each other."""
+    ctas, taken, counts = 132, [], []
+    for cta in range(ctas):
+        first, count = (int(v) for v in tile_share(jnp.int32(cta), jnp.int32(rotation), tiles, ctas))
+        mine = [first + i * ctas for i in range(count)]
+        assert all((t + rotation) % ctas == cta for t in mine)
+        taken += mine
+        counts.append(count)
+    assert sorted(taken) == list(range(tiles)) and max(counts) - min(counts) <= 1
+
+
+def test_rotation_spreads_the_extra_tiles():
+    """The rotation moves on by each phase's remainder: over Llama 1.1B's 22 layers and head on
+    132 CTAs every CTA takes 478 or 479 of the 63,136 tiles (padded to the largest share of
+    every phase, as chained pipelines would, a CTA would take 515)."""
+    ctas, totals, rotation = 132, np.zeros(132, int), 0
+    for tiles in [320, 256, 1408, 704] * 22 + [4000]:
+        totals += [int(tile_share(jnp.int32(c), jnp.int32(rotation), tiles, ctas)[1]) for c in range(ctas)]
+        rotation = (rotation + tiles % ctas) % ctas
+    assert totals.sum() == 63136 and set(totals) == {478, 479}
+
+
 def test_llama_layer_lowers_for_hopper():
     """Llama 1.1B's 22 layers and head as one kernel on an H100's 132 SMs, lowered on this host
     (PTX needs the GPU plugin: the GPU tests compile and run it)."""
@@ -109,7 +136,7 @@ def test_llama_with_attention_lowers_for_hopper():
     (dict(weights=[jnp.zeros((64, 200), jnp.bfloat16)]), r"\(0, \(64, 200\)"),
     (dict(final_phases=[Phase(0, "norm", "h", "nowhere", norm=0)]), r"\(0, 'nowhere'\)"),
     (dict(final_phases=[Phase(0, "gelu", "h", "y")]), r"x \['gelu'\]"),
-    (dict(final_phases=[]), r"final_phases must not be empty"),
+    (dict(final_phases=[], layers=0), r"nothing to run: layers=0"),
     (dict(final_phases=[Phase(0, "norm", "h", "y", norm=0, attention=Attention("h", "y", "y"))]),
      r"only layer phases may have it"),
     (dict(layer_phases=[Phase(0, "norm", "h", "y", norm=0, attention=Attention("h", "y", "y"))], layers=1,
