@@ -404,7 +404,9 @@ def _set_dotted(tree: dict, key: str, value: Any):
 
 
 def parse_overrides(items: list[str]) -> dict:
-    """Turn ["model.n_layers=4", "train.steps=10"] into a nested dict of strings."""
+    """Turn ["model.n_layers=4", "train.steps=10"] into a nested dict of strings. A key given
+    twice takes its last value, as a repeated command-line option does: a base list of
+    overrides followed by a variant's is how scripts and tests build configs."""
     tree: dict = {}
     for item in items:
         if "=" not in item:

@@ -61,6 +61,10 @@ def test_parse_overrides_nests_dotted_keys():
     assert parse_overrides(["a.b=1", "a.c=x=y", "d=2"]) == {"a": {"b": "1", "c": "x=y"}, "d": "2"}
 
 
+def test_a_key_given_twice_takes_its_last_value():
+    assert parse_overrides(["a.b=1", "c=2", "a.b=3"]) == {"a": {"b": "3"}, "c": "2"}
+
+
 def test_bundled_experiment_configs_load():
     """Every shipped YAML loads: post-training ones (sft/dpo/rlhf/qlora) as PosttrainConfig."""
     from pathlib import Path
