@@ -136,12 +136,9 @@ def attention_unit(g, split, splits: int, qkv, k_cache, v_cache, pos_ref, out, n
         return plgpu.load(qkv.at[pl.ds(start, rows)], layout=strided((rows,))).reshape(rows // HEAD_DIM, HEAD_DIM)
 
     k_at, v_at = Q_HEADS * HEAD_DIM, (Q_HEADS + KV_HEADS) * HEAD_DIM  # where k and v start in qkv
-    v_rows = window(v_at + (g - 1) * HEAD_DIM, 2 * HEAD_DIM)  # (the entries before, v_g)
-    k_rows = window(k_at + (g - 1) * HEAD_DIM, 2 * HEAD_DIM)  # (the entries before, k_g)
-    q_rows = window(g * group, group)  # all three loads issued before any store: one round trip
-    s.x[pl.ds(NEW_ROW, 2)] = v_rows
-    s.x[pl.ds(NEW_ROW - 1, 2)] = k_rows
-    s.x[pl.ds(0, Q_PER_KV)] = q_rows
+    s.x[pl.ds(NEW_ROW, 2)] = window(v_at + (g - 1) * HEAD_DIM, 2 * HEAD_DIM)  # (the entries before, v_g)
+    s.x[pl.ds(NEW_ROW - 1, 2)] = window(k_at + (g - 1) * HEAD_DIM, 2 * HEAD_DIM)  # (the entries before, k_g)
+    s.x[pl.ds(0, Q_PER_KV)] = window(g * group, group)
     plgpu.barrier_wait(s.stage_bar.at[0])
     plgpu.barrier_wait(s.stage_bar.at[1])
 
