@@ -86,43 +86,32 @@ def chunk_range(n_chunks, split, splits):
     return first, jnp.minimum(n_chunks, first + share)
 
 
-def _chunks(pos_ref, split, splits):
-    """pos, the cache's chunk count, and the split's first chunk and chunk count."""
+def attention_unit(g, split, splits: int, qkv, k_cache, v_cache, pos_ref, cos, sin, out, new_kv, s: AttnScratch):
+    """Attention of q heads 8g..8g+7 over kv head g, split `split` of `splits` of the cache
+    (`chunk_range`; split 0 also takes the new token). g and split are traced ints (Python ints
+    unroll and layout inference slows to minutes). qkv [2560], out and new_kv [512] are fp32
+    vectors in global memory; new_kv gets (rotated k, v) of head g at 128 g. With one split, out
+    [2048] gets the output; with more, out [2 splits, 2048] gets partials: row `split` the
+    split's normalised output, row splits + split its log2-sum-exp2 of the scaled scores per
+    head, repeated over the head's 64 entries (-inf, with a zero output, for a split with no
+    positions)."""
+    slots = s.k_slots.shape[0]
+
+    # 1. cos, sin -> SMEM by TMA (a WGMMA-column vector load only reads SMEM).
+    plgpu.copy_gmem_to_smem(cos, s.rot.at[0], s.stage_bar.at[0])
+    plgpu.copy_gmem_to_smem(sin, s.rot.at[1], s.stage_bar.at[1])
+
     pos = pos_ref[0]
     n_chunks = lax.div(pos + (BLOCK - 1), BLOCK)
     first, end = chunk_range(n_chunks, split, splits)
-    return pos, n_chunks, first, jnp.maximum(end - first, 0)
+    count = jnp.maximum(end - first, 0)
 
+    def fetch(chunk, slot):
+        plgpu.copy_gmem_to_smem(k_cache.at[pl.ds(chunk * BLOCK, BLOCK), g], s.k_slots.at[slot], s.k_bar.at[slot])
+        plgpu.copy_gmem_to_smem(v_cache.at[pl.ds(chunk * BLOCK, BLOCK), g], s.v_slots.at[slot], s.v_bar.at[slot])
 
-def _fetch(g, chunk, slot, k_cache, v_cache, s: AttnScratch):
-    plgpu.copy_gmem_to_smem(k_cache.at[pl.ds(chunk * BLOCK, BLOCK), g], s.k_slots.at[slot], s.k_bar.at[slot])
-    plgpu.copy_gmem_to_smem(v_cache.at[pl.ds(chunk * BLOCK, BLOCK), g], s.v_slots.at[slot], s.v_bar.at[slot])
-
-
-def prefetch(g, split, splits: int, k_cache, v_cache, pos_ref, cos, sin, s: AttnScratch):
-    """Start the reads of an `attention_unit` that need nothing of the step's new token, by TMA:
-    cos, sin and the split's first `slots` cache chunks. Call it once before each unit, with the
-    unit's arguments, as early as the scratch is free: the cache sits in HBM, whose latency under
-    a full weight stream is several microseconds, all of it on the step's critical path if the
-    unit itself waited for it."""
-    plgpu.copy_gmem_to_smem(cos, s.rot.at[0], s.stage_bar.at[0])
-    plgpu.copy_gmem_to_smem(sin, s.rot.at[1], s.stage_bar.at[1])
-    _, _, first, count = _chunks(pos_ref, split, splits)
-    for i in range(s.k_slots.shape[0]):
-        pl.when(i < count)(lambda i=i: _fetch(g, first + i, i, k_cache, v_cache, s))
-
-
-def attention_unit(g, split, splits: int, qkv, k_cache, v_cache, pos_ref, out, new_kv, s: AttnScratch):
-    """Attention of q heads 8g..8g+7 over kv head g, split `split` of `splits` of the cache
-    (`chunk_range`; split 0 also takes the new token), its reads started by `prefetch`. g and
-    split are traced ints (Python ints unroll and layout inference slows to minutes). qkv
-    [2560], out and new_kv [512] are fp32 vectors in global memory; new_kv gets (rotated k, v) of
-    head g at 128 g. With one split, out [2048] gets the output; with more, out [2 splits, 2048]
-    gets partials: row `split` the split's normalised output, row splits + split its
-    log2-sum-exp2 of the scaled scores per head, repeated over the head's 64 entries (-inf, with a
-    zero output, for a split with no positions)."""
-    slots = s.k_slots.shape[0]
-    pos, n_chunks, first, count = _chunks(pos_ref, split, splits)
+    for i in range(slots):  # the cache chunks stream in while the new token is prepared
+        pl.when(i < count)(lambda i=i: fetch(first + i, i))
 
     # 2. The features into rows of x: rows 0..7 the q heads, row 8 k, row 9 v. Plain loads (the
     #    caller's grid barrier gives acquire semantics), reshaped as values: interpret mode rejects
@@ -223,7 +212,7 @@ def attention_unit(g, split, splits: int, qkv, k_cache, v_cache, pos_ref, out, n
 
         carry = step(s.k_slots.at[slot], v_tile, col + chunk * BLOCK < pos, carry)
         # wgmma_wait(0) above: the slot's reads are done, refill it.
-        pl.when(i + slots < count)(lambda: _fetch(g, chunk + slots, slot, k_cache, v_cache, s))
+        pl.when(i + slots < count)(lambda: fetch(chunk + slots, slot))
         return carry
 
     acc, m, l = lax.fori_loop(0, count, chunk_body, carry)

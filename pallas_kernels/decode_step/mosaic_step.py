@@ -215,32 +215,23 @@ def _kernel(*refs, layer_phases, final_phases, shapes, vectors, offsets, layers,
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(y_smem, dst, reduction_op="add")
 
-    def attention_prefetch(spec: Attention, layer, u):
-        k_cache, v_cache, pos, rope = cache
-        attn.prefetch(u // spec.splits, u % spec.splits, spec.splits, k_cache.at[layer], v_cache.at[layer], pos,
-                      rope.at[0], rope.at[1], attn.AttnScratch(*attn_scratch))
-
     def attend(spec: Attention, layer):
-        k_cache, v_cache, pos, _ = cache
+        k_cache, v_cache, pos, rope = cache
+        scratch = attn.AttnScratch(*attn_scratch)
 
         def unit(u):
-            if interpret:  # the one CTA runs every unit in turn on one scratch: nothing ahead
-                attention_prefetch(spec, layer, u)
             attn.attention_unit(u // spec.splits, u % spec.splits, spec.splits,
                                 vector_ref(spec.qkv, layer, 0, vectors[spec.qkv].n), k_cache.at[layer],
-                                v_cache.at[layer], pos, vector_ref(spec.out, layer, 0, vectors[spec.out].n),
-                                vector_ref(spec.new_kv, layer, 0, vectors[spec.new_kv].n),
-                                attn.AttnScratch(*attn_scratch))
-            if not interpret:  # the next layer's cache reads start now, a layer ahead of its unit
-                pl.when(layer + 1 < layers)(lambda: attention_prefetch(spec, layer + 1, u))
+                                v_cache.at[layer], pos, rope.at[0], rope.at[1],
+                                vector_ref(spec.out, layer, 0, vectors[spec.out].n),
+                                vector_ref(spec.new_kv, layer, 0, vectors[spec.new_kv].n), scratch)
 
         units = attn.KV_HEADS * spec.splits
-        if interpret:
+        if interpret:  # the one CTA takes every unit
             pl.loop(0, units)(unit)
         else:
             pl.when(cta < units)(lambda: unit(cta))
 
-    attention = next((ph.attention for ph in layer_phases if ph.attention is not None), None) if layers else None
     per_layer = sum(map(_barriers, layer_phases))
     before = [sum(map(_barriers, layer_phases[:p])) for p in range(len(layer_phases))]
 
@@ -316,8 +307,6 @@ def _kernel(*refs, layer_phases, final_phases, shapes, vectors, offsets, layers,
     @pl.when(lax.axis_index("wg") == 0)
     def _():
         plgpu.set_max_registers(256, action="increase")  # a thread's most; the memory warpgroup needs few
-        if attention is not None and not interpret:  # layer 0's cache reads (later layers': `attend`)
-            pl.when(cta < attn.KV_HEADS * attention.splits)(lambda: attention_prefetch(attention, 0, cta))
         phases_of(compute)
 
     @pl.when(lax.axis_index("wg") == 1)
@@ -365,8 +354,6 @@ def run_phases(weights, norms, inputs, layer_phases, final_phases, vectors, *, l
         raise ValueError(f"layers={layers} needs layer_phases to run")
     if any(ph.attention is not None for ph in final_phases):
         raise ValueError("attention reads a layer's cache: only layer phases may have it")
-    if sum(ph.attention is not None for ph in layer_phases) > 1:
-        raise ValueError("one attention a layer: its scratch holds the next layer's cache reads")
     phases = list(layer_phases) + list(final_phases)
     unknown = [(i, _named(r)[0]) for i, ph in enumerate(phases) for r in (ph.source, ph.out, ph.residual)
                if r is not None and _named(r)[0] not in vectors]
