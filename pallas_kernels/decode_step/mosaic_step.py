@@ -122,10 +122,10 @@ def _wait(done, count):
     plgpu.semaphore_wait(done, count, decrement=False, memory_scope="gpu")
 
 
-def _slotted(phase: Phase, k: int, steps: int) -> bool:
+def _slotted(phase: Phase, shape, ctas: int) -> bool:
     """Whether a phase builds only its CTA's chunks of x, one a tile (fewer than all of x),
     rather than all of x (which a norm's statistic needs anyway)."""
-    return phase.x != "norm" and steps * TILE_K < k
+    return phase.x != "norm" and _most_tiles(shape, ctas) * TILE_K < shape[-1]
 
 
 def tile_share(cta, rotation, tiles: int, ctas: int):
@@ -133,6 +133,11 @@ def tile_share(cta, rotation, tiles: int, ctas: int):
     first + ctas, ..., tile t going to CTA (t + rotation) mod ctas (rotation in [0, ctas))."""
     first = lax.rem(cta - rotation + ctas, ctas)
     return first, tiles // ctas + jnp.where(first < tiles % ctas, 1, 0)
+
+
+def _tile_at(t, k: int):
+    """(row block, column block) of tile t of an [N, K] matrix: both warpgroups name tiles so."""
+    return t // (k // TILE_K), lax.rem(t, k // TILE_K)
 
 
 def _most_tiles(shape, ctas: int) -> int:
@@ -143,8 +148,7 @@ def _most_tiles(shape, ctas: int) -> int:
 
 def _x_length(phase: Phase, shape, ctas: int) -> int:
     """Entries of x_smem the phase fills."""
-    steps = _most_tiles(shape, ctas)
-    return steps * TILE_K if _slotted(phase, shape[-1], steps) else shape[-1]
+    return _most_tiles(shape, ctas) * TILE_K if _slotted(phase, shape, ctas) else shape[-1]
 
 
 def _barriers(phase: Phase) -> int:
@@ -175,7 +179,6 @@ def _kernel(*refs, layer_phases, final_phases, shapes, vectors, offsets, layers,
         """x of a phase, rounded to bf16, into x_smem (fp32): at column offsets, or at tile
         offsets if slotted. Every load is issued before any arithmetic: one round trip to L2."""
         parts = vectors[_named(phase.source)[0]].n // k  # rows of source: 2 for SwiGLU, 2 S to merge
-        steps = _most_tiles((n, k), ctas)
 
         def finish(v, scale=None):
             if phase.x == "norm":
@@ -195,13 +198,14 @@ def _kernel(*refs, layer_phases, final_phases, shapes, vectors, offsets, layers,
             rows = 1 if phase.x in ("norm", "copy") else parts
             return [vector_ref(phase.source, layer, row * k + start, length)[...] for row in range(rows)]
 
-        if not _slotted(phase, k, steps):
+        if not _slotted(phase, (n, k), ctas):
             v = load(0, k)
             scale = norms[phase.norm].at[layer if in_loop else 0][...] if phase.x == "norm" else None
             x_smem.at[pl.ds(0, k)][...] = finish(v, scale)
             return
-        last = (n // TILE_N) * (k // TILE_K) - 1  # past a CTA's count: any chunk, never used
-        starts = [lax.rem(jnp.minimum(first + i * ctas, last), k // TILE_K) * TILE_K for i in range(steps)]
+        last = tiles[phase.weight] - 1  # past a CTA's count: any chunk, never used
+        starts = [_tile_at(jnp.minimum(first + i * ctas, last), k)[1] * TILE_K
+                  for i in range(_most_tiles((n, k), ctas))]
         loads = [load(start, TILE_K) for start in starts]
         for i, v in enumerate(loads):
             x_smem.at[pl.ds(i * TILE_K, TILE_K)][...] = finish(v)
@@ -264,13 +268,12 @@ def _kernel(*refs, layer_phases, final_phases, shapes, vectors, offsets, layers,
         plgpu.commit_smem()  # every thread is done with the last phase's x
         build_x(phase, n, k, first, layer, in_loop)
         plgpu.commit_smem()
-        slotted = _slotted(phase, k, _most_tiles((n, k), ctas))
+        slotted = _slotted(phase, (n, k), ctas)
 
         def tile(i, count):
             slot = lax.rem(count, concurrent)
             plgpu.barrier_wait(produced.at[slot])
-            t = first + i * ctas
-            rows, cols = t // (k // TILE_K), lax.rem(t, k // TILE_K)
+            rows, cols = _tile_at(first + i * ctas, k)
             x = plgpu.load(x_smem.at[pl.ds((i if slotted else cols) * TILE_K, TILE_K)], layout=COLUMNS)
             w_tile = plgpu.load(w_slots.at[slot], layout=plgpu.Layout.WGMMA).astype(jnp.float32)
             y = jnp.sum(w_tile * x[None, :], axis=1)
@@ -296,8 +299,7 @@ def _kernel(*refs, layer_phases, final_phases, shapes, vectors, offsets, layers,
         def tile(i, count):
             slot = lax.rem(count, concurrent)
             pl.when(count >= concurrent)(lambda: plgpu.barrier_wait(consumed.at[slot]))  # its last tile is read
-            t = first + i * ctas
-            rows, cols = t // (k // TILE_K), lax.rem(t, k // TILE_K)
+            rows, cols = _tile_at(first + i * ctas, k)
             plgpu.copy_gmem_to_smem(w.at[pl.ds(rows * TILE_N, TILE_N), pl.ds(cols * TILE_K, TILE_K)],
                                     w_slots.at[slot], produced.at[slot])
             return count + 1
