@@ -282,55 +282,76 @@ def kv_rows(s, preset) -> list[dict]:
 
 
 def plot(rows, path, title):
+    """The panels the rows have data for, two a row: batch-1 ms/token against the roofline,
+    tokens/s over batch sizes, speculative decoding against its formula, the kv engine."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(3, 2, figsize=(12, 12))
     decode = [r for r in rows if r["section"] == "decode"]
     ones = [r for r in decode if r["batch"] == 1]
-    labels = [f"{r['model']}\n{r['weights']} {r['layers']}" for r in ones]
-    x = np.arange(len(ones))
-    axes[0, 0].bar(x - 0.2, [r["ms_per_token"] for r in ones], 0.4, label="measured")
-    axes[0, 0].bar(x + 0.2, [r["roofline_ms"] for r in ones], 0.4, label="roofline")
-    axes[0, 0].set_xticks(x, labels, fontsize=8)
-    axes[0, 0].set_ylabel("ms/token, batch 1")
-    axes[0, 0].legend()
     # Positive rates only: a CPU smoke run's difference of two short timings can be noise.
     positive = [r for r in decode if r["weights"] == "bf16" and r["tokens_per_s"] > 0
                 and (r["batch"] > 1 or r["layers"] == "xla")]  # one line: XLA's layers at every batch
-    for model in dict.fromkeys(r["model"] for r in positive):
-        sweep = [r for r in positive if r["model"] == model]
-        axes[0, 1].plot([r["batch"] for r in sweep], [r["tokens_per_s"] for r in sweep], "o-", label=model)
-    axes[0, 1].set(xlabel="batch", ylabel="tokens/s (bf16)")
-    if positive:
-        axes[0, 1].set(xscale="log", yscale="log")
-        axes[0, 1].legend()
     spec = [r for r in rows if r["section"] == "speculative"]
-    if spec:
-        gamma, cost = spec[0]["gamma"], spec[0]["draft_cost_ratio"]
-        alphas = np.linspace(0, 0.999, 100)
-        formula = np.array([expected_tokens_per_round(a, gamma) for a in alphas])
-        axes[1, 0].plot(alphas, formula, label=f"(1-a^(g+1))/(1-a), g={gamma}")
-        axes[1, 0].plot([r["alpha"] for r in spec], [r["tokens_per_round"] for r in spec], "o", label="measured")
-        axes[1, 0].set(xlabel="acceptance rate alpha", ylabel="tokens per target forward")
-        axes[1, 0].legend()
-        axes[1, 1].plot(alphas, formula / (gamma * cost + 1), label=f"predicted, c={cost:.3f}")
-        axes[1, 1].plot([r["alpha"] for r in spec], [r["speedup"] for r in spec], "o", label="measured")
-        axes[1, 1].axhline(1.0, color="gray", lw=0.5)
-        axes[1, 1].set(xlabel="acceptance rate alpha", ylabel="speed-up over generate")
-        axes[1, 1].legend()
     kv = [r for r in rows if r["section"] == "kv"]
-    for kv_dtype in ("bfloat16", "int8"):
-        sweep = [r for r in kv if r["kv_dtype"] == kv_dtype]
-        axes[2, 0].plot([r["slots"] for r in sweep], [r["tokens_per_s"] for r in sweep], "o-", label=kv_dtype)
-        axes[2, 1].plot([r["slots"] for r in sweep], [r["kv_bytes_per_step"] / 2**20 for r in sweep], "o-",
-                        label=kv_dtype)
-    if kv:
-        axes[2, 0].set(xlabel="slots (sequences decoding together)", ylabel=f"engine tokens/s, {kv[0]['model']}")
-        axes[2, 1].set(xlabel="slots", ylabel="KV MiB read per decode step")
-        axes[2, 0].legend()
-        axes[2, 1].legend()
+
+    def batch_one(ax):
+        x = np.arange(len(ones))
+        ax.bar(x - 0.2, [r["ms_per_token"] for r in ones], 0.4, label="measured")
+        ax.bar(x + 0.2, [r["roofline_ms"] for r in ones], 0.4, label="roofline")
+        for i, r in enumerate(ones):
+            ax.annotate(f"{r['roofline_ms'] / r['ms_per_token']:.0%}", (i - 0.2, r["ms_per_token"]),
+                        ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(x, [f"{r['model']}\n{r['weights']} {r['layers']}" for r in ones], fontsize=8)
+        ax.set_ylabel("ms/token, batch 1 (% of roofline)")
+        ax.set_ylim(0, 1.25 * max(r["ms_per_token"] for r in ones))
+        ax.legend(loc="upper right", ncol=2)
+
+    def batch_sweep(ax):
+        for model in dict.fromkeys(r["model"] for r in positive):
+            sweep = [r for r in positive if r["model"] == model]
+            ax.plot([r["batch"] for r in sweep], [r["tokens_per_s"] for r in sweep], "o-", label=model)
+        ax.set(xlabel="batch", ylabel="tokens/s (bf16)", xscale="log", yscale="log")
+        ax.legend()
+
+    gamma, cost = (spec[0]["gamma"], spec[0]["draft_cost_ratio"]) if spec else (None, None)
+    alphas = np.linspace(0, 0.999, 100)
+    formula = np.array([expected_tokens_per_round(a, gamma) for a in alphas]) if spec else None
+
+    def spec_tokens(ax):
+        ax.plot(alphas, formula, label=f"(1-a^(g+1))/(1-a), g={gamma}")
+        ax.plot([r["alpha"] for r in spec], [r["tokens_per_round"] for r in spec], "o", label="measured")
+        ax.set(xlabel="acceptance rate alpha", ylabel="tokens per target forward")
+        ax.legend()
+
+    def spec_speedup(ax):
+        ax.plot(alphas, formula / (gamma * cost + 1), label=f"predicted, c={cost:.3f}")
+        ax.plot([r["alpha"] for r in spec], [r["speedup"] for r in spec], "o", label="measured")
+        ax.axhline(1.0, color="gray", lw=0.5)
+        ax.set(xlabel="acceptance rate alpha", ylabel="speed-up over generate")
+        ax.legend()
+
+    def kv_panel(ax, key, scale, ylabel):
+        for kv_dtype in ("bfloat16", "int8"):
+            sweep = [r for r in kv if r["kv_dtype"] == kv_dtype]
+            ax.plot([r["slots"] for r in sweep], [r[key] / scale for r in sweep], "o-", label=kv_dtype)
+        ax.set(xlabel="slots (sequences decoding together)", ylabel=ylabel)
+        ax.legend()
+
+    panels = (([batch_one] if ones else []) + ([batch_sweep] if len({r["batch"] for r in positive}) > 1 else [])
+              + ([spec_tokens, spec_speedup] if spec else [])
+              + ([lambda ax: kv_panel(ax, "tokens_per_s", 1, f"engine tokens/s, {kv[0]['model']}"),
+                  lambda ax: kv_panel(ax, "kv_bytes_per_step", 2**20, "KV MiB read per decode step")] if kv else []))
+    if not panels:  # perplexity rows only: their numbers are in the JSON
+        panels = [lambda ax: ax.text(0.5, 0.5, "no rows to plot (see the JSON)", ha="center", va="center")]
+    columns = min(2, len(panels))
+    fig, axes = plt.subplots(-(-len(panels) // columns), columns, figsize=(6 * columns, 4.5 * -(-len(panels) // columns)),
+                             squeeze=False)
+    for ax, draw in zip(axes.flat, panels):
+        draw(ax)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -85,8 +85,9 @@ def test_persistent_step_is_as_close_to_fp32_as_the_model_layers_gpu(prompt_len,
 
 
 def test_generate_picks_the_persistent_step_where_asked_and_it_applies(monkeypatch):
-    """decode.persistent_step routes the token loop to the persistent step where it applies (forced
-    here), before the fused loop; int8 weights and the default keep the fused one."""
+    """decode.persistent_step (on by default) routes the token loop to the persistent step where it
+    applies (forced here), before the fused loop; int8 weights or persistent_step=false take the
+    fused loop, and with fused_matvec=false too, XLA's layers."""
     generate_module = importlib.import_module("llmjax.decode.generate")
     monkeypatch.setattr(persistent, "applies", lambda cfg, rows: True)
     monkeypatch.setattr(fused, "applies", lambda cfg, rows: True)
@@ -97,7 +98,8 @@ def test_generate_picks_the_persistent_step_where_asked_and_it_applies(monkeypat
         cfg = DecodeConfig(max_new_tokens=4, temperature=0.0, **options)
         return generate_module._generate_args(prepare_decode(model, int8=int8), prompt, cfg, None, None)[1]["step_kind"]
 
-    assert kind(persistent_step=True) == "persistent"
-    assert kind() == "fused"
-    assert kind(persistent_step=True, int8=True) == "fused"
-    assert kind(persistent_step=True, fused_matvec=False) == "persistent"
+    assert kind() == "persistent"
+    assert kind(persistent_step=False) == "fused"
+    assert kind(int8=True) == "fused"
+    assert kind(fused_matvec=False) == "persistent"
+    assert kind(persistent_step=False, fused_matvec=False) == "xla"
