@@ -8,7 +8,9 @@ layers, [layers, S, K, H] with S a multiple of 64 (`stack_caches`). The kernel w
 token's rotated k and its v; this step stores them into the cache.
 
 The attention inside the kernel has Llama 1.1B's shape (32 q heads over 4 kv heads of 64 dims),
-so `applies` holds for that shape only.
+so `applies` holds for that shape only. The grid barriers need a CTA on every SM at once: where
+the process gets only part of the GPU (an MPS share of the SMs), a CTA never starts and the step
+waits forever, so set decode.persistent_step=false there.
 """
 import jax
 import jax.numpy as jnp
