@@ -127,7 +127,7 @@ def plot(rows, metric, path, title):
         ax.set_title(f"{mode}: {'scratch memory' if key == 'temp_bytes' else METRICS[key]}")
         if key == "temp_bytes":
             ax.set_yscale("symlog")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the bars, not over them
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
