@@ -346,8 +346,8 @@ def plot(rows, path, title):
     if not panels:  # perplexity rows only: their numbers are in the JSON
         panels = [lambda ax: ax.text(0.5, 0.5, "no rows to plot (see the JSON)", ha="center", va="center")]
     columns = min(2, len(panels))
-    fig, axes = plt.subplots(-(-len(panels) // columns), columns, figsize=(6 * columns, 4.5 * -(-len(panels) // columns)),
-                             squeeze=False)
+    lines = -(-len(panels) // columns)
+    fig, axes = plt.subplots(lines, columns, figsize=(6 * columns, 4.5 * lines), squeeze=False)
     for ax, draw in zip(axes.flat, panels):
         draw(ax)
     for ax in axes.flat[len(panels):]:

@@ -7,7 +7,8 @@ token comes from the target's next distribution. The accepted tokens are distrib
 the target's own samples (Leviathan et al., appendix A.1); with temperature 0 they are the
 target's greedy tokens as the model's own layers compute them (`generate` with
 decode.fused_matvec=false and decode.persistent_step=false; the kernel loops round in other places
-and may part from them at a near-tie). The whole generation is one device call: a `lax.while_loop` over rounds.
+and may part from them at a near-tie). The whole generation is one device call: a
+`lax.while_loop` over rounds.
 
 Caches: rows before the last known token are in both caches; a rejected suffix needs no undo,
 since `attend_cached` hides slots past each query's position and the next round overwrites them.

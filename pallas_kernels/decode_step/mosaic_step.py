@@ -115,11 +115,12 @@ def layout_of(vectors: dict[str, Vector]) -> tuple[dict[str, int], int]:
 
 
 def _signal(done, after_tma: bool):
-    """+1 on done, a release of every thread's writes at GPU scope (as the waits acquire): a
-    warpgroup barrier, then from one thread a release fence and a relaxed add. PTX 8.6's
-    lightweight fence.release, not red.release (whose full fence cost ~0.07 ms a step).
-    after_tma: the writes include completed TMA reduce-adds (async proxy), which other CTAs
-    read with generic loads: a proxy fence orders them first."""
+    """+1 on done, releasing every thread's writes at GPU scope (the waits acquire): a warpgroup
+    barrier, then from one thread fence.release.gpu and a relaxed add. after_tma: the writes
+    include completed TMA reduce-adds (async proxy), which other CTAs read with generic loads, so
+    a proxy fence orders them first. The release costs ~0.07 ms a step against an unsafe
+    relaxed add: it waits for the phase's adds to land in a memory system that the weight stream
+    keeps busy (benchmarks/NOTES.md, twenty-first session)."""
     @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),))
     def _(ctx, sem):
         mgpu_utils.warpgroup_barrier()
