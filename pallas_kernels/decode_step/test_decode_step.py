@@ -41,6 +41,15 @@ def _with_attention(name, layers, d, mlp, vocab, cache_len, pos, splits=1):
     return (weights, norms, inputs), tuple(chain), layers, cache
 
 
+def _llama_specs(layers, cache_len, splits=1):
+    """Llama 1.1B's (weights, norms, inputs, cache) as shapes, and its chain: enough to lower."""
+    shapes, norm_shapes, *chain = llama(layers, 2048, 5632, 32000, attention_splits=splits)
+    spec = jax.ShapeDtypeStruct
+    kv = spec((layers, cache_len, 4, 64), jnp.bfloat16)
+    return ([spec(s, jnp.bfloat16) for s in shapes], [spec(s, jnp.float32) for s in norm_shapes],
+            {"h": spec((2048,), jnp.float32)}, (kv, kv, spec((1,), jnp.int32), spec((2, 32), jnp.float32))), chain
+
+
 def _run(problem, **options):
     arrays, chain, layers, *cache = problem
     options.update(cache=cache[0]) if cache else None
@@ -95,7 +104,7 @@ def test_rotation_spreads_the_extra_tiles():
     every phase, as chained pipelines would, a CTA would take 515)."""
     ctas, totals, rotation = 132, np.zeros(132, int), 0
     for tiles in [320, 256, 1408, 704] * 22 + [4000]:
-        totals += [int(tile_share(jnp.int32(c), jnp.int32(rotation), tiles, ctas)[1]) for c in range(ctas)]
+        totals += np.asarray(tile_share(jnp.arange(ctas, dtype=jnp.int32), jnp.int32(rotation), tiles, ctas)[1])
         rotation = (rotation + tiles % ctas) % ctas
     assert totals.sum() == 63136 and set(totals) == {478, 479}
 
@@ -112,23 +121,21 @@ def test_llama_layer_lowers_for_hopper():
 
 def test_slots_past_shared_memory_are_rejected():
     """Four slots fit beside the attention's scratch (x takes only the chunks it needs); five do not."""
-    arrays, chain, layers, cache = _with_attention("attn/smem", layers=1, d=2048, mlp=5632, vocab=32000,
-                                                   cache_len=64, pos=1)
-    specs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), (arrays, cache))
-    lower = lambda c: jax.jit(lambda a, k: run_phases(*a, *chain, layers=layers, cache=k, concurrent=c)).trace(  # noqa: E731
-        *specs)
+    specs, chain = _llama_specs(layers=1, cache_len=64)
+    def lower(concurrent):
+        step = lambda w, n, i, k: run_phases(w, n, i, *chain, layers=1, cache=k, concurrent=concurrent)  # noqa: E731
+        return jax.jit(step).trace(*specs)
+
     lower(4)
     with pytest.raises(ValueError, match=r"concurrent=5 needs ~\d+ bytes of shared memory.*use fewer slots"):
         lower(5)
 
 
 def test_llama_with_attention_lowers_for_hopper():
-    """Six splits a kv head, merged by the o phase (one split, the default, ran on the GPU)."""
-    problem = _with_attention("attn/lower", layers=2, d=2048, mlp=5632, vocab=32000, cache_len=384, pos=200,
-                              splits=6)
-    arrays, chain, layers, cache = problem
-    lowered = jax.jit(lambda *a: run_phases(*a, *chain, layers=layers, cache=cache, concurrent=2)).trace(
-        *arrays).lower(lowering_platforms=("cuda",))
+    """Llama 1.1B's shapes, six splits a kv head merged by the o phase: lowered from shapes alone."""
+    specs, chain = _llama_specs(layers=2, cache_len=384, splits=6)
+    lowered = jax.jit(lambda w, n, i, c: run_phases(w, n, i, *chain, layers=2, cache=c, concurrent=2)).trace(
+        *specs).lower(lowering_platforms=("cuda",))
     assert "mosaic_gpu" in lowered.as_text()
 
 
