@@ -125,9 +125,9 @@ def _signal(done, after_tma: bool):
     def _(ctx, sem):
         mgpu_utils.warpgroup_barrier()
         one = mgpu_utils.single_thread_predicate(mgpu_utils.ThreadSubset.WARPGROUP)
-        fences = ["fence.proxy.async.global;"] * after_tma + ["fence.release.gpu;"]
-        for fence in fences:
-            mgpu_utils.inline_ptx(fence, predicate=one, has_side_effects=True)
+        if after_tma:
+            mgpu_utils.inline_ptx("fence.proxy.async.global;", predicate=one, has_side_effects=True)
+        mgpu_utils.inline_ptx("fence.release.gpu;", predicate=one, has_side_effects=True)
         mgpu_utils.inline_ptx("red.relaxed.gpu.global.add.u32 [$0], 1;", mgpu_utils.memref_ptr(sem),
                               predicate=one, has_side_effects=True)
     _(done)

@@ -8,6 +8,7 @@ import pytest
 
 from pallas_kernels import _testing
 from pallas_kernels.decode_step import Attention, Phase, Vector, reference, run_phases
+from pallas_kernels.decode_step import attention as attn
 from pallas_kernels.decode_step.chains import llama, llama_without_attention
 from pallas_kernels.decode_step.mosaic_step import tile_share
 
@@ -43,11 +44,13 @@ def _with_attention(name, layers, d, mlp, vocab, cache_len, pos, splits=1):
 
 def _llama_specs(layers, cache_len, splits=1):
     """Llama 1.1B's (weights, norms, inputs, cache) as shapes, and its chain: enough to lower."""
-    shapes, norm_shapes, *chain = llama(layers, 2048, 5632, 32000, attention_splits=splits)
+    d = LLAMA_1B["d"]
+    shapes, norm_shapes, *chain = llama(layers, d, LLAMA_1B["mlp"], LLAMA_1B["vocab"], attention_splits=splits)
     spec = jax.ShapeDtypeStruct
-    kv = spec((layers, cache_len, 4, 64), jnp.bfloat16)
+    kv = spec((layers, cache_len, attn.KV_HEADS, attn.HEAD_DIM), jnp.bfloat16)
+    rope = spec((2, attn.HEAD_DIM // 2), jnp.float32)
     return ([spec(s, jnp.bfloat16) for s in shapes], [spec(s, jnp.float32) for s in norm_shapes],
-            {"h": spec((2048,), jnp.float32)}, (kv, kv, spec((1,), jnp.int32), spec((2, 32), jnp.float32))), chain
+            {"h": spec((d,), jnp.float32)}, (kv, kv, spec((1,), jnp.int32), rope)), chain
 
 
 def _run(problem, **options):
@@ -122,6 +125,7 @@ def test_llama_layer_lowers_for_hopper():
 def test_slots_past_shared_memory_are_rejected():
     """Four slots fit beside the attention's scratch (x takes only the chunks it needs); five do not."""
     specs, chain = _llama_specs(layers=1, cache_len=64)
+
     def lower(concurrent):
         step = lambda w, n, i, k: run_phases(w, n, i, *chain, layers=1, cache=k, concurrent=concurrent)  # noqa: E731
         return jax.jit(step).trace(*specs)
