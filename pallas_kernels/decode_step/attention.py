@@ -1,12 +1,13 @@
 """Decode attention inside the persistent step (Pallas Mosaic GPU): one kv head on one warpgroup.
 
-For kv head g of Llama 1.1B's shape (32 q heads in groups of 8 over 4 kv heads, 64 dims): rotary
-on the group's q heads and on the new k, then softmax attention over the layer's cache
-positions [0, pos) and the new token. Scores and outputs are [64, 64] wgmma tiles whose row r < 8
-is q head 8g + r (the other rows zero: batch 1 leaves the tensor cores idle anyway). The new
-token goes first, as an extra chunk whose only unmasked key is its own k at row 8, so the
-running max is finite from the start; then 64-position chunks of the cache stream in by TMA
-through a ring of `slots` buffers, masked past pos.
+For kv head g of Llama 1.1B's shape (32 q heads in groups of 8 over 4 kv heads, 64 dims), with
+the group's q heads and the new k already rotated (by the q|k|v phase: `Phase.rope`): softmax
+attention over the layer's cache positions [0, pos) and the new token. Scores and outputs are
+[64, 64] wgmma tiles whose row r < 8 is q head 8g + r (the other rows zero: batch 1 leaves the
+tensor cores idle anyway). On the last split the new token goes first, as an extra chunk whose
+only unmasked key is its own k at row 8, so the running max is finite from the start; then
+64-position chunks of the cache stream in by TMA through a ring of `slots` buffers, masked past
+pos.
 
 Written against interpret mode's limits as well as Hopper's: p goes to the MMA through shared
 memory (interpret mode's wgmma takes A only from there), and every P V product starts from a
@@ -34,35 +35,31 @@ LOG2E = math.log2(math.e)
 @dataclasses.dataclass(frozen=True)
 class AttnScratch:
     """Shared memory and barriers the unit uses while it runs (`scratch_types`, in field order)."""
-    rot: object       # fp32 [2, 32]      TMA target: cos, sin
     x: object         # fp32 [72, 64]     register <-> layout staging (unswizzled)
     q_tile: object    # bf16 [64, 64]     swizzled, wgmma A
     k_new: object     # bf16 [64, 64]     swizzled, the extra K tile, then p
     v_new: object     # bf16 [64, 64]     swizzled, the extra V tile
     k_slots: object   # bf16 [S, 64, 64]  swizzled, cache K chunks
     v_slots: object   # bf16 [S, 64, 64]  swizzled, cache V chunks
-    stage_bar: object  # Barrier(num_barriers=2): cos, sin
     k_bar: object     # Barrier(num_barriers=S)
     v_bar: object     # Barrier(num_barriers=S)
 
 
 def scratch_bytes(slots: int = 2) -> int:
     """Bytes of `scratch_types(slots)` (before alignment)."""
-    return 4 * (HEAD_DIM + 72 * HEAD_DIM) + 2 * BLOCK * HEAD_DIM * (3 + 2 * slots)
+    return 4 * 72 * HEAD_DIM + 2 * BLOCK * HEAD_DIM * (3 + 2 * slots)
 
 
 def scratch_types(slots: int = 2):
     """The unit's scratch (~74 KB at 2 slots), in AttnScratch field order."""
     f32, bf16 = jnp.float32, jnp.bfloat16
     return [
-        plgpu.SMEM((2, HEAD_DIM // 2), f32),
         plgpu.SMEM((72, HEAD_DIM), f32),
         plgpu.SMEM((BLOCK, HEAD_DIM), bf16, transforms=TRANSFORMS),
         plgpu.SMEM((BLOCK, HEAD_DIM), bf16, transforms=TRANSFORMS),
         plgpu.SMEM((BLOCK, HEAD_DIM), bf16, transforms=TRANSFORMS),
         plgpu.SMEM((slots, BLOCK, HEAD_DIM), bf16, transforms=TRANSFORMS),
         plgpu.SMEM((slots, BLOCK, HEAD_DIM), bf16, transforms=TRANSFORMS),
-        plgpu.Barrier(num_barriers=2),
         plgpu.Barrier(num_barriers=slots),
         plgpu.Barrier(num_barriers=slots),
     ]
@@ -86,20 +83,16 @@ def chunk_range(n_chunks, split, splits):
     return first, jnp.minimum(n_chunks, first + share)
 
 
-def attention_unit(g, split, splits: int, qkv, k_cache, v_cache, pos_ref, cos, sin, out, new_kv, s: AttnScratch):
+def attention_unit(g, split, splits: int, qkv, k_cache, v_cache, pos_ref, out, new_kv, s: AttnScratch):
     """Attention of q heads 8g..8g+7 over kv head g, split `split` of `splits` of the cache
-    (`chunk_range`; split 0 also takes the new token). g and split are traced ints (Python ints
-    unroll and layout inference slows to minutes). qkv [2560], out and new_kv [512] are fp32
-    vectors in global memory; new_kv gets (rotated k, v) of head g at 128 g. With one split, out
+    (`chunk_range`; the last split also takes the new token). g and split are traced ints
+    (Python ints unroll and layout inference slows to minutes). qkv [2560], out and new_kv [512] are fp32
+    vectors in global memory; new_kv gets (k, v) of head g at 128 g. With one split, out
     [2048] gets the output; with more, out [2 splits, 2048] gets partials: row `split` the
     split's normalised output, row splits + split its log2-sum-exp2 of the scaled scores per
     head, repeated over the head's 64 entries (-inf, with a zero output, for a split with no
     positions)."""
     slots = s.k_slots.shape[0]
-
-    # 1. cos, sin -> SMEM by TMA (a WGMMA-column vector load only reads SMEM).
-    plgpu.copy_gmem_to_smem(cos, s.rot.at[0], s.stage_bar.at[0])
-    plgpu.copy_gmem_to_smem(sin, s.rot.at[1], s.stage_bar.at[1])
 
     pos = pos_ref[0]
     n_chunks = lax.div(pos + (BLOCK - 1), BLOCK)
@@ -113,7 +106,7 @@ def attention_unit(g, split, splits: int, qkv, k_cache, v_cache, pos_ref, cos, s
     for i in range(slots):  # the cache chunks stream in while the new token is prepared
         pl.when(i < count)(lambda i=i: fetch(first + i, i))
 
-    # 2. The features into rows of x: rows 0..7 the q heads, row 8 k, row 9 v. Plain loads (the
+    # 1. The features into rows of x: rows 0..7 the q heads, row 8 k, row 9 v. Plain loads (the
     #    caller's grid barrier gives acquire semantics), reshaped as values: interpret mode rejects
     #    ref reshapes. A WG_STRIDED array needs a multiple of 128 elements, so k and v come as
     #    128-entry windows ending at them, stored v first so that k's window overwrites v's other
@@ -128,23 +121,9 @@ def attention_unit(g, split, splits: int, qkv, k_cache, v_cache, pos_ref, cos, s
     s.x[pl.ds(NEW_ROW, 2)] = window(v_at + (g - 1) * HEAD_DIM, 2 * HEAD_DIM)  # (the entries before, v_g)
     s.x[pl.ds(NEW_ROW - 1, 2)] = window(k_at + (g - 1) * HEAD_DIM, 2 * HEAD_DIM)  # (the entries before, k_g)
     s.x[pl.ds(0, Q_PER_KV)] = window(g * group, group)
-    plgpu.barrier_wait(s.stage_bar.at[0])
-    plgpu.barrier_wait(s.stage_bar.at[1])
+    plgpu.commit_smem()
 
-    # 3. Rotary on the two column halves (WGMMA layout, cos / sin broadcast down the rows).
-    half = HEAD_DIM // 2
-    col_layout = plgpu.Layout.WGMMA.reduce(0)
-    wg = lambda v: plgpu.layout_cast(v, plgpu.Layout.WGMMA)  # pins layouts: inference search is slow
-    c = wg(lax.broadcast_in_dim(plgpu.load(s.rot.at[0], layout=col_layout), (BLOCK, half), [1]))
-    sn = wg(lax.broadcast_in_dim(plgpu.load(s.rot.at[1], layout=col_layout), (BLOCK, half), [1]))
-    rows = plgpu.broadcasted_iota(jnp.int32, (BLOCK, half), 0, layout=plgpu.Layout.WGMMA)
-    x1 = _load_wgmma(s.x.at[pl.ds(0, BLOCK), pl.ds(0, half)])
-    x2 = _load_wgmma(s.x.at[pl.ds(0, BLOCK), pl.ds(half, half)])
-    keep = rows == NEW_ROW + 1  # v is not rotated
-    s.x[pl.ds(0, BLOCK), pl.ds(0, half)] = wg(jnp.where(keep, x1, wg(wg(x1 * c) - wg(x2 * sn))))
-    s.x[pl.ds(0, BLOCK), pl.ds(half, half)] = wg(jnp.where(keep, x2, wg(wg(x2 * c) + wg(x1 * sn))))
-
-    # 4. new_kv <- (rotated k, v); the q tile (scaled) and the extra K / V tiles -> swizzled bf16.
+    # 2. new_kv <- (k, v); the q tile (scaled) and the extra K / V tiles -> swizzled bf16.
     @pl.when(split == 0)  # one writer a head
     def _():
         new_kv.at[pl.ds(g * 2 * HEAD_DIM, 2 * HEAD_DIM)][...] = plgpu.load(
@@ -159,7 +138,7 @@ def attention_unit(g, split, splits: int, qkv, k_cache, v_cache, pos_ref, cos, s
     s.v_new[...] = jnp.where(row == NEW_ROW, xv, 0.0).astype(jnp.bfloat16)
     plgpu.commit_smem()
 
-    # 5. Online softmax over [new token] + cache chunks.
+    # 3. Online softmax over [new token] + cache chunks.
     col = _iota(1)
 
     def step(k_tile, v_tile, mask, carry):
@@ -196,7 +175,9 @@ def attention_unit(g, split, splits: int, qkv, k_cache, v_cache, pos_ref, cos, s
     carry = (plgpu.layout_cast(jnp.zeros((BLOCK, HEAD_DIM), jnp.float32), plgpu.Layout.WGMMA),
              plgpu.layout_cast(jnp.full((BLOCK,), -jnp.inf, jnp.float32), row_layout),
              plgpu.layout_cast(jnp.zeros((BLOCK,), jnp.float32), row_layout))
-    carry = step(s.k_new, s.v_new, col == NEW_ROW + BLOCK * (split != 0), carry)  # split 0's only
+    # The new token goes to the last split, which has the fewest cache chunks (`chunk_range`);
+    # the others skip its step.
+    carry = lax.cond(split == splits - 1, lambda c: step(s.k_new, s.v_new, col == NEW_ROW, c), lambda c: c, carry)
 
     def chunk_body(i, carry):
         chunk, slot = first + i, lax.rem(i, slots)
@@ -217,7 +198,7 @@ def attention_unit(g, split, splits: int, qkv, k_cache, v_cache, pos_ref, cos, s
 
     acc, m, l = lax.fori_loop(0, count, chunk_body, carry)
 
-    # 6. Normalise; rows 0..7 -> out[512g + 64h + d] (of row `split`, and the log-sum-exp of
+    # 4. Normalise; rows 0..7 -> out[512g + 64h + d] (of row `split`, and the log-sum-exp of
     #    row splits + split, if split).
     def store(rows_value, at):
         plgpu.commit_smem()  # every thread is done reading x

@@ -1,4 +1,6 @@
 """Phase chains of a Llama decode step, for the tests and the benchmark."""
+import dataclasses
+
 from pallas_kernels.decode_step import attention as attn
 from pallas_kernels.decode_step.mosaic_step import Attention, Phase, Vector
 
@@ -24,13 +26,14 @@ def llama_without_attention(layers: int, d: int, heads_dim: int, qkv: int, mlp: 
 def llama(layers: int, d: int, mlp: int, vocab: int, attention_splits: int = 1):
     """A Llama step with Llama 1.1B's attention shape (32 q heads over 4 kv heads, 64 dims), as
     llama_without_attention but o reads the attention output, computed over the cache at the
-    start of the o phase (on 4 attention_splits CTAs, the o phase merging the splits). Also
-    writes vector "new_kv" (per layer the new token's rotated k and its v, head g's at 128 g)
-    for the caller to store into the cache."""
+    start of the o phase (on 4 attention_splits CTAs, the o phase merging the splits), q and k
+    rotated by the q|k|v phase. Also writes vector "new_kv" (per layer the new token's rotated k
+    and its v, head g's at 128 g) for the caller to store into the cache."""
     qkv = (attn.Q_HEADS + 2 * attn.KV_HEADS) * attn.HEAD_DIM
     shapes, norm_shapes, layer_phases, final_phases, vectors = llama_without_attention(
         layers, d, attn.Q_HEADS * attn.HEAD_DIM, qkv, mlp, vocab)
     attention = Attention("qkv", "attn", "new_kv", attention_splits)
+    layer_phases[0] = dataclasses.replace(layer_phases[0], rope=(attn.Q_HEADS + attn.KV_HEADS) * attn.HEAD_DIM)
     merged = attention_splits > 1
     layer_phases[1] = Phase(1, "merge" if merged else "copy", "attn", "mid", residual="h", attention=attention)
     vectors.update(attn=Vector(attn.Q_HEADS * attn.HEAD_DIM * (2 * attention_splits if merged else 1), layers),

@@ -89,8 +89,11 @@ class Phase:
       "copy":   source[:K]
       "merge":  the attention partials source [2 S, K] merged (sum over splits s of o_s 2^lse_s
                 over the sum of 2^lse_s, rows 0..S-1 the o_s, rows S..2S-1 the lse_s)
-    rounded to bf16. `residual`, or None, is added to out once. Vectors are named as a name (the
-    layer's own row) or (name, delta).
+    rounded to bf16. `residual`, or None, is added to out once. rope: out's first `rope` rows
+    are heads of 64 to rotate (rotary at the cache's position, halves layout): each tile's 64
+    sums are one head's, rotated before they are added (rotation is linear, so the K split's
+    partials add up to the rotated sum). Vectors are named as a name (the layer's own row) or
+    (name, delta).
     """
     weight: int
     x: str
@@ -99,6 +102,7 @@ class Phase:
     norm: int | None = None
     residual: str | tuple[str, int] | None = None
     attention: Attention | None = None
+    rope: int = 0
 
 
 def _named(ref) -> tuple[str, int]:
@@ -174,7 +178,7 @@ def _barriers(phase: Phase) -> int:
 def _kernel(*refs, layer_phases, final_phases, shapes, vectors, offsets, layers, ctas, concurrent, eps,
             interpret):
     n_weights = len(shapes)
-    weights, (norms, cache, acts, x_smem, y_smem, attn_scratch, w_slots, produced, consumed) = (
+    weights, (norms, cache, acts, x_smem, y_smem, roll_smem, attn_scratch, w_slots, produced, consumed) = (
         refs[:n_weights], refs[n_weights:])
     cta = lax.axis_index("sm")
     done = None if interpret else pl.get_global(plgpu.SemaphoreType.REGULAR)  # phases done, summed over CTAs
@@ -225,6 +229,14 @@ def _kernel(*refs, layer_phases, final_phases, shapes, vectors, offsets, layers,
         for i, v in enumerate(loads):
             x_smem.at[pl.ds(i * TILE_K, TILE_K)][...] = finish(v)
 
+    def rotate(y, turn):
+        """y's 64 sums (one head) rotated: y * cos + y[(r + 32) % 64] * (-sin, sin) by halves."""
+        plgpu.commit_smem()  # every thread has read the last tile's rolled y
+        roll_smem.at[pl.ds(0, TILE_N)][...] = y
+        roll_smem.at[pl.ds(TILE_N, TILE_N)][...] = y
+        plgpu.commit_smem()
+        return y * turn[0] + plgpu.load(roll_smem.at[pl.ds(TILE_N // 2, TILE_N)], layout=ROWS) * turn[1]
+
     def accumulate(dst, y):
         if interpret:  # one CTA: nothing else adds to dst
             dst[...] = dst[...] + y
@@ -235,13 +247,13 @@ def _kernel(*refs, layer_phases, final_phases, shapes, vectors, offsets, layers,
         plgpu.copy_smem_to_gmem(y_smem, dst, reduction_op="add")
 
     def attend(spec: Attention, layer):
-        k_cache, v_cache, pos, rope = cache
+        k_cache, v_cache, pos, _ = cache
         scratch = attn.AttnScratch(*attn_scratch)
 
         def unit(u):
             attn.attention_unit(u // spec.splits, u % spec.splits, spec.splits,
                                 vector_ref(spec.qkv, layer, 0, vectors[spec.qkv].n), k_cache.at[layer],
-                                v_cache.at[layer], pos, rope.at[0], rope.at[1],
+                                v_cache.at[layer], pos,
                                 vector_ref(spec.out, layer, 0, vectors[spec.out].n),
                                 vector_ref(spec.new_kv, layer, 0, vectors[spec.new_kv].n), scratch)
 
@@ -270,7 +282,7 @@ def _kernel(*refs, layer_phases, final_phases, shapes, vectors, offsets, layers,
             count = side(phase, layers, False, number, rotation_of(layers, False, p), count)
         return count
 
-    def compute(phase, layer, in_loop, number, rotation, count):
+    def compute(phase, layer, in_loop, number, rotation, count, turn=None):
         n, k = shapes[phase.weight][-2:]
         first, mine = tile_share(cta, rotation, tiles[phase.weight], ctas)
         if not interpret:  # every CTA has finished the phases before
@@ -293,6 +305,9 @@ def _kernel(*refs, layer_phases, final_phases, shapes, vectors, offsets, layers,
             w_tile = plgpu.load(w_slots.at[slot], layout=plgpu.Layout.WGMMA).astype(jnp.float32)
             y = jnp.sum(w_tile * x[None, :], axis=1)
             plgpu.barrier_arrive(consumed.at[slot])  # the tile is in registers: its slot may refill
+            if phase.rope:  # a 0/1 blend: a where on a scalar predicate does not lower
+                head = jnp.where(rows < phase.rope // TILE_N, 1.0, 0.0)
+                y = rotate(y, turn) * head + y * (1.0 - head)
             if phase.residual is not None:  # once per row, on the first column block
                 res = plgpu.load(vector_ref(phase.residual, layer, rows * TILE_N, TILE_N), layout=ROWS,
                                  optimized=False)
@@ -324,7 +339,10 @@ def _kernel(*refs, layer_phases, final_phases, shapes, vectors, offsets, layers,
     @pl.when(lax.axis_index("wg") == 0)
     def _():
         plgpu.set_max_registers(256, action="increase")  # a thread's most; the memory warpgroup needs few
-        phases_of(compute)
+        turn = None
+        if any(ph.rope for ph in layer_phases + final_phases):  # (cos, cos) and (-sin, sin), once a step
+            turn = [plgpu.load(cache[3].at[i], layout=ROWS, optimized=False) for i in range(2)]
+        phases_of(functools.partial(compute, turn=turn))
 
     @pl.when(lax.axis_index("wg") == 1)
     def _():
@@ -378,8 +396,11 @@ def run_phases(weights, norms, inputs, layer_phases, final_phases, vectors, *, l
         raise ValueError(f"phases name vectors {sorted(vectors)} and x in norm/swiglu/copy/merge; got unknown "
                          f"(phase, name) {unknown} and x {[ph.x for ph in phases]}")
     attends = any(ph.attention is not None for ph in phases)
-    if attends:
+    uses_cache = attends or any(ph.rope for ph in phases)
+    if uses_cache:
         _check_cache(cache, layers)
+        cos, sin = cache[3]
+        cache = (*cache[:3], jnp.stack([jnp.concatenate([cos, cos]), jnp.concatenate([-sin, sin])]))
     if interpret:
         ctas = 1
     ctas = ctas or (jax.devices()[0].core_count if jax.default_backend() == "gpu" else H100_SMS)
@@ -392,7 +413,7 @@ def run_phases(weights, norms, inputs, layer_phases, final_phases, vectors, *, l
         workspace = lax.dynamic_update_slice(workspace, value.astype(jnp.float32), (offsets[name],))
     workspace = jax.new_ref(workspace)
     x_length = max(_x_length(ph, shapes[ph.weight], ctas) for ph in phases)
-    smem = (concurrent * TILE_N * TILE_K * 2 + 4 * (x_length + TILE_N) + (attn.scratch_bytes() if attends else 0)
+    smem = (concurrent * TILE_N * TILE_K * 2 + 4 * (x_length + 3 * TILE_N) + (attn.scratch_bytes() if attends else 0)
             + SMEM_SLACK)
     if smem > SMEM_BYTES:
         raise ValueError(f"concurrent={concurrent} needs ~{smem} bytes of shared memory a CTA (32 KB a slot, "
@@ -404,11 +425,11 @@ def run_phases(weights, norms, inputs, layer_phases, final_phases, vectors, *, l
                               concurrent=concurrent, eps=eps, interpret=interpret),
         out_type=(), grid=(ctas,), grid_names=("sm",), num_threads=2, thread_name="wg",
         scratch_types=[plgpu.SMEM((x_length,), jnp.float32), plgpu.SMEM((TILE_N,), jnp.float32),
-                       attn.scratch_types() if attends else [],
+                       plgpu.SMEM((2 * TILE_N,), jnp.float32), attn.scratch_types() if attends else [],
                        plgpu.SMEM((concurrent, TILE_N, TILE_K), jnp.bfloat16, transforms=TRANSFORMS),
                        plgpu.Barrier(num_barriers=concurrent), plgpu.Barrier(num_barriers=concurrent)],
         interpret=_interpret_params() if interpret else None, kernel_name="decode_step")
-    kernel(*weights, norms, tuple(cache) if attends else (), workspace)
+    kernel(*weights, norms, cache if uses_cache else (), workspace)
     acts = workspace[...]
     return {name: acts[offsets[name]:offsets[name] + v.n * v.rows].reshape(v.rows, v.n) for name, v in vectors.items()}
 

@@ -15,13 +15,13 @@ def rope(pos: int, theta: float = 10000.0):
     return jnp.stack([jnp.cos(angles), jnp.sin(angles)])
 
 
-def attention(qkv, k_cache, v_cache, pos: int, rope, splits: int = 1):
-    """(attention output, new_kv [512]) of one layer: q and the new k rotated, softmax over
-    cache positions [0, pos) and the new token, GQA (q head h reads kv head h // 8). The output
-    is [2048], or with splits > 1 the splits' partials [2 splits * 2048] (attention_unit)."""
+def attention(qkv, k_cache, v_cache, pos: int, splits: int = 1):
+    """(attention output, new_kv [512]) of one layer, q and the new k already rotated: softmax
+    over cache positions [0, pos) and the new token, GQA (q head h reads kv head h // 8). The
+    output is [2048], or with splits > 1 the splits' partials [2 splits * 2048] (attention_unit)."""
     hd, kv = attn.HEAD_DIM, attn.KV_HEADS
     q_len = attn.Q_HEADS * hd
-    q_k = rotated(qkv[None, :q_len + kv * hd], rope[:1], rope[1:], attn.Q_HEADS + kv)[0]
+    q_k = qkv[:q_len + kv * hd]
     q, k_new = q_k[:q_len].reshape(attn.Q_HEADS, hd), q_k[q_len:].reshape(kv, hd)
     v_new = qkv[q_len + kv * hd:].reshape(kv, hd)
     keys = jnp.concatenate([k_cache[:pos].astype(jnp.float32), k_new[None]])  # [pos + 1, kv, hd]
@@ -34,9 +34,10 @@ def attention(qkv, k_cache, v_cache, pos: int, rope, splits: int = 1):
         return out.reshape(-1), new_kv
     n_chunks = -(-pos // attn.BLOCK)
     outs, lses = [], []
-    for split in range(splits):  # split 0 takes the new token (the last key) too
+    for split in range(splits):  # the last split takes the new token (the last key) too
         first, end = (int(i) for i in attn.chunk_range(n_chunks, split, splits))
-        taken = [t for t in range(first * attn.BLOCK, min(pos, max(end, first) * attn.BLOCK))] + [pos] * (split == 0)
+        taken = [t for t in range(first * attn.BLOCK, min(pos, max(end, first) * attn.BLOCK))] + [pos] * (
+            split == splits - 1)
         s = scores[:, taken] * math.log2(math.e)
         top = s.max(axis=1, initial=-jnp.inf, keepdims=True)
         p = jnp.exp2(s - jnp.where(jnp.isfinite(top), top, 0.0))
@@ -59,10 +60,10 @@ def run_phases(weights, norms, inputs, layer_phases, final_phases, vectors, *, l
 
     def run(phase, layer, in_loop):
         if phase.attention is not None:
-            k_cache, v_cache, pos, rope = cache
+            k_cache, v_cache, pos, _ = cache
             spec = phase.attention
             name, r = row(spec.qkv, layer)
-            out, new_kv = attention(acts[name][r], k_cache[layer], v_cache[layer], int(pos[0]), rope, spec.splits)
+            out, new_kv = attention(acts[name][r], k_cache[layer], v_cache[layer], int(pos[0]), spec.splits)
             for vec, value in ((spec.out, out), (spec.new_kv, new_kv)):
                 name, r = row(vec, layer)
                 acts[name] = acts[name].at[r].set(value)
@@ -80,6 +81,9 @@ def run_phases(weights, norms, inputs, layer_phases, final_phases, vectors, *, l
             shares = jnp.exp2(lses - lses.max(axis=0))
             v = (outs * shares).sum(axis=0) / shares.sum(axis=0)
         y = jnp.matmul(w.astype(jnp.float32), v[:k].astype(jnp.bfloat16).astype(jnp.float32), precision="highest")
+        if phase.rope:
+            cos, sin = cache[3]
+            y = rotated(y[None], cos[None], sin[None], phase.rope // attn.HEAD_DIM)[0]
         if phase.residual is not None:
             name, r = row(phase.residual, layer)
             y = y + acts[name][r, :n]
