@@ -123,19 +123,21 @@ def attention_unit(g, split, splits: int, qkv, k_cache, v_cache, pos_ref, out, n
     s.x[pl.ds(0, Q_PER_KV)] = window(g * group, group)
     plgpu.commit_smem()
 
-    # 2. new_kv <- (k, v); the q tile (scaled) and the extra K / V tiles -> swizzled bf16.
-    @pl.when(split == 0)  # one writer a head
-    def _():
-        new_kv.at[pl.ds(g * 2 * HEAD_DIM, 2 * HEAD_DIM)][...] = plgpu.load(
-            s.x.at[pl.ds(NEW_ROW, 2)], layout=strided((2, HEAD_DIM))).reshape(2 * HEAD_DIM)
-
-
+    # 2. The q tile (scaled) -> swizzled bf16; on the last split, which takes the new token,
+    #    also its K / V tiles and new_kv <- (k, v) (one writer a head).
     row = _iota(0)
     xr = _load_wgmma(s.x.at[pl.ds(0, BLOCK)])
     s.q_tile[...] = jnp.where(row < Q_PER_KV, xr * (1.0 / math.sqrt(HEAD_DIM)), 0.0).astype(jnp.bfloat16)
-    s.k_new[...] = jnp.where(row == NEW_ROW, xr, 0.0).astype(jnp.bfloat16)
-    xv = _load_wgmma(s.x.at[pl.ds(1, BLOCK)])  # row 8 of this view is x row 9: v
-    s.v_new[...] = jnp.where(row == NEW_ROW, xv, 0.0).astype(jnp.bfloat16)
+    takes_new = split == splits - 1
+
+    @pl.when(takes_new)
+    def _():
+        new_kv.at[pl.ds(g * 2 * HEAD_DIM, 2 * HEAD_DIM)][...] = plgpu.load(
+            s.x.at[pl.ds(NEW_ROW, 2)], layout=strided((2, HEAD_DIM))).reshape(2 * HEAD_DIM)
+        s.k_new[...] = jnp.where(row == NEW_ROW, xr, 0.0).astype(jnp.bfloat16)
+        xv = _load_wgmma(s.x.at[pl.ds(1, BLOCK)])  # row 8 of this view is x row 9: v
+        s.v_new[...] = jnp.where(row == NEW_ROW, xv, 0.0).astype(jnp.bfloat16)
+
     plgpu.commit_smem()
 
     # 3. Online softmax over [new token] + cache chunks.
@@ -177,7 +179,7 @@ def attention_unit(g, split, splits: int, qkv, k_cache, v_cache, pos_ref, out, n
              plgpu.layout_cast(jnp.zeros((BLOCK,), jnp.float32), row_layout))
     # The new token goes to the last split, which has the fewest cache chunks (`chunk_range`);
     # the others skip its step.
-    carry = lax.cond(split == splits - 1, lambda c: step(s.k_new, s.v_new, col == NEW_ROW, c), lambda c: c, carry)
+    carry = lax.cond(takes_new, lambda c: step(s.k_new, s.v_new, col == NEW_ROW, c), lambda c: c, carry)
 
     def chunk_body(i, carry):
         chunk, slot = first + i, lax.rem(i, slots)
