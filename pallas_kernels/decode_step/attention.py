@@ -3,9 +3,10 @@
 For kv head g of Llama 1.1B's shape (32 q heads in groups of 8 over 4 kv heads, 64 dims), with
 the group's q heads and the new k already rotated (by the q|k|v phase: `Phase.rope`): softmax
 attention over the layer's cache positions [0, pos) and the new token. Scores and outputs are
-[64, 64] wgmma tiles whose row r < 8 is q head 8g + r (the other rows zero: batch 1 leaves the
+[64, 64] wgmma tiles whose rows r < 8 and 8 + r are q head 8g + r (the twin rows carry the
+log-sum-exp out beside the output in one staging; the other rows are zero: batch 1 leaves the
 tensor cores idle anyway). On the last split the new token goes first, as an extra chunk whose
-only unmasked key is its own k at row 8, so the running max is finite from the start; then
+only unmasked key is its own k at row NEW_ROW, so the running max is finite from the start; then
 64-position chunks of the cache stream in by TMA through a ring of `slots` buffers, masked past
 pos.
 
@@ -26,7 +27,7 @@ Q_PER_KV = 8
 KV_HEADS = 4
 Q_HEADS = Q_PER_KV * KV_HEADS
 BLOCK = 64  # cache positions per chunk
-NEW_ROW = 8  # row (= key column) of the new token in the extra K / V tile
+NEW_ROW = 2 * Q_PER_KV  # row (= key column) of the new token in the extra K / V tile
 SWIZZLE = 128
 TRANSFORMS = (plgpu.TilingTransform((8, SWIZZLE // 2)), plgpu.SwizzleTransform(SWIZZLE))
 LOG2E = math.log2(math.e)
@@ -106,11 +107,11 @@ def attention_unit(g, split, splits: int, qkv, k_cache, v_cache, pos_ref, out, n
     for i in range(slots):  # the cache chunks stream in while the new token is prepared
         pl.when(i < count)(lambda i=i: fetch(first + i, i))
 
-    # 1. The features into rows of x: rows 0..7 the q heads, row 8 k, row 9 v. Plain loads (the
-    #    caller's grid barrier gives acquire semantics), reshaped as values: interpret mode rejects
-    #    ref reshapes. A WG_STRIDED array needs a multiple of 128 elements, so k and v come as
-    #    128-entry windows ending at them, stored v first so that k's window overwrites v's other
-    #    half, and q last over k's.
+    # 1. The features into rows of x: rows 0..7 and 8..15 the q heads, row 16 k, row 17 v. Plain
+    #    loads (the caller's grid barrier gives acquire semantics), reshaped as values: interpret
+    #    mode rejects ref reshapes. A WG_STRIDED array needs a multiple of 128 elements, so k and
+    #    v come as 128-entry windows ending at them, stored v first so that k's window overwrites
+    #    v's other half, and q's twin last over k's.
     strided = lambda shape: plgpu.Layout.WG_STRIDED(shape, vec_size=1)
     group = Q_PER_KV * HEAD_DIM
 
@@ -120,14 +121,16 @@ def attention_unit(g, split, splits: int, qkv, k_cache, v_cache, pos_ref, out, n
     k_at, v_at = Q_HEADS * HEAD_DIM, (Q_HEADS + KV_HEADS) * HEAD_DIM  # where k and v start in qkv
     s.x[pl.ds(NEW_ROW, 2)] = window(v_at + (g - 1) * HEAD_DIM, 2 * HEAD_DIM)  # (the entries before, v_g)
     s.x[pl.ds(NEW_ROW - 1, 2)] = window(k_at + (g - 1) * HEAD_DIM, 2 * HEAD_DIM)  # (the entries before, k_g)
-    s.x[pl.ds(0, Q_PER_KV)] = window(g * group, group)
+    q = window(g * group, group)
+    s.x[pl.ds(Q_PER_KV, Q_PER_KV)] = q
+    s.x[pl.ds(0, Q_PER_KV)] = q
     plgpu.commit_smem()
 
     # 2. The q tile (scaled) -> swizzled bf16; on the last split, which takes the new token,
     #    also its K / V tiles and new_kv <- (k, v) (one writer a head).
     row = _iota(0)
     xr = _load_wgmma(s.x.at[pl.ds(0, BLOCK)])
-    s.q_tile[...] = jnp.where(row < Q_PER_KV, xr * (1.0 / math.sqrt(HEAD_DIM)), 0.0).astype(jnp.bfloat16)
+    s.q_tile[...] = jnp.where(row < 2 * Q_PER_KV, xr * (1.0 / math.sqrt(HEAD_DIM)), 0.0).astype(jnp.bfloat16)
     takes_new = split == splits - 1
 
     @pl.when(takes_new)
@@ -135,7 +138,7 @@ def attention_unit(g, split, splits: int, qkv, k_cache, v_cache, pos_ref, out, n
         new_kv.at[pl.ds(g * 2 * HEAD_DIM, 2 * HEAD_DIM)][...] = plgpu.load(
             s.x.at[pl.ds(NEW_ROW, 2)], layout=strided((2, HEAD_DIM))).reshape(2 * HEAD_DIM)
         s.k_new[...] = jnp.where(row == NEW_ROW, xr, 0.0).astype(jnp.bfloat16)
-        xv = _load_wgmma(s.x.at[pl.ds(1, BLOCK)])  # row 8 of this view is x row 9: v
+        xv = _load_wgmma(s.x.at[pl.ds(1, BLOCK)])  # row NEW_ROW of this view is x's next row: v
         s.v_new[...] = jnp.where(row == NEW_ROW, xv, 0.0).astype(jnp.bfloat16)
 
     plgpu.commit_smem()
@@ -200,17 +203,19 @@ def attention_unit(g, split, splits: int, qkv, k_cache, v_cache, pos_ref, out, n
 
     acc, m, l = lax.fori_loop(0, count, chunk_body, carry)
 
-    # 4. Normalise; rows 0..7 -> out[512g + 64h + d] (of row `split`, and the log-sum-exp of
-    #    row splits + split, if split).
-    def store(rows_value, at):
-        plgpu.commit_smem()  # every thread is done reading x
-        s.x[pl.ds(0, BLOCK)] = rows_value
-        plgpu.commit_smem()
-        out.at[pl.ds(at + g * group, group)][...] = plgpu.load(
-            s.x.at[pl.ds(0, Q_PER_KV)], layout=strided((Q_PER_KV, HEAD_DIM))).reshape(group)
-
+    # 4. Normalise; rows 0..7 -> out[512g + 64h + d] (of row `split`) and, with splits, the twin
+    #    rows 8..15 as the log-sum-exp (of row splits + split), from one staging in x.
     total = Q_HEADS * HEAD_DIM
     l_rows = lax.broadcast_in_dim(l, acc.shape, [0])
-    store(jnp.where(l_rows > 0, acc / l_rows, 0.0), split * total if splits > 1 else 0)
+    tile = jnp.where(l_rows > 0, acc / l_rows, 0.0)
     if splits > 1:
-        store(lax.broadcast_in_dim(m + jnp.log2(l), acc.shape, [0]), (splits + split) * total)
+        tile = jnp.where(row < Q_PER_KV, tile, lax.broadcast_in_dim(m + jnp.log2(l), acc.shape, [0]))
+    plgpu.commit_smem()  # every thread is done reading x
+    s.x[pl.ds(0, BLOCK)] = tile
+    plgpu.commit_smem()
+    stores = [(0, split * total if splits > 1 else 0)]  # (first row of x, offset in out)
+    if splits > 1:
+        stores.append((Q_PER_KV, (splits + split) * total))
+    for first_row, at in stores:
+        out.at[pl.ds(at + g * group, group)][...] = plgpu.load(
+            s.x.at[pl.ds(first_row, Q_PER_KV)], layout=strided((Q_PER_KV, HEAD_DIM))).reshape(group)
