@@ -65,7 +65,7 @@ def test_int8_weights_are_rejected():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("attention_splits", [1, 6])
+@pytest.mark.parametrize("attention_splits", [1, 8])
 @pytest.mark.parametrize("prompt_len", [29, 381])
 def test_persistent_step_is_as_close_to_fp32_as_the_model_layers_gpu(prompt_len, attention_splits):
     """Llama 1.1B's shapes (random weights, 4 of its 22 layers), as the fused step's GPU test: the

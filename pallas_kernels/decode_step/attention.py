@@ -111,7 +111,8 @@ def attention_unit(g, split, splits: int, qkv, k_cache, v_cache, pos_ref, out, n
     #    loads (the caller's grid barrier gives acquire semantics), reshaped as values: interpret
     #    mode rejects ref reshapes. A WG_STRIDED array needs a multiple of 128 elements, so k and
     #    v come as 128-entry windows ending at them, stored v first so that k's window overwrites
-    #    v's other half, and q's twin last over k's.
+    #    v's other half, and q's twin last over k's; all three loads go out before the first
+    #    store (one round trip).
     strided = lambda shape: plgpu.Layout.WG_STRIDED(shape, vec_size=1)
     group = Q_PER_KV * HEAD_DIM
 
@@ -119,9 +120,11 @@ def attention_unit(g, split, splits: int, qkv, k_cache, v_cache, pos_ref, out, n
         return plgpu.load(qkv.at[pl.ds(start, rows)], layout=strided((rows,))).reshape(rows // HEAD_DIM, HEAD_DIM)
 
     k_at, v_at = Q_HEADS * HEAD_DIM, (Q_HEADS + KV_HEADS) * HEAD_DIM  # where k and v start in qkv
-    s.x[pl.ds(NEW_ROW, 2)] = window(v_at + (g - 1) * HEAD_DIM, 2 * HEAD_DIM)  # (the entries before, v_g)
-    s.x[pl.ds(NEW_ROW - 1, 2)] = window(k_at + (g - 1) * HEAD_DIM, 2 * HEAD_DIM)  # (the entries before, k_g)
+    v_rows = window(v_at + (g - 1) * HEAD_DIM, 2 * HEAD_DIM)  # (the entries before, v_g)
+    k_rows = window(k_at + (g - 1) * HEAD_DIM, 2 * HEAD_DIM)  # (the entries before, k_g)
     q = window(g * group, group)
+    s.x[pl.ds(NEW_ROW, 2)] = v_rows
+    s.x[pl.ds(NEW_ROW - 1, 2)] = k_rows
     s.x[pl.ds(Q_PER_KV, Q_PER_KV)] = q
     s.x[pl.ds(0, Q_PER_KV)] = q
     plgpu.commit_smem()
