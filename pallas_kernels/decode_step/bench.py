@@ -25,7 +25,7 @@ def _cache(layers, length, pos):
     return k, v, jnp.array([pos], jnp.int32), reference.rope(pos)
 
 
-def rows(layers=22, concurrents=(2, 4), reps=10, cache_len=384, attention_splits=(1, 6)):
+def rows(layers=22, concurrents=(2, 4), reps=10, cache_len=384, attention_splits=(1, 8)):
     """One dict per variant: the step with attention (a cache of cache_len positions, the last
     one new) per split count and the chain without it, per slot count; the bare stream at 4
     slots, the copy."""
