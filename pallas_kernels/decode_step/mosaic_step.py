@@ -395,6 +395,10 @@ def run_phases(weights, norms, inputs, layer_phases, final_phases, vectors, *, l
     if unknown or any(ph.x not in ("norm", "swiglu", "copy", "merge") for ph in phases):
         raise ValueError(f"phases name vectors {sorted(vectors)} and x in norm/swiglu/copy/merge; got unknown "
                          f"(phase, name) {unknown} and x {[ph.x for ph in phases]}")
+    bad_rope = [(i, ph.rope) for i, ph in enumerate(phases) if ph.rope % TILE_N or ph.rope > shapes[ph.weight][-2]]
+    if bad_rope:  # a tile's 64 rows are one head's: rotary goes by whole tiles
+        raise ValueError(f"rope rotates whole heads of {TILE_N} rows within a phase's N: a multiple of {TILE_N} "
+                         f"up to N; got (phase, rope) {bad_rope}")
     attends = any(ph.attention is not None for ph in phases)
     uses_cache = attends or any(ph.rope for ph in phases)
     if uses_cache:

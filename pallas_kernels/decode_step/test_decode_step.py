@@ -153,6 +153,8 @@ def test_llama_with_attention_lowers_for_hopper():
     (dict(layer_phases=[Phase(0, "norm", "h", "y", norm=0, attention=Attention("h", "y", "y"))], layers=1,
           weights=[jnp.zeros((1, 64, 256), jnp.bfloat16)]),
      r"attention needs cache=\(k, v, pos, rope\).*got \(shape, dtype\) None"),
+    (dict(final_phases=[Phase(0, "norm", "h", "y", norm=0, rope=32)]), r"\(phase, rope\) \[\(0, 32\)\]"),
+    (dict(final_phases=[Phase(0, "norm", "h", "y", norm=0, rope=128)]), r"\(phase, rope\) \[\(0, 128\)\]"),
     (dict(layers=2), r"layers=2 needs layer_phases"),
     (dict(concurrent=7), r"concurrent=7 must be in \[1, 6\]"),
 ])
