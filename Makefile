@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 ARGS ?=
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: run test clean
+.PHONY: run test gpu-test clean
 run: $(VENV)/.installed
 	$(PY) -m experiments.train --config experiments/configs/shakespeare.yaml $(ARGS)
 
@@ -29,6 +29,18 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip; \
 	$(PY) -m pip install -q -e '.[dev]'; \
 	touch $@
+
+# On a GPU machine whose Python already has the pinned stack and no network: the GPU tests,
+# with the wheels carried in .whl/ (the optional jax-triton) installed there first, without deps.
+# GPU_JOBS test processes share the GPU (each allocates only what it needs: conftest.py).
+GPU_PY ?= python
+GPU_JOBS ?= 8
+gpu-test:
+	@set -e; site=""; \
+	if ls .whl/*.whl >/dev/null 2>&1; then \
+	  $(GPU_PY) -m pip install -q --no-deps --no-index --upgrade --target .whl/site .whl/*.whl; site=$(CURDIR)/.whl/site; \
+	fi; \
+	PYTHONPATH=$$site$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PY) -m pytest -m gpu -n $(GPU_JOBS) $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
