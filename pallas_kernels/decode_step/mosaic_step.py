@@ -299,8 +299,11 @@ def _kernel(*refs, layer_phases, final_phases, shapes, vectors, offsets, layers,
 
         def tile(i, count):
             slot = lax.rem(count, concurrent)
-            plgpu.barrier_wait(produced.at[slot])
             rows, cols = _tile_at(first + i * ctas, k)
+            if phase.residual is not None:  # issued before the wait for the tile: its round trip overlaps it
+                res = plgpu.load(vector_ref(phase.residual, layer, rows * TILE_N, TILE_N), layout=ROWS,
+                                 optimized=False)
+            plgpu.barrier_wait(produced.at[slot])
             x = plgpu.load(x_smem.at[pl.ds((i if slotted else cols) * TILE_K, TILE_K)], layout=COLUMNS)
             w_tile = plgpu.load(w_slots.at[slot], layout=plgpu.Layout.WGMMA).astype(jnp.float32)
             y = jnp.sum(w_tile * x[None, :], axis=1)
@@ -309,8 +312,6 @@ def _kernel(*refs, layer_phases, final_phases, shapes, vectors, offsets, layers,
                 head = jnp.where(rows < phase.rope // TILE_N, 1.0, 0.0)
                 y = rotate(y, turn) * head + y * (1.0 - head)
             if phase.residual is not None:  # once per row, on the first column block
-                res = plgpu.load(vector_ref(phase.residual, layer, rows * TILE_N, TILE_N), layout=ROWS,
-                                 optimized=False)
                 y = y + res * jnp.where(cols == 0, 1.0, 0.0)
             accumulate(vector_ref(phase.out, layer, rows * TILE_N, TILE_N), y)
             return count + 1
