@@ -84,18 +84,17 @@ def chunk_range(n_chunks, split, splits):
     return first, jnp.minimum(n_chunks, first + share)
 
 
-def attention_unit(g, split, splits: int, qkv, k_cache, v_cache, pos_ref, out, new_kv, s: AttnScratch):
+def attention_unit(g, split, splits: int, qkv, k_cache, v_cache, pos, out, new_kv, s: AttnScratch):
     """Attention of q heads 8g..8g+7 over kv head g, split `split` of `splits` of the cache
-    (`chunk_range`; the last split also takes the new token). g and split are traced ints
-    (Python ints unroll and layout inference slows to minutes). qkv [2560], out and new_kv [512] are fp32
-    vectors in global memory; new_kv gets (k, v) of head g at 128 g. With one split, out
-    [2048] gets the output; with more, out [2 splits, 2048] gets partials: row `split` the
-    split's normalised output, row splits + split its log2-sum-exp2 of the scaled scores per
-    head, repeated over the head's 64 entries (-inf, with a zero output, for a split with no
-    positions)."""
+    (`chunk_range`; the last split also takes the new token). g, split and pos (the new token's
+    position, read once a step by the caller: a load here would put a round trip first on the
+    unit's path) are traced ints (Python ints unroll and layout inference slows to minutes).
+    qkv [2560], out and new_kv [512] are fp32 vectors in global memory; new_kv gets (k, v) of
+    head g at 128 g. With one split, out [2048] gets the output; with more, out [2 splits,
+    2048] gets partials: row `split` the split's normalised output, row splits + split its
+    log2-sum-exp2 of the scaled scores per head, repeated over the head's 64 entries (-inf,
+    with a zero output, for a split with no positions)."""
     slots = s.k_slots.shape[0]
-
-    pos = pos_ref[0]
     n_chunks = lax.div(pos + (BLOCK - 1), BLOCK)
     first, end = chunk_range(n_chunks, split, splits)
     count = jnp.maximum(end - first, 0)

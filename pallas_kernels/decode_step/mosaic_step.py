@@ -246,8 +246,8 @@ def _kernel(*refs, layer_phases, final_phases, shapes, vectors, offsets, layers,
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(y_smem, dst, reduction_op="add")
 
-    def attend(spec: Attention, layer):
-        k_cache, v_cache, pos, _ = cache
+    def attend(spec: Attention, layer, pos):
+        k_cache, v_cache, _, _ = cache
         scratch = attn.AttnScratch(*attn_scratch)
 
         def unit(u):
@@ -282,13 +282,13 @@ def _kernel(*refs, layer_phases, final_phases, shapes, vectors, offsets, layers,
             count = side(phase, layers, False, number, rotation_of(layers, False, p), count)
         return count
 
-    def compute(phase, layer, in_loop, number, rotation, count, turn=None):
+    def compute(phase, layer, in_loop, number, rotation, count, turn=None, pos=None):
         n, k = shapes[phase.weight][-2:]
         first, mine = tile_share(cta, rotation, tiles[phase.weight], ctas)
         if not interpret:  # every CTA has finished the phases before
             _wait(done, number * ctas)
         if phase.attention is not None:
-            attend(phase.attention, layer)
+            attend(phase.attention, layer, pos)
             if not interpret:
                 _signal(done, after_tma=False)
                 _wait(done, (number + 1) * ctas)
@@ -340,10 +340,12 @@ def _kernel(*refs, layer_phases, final_phases, shapes, vectors, offsets, layers,
     @pl.when(lax.axis_index("wg") == 0)
     def _():
         plgpu.set_max_registers(256, action="increase")  # a thread's most; the memory warpgroup needs few
-        turn = None
+        turn = pos = None
         if any(ph.rope for ph in layer_phases + final_phases):  # (cos, cos) and (-sin, sin), once a step
             turn = [plgpu.load(cache[3].at[i], layout=ROWS, optimized=False) for i in range(2)]
-        phases_of(functools.partial(compute, turn=turn))
+        if any(ph.attention is not None for ph in layer_phases):  # the new token's position, once a step
+            pos = cache[2][0]
+        phases_of(functools.partial(compute, turn=turn, pos=pos))
 
     @pl.when(lax.axis_index("wg") == 1)
     def _():
