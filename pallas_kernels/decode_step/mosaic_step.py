@@ -194,9 +194,10 @@ def _kernel(*refs, layer_phases, final_phases, shapes, vectors, offsets, layers,
         row = layer + delta - vectors[name].first if vectors[name].rows > 1 else 0
         return acts.at[pl.ds(offsets[name] + row * vectors[name].n + start, length)]
 
-    def build_x(phase, n, k, first, layer, in_loop):
+    def build_x(phase, n, k, first, layer, scale):
         """x of a phase, rounded to bf16, into x_smem (fp32): at column offsets, or at tile
-        offsets if slotted. Every load is issued before any arithmetic: one round trip to L2."""
+        offsets if slotted. Every load is issued before any arithmetic: one round trip to L2.
+        scale: a norm phase's RMSNorm scale, already loaded (None for the others)."""
         parts = vectors[_named(phase.source)[0]].n // k  # rows of source: 2 for SwiGLU, 2 S to merge
 
         def finish(v, scale=None):
@@ -219,7 +220,6 @@ def _kernel(*refs, layer_phases, final_phases, shapes, vectors, offsets, layers,
 
         if not _slotted(phase, (n, k), ctas):
             v = load(0, k)
-            scale = norms[phase.norm].at[layer if in_loop else 0][...] if phase.x == "norm" else None
             x_smem.at[pl.ds(0, k)][...] = finish(v, scale)
             return
         last = tiles[phase.weight] - 1  # past a CTA's count: any chunk, never used
@@ -285,6 +285,9 @@ def _kernel(*refs, layer_phases, final_phases, shapes, vectors, offsets, layers,
     def compute(phase, layer, in_loop, number, rotation, count, turn=None, pos=None):
         n, k = shapes[phase.weight][-2:]
         first, mine = tile_share(cta, rotation, tiles[phase.weight], ctas)
+        scale = None  # a weight: loaded before the wait, so the x build's round trip carries only the vector
+        if phase.x == "norm":
+            scale = norms[phase.norm].at[layer if in_loop else 0][...]
         if not interpret:  # every CTA has finished the phases before
             _wait(done, number * ctas)
         if phase.attention is not None:
@@ -293,7 +296,7 @@ def _kernel(*refs, layer_phases, final_phases, shapes, vectors, offsets, layers,
                 _signal(done, after_tma=False)
                 _wait(done, (number + 1) * ctas)
         plgpu.commit_smem()  # every thread is done with the last phase's x
-        build_x(phase, n, k, first, layer, in_loop)
+        build_x(phase, n, k, first, layer, scale)
         plgpu.commit_smem()
         slotted = _slotted(phase, (n, k), ctas)
 
