@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+TINIEST_TEMPERATURE = 2.0 ** -126  # float32's smallest normal: XLA flushes smaller ones to 0
+
 
 class ConfigError(ValueError):
     """A bad configuration key or value; the message names the dotted key."""
@@ -277,6 +279,9 @@ class DecodeConfig:
             raise ConfigError("decode.temperature", self.temperature, "a finite number >= 0")
         _check_positive("decode", self, ("max_new_tokens",))
         _check_positive("decode", self, ("temperature", "top_k", "seed"), allow_zero=True)
+        if 0 < self.temperature < TINIEST_TEMPERATURE:
+            raise ConfigError("decode.temperature", self.temperature,
+                              f"0 (greedy) or >= {TINIEST_TEMPERATURE:.4g} (float32's smallest normal)")
         if not isinstance(self.top_p, numbers.Real) or not 0.0 < self.top_p <= 1.0:
             raise ConfigError("decode.top_p", self.top_p, "a number in (0, 1]")
 

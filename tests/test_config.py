@@ -45,6 +45,7 @@ def test_saved_config_loads_back_equal(tmp_path):
     (["model.family=gpt3"], r"model\.family='gpt3'.*gpt2, llama"),
     (["train.batch_size=10", "train.grad_accum=4"], r"train\.grad_accum=4.*divisor of train\.batch_size=10"),
     (["decode.top_p=0"], r"decode\.top_p=0\.0"),
+    (["decode.temperature=1e-39"], r"decode\.temperature=1e-39.*0 \(greedy\) or >= 1\.175e-38"),  # 0 to XLA
     (["model.n_layers"], r"key=value"),
 ])
 def test_bad_configs_name_key_and_value(overrides, match):

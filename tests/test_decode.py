@@ -62,7 +62,8 @@ def test_samplers():
     for key in keys:  # top_k=1, a tiny top_p and a tiny temperature all leave only the argmax
         np.testing.assert_array_equal(sample_logits(logits, key, top_k=1), greedy)
         np.testing.assert_array_equal(sample_logits(logits, key, top_p=1e-6), greedy)
-        np.testing.assert_array_equal(sample_logits(logits, key, temperature=1e-39, top_p=0.5), greedy)
+        # logits of ~1000 at the smallest normal-range temperature: unshifted, they would overflow
+        np.testing.assert_array_equal(sample_logits(logits * 300, key, temperature=1e-37, top_p=0.5), greedy)
     # top_k=5: every draw is among the 5 largest logits of its row, and more than one occurs.
     draws = np.stack([sample_logits(logits, k, top_k=5) for k in keys])
     top5 = np.argsort(-np.asarray(logits), -1)[:, :5]

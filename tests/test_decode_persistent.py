@@ -48,12 +48,17 @@ def test_persistent_step_matches_the_model_layers():
     _check_cache(cache_ours, caches)
 
 
-def test_applies_to_the_kernels_shape_only():
+def test_applies_to_the_kernels_shape_only(monkeypatch):
     config = lambda *o: load_config(overrides=list(o)).model  # noqa: E731
     assert persistent.shape_fits(config("preset=llama-1b"))
     assert not persistent.shape_fits(config("preset=llama-tiny"))  # 4 heads over 2
     assert not persistent.shape_fits(config("preset=gpt2-tiny"))
-    assert not persistent.applies(config("preset=llama-1b"), rows=2)
+    llama_1b = config("preset=llama-1b", "model.dtype=bfloat16")
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # as on a Hopper GPU, so each
+    for capability, rows, expected in (("9.0", 1, True), ("9.0", 2, False), ("8.0", 1, False)):  # check can fail
+        monkeypatch.setattr(jax, "devices", lambda c=capability: [type("Gpu", (), {"compute_capability": c})()])
+        assert persistent.applies(llama_1b, rows) is expected, (capability, rows)
+    assert not persistent.applies(config("preset=llama-1b", "model.dtype=float32"), 1)
 
 
 def test_int8_weights_are_rejected():

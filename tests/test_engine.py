@@ -176,7 +176,10 @@ def test_bad_requests_are_rejected_while_serving(model, greedy):
         (([1, 2], 5, {"temprature": 0.5}), r"unknown sampling option\(s\) \['temprature'\]"),
         (([1, 2], 5, {"top_p": 1.5}), "decode.top_p"),
         (([1, 600], 5, None), r"token ids must be in \[0, 512\)"),
-        ((["a"], 5, None), "must be integer token ids"),
+        ((["a"], 5, None), "must be 1-D lists of integer token ids"),
+        (([1.7, 2.9], 5, None), r"integer token ids; got \{'prompt': 'float64\[2\]'\}"),  # not truncated
+        (([[1, 2], [3, 4]], 5, None), r"got \{'prompt': 'int64\[2, 2\]'\}"),  # not flattened
+        (([1, 2], True, None), "max_new_tokens=True must be an int >= 1"),
         (([1, 2], 5, {"seed": 2**40}), r"seed=1099511627776 must be < 2\*\*31"),
         (([1, 2], 5, {"top_k": 2**31}), r"top_k=2147483648 must be < 2\*\*31"),  # would overflow int32 in a step
         (([1, 2], 5, {"top_k": 2.5}), r"decode.top_k=2.5.*an integer"),
@@ -187,6 +190,10 @@ def test_bad_requests_are_rejected_while_serving(model, greedy):
         with pytest.raises(RequestError, match=match):
             engine.submit(prompt, n, sampling)
         engine.step()
+    with pytest.raises(RequestError, match=r"got \{'stop_tokens': 'float64\[1\]'\}"):
+        engine.submit([1, 2], 5, stop_tokens=[3.9])
+    with pytest.raises(RequestError, match="integer token ids: 'int' object is not iterable"):
+        engine.submit([1, 2], 5, stop_tokens=3)
     good.append(engine.submit(list(LIGHT[1].prompt), 4, {"temperature": 0.0}))
     engine.run()
     assert sorted(engine.finished) == sorted(good)
@@ -230,7 +237,8 @@ def test_sample_rows_filters():
     out = fn(logits, keys, jnp.array([0.0, 1.0, 1.0, 1.0]), jnp.array([0, 1, 0, 3]),
              jnp.array([1.0, 1.0, 1e-6, 1.0]))
     np.testing.assert_array_equal(np.asarray(out)[:3], greedy[:3])
-    tiny = fn(logits, keys, jnp.full(4, 1e-39), jnp.zeros(4, jnp.int32), jnp.full(4, 0.5))  # no logit overflows
+    # The smallest normal-range temperature over logits of ~1000: unshifted, they would overflow to inf.
+    tiny = fn(logits * 300, keys, jnp.full(4, 1e-37), jnp.zeros(4, jnp.int32), jnp.full(4, 0.5))
     np.testing.assert_array_equal(tiny, greedy)
     top3 = np.argsort(-np.asarray(logits[3]))[:3]
     draws = {int(fn(logits, jax.random.split(jax.random.key(i), 4), jnp.ones(4), jnp.full(4, 3),

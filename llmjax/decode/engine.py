@@ -178,17 +178,24 @@ class Engine:
         Raises:
           RequestError: the request is malformed; the engine state is unchanged.
         """
+        what = "prompt and stop_tokens must be 1-D lists of integer token ids"
         try:
-            prompt = [int(t) for t in np.asarray(prompt).reshape(-1)]
-            stop_tokens = frozenset(int(t) for t in stop_tokens)
-        except (TypeError, ValueError) as e:
-            raise RequestError(f"prompt and stop_tokens must be integer token ids: {e}") from None
+            ids = {"prompt": np.asarray(prompt), "stop_tokens": np.asarray(list(stop_tokens))}
+        except (TypeError, ValueError) as e:  # not iterable, or ragged
+            raise RequestError(f"{what}: {e}") from None
+        bad = {name: f"{a.dtype}{list(a.shape)}" for name, a in ids.items()
+               if a.ndim != 1 or (a.size and a.dtype.kind not in "iu")}
+        if bad:  # a float id or a batch of prompts would be truncated or flattened silently
+            raise RequestError(f"{what}; got {bad}")
+        prompt = [int(t) for t in ids["prompt"]]
+        stop_tokens = frozenset(int(t) for t in ids["stop_tokens"])
         if not prompt:
             raise RequestError("prompt is empty; give at least one token id")
         if not 0 <= min(prompt) <= max(prompt) < self.vocab_size:
             raise RequestError(f"prompt token ids must be in [0, {self.vocab_size}); "
                                f"got min {min(prompt)}, max {max(prompt)}")
-        if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
+        if (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer))
+                or max_new_tokens <= 0):
             raise RequestError(f"max_new_tokens={max_new_tokens!r} must be an int >= 1")
         if len(prompt) + max_new_tokens > self.context:
             raise RequestError(f"prompt length {len(prompt)} + max_new_tokens={max_new_tokens} "

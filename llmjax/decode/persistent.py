@@ -34,7 +34,7 @@ def applies(cfg, rows: int) -> bool:
 
 def shape_fits(cfg) -> bool:
     """The model's shape is the kernel's: Llama family, dense, 32 q heads over 4 kv heads of 64,
-    d_model and d_mlp multiples of 256 and a vocabulary of 64."""
+    d_model and d_mlp multiples of 256 and a vocabulary that is a multiple of 64."""
     return (cfg.family == "llama" and not cfg.n_experts and cfg.n_heads == kernel_attention.Q_HEADS
             and cfg.n_kv_heads == kernel_attention.KV_HEADS and cfg.head_dim == kernel_attention.HEAD_DIM
             and cfg.d_model % TILE_K == 0 and cfg.d_mlp % TILE_K == 0 and cfg.vocab_size % TILE_N == 0)
@@ -79,10 +79,10 @@ def step_logits(model, weights, tokens, positions, cache, *, attention_splits: i
                 interpret: bool = False):
     """One decode step: tokens, positions [1, 1] -> fp32 logits [1, V] and the updated (k, v)
     cache (`stack_caches`). weights: from `step_weights`. attention_splits: CTAs a kv head
-    (the cache's chunks split between them; on an H100, 6 splits took the step from 1.074 to
-    1.003 ms at 2 slots, and 8 are ~1% faster than 6 from 320 positions on, where the last
-    split, which takes the new token, has no chunk of its own). concurrent: weight tiles in
-    flight a CTA (2 and 4 time the same).
+    (the cache's chunks split between them; on an H100, 6 splits took the step from 1.082 to
+    1.004 ms at 2 slots (bench_kernels decode_step, 2026-12-06), and 8 are ~1% faster than 6
+    from 320 positions on, where the last split, which takes the new token, has no chunk of its
+    own). concurrent: weight tiles in flight a CTA (2 and 4 time the same).
     interpret: Pallas interpret mode (CPU tests)."""
     cfg = model.cfg
     n_layers = cfg.n_layers
