@@ -30,6 +30,11 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
+    def delete(self, step: int):
+        """Remove the checkpoint of `step` (after pending saves finish)."""
+        self.wait()
+        self._manager.delete(step)
+
     def save(self, step: int, state, meta: dict):
         """Start saving `state` (a pytree of arrays) and `meta` (JSON-able) as `step`."""
         self.directory.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """End-to-end runs: resume is bit-identical, signals and NaNs keep checkpoints, bad inputs fail clearly."""
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -56,6 +57,18 @@ def test_resume_is_bit_identical(tmp_path, corpus):
     jax.tree.map(np.testing.assert_array_equal, resumed.params, whole.params)
 
 
+def test_resume_after_a_crash_logs_each_step_once(tmp_path, corpus):
+    """A crash after step 4 was logged but before its checkpoint landed (the checkpoint removed
+    here): the resume from step 3 drops step 4's record and logs it again, once."""
+    cfg = load_config(overrides=tiny(tmp_path, corpus))
+    train(cfg, stop_after=4, progress=False)
+    shutil.rmtree(cfg.run_dir / "checkpoints" / "4")
+    with pytest.raises(ConfigError, match="stop_after=3 is invalid: allowed a step after the one resumed from, 3"):
+        train(cfg, resume=True, stop_after=3, progress=False)
+    train(cfg, resume=True, progress=False)
+    assert [s for s, _ in losses(cfg.run_dir)] == list(range(1, 7))
+
+
 def test_default_style_run_learns_and_samples(tmp_path, corpus):
     cfg = load_config(overrides=tiny(tmp_path, corpus, "train.steps=80", "train.eval_every=40", "optim.lr=3e-3",
                                      "train.sample_tokens=16", "train.sample_prompt=to be"))
@@ -77,13 +90,20 @@ def test_default_style_run_learns_and_samples(tmp_path, corpus):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, corpus):
+    """lr 1e4 diverges after a few steps (at step 6 here); every step is checkpointed."""
     cfg = load_config(overrides=tiny(tmp_path, corpus, "train.steps=40", "train.checkpoint_every=1",
-                                     "optim.lr=1e12", "optim.grad_clip=0", "optim.warmup_steps=0"))
-    with pytest.raises(TrainingDiverged, match=r"loss is (nan|inf) at step (\d+); last good checkpoint: step"):
+                                     "optim.lr=1e4", "optim.grad_clip=0", "optim.warmup_steps=0"))
+    with pytest.raises(TrainingDiverged, match=r"loss is (nan|inf) at step (\d+); last good checkpoint: step") as info:
         train(cfg, progress=False)
+    bad = int(re.search(r"at step (\d+);", str(info.value)).group(1))
     steps = sorted(int(p.name) for p in (cfg.run_dir / "checkpoints").iterdir() if p.name.isdigit())
-    finite = [s for s, loss in losses(cfg.run_dir) if np.isfinite(loss)]
-    assert steps and steps[-1] == finite[-1]
+    assert [s for s, _ in losses(cfg.run_dir)] == list(range(1, bad))  # all finite (checked above them)
+    # Step bad's loss came from step bad - 1's weights: that checkpoint is removed, the one before kept.
+    assert steps and steps[-1] == bad - 2 and f"last good checkpoint: step {bad - 2} in" in str(info.value)
+    assert f"the checkpoint of step {bad - 1}, whose weights gave this loss, is removed" in str(info.value)
+    train(cfg, resume=True, stop_after=bad - 1, progress=False)  # from the kept one: a finite loss again
+    assert [s for s, _ in losses(cfg.run_dir)] == list(range(1, bad))  # step bad - 1 logged once
+    assert np.isfinite(losses(cfg.run_dir)[-1][1])
 
 
 def test_divergence_found_at_a_later_log_point_names_the_first_bad_step(tmp_path, corpus):
@@ -188,6 +208,11 @@ def test_a_run_that_cannot_start_leaves_its_folder_as_it_was(tmp_path, corpus):
         load_run(cfg.run_dir, step=2)
     failing = load_config(overrides=tiny(tmp_path, corpus, "name=pp", "lora.rank=2", "mesh.pipeline=2"))
     with pytest.raises(ConfigError, match="lora.rank=2"):
+        train(failing, progress=False)
+    assert not failing.run_dir.exists()
+    failing = load_config(overrides=tiny(tmp_path, corpus, "name=ppmb", "mesh.pipeline=2", "mesh.data=4",
+                                         "mesh.pp_microbatches=8", "train.batch_size=16"))
+    with pytest.raises(ValueError, match="mesh.pp_microbatches=8"):  # found before the folder is made
         train(failing, progress=False)
     assert not failing.run_dir.exists()
     diverging = load_config(overrides=tiny(tmp_path, corpus, "name=nan", "optim.lr=1e12", "optim.grad_clip=0",

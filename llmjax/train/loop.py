@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import signal
 import time
@@ -34,9 +35,11 @@ from llmjax.train.step import (
     make_eval_step,
     make_train_step,
 )
+from sharding.axes import BATCH
 from sharding.mesh import make_mesh
-from sharding.pipeline import make_pipeline_train_step, pipeline_rules, pipeline_state_shardings
+from sharding.pipeline import check_pipeline, make_pipeline_train_step, pipeline_rules, pipeline_state_shardings
 from sharding.placement import shard_batch, shard_state
+from sharding.rules import mesh_axes_of
 
 
 class TrainingDiverged(RuntimeError):
@@ -76,6 +79,24 @@ class _StopFlag:
             signal.signal(s, handler)
 
 
+def _drop_metrics_after(path, step: int):
+    """Rewrite metrics.jsonl without the records of steps after `step`."""
+    if path.exists():
+        lines = path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if _logged_step(line) <= step]
+        if len(kept) < len(lines):
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(kept))
+            tmp.replace(path)  # atomic: a crash here leaves the old file
+
+
+def _logged_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):  # a line cut short by the crash
+        return math.inf
+
+
 def _eval_batches(windows: np.ndarray, batch_size: int, n_batches: int) -> list[np.ndarray]:
     """A fixed slice of the val windows, in order, so every eval sees the same tokens."""
     n = min(len(windows), batch_size * n_batches)
@@ -98,12 +119,15 @@ def train(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = 
     SIGTERM would (for time-sliced jobs); the schedule still runs to cfg.train.steps.
 
     Raises:
-      ConfigError: the tokenizer's vocabulary exceeds model.vocab_size, or the run folder
-        already has checkpoints and `resume` is False.
+      ConfigError: the tokenizer's vocabulary exceeds model.vocab_size, the run folder
+        already has checkpoints and `resume` is False, or `stop_after` is not after the
+        step resumed from.
       CheckpointError: `resume` without a readable checkpoint, or a LoRA checkpoint made
         on another base.
-      TrainingDiverged: the loss became NaN or infinite.
-      ValueError: a LoRA target the model does not have, or a rank above a target's size.
+      TrainingDiverged: the loss became NaN or infinite (the checkpoint whose weights gave
+        that loss is removed, so a resume starts from the last good one).
+      ValueError: a LoRA target the model does not have, a rank above a target's size, or a
+        pipeline whose layers or micro-batch do not split (before the run folder is made).
     """
     tc = cfg.train
     run_dir = cfg.run_dir
@@ -148,8 +172,17 @@ def train(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = 
         _check_same_base(meta.get("lora_base"), base_print, ckpt.directory)
         batches.restore(meta["data"])
     start = int(jax.device_get(state["step"]))
+    if stop_after is not None and stop_after <= start:
+        raise ConfigError("stop_after", stop_after, f"a step after the one resumed from, {start}")
+    if pipelined:  # its shape checks, before the run folder exists (the step makes them at its first call)
+        batch_axes = mesh_axes_of(dict(pipeline_rules(rules)[0])[BATCH])
+        check_pipeline(n_layers=cfg.model.n_layers, stages=cfg.mesh.pipeline,
+                       micro_batch=tc.batch_size // tc.grad_accum, microbatches=cfg.mesh.pp_microbatches,
+                       batch_ways=math.prod(mesh.shape[a] for a in batch_axes))
     run_dir.mkdir(parents=True, exist_ok=True)  # only now: a run that cannot start leaves its folder as it was
     save_config(cfg, run_dir / "config.yaml")
+    if resume:  # steps logged after the checkpoint (a crash before the next save) are logged again
+        _drop_metrics_after(run_dir / "metrics.jsonl", start)
 
     if pipelined:
         train_step = make_pipeline_train_step(graphdef, optimizer, lr_schedule(cfg.optim, tc.steps), mesh=mesh,
@@ -171,7 +204,8 @@ def train(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = 
     n_params = count_params(base if base is not None else params)
     tokens_per_step = tc.batch_size * cfg.data.seq_len
     flops_per_step = flops_per_token(cfg.model, n_params, cfg.data.seq_len) * tokens_per_step
-    peak = device_peak_flops()
+    peak = device_peak_flops()  # one device's; the step's FLOPs are the whole mesh's
+    peak = peak and peak * (1 if mesh is None else mesh.devices.size)
     print(f"{cfg.name}: {n_params / 1e6:.2f}M params, {len(data.train)} train / {len(data.val)} val "
           f"sequences of {cfg.data.seq_len} tokens, unigram entropy {data.unigram_entropy:.3f} nats/token")
     n_trainable = count_params(state["params"])
@@ -200,8 +234,15 @@ def train(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = 
         for i, (step, metrics) in enumerate(records):
             if not np.isfinite(metrics["loss"]):
                 _log(logger, records[:i])
+                # Step k's loss comes from the weights of step k - 1, so that checkpoint is bad too.
+                dropped = ""
+                if ckpt.latest_step() == step - 1:
+                    ckpt.delete(step - 1)
+                    dropped = f" (the checkpoint of step {step - 1}, whose weights gave this loss, is removed)"
+                good = ckpt.latest_step()
                 raise TrainingDiverged(f"loss is {float(metrics['loss'])} at step {step}; last good checkpoint: "
-                                       f"step {ckpt.latest_step()} in {ckpt.directory}")
+                                       + (f"step {good} in {ckpt.directory}" if good is not None else "none")
+                                       + dropped)
         return records
 
     train_loss = val_loss = None
@@ -218,6 +259,9 @@ def train(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = 
                 stopping = stop.signum is not None or step == stop_after
                 if step < tc.steps and not stopping:
                     batch = put(next(batches))  # the next batch travels while this step computes
+                if step == start + 1:  # the first step compiles: throughput counts from its end
+                    jax.block_until_ready(metrics)
+                    t_last, step_last = time.perf_counter(), step
                 bar.update(1)
                 evaluating = step % tc.eval_every == 0 or step == tc.steps
                 saving = step % tc.checkpoint_every == 0 or step == tc.steps or stopping
@@ -228,14 +272,15 @@ def train(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = 
                 bar.set_postfix(loss=f"{train_loss:.3f}")
                 summary = {}
                 if evaluating:
-                    elapsed = time.perf_counter() - t_last
-                    tok_s = (step - step_last) * tokens_per_step / elapsed
-                    mfu = flops_per_step * (step - step_last) / elapsed / peak if peak else None
+                    elapsed, timed = time.perf_counter() - t_last, step - step_last
+                    tok_s = timed * tokens_per_step / elapsed if timed else None
+                    mfu = flops_per_step * timed / elapsed / peak if peak and timed else None
                     eval_params = model_params()
                     val_loss = float(np.mean(jax.device_get([eval_step(eval_params, jnp.asarray(b))
                                                              for b in val_batches])))
-                    bar.write(f"step {step:>6} | train {train_loss:.4f} | val {val_loss:.4f} | "
-                              f"{tok_s:,.0f} tok/s" + (f" | MFU {100 * mfu:.1f}%" if mfu else ""))
+                    bar.write(f"step {step:>6} | train {train_loss:.4f} | val {val_loss:.4f}"
+                              + (f" | {tok_s:,.0f} tok/s" if tok_s else "")
+                              + (f" | MFU {100 * mfu:.1f}%" if mfu else ""))
                     summary = dict(val_loss=val_loss, tokens_per_s=tok_s, mfu=mfu)
                     t_last, step_last = time.perf_counter(), step  # throughput leaves out the eval
                 _log(logger, records, summary)

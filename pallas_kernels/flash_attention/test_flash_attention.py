@@ -289,10 +289,17 @@ def test_forward_saves_base2_lse():
     assert_close(lse2 * np.log(2.0), lse, jnp.float32, "lse")
 
 
-def test_scale_is_applied():
-    q, k, v, _, _ = _inputs(cases.CPU_CASES[1], jnp.float32)
-    out = flash_attention(q, k, v, scale=0.3, backend="reference")
-    assert_close(out, attention_reference(q, k, v, scale=0.3), jnp.float32, "scaled out")
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_scale_is_applied(backend):
+    """A scale other than head_dim ** -0.5 reaches the kernel's forward and backward passes."""
+    q, k, v, dout, _ = _inputs(cases.CPU_CASES[1], jnp.float32)
+    out, grads = _out_and_grads(lambda q, k, v: flash_attention(q, k, v, scale=0.3, backend=backend,
+                                                                interpret=backend == "triton" and not ON_GPU),
+                                (q, k, v), dout)
+    want, want_grads = _out_and_grads(lambda q, k, v: attention_reference(q, k, v, scale=0.3), (q, k, v), dout)
+    assert_close(out, want, jnp.float32, "scaled out")
+    for grad, ref, name in zip(grads, want_grads, "qkv"):
+        _assert_grad_close(grad, ref, jnp.float32, f"scaled d{name}")
     assert not np.allclose(out, attention_reference(q, k, v), atol=1e-3)
 
 

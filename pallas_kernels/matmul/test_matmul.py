@@ -185,8 +185,8 @@ def test_gpu_scaled_fp8_matches_reference(case, backend):
     if not api._supports_fp8():
         pytest.skip(f"fp8 needs compute capability >= 8.9; this is {jax.devices()[0].device_kind}")
     a, b = case.inputs(api.FP8)
-    out = jax.jit(lambda a, b: api.scaled_matmul(a, b, 0.5, 2.0, backend=backend))(a, b)
-    _testing.assert_close(out, reference.scaled_matmul_reference(a, b, 0.5, 2.0), jnp.bfloat16)
+    out = jax.jit(lambda a, b: api.scaled_matmul(a, b, 0.5, 3.0, backend=backend))(a, b)  # a product != 1
+    _testing.assert_close(out, reference.scaled_matmul_reference(a, b, 0.5, 3.0), jnp.bfloat16)
 
 
 @pytest.mark.gpu
