@@ -215,6 +215,11 @@ def test_a_run_that_cannot_start_leaves_its_folder_as_it_was(tmp_path, corpus):
     with pytest.raises(ValueError, match="mesh.pp_microbatches=8"):  # found before the folder is made
         train(failing, progress=False)
     assert not failing.run_dir.exists()
+    failing = load_config(overrides=tiny(tmp_path, corpus, "name=fewval", "mesh.data=8", "train.batch_size=8",
+                                         "data.val_fraction=0.005"))
+    with pytest.raises(ConfigError, match=r"data.val_fraction=0.005 .* splits 8 ways; got [1-7]$"):
+        train(failing, progress=False)  # not a crash at the first eval
+    assert not failing.run_dir.exists()
     diverging = load_config(overrides=tiny(tmp_path, corpus, "name=nan", "optim.lr=1e12", "optim.grad_clip=0",
                                            "optim.warmup_steps=0", "train.checkpoint_every=100"))
     with pytest.raises(TrainingDiverged):

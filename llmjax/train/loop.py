@@ -39,7 +39,7 @@ from sharding.axes import BATCH
 from sharding.mesh import make_mesh
 from sharding.pipeline import check_pipeline, make_pipeline_train_step, pipeline_rules, pipeline_state_shardings
 from sharding.placement import shard_batch, shard_state
-from sharding.rules import mesh_axes_of
+from sharding.rules import get_rules, mesh_axes_of
 
 
 class TrainingDiverged(RuntimeError):
@@ -97,11 +97,12 @@ def _logged_step(line: str) -> float:
         return math.inf
 
 
-def _eval_batches(windows: np.ndarray, batch_size: int, n_batches: int) -> list[np.ndarray]:
-    """A fixed slice of the val windows, in order, so every eval sees the same tokens."""
+def _eval_batches(windows: np.ndarray, batch_size: int, n_batches: int, ways: int = 1) -> list[np.ndarray]:
+    """A fixed slice of the val windows, in order, so every eval sees the same tokens; batches
+    of a multiple of `ways` (the mesh's batch split), none if there are fewer windows."""
     n = min(len(windows), batch_size * n_batches)
-    size = min(batch_size, n)
-    return [windows[i:i + size] for i in range(0, n - size + 1, size)]
+    size = min(batch_size, n) // ways * ways
+    return [windows[i:i + size] for i in range(0, n - size + 1, size)] if size else []
 
 
 def train(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = None,
@@ -120,8 +121,8 @@ def train(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = 
 
     Raises:
       ConfigError: the tokenizer's vocabulary exceeds model.vocab_size, the run folder
-        already has checkpoints and `resume` is False, or `stop_after` is not after the
-        step resumed from.
+        already has checkpoints and `resume` is False, `stop_after` is not after the step
+        resumed from, or too few val windows for one eval batch the mesh can split.
       CheckpointError: `resume` without a readable checkpoint, or a LoRA checkpoint made
         on another base.
       TrainingDiverged: the loss became NaN or infinite (the checkpoint whose weights gave
@@ -174,6 +175,13 @@ def train(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = 
     start = int(jax.device_get(state["step"]))
     if stop_after is not None and stop_after <= start:
         raise ConfigError("stop_after", stop_after, f"a step after the one resumed from, {start}")
+    eval_ways = 1 if mesh is None else math.prod(mesh.shape[a] for a in mesh_axes_of(
+        dict(pipeline_rules(rules)[0] if pipelined else get_rules(rules))[BATCH]))
+    val_batches = _eval_batches(data.val, tc.batch_size // tc.grad_accum, tc.eval_batches, eval_ways)
+    if not val_batches:  # found now, not at the first eval
+        raise ConfigError("data.val_fraction", cfg.data.val_fraction,
+                          f"enough val windows for an eval batch the mesh splits {eval_ways} ways; "
+                          f"got {len(data.val)}")
     if pipelined:  # its shape checks, before the run folder exists (the step makes them at its first call)
         batch_axes = mesh_axes_of(dict(pipeline_rules(rules)[0])[BATCH])
         check_pipeline(n_layers=cfg.model.n_layers, stages=cfg.mesh.pipeline,
@@ -200,7 +208,6 @@ def train(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = 
         merge = jax.jit(functools.partial(lora.merge, cfg=lora_cfg),
                         out_shardings=None if mesh is None else base_sh)
         model_params = lambda: merge(base, state["params"])
-    val_batches = _eval_batches(data.val, tc.batch_size // tc.grad_accum, tc.eval_batches)
     n_params = count_params(base if base is not None else params)
     tokens_per_step = tc.batch_size * cfg.data.seq_len
     flops_per_step = flops_per_token(cfg.model, n_params, cfg.data.seq_len) * tokens_per_step
