@@ -230,7 +230,7 @@ def train(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = 
             meta["lora_base"] = base_print
         ckpt.save(step, state, meta)
 
-    logger = MetricsLogger(run_dir)
+    logger = MetricsLogger(run_dir, resume_after=start if resume else None)
     pending = []  # (step, metrics on device) since the last log point
 
     def fetch() -> list[tuple[int, dict]]:

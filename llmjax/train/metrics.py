@@ -9,14 +9,18 @@ import numpy as np
 class MetricsLogger:
     """Append-only metrics for a run directory (`metrics.jsonl`, `tb/` event files)."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, tensorboard: bool = True, resume_after: int | None = None):
+        """resume_after: the step a resumed run restarts after; TensorBoard then drops the
+        events of later steps that an earlier run logged (metrics.jsonl is trimmed by the
+        training loop)."""
         self.path = Path(run_dir) / "metrics.jsonl"
         self._file = self.path.open("a")
         self._tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter  # imported lazily: slow to import
 
-            self._tb = SummaryWriter(str(Path(run_dir) / "tb"))
+            self._tb = SummaryWriter(str(Path(run_dir) / "tb"),
+                                     purge_step=None if resume_after is None else resume_after + 1)
 
     def log(self, step: int, **values):
         """Write `values` for `step`: numbers, or arrays (e.g. per-expert load) written as
