@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import signal
 import time
@@ -39,7 +38,7 @@ from sharding.axes import BATCH
 from sharding.mesh import make_mesh
 from sharding.pipeline import check_pipeline, make_pipeline_train_step, pipeline_rules, pipeline_state_shardings
 from sharding.placement import shard_batch, shard_state
-from sharding.rules import get_rules, mesh_axes_of
+from sharding.rules import mesh_axes_of, resolve_rules
 
 
 class TrainingDiverged(RuntimeError):
@@ -77,24 +76,6 @@ class _StopFlag:
     def __exit__(self, *exc):
         for s, handler in self._old.items():
             signal.signal(s, handler)
-
-
-def _drop_metrics_after(path, step: int):
-    """Rewrite metrics.jsonl without the records of steps after `step`."""
-    if path.exists():
-        lines = path.read_text().splitlines(keepends=True)
-        kept = [line for line in lines if _logged_step(line) <= step]
-        if len(kept) < len(lines):
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(kept))
-            tmp.replace(path)  # atomic: a crash here leaves the old file
-
-
-def _logged_step(line: str) -> float:
-    try:
-        return json.loads(line)["step"]
-    except (json.JSONDecodeError, KeyError, TypeError):  # a line cut short by the crash
-        return math.inf
 
 
 def _eval_batches(windows: np.ndarray, batch_size: int, n_batches: int, ways: int = 1) -> list[np.ndarray]:
@@ -175,22 +156,19 @@ def train(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = 
     start = int(jax.device_get(state["step"]))
     if stop_after is not None and stop_after <= start:
         raise ConfigError("stop_after", stop_after, f"a step after the one resumed from, {start}")
-    eval_ways = 1 if mesh is None else math.prod(mesh.shape[a] for a in mesh_axes_of(
-        dict(pipeline_rules(rules)[0] if pipelined else get_rules(rules))[BATCH]))
-    val_batches = _eval_batches(data.val, tc.batch_size // tc.grad_accum, tc.eval_batches, eval_ways)
+    batch_ways = 1 if mesh is None else math.prod(mesh.shape[a] for a in mesh_axes_of(
+        dict((pipeline_rules if pipelined else resolve_rules)(rules)[0])[BATCH]))  # the mesh's batch split
+    val_batches = _eval_batches(data.val, tc.batch_size // tc.grad_accum, tc.eval_batches, batch_ways)
     if not val_batches:  # found now, not at the first eval
         raise ConfigError("data.val_fraction", cfg.data.val_fraction,
-                          f"enough val windows for an eval batch the mesh splits {eval_ways} ways; "
+                          f"enough val windows for an eval batch the mesh splits {batch_ways} ways; "
                           f"got {len(data.val)}")
     if pipelined:  # its shape checks, before the run folder exists (the step makes them at its first call)
-        batch_axes = mesh_axes_of(dict(pipeline_rules(rules)[0])[BATCH])
         check_pipeline(n_layers=cfg.model.n_layers, stages=cfg.mesh.pipeline,
                        micro_batch=tc.batch_size // tc.grad_accum, microbatches=cfg.mesh.pp_microbatches,
-                       batch_ways=math.prod(mesh.shape[a] for a in batch_axes))
+                       batch_ways=batch_ways)
     run_dir.mkdir(parents=True, exist_ok=True)  # only now: a run that cannot start leaves its folder as it was
     save_config(cfg, run_dir / "config.yaml")
-    if resume:  # steps logged after the checkpoint (a crash before the next save) are logged again
-        _drop_metrics_after(run_dir / "metrics.jsonl", start)
 
     if pipelined:
         train_step = make_pipeline_train_step(graphdef, optimizer, lr_schedule(cfg.optim, tc.steps), mesh=mesh,
@@ -230,6 +208,7 @@ def train(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = 
             meta["lora_base"] = base_print
         ckpt.save(step, state, meta)
 
+    # A resume logs the steps after its checkpoint again: the logger drops an earlier run's records of them.
     logger = MetricsLogger(run_dir, resume_after=start if resume else None)
     pending = []  # (step, metrics on device) since the last log point
 

@@ -1,19 +1,34 @@
 """Run metrics: one JSON object per line in metrics.jsonl, mirrored to TensorBoard."""
 import json
+import math
 import time
 from pathlib import Path
 
 import numpy as np
 
 
+def _logged_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):  # a line cut short by a crash
+        return math.inf
+
+
 class MetricsLogger:
-    """Append-only metrics for a run directory (`metrics.jsonl`, `tb/` event files)."""
+    """Metrics of a run directory (`metrics.jsonl`, `tb/` event files), appended step by step."""
 
     def __init__(self, run_dir: Path, tensorboard: bool = True, resume_after: int | None = None):
-        """resume_after: the step a resumed run restarts after; TensorBoard then drops the
-        events of later steps that an earlier run logged (metrics.jsonl is trimmed by the
-        training loop)."""
+        """resume_after: the step a resumed run restarts after; the records of later steps that
+        an earlier run logged (it crashed before its next checkpoint) are dropped, from
+        metrics.jsonl and, by a purge mark, from TensorBoard."""
         self.path = Path(run_dir) / "metrics.jsonl"
+        if resume_after is not None and self.path.exists():
+            lines = self.path.read_text().splitlines(keepends=True)
+            kept = [line for line in lines if _logged_step(line) <= resume_after]
+            if len(kept) < len(lines):
+                tmp = self.path.with_suffix(".tmp")
+                tmp.write_text("".join(kept))
+                tmp.replace(self.path)  # atomic: a crash here leaves the old file
         self._file = self.path.open("a")
         self._tb = None
         if tensorboard:
