@@ -10,9 +10,9 @@ only unmasked key is its own k at row NEW_ROW, so the running max is finite from
 64-position chunks of the cache stream in by TMA through a ring of `slots` buffers, masked past
 pos.
 
-Written against interpret mode's limits as well as Hopper's: p goes to the MMA through shared
-memory (interpret mode's wgmma takes A only from there), and every P V product starts from a
-fresh accumulator, added in registers.
+Written against interpret mode's limits as well as Hopper's: p goes to the MMA from registers on
+the GPU but through shared memory in interpret mode (whose wgmma takes A only from there), and
+every P V product starts from a fresh accumulator, added in registers.
 """
 import dataclasses
 import math
@@ -84,7 +84,8 @@ def chunk_range(n_chunks, split, splits):
     return first, jnp.minimum(n_chunks, first + share)
 
 
-def attention_unit(g, split, splits: int, qkv, k_cache, v_cache, pos, out, new_kv, s: AttnScratch):
+def attention_unit(g, split, splits: int, qkv, k_cache, v_cache, pos, out, new_kv, s: AttnScratch,
+                   p_in_registers: bool = False):
     """Attention of q heads 8g..8g+7 over kv head g, split `split` of `splits` of the cache
     (`chunk_range`; the last split also takes the new token). g, split and pos (the new token's
     position, read once a step by the caller: a load here would put a round trip first on the
@@ -93,7 +94,8 @@ def attention_unit(g, split, splits: int, qkv, k_cache, v_cache, pos, out, new_k
     head g at 128 g. With one split, out [2048] gets the output; with more, out [2 splits,
     2048] gets partials: row `split` the split's normalised output, row splits + split its
     log2-sum-exp2 of the scaled scores per head, repeated over the head's 64 entries (-inf,
-    with a zero output, for a split with no positions)."""
+    with a zero output, for a split with no positions). p_in_registers: P V's wgmma takes p from
+    registers (Hopper), not through shared memory (interpret mode's wgmma reads A only there)."""
     slots = s.k_slots.shape[0]
     n_chunks = lax.div(pos + (BLOCK - 1), BLOCK)
     first, end = chunk_range(n_chunks, split, splits)
@@ -164,14 +166,16 @@ def attention_unit(g, split, splits: int, qkv, k_cache, v_cache, pos, out, new_k
         p = jnp.exp2(sc - lax.broadcast_in_dim(m_safe, sc.shape, [0]))
         l = l * alpha + p.sum(axis=1)
 
-        # p goes through SMEM (the k_new tile, free once the first step's QK is done): interpret
-        # mode's wgmma reads A only from SMEM. And a fresh zero accumulator, added in registers:
+        # p from registers, or through SMEM (the k_new tile, free once the first step's QK is
+        # done) for interpret mode. And a fresh zero accumulator, added in registers:
         # run_state(ACC.init(acc)) discharges to a `wgmma` primitive interpret mode cannot run.
-        s.k_new[...] = p.astype(jnp.bfloat16)
-        plgpu.commit_smem()
+        p = p.astype(jnp.bfloat16)
+        if not p_in_registers:
+            s.k_new[...] = p
+            plgpu.commit_smem()
 
         def pv(acc_ref):
-            plgpu.wgmma(acc_ref, s.k_new, v_tile)
+            plgpu.wgmma(acc_ref, p if p_in_registers else s.k_new, v_tile)
             plgpu.wgmma_wait(0)
             return acc_ref[...]
 

@@ -255,7 +255,8 @@ def _kernel(*refs, layer_phases, final_phases, shapes, vectors, offsets, layers,
                                 vector_ref(spec.qkv, layer, 0, vectors[spec.qkv].n), k_cache.at[layer],
                                 v_cache.at[layer], pos,
                                 vector_ref(spec.out, layer, 0, vectors[spec.out].n),
-                                vector_ref(spec.new_kv, layer, 0, vectors[spec.new_kv].n), scratch)
+                                vector_ref(spec.new_kv, layer, 0, vectors[spec.new_kv].n), scratch,
+                                p_in_registers=not interpret)
 
         units = attn.KV_HEADS * spec.splits
         if interpret:  # the one CTA takes every unit
