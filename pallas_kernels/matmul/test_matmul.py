@@ -161,6 +161,19 @@ def test_gpu_matches_reference(case, backend):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "jax_triton"])
+def test_gpu_float32_is_not_tf32(backend):
+    """fp32 inputs multiply in fp32: Triton's dot defaults to TF32 for them (10-bit mantissas,
+    ~1e-3 relative error here), which the fp32 tolerance (1e-5) catches."""
+    if backend == "jax_triton" and JAX_TRITON_REASON is not None:
+        pytest.skip(JAX_TRITON_REASON)
+    a, b = cases.GPU_CASES[1].inputs(jnp.float32)
+    out = jax.jit(lambda a, b: api.matmul(a, b, backend=backend))(a, b)
+    assert out.dtype == jnp.float32
+    _testing.assert_close(out, reference.matmul_reference(a, b), jnp.float32)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "mosaic", "jax_triton"])
 def test_gpu_gradients(backend):
     if backend == "jax_triton" and JAX_TRITON_REASON is not None:

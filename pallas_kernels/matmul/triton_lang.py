@@ -3,11 +3,14 @@ jax_triton.triton_call. Needs the optional extra `triton` (jax-triton 0.3.1) and
 
 Same tiling as triton_matmul.py (grouped program order, K loop, fp32 accumulator, one store),
 but with explicit pointers and masks, so M, N, K need not be block multiples. fp8 inputs take
-one fp32 scale (16-bit ones 1.0), applied to the accumulator. Forward only: triton_call has no autodiff rule.
+one fp32 scale (16-bit ones 1.0), applied to the accumulator. fp32 inputs multiply in IEEE fp32
+(Triton's default for them is TF32, ~1e-3 relative error). Forward only: triton_call has no
+autodiff rule.
 """
 import functools
 
 import jax
+import jax.numpy as jnp
 
 from pallas_kernels.matmul.config import TritonBlocks
 
@@ -21,7 +24,7 @@ def _kernel():
     @triton.jit
     def matmul_kernel(a_ptr, b_ptr, scale_ptr, c_ptr, M, N, K,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      GROUP_M: tl.constexpr):
+                      GROUP_M: tl.constexpr, IEEE: tl.constexpr):
         # Grouped order: consecutive programs cover GROUP_M tile rows, column by column.
         program = tl.program_id(0)
         m_tiles = tl.cdiv(M, BLOCK_M)
@@ -43,7 +46,10 @@ def _kernel():
             k_left = K - step * BLOCK_K
             a = tl.load(a_ptrs, mask=ks[None, :] < k_left, other=0.0)  # [BLOCK_M, BLOCK_K]
             b = tl.load(b_ptrs, mask=ks[:, None] < k_left, other=0.0)  # [BLOCK_K, BLOCK_N]
-            acc = tl.dot(a, b, acc)
+            if IEEE:  # fp32 inputs: Triton's default for them is TF32
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K * N
         acc = acc * tl.load(scale_ptr)  # 1.0 for 16-bit inputs
@@ -68,5 +74,5 @@ def matmul(a, b, scale, *, out_dtype, blocks: TritonBlocks):
         num_warps=blocks.num_warps,
         num_stages=blocks.num_stages,
         M=m, N=n, K=k, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, BLOCK_K=blocks.block_k,
-        GROUP_M=blocks.group_m,
+        GROUP_M=blocks.group_m, IEEE=a.dtype == jnp.float32,
     )
