@@ -25,6 +25,21 @@ def test_every_tile_is_read_in_whole_rounds(n, k, concurrent):
     assert read == {(r, c) for r in range(n // TILE_N) for c in range(k // TILE_K)}
 
 
+@pytest.mark.parametrize("n,k,ctas,concurrent", [(128, 512, 3, 2), (256, 256, 5, 4), (64, 1024, 8, 1), (192, 768, 4, 3)])
+def test_reference_schedule_is_the_kernels(n, k, ctas, concurrent):
+    """The reference works out each CTA's last tile itself; it must be the tile the kernel's
+    schedule (steps_per_phase, tile_of) ends on."""
+    w = jnp.asarray(_testing.normal(f"stream/sched_{n}x{k}", (n, k)), jnp.bfloat16)
+    x = jnp.asarray(_testing.normal("stream/sched_x", (8, TILE_K)), jnp.bfloat16)  # one tile's columns
+    got = reference.last_products([w], x, ctas=ctas, concurrent=concurrent)
+    last = steps_per_phase(n, k, ctas, concurrent) - 1
+    for cta in range(ctas):
+        rows, cols = (int(i) for i in tile_of(cta, last, n, k, ctas))
+        tile = w[rows * TILE_N:(rows + 1) * TILE_N, cols * TILE_K:(cols + 1) * TILE_K].astype(jnp.float32)
+        want = jnp.matmul(tile, x.astype(jnp.float32).T, precision="highest")
+        np.testing.assert_array_equal(got[cta], want)
+
+
 @pytest.mark.parametrize("barriers", [True, False])
 @pytest.mark.parametrize("concurrent", [2, 4])
 def test_lowers_for_hopper(barriers, concurrent):
