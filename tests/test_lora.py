@@ -15,8 +15,9 @@ from llmjax import lora
 from llmjax.checkpoint import Checkpointer, CheckpointError
 from llmjax.config import ConfigError, LoraConfig, MeshConfig, OptimConfig, load_config
 from llmjax.convert import load_hf, save_hf
-from llmjax.models import init_model, split_model
+from llmjax.models import count_params, init_model, split_model
 from llmjax.runs import load_run
+from llmjax.train.flops import flops_per_token, matmul_params
 from llmjax.train.loop import train
 from llmjax.train.metrics import read_metrics
 from llmjax.train.optimizer import make_optimizer
@@ -240,6 +241,22 @@ def tiny_lora(tmp_path, *extra):
         "train.batch_size=4", "train.steps=4", "train.eval_every=2", "train.eval_batches=1",
         "train.checkpoint_every=2", "train.sample_tokens=0", "model.vocab_size=320",
         "lora.rank=2", "lora.targets=wq,wv,w_in", *extra])
+
+
+def test_lora_mfu_counts_the_frozen_base_at_four_flops(tmp_path, monkeypatch):
+    """A LoRA run's MFU takes 4 FLOPs a token for each frozen matmul weight and 6 for each
+    adapter (`flops_per_token(..., frozen=)`), not 6 for the whole base."""
+    from llmjax.train import loop
+    monkeypatch.setattr(loop, "device_peak_flops", lambda: 1e9)
+    cfg = tiny_lora(tmp_path, "train.steps=4")
+    result = train(cfg, progress=False)
+    base = count_params(split_model(init_model(cfg.model))[1])
+    per_token = flops_per_token(cfg.model, base + result.trainable_params, 32, frozen=matmul_params(cfg.model, base))
+    assert per_token < flops_per_token(cfg.model, base, 32)
+    rows = [r for r in read_metrics(cfg.run_dir) if r.get("mfu")]
+    assert rows, "no eval line with an MFU"
+    for r in rows:
+        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * per_token / 1e9, rel=1e-9)
 
 
 def test_lora_resume_is_bit_identical_and_needs_the_same_base(tmp_path):

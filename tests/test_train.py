@@ -61,3 +61,13 @@ def test_flops_per_token_gpt2_small():
     n = 124_439_808
     # nanoGPT's count: N excludes position embeddings, attention adds 12·L·d·T.
     assert flops_per_token(cfg, n, 1024) == 6 * (n - 1024 * 768) + 12 * 12 * 768 * 1024
+
+
+def test_flops_per_token_counts_frozen_weights_at_four():
+    """LoRA: the frozen base's matmul weights cost 4 FLOPs a token (no weight gradient), the
+    adapters 6."""
+    cfg = load_config(overrides=["preset=gpt2-small"]).model
+    base, adapters = 124_439_808, 1_000_000
+    matmuls = base - 1024 * 768
+    assert flops_per_token(cfg, base + adapters, 1024, frozen=matmuls) == \
+        4 * matmuls + 6 * adapters + 12 * 12 * 768 * 1024

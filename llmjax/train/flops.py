@@ -43,9 +43,15 @@ def matmul_params(cfg: ModelConfig, n_params: int) -> int:
     return n
 
 
-def flops_per_token(cfg: ModelConfig, n_params: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6·N + 12·L·d·T."""
-    return 6 * matmul_params(cfg, n_params) + 12 * cfg.n_layers * cfg.d_model * seq_len
+def flops_per_token(cfg: ModelConfig, n_params: int, seq_len: int, frozen: int = 0) -> float:
+    """Training FLOPs per token: 6·N + 12·L·d·T, less 2 for each of `frozen` matmul weights.
+
+    A frozen weight (LoRA's base) has no gradient of its own: its forward product and the
+    backward's product for the activations' gradient make 4, not 6. LoRA's adapters count 6
+    each, as if applied as x·A·B; the step merges them into W instead, and what XLA then spends
+    on W's gradient is, like rematerialization, work that model FLOPs do not count. n_params:
+    every parameter, the frozen ones among them."""
+    return 6 * matmul_params(cfg, n_params) - 2 * frozen + 12 * cfg.n_layers * cfg.d_model * seq_len
 
 
 def device_peak_flops(device=None) -> float | None:

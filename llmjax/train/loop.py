@@ -25,7 +25,7 @@ from llmjax.config import ConfigError, ExperimentConfig, save_config
 from llmjax.data import BatchIterator, load_dataset
 from llmjax.decode import generate
 from llmjax.models import count_params, init_model, split_model
-from llmjax.train.flops import device_peak_flops, flops_per_token
+from llmjax.train.flops import device_peak_flops, flops_per_token, matmul_params
 from llmjax.train.metrics import MetricsLogger
 from llmjax.train.optimizer import lr_schedule, make_optimizer
 from llmjax.train.step import (
@@ -187,13 +187,15 @@ def train(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = 
                         out_shardings=None if mesh is None else base_sh)
         model_params = lambda: merge(base, state["params"])
     n_params = count_params(base if base is not None else params)
+    n_trainable = count_params(state["params"])
     tokens_per_step = tc.batch_size * cfg.data.seq_len
-    flops_per_step = flops_per_token(cfg.model, n_params, cfg.data.seq_len) * tokens_per_step
+    frozen_matmuls = 0 if base is None else matmul_params(cfg.model, n_params)  # LoRA's base: 4 FLOPs, not 6
+    flops_per_step = tokens_per_step * flops_per_token(
+        cfg.model, n_params + (0 if base is None else n_trainable), cfg.data.seq_len, frozen=frozen_matmuls)
     peak = device_peak_flops()  # one device's; the step's FLOPs are the whole mesh's
     peak = peak and peak * (1 if mesh is None else mesh.devices.size)
     print(f"{cfg.name}: {n_params / 1e6:.2f}M params, {len(data.train)} train / {len(data.val)} val "
           f"sequences of {cfg.data.seq_len} tokens, unigram entropy {data.unigram_entropy:.3f} nats/token")
-    n_trainable = count_params(state["params"])
     if lora_cfg is not None:
         print(f"LoRA rank {lora_cfg.rank}, alpha {lora_cfg.alpha:g} on {','.join(lora_cfg.target_names)}: "
               f"{n_trainable:,} trainable params ({100 * n_trainable / n_params:.2f}% of the base)")
