@@ -33,9 +33,9 @@ class ConfigError(ValueError):
         self.key, self.value = key, value
 
 
-def _check_choice(key: str, value: str, choices: tuple[str, ...]):
+def _check_choice(key: str, value: str, choices: tuple[str, ...], note: str = ""):
     if value not in choices:
-        raise ConfigError(key, value, "one of " + ", ".join(choices))
+        raise ConfigError(key, value, "one of " + ", ".join(choices) + (f" ({note})" if note else ""))
 
 
 def _check_positive(prefix: str, obj, names: tuple[str, ...], allow_zero=False):
@@ -212,7 +212,8 @@ class MeshConfig:
 
         _check_positive("mesh", self, ("data", "fsdp", "pipeline", "expert", "sequence", "tensor",
                                        "pp_microbatches", "num_processes"))
-        _check_choice("mesh.rules", self.rules, tuple(RULE_PRESETS))
+        _check_choice("mesh.rules", self.rules, tuple(RULE_PRESETS),
+                      "pipeline stages are mesh.pipeline > 1 beside any of them")
         _check_choice("mesh.pp_schedule", self.pp_schedule, ("gpipe", "1f1b"))
         if self.process_id is not None and not 0 <= self.process_id < self.num_processes:
             raise ConfigError("mesh.process_id", self.process_id,
