@@ -176,6 +176,13 @@ def resolve_grouped_matmul(grouped_matmul: str, dtype) -> str:
     return grouped_matmul
 
 
+def _bias_rows(bias, row_expert):
+    """Each row's expert bias, [E, N] -> [rows, N], in the bias's dtype. The lookup runs in fp32
+    so that its gradient, a scatter-add of every row into its expert's bias, sums in fp32 (in
+    bf16 it lost ~10% of accuracy against the dense impl's reduction)."""
+    return jnp.take(bias.astype(jnp.float32), row_expert, axis=0, mode="clip").astype(bias.dtype)
+
+
 def _pallas_grouped_ffn(rows, row_expert, experts: dict, backend: str):
     """grouped_ffn through the Pallas kernels: one gather into the padded layout, every matmul
     of the expert MLP in it (padding rows stay apart: each row's output depends on it alone),
@@ -186,7 +193,7 @@ def _pallas_grouped_ffn(rows, row_expert, experts: dict, backend: str):
     row_group = layout.padded_row_group()  # [P]; E on spare tiles, clipped for the bias lookup
     y = ffn(gmm.pad_rows(rows, layout), experts,
             lambda a, w: gmm.padded_grouped_matmul(a, w, layout, backend=backend, interpret=interpret),
-            lambda b: jnp.take(b, row_group, axis=0, mode="clip"))
+            lambda b: _bias_rows(b, row_group))
     return gmm.unpad_rows(y, layout)
 
 
@@ -205,7 +212,7 @@ def grouped_ffn(rows, row_expert, experts: dict, grouped_matmul: str = "auto"):
     sorted_expert = row_expert[order]
     group_sizes = jnp.bincount(row_expert, length=n_experts)  # id E falls outside: not computed
     y = ffn(rows[order], experts, lambda a, w: jax.lax.ragged_dot(a, w, group_sizes),
-            lambda b: jnp.take(b, sorted_expert, axis=0, mode="clip"))
+            lambda b: _bias_rows(b, sorted_expert))
     y = jnp.where((sorted_expert < n_experts)[:, None], y, 0)
     return jnp.zeros_like(y).at[order].set(y, unique_indices=True)
 
