@@ -75,14 +75,15 @@ def stack_caches(caches) -> tuple:
     return tuple(jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (k, v))
 
 
-def step_logits(model, weights, tokens, positions, cache, *, attention_splits: int = 8, concurrent: int = 2,
+def step_logits(model, weights, tokens, positions, cache, *, attention_splits: int = 8, concurrent: int = 3,
                 interpret: bool = False):
     """One decode step: tokens, positions [1, 1] -> fp32 logits [1, V] and the updated (k, v)
     cache (`stack_caches`). weights: from `step_weights`. attention_splits: CTAs a kv head
     (the cache's chunks split between them; on an H100, 6 splits took the step from 1.082 to
     1.004 ms at 2 slots (bench_kernels decode_step, 2026-12-06), and 8 are ~1% faster than 6
     from 320 positions on, where the last split, which takes the new token, has no chunk of its
-    own). concurrent: weight tiles in flight a CTA (2 and 4 time the same).
+    own). concurrent: weight tiles in flight a CTA (on an H100, 3 are ~0.5% faster than 2, and
+    4 no faster than 3: benchmarks/NOTES.md, twenty-fourth session).
     interpret: Pallas interpret mode (CPU tests)."""
     cfg = model.cfg
     n_layers = cfg.n_layers
