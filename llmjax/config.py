@@ -213,7 +213,7 @@ class MeshConfig:
         _check_positive("mesh", self, ("data", "fsdp", "pipeline", "expert", "sequence", "tensor",
                                        "pp_microbatches", "num_processes"))
         _check_choice("mesh.rules", self.rules, tuple(RULE_PRESETS),
-                      "pipeline stages are mesh.pipeline > 1 beside any of them")
+                      "for pipeline stages, keep a preset and set mesh.pipeline > 1")
         _check_choice("mesh.pp_schedule", self.pp_schedule, ("gpipe", "1f1b"))
         if self.process_id is not None and not 0 <= self.process_id < self.num_processes:
             raise ConfigError("mesh.process_id", self.process_id,

@@ -70,8 +70,7 @@ def _unknown_preset(name) -> ValueError:
     close = difflib.get_close_matches(str(name), PRESETS, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return ValueError(f"mesh.rules={name!r} is not a rule preset; use one of "
-                      f"{', '.join(PRESETS)}{hint} (pipeline stages are no preset: mesh.pipeline > 1 "
-                      f"splits the layers over `pipeline` beside any of them)")
+                      f"{', '.join(PRESETS)}{hint}; for pipeline stages, keep a preset and set mesh.pipeline > 1")
 
 
 def get_rules(name: str) -> Rules:

@@ -47,7 +47,7 @@ def test_saved_config_loads_back_equal(tmp_path):
     (["decode.top_p=0"], r"decode\.top_p=0\.0"),
     (["decode.temperature=1e-39"], r"decode\.temperature=1e-39.*0 \(greedy\) or >= 1\.175e-38"),  # 0 to XLA
     (["model.n_layers"], r"key=value"),
-    (["mesh.rules=pp"], r"mesh\.rules='pp'.*dp, fsdp.*\(pipeline stages are mesh\.pipeline > 1 beside any of them\)"),
+    (["mesh.rules=pp"], r"mesh\.rules='pp'.*dp, fsdp.*\(for pipeline stages, keep a preset and set mesh\.pipeline"),
 ])
 def test_bad_configs_name_key_and_value(overrides, match):
     with pytest.raises(ConfigError, match=match):

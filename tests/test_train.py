@@ -69,5 +69,5 @@ def test_flops_per_token_counts_frozen_weights_at_four():
     cfg = load_config(overrides=["preset=gpt2-small"]).model
     base, adapters = 124_439_808, 1_000_000
     matmuls = base - 1024 * 768
-    assert flops_per_token(cfg, base + adapters, 1024, frozen=matmuls) == \
+    assert flops_per_token(cfg, base + adapters, 1024, n_frozen=matmuls) == \
         4 * matmuls + 6 * adapters + 12 * 12 * 768 * 1024

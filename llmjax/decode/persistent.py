@@ -82,7 +82,7 @@ def step_logits(model, weights, tokens, positions, cache, *, attention_splits: i
     (the cache's chunks split between them; on an H100, 6 splits took the step from 1.082 to
     1.004 ms at 2 slots (bench_kernels decode_step, 2026-12-06), and 8 are ~1% faster than 6
     from 320 positions on, where the last split, which takes the new token, has no chunk of its
-    own). concurrent: weight tiles in flight a CTA (on an H100, 3 are ~0.5% faster than 2, and
+    own). concurrent: weight tiles in flight a CTA (on an H100, 3 are ~0.4% faster than 2, and
     4 no faster than 3: benchmarks/NOTES.md, twenty-fourth session).
     interpret: Pallas interpret mode (CPU tests)."""
     cfg = model.cfg

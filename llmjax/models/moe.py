@@ -179,7 +179,7 @@ def resolve_grouped_matmul(grouped_matmul: str, dtype) -> str:
 def _bias_rows(bias, row_expert):
     """Each row's expert bias, [E, N] -> [rows, N], in the bias's dtype. The lookup runs in fp32
     so that its gradient, a scatter-add of every row into its expert's bias, sums in fp32 (in
-    bf16 it lost ~10% of accuracy against the dense impl's reduction)."""
+    bf16 that sum was 4-9% further from the fp32 reference than the dense impl's)."""
     return jnp.take(bias.astype(jnp.float32), row_expert, axis=0, mode="clip").astype(bias.dtype)
 
 

@@ -1,7 +1,8 @@
 """FLOP and MFU accounting (Kaplan et al. 2020; PaLM, Chowdhery et al. 2022, appendix B).
 
 Training FLOPs per token = 6·N + 12·L·d·T: 6·N for the forward and backward matmuls of
-N weights, 12·L·d·T for the attention scores and values (T = sequence length).
+N weights, 12·L·d·T for the attention scores and values (T = sequence length). A frozen weight
+(LoRA's base) counts 4, not 6: it has no gradient of its own.
 """
 import jax
 
@@ -43,15 +44,15 @@ def matmul_params(cfg: ModelConfig, n_params: int) -> int:
     return n
 
 
-def flops_per_token(cfg: ModelConfig, n_params: int, seq_len: int, frozen: int = 0) -> float:
-    """Training FLOPs per token: 6·N + 12·L·d·T, less 2 for each of `frozen` matmul weights.
+def flops_per_token(cfg: ModelConfig, n_params: int, seq_len: int, n_frozen: int = 0) -> float:
+    """Training FLOPs per token: 6·N + 12·L·d·T, less 2 for each of `n_frozen` matmul weights.
 
     A frozen weight (LoRA's base) has no gradient of its own: its forward product and the
     backward's product for the activations' gradient make 4, not 6. LoRA's adapters count 6
     each, as if applied as x·A·B; the step merges them into W instead, and what XLA then spends
     on W's gradient is, like rematerialization, work that model FLOPs do not count. n_params:
     every parameter, the frozen ones among them."""
-    return 6 * matmul_params(cfg, n_params) - 2 * frozen + 12 * cfg.n_layers * cfg.d_model * seq_len
+    return 6 * matmul_params(cfg, n_params) - 2 * n_frozen + 12 * cfg.n_layers * cfg.d_model * seq_len
 
 
 def device_peak_flops(device=None) -> float | None:

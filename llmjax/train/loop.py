@@ -189,9 +189,12 @@ def train(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = 
     n_params = count_params(base if base is not None else params)
     n_trainable = count_params(state["params"])
     tokens_per_step = tc.batch_size * cfg.data.seq_len
-    frozen_matmuls = 0 if base is None else matmul_params(cfg.model, n_params)  # LoRA's base: 4 FLOPs, not 6
-    flops_per_step = tokens_per_step * flops_per_token(
-        cfg.model, n_params + (0 if base is None else n_trainable), cfg.data.seq_len, frozen=frozen_matmuls)
+    if base is None:
+        per_token = flops_per_token(cfg.model, n_params, cfg.data.seq_len)
+    else:  # LoRA: the base's matmul weights are frozen (4 FLOPs a token), the adapters train (6)
+        per_token = flops_per_token(cfg.model, n_params + n_trainable, cfg.data.seq_len,
+                                    n_frozen=matmul_params(cfg.model, n_params))
+    flops_per_step = per_token * tokens_per_step
     peak = device_peak_flops()  # one device's; the step's FLOPs are the whole mesh's
     peak = peak and peak * (1 if mesh is None else mesh.devices.size)
     print(f"{cfg.name}: {n_params / 1e6:.2f}M params, {len(data.train)} train / {len(data.val)} val "

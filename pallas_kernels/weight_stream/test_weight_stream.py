@@ -25,7 +25,8 @@ def test_every_tile_is_read_in_whole_rounds(n, k, concurrent):
     assert read == {(r, c) for r in range(n // TILE_N) for c in range(k // TILE_K)}
 
 
-@pytest.mark.parametrize("n,k,ctas,concurrent", [(128, 512, 3, 2), (256, 256, 5, 4), (64, 1024, 8, 1), (192, 768, 4, 3)])
+@pytest.mark.parametrize("n,k,ctas,concurrent",
+                         [(128, 512, 3, 2), (256, 256, 5, 4), (64, 1024, 8, 1), (192, 768, 4, 3)])
 def test_reference_schedule_is_the_kernels(n, k, ctas, concurrent):
     """The reference works out each CTA's last tile itself; it must be the tile the kernel's
     schedule (steps_per_phase, tile_of) ends on."""

@@ -183,6 +183,9 @@ def test_check_divisibility_names_the_key(mesh_cfg, batch, match):
 def test_unknown_preset_suggests_the_closest():
     with pytest.raises(ValueError, match=r"mesh.rules='fsdpp' .*\(did you mean 'fsdp'\?\)"):
         get_rules("fsdpp")
+    with pytest.raises(ValueError, match=r"mesh.rules='pp' .*ep; for pipeline stages, keep a preset and set "
+                                         r"mesh.pipeline > 1"):
+        get_rules("pp")
 
 
 @pytest.mark.parametrize("edit,match", [
