@@ -260,8 +260,9 @@ class DecodeConfig:
     persistent_step: the token loop runs each step as one persistent kernel
     (llmjax.decode.persistent) where it applies (as fused_matvec, in bfloat16, with Llama 1.1B's
     attention shape), before fused_matvec. On by default: the faster of the two (Llama 1.1B batch
-    1 on an H100: 0.964 vs 1.048 ms/token, benchmarks/NOTES.md). It needs every SM of the GPU
-    (not an MPS share of them). Both False: XLA's layers."""
+    1 on an H100: 0.964 vs 1.048 ms/token, benchmarks/NOTES.md; its Mosaic GPU kernel has not
+    been timed on an H200). It needs every SM of the GPU (not an MPS share of them). Both False:
+    XLA's layers."""
 
     max_new_tokens: int = 200
     temperature: float = 0.8
