@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +32,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from sharding.axes import ACT_EMBED, BATCH, LAYERS, LENGTH
-from sharding.placement import ShardedStep, constrain, state_shardings_from_tables
+from sharding.placement import ShardedStep, batch_ways, constrain, state_shardings_from_tables
 from sharding.rules import Rules, mesh_axes_of, resolve_rules
 
 SCHEDULES = ("gpipe", "1f1b")
@@ -352,7 +351,7 @@ def make_pipeline_train_step(graphdef, optimizer: optax.GradientTransformation, 
         n_layers = jax.tree.leaves(state["params"]["blocks"])[0].shape[0]
         check_pipeline(n_layers=n_layers, stages=stages, micro_batch=batch.shape[1],
                        microbatches=microbatches,
-                       batch_ways=math.prod(mesh.shape[a] for a in mesh_axes_of(batch_axes)))
+                       batch_ways=batch_ways(mesh, rules))
         state_sh = pipeline_state_shardings(graphdef, state, mesh, rules)
         batch_sh = NamedSharding(mesh, PartitionSpec(None, batch_axes, None))
         return (state_sh, batch_sh), (state_sh, NamedSharding(mesh, PartitionSpec()))

@@ -200,6 +200,11 @@ def batch_sharding(mesh: Mesh, rules: str | Rules, ndim: int = 3) -> NamedShardi
     return NamedSharding(mesh, PartitionSpec(*spec))
 
 
+def batch_ways(mesh: Mesh, rules: str | Rules) -> int:
+    """Devices a batch is split over: the product of the mesh axes in the rules' `batch` row."""
+    return math.prod(mesh.shape[a] for a in mesh_axes_of(dict(resolve_rules(rules)[0])[BATCH]))
+
+
 def shard_state(state: dict, graphdef, mesh: Mesh, rules: str | Rules) -> dict:
     """Place an existing train state (e.g. built unsharded, or restored) on the mesh.
 

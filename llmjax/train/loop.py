@@ -34,11 +34,9 @@ from llmjax.train.step import (
     make_eval_step,
     make_train_step,
 )
-from sharding.axes import BATCH
 from sharding.mesh import make_mesh
 from sharding.pipeline import check_pipeline, make_pipeline_train_step, pipeline_rules, pipeline_state_shardings
-from sharding.placement import shard_batch, shard_state
-from sharding.rules import mesh_axes_of, resolve_rules
+from sharding.placement import batch_ways, shard_batch, shard_state
 
 
 class TrainingDiverged(RuntimeError):
@@ -156,17 +154,16 @@ def train(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = 
     start = int(jax.device_get(state["step"]))
     if stop_after is not None and stop_after <= start:
         raise ConfigError("stop_after", stop_after, f"a step after the one resumed from, {start}")
-    batch_ways = 1 if mesh is None else math.prod(mesh.shape[a] for a in mesh_axes_of(
-        dict((pipeline_rules if pipelined else resolve_rules)(rules)[0])[BATCH]))  # the mesh's batch split
-    val_batches = _eval_batches(data.val, tc.batch_size // tc.grad_accum, tc.eval_batches, batch_ways)
+    ways = 1 if mesh is None else batch_ways(mesh, rules)  # the pipeline's rules split the batch alike
+    val_batches = _eval_batches(data.val, tc.batch_size // tc.grad_accum, tc.eval_batches, ways)
     if not val_batches:  # found now, not at the first eval
         raise ConfigError("data.val_fraction", cfg.data.val_fraction,
-                          f"enough val windows for an eval batch the mesh splits {batch_ways} ways; "
+                          f"enough val windows for an eval batch the mesh splits {ways} ways; "
                           f"got {len(data.val)}")
     if pipelined:  # its shape checks, before the run folder exists (the step makes them at its first call)
         check_pipeline(n_layers=cfg.model.n_layers, stages=cfg.mesh.pipeline,
                        micro_batch=tc.batch_size // tc.grad_accum, microbatches=cfg.mesh.pp_microbatches,
-                       batch_ways=batch_ways)
+                       batch_ways=ways)
     run_dir.mkdir(parents=True, exist_ok=True)  # only now: a run that cannot start leaves its folder as it was
     save_config(cfg, run_dir / "config.yaml")
 
