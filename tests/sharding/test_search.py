@@ -135,14 +135,14 @@ def test_prune_drops_only_what_cannot_fit():
 
 @pytest.fixture(scope="module")
 def auto_run(tmp_path_factory):
-    """The search on the 8-device CPU mesh: the 2 best on paper and 2 more spread over the
-    ranking, timed in 2 interleaved rounds of one step (the timings' quality is the committed
-    benchmark's business, not this test's). It runs as the command a user types, in a process
-    of its own: under the persistent compilation cache this conftest turns on, the pp_fsdp CPU
+    """The search on the 8-device CPU mesh: the best on paper and one more from across the
+    ranking (each timed row is a compile: two keep the suite short), timed in 2 interleaved
+    rounds of one step (the timings' quality is the committed benchmark's business, not this
+    test's). It runs as the command a user types, in a process of its own: under the persistent compilation cache this conftest turns on, the pp_fsdp CPU
     step reloaded from the cache hung in a collective's rendezvous until XLA aborted the
     process (jax 0.11.2)."""
     out = tmp_path_factory.mktemp("auto")
-    argv = ["--auto", "--top", "2", "--spread", "2", "--steps", "1", "--rounds", "2", "--remats", "none,full",
+    argv = ["--auto", "--top", "1", "--spread", "1", "--steps", "1", "--rounds", "2", "--remats", "none,full",
             "preset=gpt2-tiny", "name=auto", f"out_dir={out}", "train.batch_size=8", "data.seq_len=16"]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     done = subprocess.run([sys.executable, "-m", "experiments.shard_sweep", *argv], env=env, capture_output=True,
@@ -152,8 +152,8 @@ def auto_run(tmp_path_factory):
 
 
 def test_auto_times_the_chosen_candidates_and_reports_them(auto_run):
-    """What --auto promises about its own record: it times the 2 best on paper and 2 spread
-    ones, names the measured fastest the winner, and reports the paper pick's ratio to it and
+    """What --auto promises about its own record: it times the best on paper and a spread
+    one, names the measured fastest the winner, and reports the paper pick's ratio to it and
     the rank correlation of exactly the rows it timed. How well the cost model predicts the
     timings (the issue's >= 0.8 rank correlation, winner within 10% of the best) is a timing
     claim: it is shown by the committed benchmark (benchmarks/results/layout_search_cpu_*),
@@ -162,7 +162,7 @@ def test_auto_times_the_chosen_candidates_and_reports_them(auto_run):
     run_dir, record = auto_run
     rows, ranking = record["rows"], record["ranking"]
     names = [r["layout"] for r in ranking]
-    assert [r["layout"] for r in rows] == search.to_time(names, 2, 2) and len(rows) == 4
+    assert [r["layout"] for r in rows] == search.to_time(names, 1, 1) and len(rows) == 2
     predicted = {r["layout"]: r["predicted_step_s"] for r in ranking}
     assert all(r["predicted_step_s"] == pytest.approx(predicted[r["layout"]]) for r in rows)
     best = min(r["step_s"] for r in rows)
@@ -175,7 +175,7 @@ def test_auto_times_the_chosen_candidates_and_reports_them(auto_run):
     assert all(r["loss"] > 0 and r["compiled_bytes"] > 0 and r["collective_count"] >= 1 for r in rows)
     printed = format_auto(record)
     assert f"winner: {record['winner']}" in printed
-    assert "rank correlation predicted vs measured over 4 timed" in printed
+    assert "rank correlation predicted vs measured over 2 timed" in printed
 
 
 def test_auto_prune_keeps_every_layout_that_fits_by_its_compiled_memory(auto_run):
