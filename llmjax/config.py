@@ -208,12 +208,11 @@ class MeshConfig:
     process_id: int | None = None
 
     def __post_init__(self):
-        from sharding.rules import PRESETS as RULE_PRESETS
+        from sharding.rules import PIPELINE_HINT, PRESETS as RULE_PRESETS
 
         _check_positive("mesh", self, ("data", "fsdp", "pipeline", "expert", "sequence", "tensor",
                                        "pp_microbatches", "num_processes"))
-        _check_choice("mesh.rules", self.rules, tuple(RULE_PRESETS),
-                      "for pipeline stages, keep a preset and set mesh.pipeline > 1")
+        _check_choice("mesh.rules", self.rules, tuple(RULE_PRESETS), PIPELINE_HINT)
         _check_choice("mesh.pp_schedule", self.pp_schedule, ("gpipe", "1f1b"))
         if self.process_id is not None and not 0 <= self.process_id < self.num_processes:
             raise ConfigError("mesh.process_id", self.process_id,

@@ -50,6 +50,7 @@ def _table(**mesh_axes_by_name: MeshAxes) -> Rules:
 _TP = {HEADS: "tensor", KV_HEADS: "tensor", MLP: "tensor", VOCAB: "tensor",
        ACT_HEADS: "tensor", ACT_MLP: "tensor", ACT_VOCAB: "tensor"}
 
+PIPELINE_HINT = "for pipeline stages, keep a preset and set mesh.pipeline > 1"  # there is no `pp` preset
 PRESETS: dict[str, Rules] = {
     "dp": _table(**{BATCH: _BATCH_AXES}),
     "fsdp": _table(**{EMBED: "fsdp", BATCH: _BATCH_AXES}),
@@ -70,7 +71,7 @@ def _unknown_preset(name) -> ValueError:
     close = difflib.get_close_matches(str(name), PRESETS, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return ValueError(f"mesh.rules={name!r} is not a rule preset; use one of "
-                      f"{', '.join(PRESETS)}{hint}; for pipeline stages, keep a preset and set mesh.pipeline > 1")
+                      f"{', '.join(PRESETS)}{hint}; {PIPELINE_HINT}")
 
 
 def get_rules(name: str) -> Rules:

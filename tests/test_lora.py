@@ -245,7 +245,7 @@ def tiny_lora(tmp_path, *extra):
 
 def test_lora_mfu_counts_the_frozen_base_at_four_flops(tmp_path, monkeypatch):
     """A LoRA run's MFU takes 4 FLOPs a token for each frozen matmul weight and 6 for each
-    adapter (`flops_per_token(..., frozen=)`), not 6 for the whole base."""
+    adapter (`flops_per_token(..., n_frozen=)`), not 6 for the whole base."""
     from llmjax.train import loop
     monkeypatch.setattr(loop, "device_peak_flops", lambda: 1e9)
     cfg = tiny_lora(tmp_path)

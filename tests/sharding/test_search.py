@@ -138,9 +138,9 @@ def auto_run(tmp_path_factory):
     """The search on the 8-device CPU mesh: the best on paper and one more from across the
     ranking (each timed row is a compile: two keep the suite short), timed in 2 interleaved
     rounds of one step (the timings' quality is the committed benchmark's business, not this
-    test's). It runs as the command a user types, in a process of its own: under the persistent compilation cache this conftest turns on, the pp_fsdp CPU
-    step reloaded from the cache hung in a collective's rendezvous until XLA aborted the
-    process (jax 0.11.2)."""
+    test's). It runs as the command a user types, in a process of its own: under the
+    persistent compilation cache this conftest turns on, the pp_fsdp CPU step reloaded from the
+    cache hung in a collective's rendezvous until XLA aborted the process (jax 0.11.2)."""
     out = tmp_path_factory.mktemp("auto")
     argv = ["--auto", "--top", "1", "--spread", "1", "--steps", "1", "--rounds", "2", "--remats", "none,full",
             "preset=gpt2-tiny", "name=auto", f"out_dir={out}", "train.batch_size=8", "data.seq_len=16"]
