@@ -36,6 +36,8 @@ def llama(layers: int, d: int, mlp: int, vocab: int, attention_splits: int = 1):
     layer_phases[0] = dataclasses.replace(layer_phases[0], rope=(attn.Q_HEADS + attn.KV_HEADS) * attn.HEAD_DIM)
     merged = attention_splits > 1
     layer_phases[1] = Phase(1, "merge" if merged else "copy", "attn", "mid", residual="h", attention=attention)
-    vectors.update(attn=Vector(attn.Q_HEADS * attn.HEAD_DIM * (2 * attention_splits if merged else 1), layers),
+    # attn is stored, not added, and read only by its layer's o phase: one row serves every layer,
+    # which keeps the workspace run_phases zeroes each step small (a row a layer was 2.9 MB of 4.6).
+    vectors.update(attn=Vector(attn.Q_HEADS * attn.HEAD_DIM * (2 * attention_splits if merged else 1)),
                    new_kv=Vector(2 * attn.KV_HEADS * attn.HEAD_DIM, layers))
     return shapes, norm_shapes, layer_phases, final_phases, vectors
