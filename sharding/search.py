@@ -337,7 +337,8 @@ def search(model_cfg, n_params: float, n_devices: int, hw: Hardware, *, batch_si
 
 
 def rank_correlation(xs, ys) -> float:
-    """Spearman's rank correlation (average ranks for ties); nan for fewer than 2 points."""
+    """Spearman's rank correlation (average ranks for ties); nan for fewer than 2 points or where
+    either side has a single value (no order to correlate)."""
     if len(xs) < 2:
         return float("nan")
 
