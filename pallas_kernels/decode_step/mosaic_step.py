@@ -31,6 +31,14 @@ The activations live in one fp32 workspace that the caller zeroes (with the step
 place) and the kernel updates in place. A step's layers share one traced body: the phases of a
 layer run in a loop over layers, so the kernel compiles one layer, not all of them.
 
+One crossing waits on less than the grid: a SwiGLU phase right after the phase that writes its
+source (Llama's down after gate|up), where the CTA count is a multiple of its 256-entry chunks
+of x (an H100's 132 over Llama 1.1B's 22). Then the two phases split by chunk instead: chunk c
+goes to a group of C / chunks CTAs, which take all of gate|up's tiles that feed chunk c (its
+256 gate and 256 up rows) and all of down's tiles that read it, and down waits on a counter a
+chunk, signalled once by each CTA of the group, not on every CTA (0.5% faster a step on an H100
+than the grid barrier there). A group's CTAs with a gate|up tile fewer take the extra down tile.
+
 The grid barriers need every CTA resident at once (one an SM, launched as an ordinary grid):
 a kernel that holds SMs on another stream meanwhile could keep a CTA from starting, and the
 others would wait for it forever.
@@ -120,23 +128,25 @@ def layout_of(vectors: dict[str, Vector]) -> tuple[dict[str, int], int]:
     return offsets, end
 
 
-def _signal(done, after_tma: bool):
-    """+1 on done, releasing every thread's writes at GPU scope (the waits acquire): a warpgroup
-    barrier, then from one thread fence.release.gpu and a relaxed add. after_tma: the writes
+def _signal(*sems, after_tma: bool):
+    """+1 on each semaphore, releasing every thread's writes at GPU scope (the waits acquire): a
+    warpgroup barrier, then from one thread fence.release.gpu and a relaxed add to each (one
+    release serves them all; a release a tile measured 8% slower a step). after_tma: the writes
     include completed TMA reduce-adds (async proxy), which other CTAs read with generic loads, so
     a proxy fence orders them first. The release costs ~0.07 ms a step against an unsafe
     relaxed add: it waits for the phase's adds to land in a memory system that the weight stream
     keeps busy (benchmarks/NOTES.md, twenty-first session)."""
-    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),))
-    def _(ctx, sem):
+    @plgpu.inline_mgpu(arg_types=tuple(plgpu.RefType() for _ in sems))
+    def _(ctx, *refs):
         mgpu_utils.warpgroup_barrier()
         one = mgpu_utils.single_thread_predicate(mgpu_utils.ThreadSubset.WARPGROUP)
         if after_tma:
             mgpu_utils.inline_ptx("fence.proxy.async.global;", predicate=one, has_side_effects=True)
         mgpu_utils.inline_ptx("fence.release.gpu;", predicate=one, has_side_effects=True)
-        mgpu_utils.inline_ptx("red.relaxed.gpu.global.add.u32 [$0], 1;", mgpu_utils.memref_ptr(sem),
-                              predicate=one, has_side_effects=True)
-    _(done)
+        for sem in refs:
+            mgpu_utils.inline_ptx("red.relaxed.gpu.global.add.u32 [$0], 1;", mgpu_utils.memref_ptr(sem),
+                                  predicate=one, has_side_effects=True)
+    _(*sems)
 
 
 def _wait(done, count):
@@ -154,6 +164,35 @@ def tile_share(cta, rotation, tiles: int, ctas: int):
     first + ctas, ..., tile t going to CTA (t + rotation) mod ctas (rotation in [0, ctas))."""
     first = lax.rem(cta - rotation + ctas, ctas)
     return first, tiles // ctas + jnp.where(first < tiles % ctas, 1, 0)
+
+
+def chunk_share(cta, tiles: int, size: int, skip: int):
+    """(first, count) of CTA `cta` in its chunk group (CTAs size g .. size g + size - 1 for chunk
+    g) of a phase with `tiles` tiles a chunk: member (cta - skip) mod size takes the chunk's
+    tiles first, first + size, ... skip: the members [skip, size) took a tile fewer in the
+    phase before, so they come first here."""
+    first = lax.rem(cta - skip + size, size)
+    return first, tiles // size + jnp.where(first < tiles % size, 1, 0)
+
+
+def feeding_tile(t, chunk, n: int, k: int):
+    """(row block, column block) of tile t of the 2 (256 / 64) (K / 256) tiles of an [n, k]
+    matrix (gate's rows over up's) that feed chunk `chunk` of SwiGLU's x: gate's first."""
+    per_half, blocks = (TILE_K // TILE_N) * (k // TILE_K), k // TILE_K
+    rows = (t // per_half) * (n // 2 // TILE_N) + (TILE_K // TILE_N) * chunk + lax.rem(t, per_half) // blocks
+    return rows, lax.rem(t, blocks)
+
+
+def _chunk_pair(layer_phases, shapes, ctas: int):
+    """(p, chunks) if layer phase p + 1 is a SwiGLU phase reading only chunks of the source that
+    phase p writes (gate over up, as rows), split into `chunks` of 256 entries with a group of
+    CTAs each; else None."""
+    for p, (feeds, fed) in enumerate(zip(layer_phases, layer_phases[1:])):
+        k = shapes[fed.weight][-1]
+        if (fed.x == "swiglu" and _named(feeds.out) == _named(fed.source) and shapes[feeds.weight][-2] == 2 * k
+                and ctas % (k // TILE_K) == 0 and _slotted(fed, shapes[fed.weight], ctas)):
+            return p, k // TILE_K
+    return None
 
 
 def _tile_at(t, k: int):
@@ -185,18 +224,42 @@ def _kernel(*refs, layer_phases, final_phases, shapes, vectors, offsets, layers,
     cta = lax.axis_index("sm")
     done = None if interpret else pl.get_global(plgpu.SemaphoreType.REGULAR)  # phases done, summed over CTAs
     tiles = [(s[-2] // TILE_N) * (s[-1] // TILE_K) for s in shapes]
+    pair = None if interpret else _chunk_pair(layer_phases, shapes, ctas)
+    roles = {pair[0]: "feeds", pair[0] + 1: "fed"} if pair else {}  # layer phase -> its part in the pair
+    if pair:
+        chunks = pair[1]
+        group = ctas // chunks
+        chunk_done = pl.get_global(plgpu.SemaphoreType.REGULAR((chunks,)))  # a chunk's group CTAs done, summed
+        mine_chunk = cta // group
     extra = lambda phases: sum(tiles[ph.weight] % ctas for ph in phases)  # noqa: E731
     per_layer_extra = extra(layer_phases)
 
     def rotation_of(layer, in_loop, p):
         return lax.rem(layer * per_layer_extra + extra((layer_phases if in_loop else final_phases)[:p]), ctas)
 
+    def share_of(phase, role, rotation):
+        """(first, count): this CTA's tiles of the phase (`tile_at` names them)."""
+        if role is None:
+            return tile_share(cta, rotation, tiles[phase.weight], ctas)
+        skip = 0 if role == "feeds" else (tiles[layer_phases[pair[0]].weight] // chunks) % group
+        return chunk_share(cta, tiles[phase.weight] // chunks, group, skip)
+
+    def tile_at(phase, role, first, i, k):
+        """(row block, column block) of this CTA's i-th tile (past its count, the column block is
+        still one of the matrix's: build_x reads x there and never uses it)."""
+        if role is None:
+            return _tile_at(first + i * ctas, k)
+        t = first + i * group  # of the chunk's tiles
+        if role == "fed":  # row block t of column block mine_chunk
+            return t, mine_chunk
+        return feeding_tile(t, mine_chunk, *shapes[phase.weight][-2:])
+
     def vector_ref(ref, layer, start, length):
         name, delta = _named(ref)
         row = layer + delta - vectors[name].first if vectors[name].rows > 1 else 0
         return acts.at[pl.ds(offsets[name] + row * vectors[name].n + start, length)]
 
-    def build_x(phase, n, k, first, layer, scale):
+    def build_x(phase, role, n, k, first, layer, scale):
         """x of a phase, rounded to bf16, into x_smem (fp32): at column offsets, or at tile
         offsets if slotted. Every load is issued before any arithmetic: one round trip to L2.
         scale: a norm phase's RMSNorm scale, already loaded (None for the others)."""
@@ -224,9 +287,7 @@ def _kernel(*refs, layer_phases, final_phases, shapes, vectors, offsets, layers,
             v = load(0, k)
             x_smem.at[pl.ds(0, k)][...] = finish(v, scale)
             return
-        last = tiles[phase.weight] - 1  # past a CTA's count: any chunk, never used
-        starts = [_tile_at(jnp.minimum(first + i * ctas, last), k)[1] * TILE_K
-                  for i in range(_most_tiles((n, k), ctas))]
+        starts = [tile_at(phase, role, first, i, k)[1] * TILE_K for i in range(_most_tiles((n, k), ctas))]
         loads = [load(start, TILE_K) for start in starts]
         for i, v in enumerate(loads):
             x_smem.at[pl.ds(i * TILE_K, TILE_K)][...] = finish(v)
@@ -270,28 +331,32 @@ def _kernel(*refs, layer_phases, final_phases, shapes, vectors, offsets, layers,
     before = [sum(map(_barriers, layer_phases[:p])) for p in range(len(layer_phases))]
 
     def phases_of(side):
-        """Run side(phase, layer, in_loop, number, rotation, count) over the chain, the layer loop
-        and then the final phases (number: grid barriers before the phase; count: the tiles this
-        CTA took before it, whose slot and barrier parity the next tile follows). Both
-        warpgroups walk it: the same schedule, the same count."""
+        """Run side(phase, role, layer, in_loop, number, rotation, count) over the chain, the layer
+        loop and then the final phases (role: "feeds", "fed" or None, the phase's part in the
+        chunk pair; number: grid barriers before the phase; count: the tiles this CTA took
+        before it, whose slot and barrier parity the next tile follows). Both warpgroups walk
+        it: the same schedule, the same count."""
         def layer_body(layer, count):
             for p, phase in enumerate(layer_phases):
-                count = side(phase, layer, True, layer * per_layer + before[p], rotation_of(layer, True, p), count)
+                number = layer * per_layer + before[p]
+                count = side(phase, roles.get(p), layer, True, number, rotation_of(layer, True, p), count)
             return count
 
         count = lax.fori_loop(0, layers, layer_body, jnp.int32(0)) if layers else jnp.int32(0)
         for p, phase in enumerate(final_phases):
             number = per_layer * layers + sum(map(_barriers, final_phases[:p]))
-            count = side(phase, layers, False, number, rotation_of(layers, False, p), count)
+            count = side(phase, None, layers, False, number, rotation_of(layers, False, p), count)
         return count
 
-    def compute(phase, layer, in_loop, number, rotation, count, turn=None, pos=None):
+    def compute(phase, role, layer, in_loop, number, rotation, count, turn=None, pos=None):
         n, k = shapes[phase.weight][-2:]
-        first, mine = tile_share(cta, rotation, tiles[phase.weight], ctas)
+        first, mine = share_of(phase, role, rotation)
         scale = None  # a weight: loaded before the wait, so the x build's round trip carries only the vector
         if phase.x == "norm":
             scale = norms[phase.norm].at[layer if in_loop else 0][...]
-        if not interpret:  # every CTA has finished the phases before
+        if role == "fed":  # the CTAs of its chunk group have fed this CTA's chunk of x
+            _wait(chunk_done.at[mine_chunk], group * (layer + 1))
+        elif not interpret:  # every CTA has finished the phases before
             _wait(done, number * ctas)
         if phase.attention is not None:
             attend(phase.attention, layer, pos)
@@ -299,13 +364,13 @@ def _kernel(*refs, layer_phases, final_phases, shapes, vectors, offsets, layers,
                 _signal(done, after_tma=False)
                 _wait(done, (number + 1) * ctas)
         plgpu.commit_smem()  # every thread is done with the last phase's x
-        build_x(phase, n, k, first, layer, scale)
+        build_x(phase, role, n, k, first, layer, scale)
         plgpu.commit_smem()
         slotted = _slotted(phase, (n, k), ctas)
 
         def tile(i, count):
             slot = lax.rem(count, concurrent)
-            rows, cols = _tile_at(first + i * ctas, k)
+            rows, cols = tile_at(phase, role, first, i, k)
             if phase.residual is not None:  # issued before the wait for the tile: its round trip overlaps it
                 res = plgpu.load(vector_ref(phase.residual, layer, rows * TILE_N, TILE_N), layout=ROWS,
                                  optimized=False)
@@ -325,18 +390,18 @@ def _kernel(*refs, layer_phases, final_phases, shapes, vectors, offsets, layers,
         count = lax.fori_loop(0, mine, tile, count)
         if not interpret:
             plgpu.wait_smem_to_gmem(0)  # this CTA's adds have landed
-            _signal(done, after_tma=True)
+            _signal(*([chunk_done.at[mine_chunk]] if role == "feeds" else []), done, after_tma=True)
         return count
 
-    def fetch(phase, layer, in_loop, number, rotation, count):
+    def fetch(phase, role, layer, in_loop, number, rotation, count):
         k = shapes[phase.weight][-1]
-        first, mine = tile_share(cta, rotation, tiles[phase.weight], ctas)
+        first, mine = share_of(phase, role, rotation)
         w = weights[phase.weight].at[layer] if in_loop else weights[phase.weight]
 
         def tile(i, count):
             slot = lax.rem(count, concurrent)
             pl.when(count >= concurrent)(lambda: plgpu.barrier_wait(consumed.at[slot]))  # its last tile is read
-            rows, cols = _tile_at(first + i * ctas, k)
+            rows, cols = tile_at(phase, role, first, i, k)
             plgpu.copy_gmem_to_smem(w.at[pl.ds(rows * TILE_N, TILE_N), pl.ds(cols * TILE_K, TILE_K)],
                                     w_slots.at[slot], produced.at[slot])
             return count + 1

@@ -10,7 +10,7 @@ from pallas_kernels import _testing
 from pallas_kernels.decode_step import Attention, Phase, Vector, reference, run_phases
 from pallas_kernels.decode_step import attention as attn
 from pallas_kernels.decode_step.chains import llama, llama_without_attention
-from pallas_kernels.decode_step.mosaic_step import tile_share
+from pallas_kernels.decode_step.mosaic_step import chunk_share, feeding_tile, tile_share
 
 SMALL = dict(layers=2, d=256, heads_dim=256, qkv=384, mlp=512, vocab=512)
 LLAMA_1B = dict(d=2048, heads_dim=2048, qkv=2560, mlp=5632, vocab=32000)
@@ -110,6 +110,33 @@ def test_rotation_spreads_the_extra_tiles():
         totals += np.asarray(tile_share(jnp.arange(ctas, dtype=jnp.int32), jnp.int32(rotation), tiles, ctas)[1])
         rotation = (rotation + tiles % ctas) % ctas
     assert totals.sum() == 63136 and set(totals) == {478, 479}
+
+
+@pytest.mark.parametrize("size,fed_tiles,feeds_tiles", [(6, 32, 64), (66, 4, 8), (5, 7, 3), (5, 4, 8)])
+def test_chunk_share_pairs_the_extra_tiles(size, fed_tiles, feeds_tiles):
+    """A chunk group's CTAs take each of a phase's tiles of the chunk once, and the members with
+    a tile fewer in the feeding phase take the extra tile in the fed one: over Llama 1.1B's
+    gate|up (64 tiles a chunk) and down (32) on 6 CTAs a chunk, every CTA takes 16."""
+    members = jnp.arange(size, dtype=jnp.int32)
+    totals = np.zeros(size, int)
+    for tiles, skip in [(feeds_tiles, 0), (fed_tiles, feeds_tiles % size)]:
+        firsts, counts = (np.asarray(v) for v in chunk_share(members, tiles, size, skip))
+        taken = sorted(int(f) + i * size for f, c in zip(firsts, counts) for i in range(int(c)))
+        assert taken == list(range(tiles))
+        totals += counts
+    assert totals.max() - totals.min() <= 1
+    if (size, fed_tiles, feeds_tiles) == (6, 32, 64):
+        assert set(totals) == {16}
+
+
+def test_feeding_tiles_are_the_chunks_gate_and_up_rows():
+    """Chunk c of Llama 1.1B's SwiGLU x (256 of 5632 entries) is fed by gate|up's 64 tiles over
+    gate rows 256 c .. 256 c + 255 and the same rows of up (5632 rows on): each once."""
+    t = jnp.arange(64, dtype=jnp.int32)
+    for chunk in (0, 5, 21):
+        rows, cols = (np.asarray(v) for v in feeding_tile(t, jnp.int32(chunk), 2 * 5632, 2048))
+        want = {(half * 88 + 4 * chunk + r, c) for half in (0, 1) for r in range(4) for c in range(8)}
+        assert set(zip(rows.tolist(), cols.tolist())) == want and len(set(zip(rows, cols))) == 64
 
 
 def test_llama_layer_lowers_for_hopper():
