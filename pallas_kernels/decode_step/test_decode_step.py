@@ -10,7 +10,7 @@ from pallas_kernels import _testing
 from pallas_kernels.decode_step import Attention, Phase, Vector, reference, run_phases
 from pallas_kernels.decode_step import attention as attn
 from pallas_kernels.decode_step.chains import llama, llama_without_attention
-from pallas_kernels.decode_step.mosaic_step import chunk_share, feeding_tile, tile_share
+from pallas_kernels.decode_step.mosaic_step import _chunk_pair, chunk_share, feeding_tile, tile_share
 
 SMALL = dict(layers=2, d=256, heads_dim=256, qkv=384, mlp=512, vocab=512)
 LLAMA_1B = dict(d=2048, heads_dim=2048, qkv=2560, mlp=5632, vocab=32000)
@@ -139,6 +139,16 @@ def test_feeding_tiles_are_the_chunks_gate_and_up_rows():
         assert set(zip(rows.tolist(), cols.tolist())) == want and len(set(zip(rows, cols))) == 64
 
 
+@pytest.mark.parametrize("ctas,mlp,pair", [(132, 5632, (2, 22)), (128, 5632, None), (132, 512, (2, 2)),
+                                          (1, 256, None)])
+def test_chunk_groups_need_a_multiple_of_the_chunks(ctas, mlp, pair):
+    """gate|up feeds down by chunk groups only where the CTAs split evenly over down's 256-entry
+    chunks of x (an H100's 132 over Llama 1.1B's 22) and down builds only its CTA's chunks (one
+    CTA takes all of down's tiles, so builds all of x); elsewhere down waits at the grid barrier."""
+    shapes, _, layer_phases, _, _ = llama(2, 2048, mlp, 32000)
+    assert _chunk_pair(layer_phases, shapes, ctas) == pair
+
+
 def test_llama_layer_lowers_for_hopper():
     """Llama 1.1B's 22 layers and head as one kernel on an H100's 132 SMs, lowered on this host
     (PTX needs the GPU plugin: the GPU tests compile and run it)."""
@@ -204,6 +214,15 @@ def test_matches_reference_gpu(dims, concurrent):
     Llama layers' o and down phases build only their CTAs' chunks of x; the small ones all of it."""
     problem = _problem(f"chain/{dims['d']}", **dims)
     _check(_run(problem, concurrent=concurrent), problem, jnp.bfloat16)
+
+
+@pytest.mark.gpu
+def test_grid_barrier_schedule_matches_reference_gpu():
+    """On 128 CTAs, which do not split over Llama 1.1B's 22 chunks of down's x, gate|up and
+    down keep the rotation and the grid barrier between them."""
+    problem = _with_attention("attn/2048/ctas128", layers=2, d=2048, mlp=5632, vocab=32000, cache_len=384, pos=200,
+                              splits=6)
+    _check(_run(problem, concurrent=3, ctas=128), problem, jnp.bfloat16)
 
 
 @pytest.mark.gpu
