@@ -161,18 +161,11 @@ def _slotted(phase: Phase, shape, ctas: int) -> bool:
 
 def tile_share(cta, rotation, tiles: int, ctas: int):
     """(first tile, count) of CTA `cta` in a phase of `tiles` tiles: it takes tiles first,
-    first + ctas, ..., tile t going to CTA (t + rotation) mod ctas (rotation in [0, ctas))."""
+    first + ctas, ..., tile t going to CTA (t + rotation) mod ctas (rotation in [0, ctas)).
+    A chunk group shares its chunk's tiles so too, ctas its size and cta any CTA (its member is
+    cta mod ctas), the rotation putting the members with a tile fewer before first."""
     first = lax.rem(cta - rotation + ctas, ctas)
     return first, tiles // ctas + jnp.where(first < tiles % ctas, 1, 0)
-
-
-def chunk_share(cta, tiles: int, size: int, skip: int):
-    """(first, count) of CTA `cta` in its chunk group (CTAs size g .. size g + size - 1 for chunk
-    g) of a phase with `tiles` tiles a chunk: member (cta - skip) mod size takes the chunk's
-    tiles first, first + size, ... skip: the members [skip, size) took a tile fewer in the
-    phase before, so they come first here."""
-    first = lax.rem(cta - skip + size, size)
-    return first, tiles // size + jnp.where(first < tiles % size, 1, 0)
 
 
 def feeding_tile(t, chunk, n: int, k: int):
@@ -241,8 +234,9 @@ def _kernel(*refs, layer_phases, final_phases, shapes, vectors, offsets, layers,
         """(first, count): this CTA's tiles of the phase (`tile_at` names them)."""
         if role is None:
             return tile_share(cta, rotation, tiles[phase.weight], ctas)
+        # the members with a gate|up tile fewer take the extra down tile
         skip = 0 if role == "feeds" else (tiles[layer_phases[pair[0]].weight] // chunks) % group
-        return chunk_share(cta, tiles[phase.weight] // chunks, group, skip)
+        return tile_share(cta, skip, tiles[phase.weight] // chunks, group)
 
     def tile_at(phase, role, first, i, k):
         """(row block, column block) of this CTA's i-th tile (past its count, the column block is

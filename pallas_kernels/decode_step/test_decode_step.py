@@ -10,7 +10,7 @@ from pallas_kernels import _testing
 from pallas_kernels.decode_step import Attention, Phase, Vector, reference, run_phases
 from pallas_kernels.decode_step import attention as attn
 from pallas_kernels.decode_step.chains import llama, llama_without_attention
-from pallas_kernels.decode_step.mosaic_step import _chunk_pair, chunk_share, feeding_tile, tile_share
+from pallas_kernels.decode_step.mosaic_step import _chunk_pair, feeding_tile, tile_share
 
 SMALL = dict(layers=2, d=256, heads_dim=256, qkv=384, mlp=512, vocab=512)
 LLAMA_1B = dict(d=2048, heads_dim=2048, qkv=2560, mlp=5632, vocab=32000)
@@ -113,14 +113,14 @@ def test_rotation_spreads_the_extra_tiles():
 
 
 @pytest.mark.parametrize("size,fed_tiles,feeds_tiles", [(6, 32, 64), (66, 4, 8), (5, 7, 3), (5, 4, 8)])
-def test_chunk_share_pairs_the_extra_tiles(size, fed_tiles, feeds_tiles):
+def test_chunk_groups_pair_the_extra_tiles(size, fed_tiles, feeds_tiles):
     """A chunk group's CTAs take each of a phase's tiles of the chunk once, and the members with
     a tile fewer in the feeding phase take the extra tile in the fed one: over Llama 1.1B's
     gate|up (64 tiles a chunk) and down (32) on 6 CTAs a chunk, every CTA takes 16."""
     members = jnp.arange(size, dtype=jnp.int32)
     totals = np.zeros(size, int)
     for tiles, skip in [(feeds_tiles, 0), (fed_tiles, feeds_tiles % size)]:
-        firsts, counts = (np.asarray(v) for v in chunk_share(members, tiles, size, skip))
+        firsts, counts = (np.asarray(v) for v in tile_share(members, jnp.int32(skip), tiles, size))
         taken = sorted(int(f) + i * size for f, c in zip(firsts, counts) for i in range(int(c)))
         assert taken == list(range(tiles))
         totals += counts
