@@ -48,7 +48,7 @@ from pallas_kernels import _bench
 RESULTS = pathlib.Path("benchmarks/results")
 SECTIONS = ("decode", "speculative", "perplexity", "kv")
 SETTINGS = {
-    "full": dict(smoke=False, models=["gpt2-small", "llama-1b"], prompt_len=128, new_tokens=256,
+    "full": dict(smoke=False, models=["gpt2-small", "llama-1b", "llama3.2-1b"], prompt_len=128, new_tokens=256,
                  batches=[1, 4, 16, 64], spec_model="llama-1b", draft_layers=1,
                  later_layer_scales=[0.0, 0.05, 0.1, 0.2], copy_mib=1024, reps=5, ppl_windows=64,
                  kv_model="llama-1b", kv_slots=[16], kv_prompt_len=512, kv_new_tokens=64),
@@ -362,7 +362,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m experiments.bench_decode", description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny models, few tokens (CPU, seconds)")
     parser.add_argument("--models", nargs="+", help="presets for the decode rows (default: gpt2-small "
-                        "llama-1b; --smoke: gpt2-tiny llama-tiny)")
+                        "llama-1b llama3.2-1b; --smoke: gpt2-tiny llama-tiny)")
     parser.add_argument("--batches", nargs="+", type=int, help="batch sizes of the bf16 decode rows "
                         "(default: 1 4 16 64; --smoke: 1 2)")
     parser.add_argument("--gamma", type=int, default=4, help="draft tokens per speculative round")

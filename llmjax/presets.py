@@ -25,4 +25,10 @@ PRESETS: dict[str, dict] = {
     # TinyLlama-1.1B's shape: 22 layers, GQA 32/4, SwiGLU 5632, 32k vocab, untied head.
     "llama-1b": dict(family="llama", n_layers=22, n_heads=32, n_kv_heads=4, d_model=2048,
                      d_mlp=5632, vocab_size=32000, max_seq_len=2048, tie_embeddings=False),
+    # Llama-3.2-1B's shape: 16 layers, GQA 32/8, SwiGLU 8192, 128,256 vocab, tied head, RoPE
+    # theta 500,000 (without Llama 3's long-context rescaling of the rotary frequencies, which
+    # changes the rotary table, not the shapes or the cost).
+    "llama3.2-1b": dict(family="llama", n_layers=16, n_heads=32, n_kv_heads=8, d_model=2048,
+                        d_mlp=8192, vocab_size=128256, max_seq_len=2048, tie_embeddings=True,
+                        rope_theta=500000.0),
 }

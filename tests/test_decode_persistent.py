@@ -15,10 +15,9 @@ from llmjax.models import init_model
 from pallas_kernels import _testing
 from tests.decode_steps import steps_both_ways
 
-# Llama 1.1B's attention shape (the kernel's), one layer (decode_step's tests loop over two) and a
-# narrow MLP and vocabulary.
-SMALL_1B = ["preset=llama-1b", "model.n_layers=1", "model.d_mlp=256", "model.vocab_size=256",
-            "model.max_seq_len=256"]
+# A preset's attention shape, one layer (decode_step's tests loop over two) and a narrow MLP and
+# vocabulary.
+NARROW = ["model.n_layers=1", "model.d_mlp=256", "model.vocab_size=256", "model.max_seq_len=256"]
 
 
 def _steps_both_ways(dm, prompt, tokens, interpret, attention_splits=1, persistent_too=True):
@@ -35,10 +34,12 @@ def _check_cache(ours, theirs):
         _testing.assert_close(mine[:, :model.shape[1]], model, jnp.bfloat16, f"cached {name}")
 
 
-def test_persistent_step_matches_the_model_layers():
+@pytest.mark.parametrize("preset", ["llama-1b", "llama3.2-1b"])
+def test_persistent_step_matches_the_model_layers(preset):
     """Two steps after a 70-token prompt (two cache chunks, the second part full), in Pallas
-    interpret mode: the logits and the cache the model's layers give, at bf16 tolerance."""
-    model = init_model(load_config(overrides=SMALL_1B).model, seed=1)
+    interpret mode: the logits and the cache the model's layers give, at bf16 tolerance; with
+    Llama 1.1B's 8 q heads a kv head and untied head, or Llama 3.2 1B's 4 and tied head."""
+    model = init_model(load_config(overrides=[f"preset={preset}", *NARROW]).model, seed=1)
     dm = prepare_decode(model, dtype="bfloat16")
     prompt, tokens = (jax.random.randint(jax.random.key(i), (1, n), 0, 256, dtype=jnp.int32) for i, n in ((0, 70), (1, 2)))
     ours, theirs, cache_ours, caches = _steps_both_ways(dm, prompt, tokens, interpret=True)
@@ -50,19 +51,27 @@ def test_persistent_step_matches_the_model_layers():
 
 def test_applies_to_the_kernels_shape_only(monkeypatch):
     config = lambda *o: load_config(overrides=list(o)).model  # noqa: E731
-    assert persistent.shape_fits(config("preset=llama-1b"))
-    assert not persistent.shape_fits(config("preset=llama-tiny"))  # 4 heads over 2
+    assert persistent.shape_fits(config("preset=llama-1b"))  # 8 q heads a kv head
+    assert persistent.shape_fits(config("preset=llama3.2-1b"))  # 4
+    assert not persistent.shape_fits(config("preset=llama-1b", "model.n_heads=24", "model.d_model=1536",
+                                            "model.n_kv_heads=8"))  # 3: an odd group
+    assert not persistent.shape_fits(config("preset=llama-tiny"))  # heads of 16
     assert not persistent.shape_fits(config("preset=gpt2-tiny"))
     llama_1b = config("preset=llama-1b", "model.dtype=bfloat16")
+    many_kv = config("preset=llama-1b", "model.dtype=bfloat16", "model.n_heads=64", "model.d_model=4096",
+                     "model.n_kv_heads=32")  # 32 kv heads x 8 splits: more attention units than SMs
+    assert persistent.shape_fits(many_kv)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # as on a Hopper GPU, so each
     for capability, rows, expected in (("9.0", 1, True), ("9.0", 2, False), ("8.0", 1, False)):  # check can fail
-        monkeypatch.setattr(jax, "devices", lambda c=capability: [type("Gpu", (), {"compute_capability": c})()])
+        monkeypatch.setattr(jax, "devices", lambda c=capability: [
+            type("Gpu", (), {"compute_capability": c, "core_count": 132})()])
         assert persistent.applies(llama_1b, rows) is expected, (capability, rows)
+        assert not persistent.applies(many_kv, rows)
     assert not persistent.applies(config("preset=llama-1b", "model.dtype=float32"), 1)
 
 
 def test_int8_weights_are_rejected():
-    model = init_model(load_config(overrides=SMALL_1B).model, seed=1)
+    model = init_model(load_config(overrides=["preset=llama-1b", *NARROW]).model, seed=1)
     dm = prepare_decode(model, int8=True, dtype="bfloat16")
     net = nnx.merge(dm.graphdef, dm.params)
     with pytest.raises(ValueError, match="reads bfloat16 weights; got int8"):
@@ -72,12 +81,13 @@ def test_int8_weights_are_rejected():
 @pytest.mark.gpu
 @pytest.mark.parametrize("attention_splits", [1, 8])
 @pytest.mark.parametrize("prompt_len", [29, 381])
-def test_persistent_step_is_as_close_to_fp32_as_the_model_layers_gpu(prompt_len, attention_splits):
-    """Llama 1.1B's shapes (random weights, 4 of its 22 layers), as the fused step's GPU test: the
-    persistent step may not be further off the model's fp32 layers than the bf16 layers are,
-    with 25% slack; its cache matches theirs."""
-    model = init_model(load_config(overrides=["preset=llama-1b", "model.n_layers=4"]).model, seed=1)
-    prompt, tokens = (jax.random.randint(jax.random.key(i), (1, n), 0, 32000, dtype=jnp.int32)
+@pytest.mark.parametrize("preset", ["llama-1b", "llama3.2-1b"])
+def test_persistent_step_is_as_close_to_fp32_as_the_model_layers_gpu(preset, prompt_len, attention_splits):
+    """Llama 1.1B's or 3.2 1B's shapes (random weights, 4 layers), as the fused step's GPU test:
+    the persistent step may not be further off the model's fp32 layers than the bf16 layers
+    are, with 25% slack; its cache matches theirs."""
+    model = init_model(load_config(overrides=[f"preset={preset}", "model.n_layers=4"]).model, seed=1)
+    prompt, tokens = (jax.random.randint(jax.random.key(i), (1, n), 0, model.cfg.vocab_size, dtype=jnp.int32)
                       for i, n in ((0, prompt_len), (1, 3)))
     ours, theirs, cache_ours, caches = _steps_both_ways(prepare_decode(model, dtype="bfloat16"), prompt, tokens,
                                                         False, attention_splits)

@@ -26,13 +26,17 @@ def test_gpt2_parameter_counts_match_published(preset, expected):
     assert count_params(abstract) == expected
 
 
-def test_llama_1b_parameter_count():
-    cfg = model_cfg("llama-1b")
+@pytest.mark.parametrize("preset, published", [
+    ("llama-1b", 1_100_048_384),  # TinyLlama-1.1B, untied head
+    ("llama3.2-1b", 1_235_814_400),  # Llama-3.2-1B, tied head
+])
+def test_llama_1b_parameter_counts(preset, published):
+    cfg = model_cfg(preset)
     per_layer = 2 * cfg.d_model + cfg.d_model * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) \
         + 3 * cfg.d_model * cfg.d_mlp
-    expected = cfg.n_layers * per_layer + 2 * cfg.vocab_size * cfg.d_model + cfg.d_model
+    expected = cfg.n_layers * per_layer + (1 if cfg.tie_embeddings else 2) * cfg.vocab_size * cfg.d_model + cfg.d_model
     abstract = nnx.eval_shape(lambda: init_model(cfg))
-    assert count_params(abstract) == expected == 1_100_048_384  # TinyLlama-1.1B
+    assert count_params(abstract) == expected == published
 
 
 @pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny"])

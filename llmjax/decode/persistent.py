@@ -7,8 +7,9 @@ the fused step's, stacked over layers once per generate call; the KV cache is on
 layers, [layers, S, K, H] with S a multiple of 64 (`stack_caches`). The kernel writes the new
 token's rotated k and its v; this step stores them into the cache.
 
-The attention inside the kernel has Llama 1.1B's shape (32 q heads over 4 kv heads of 64 dims),
-so `applies` holds for that shape only. The grid barriers need a CTA on every SM at once: where
+The attention inside the kernel takes heads of 64 dims in GQA groups of an even size up to 30
+(Llama 1.1B's 32 q heads over 4 kv heads, Llama 3.2 1B's over 8), so `applies` holds for those
+shapes only. The grid barriers need a CTA on every SM at once: where
 the process gets only part of the GPU (an MPS share of the SMs), a CTA never starts and the step
 waits forever, so set decode.persistent_step=false there.
 """
@@ -24,19 +25,28 @@ from pallas_kernels.decode_step.chains import llama
 from pallas_kernels.weight_stream.mosaic_stream import TILE_K, TILE_N
 
 
+ATTENTION_SPLITS = 8  # step_logits' default
+
+
 def applies(cfg, rows: int) -> bool:
-    """Whether the persistent step takes this model: on a Hopper GPU (wgmma, TMA reduce-adds),
-    one row, a dense Llama-family model in bfloat16 with the kernel's attention shape and
-    weights its tiles divide."""
-    return (jax.default_backend() == "gpu" and getattr(jax.devices()[0], "compute_capability", None) == "9.0"
-            and rows == 1 and shape_fits(cfg) and jnp.dtype(cfg.dtype) == jnp.bfloat16)
+    """Whether the persistent step takes this model: on a Hopper GPU (wgmma, TMA reduce-adds)
+    with an SM for each of its attention units, one row, a dense Llama-family model in bfloat16
+    with heads the kernel's attention takes and weights its tiles divide."""
+    device = jax.devices()[0]
+    return (jax.default_backend() == "gpu" and getattr(device, "compute_capability", None) == "9.0"
+            and rows == 1 and shape_fits(cfg) and jnp.dtype(cfg.dtype) == jnp.bfloat16
+            and cfg.n_kv_heads * ATTENTION_SPLITS <= device.core_count)
 
 
 def shape_fits(cfg) -> bool:
-    """The model's shape is the kernel's: Llama family, dense, 32 q heads over 4 kv heads of 64,
-    d_model and d_mlp multiples of 256 and a vocabulary that is a multiple of 64."""
-    return (cfg.family == "llama" and not cfg.n_experts and cfg.n_heads == kernel_attention.Q_HEADS
-            and cfg.n_kv_heads == kernel_attention.KV_HEADS and cfg.head_dim == kernel_attention.HEAD_DIM
+    """The kernel takes the model's shape: Llama family, dense, heads of 64 in groups the
+    attention takes (`attention.check_heads`), d_model and d_mlp multiples of 256 and a
+    vocabulary that is a multiple of 64."""
+    try:
+        kernel_attention.check_heads(cfg.n_heads, cfg.n_kv_heads)
+    except ValueError:
+        return False
+    return (cfg.family == "llama" and not cfg.n_experts and cfg.head_dim == kernel_attention.HEAD_DIM
             and cfg.d_model % TILE_K == 0 and cfg.d_mlp % TILE_K == 0 and cfg.vocab_size % TILE_N == 0)
 
 
@@ -75,8 +85,8 @@ def stack_caches(caches) -> tuple:
     return tuple(jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (k, v))
 
 
-def step_logits(model, weights, tokens, positions, cache, *, attention_splits: int = 8, concurrent: int = 3,
-                interpret: bool = False):
+def step_logits(model, weights, tokens, positions, cache, *, attention_splits: int = ATTENTION_SPLITS,
+                concurrent: int = 3, interpret: bool = False):
     """One decode step: tokens, positions [1, 1] -> fp32 logits [1, V] and the updated (k, v)
     cache (`stack_caches`). weights: from `step_weights`. attention_splits: CTAs a kv head
     (the cache's chunks split between them; on an H100, 6 splits took the step from 1.082 to
@@ -87,7 +97,8 @@ def step_logits(model, weights, tokens, positions, cache, *, attention_splits: i
     interpret: Pallas interpret mode (CPU tests)."""
     cfg = model.cfg
     n_layers = cfg.n_layers
-    shapes, _, *chain = llama(n_layers, cfg.d_model, cfg.d_mlp, cfg.vocab_size, attention_splits=attention_splits)
+    shapes, _, *chain = llama(n_layers, cfg.d_model, cfg.d_mlp, cfg.vocab_size, attention_splits=attention_splits,
+                              q_heads=cfg.n_heads, kv_heads=cfg.n_kv_heads)
     h0 = model.embed_tokens(tokens, positions)[0, 0].astype(jnp.float32)
     cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
     pos = positions[0, 0]

@@ -23,21 +23,22 @@ def llama_without_attention(layers: int, d: int, heads_dim: int, qkv: int, mlp: 
     return shapes, norm_shapes, layer_phases, final_phases, vectors
 
 
-def llama(layers: int, d: int, mlp: int, vocab: int, attention_splits: int = 1):
-    """A Llama step with Llama 1.1B's attention shape (32 q heads over 4 kv heads, 64 dims), as
+def llama(layers: int, d: int, mlp: int, vocab: int, attention_splits: int = 1, q_heads: int = 32,
+          kv_heads: int = 4):
+    """A Llama step with q_heads over kv_heads of 64 dims (Llama 1.1B's 32 over 4 by default), as
     llama_without_attention but o reads the attention output, computed over the cache at the
-    start of the o phase (on 4 attention_splits CTAs, the o phase merging the splits), q and k
-    rotated by the q|k|v phase. Also writes vector "new_kv" (per layer the new token's rotated k
-    and its v, head g's at 128 g) for the caller to store into the cache."""
-    qkv = (attn.Q_HEADS + 2 * attn.KV_HEADS) * attn.HEAD_DIM
+    start of the o phase (on kv_heads attention_splits CTAs, the o phase merging the splits), q
+    and k rotated by the q|k|v phase. Also writes vector "new_kv" (per layer the new token's
+    rotated k and its v, head g's at 128 g) for the caller to store into the cache."""
+    hd = attn.HEAD_DIM
     shapes, norm_shapes, layer_phases, final_phases, vectors = llama_without_attention(
-        layers, d, attn.Q_HEADS * attn.HEAD_DIM, qkv, mlp, vocab)
+        layers, d, q_heads * hd, (q_heads + 2 * kv_heads) * hd, mlp, vocab)
     attention = Attention("qkv", "attn", "new_kv", attention_splits)
-    layer_phases[0] = dataclasses.replace(layer_phases[0], rope=(attn.Q_HEADS + attn.KV_HEADS) * attn.HEAD_DIM)
+    layer_phases[0] = dataclasses.replace(layer_phases[0], rope=(q_heads + kv_heads) * hd)
     merged = attention_splits > 1
     layer_phases[1] = Phase(1, "merge" if merged else "copy", "attn", "mid", residual="h", attention=attention)
     # attn is stored, not added, and read only by its layer's o phase: one row serves every layer,
     # which keeps the workspace run_phases zeroes each step small (a row a layer was 2.9 MB of 4.6).
-    vectors.update(attn=Vector(attn.Q_HEADS * attn.HEAD_DIM * (2 * attention_splits if merged else 1)),
-                   new_kv=Vector(2 * attn.KV_HEADS * attn.HEAD_DIM, layers))
+    vectors.update(attn=Vector(q_heads * hd * (2 * attention_splits if merged else 1)),
+                   new_kv=Vector(2 * kv_heads * hd, layers))
     return shapes, norm_shapes, layer_phases, final_phases, vectors

@@ -81,7 +81,8 @@ class Attention:
     and the new token (`attention.attention_unit` on CTA g splits + s for kv head g, split s of
     the cache), from the vector `qkv` into `out`, the new token's rotated k and v into `new_kv`
     (k, v of head g at 128 g); then a grid barrier of its own. With splits > 1, out holds the
-    splits' partials, which a "merge" phase combines."""
+    splits' partials, which a "merge" phase combines. The cache's shape names the K kv heads,
+    and qkv's length, (Q + 2 K) 64, the Q q heads."""
     qkv: str
     out: str
     new_kv: str
@@ -305,6 +306,7 @@ def _kernel(*refs, layer_phases, final_phases, shapes, vectors, offsets, layers,
 
     def attend(spec: Attention, layer, pos):
         k_cache, v_cache, _, _ = cache
+        kv_heads = k_cache.shape[2]
         scratch = attn.AttnScratch(*attn_scratch)
 
         def unit(u):
@@ -315,7 +317,7 @@ def _kernel(*refs, layer_phases, final_phases, shapes, vectors, offsets, layers,
                                 vector_ref(spec.new_kv, layer, 0, vectors[spec.new_kv].n), scratch,
                                 p_in_registers=not interpret)
 
-        units = attn.KV_HEADS * spec.splits
+        units = kv_heads * spec.splits
         if interpret:  # the one CTA takes every unit
             pl.loop(0, units)(unit)
         else:
@@ -436,8 +438,8 @@ def run_phases(weights, norms, inputs, layer_phases, final_phases, vectors, *, l
       vectors: name -> Vector, every vector the phases name.
       layers: rounds of layer_phases (final phases run as layer `layers`).
       cache: for phases with attention, (k, v, pos, rope): the layers' caches, bfloat16
-        [layers, T, 4, 64] (T a multiple of 64, positions [0, pos) valid), pos int32 [1] (the new
-        token's position) and rope fp32 [2, 32] (cos and sin of its angles).
+        [layers, T, K, 64] (K kv heads, T a multiple of 64, positions [0, pos) valid), pos int32
+        [1] (the new token's position) and rope fp32 [2, 32] (cos and sin of its angles).
       eps: RMSNorm epsilon.
       concurrent: weight tiles in flight a CTA (32 KB of shared memory each).
       ctas: CTAs, all resident at once; default the device's SM count (an H100's 132 where there
@@ -446,7 +448,8 @@ def run_phases(weights, norms, inputs, layer_phases, final_phases, vectors, *, l
       dict name -> fp32 [rows, n] (all of each vector's rows).
     Raises:
       ValueError: weights of the wrong shape or dtype, phases naming unknown vectors or x kinds,
-        attention without a cache of the shapes above, or concurrent out of range.
+        attention without a cache of the shapes above or with heads it does not take
+        (`attention.check_heads`), or concurrent out of range.
     """
     check_weights(weights, stacked=True)
     check_concurrent(concurrent)
@@ -458,7 +461,9 @@ def run_phases(weights, norms, inputs, layer_phases, final_phases, vectors, *, l
     if any(ph.attention is not None for ph in final_phases):
         raise ValueError("attention reads a layer's cache: only layer phases may have it")
     phases = list(layer_phases) + list(final_phases)
-    unknown = [(i, _named(r)[0]) for i, ph in enumerate(phases) for r in (ph.source, ph.out, ph.residual)
+    refs = lambda ph: (ph.source, ph.out, ph.residual) + (  # noqa: E731
+        () if ph.attention is None else (ph.attention.qkv, ph.attention.out, ph.attention.new_kv))
+    unknown = [(i, _named(r)[0]) for i, ph in enumerate(phases) for r in refs(ph)
                if r is not None and _named(r)[0] not in vectors]
     if unknown or any(ph.x not in ("norm", "swiglu", "copy", "merge") for ph in phases):
         raise ValueError(f"phases name vectors {sorted(vectors)} and x in norm/swiglu/copy/merge; got unknown "
@@ -476,9 +481,13 @@ def run_phases(weights, norms, inputs, layer_phases, final_phases, vectors, *, l
     if interpret:
         ctas = 1
     ctas = ctas or (jax.devices()[0].core_count if jax.default_backend() == "gpu" else H100_SMS)
-    units = max((attn.KV_HEADS * ph.attention.splits for ph in phases if ph.attention is not None), default=0)
+    kv_heads = cache[0].shape[2] if attends else 0
+    for ph in phases:
+        if ph.attention is not None:  # qkv holds Q + 2 K heads
+            attn.check_heads(vectors[_named(ph.attention.qkv)[0]].n / attn.HEAD_DIM - 2 * kv_heads, kv_heads)
+    units = max((kv_heads * ph.attention.splits for ph in phases if ph.attention is not None), default=0)
     if not interpret and units > ctas:
-        raise ValueError(f"attention on {units} CTAs (4 kv heads x splits) needs as many; ctas={ctas}")
+        raise ValueError(f"attention on {units} CTAs ({kv_heads} kv heads x splits) needs as many; ctas={ctas}")
     offsets, size = layout_of(vectors)
     workspace = jnp.zeros((size,), jnp.float32)
     for name, value in inputs.items():
@@ -508,12 +517,11 @@ def run_phases(weights, norms, inputs, layer_phases, final_phases, vectors, *, l
 
 def _check_cache(cache, layers: int):
     shapes = None if cache is None or len(cache) != 4 else [(tuple(a.shape), a.dtype) for a in cache]
-    heads = (attn.KV_HEADS, attn.HEAD_DIM)
-    if (shapes is None or len(shapes[0][0]) != 4 or shapes[0][0][0] != layers or shapes[0][0][2:] != heads
+    if (shapes is None or len(shapes[0][0]) != 4 or shapes[0][0][0] != layers or shapes[0][0][3] != attn.HEAD_DIM
             or shapes[0][0][1] % attn.BLOCK or shapes[1] != shapes[0] or shapes[0][1] != jnp.bfloat16
             or shapes[2] != ((1,), jnp.int32) or shapes[3] != ((2, attn.HEAD_DIM // 2), jnp.float32)):
         raise ValueError(f"attention needs cache=(k, v, pos, rope): k and v bfloat16 [layers={layers}, T, "
-                         f"{heads[0]}, {heads[1]}] with T % {attn.BLOCK} == 0, pos int32 [1], rope float32 "
+                         f"kv heads, {attn.HEAD_DIM}] with T % {attn.BLOCK} == 0, pos int32 [1], rope float32 "
                          f"[2, {attn.HEAD_DIM // 2}]; got (shape, dtype) {shapes}")
 
 

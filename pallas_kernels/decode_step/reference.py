@@ -16,17 +16,19 @@ def rope(pos: int, theta: float = 10000.0):
 
 
 def attention(qkv, k_cache, v_cache, pos: int, splits: int = 1):
-    """(attention output, new_kv [512]) of one layer, q and the new k already rotated: softmax
-    over cache positions [0, pos) and the new token, GQA (q head h reads kv head h // 8). The
-    output is [2048], or with splits > 1 the splits' partials [2 splits * 2048] (attention_unit)."""
-    hd, kv = attn.HEAD_DIM, attn.KV_HEADS
-    q_len = attn.Q_HEADS * hd
+    """(attention output, new_kv [2 K 64]) of one layer, q and the new k already rotated:
+    softmax over cache positions [0, pos) and the new token, GQA (q head h reads kv head h // G,
+    G = Q / K; the cache [T, K, 64] names K, qkv [(Q + 2 K) 64] then Q). The output is [Q 64],
+    or with splits > 1 the splits' partials [2 splits * Q 64] (attention_unit)."""
+    hd, kv = attn.HEAD_DIM, k_cache.shape[1]
+    q_len = qkv.shape[0] - 2 * kv * hd
+    q_heads = q_len // hd
     q_k = qkv[:q_len + kv * hd]
-    q, k_new = q_k[:q_len].reshape(attn.Q_HEADS, hd), q_k[q_len:].reshape(kv, hd)
+    q, k_new = q_k[:q_len].reshape(q_heads, hd), q_k[q_len:].reshape(kv, hd)
     v_new = qkv[q_len + kv * hd:].reshape(kv, hd)
     keys = jnp.concatenate([k_cache[:pos].astype(jnp.float32), k_new[None]])  # [pos + 1, kv, hd]
     values = jnp.concatenate([v_cache[:pos].astype(jnp.float32), v_new[None]])
-    keys, values = (jnp.repeat(a, attn.Q_PER_KV, axis=1) for a in (keys, values))
+    keys, values = (jnp.repeat(a, q_heads // kv, axis=1) for a in (keys, values))
     scores = jnp.einsum("hd,thd->ht", q, keys, precision="highest") / hd ** 0.5  # [heads, pos + 1]
     new_kv = jnp.stack([k_new, v_new], axis=1).reshape(-1)
     if splits == 1:
@@ -44,7 +46,7 @@ def attention(qkv, k_cache, v_cache, pos: int, splits: int = 1):
         total = p.sum(axis=1, keepdims=True)
         o = jnp.einsum("ht,thd->hd", p, values[jnp.asarray(taken, jnp.int32)], precision="highest")
         outs.append(jnp.where(total > 0, o / jnp.where(total > 0, total, 1.0), 0.0).reshape(-1))
-        lses.append(jnp.broadcast_to(top + jnp.log2(total), (attn.Q_HEADS, hd)).reshape(-1))
+        lses.append(jnp.broadcast_to(top + jnp.log2(total), (q_heads, hd)).reshape(-1))
     return jnp.concatenate(outs + lses), new_kv
 
 

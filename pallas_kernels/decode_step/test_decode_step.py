@@ -14,6 +14,7 @@ from pallas_kernels.decode_step.mosaic_step import _chunk_pair, feeding_tile, ti
 
 SMALL = dict(layers=2, d=256, heads_dim=256, qkv=384, mlp=512, vocab=512)
 LLAMA_1B = dict(d=2048, heads_dim=2048, qkv=2560, mlp=5632, vocab=32000)
+LLAMA32_1B = dict(d=2048, mlp=8192, vocab=128256, heads=(32, 8))  # Llama 3.2 1B: 4 q heads a kv head
 
 
 def _problem(name, layers, d, heads_dim, qkv, mlp, vocab):
@@ -27,27 +28,29 @@ def _problem(name, layers, d, heads_dim, qkv, mlp, vocab):
     return (weights, norms, inputs), (layer_phases, final_phases, vectors), layers
 
 
-def _with_attention(name, layers, d, mlp, vocab, cache_len, pos, splits=1):
+def _with_attention(name, layers, d, mlp, vocab, cache_len, pos, splits=1, heads=(32, 4)):
     """A Llama problem with attention over a cache holding `pos` positions (NaN past them:
-    unwritten slots must not leak into the outputs), on `splits` CTAs a kv head."""
-    shapes, norm_shapes, *chain = llama(layers, d, mlp, vocab, attention_splits=splits)
+    unwritten slots must not leak into the outputs), on `splits` CTAs a kv head; heads: (q, kv)."""
+    shapes, norm_shapes, *chain = llama(layers, d, mlp, vocab, attention_splits=splits, q_heads=heads[0],
+                                        kv_heads=heads[1])
     weights = [jnp.asarray(_testing.normal(f"{name}/w{i}", s, scale=s[-1] ** -0.5), jnp.bfloat16)
                for i, s in enumerate(shapes)]
     norms = [jnp.asarray(_testing.normal(f"{name}/norm{i}", s, scale=0.1, shift=1.0)) for i, s in enumerate(norm_shapes)]
     inputs = {"h": jnp.asarray(_testing.normal(f"{name}/h0", (d,)))}
-    k, v = (np.asarray(_testing.normal(f"{name}/{kv}", (layers, cache_len, 4, 64))) for kv in "kv")
+    k, v = (np.asarray(_testing.normal(f"{name}/{kv}", (layers, cache_len, heads[1], 64))) for kv in "kv")
     k[:, pos:] = v[:, pos:] = np.nan
     cache = (jnp.asarray(k, jnp.bfloat16), jnp.asarray(v, jnp.bfloat16), jnp.asarray([pos], jnp.int32),
              reference.rope(pos))
     return (weights, norms, inputs), tuple(chain), layers, cache
 
 
-def _llama_specs(layers, cache_len, splits=1):
-    """Llama 1.1B's (weights, norms, inputs, cache) as shapes, and its chain: enough to lower."""
-    d = LLAMA_1B["d"]
-    shapes, norm_shapes, *chain = llama(layers, d, LLAMA_1B["mlp"], LLAMA_1B["vocab"], attention_splits=splits)
+def _llama_specs(layers, cache_len, splits=1, d=2048, mlp=5632, vocab=32000, heads=(32, 4)):
+    """A Llama's (weights, norms, inputs, cache) as shapes, and its chain (Llama 1.1B's by
+    default): enough to lower."""
+    shapes, norm_shapes, *chain = llama(layers, d, mlp, vocab, attention_splits=splits, q_heads=heads[0],
+                                        kv_heads=heads[1])
     spec = jax.ShapeDtypeStruct
-    kv = spec((layers, cache_len, attn.KV_HEADS, attn.HEAD_DIM), jnp.bfloat16)
+    kv = spec((layers, cache_len, heads[1], attn.HEAD_DIM), jnp.bfloat16)
     rope = spec((2, attn.HEAD_DIM // 2), jnp.float32)
     return ([spec(s, jnp.bfloat16) for s in shapes], [spec(s, jnp.float32) for s in norm_shapes],
             {"h": spec((d,), jnp.float32)}, (kv, kv, spec((1,), jnp.int32), rope)), chain
@@ -75,14 +78,15 @@ def test_matches_reference_interpret():
     _check(_run(problem, interpret=True), problem)
 
 
-@pytest.mark.parametrize("pos,splits", [(0, 1), (70, 2), (130, 4)])  # tests/test_decode_persistent: 70, 1
-def test_with_attention_matches_reference_interpret(pos, splits):
+@pytest.mark.parametrize("pos,splits,heads", [(0, 1, (32, 4)), (70, 2, (32, 4)), (130, 4, (32, 4)),
+                                              (70, 2, (8, 2))])  # tests/test_decode_persistent: 70, 1
+def test_with_attention_matches_reference_interpret(pos, splits, heads):
     """Attention (rotary, GQA, the cache and the new token; p in bf16: bf16 tolerance) between
     the q|k|v and o phases, for an empty cache and one ending mid-chunk; split over the cache's
     chunks and merged by the o phase, one split a chunk or with splits left empty (130
-    positions, 3 chunks, 4 splits)."""
-    problem = _with_attention(f"attn/{pos}/{splits}", layers=2, d=256, mlp=512, vocab=512, cache_len=192, pos=pos,
-                              splits=splits)
+    positions, 3 chunks, 4 splits); 8 q heads a kv head (Llama 1.1B's) or 4 (Llama 3.2 1B's)."""
+    problem = _with_attention(f"attn/{pos}/{splits}/{heads}", layers=2, d=256, mlp=512, vocab=512, cache_len=192,
+                              pos=pos, splits=splits, heads=heads)
     _check(_run(problem, interpret=True), problem, jnp.bfloat16)
 
 
@@ -172,12 +176,20 @@ def test_slots_past_shared_memory_are_rejected():
         lower(5)
 
 
-def test_llama_with_attention_lowers_for_hopper():
-    """Llama 1.1B's shapes, six splits a kv head merged by the o phase: lowered from shapes alone."""
-    specs, chain = _llama_specs(layers=2, cache_len=384, splits=6)
+@pytest.mark.parametrize("dims,splits", [(dict(), 6), (LLAMA32_1B, 8)], ids=["llama-1b", "llama3.2-1b"])
+def test_llama_with_attention_lowers_for_hopper(dims, splits):
+    """Llama 1.1B's shapes with six splits a kv head, or Llama 3.2 1B's (8 kv heads, MLP 8192,
+    vocabulary 128,256) with eight, merged by the o phase: lowered from shapes alone."""
+    specs, chain = _llama_specs(layers=2, cache_len=384, splits=splits, **dims)
     lowered = jax.jit(lambda w, n, i, c: run_phases(w, n, i, *chain, layers=2, cache=c, concurrent=2)).trace(
         *specs).lower(lowering_platforms=("cuda",))
     assert "mosaic_gpu" in lowered.as_text()
+
+
+def _cache(kv_heads, layers=1, length=64, pos=3):
+    """A (k, v, pos, rope) cache input of `kv_heads` heads, zeros."""
+    k = jnp.zeros((layers, length, kv_heads, attn.HEAD_DIM), jnp.bfloat16)
+    return k, k, jnp.array([pos], jnp.int32), reference.rope(pos)
 
 
 @pytest.mark.parametrize("change,match", [
@@ -190,6 +202,12 @@ def test_llama_with_attention_lowers_for_hopper():
     (dict(layer_phases=[Phase(0, "norm", "h", "y", norm=0, attention=Attention("h", "y", "y"))], layers=1,
           weights=[jnp.zeros((1, 64, 256), jnp.bfloat16)]),
      r"attention needs cache=\(k, v, pos, rope\).*got \(shape, dtype\) None"),
+    (dict(layer_phases=[Phase(0, "norm", "h", "y", norm=0, attention=Attention("h", "y", "y"))], layers=1,
+          weights=[jnp.zeros((1, 64, 256), jnp.bfloat16)], cache=_cache(kv_heads=2)),
+     r"got 0 q heads over 2 kv heads"),  # h's 4 heads of 64 are only k and v
+    (dict(layer_phases=[Phase(0, "norm", "h", "y", norm=0, attention=Attention("h", "y", "nowhere"))], layers=1,
+          weights=[jnp.zeros((1, 64, 256), jnp.bfloat16)], cache=_cache(kv_heads=1)),
+     r"\(0, 'nowhere'\)"),
     (dict(final_phases=[Phase(0, "norm", "h", "y", norm=0, rope=32)]), r"\(phase, rope\) \[\(0, 32\)\]"),
     (dict(final_phases=[Phase(0, "norm", "h", "y", norm=0, rope=128)]), r"\(phase, rope\) \[\(0, 128\)\]"),
     (dict(layers=2), r"layers=2 needs layer_phases"),
@@ -227,11 +245,12 @@ def test_grid_barrier_schedule_matches_reference_gpu():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("pos", [0, 200])
-@pytest.mark.parametrize("dims", [dict(d=256, mlp=512, vocab=512), dict(d=2048, mlp=5632, vocab=32000)],
-                         ids=["small", "llama-1b"])
+@pytest.mark.parametrize("dims", [dict(d=256, mlp=512, vocab=512), dict(d=2048, mlp=5632, vocab=32000), LLAMA32_1B],
+                         ids=["small", "llama-1b", "llama3.2-1b"])
 @pytest.mark.parametrize("splits", [1, 6])
 def test_with_attention_matches_reference_gpu(dims, pos, splits):
     """Two layers with attention on all SMs: kv heads (and splits of the cache) on the first
-    CTAs, the others waiting at its barrier; the benchmark's 384-position cache."""
+    CTAs, the others waiting at its barrier; the benchmark's 384-position cache. Llama 3.2 1B's
+    shapes take the grid barrier between gate|up and down (132 CTAs over 32 chunks)."""
     problem = _with_attention(f"attn/{dims['d']}/{pos}", layers=2, cache_len=384, pos=pos, splits=splits, **dims)
     _check(_run(problem, concurrent=3), problem, jnp.bfloat16)  # generate's default
