@@ -33,7 +33,8 @@ layer run in a loop over layers, so the kernel compiles one layer, not all of th
 
 One crossing waits on less than the grid: a SwiGLU phase right after the phase that writes its
 source (Llama's down after gate|up), where the CTA count is a multiple of its 256-entry chunks
-of x (an H100's 132 over Llama 1.1B's 22). Then the two phases split by chunk instead: chunk c
+of x (an H100's 132 over Llama 1.1B's 22; by default the kernel leaves up to 4 SMs idle to get
+such a count: 128 over Llama 3.2 1B's 32). Then the two phases split by chunk instead: chunk c
 goes to a group of C / chunks CTAs, which take all of gate|up's tiles that feed chunk c (its
 256 gate and 256 up rows) and all of down's tiles that read it, and down waits on a counter a
 chunk, signalled once by each CTA of the group, not on every CTA (0.5% faster a step on an H100
@@ -62,6 +63,7 @@ from pallas_kernels.weight_stream.mosaic_stream import (
 
 SMEM_BYTES = 232_448  # shared memory a Hopper CTA may take
 SMEM_SLACK = 4096  # barriers and alignment, over the buffers' own bytes
+MAX_IDLE_SMS = 4  # SMs `default_ctas` may leave idle (3% of an H100's) for chunk groups
 ROWS = plgpu.Layout.WGMMA.reduce(1)  # a tile's 64 row sums
 COLUMNS = plgpu.Layout.WGMMA.reduce(0)  # the 256 entries of x a tile multiplies, one per column
 
@@ -187,6 +189,17 @@ def _chunk_pair(layer_phases, shapes, ctas: int):
                 and ctas % (k // TILE_K) == 0 and _slotted(fed, shapes[fed.weight], ctas)):
             return p, k // TILE_K
     return None
+
+
+def default_ctas(layer_phases, shapes, sms: int) -> int:
+    """CTAs on `sms` SMs: all of them, or up to MAX_IDLE_SMS fewer where that count lets the layer
+    phases form chunk groups (`_chunk_pair`): on an H100, Llama 3.2 1B's step on 128 of the 132
+    SMs (its 32 chunks in groups of 4) is 1.4% faster than on all 132 with the grid barrier
+    between gate|up and down (benchmarks/NOTES.md, twenty-eighth session)."""
+    for ctas in range(sms, max(sms - MAX_IDLE_SMS, 1) - 1, -1):
+        if _chunk_pair(layer_phases, shapes, ctas):
+            return ctas
+    return sms
 
 
 def _tile_at(t, k: int):
@@ -442,8 +455,9 @@ def run_phases(weights, norms, inputs, layer_phases, final_phases, vectors, *, l
         [1] (the new token's position) and rope fp32 [2, 32] (cos and sin of its angles).
       eps: RMSNorm epsilon.
       concurrent: weight tiles in flight a CTA (32 KB of shared memory each).
-      ctas: CTAs, all resident at once; default the device's SM count (an H100's 132 where there
-        is no GPU, for lowering), and 1 in interpret mode (which has no grid barrier).
+      ctas: CTAs, all resident at once; default `default_ctas` of the device's SM count (an
+        H100's 132 where there is no GPU, for lowering), and 1 in interpret mode (which has no
+        grid barrier).
     Returns:
       dict name -> fp32 [rows, n] (all of each vector's rows).
     Raises:
@@ -480,7 +494,8 @@ def run_phases(weights, norms, inputs, layer_phases, final_phases, vectors, *, l
         cache = (*cache[:3], jnp.stack([jnp.concatenate([cos, cos]), jnp.concatenate([-sin, sin])]))
     if interpret:
         ctas = 1
-    ctas = ctas or (jax.devices()[0].core_count if jax.default_backend() == "gpu" else H100_SMS)
+    ctas = ctas or default_ctas(layer_phases, shapes,
+                                jax.devices()[0].core_count if jax.default_backend() == "gpu" else H100_SMS)
     kv_heads = cache[0].shape[2] if attends else 0
     for ph in phases:
         if ph.attention is not None:  # qkv holds Q + 2 K heads

@@ -10,7 +10,7 @@ from pallas_kernels import _testing
 from pallas_kernels.decode_step import Attention, Phase, Vector, reference, run_phases
 from pallas_kernels.decode_step import attention as attn
 from pallas_kernels.decode_step.chains import llama, llama_without_attention
-from pallas_kernels.decode_step.mosaic_step import _chunk_pair, feeding_tile, tile_share
+from pallas_kernels.decode_step.mosaic_step import _chunk_pair, default_ctas, feeding_tile, tile_share
 
 SMALL = dict(layers=2, d=256, heads_dim=256, qkv=384, mlp=512, vocab=512)
 LLAMA_1B = dict(d=2048, heads_dim=2048, qkv=2560, mlp=5632, vocab=32000)
@@ -151,6 +151,15 @@ def test_chunk_groups_need_a_multiple_of_the_chunks(ctas, mlp, pair):
     CTA takes all of down's tiles, so builds all of x); elsewhere down waits at the grid barrier."""
     shapes, _, layer_phases, _, _ = llama(2, 2048, mlp, 32000)
     assert _chunk_pair(layer_phases, shapes, ctas) == pair
+
+
+@pytest.mark.parametrize("sms,mlp,ctas", [(132, 5632, 132), (132, 8192, 128), (132, 512, 132), (129, 8192, 128),
+                                          (127, 8192, 127)])
+def test_default_ctas_leave_a_few_sms_idle_for_chunk_groups(sms, mlp, ctas):
+    """All SMs where they form chunk groups (132 over Llama 1.1B's 22 chunks, or 2) or where no
+    count within 4 below does (127 over Llama 3.2 1B's 32); else that count (128)."""
+    shapes, _, layer_phases, _, _ = llama(2, 2048, mlp, 32000)
+    assert default_ctas(layer_phases, shapes, sms) == ctas
 
 
 def test_llama_layer_lowers_for_hopper():
