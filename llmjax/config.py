@@ -257,11 +257,11 @@ class DecodeConfig:
     where they apply (a GPU, a dense Llama-family model in half precision, batch 1); False keeps
     XLA's.
     persistent_step: the token loop runs each step as one persistent kernel
-    (llmjax.decode.persistent) where it applies (as fused_matvec, in bfloat16, with Llama 1.1B's
-    attention shape), before fused_matvec. On by default: the faster of the two (Llama 1.1B batch
-    1 on an H100: 0.964 vs 1.048 ms/token, benchmarks/NOTES.md; its Mosaic GPU kernel has not
-    been timed on an H200). It needs every SM of the GPU (not an MPS share of them). Both False:
-    XLA's layers."""
+    (llmjax.decode.persistent) where it applies (as fused_matvec, in bfloat16, with heads of 64 in
+    GQA groups of an even size, as Llama 1.1B's and Llama 3.2 1B's), before fused_matvec. On by
+    default: the faster of the two (batch 1 on an H100, ms/token: Llama 1.1B 0.959 vs 1.047,
+    Llama 3.2 1B 1.019 vs 1.064, benchmarks/NOTES.md; its Mosaic GPU kernel has not been timed on
+    an H200). It needs every SM of the GPU (not an MPS share of them). Both False: XLA's layers."""
 
     max_new_tokens: int = 200
     temperature: float = 0.8
