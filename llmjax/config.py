@@ -260,7 +260,7 @@ class DecodeConfig:
     (llmjax.decode.persistent) where it applies (as fused_matvec, in bfloat16, with heads of 64 in
     GQA groups of an even size, as Llama 1.1B's and Llama 3.2 1B's), before fused_matvec. On by
     default: the faster of the two (batch 1 on an H100, ms/token: Llama 1.1B 0.959 vs 1.047,
-    Llama 3.2 1B 1.019 vs 1.064, benchmarks/NOTES.md; its Mosaic GPU kernel has not been timed on
+    Llama 3.2 1B 1.002 vs 1.062, benchmarks/NOTES.md; its Mosaic GPU kernel has not been timed on
     an H200). It needs every SM of the GPU (not an MPS share of them). Both False: XLA's layers."""
 
     max_new_tokens: int = 200
