@@ -98,8 +98,8 @@ def attention_unit(g, split, splits: int, qkv, k_cache, v_cache, pos, out, new_k
     token's position, read once a step by the caller: a load here would put a round trip first
     on the unit's path) are traced ints (Python ints unroll and layout inference slows to
     minutes). The shapes name the heads: k_cache and v_cache [T, K, 64], qkv [(Q + 2 K) 64] (Q q
-    heads, G = Q / K, `check_heads`); qkv, out and new_kv [2 K 64] are fp32 vectors in global
-    memory; new_kv gets (k, v) of head g at 128 g. With one split, out [Q 64] gets the output;
+    heads, G = Q / K, `check_heads`); qkv, out and new_kv are fp32 vectors in global memory,
+    new_kv [2 K 64] getting (k, v) of head g at 128 g. With one split, out [Q 64] gets the output;
     with more, out [2 splits, Q 64] gets partials: row `split` the split's normalised output, row
     splits + split its log2-sum-exp2 of the scaled scores per head, repeated over the head's 64
     entries (-inf, with a zero output, for a split with no positions). p_in_registers: P V's
